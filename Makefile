@@ -1,0 +1,33 @@
+# Quick start targets. Each creates (or updates) ./.venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP_RUN := $(VENV)/.stamp-run
+STAMP_TEST := $(VENV)/.stamp-test
+
+.PHONY: demo test bench clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP_RUN): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(STAMP_TEST): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@ $(STAMP_RUN)
+
+# The most complete job the project can run today on the embedded default (no downloads).
+demo: $(STAMP_RUN)
+	$(PY) -m lavie_jax.demo
+
+test: $(STAMP_TEST)
+	$(PY) -m pytest -q -n 2 tests
+
+bench: $(STAMP_TEST)
+	$(PY) -m lavie_jax.bench
+
+clean-venv:
+	rm -rf $(VENV)

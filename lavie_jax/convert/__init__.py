@@ -1,0 +1,1 @@
+"""PyTorch <-> lavie-jax checkpoint conversion (naming tables, state dicts; CLI in a later issue)."""
