@@ -47,7 +47,7 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, 
     for path, shape in param_paths(model):
         leaf = str(path[-1])
         value = to_flax_layout(np.asarray(state_dict[torch_key(path, vsr_names=vsr)]), len(shape), leaf)
-        flat[path][...] = jnp.asarray(value, jnp.float32)
+        flat[path].set_value(jnp.asarray(value, jnp.float32))  # replaces (abstract leaves too)
     nnx.update(model, state)
 
 

@@ -36,6 +36,8 @@ def sparse_causal_context(t: jax.Array, num_frames: int, num_image_frames: int =
     bf, n, c = t.shape
     t = t.reshape(bf // num_frames, num_frames, n, c)
     fv = num_frames - num_image_frames
+    if fv == 0:
+        return jnp.concatenate([t, t], axis=2).reshape(bf, 2 * n, c)
     video = t[:, :fv]
     prev = np.maximum(np.arange(fv) - 1, 0)
     kv_video = jnp.concatenate([jnp.repeat(video[:, :1], fv, axis=1), video[:, prev]], axis=2)

@@ -16,6 +16,14 @@ from flax import nnx
 from lavie_jax.models.layers import Conv, Dense, GroupNorm
 
 
+def _video_frames_only(fn, x: jax.Array, num_image_frames: int) -> jax.Array:
+    """Apply a temporal layer to the leading video frames; trailing image frames pass through unchanged."""
+    fv = x.shape[1] - num_image_frames
+    if fv == 0:
+        return x
+    return jnp.concatenate([fn(x[:, :fv]), x[:, fv:]], axis=1)
+
+
 class ResnetBlock3D(nnx.Module):
     """`[B, F, H, W, Cin], temb [B, T] -> [B, F, H, W, Cout]`.
 
@@ -40,8 +48,7 @@ class ResnetBlock3D(nnx.Module):
 
     def __call__(self, x: jax.Array, temb: jax.Array | None = None, num_image_frames: int = 0) -> jax.Array:
         if self.temporal and num_image_frames:
-            fv = x.shape[1] - num_image_frames
-            return jnp.concatenate([self(x[:, :fv], temb), x[:, fv:]], axis=1)
+            return _video_frames_only(lambda v: self(v, temb), x, num_image_frames)
         h = self.conv1(jax.nn.silu(self.norm1(x, num_image_frames)))
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, None, :]
@@ -105,7 +112,6 @@ class TemporalModule3D(nnx.Module):
 
     def __call__(self, x: jax.Array, temb: jax.Array, num_image_frames: int = 0) -> jax.Array:
         if num_image_frames:
-            fv = x.shape[1] - num_image_frames
-            return jnp.concatenate([self(x[:, :fv], temb), x[:, fv:]], axis=1)
+            return _video_frames_only(lambda v: self(v, temb), x, num_image_frames)
         h = self.resblocks_3d_s(self.resblocks_3d_t(x, temb), temb)
         return x + self.shift_conv(h)

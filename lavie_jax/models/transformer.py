@@ -62,6 +62,8 @@ class BasicTransformerBlock(nnx.Module):
     def _temporal(self, x: jax.Array, num_frames: int, num_image_frames: int) -> jax.Array:
         bf, n, c = x.shape
         b, fv = bf // num_frames, num_frames - num_image_frames
+        if fv == 0:  # a batch of images only: nothing temporal to do
+            return x
         v = x.reshape(b, num_frames, n, c)
         t = jnp.swapaxes(v[:, :fv], 1, 2).reshape(b * n, fv, c)  # (b f) d c -> (b d) f c
         t = t + self.attn_temp(self.norm_temp(t))

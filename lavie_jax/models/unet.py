@@ -172,7 +172,7 @@ class UNet3D(nnx.Module):
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                  class_labels: jax.Array | None = None, *, num_image_frames: int = 0) -> jax.Array:
-        """Predict noise (or v) `[B, F, H, W, out_channels]`; see the module docstring for the inputs."""
+        """Predict noise (or v) `[B, F, H, W, out_channels]` float32; see the module docstring for the inputs."""
         a = self.arch
         self._check_inputs(sample, timesteps, encoder_hidden_states, class_labels, num_image_frames)
         b = sample.shape[0]
@@ -203,7 +203,7 @@ class UNet3D(nnx.Module):
             if self.up_temporal_blocks is not None and self.up_temporal_blocks[i] is not None:
                 x = self.up_temporal_blocks[i](x, temb, nif)
         x = jax.nn.silu(self.conv_norm_out(x, nif))
-        return self.conv_out(x)
+        return self.conv_out(x).astype(jnp.float32)  # samplers and losses work in float32
 
 
 def build_unet(config: UNetArch | Mapping[str, Any], *, stage: str | None = None, seed: int = 0,

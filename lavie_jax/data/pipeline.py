@@ -1,0 +1,259 @@
+"""The grain input pipeline of every stage, configured by a `data` ConfigDict (`default_data_config(stage)`).
+
+    data = default_data_config('base')               # moving_shapes, prepared on first use
+    it = make_iterator(data)                           # this process's shard (jax.process_index/count)
+    batch = next(it)                                   # {'video': [B_local, 16, 320, 512, 3] in [-1, 1], ...}
+    arrays = distributed.make_global_batch(batch, mesh, 'data')
+    state = it.get_state(); ...; it.set_state(state)   # exact resume (grain.checkpoint.CheckpointSave/Restore)
+
+The stream: records of this process's contiguous shard -> shuffled per epoch (seeded) -> repeated -> one random
+example per record (examples.py: clip start, crops, images, all seeded by position) -> optional tokens -> batches of
+global_batch_size / process_count, read by `read_threads` threads (and `worker_count` processes). Captions stay
+strings; caption dropout for classifier-free guidance belongs to the training step.
+
+Fields of `data` (all read here or by sources.py):
+  stage                 'base' | 'interpolation' | 'vsr': which examples to make (see examples.py for keys/shapes).
+  dataset               primary source: 'moving_shapes' (procedural, no download), 'video_text' (WebVid-style)
+                        or 'precomputed' (latents + text embeddings written by precompute.py).
+  data_dir              tfds data_dir; '' = tfds' default (~/tensorflow_datasets).
+  split                 'train' or 'validation'.
+  prepare               build a missing moving_shapes / video_text / image_text dataset before reading. Each
+                        process prepares its own copy: use a host-local data_dir, or prepare once beforehand.
+  moving_shapes.*       MovingShapesConfig: num_videos, num_validation, num_frames, height, width, fps, seed, storage.
+  video_text.*          VideoTextConfig + name: csv, validation_csv, video_dir, video_ext, storage ('mp4'|'frames'),
+                        height, width (stored size for 'frames'), fps (0 = source rate), max_frames, min_frames,
+                        num_workers (prepare threads).
+  image_text.*          ImageTextConfig + name: table, validation_table, image_dir, storage ('decoded'|'encoded'),
+                        height, width, min_size, num_workers.
+  precomputed.name      name given to precompute() (its -partNNNNN-of-NNNNN pieces are read together).
+  images.source         stills for base joint training / VSR pseudo-videos: 'video_frames' (random frames of random
+                        videos of the primary dataset; each still reads a whole video record, cheap for
+                        moving_shapes, slow for large videos), 'image_text' (LaVie's LAION images), or 'none'.
+  images.per_clip       base: K images per clip (LaVie: 4).
+  images.ratio          vsr: probability that an example is a pseudo-video made from an image.
+  num_frames            frames per clip (base 16, interpolation 61, vsr 8).
+  frame_stride          take every n-th stored frame; clips longer than the video are stretched over it instead.
+  height                output frame height, resize + center crop (base, interpolation); for vsr the size frames
+                        are brought to before the patch crop, 0 = keep the stored size.
+  width                 output frame width, likewise.
+  resize_method         'bilinear' | 'bicubic' | 'area' | 'lanczos'.
+  key_frame_stride      interpolation: key frames are video[::key_frame_stride] (61 frames -> 16 keys).
+  patch_size            vsr: high-res patch side, pixels.
+  scale                 vsr: super-resolution factor; the low-res side is patch_size / scale.
+  blur_sigma_max        vsr: Gaussian blur sigma drawn from [0, max) before downsampling.
+  pseudo_video_max_step vsr: pixels per frame of an image pseudo-video's pan.
+  global_batch_size     examples per step over all processes.
+  seed                  seed of the shuffle and of every random choice (clip start, crops, images).
+  shuffle               reshuffle the shard's records every epoch.
+  num_epochs            0 = repeat forever; n > 0 = n passes over the shard.
+  shard_drop_remainder  equal shards (drop up to process_count - 1 records) so every process yields as many batches.
+  drop_remainder        drop a last partial batch.
+  output_dtype          pixel arrays: 'float32' / 'bfloat16' in [-1, 1], or 'uint8'.
+  read_threads          grain reader threads per process.
+  prefetch_buffer       examples read ahead by those threads.
+  worker_count          grain worker processes (0 = none; >0 needs the entry point under `if __name__ == '__main__'`).
+                        Workers interleave their slices, so the batch order depends on it: resume with the same count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grain
+import ml_collections
+import numpy as np
+
+from lavie_jax.data import distributed, examples, sources
+
+STAGES = ('base', 'interpolation', 'vsr')
+
+
+def default_data_config(stage: str) -> ml_collections.ConfigDict:
+    """The `data` section of a stage config: LaVie's clip shapes on the moving_shapes dataset."""
+    if stage not in STAGES:
+        raise ValueError(f'stage must be one of {STAGES}, got {stage!r}')
+    vsr = stage == 'vsr'
+    return ml_collections.ConfigDict(
+        {
+            'stage': stage,
+            'dataset': 'moving_shapes',
+            'data_dir': '',
+            'split': 'train',
+            'prepare': True,
+            'moving_shapes': {
+                'num_videos': 256,
+                'num_validation': 32,
+                'num_frames': 64,
+                'height': 64,
+                'width': 96,
+                'fps': 24.0,
+                'seed': 0,
+                'storage': 'frames',
+            },
+            'video_text': {
+                'name': 'webvid',
+                'csv': '',
+                'validation_csv': '',
+                'video_dir': '',
+                'video_ext': '.mp4',
+                'storage': 'mp4',
+                'height': 320,
+                'width': 512,
+                'fps': 0.0,
+                'max_frames': 128,
+                'min_frames': 16,
+                'num_workers': 4,
+            },
+            'image_text': {
+                'name': 'laion',
+                'table': '',
+                'validation_table': '',
+                'image_dir': '',
+                'storage': 'encoded' if vsr else 'decoded',
+                'height': 320,
+                'width': 512,
+                'min_size': 1024 if vsr else 0,
+                'num_workers': 4,
+            },
+            'precomputed': {'name': ''},
+            'images': {
+                'source': 'video_frames' if stage in ('base', 'vsr') else 'none',
+                'per_clip': 4 if stage == 'base' else 0,
+                'ratio': 0.25 if vsr else 0.0,
+            },
+            'num_frames': {'base': 16, 'interpolation': 61, 'vsr': 8}[stage],
+            'frame_stride': 3 if stage == 'base' else 1,
+            'height': 0 if vsr else 320,
+            'width': 0 if vsr else 512,
+            'resize_method': 'bilinear',
+            'key_frame_stride': 4,
+            'patch_size': 320,
+            'scale': 4,
+            'blur_sigma_max': 0.0,
+            'pseudo_video_max_step': 4.0,
+            'global_batch_size': 8,
+            'seed': 0,
+            'shuffle': True,
+            'num_epochs': 0,
+            'shard_drop_remainder': False,
+            'drop_remainder': True,
+            'output_dtype': 'float32',
+            'read_threads': 2,
+            'prefetch_buffer': 16,
+            'worker_count': 0,
+        }
+    )
+
+
+def check_config(data: ml_collections.ConfigDict) -> None:
+    """Fails early, naming the field, on settings the pipeline cannot honour."""
+    if data.stage not in STAGES:
+        raise ValueError(f'data.stage must be one of {STAGES}, got {data.stage!r}')
+    if data.images.source not in ('video_frames', 'image_text', 'none'):
+        raise ValueError(
+            f"data.images.source must be 'video_frames', 'image_text' or 'none', got {data.images.source!r}"
+        )
+    if data.num_frames < 1 or data.frame_stride < 1:
+        raise ValueError('data.num_frames and data.frame_stride must be >= 1')
+    if data.stage == 'interpolation' and (data.num_frames - 1) % data.key_frame_stride:
+        raise ValueError(
+            f'interpolation clips need (num_frames - 1) % key_frame_stride == 0 so the last frame is a key '
+            f'frame; got num_frames={data.num_frames}, key_frame_stride={data.key_frame_stride}'
+        )
+    if data.stage == 'vsr' and data.patch_size % data.scale:
+        raise ValueError(f'data.patch_size={data.patch_size} must be divisible by data.scale={data.scale}')
+    if data.stage != 'vsr' and (data.height <= 0 or data.width <= 0):
+        raise ValueError(f'data.height/width must be > 0 for the {data.stage} stage')
+    if data.dataset == 'precomputed' and data.images.source == 'image_text' and data.images.per_clip:
+        raise ValueError(
+            "precomputed base data draws image latents from its own clips: set data.images.source to "
+            "'video_frames' (or per_clip=0); precompute an image dataset's latents separately if needed"
+        )
+
+
+def _clip(data: ml_collections.ConfigDict) -> examples.ClipSpec:
+    size = (data.height, data.width) if data.height > 0 and data.width > 0 else None
+    return examples.ClipSpec(data.num_frames, data.frame_stride, size, data.resize_method, data.output_dtype)
+
+
+def _image_draw(
+    data: ml_collections.ConfigDict, primary: grain.MapDataset, shard: grain.sharding.ShardOptions
+) -> examples.ImageDraw | None:
+    wanted = data.images.per_clip if data.stage == 'base' else data.images.ratio if data.stage == 'vsr' else 0
+    if data.images.source == 'none' or not wanted:
+        return None
+    if data.images.source == 'video_frames':
+        return examples.ImageDraw(primary, 'video_frames', sources.video_reader(data))
+    images = distributed.shard(sources.open_images(data, data.split), shard)
+    return examples.ImageDraw(images, 'image_text', sources.video_reader(data))
+
+
+def example_maker(
+    data: ml_collections.ConfigDict, primary: grain.MapDataset, shard: grain.sharding.ShardOptions
+) -> Callable:
+    """The stage's `(record, rng) -> example` function over this process's shard `primary`."""
+    if data.dataset == 'precomputed':
+        draw_from = primary if data.stage == 'base' and data.images.source == 'video_frames' else None
+        return examples.LatentExamples(
+            data.stage, data.output_dtype, data.key_frame_stride, draw_from, data.images.per_clip
+        )
+    clip, reader = _clip(data), sources.video_reader(data)
+    images = _image_draw(data, primary, shard)
+    if data.stage == 'base':
+        return examples.BaseExamples(clip, reader, images, data.images.per_clip)
+    if data.stage == 'interpolation':
+        return examples.InterpolationExamples(clip, reader, data.key_frame_stride)
+    return examples.VsrExamples(
+        clip,
+        reader,
+        data.patch_size,
+        data.scale,
+        data.blur_sigma_max,
+        data.pseudo_video_max_step,
+        images,
+        data.images.ratio,
+    )
+
+
+def make_dataset(
+    data: ml_collections.ConfigDict,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    batch_size: int | None = None,
+    tokenize: Callable[[str], np.ndarray] | None = None,
+) -> grain.IterDataset:
+    """This process's stream of local batches (dicts of numpy arrays `[B_local, ...]`, captions as str arrays).
+
+    Args:
+      data: the data config (fields in the module docstring).
+      process_index, process_count: simulate a process of a multi-host run; None uses jax's.
+      batch_size: local batch size; default data.global_batch_size / process_count.
+      tokenize: optional caption tokenizer str -> int [L]; adds `tokens` [B, L] (and `image_tokens` [B, K, L]).
+    """
+    check_config(data)
+    shard = distributed.shard_options(process_index, process_count, data.shard_drop_remainder)
+    if batch_size is None:
+        batch_size = distributed.local_batch_size(data.global_batch_size, shard.shard_count)
+    primary = distributed.shard(sources.open_primary(data, data.split), shard)
+    maker = example_maker(data, primary, shard)
+    ds = primary.seed(data.seed)
+    if data.shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(data.num_epochs or None).random_map(maker)
+    if tokenize is not None:
+        ds = ds.map(examples.AddTokens(tokenize))
+    read = grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch_buffer)
+    ds = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=data.drop_remainder)
+    if data.worker_count > 0:
+        from absl import flags  # grain's worker processes read absl flags; a plain python entry point never parses them
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count, per_worker_buffer_size=2))
+    return ds
+
+
+def make_iterator(data: ml_collections.ConfigDict, **kwargs) -> grain.DatasetIterator:
+    """`iter(make_dataset(data, **kwargs))`: a checkpointable iterator (`get_state()` / `set_state(state)`)."""
+    return iter(make_dataset(data, **kwargs))

@@ -1,0 +1,83 @@
+"""The procedural moving_shapes dataset: determinism, captions that describe the pixels, the tfds builder."""
+
+import numpy as np
+import pytest
+
+from lavie_jax.data import builder_utils, moving_shapes
+
+
+def _centroids(frames: np.ndarray, background) -> np.ndarray:
+    """Center (x, y) of the non-background pixels of each frame."""
+    out = []
+    for frame in frames:
+        ys, xs = np.nonzero(np.abs(frame.astype(int) - background).sum(-1) > 30)
+        out.append((xs.mean(), ys.mean()))
+    return np.array(out)
+
+
+def test_same_seed_same_video_other_seed_other_video():
+    a, pa = moving_shapes.make_video(7, 'train', 3, 8, 32, 48)
+    b, pb = moving_shapes.make_video(7, 'train', 3, 8, 32, 48)
+    c, _ = moving_shapes.make_video(8, 'train', 3, 8, 32, 48)
+    v, _ = moving_shapes.make_video(7, 'validation', 3, 8, 32, 48)
+    np.testing.assert_array_equal(a, b)
+    assert pa == pb
+    assert not np.array_equal(a, c) and not np.array_equal(a, v)
+    assert a.shape == (8, 32, 48, 3) and a.dtype == np.uint8
+
+
+@pytest.mark.parametrize('index', range(12))
+def test_caption_names_colour_shape_and_the_direction_of_motion(index):
+    frames, params = moving_shapes.make_video(0, 'train', index, 16, 64, 96)
+    article = 'an' if params.color[0] in 'aeiou' else 'a'
+    assert params.caption == f'{article} {params.color} {params.shape} moving {params.direction}'
+    # The shape's pixels carry the named colour.
+    mask = np.abs(frames[0].astype(int) - params.background).sum(-1) > 30
+    inside = frames[0][mask].astype(int)
+    core = inside[np.abs(inside - moving_shapes.COLORS[params.color]).sum(-1) < 10]
+    assert len(core) > 20
+    # The centroid moves along the named direction and the shape never leaves the frame.
+    track = _centroids(frames, params.background)
+    dx, dy = track[-1] - track[0]
+    ux, uy = moving_shapes.DIRECTIONS[params.direction]
+    for unit, delta in ((ux, dx), (uy, dy)):
+        assert (delta > 3) if unit > 0 else (delta < -3) if unit < 0 else abs(delta) < 1
+    last = np.abs(frames[-1].astype(int) - params.background).sum(-1) > 30
+    assert abs(int(last.sum()) - int(mask.sum())) <= 0.1 * mask.sum()  # same area: not cut by the frame edge
+
+
+def test_all_shapes_colours_and_directions_occur():
+    params = [moving_shapes.make_video(0, 'train', i, 2, 16, 16)[1] for i in range(200)]
+    assert {p.shape for p in params} == set(moving_shapes.SHAPES)
+    assert {p.color for p in params} == set(moving_shapes.COLORS)
+    assert {p.direction for p in params} == set(moving_shapes.DIRECTIONS)
+
+
+@pytest.mark.parametrize('storage', ['frames', 'mp4'])
+def test_builder_writes_the_configured_size(tmp_path, storage):
+    builder = moving_shapes.builder(
+        str(tmp_path), num_videos=6, num_validation=2, num_frames=10, height=16, width=24, seed=5, storage=storage
+    )
+    builder_utils.prepare(builder)
+    splits = builder.as_data_source()
+    assert {k: len(v) for k, v in splits.items()} == {'train': 6, 'validation': 2}
+    seen = set()
+    for i in range(6):
+        record = splits['train'][i]
+        index = int(record['id'].decode().split('-')[1])
+        seen.add(index)
+        expected, params = moving_shapes.make_video(5, 'train', index, 10, 16, 24)
+        assert record['caption'].decode() == params.caption
+        assert record['num_frames'] == 10
+        if storage == 'frames':
+            np.testing.assert_array_equal(record['frames'], expected)
+        else:
+            assert record['mp4'][4:8] == b'ftyp'
+    assert seen == set(range(6))
+
+
+def test_config_name_changes_with_every_setting(tmp_path):
+    a = moving_shapes.builder(str(tmp_path), num_videos=6, seed=0).builder_config.name
+    b = moving_shapes.builder(str(tmp_path), num_videos=6, seed=1).builder_config.name
+    c = moving_shapes.builder(str(tmp_path), num_videos=6, seed=0).builder_config.name
+    assert a != b and a == c
