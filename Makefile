@@ -24,10 +24,13 @@ demo: $(STAMP_RUN)
 	$(PY) -m lavie_jax.demo
 
 test: $(STAMP_TEST)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
 
+# Benchmarks print tables; they are not part of `make test` (minutes on 2 CPU cores).
 bench: $(STAMP_TEST)
-	$(PY) -m lavie_jax.bench
+	$(PY) -m bench.unet_bench
+	$(PY) -m bench.data_bench
+	$(PY) -m bench.encoders_bench
 
 clean-venv:
 	rm -rf $(VENV)

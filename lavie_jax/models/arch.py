@@ -19,7 +19,7 @@ Every unknown key, and every known key with a value we do not implement, is an e
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 STAGES = ("base", "interpolation", "vsr")
@@ -348,7 +348,3 @@ def heads_up(arch: UNetArch) -> tuple[int, ...]:
 
 def only_cross_up(arch: UNetArch) -> tuple[bool, ...]:
     return tuple(reversed(arch.only_cross_attention))
-
-
-def as_list(x: Sequence[Any] | Any) -> list[Any]:
-    return list(x) if isinstance(x, (list, tuple)) else [x]

@@ -1,7 +1,6 @@
 """UNet3D behaviour: joint image-video batches, temporal mixing, input errors, init, sharded execution."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

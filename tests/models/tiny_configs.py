@@ -75,8 +75,6 @@ def random_state_dict(config: dict, seed: int = 0, scale: float = 0.05):
 
 def jit_apply(model, *args, **kwargs):
     """Run `model(*args, **kwargs)` compiled (op-by-op dispatch is several times slower on CPU)."""
-    from flax import nnx
-
     static = tuple(sorted(kwargs.items()))
     return _jitted(static)(model, *args)
 
