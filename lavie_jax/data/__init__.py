@@ -13,4 +13,4 @@ moving_shapes / video_text / image_text (builders), precompute (latents), prepar
 from lavie_jax.data.distributed import make_global_batch, shard_options
 from lavie_jax.data.pipeline import default_data_config, make_dataset, make_iterator
 
-__all__ = ['default_data_config', 'make_dataset', 'make_iterator', 'make_global_batch', 'shard_options']
+__all__ = ["default_data_config", "make_dataset", "make_iterator", "make_global_batch", "shard_options"]

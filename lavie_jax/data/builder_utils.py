@@ -24,17 +24,17 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-FILE_FORMAT = 'array_record'
-PREPARE_REPORT = 'prepare_report.json'
+FILE_FORMAT = "array_record"
+PREPARE_REPORT = "prepare_report.json"
 
 
 class _QuietCustomConfig(logging.Filter):
     # Every builder here takes a custom config by design; tfds warns about each one.
     def filter(self, record: logging.LogRecord) -> bool:
-        return 'Using custom data configuration' not in record.getMessage()
+        return "Using custom data configuration" not in record.getMessage()
 
 
-logging.getLogger('absl').addFilter(_QuietCustomConfig())
+logging.getLogger("absl").addFilter(_QuietCustomConfig())
 
 
 class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -47,16 +47,16 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     code_path = None
     skip_reports: dict[str, dict[str, Any]]
 
-    def _finish_split(self, counter: 'SkipCounter', split: str) -> None:
+    def _finish_split(self, counter: "SkipCounter", split: str) -> None:
         """Records and prints a split's skip summary; call once the split's last row is read."""
-        if not hasattr(self, 'skip_reports'):
+        if not hasattr(self, "skip_reports"):
             self.skip_reports = {}
         self.skip_reports[split] = counter.as_dict()
         print(counter.summary(), file=sys.stderr, flush=True)
         if counter.kept == 0:
             raise ValueError(
-                f'every row of split {split!r} was skipped, so there is nothing to write:\n{counter.summary()}\n'
-                'Check that the file folder matches the paths in the table and the size/length limits.'
+                f"every row of split {split!r} was skipped, so there is nothing to write:\n{counter.summary()}\n"
+                "Check that the file folder matches the paths in the table and the size/length limits."
             )
 
 
@@ -67,12 +67,12 @@ class TableBuilder(LocalBuilder, skip_registration=True):
     header) and `_load(path)` (one file -> record fields, or raise Skip).
     """
 
-    TABLE_FIELDS: tuple[str, str] = ('table', 'validation_table')
+    TABLE_FIELDS: tuple[str, str] = ("table", "validation_table")
 
     def _check_config(self) -> None:
         """Raises on settings that cannot work, before any file is read."""
 
-    def _rows(self, table: str) -> Iterator['Row']:
+    def _rows(self, table: str) -> Iterator["Row"]:
         raise NotImplementedError
 
     def _load(self, path: Path) -> dict[str, Any]:
@@ -82,15 +82,15 @@ class TableBuilder(LocalBuilder, skip_registration=True):
         c = self.builder_config
         train_field, validation_field = self.TABLE_FIELDS
         if not getattr(c, train_field):
-            raise ValueError(f'{self.name} needs {train_field}=PATH, the metadata table (CSV or parquet) of its rows')
+            raise ValueError(f"{self.name} needs {train_field}=PATH, the metadata table (CSV or parquet) of its rows")
         self._check_config()
-        tables = {'train': getattr(c, train_field), 'validation': getattr(c, validation_field)}
+        tables = {"train": getattr(c, train_field), "validation": getattr(c, validation_field)}
         # Open every table first so a bad header fails before any file is decoded.
         opened = {split: self._rows(path) for split, path in tables.items() if path}
         return {split: self._generate_examples(split, rows) for split, rows in opened.items()}
 
-    def _generate_examples(self, split: str, rows: Iterable['Row']):
-        counter = SkipCounter(f'{self.name}/{self.builder_config.name}/{split}')
+    def _generate_examples(self, split: str, rows: Iterable["Row"]):
+        counter = SkipCounter(f"{self.name}/{self.builder_config.name}/{split}")
         yield from load_rows(rows, self._load, counter, num_workers=self.builder_config.num_workers)
         self._finish_split(counter, split)
 
@@ -98,7 +98,7 @@ class TableBuilder(LocalBuilder, skip_registration=True):
 def config_name(prefix: str, params: dict[str, Any]) -> str:
     """A tfds config name: readable prefix + digest of every parameter, so a changed setting never reuses old files."""
     digest = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f'{prefix}-{digest}'
+    return f"{prefix}-{digest}"
 
 
 def config_params(config: tfds.core.BuilderConfig) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def make_builder(
 
     `ignore` lists fields that do not (e.g. decode threads, or frame size when bytes are stored as they are).
     """
-    identity = {k: v for k, v in config_params(config).items() if k not in {'num_workers', *ignore}}
+    identity = {k: v for k, v in config_params(config).items() if k not in {"num_workers", *ignore}}
     return cls(
         data_dir=data_dir,
         config=dataclasses.replace(config, name=config_name(prefix, identity)),
@@ -135,15 +135,15 @@ def raw_tensor(shape: tuple[int | None, ...], dtype: Any = np.uint8) -> tfds.fea
 def video_features(storage: str, height: int, width: int) -> dict[str, tfds.features.FeatureConnector]:
     """Record fields of every video dataset: `frames` uint8 [F, H, W, 3] ('frames' storage) or `mp4` bytes."""
     common = {
-        'id': tfds.features.Text(),
-        'caption': tfds.features.Text(),
-        'num_frames': tfds.features.Scalar(np.int32),
-        'fps': tfds.features.Scalar(np.float32),
+        "id": tfds.features.Text(),
+        "caption": tfds.features.Text(),
+        "num_frames": tfds.features.Scalar(np.int32),
+        "fps": tfds.features.Scalar(np.float32),
     }
-    if storage == 'frames':
-        return {**common, 'frames': raw_tensor((None, height, width, 3))}
-    if storage == 'mp4':
-        return {**common, 'mp4': tfds.features.Tensor(shape=(), dtype=np.object_)}
+    if storage == "frames":
+        return {**common, "frames": raw_tensor((None, height, width, 3))}
+    if storage == "mp4":
+        return {**common, "mp4": tfds.features.Tensor(shape=(), dtype=np.object_)}
     raise ValueError(f"video storage must be 'frames' (decoded uint8) or 'mp4' (encoded bytes), got {storage!r}")
 
 
@@ -168,18 +168,18 @@ class SkipCounter:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            'dataset': self.name,
-            'kept': self.kept,
-            'skipped': self.skipped,
-            'by_reason': dict(self.counts),
-            'examples': dict(self.examples),
+            "dataset": self.name,
+            "kept": self.kept,
+            "skipped": self.skipped,
+            "by_reason": dict(self.counts),
+            "examples": dict(self.examples),
         }
 
     def summary(self) -> str:
-        lines = [f'[{self.name}] prepare done: kept {self.kept}, skipped {self.skipped}']
+        lines = [f"[{self.name}] prepare done: kept {self.kept}, skipped {self.skipped}"]
         for reason, n in self.counts.most_common():
-            lines.append(f'  {reason}: {n}  e.g. ' + '; '.join(self.examples[reason]))
-        return '\n'.join(lines)
+            lines.append(f"  {reason}: {n}  e.g. " + "; ".join(self.examples[reason]))
+        return "\n".join(lines)
 
 
 class Progress:
@@ -197,8 +197,8 @@ class Progress:
             self._last = now
             rate = self.rows / max(now - self._start, 1e-9)
             print(
-                f'[{self.counter.name}] {self.rows} rows read, {self.counter.kept} kept, {self.counter.skipped} skipped '
-                f'({rate:.1f} rows/s)',
+                f"[{self.counter.name}] {self.rows} rows read, {self.counter.kept} kept, {self.counter.skipped} skipped "
+                f"({rate:.1f} rows/s)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -208,8 +208,8 @@ def read_table(path: str | Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
     """Opens a CSV or parquet metadata table without loading it: (column names, iterator over row dicts)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'metadata table {path} does not exist; pass the path of the CSV/parquet file')
-    if path.suffix.lower() == '.parquet':
+        raise FileNotFoundError(f"metadata table {path} does not exist; pass the path of the CSV/parquet file")
+    if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq  # a tensorflow-datasets dependency
 
         table = pq.ParquetFile(path)
@@ -220,11 +220,11 @@ def read_table(path: str | Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
                 yield from batch.to_pylist()
 
         return columns, parquet_rows()
-    with open(path, newline='', encoding='utf-8') as f:
+    with open(path, newline="", encoding="utf-8") as f:
         header = next(csv.reader(f), [])
 
     def csv_rows() -> Iterator[dict[str, Any]]:
-        with open(path, newline='', encoding='utf-8') as f:
+        with open(path, newline="", encoding="utf-8") as f:
             yield from csv.DictReader(f)
 
     return [c.strip() for c in header], csv_rows()
@@ -250,7 +250,7 @@ def require_columns(path: str | Path, columns: Sequence[str], needs: dict[str, S
     if missing:
         raise ValueError(
             f'malformed header in {path}: missing column for {"; ".join(missing)}. Columns found: '
-            f'{list(columns)}. Fix the header row (first line of a CSV) or rename the columns.'
+            f"{list(columns)}. Fix the header row (first line of a CSV) or rename the columns."
         )
     return found
 
@@ -259,7 +259,7 @@ class Skip(Exception):
     """Raised by a row loader to drop the row; `reason` is the summary's category."""
 
     def __init__(self, reason: str, detail: str):
-        super().__init__(f'{reason}: {detail}')
+        super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
 
 
@@ -289,9 +289,9 @@ def load_rows(
 
     def checked(row: Row) -> dict[str, Any]:
         if not row.caption.strip():
-            raise Skip('empty_caption', f'row {row.index} ({row.id})')
+            raise Skip("empty_caption", f"row {row.index} ({row.id})")
         if not row.path.is_file():
-            raise Skip('missing_file', str(row.path))
+            raise Skip("missing_file", str(row.path))
         return load(row.path)
 
     def run(row: Row) -> tuple[Row, dict[str, Any] | Skip]:
@@ -301,7 +301,7 @@ def load_rows(
             return row, e
         except Exception as e:  # pylint: disable=broad-except
             # One bad file must never end a run over millions of rows: count it with the reason python gave.
-            return row, Skip('unreadable', f'{row.path}: {type(e).__name__}: {e}')
+            return row, Skip("unreadable", f"{row.path}: {type(e).__name__}: {e}")
 
     with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
         pending: collections.deque = collections.deque()
@@ -317,11 +317,11 @@ def load_rows(
                 counter.skip(result.reason, result.detail)
                 continue
             counter.kept += 1
-            yield row.index, {'id': row.id, 'caption': row.caption.strip(), **result}
+            yield row.index, {"id": row.id, "caption": row.caption.strip(), **result}
 
 
 def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
-    return (Path(builder.data_dir) / 'dataset_info.json').is_file()
+    return (Path(builder.data_dir) / "dataset_info.json").is_file()
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> dict[str, Any] | None:
@@ -335,7 +335,7 @@ def prepare(builder: tfds.core.DatasetBuilder) -> dict[str, Any] | None:
             builder.download_and_prepare(
                 file_format=FILE_FORMAT, download_config=tfds.download.DownloadConfig(try_download_gcs=False)
             )
-        reports = getattr(builder, 'skip_reports', {})
+        reports = getattr(builder, "skip_reports", {})
         if reports:
             report_path.write_text(json.dumps(reports, indent=1))
     return json.loads(report_path.read_text()) if report_path.is_file() else None
@@ -348,4 +348,4 @@ def split_sources(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
 
 def decode_text(value: Any) -> str:
     """tfds `Text` fields come back from a data source as bytes."""
-    return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

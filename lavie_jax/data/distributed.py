@@ -23,9 +23,9 @@ def shard_options(
     if process_index is None and process_count is None:
         return grain.sharding.ShardByJaxProcess(drop_remainder=drop_remainder)
     if process_index is None or process_count is None:
-        raise ValueError('give both process_index and process_count, or neither (then jax decides)')
+        raise ValueError("give both process_index and process_count, or neither (then jax decides)")
     if not 0 <= process_index < process_count:
-        raise ValueError(f'process_index {process_index} is outside [0, {process_count})')
+        raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
     return grain.sharding.ShardOptions(process_index, process_count, drop_remainder)
 
 
@@ -43,8 +43,8 @@ def shard(dataset: grain.MapDataset, options: grain.sharding.ShardOptions) -> gr
     start, stop = shard_bounds(len(dataset), options)
     if stop <= start:
         raise ValueError(
-            f'shard {options.shard_index}/{options.shard_count} of a {len(dataset)}-record dataset is '
-            'empty; use a larger dataset or fewer processes'
+            f"shard {options.shard_index}/{options.shard_count} of a {len(dataset)}-record dataset is "
+            "empty; use a larger dataset or fewer processes"
         )
     return dataset[start:stop]
 
@@ -53,19 +53,19 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
     """Examples per process per step; the global batch must split evenly over processes."""
     if global_batch_size % process_count:
         raise ValueError(
-            f'data.global_batch_size={global_batch_size} does not split over {process_count} processes; '
-            'make it a multiple of the process count'
+            f"data.global_batch_size={global_batch_size} does not split over {process_count} processes; "
+            "make it a multiple of the process count"
         )
     return global_batch_size // process_count
 
 
-def batch_sharding(mesh: Mesh, data_axes: str | Sequence[str] = 'data') -> NamedSharding:
+def batch_sharding(mesh: Mesh, data_axes: str | Sequence[str] = "data") -> NamedSharding:
     """Leading (batch) dimension split over `data_axes`, everything else replicated."""
     axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
     return NamedSharding(mesh, PartitionSpec(axes if len(axes) > 1 else axes[0]))
 
 
-def make_global_batch(batch: Mapping[str, Any], mesh: Mesh, data_axes: str | Sequence[str] = 'data') -> dict[str, Any]:
+def make_global_batch(batch: Mapping[str, Any], mesh: Mesh, data_axes: str | Sequence[str] = "data") -> dict[str, Any]:
     """Local numpy batch {key: [B_local, ...]} -> {key: global jax.Array [B_local * processes, ...]}.
 
     Numeric arrays go through `jax.make_array_from_process_local_data` with the batch dimension sharded over
@@ -76,7 +76,7 @@ def make_global_batch(batch: Mapping[str, Any], mesh: Mesh, data_axes: str | Seq
     out = {}
     for key, value in batch.items():
         value = np.asarray(value)
-        if value.dtype.kind in 'biuf' or value.dtype.name == 'bfloat16':
+        if value.dtype.kind in "biuf" or value.dtype.name == "bfloat16":
             out[key] = jax.make_array_from_process_local_data(sharding, value)
         else:
             out[key] = value

@@ -39,19 +39,19 @@ class ImageDraw:
     reader: sources.VideoReader
 
     def one(
-        self, rng: np.random.Generator, size: tuple[int, int] | None, method: str = 'bilinear'
+        self, rng: np.random.Generator, size: tuple[int, int] | None, method: str = "bilinear"
     ) -> tuple[np.ndarray, str]:
         """(uint8 image [H, W, 3], its caption); resized + center-cropped to size unless size is None."""
         record = self.source[int(rng.integers(len(self.source)))]
-        if self.kind == 'video_frames':
-            frame = self.reader.read(record, np.array([rng.integers(int(record['num_frames']))]), size, method)[0]
+        if self.kind == "video_frames":
+            frame = self.reader.read(record, np.array([rng.integers(int(record["num_frames"]))]), size, method)[0]
         else:
             frame = sources.read_image(record)
             frame = transforms.resize_center_crop(frame, size, method) if size else frame
         return frame, sources.caption(record)
 
     def many(
-        self, rng: np.random.Generator, k: int, size: tuple[int, int], method: str = 'bilinear'
+        self, rng: np.random.Generator, k: int, size: tuple[int, int], method: str = "bilinear"
     ) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 images [k, H, W, 3], captions [k])."""
         pairs = [self.one(rng, size, method) for _ in range(k)]
@@ -65,12 +65,12 @@ class ClipSpec:
     num_frames: int
     stride: int
     size: tuple[int, int] | None
-    method: str = 'bilinear'
-    output_dtype: str = 'float32'
+    method: str = "bilinear"
+    output_dtype: str = "float32"
 
     def read(self, reader: sources.VideoReader, record: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
         """uint8 clip `[num_frames, H, W, 3]` from a random start."""
-        idx = transforms.clip_indices(int(record['num_frames']), self.num_frames, self.stride, rng=rng)
+        idx = transforms.clip_indices(int(record["num_frames"]), self.num_frames, self.stride, rng=rng)
         return reader.read(record, idx, self.size, self.method)
 
     def cast(self, frames: np.ndarray) -> np.ndarray:
@@ -87,10 +87,10 @@ class BaseExamples:
     images_per_clip: int = 0
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> Example:
-        out = {'video': self.clip.cast(self.clip.read(self.reader, record, rng)), 'caption': sources.caption(record)}
+        out = {"video": self.clip.cast(self.clip.read(self.reader, record, rng)), "caption": sources.caption(record)}
         if self.images is not None and self.images_per_clip > 0:
             images, captions = self.images.many(rng, self.images_per_clip, self.clip.size, self.clip.method)
-            out['images'], out['image_captions'] = self.clip.cast(images), captions
+            out["images"], out["image_captions"] = self.clip.cast(images), captions
         return out
 
 
@@ -105,9 +105,9 @@ class InterpolationExamples:
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> Example:
         video = self.clip.read(self.reader, record, rng)
         return {
-            'video': self.clip.cast(video),
-            'key_frames': self.clip.cast(video[:: self.key_frame_stride]),
-            'caption': sources.caption(record),
+            "video": self.clip.cast(video),
+            "key_frames": self.clip.cast(video[:: self.key_frame_stride]),
+            "caption": sources.caption(record),
         }
 
 
@@ -139,7 +139,7 @@ class VsrExamples:
         lr = transforms.degrade(
             hr, self.scale, float(rng.uniform(0, self.blur_sigma_max)) if self.blur_sigma_max else 0
         )
-        return {'hr': self.clip.cast(hr), 'lr': self.clip.cast(lr), 'caption': text, 'is_image': np.bool_(is_image)}
+        return {"hr": self.clip.cast(hr), "lr": self.clip.cast(lr), "caption": text, "is_image": np.bool_(is_image)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,35 +147,35 @@ class LatentExamples:
     """Any stage from a precompute() dataset: stored latents (+ text embeddings) instead of pixels."""
 
     stage: str
-    output_dtype: str = 'float32'
+    output_dtype: str = "float32"
     key_frame_stride: int = 4
     images_source: grain.MapDataset | None = None  # latent records to draw image latents from (base)
     images_per_clip: int = 0
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> Example:
         out = self._common(record)
-        if self.stage == 'interpolation':
-            out['key_latents'] = out['latents'][:: self.key_frame_stride]
-        elif self.stage == 'vsr':
-            out['lr'] = transforms.output_cast(record['lr'], self.output_dtype)
-            out['is_image'] = np.bool_(record['is_image'])
-        elif self.stage == 'base' and self.images_source is not None and self.images_per_clip > 0:
+        if self.stage == "interpolation":
+            out["key_latents"] = out["latents"][:: self.key_frame_stride]
+        elif self.stage == "vsr":
+            out["lr"] = transforms.output_cast(record["lr"], self.output_dtype)
+            out["is_image"] = np.bool_(record["is_image"])
+        elif self.stage == "base" and self.images_source is not None and self.images_per_clip > 0:
             picks = [
                 self._common(self.images_source[int(rng.integers(len(self.images_source)))])
                 for _ in range(self.images_per_clip)
             ]
-            frames = [p['latents'][rng.integers(len(p['latents']))] for p in picks]
-            out['image_latents'] = np.stack(frames)
-            out['image_captions'] = np.array([p['caption'] for p in picks])
-            if 'text_emb' in out:
-                out['image_text_emb'] = np.stack([p['text_emb'] for p in picks])
+            frames = [p["latents"][rng.integers(len(p["latents"]))] for p in picks]
+            out["image_latents"] = np.stack(frames)
+            out["image_captions"] = np.array([p["caption"] for p in picks])
+            if "text_emb" in out:
+                out["image_text_emb"] = np.stack([p["text_emb"] for p in picks])
         return out
 
     @staticmethod
     def _common(record: dict[str, Any]) -> Example:
-        out = {'latents': np.asarray(record['latents'], np.float32), 'caption': sources.caption(record)}
-        if 'text_emb' in record:
-            out['text_emb'] = np.asarray(record['text_emb'], np.float32)
+        out = {"latents": np.asarray(record["latents"], np.float32), "caption": sources.caption(record)}
+        if "text_emb" in record:
+            out["text_emb"] = np.asarray(record["text_emb"], np.float32)
         return out
 
 
@@ -186,9 +186,9 @@ class AddTokens:
     tokenize: Callable[[str], np.ndarray]
 
     def __call__(self, example: Example) -> Example:
-        example['tokens'] = np.asarray(self.tokenize(example['caption']), np.int32)
-        if 'image_captions' in example:
-            example['image_tokens'] = np.stack(
-                [np.asarray(self.tokenize(c), np.int32) for c in example['image_captions']]
+        example["tokens"] = np.asarray(self.tokenize(example["caption"]), np.int32)
+        if "image_captions" in example:
+            example["image_tokens"] = np.stack(
+                [np.asarray(self.tokenize(c), np.int32) for c in example["image_captions"]]
             )
         return example

@@ -20,28 +20,28 @@ from lavie_jax import video as video_io
 from lavie_jax.data import builder_utils
 
 COLORS = {
-    'red': (220, 40, 40),
-    'green': (40, 190, 60),
-    'blue': (50, 80, 230),
-    'yellow': (235, 215, 40),
-    'purple': (150, 60, 200),
-    'orange': (245, 140, 30),
-    'white': (240, 240, 240),
-    'cyan': (40, 210, 220),
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+    "white": (240, 240, 240),
+    "cyan": (40, 210, 220),
 }
-SHAPES = ('circle', 'square', 'triangle')
+SHAPES = ("circle", "square", "triangle")
 # Unit steps in image coordinates (x right, y down).
 DIRECTIONS = {
-    'left': (-1, 0),
-    'right': (1, 0),
-    'up': (0, -1),
-    'down': (0, 1),
-    'up-left': (-1, -1),
-    'up-right': (1, -1),
-    'down-left': (-1, 1),
-    'down-right': (1, 1),
+    "left": (-1, 0),
+    "right": (1, 0),
+    "up": (0, -1),
+    "down": (0, 1),
+    "up-left": (-1, -1),
+    "up-right": (1, -1),
+    "down-left": (-1, 1),
+    "down-right": (1, 1),
 }
-_SPLIT_IDS = {'train': 0, 'validation': 1}
+_SPLIT_IDS = {"train": 0, "validation": 1}
 _SUPERSAMPLE = 2  # 2x2 samples per pixel: anti-aliased edges, so sub-pixel motion shows between frames
 
 
@@ -59,8 +59,8 @@ class ShapeVideo:
 
     @property
     def caption(self) -> str:
-        article = 'an' if self.color[0] in 'aeiou' else 'a'
-        return f'{article} {self.color} {self.shape} moving {self.direction}'
+        article = "an" if self.color[0] in "aeiou" else "a"
+        return f"{article} {self.color} {self.shape} moving {self.direction}"
 
 
 def sample_video(rng: np.random.Generator, num_frames: int, height: int, width: int) -> ShapeVideo:
@@ -87,9 +87,9 @@ def sample_video(rng: np.random.Generator, num_frames: int, height: int, width: 
 
 def _mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
     """Inside-test on coordinates relative to the shape center."""
-    if shape == 'circle':
+    if shape == "circle":
         return x * x + y * y <= r * r
-    if shape == 'square':
+    if shape == "square":
         half = r * 0.85
         return (np.abs(x) <= half) & (np.abs(y) <= half)
     # Upward equilateral triangle inscribed in the circle of radius r: three half-planes.
@@ -137,32 +137,32 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
     width: int = 96
     fps: float = 24.0
     seed: int = 0
-    storage: str = 'frames'
+    storage: str = "frames"
 
 
 class MovingShapes(builder_utils.LocalBuilder):
     """Coloured shapes moving in named directions, captioned; see the module docstring."""
 
-    VERSION = tfds.core.Version('1.0.0')
-    BUILDER_CONFIGS = [MovingShapesConfig(name='default')]
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [MovingShapesConfig(name="default")]
 
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
         features = builder_utils.video_features(c.storage, c.height, c.width)
-        features.update({k: tfds.features.Text() for k in ('shape', 'color', 'direction')})
+        features.update({k: tfds.features.Text() for k in ("shape", "color", "direction")})
         return tfds.core.DatasetInfo(
             builder=self,
             features=tfds.features.FeaturesDict(features),
-            description='Procedural coloured shapes moving in named directions.',
+            description="Procedural coloured shapes moving in named directions.",
         )
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
         c = self.builder_config
-        if c.storage == 'mp4' and (c.height % 2 or c.width % 2):
-            raise ValueError(f'moving_shapes with mp4 storage needs an even height and width, got {c.height}x{c.width}')
-        splits = {'train': self._generate_examples('train', c.num_videos)}
+        if c.storage == "mp4" and (c.height % 2 or c.width % 2):
+            raise ValueError(f"moving_shapes with mp4 storage needs an even height and width, got {c.height}x{c.width}")
+        splits = {"train": self._generate_examples("train", c.num_videos)}
         if c.num_validation:
-            splits['validation'] = self._generate_examples('validation', c.num_validation)
+            splits["validation"] = self._generate_examples("validation", c.num_validation)
         return splits
 
     def _generate_examples(self, split: str, count: int):
@@ -170,23 +170,23 @@ class MovingShapes(builder_utils.LocalBuilder):
         for i in range(count):
             frames, params = make_video(c.seed, split, i, c.num_frames, c.height, c.width)
             record = {
-                'id': f'{split}-{i:07d}',
-                'caption': params.caption,
-                'num_frames': c.num_frames,
-                'fps': c.fps,
-                'shape': params.shape,
-                'color': params.color,
-                'direction': params.direction,
+                "id": f"{split}-{i:07d}",
+                "caption": params.caption,
+                "num_frames": c.num_frames,
+                "fps": c.fps,
+                "shape": params.shape,
+                "color": params.color,
+                "direction": params.direction,
             }
-            if c.storage == 'mp4':
-                record['mp4'] = video_io.encode_mp4(frames, fps=c.fps)
+            if c.storage == "mp4":
+                record["mp4"] = video_io.encode_mp4(frames, fps=c.fps)
             else:
-                record['frames'] = frames
+                record["frames"] = frames
             yield i, record
 
 
 def builder(data_dir: str | None = None, **params: Any) -> MovingShapes:
     """A MovingShapes builder for the given MovingShapesConfig fields (defaults for the rest)."""
-    config = MovingShapesConfig(name='moving_shapes', **params)
-    prefix = f'n{config.num_videos}_f{config.num_frames}_{config.height}x{config.width}'
+    config = MovingShapesConfig(name="moving_shapes", **params)
+    prefix = f"n{config.num_videos}_f{config.num_frames}_{config.height}x{config.width}"
     return builder_utils.make_builder(MovingShapes, config, prefix, data_dir)

@@ -65,82 +65,82 @@ import numpy as np
 
 from lavie_jax.data import distributed, examples, sources
 
-STAGES = ('base', 'interpolation', 'vsr')
+STAGES = ("base", "interpolation", "vsr")
 
 
 def default_data_config(stage: str) -> ml_collections.ConfigDict:
     """The `data` section of a stage config: LaVie's clip shapes on the moving_shapes dataset."""
     if stage not in STAGES:
-        raise ValueError(f'stage must be one of {STAGES}, got {stage!r}')
-    vsr = stage == 'vsr'
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    vsr = stage == "vsr"
     return ml_collections.ConfigDict(
         {
-            'stage': stage,
-            'dataset': 'moving_shapes',
-            'data_dir': '',
-            'split': 'train',
-            'prepare': True,
-            'moving_shapes': {
-                'num_videos': 256,
-                'num_validation': 32,
-                'num_frames': 64,
-                'height': 64,
-                'width': 96,
-                'fps': 24.0,
-                'seed': 0,
-                'storage': 'frames',
+            "stage": stage,
+            "dataset": "moving_shapes",
+            "data_dir": "",
+            "split": "train",
+            "prepare": True,
+            "moving_shapes": {
+                "num_videos": 256,
+                "num_validation": 32,
+                "num_frames": 64,
+                "height": 64,
+                "width": 96,
+                "fps": 24.0,
+                "seed": 0,
+                "storage": "frames",
             },
-            'video_text': {
-                'name': 'webvid',
-                'csv': '',
-                'validation_csv': '',
-                'video_dir': '',
-                'video_ext': '.mp4',
-                'storage': 'mp4',
-                'height': 320,
-                'width': 512,
-                'fps': 0.0,
-                'max_frames': 128,
-                'min_frames': 16,
-                'num_workers': 4,
+            "video_text": {
+                "name": "webvid",
+                "csv": "",
+                "validation_csv": "",
+                "video_dir": "",
+                "video_ext": ".mp4",
+                "storage": "mp4",
+                "height": 320,
+                "width": 512,
+                "fps": 0.0,
+                "max_frames": 128,
+                "min_frames": 16,
+                "num_workers": 4,
             },
-            'image_text': {
-                'name': 'laion',
-                'table': '',
-                'validation_table': '',
-                'image_dir': '',
-                'storage': 'encoded' if vsr else 'decoded',
-                'height': 320,
-                'width': 512,
-                'min_size': 1024 if vsr else 0,
-                'num_workers': 4,
+            "image_text": {
+                "name": "laion",
+                "table": "",
+                "validation_table": "",
+                "image_dir": "",
+                "storage": "encoded" if vsr else "decoded",
+                "height": 320,
+                "width": 512,
+                "min_size": 1024 if vsr else 0,
+                "num_workers": 4,
             },
-            'precomputed': {'name': ''},
-            'images': {
-                'source': 'video_frames' if stage in ('base', 'vsr') else 'none',
-                'per_clip': 4 if stage == 'base' else 0,
-                'ratio': 0.25 if vsr else 0.0,
+            "precomputed": {"name": ""},
+            "images": {
+                "source": "video_frames" if stage in ("base", "vsr") else "none",
+                "per_clip": 4 if stage == "base" else 0,
+                "ratio": 0.25 if vsr else 0.0,
             },
-            'num_frames': {'base': 16, 'interpolation': 61, 'vsr': 8}[stage],
-            'frame_stride': 3 if stage == 'base' else 1,
-            'height': 0 if vsr else 320,
-            'width': 0 if vsr else 512,
-            'resize_method': 'bilinear',
-            'key_frame_stride': 4,
-            'patch_size': 320,
-            'scale': 4,
-            'blur_sigma_max': 0.0,
-            'pseudo_video_max_step': 4.0,
-            'global_batch_size': 8,
-            'seed': 0,
-            'shuffle': True,
-            'num_epochs': 0,
-            'shard_drop_remainder': False,
-            'drop_remainder': True,
-            'output_dtype': 'float32',
-            'read_threads': 2,
-            'prefetch_buffer': 16,
-            'worker_count': 0,
+            "num_frames": {"base": 16, "interpolation": 61, "vsr": 8}[stage],
+            "frame_stride": 3 if stage == "base" else 1,
+            "height": 0 if vsr else 320,
+            "width": 0 if vsr else 512,
+            "resize_method": "bilinear",
+            "key_frame_stride": 4,
+            "patch_size": 320,
+            "scale": 4,
+            "blur_sigma_max": 0.0,
+            "pseudo_video_max_step": 4.0,
+            "global_batch_size": 8,
+            "seed": 0,
+            "shuffle": True,
+            "num_epochs": 0,
+            "shard_drop_remainder": False,
+            "drop_remainder": True,
+            "output_dtype": "float32",
+            "read_threads": 2,
+            "prefetch_buffer": 16,
+            "worker_count": 0,
         }
     )
 
@@ -148,23 +148,23 @@ def default_data_config(stage: str) -> ml_collections.ConfigDict:
 def check_config(data: ml_collections.ConfigDict) -> None:
     """Fails early, naming the field, on settings the pipeline cannot honour."""
     if data.stage not in STAGES:
-        raise ValueError(f'data.stage must be one of {STAGES}, got {data.stage!r}')
-    if data.images.source not in ('video_frames', 'image_text', 'none'):
+        raise ValueError(f"data.stage must be one of {STAGES}, got {data.stage!r}")
+    if data.images.source not in ("video_frames", "image_text", "none"):
         raise ValueError(
             f"data.images.source must be 'video_frames', 'image_text' or 'none', got {data.images.source!r}"
         )
     if data.num_frames < 1 or data.frame_stride < 1:
-        raise ValueError('data.num_frames and data.frame_stride must be >= 1')
-    if data.stage == 'interpolation' and (data.num_frames - 1) % data.key_frame_stride:
+        raise ValueError("data.num_frames and data.frame_stride must be >= 1")
+    if data.stage == "interpolation" and (data.num_frames - 1) % data.key_frame_stride:
         raise ValueError(
-            f'interpolation clips need (num_frames - 1) % key_frame_stride == 0 so the last frame is a key '
-            f'frame; got num_frames={data.num_frames}, key_frame_stride={data.key_frame_stride}'
+            f"interpolation clips need (num_frames - 1) % key_frame_stride == 0 so the last frame is a key "
+            f"frame; got num_frames={data.num_frames}, key_frame_stride={data.key_frame_stride}"
         )
-    if data.stage == 'vsr' and data.patch_size % data.scale:
-        raise ValueError(f'data.patch_size={data.patch_size} must be divisible by data.scale={data.scale}')
-    if data.stage != 'vsr' and (data.height <= 0 or data.width <= 0):
-        raise ValueError(f'data.height/width must be > 0 for the {data.stage} stage')
-    if data.dataset == 'precomputed' and data.images.source == 'image_text' and data.images.per_clip:
+    if data.stage == "vsr" and data.patch_size % data.scale:
+        raise ValueError(f"data.patch_size={data.patch_size} must be divisible by data.scale={data.scale}")
+    if data.stage != "vsr" and (data.height <= 0 or data.width <= 0):
+        raise ValueError(f"data.height/width must be > 0 for the {data.stage} stage")
+    if data.dataset == "precomputed" and data.images.source == "image_text" and data.images.per_clip:
         raise ValueError(
             "precomputed base data draws image latents from its own clips: set data.images.source to "
             "'video_frames' (or per_clip=0); precompute an image dataset's latents separately if needed"
@@ -179,29 +179,29 @@ def _clip(data: ml_collections.ConfigDict) -> examples.ClipSpec:
 def _image_draw(
     data: ml_collections.ConfigDict, primary: grain.MapDataset, shard: grain.sharding.ShardOptions
 ) -> examples.ImageDraw | None:
-    wanted = data.images.per_clip if data.stage == 'base' else data.images.ratio if data.stage == 'vsr' else 0
-    if data.images.source == 'none' or not wanted:
+    wanted = data.images.per_clip if data.stage == "base" else data.images.ratio if data.stage == "vsr" else 0
+    if data.images.source == "none" or not wanted:
         return None
-    if data.images.source == 'video_frames':
-        return examples.ImageDraw(primary, 'video_frames', sources.video_reader(data))
+    if data.images.source == "video_frames":
+        return examples.ImageDraw(primary, "video_frames", sources.video_reader(data))
     images = distributed.shard(sources.open_images(data, data.split), shard)
-    return examples.ImageDraw(images, 'image_text', sources.video_reader(data))
+    return examples.ImageDraw(images, "image_text", sources.video_reader(data))
 
 
 def example_maker(
     data: ml_collections.ConfigDict, primary: grain.MapDataset, shard: grain.sharding.ShardOptions
 ) -> Callable:
     """The stage's `(record, rng) -> example` function over this process's shard `primary`."""
-    if data.dataset == 'precomputed':
-        draw_from = primary if data.stage == 'base' and data.images.source == 'video_frames' else None
+    if data.dataset == "precomputed":
+        draw_from = primary if data.stage == "base" and data.images.source == "video_frames" else None
         return examples.LatentExamples(
             data.stage, data.output_dtype, data.key_frame_stride, draw_from, data.images.per_clip
         )
     clip, reader = _clip(data), sources.video_reader(data)
     images = _image_draw(data, primary, shard)
-    if data.stage == 'base':
+    if data.stage == "base":
         return examples.BaseExamples(clip, reader, images, data.images.per_clip)
-    if data.stage == 'interpolation':
+    if data.stage == "interpolation":
         return examples.InterpolationExamples(clip, reader, data.key_frame_stride)
     return examples.VsrExamples(
         clip,

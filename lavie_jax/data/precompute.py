@@ -34,7 +34,7 @@ from lavie_jax.data import builder_utils, distributed, pipeline, sources, transf
 
 VideoEncoder = Callable[[np.ndarray], Any]
 TextEncoder = Callable[[Sequence[str]], Any]
-_STORE_DTYPES = ('float16', 'float32')
+_STORE_DTYPES = ("float16", "float32")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -47,12 +47,12 @@ class PrecomputedConfig(tfds.core.BuilderConfig):
 class PrecomputedLatents(builder_utils.LocalBuilder):
     """Writes the examples handed to it in `examples` (an iterator of (key, record))."""
 
-    VERSION = tfds.core.Version('1.0.0')
-    BUILDER_CONFIGS = [PrecomputedConfig(name='default')]
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [PrecomputedConfig(name="default")]
     examples: Iterator[tuple[int, dict[str, Any]]] = iter(())
 
     def _info(self) -> tfds.core.DatasetInfo:
-        features = {'caption': tfds.features.Text()}
+        features = {"caption": tfds.features.Text()}
         for key, (shape, dtype) in self.builder_config.arrays.items():
             features[key] = (
                 builder_utils.raw_tensor(tuple(shape), np.dtype(dtype))
@@ -62,11 +62,11 @@ class PrecomputedLatents(builder_utils.LocalBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             features=tfds.features.FeaturesDict(features),
-            description='VAE latents and text embeddings precomputed for training.',
+            description="VAE latents and text embeddings precomputed for training.",
         )
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
-        return {'train': self._generate_examples()}
+        return {"train": self._generate_examples()}
 
     def _generate_examples(self):
         yield from self.examples
@@ -74,7 +74,7 @@ class PrecomputedLatents(builder_utils.LocalBuilder):
 
 def output_name(name: str, process_index: int, process_count: int) -> str:
     """Dataset (config) name of one process's part."""
-    return name if process_count == 1 else f'{name}-part{process_index:05d}-of-{process_count:05d}'
+    return name if process_count == 1 else f"{name}-part{process_index:05d}-of-{process_count:05d}"
 
 
 def _records(
@@ -84,29 +84,29 @@ def _records(
     encode_text: TextEncoder | None,
     store_dtype: str,
 ) -> Iterator[dict[str, Any]]:
-    pixel_key = 'hr' if data.stage == 'vsr' else 'video'
+    pixel_key = "hr" if data.stage == "vsr" else "video"
     count, start = 0, time.monotonic()
     last_print = start
     for batch in batches:
         latents = np.asarray(encode_video(transforms.to_float(batch[pixel_key])), store_dtype)
         if latents.shape[:2] != batch[pixel_key].shape[:2]:
             raise ValueError(
-                f'encode_video must return [B, F, h, w, c] for input {batch[pixel_key].shape}, ' f'got {latents.shape}'
+                f"encode_video must return [B, F, h, w, c] for input {batch[pixel_key].shape}, " f"got {latents.shape}"
             )
-        captions = [str(c) for c in batch['caption']]
+        captions = [str(c) for c in batch["caption"]]
         text = np.asarray(encode_text(captions), store_dtype) if encode_text is not None else None
         for i, caption in enumerate(captions):
-            record = {'caption': caption, 'latents': latents[i]}
+            record = {"caption": caption, "latents": latents[i]}
             if text is not None:
-                record['text_emb'] = text[i]
-            if data.stage == 'vsr':
-                record['lr'], record['is_image'] = batch['lr'][i], np.int32(batch['is_image'][i])
+                record["text_emb"] = text[i]
+            if data.stage == "vsr":
+                record["lr"], record["is_image"] = batch["lr"][i], np.int32(batch["is_image"][i])
             yield record
         count += len(captions)
         if time.monotonic() - last_print > 10:
             last_print = time.monotonic()
-            print(f'[precompute] {count} clips ({count / (last_print - start):.1f}/s)', file=sys.stderr, flush=True)
-    print(f'[precompute] done: {count} clips', file=sys.stderr, flush=True)
+            print(f"[precompute] {count} clips ({count / (last_print - start):.1f}/s)", file=sys.stderr, flush=True)
+    print(f"[precompute] done: {count} clips", file=sys.stderr, flush=True)
 
 
 def precompute(
@@ -118,7 +118,7 @@ def precompute(
     batch_size: int = 8,
     process_index: int | None = None,
     process_count: int | None = None,
-    store_dtype: str = 'float16',
+    store_dtype: str = "float16",
 ) -> Path:
     """Encodes one clip per record of this process's shard and writes them as `precomputed_latents/NAME`.
 
@@ -132,13 +132,13 @@ def precompute(
     Returns:
       the directory of the written dataset (an existing one is reused, not rewritten).
     """
-    if data.dataset == 'precomputed':
-        raise ValueError('data.dataset is already precomputed; point it at the pixel dataset to encode')
+    if data.dataset == "precomputed":
+        raise ValueError("data.dataset is already precomputed; point it at the pixel dataset to encode")
     if store_dtype not in _STORE_DTYPES:
-        raise ValueError(f'store_dtype must be one of {_STORE_DTYPES}, got {store_dtype!r}')
+        raise ValueError(f"store_dtype must be one of {_STORE_DTYPES}, got {store_dtype!r}")
     shard = distributed.shard_options(process_index, process_count)
     src = ml_collections.ConfigDict(data.to_dict())
-    src.update(shuffle=False, num_epochs=1, drop_remainder=False, output_dtype='uint8', shard_drop_remainder=False)
+    src.update(shuffle=False, num_epochs=1, drop_remainder=False, output_dtype="uint8", shard_drop_remainder=False)
     src.images.per_clip = 0  # base image latents come from the stored clips' frames
     batches = iter(
         pipeline.make_dataset(
@@ -148,12 +148,12 @@ def precompute(
     records = _records(src, batches, encode_video, encode_text, store_dtype)
     first = next(records, None)
     if first is None:
-        raise ValueError('the source pipeline produced no clip to precompute')
-    arrays = {k: (list(np.shape(v)), np.asarray(v).dtype.name) for k, v in first.items() if k != 'caption'}
+        raise ValueError("the source pipeline produced no clip to precompute")
+    arrays = {k: (list(np.shape(v)), np.asarray(v).dtype.name) for k, v in first.items() if k != "caption"}
     config = PrecomputedConfig(name=output_name(name, shard.shard_index, shard.shard_count), arrays=arrays)
     builder = PrecomputedLatents(data_dir=sources.data_dir(data), config=config, file_format=builder_utils.FILE_FORMAT)
     if builder_utils.is_prepared(builder):
-        print(f'[precompute] {builder.data_dir} exists; reusing it', file=sys.stderr)
+        print(f"[precompute] {builder.data_dir} exists; reusing it", file=sys.stderr)
         return Path(builder.data_dir)
 
     def keyed() -> Iterator[tuple[int, dict[str, Any]]]:

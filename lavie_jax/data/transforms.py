@@ -11,10 +11,10 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 _RESAMPLE = {
-    'bilinear': Image.Resampling.BILINEAR,
-    'bicubic': Image.Resampling.BICUBIC,
-    'area': Image.Resampling.BOX,
-    'lanczos': Image.Resampling.LANCZOS,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
 }
 
 
@@ -28,14 +28,14 @@ def clip_indices(
     linspace does to a short video.
     """
     if num_available < 1:
-        raise ValueError('cannot take a clip from a video with no frames')
+        raise ValueError("cannot take a clip from a video with no frames")
     span = (num_frames - 1) * stride + 1
     if span > num_available:
         return np.linspace(0, num_available - 1, num_frames).astype(np.int64)
     if start is None:
         start = int(rng.integers(0, num_available - span + 1)) if rng is not None else 0
     if not 0 <= start <= num_available - span:
-        raise ValueError(f'clip start {start} with span {span} does not fit {num_available} frames')
+        raise ValueError(f"clip start {start} with span {span} does not fit {num_available} frames")
     return start + stride * np.arange(num_frames, dtype=np.int64)
 
 
@@ -53,7 +53,7 @@ def resize_frames(
     frames: np.ndarray,
     size: tuple[int, int],
     box: tuple[float, float, float, float] | None = None,
-    method: str = 'bilinear',
+    method: str = "bilinear",
 ) -> np.ndarray:
     """Resizes uint8 frames `[F, H, W, 3]` (or `[H, W, 3]`) to size (h, w), optionally from a source box.
 
@@ -71,13 +71,13 @@ def resize_frames(
     return out[0] if single else out
 
 
-def resize_center_crop(frames: np.ndarray, size: tuple[int, int], method: str = 'bilinear') -> np.ndarray:
+def resize_center_crop(frames: np.ndarray, size: tuple[int, int], method: str = "bilinear") -> np.ndarray:
     """Scales uint8 frames `[F, H, W, 3]` or `[H, W, 3]` to cover size (h, w) and takes the center: one resample."""
     src = frames.shape[-3:-1]
     return resize_frames(frames, size, box=cover_box(src, size), method=method)
 
 
-def resize_to_cover(frames: np.ndarray, min_hw: tuple[int, int], method: str = 'bicubic') -> np.ndarray:
+def resize_to_cover(frames: np.ndarray, min_hw: tuple[int, int], method: str = "bicubic") -> np.ndarray:
     """Upscales frames `[F, H, W, 3]` (aspect kept) just enough to be at least min_hw; larger frames pass through."""
     h, w = frames.shape[-3:-1]
     scale = max(min_hw[0] / h, min_hw[1] / w)
@@ -94,12 +94,12 @@ def random_crop(frames: np.ndarray, size: tuple[int, int], rng: np.random.Genera
     return frames[:, top : top + h, left : left + w]
 
 
-def degrade(frames: np.ndarray, scale: int, blur_sigma: float = 0.0, method: str = 'bicubic') -> np.ndarray:
+def degrade(frames: np.ndarray, scale: int, blur_sigma: float = 0.0, method: str = "bicubic") -> np.ndarray:
     """High-res uint8 frames `[F, H, W, 3]` -> low-res `[F, H/scale, W/scale, 3]`: optional Gaussian blur, then an
     antialiased downsample. Noise is left to training's noise augmentation of the low-res condition."""
     f, h, w, _ = frames.shape
     if h % scale or w % scale:
-        raise ValueError(f'frame size {h}x{w} is not divisible by the VSR scale {scale}; pick patch_size % scale == 0')
+        raise ValueError(f"frame size {h}x{w} is not divisible by the VSR scale {scale}; pick patch_size % scale == 0")
     out = np.empty((f, h // scale, w // scale, 3), np.uint8)
     for i, frame in enumerate(frames):
         img = Image.fromarray(frame)
@@ -143,11 +143,11 @@ def to_float(frames: np.ndarray, dtype=np.float32) -> np.ndarray:
 
 def output_cast(frames: np.ndarray, dtype: str) -> np.ndarray:
     """The pipeline's output convention for pixel arrays: 'uint8' keeps [0, 255]; 'float32'/'bfloat16' give [-1, 1]."""
-    if dtype == 'uint8':
+    if dtype == "uint8":
         return frames
-    if dtype == 'float32':
+    if dtype == "float32":
         return to_float(frames)
-    if dtype == 'bfloat16':
+    if dtype == "bfloat16":
         import ml_dtypes  # ships with jax
 
         return to_float(frames, ml_dtypes.bfloat16)

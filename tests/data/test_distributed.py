@@ -17,7 +17,7 @@ from lavie_jax.data import builder_utils, distributed, sources
 
 
 @pytest.mark.parametrize(
-    'length,count,drop,expected',
+    "length,count,drop,expected",
     [
         (10, 3, False, [(0, 3), (3, 6), (6, 10)]),
         (10, 3, True, [(0, 3), (3, 6), (6, 9)]),
@@ -32,34 +32,34 @@ def test_shard_bounds_are_contiguous_and_balanced(length, count, drop, expected)
 def test_shard_options_check_their_arguments():
     assert distributed.shard_options(1, 4).shard_index == 1
     assert isinstance(distributed.shard_options(), grain.sharding.ShardByJaxProcess)
-    with pytest.raises(ValueError, match='both'):
+    with pytest.raises(ValueError, match="both"):
         distributed.shard_options(process_index=1)
-    with pytest.raises(ValueError, match='outside'):
+    with pytest.raises(ValueError, match="outside"):
         distributed.shard_options(4, 4)
-    with pytest.raises(ValueError, match='empty'):
+    with pytest.raises(ValueError, match="empty"):
         distributed.shard(grain.MapDataset.source([1, 2]), grain.sharding.ShardOptions(0, 3))
 
 
-@pytest.mark.parametrize('axes', ['data', ('data', 'fsdp')])
+@pytest.mark.parametrize("axes", ["data", ("data", "fsdp")])
 def test_global_batch_is_sharded_over_the_data_axes(axes):
-    mesh = jax.make_mesh((4, 2), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     batch = {
-        'video': np.arange(8 * 2 * 3, dtype=np.float32).reshape(8, 2, 3),
-        'tokens': np.arange(8, dtype=np.int32)[:, None].repeat(4, 1),
-        'caption': np.array([f'c{i}' for i in range(8)]),
+        "video": np.arange(8 * 2 * 3, dtype=np.float32).reshape(8, 2, 3),
+        "tokens": np.arange(8, dtype=np.int32)[:, None].repeat(4, 1),
+        "caption": np.array([f"c{i}" for i in range(8)]),
     }
     out = distributed.make_global_batch(batch, mesh, axes)
-    assert isinstance(out['video'], jax.Array) and out['video'].shape == (8, 2, 3)
+    assert isinstance(out["video"], jax.Array) and out["video"].shape == (8, 2, 3)
     expected = PartitionSpec(axes if isinstance(axes, str) else tuple(axes))
-    assert out['video'].sharding.spec == expected
-    np.testing.assert_array_equal(np.asarray(out['video']), batch['video'])
-    rows_per_shard = 2 if axes == 'data' else 1
-    for shard in out['tokens'].addressable_shards:
+    assert out["video"].sharding.spec == expected
+    np.testing.assert_array_equal(np.asarray(out["video"]), batch["video"])
+    rows_per_shard = 2 if axes == "data" else 1
+    for shard in out["tokens"].addressable_shards:
         assert shard.data.shape == (rows_per_shard, 4)
-    assert out['caption'] is batch['caption'] or (out['caption'] == batch['caption']).all()  # strings stay host-local
+    assert out["caption"] is batch["caption"] or (out["caption"] == batch["caption"]).all()  # strings stay host-local
 
 
-_HOST = textwrap.dedent('''
+_HOST = textwrap.dedent("""
     import json, os, sys
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
     os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -75,21 +75,21 @@ _HOST = textwrap.dedent('''
     print('RESULT', json.dumps({'shape': list(video.shape), 'local_rows': len(batch['video']),
                                 'captions': [str(c) for c in batch['caption']], 'mean': float(total)}), flush=True)
     jax.distributed.shutdown()
-''')
+""")
 
 
 @pytest.mark.slow
 def test_two_real_processes_read_their_shards_into_one_global_batch(webvid_data, tmp_path):
     """Two jax processes on this machine, each running the pipeline on its own shard: together one global batch."""
-    data = webvid_data('mp4', num_epochs=1, global_batch_size=8)
+    data = webvid_data("mp4", num_epochs=1, global_batch_size=8)
     builder_utils.prepare(sources.video_builder(data))  # once, before the processes read it
-    (tmp_path / 'data.json').write_text(data.to_json())
-    (tmp_path / 'host.py').write_text(_HOST)
+    (tmp_path / "data.json").write_text(data.to_json())
+    (tmp_path / "host.py").write_text(_HOST)
     port = str(portpicker.pick_unused_port())
-    env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(tmp_path / 'host.py'), str(i), port, str(tmp_path / 'data.json')],
+            [sys.executable, str(tmp_path / "host.py"), str(i), port, str(tmp_path / "data.json")],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -104,8 +104,8 @@ def test_two_real_processes_read_their_shards_into_one_global_batch(webvid_data,
         finally:
             proc.kill()
         assert proc.returncode == 0, output
-        results.append(json.loads(output.split('RESULT ', 1)[1].splitlines()[0]))
-    assert [r['shape'] for r in results] == [[8, 16, 32, 48, 3]] * 2 and [r['local_rows'] for r in results] == [4, 4]
-    captions = results[0]['captions'] + results[1]['captions']
-    assert sorted(captions) == sorted(f'video {k}' for k in range(8))  # disjoint shards covering the set
-    assert results[0]['mean'] == results[1]['mean']  # one global array, reduced across both processes
+        results.append(json.loads(output.split("RESULT ", 1)[1].splitlines()[0]))
+    assert [r["shape"] for r in results] == [[8, 16, 32, 48, 3]] * 2 and [r["local_rows"] for r in results] == [4, 4]
+    captions = results[0]["captions"] + results[1]["captions"]
+    assert sorted(captions) == sorted(f"video {k}" for k in range(8))  # disjoint shards covering the set
+    assert results[0]["mean"] == results[1]["mean"]  # one global array, reduced across both processes

@@ -16,21 +16,21 @@ def _centroids(frames: np.ndarray, background) -> np.ndarray:
 
 
 def test_same_seed_same_video_other_seed_other_video():
-    a, pa = moving_shapes.make_video(7, 'train', 3, 8, 32, 48)
-    b, pb = moving_shapes.make_video(7, 'train', 3, 8, 32, 48)
-    c, _ = moving_shapes.make_video(8, 'train', 3, 8, 32, 48)
-    v, _ = moving_shapes.make_video(7, 'validation', 3, 8, 32, 48)
+    a, pa = moving_shapes.make_video(7, "train", 3, 8, 32, 48)
+    b, pb = moving_shapes.make_video(7, "train", 3, 8, 32, 48)
+    c, _ = moving_shapes.make_video(8, "train", 3, 8, 32, 48)
+    v, _ = moving_shapes.make_video(7, "validation", 3, 8, 32, 48)
     np.testing.assert_array_equal(a, b)
     assert pa == pb
     assert not np.array_equal(a, c) and not np.array_equal(a, v)
     assert a.shape == (8, 32, 48, 3) and a.dtype == np.uint8
 
 
-@pytest.mark.parametrize('index', range(12))
+@pytest.mark.parametrize("index", range(12))
 def test_caption_names_colour_shape_and_the_direction_of_motion(index):
-    frames, params = moving_shapes.make_video(0, 'train', index, 16, 64, 96)
-    article = 'an' if params.color[0] in 'aeiou' else 'a'
-    assert params.caption == f'{article} {params.color} {params.shape} moving {params.direction}'
+    frames, params = moving_shapes.make_video(0, "train", index, 16, 64, 96)
+    article = "an" if params.color[0] in "aeiou" else "a"
+    assert params.caption == f"{article} {params.color} {params.shape} moving {params.direction}"
     # The shape's pixels carry the named colour.
     mask = np.abs(frames[0].astype(int) - params.background).sum(-1) > 30
     inside = frames[0][mask].astype(int)
@@ -47,32 +47,32 @@ def test_caption_names_colour_shape_and_the_direction_of_motion(index):
 
 
 def test_all_shapes_colours_and_directions_occur():
-    params = [moving_shapes.make_video(0, 'train', i, 2, 16, 16)[1] for i in range(200)]
+    params = [moving_shapes.make_video(0, "train", i, 2, 16, 16)[1] for i in range(200)]
     assert {p.shape for p in params} == set(moving_shapes.SHAPES)
     assert {p.color for p in params} == set(moving_shapes.COLORS)
     assert {p.direction for p in params} == set(moving_shapes.DIRECTIONS)
 
 
-@pytest.mark.parametrize('storage', ['frames', 'mp4'])
+@pytest.mark.parametrize("storage", ["frames", "mp4"])
 def test_builder_writes_the_configured_size(tmp_path, storage):
     builder = moving_shapes.builder(
         str(tmp_path), num_videos=6, num_validation=2, num_frames=10, height=16, width=24, seed=5, storage=storage
     )
     builder_utils.prepare(builder)
     splits = builder.as_data_source()
-    assert {k: len(v) for k, v in splits.items()} == {'train': 6, 'validation': 2}
+    assert {k: len(v) for k, v in splits.items()} == {"train": 6, "validation": 2}
     seen = set()
     for i in range(6):
-        record = splits['train'][i]
-        index = int(record['id'].decode().split('-')[1])
+        record = splits["train"][i]
+        index = int(record["id"].decode().split("-")[1])
         seen.add(index)
-        expected, params = moving_shapes.make_video(5, 'train', index, 10, 16, 24)
-        assert record['caption'].decode() == params.caption
-        assert record['num_frames'] == 10
-        if storage == 'frames':
-            np.testing.assert_array_equal(record['frames'], expected)
+        expected, params = moving_shapes.make_video(5, "train", index, 10, 16, 24)
+        assert record["caption"].decode() == params.caption
+        assert record["num_frames"] == 10
+        if storage == "frames":
+            np.testing.assert_array_equal(record["frames"], expected)
         else:
-            assert record['mp4'][4:8] == b'ftyp'
+            assert record["mp4"][4:8] == b"ftyp"
     assert seen == set(range(6))
 
 

@@ -24,37 +24,37 @@ def _assert_batches_equal(a, b):
             np.testing.assert_array_equal(x[key], y[key])
 
 
-@pytest.mark.parametrize('stage', pipeline.STAGES)
+@pytest.mark.parametrize("stage", pipeline.STAGES)
 def test_default_config_is_valid_and_documented(stage):
     data = pipeline.default_data_config(stage)
     pipeline.check_config(data)
-    assert data.dataset == 'moving_shapes' and data.stage == stage
+    assert data.dataset == "moving_shapes" and data.stage == stage
     for field in data.keys():  # every field is described in the module docstring
-        assert f'\n  {field}' in pipeline.__doc__, field
-    with pytest.raises(ValueError, match='stage'):
-        pipeline.default_data_config('upscale')
+        assert f"\n  {field}" in pipeline.__doc__, field
+    with pytest.raises(ValueError, match="stage"):
+        pipeline.default_data_config("upscale")
 
 
 def test_base_moving_shapes_shapes_ranges_and_caption_colours(data_dir):
-    batch = _take(tiny_data('base', data_dir), 1)[0]
-    assert batch['video'].shape == (4, 16, H, W, 3) and batch['video'].dtype == np.float32
-    assert batch['images'].shape == (4, 4, H, W, 3) and batch['image_captions'].shape == (4, 4)
-    for key in ('video', 'images'):
+    batch = _take(tiny_data("base", data_dir), 1)[0]
+    assert batch["video"].shape == (4, 16, H, W, 3) and batch["video"].dtype == np.float32
+    assert batch["images"].shape == (4, 4, H, W, 3) and batch["image_captions"].shape == (4, 4)
+    for key in ("video", "images"):
         assert -1 <= batch[key].min() < batch[key].max() <= 1
-    for clip, caption in zip(batch['video'], batch['caption']):
-        color = next(c for c in moving_shapes.COLORS if f' {c} ' in caption)
+    for clip, caption in zip(batch["video"], batch["caption"]):
+        color = next(c for c in moving_shapes.COLORS if f" {c} " in caption)
         pixels = video_io.to_uint8(clip).reshape(-1, 3).astype(int)
         distance = np.abs(pixels - moving_shapes.COLORS[color]).sum(-1)
         assert (distance < 12).sum() > 50, caption  # the named colour is on screen
-    assert all(c.startswith(('a ', 'an ')) for c in batch['image_captions'].ravel())
+    assert all(c.startswith(("a ", "an ")) for c in batch["image_captions"].ravel())
 
 
-@pytest.mark.parametrize('storage', ['frames', 'mp4'])
+@pytest.mark.parametrize("storage", ["frames", "mp4"])
 def test_base_frame_stride_and_caption_pairing(webvid_data, storage):
-    data = webvid_data(storage, frame_stride=3, output_dtype='uint8')
+    data = webvid_data(storage, frame_stride=3, output_dtype="uint8")
     for batch in _take(data, 3):
-        assert batch['video'].shape == (4, 16, H, W, 3) and batch['video'].dtype == np.uint8
-        for clip, caption in zip(batch['video'], batch['caption']):
+        assert batch["video"].shape == (4, 16, H, W, 3) and batch["video"].dtype == np.uint8
+        for clip, caption in zip(batch["video"], batch["caption"]):
             assert video_id(clip) == int(caption.split()[1])
             idx = frame_index(clip)
             np.testing.assert_array_equal(np.diff(idx), 3)
@@ -62,90 +62,90 @@ def test_base_frame_stride_and_caption_pairing(webvid_data, storage):
 
 
 def test_interpolation_clip_and_key_frames(webvid_data):
-    data = webvid_data('mp4', stage='interpolation', num_frames=61, frame_stride=1, output_dtype='uint8')
+    data = webvid_data("mp4", stage="interpolation", num_frames=61, frame_stride=1, output_dtype="uint8")
     batch = _take(data, 1)[0]
-    assert batch['video'].shape == (4, 61, H, W, 3) and batch['key_frames'].shape == (4, 16, H, W, 3)
-    np.testing.assert_array_equal(batch['key_frames'], batch['video'][:, ::4])
-    for clip, keys in zip(batch['video'], batch['key_frames']):
+    assert batch["video"].shape == (4, 61, H, W, 3) and batch["key_frames"].shape == (4, 16, H, W, 3)
+    np.testing.assert_array_equal(batch["key_frames"], batch["video"][:, ::4])
+    for clip, keys in zip(batch["video"], batch["key_frames"]):
         np.testing.assert_array_equal(np.diff(frame_index(clip)), 1)
         np.testing.assert_array_equal(np.diff(frame_index(keys)), 4)
 
 
 def test_vsr_patches_and_degraded_pairs(data_dir):
-    data = tiny_data('vsr', data_dir, output_dtype='uint8')
+    data = tiny_data("vsr", data_dir, output_dtype="uint8")
     data.images.ratio = 0.5
     batches = _take(data, 4)
-    flags = np.concatenate([b['is_image'] for b in batches])
+    flags = np.concatenate([b["is_image"] for b in batches])
     assert flags.any() and not flags.all()  # both videos and image pseudo-videos occur
     for batch in batches:
-        assert batch['hr'].shape == (4, 4, 32, 32, 3) and batch['lr'].shape == (4, 4, 8, 8, 3)
-        for hr, lr in zip(batch['hr'], batch['lr']):
+        assert batch["hr"].shape == (4, 4, 32, 32, 3) and batch["lr"].shape == (4, 4, 8, 8, 3)
+        for hr, lr in zip(batch["hr"], batch["lr"]):
             np.testing.assert_array_equal(lr, transforms.degrade(hr, 4))
 
 
 def test_vsr_float_output_and_image_only(data_dir):
-    data = tiny_data('vsr', data_dir)
+    data = tiny_data("vsr", data_dir)
     data.images.ratio = 1.0
     batch = _take(data, 1)[0]
-    assert batch['is_image'].all() and batch['hr'].dtype == np.float32
-    assert -1 <= batch['hr'].min() and batch['hr'].max() <= 1
+    assert batch["is_image"].all() and batch["hr"].dtype == np.float32
+    assert -1 <= batch["hr"].min() and batch["hr"].max() <= 1
 
 
 def test_base_images_from_image_text(webvid_data, laion_files):
-    data = webvid_data('frames')
-    data.images.source = 'image_text'
+    data = webvid_data("frames")
+    data.images.source = "image_text"
     data.image_text.update(
-        table=str(laion_files['table']), image_dir=str(laion_files['image_dir']), height=H, width=W, min_size=20
+        table=str(laion_files["table"]), image_dir=str(laion_files["image_dir"]), height=H, width=W, min_size=20
     )
     batch = _take(data, 1)[0]
-    assert batch['images'].shape == (4, 4, H, W, 3)
-    for images, captions in zip(batch['images'], batch['image_captions']):
+    assert batch["images"].shape == (4, 4, H, W, 3)
+    for images, captions in zip(batch["images"], batch["image_captions"]):
         for image, caption in zip(video_io.to_uint8(images), captions):
             k = int(caption.split()[1])
             assert abs(int(np.median(image)) - (20 + 20 * k)) <= 1  # image and caption belong together
 
 
 def test_same_seed_same_stream_other_seed_other_stream(data_dir):
-    data = tiny_data('base', data_dir)
+    data = tiny_data("base", data_dir)
     _assert_batches_equal(_take(data, 3), _take(data, 3))
-    other = _take(tiny_data('base', data_dir, seed=1), 3)
-    assert not all(np.array_equal(a['video'], b['video']) for a, b in zip(_take(data, 3), other))
+    other = _take(tiny_data("base", data_dir, seed=1), 3)
+    assert not all(np.array_equal(a["video"], b["video"]) for a, b in zip(_take(data, 3), other))
 
 
 def test_epochs_reshuffle_and_move_the_clip_window(webvid_data):
-    data = webvid_data('frames', global_batch_size=NUM_VIDEOS, output_dtype='uint8')
+    data = webvid_data("frames", global_batch_size=NUM_VIDEOS, output_dtype="uint8")
     first, second = _take(data, 2)
-    assert sorted(first['caption']) == sorted(second['caption'])  # one epoch per batch, every video once
-    assert list(first['caption']) != list(second['caption'])
-    starts = {c: frame_index(v)[0] for c, v in zip(first['caption'], first['video'])}
-    assert any(frame_index(v)[0] != starts[c] for c, v in zip(second['caption'], second['video']))
+    assert sorted(first["caption"]) == sorted(second["caption"])  # one epoch per batch, every video once
+    assert list(first["caption"]) != list(second["caption"])
+    starts = {c: frame_index(v)[0] for c, v in zip(first["caption"], first["video"])}
+    assert any(frame_index(v)[0] != starts[c] for c, v in zip(second["caption"], second["video"]))
 
 
-@pytest.mark.parametrize('drop', [False, True])
+@pytest.mark.parametrize("drop", [False, True])
 def test_two_processes_read_disjoint_shards_covering_the_set(webvid_data, drop):
     seen = []
     for index in range(3):
-        data = webvid_data('mp4', num_epochs=1, drop_remainder=False, shard_drop_remainder=drop)
+        data = webvid_data("mp4", num_epochs=1, drop_remainder=False, shard_drop_remainder=drop)
         batches = list(pipeline.make_dataset(data, process_index=index, process_count=3, batch_size=2))
-        seen.append([c for b in batches for c in b['caption']])
+        seen.append([c for b in batches for c in b["caption"]])
     sizes = [len(s) for s in seen]
     assert sizes == ([2, 2, 2] if drop else [2, 3, 3])  # 8 videos over 3 processes
     flat = [c for s in seen for c in s]
     assert len(set(flat)) == len(flat)  # disjoint
     if not drop:
-        assert sorted(flat) == sorted(f'video {k}' for k in range(NUM_VIDEOS))  # complete
+        assert sorted(flat) == sorted(f"video {k}" for k in range(NUM_VIDEOS))  # complete
 
 
 def test_local_batch_is_the_global_batch_over_processes(data_dir):
-    data = tiny_data('base', data_dir, global_batch_size=8)
+    data = tiny_data("base", data_dir, global_batch_size=8)
     batch = _take(data, 1, process_index=1, process_count=2)[0]
-    assert batch['video'].shape[0] == 4
-    with pytest.raises(ValueError, match='multiple of the process count'):
-        pipeline.make_dataset(tiny_data('base', data_dir, global_batch_size=6), process_index=0, process_count=4)
+    assert batch["video"].shape[0] == 4
+    with pytest.raises(ValueError, match="multiple of the process count"):
+        pipeline.make_dataset(tiny_data("base", data_dir, global_batch_size=6), process_index=0, process_count=4)
 
 
 def test_iterator_resumes_exactly_across_epochs(data_dir):
-    data = tiny_data('base', data_dir)  # 16 videos, batch 4: an epoch every 4 batches
+    data = tiny_data("base", data_dir)  # 16 videos, batch 4: an epoch every 4 batches
     it = pipeline.make_iterator(data, process_index=0, process_count=1)
     for _ in range(3):
         next(it)
@@ -158,29 +158,29 @@ def test_iterator_resumes_exactly_across_epochs(data_dir):
 
 def test_tokenize_adds_token_arrays(data_dir):
     def tokenize(text):
-        return np.array([len(text), text.count(' '), 0], np.int32)
+        return np.array([len(text), text.count(" "), 0], np.int32)
 
-    batch = next(pipeline.make_iterator(tiny_data('base', data_dir), tokenize=tokenize))
-    assert batch['tokens'].shape == (4, 3) and batch['image_tokens'].shape == (4, 4, 3)
-    assert [t[0] for t in batch['tokens']] == [len(c) for c in batch['caption']]
+    batch = next(pipeline.make_iterator(tiny_data("base", data_dir), tokenize=tokenize))
+    assert batch["tokens"].shape == (4, 3) and batch["image_tokens"].shape == (4, 4, 3)
+    assert [t[0] for t in batch["tokens"]] == [len(c) for c in batch["caption"]]
 
 
 @pytest.mark.parametrize(
-    'field,value,match',
+    "field,value,match",
     [
-        ('key_frame_stride', 7, 'key_frame_stride'),
-        ('frame_stride', 0, 'frame_stride'),
-        ('output_dtype', 'float64', 'output_dtype'),
+        ("key_frame_stride", 7, "key_frame_stride"),
+        ("frame_stride", 0, "frame_stride"),
+        ("output_dtype", "float64", "output_dtype"),
     ],
 )
 def test_bad_settings_name_the_field(data_dir, field, value, match):
-    stage = 'interpolation' if field == 'key_frame_stride' else 'base'
+    stage = "interpolation" if field == "key_frame_stride" else "base"
     data = tiny_data(stage, data_dir, **{field: value})
     with pytest.raises(ValueError, match=match):
         next(pipeline.make_iterator(data, process_index=0, process_count=1))
 
 
 def test_missing_dataset_without_prepare_is_explained(tmp_path):
-    data = tiny_data('base', tmp_path, prepare=False)
-    with pytest.raises(FileNotFoundError, match='data.prepare=True'):
+    data = tiny_data("base", tmp_path, prepare=False)
+    with pytest.raises(FileNotFoundError, match="data.prepare=True"):
         pipeline.make_dataset(data)

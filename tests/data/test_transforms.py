@@ -15,7 +15,7 @@ def test_clip_indices_stride_and_random_start_stay_inside():
         starts.add(int(idx[0]))
     assert len(starts) > 5  # the start is random: 0..18
     np.testing.assert_array_equal(transforms.clip_indices(64, 4, 2, start=10), [10, 12, 14, 16])
-    with pytest.raises(ValueError, match='does not fit'):
+    with pytest.raises(ValueError, match="does not fit"):
         transforms.clip_indices(64, 16, 3, start=30)
 
 
@@ -49,7 +49,7 @@ def test_degrade_downsamples_by_scale():
     hr = np.full((2, 32, 32, 3), 90, np.uint8)
     lr = transforms.degrade(hr, 4, blur_sigma=1.0)
     assert lr.shape == (2, 8, 8, 3) and np.abs(lr.astype(int) - 90).max() <= 1
-    with pytest.raises(ValueError, match='divisible'):
+    with pytest.raises(ValueError, match="divisible"):
         transforms.degrade(np.zeros((1, 30, 32, 3), np.uint8), 4)
 
 
@@ -78,8 +78,8 @@ def test_pseudo_video_upscales_small_images():
 
 def test_output_cast_ranges():
     x = np.array([0, 128, 255], np.uint8)
-    np.testing.assert_allclose(transforms.output_cast(x, 'float32'), [-1, 128 / 127.5 - 1, 1], atol=1e-6)
-    assert transforms.output_cast(x, 'uint8') is x
-    assert transforms.output_cast(x, 'bfloat16').dtype.name == 'bfloat16'
-    with pytest.raises(ValueError, match='output_dtype'):
-        transforms.output_cast(x, 'float64')
+    np.testing.assert_allclose(transforms.output_cast(x, "float32"), [-1, 128 / 127.5 - 1, 1], atol=1e-6)
+    assert transforms.output_cast(x, "uint8") is x
+    assert transforms.output_cast(x, "bfloat16").dtype.name == "bfloat16"
+    with pytest.raises(ValueError, match="output_dtype"):
+        transforms.output_cast(x, "float64")

@@ -10,7 +10,7 @@ from .conftest import coded_video, frame_index, video_id
 
 def test_mp4_round_trip_keeps_shape_fps_and_content(tmp_path):
     frames = coded_video(3, num_frames=20)
-    path = video_io.write_video(tmp_path / 'clip.mp4', frames, fps=8)
+    path = video_io.write_video(tmp_path / "clip.mp4", frames, fps=8)
     decoded, info = video_io.read_video(path)
     assert decoded.shape == frames.shape and decoded.dtype == np.uint8
     assert info == video_io.VideoInfo(20, 8.0, 32, 48)
@@ -20,13 +20,13 @@ def test_mp4_round_trip_keeps_shape_fps_and_content(tmp_path):
 
 def test_gif_round_trip_is_exact(tmp_path):
     frames = coded_video(1, num_frames=10)
-    decoded, info = video_io.read_video(video_io.write_video(tmp_path / 'clip.gif', frames, fps=10))
+    decoded, info = video_io.read_video(video_io.write_video(tmp_path / "clip.gif", frames, fps=10))
     np.testing.assert_array_equal(decoded, frames)
     assert info.num_frames == 10 and info.fps == pytest.approx(10, rel=0.05)
 
 
 def test_read_selects_strided_frames_and_resizes(tmp_path):
-    path = video_io.write_video(tmp_path / 'clip.mp4', coded_video(2), fps=24)
+    path = video_io.write_video(tmp_path / "clip.mp4", coded_video(2), fps=24)
     clip, info = video_io.read_video(path, start=5, stride=3, max_frames=16, size=(16, 20))
     assert clip.shape == (16, 16, 20, 3) and info.num_frames == 16
     np.testing.assert_array_equal(frame_index(clip), 5 + 3 * np.arange(16))
@@ -34,7 +34,7 @@ def test_read_selects_strided_frames_and_resizes(tmp_path):
 
 
 def test_fps_resampling_halves_the_frames(tmp_path):
-    path = video_io.write_video(tmp_path / 'clip.mp4', coded_video(0, num_frames=24), fps=24)
+    path = video_io.write_video(tmp_path / "clip.mp4", coded_video(0, num_frames=24), fps=24)
     clip, info = video_io.read_video(path, fps=12)
     assert info.fps == 12 and len(clip) == 12
     np.testing.assert_array_equal(frame_index(clip), np.arange(0, 24, 2))
@@ -45,7 +45,7 @@ def test_fps_resampling_halves_the_frames(tmp_path):
 def test_encode_and_decode_bytes():
     frames = coded_video(4, num_frames=12)
     data = video_io.encode_mp4(frames, fps=8)
-    assert data[4:8] == b'ftyp'
+    assert data[4:8] == b"ftyp"
     decoded, info = video_io.read_video(data, start=2, stride=5)
     np.testing.assert_array_equal(frame_index(decoded), [2, 7])
 
@@ -56,16 +56,16 @@ def test_to_uint8_matches_lavie_rounding():
 
 
 def test_bad_inputs_name_the_problem(tmp_path):
-    with pytest.raises(TypeError, match='to_uint8'):
-        video_io.write_video(tmp_path / 'a.mp4', np.zeros((2, 8, 8, 3), np.float32))
-    with pytest.raises(ValueError, match='even'):
-        video_io.write_video(tmp_path / 'a.mp4', np.zeros((2, 7, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match='.mp4 or .gif'):
-        video_io.write_video(tmp_path / 'a.avi', np.zeros((2, 8, 8, 3), np.uint8))
-    with pytest.raises(video_io.VideoReadError, match='no video file'):
-        video_io.read_video(tmp_path / 'missing.mp4')
-    (tmp_path / 'junk.mp4').write_bytes(b'junk' * 100)
-    with pytest.raises(video_io.VideoReadError, match='junk.mp4'):
-        video_io.read_video(tmp_path / 'junk.mp4')
-    with pytest.raises(video_io.VideoReadError, match='encoded bytes'):
-        video_io.read_video(b'junk' * 100)
+    with pytest.raises(TypeError, match="to_uint8"):
+        video_io.write_video(tmp_path / "a.mp4", np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="even"):
+        video_io.write_video(tmp_path / "a.mp4", np.zeros((2, 7, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=".mp4 or .gif"):
+        video_io.write_video(tmp_path / "a.avi", np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(video_io.VideoReadError, match="no video file"):
+        video_io.read_video(tmp_path / "missing.mp4")
+    (tmp_path / "junk.mp4").write_bytes(b"junk" * 100)
+    with pytest.raises(video_io.VideoReadError, match="junk.mp4"):
+        video_io.read_video(tmp_path / "junk.mp4")
+    with pytest.raises(video_io.VideoReadError, match="encoded bytes"):
+        video_io.read_video(b"junk" * 100)

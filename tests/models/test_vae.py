@@ -72,6 +72,16 @@ def test_query_blocked_attention_is_exact():
     assert rel_err(ours.decode(jnp.asarray(z)), ref) <= 1e-5
 
 
+def test_bfloat16_compute_close():
+    torch_model, f32 = _pair("f4")
+    bf16 = build_vae(dict(torch_model.config), dtype=jnp.bfloat16)
+    load_state_dict(bf16, {k: v.numpy() for k, v in torch_model.state_dict().items()})
+    z = jnp.asarray(np.random.RandomState(3).randn(1, 2, 4, 5, 4), jnp.float32)
+    out = bf16.decode(z)
+    assert out.dtype == jnp.bfloat16 and bf16.encode(out).mean.dtype == jnp.float32
+    assert rel_err(out, f32.decode(z)) < 5e-2
+
+
 def test_posterior_sample():
     mean = jnp.linspace(-1, 1, 4 * 16 * 16 * 4).reshape(4, 16, 16, 4)
     post = DiagonalGaussian(mean=mean, logvar=jnp.full_like(mean, np.log(0.25)))
