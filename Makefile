@@ -31,6 +31,8 @@ bench: $(STAMP_TEST)
 	$(PY) -m bench.unet_bench
 	$(PY) -m bench.data_bench
 	$(PY) -m bench.encoders_bench
+	$(PY) -m bench.convert_bench
+	$(PY) -m bench.sampling_bench
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,13 +1,15 @@
 """Move weights between an NNX module and a PyTorch-named state dict of numpy arrays (in memory).
 
 `load_state_dict` checks every key first (missing / unexpected / shape, rotary buffers against the recomputed
-frequencies) and only then writes, so a failed load leaves the model untouched. The streaming file readers and the
-`lavie-convert` command build on these two functions.
+frequencies) and only then writes, so a failed load leaves the model untouched. The values may be numpy arrays or
+anything `np.asarray` reads, such as the lazy tensors of `lavie_jax.convert.torch_files`: `iter_flax_params` then
+reads and converts one tensor at a time, which is how `lavie-convert` streams a checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -37,16 +39,34 @@ def check_rotary(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, rto
                                f"{arch.rotary_theta}: {bad[:4]}; this checkpoint was built with another rotary setup")
 
 
-def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, what: str = "state dict") -> None:
-    """Copy a PyTorch-named state dict (numpy arrays, official layouts) into `model`'s params, in place."""
+def check_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *, what: str = "state dict") -> None:
+    """Every key present with the right shape, nothing extra, rotary buffers equal to the recomputed frequencies.
+
+    Raises KeyMismatchError listing the first offending keys with expected/actual shapes. Reads no tensor data
+    except the rotary buffers.
+    """
     check_keys(torch_shapes(model), {k: tuple(np.shape(v)) for k, v in state_dict.items()}, what=what)
     check_rotary(model, state_dict)
+
+
+def iter_flax_params(model: nnx.Module, state_dict: Mapping[str, Any]
+                     ) -> Iterator[tuple[tuple[Any, ...], np.ndarray]]:
+    """`(NNX param path, float32 array in our layout)` for every param of `model`, reading one tensor at a time.
+
+    Call `check_state_dict` first; this only maps names and layouts.
+    """
     vsr = _vsr_names(model)
+    for path, shape in param_paths(model):
+        value = to_flax_layout(np.asarray(state_dict[torch_key(path, vsr_names=vsr)]), len(shape), str(path[-1]))
+        yield path, np.ascontiguousarray(value, dtype=np.float32)
+
+
+def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, what: str = "state dict") -> None:
+    """Copy a PyTorch-named state dict (numpy arrays, official layouts) into `model`'s params, in place."""
+    check_state_dict(model, state_dict, what=what)
     state = nnx.state(model, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
-    for path, shape in param_paths(model):
-        leaf = str(path[-1])
-        value = to_flax_layout(np.asarray(state_dict[torch_key(path, vsr_names=vsr)]), len(shape), leaf)
+    for path, value in iter_flax_params(model, state_dict):
         flat[path].set_value(jnp.asarray(value, jnp.float32))  # replaces (abstract leaves too)
     nnx.update(model, state)
 

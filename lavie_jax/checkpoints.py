@@ -1,0 +1,399 @@
+"""Self-describing lavie-jax checkpoint directories (orbax): write them streaming, load them ready to use.
+
+A component directory holds one model:
+
+    DIR/lavie_checkpoint.json  {"format": "lavie-jax", "format_version": 1, "kind": "unet" | "vae" | "text_encoder",
+                                "stage": ..., "config": {...}, "num_params": ..., "source": {...}}
+    DIR/params/                orbax checkpoint: nested dict by NNX param path, float32, our (channels-last) layouts
+
+`config` is what the model's config parser reads back: `UNetArch.to_dict()` for a UNet, the diffusers /
+transformers `config.json` for the VAE and text encoder. A pipeline directory holds one sampling-ready stage:
+
+    DIR/lavie_checkpoint.json  {"kind": "pipeline", "stage": ..., "components": {"unet": "unet", ...}}
+    DIR/unet/  DIR/vae/  DIR/text_encoder/  (component directories)   DIR/tokenizer/  (CLIPTokenizer files)
+
+`write_params` saves `(path, array)` pairs in groups of about `group_bytes` with orbax's partial saves, so writing
+holds one group in memory whatever the model size. `atomic_directory` builds a directory in a hidden sibling and
+renames it into place at the end: a failed write leaves nothing behind, and an existing directory is replaced
+only when asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lavie_jax.convert.keymap import check_keys
+from lavie_jax.models.arch import arch_from_config
+from lavie_jax.models.clip import CLIPTextEncoder, abstract_text_encoder
+from lavie_jax.models.unet import UNet3D
+from lavie_jax.models.vae import AutoencoderKL, abstract_vae
+from lavie_jax.parallel import DEFAULT_RULES, Rules, state_shardings
+
+FORMAT, FORMAT_VERSION = "lavie-jax", 1
+METADATA_FILE = "lavie_checkpoint.json"
+PARAMS_DIR = "params"
+COMPONENT_KINDS = ("unet", "vae", "text_encoder")
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+DEFAULT_GROUP_BYTES = 256 * 2 ** 20
+
+KeyPath = tuple[str, ...]
+Progress = Callable[[int, int], None]  # (tensors written, bytes written)
+
+
+class CheckpointError(ValueError):
+    """A directory is not a (complete, supported) lavie-jax checkpoint; the message names the problem and the fix."""
+
+
+def _orbax():
+    import orbax.checkpoint.experimental.v1 as ocp  # partial saves and loads live in the v1 API
+
+    return ocp
+
+
+# ------------------------------------------------------------------------------------------------ directories
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh hidden sibling of `output` to fill; on success it is renamed to `output`, on error removed.
+
+    Raises FileExistsError up front if `output` exists and `overwrite` is False. With `overwrite`, the old
+    directory is moved aside before the rename and deleted after, so a crash never leaves neither.
+    """
+    output = Path(output).absolute()
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass --overwrite (overwrite=True) to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would outlive the rename
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if output.exists() or output.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.rename(output, old / output.name)
+    os.rename(tmp, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_metadata(directory: Path, kind: str, **fields: Any) -> dict[str, Any]:
+    """Write `lavie_checkpoint.json` (format, version, kind, creation time and `fields`); returns the dict."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **fields}
+    (Path(directory) / METADATA_FILE).write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
+    return meta
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checked `lavie_checkpoint.json` of a component or pipeline directory."""
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        hint = (" (it looks like a diffusers folder: convert it with `lavie-convert sd` or `lavie-convert x4`)"
+                if (Path(directory) / "model_index.json").is_file() else "")
+        raise CheckpointError(f"{directory} is not a lavie-jax checkpoint directory: {METADATA_FILE} is missing"
+                              f"{hint}; create one with `lavie-convert`")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged, convert it again") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {meta['format_version']} is newer than this lavie-jax "
+                              f"({FORMAT_VERSION}); upgrade lavie-jax")
+    return meta
+
+
+def component_dir(directory: str | os.PathLike, kind: str) -> Path:
+    """`directory` itself if it is a `kind` component, or the `kind` component of a pipeline directory."""
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    if meta["kind"] == "pipeline":
+        if kind not in meta.get("components", {}):
+            raise CheckpointError(f"pipeline {directory} has no {kind} component (has {sorted(meta['components'])})")
+        return directory / meta["components"][kind]
+    if meta["kind"] != kind:
+        raise CheckpointError(f"{directory} holds a {meta['kind']} checkpoint, not a {kind}")
+    return directory
+
+
+# ------------------------------------------------------------------------------------------------ param trees
+
+def _key(path: Iterable[Any]) -> KeyPath:
+    return tuple(str(p) for p in path)
+
+
+def _nest(flat: Mapping[KeyPath, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _flatten(tree: Mapping[str, Any], prefix: KeyPath = ()) -> dict[KeyPath, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def write_params(directory: str | os.PathLike, leaves: Iterable[tuple[Iterable[Any], np.ndarray]], *,
+                 group_bytes: int = DEFAULT_GROUP_BYTES, progress: Progress | None = None) -> tuple[int, int]:
+    """Save `(param path, array)` pairs as an orbax param tree at `directory` (which must not exist).
+
+    Arrays are consumed as the iterator yields them and saved `group_bytes` at a time (a larger array is a group
+    of its own), so at most one group is held in memory. Returns (number of arrays, bytes).
+    """
+    ocp = _orbax()
+    directory = Path(directory).absolute()
+    group: dict[KeyPath, np.ndarray] = {}
+    count = size = pending = 0
+
+    # the group's arrays are ours and never modified, so orbax need not copy them before writing
+    no_copy = ocp.Context(memory_options=ocp.options.MemoryOptions(deepcopy_host_arrays=False))
+
+    def flush() -> None:
+        nonlocal pending
+        with no_copy:
+            ocp.partial.save(directory, _nest(group))  # `directory` is absolute: orbax needs that
+        group.clear()
+        pending = 0
+        if progress is not None:
+            progress(count, size)
+
+    for path, value in leaves:
+        value = np.asarray(value)
+        group[_key(path)] = value
+        count, size, pending = count + 1, size + value.nbytes, pending + value.nbytes
+        if pending >= group_bytes:
+            flush()
+    if group:
+        flush()
+    if count == 0:
+        raise CheckpointError("no params to write")
+    ocp.partial.finalize(directory)
+    return count, size
+
+
+def model_leaves(model: nnx.Module) -> Iterator[tuple[tuple[Any, ...], np.ndarray]]:
+    """`(path, float32 numpy array)` of every param of a concrete model (feed to `write_params`)."""
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        yield path, np.asarray(var[...], np.float32)
+
+
+def stored_shapes(directory: str | os.PathLike) -> dict[KeyPath, tuple[int, ...]]:
+    """Shapes of the params stored in a component directory, without reading them."""
+    params = Path(directory).absolute() / PARAMS_DIR
+    meta = _orbax().metadata(params).metadata if params.is_dir() else None
+    if meta is None:
+        raise CheckpointError(f"{directory}: no readable {PARAMS_DIR}/ checkpoint; it is incomplete, convert it again")
+    return {path: tuple(m.shape) for path, m in _flatten(meta).items()}
+
+
+def check_stored_params(directory: str | os.PathLike, model: nnx.Module) -> None:
+    """The params stored in `directory` are exactly `model`'s, with the same shapes (KeyMismatchError otherwise)."""
+    expected = {".".join(_key(p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    stored = {".".join(k): v for k, v in stored_shapes(directory).items()}
+    check_keys(expected, stored, what=f"checkpoint {directory}")
+
+
+def load_params(directory: str | os.PathLike, model: nnx.Module, *, mesh: jax.sharding.Mesh | None = None,
+                rules: Rules = DEFAULT_RULES) -> nnx.Module:
+    """Restore the params of a component directory into `model` (concrete or abstract), in place, and return it.
+
+    With a `mesh`, every param is restored directly into its sharding from the logical-axis `rules`. Without one,
+    params become ordinary (uncommitted) arrays on the default device, as `load_state_dict` makes them. Stored and
+    expected params are compared first (KeyMismatchError lists the differences).
+    """
+    directory = Path(directory).absolute()  # orbax needs absolute paths
+    state = nnx.state(model, nnx.Param)
+    flat = dict(nnx.to_flat_state(state))
+    check_stored_params(directory, model)
+    if mesh is not None:
+        shardings = dict(nnx.to_flat_state(state_shardings(state, mesh, rules)))
+        target = {_key(p): jax.ShapeDtypeStruct(tuple(v.shape), jnp.float32,
+                                                sharding=getattr(shardings[p], "value", shardings[p]))
+                  for p, v in flat.items()}
+    else:  # numpy placeholders make orbax restore numpy arrays; np.empty only reserves address space
+        target = {_key(p): np.empty(tuple(v.shape), np.float32) for p, v in flat.items()}
+    restored = _flatten(_orbax().load(directory / PARAMS_DIR, _nest(target)))
+    del target
+    for path, var in flat.items():
+        var.set_value(jnp.asarray(restored.pop(_key(path))))  # pop: each host copy is freed once on device
+    nnx.update(model, state)
+    return model
+
+
+def iter_stored_params(directory: str | os.PathLike, *, group_bytes: int = DEFAULT_GROUP_BYTES
+                       ) -> Iterator[tuple[KeyPath, np.ndarray]]:
+    """`(path, numpy array)` of every stored param, loading `group_bytes` at a time (orbax partial loads)."""
+    ocp = _orbax()
+    shapes = stored_shapes(directory)
+    options = ocp.options.PyTreeOptions(loading=ocp.options.PyTreeOptions.Loading(partial_load=True))
+    paths = sorted(shapes)
+    start = 0
+    while start < len(paths):
+        end, size = start, 0
+        while end < len(paths) and (end == start or size + 4 * int(np.prod(shapes[paths[end]])) <= group_bytes):
+            size += 4 * int(np.prod(shapes[paths[end]]))
+            end += 1
+        target = {p: np.empty(shapes[p], np.float32) for p in paths[start:end]}  # placeholders: restore numpy
+        with ocp.Context(pytree_options=options):
+            group = _flatten(ocp.load(Path(directory).absolute() / PARAMS_DIR, _nest(target)))
+        del target
+        for p in paths[start:end]:
+            yield p, group.pop(p)
+        start = end
+
+
+# ------------------------------------------------------------------------------------------------ components
+
+def _config_of(model: nnx.Module) -> tuple[str, dict[str, Any]]:
+    """(kind, config dict the kind's parser reads back) of an in-memory model."""
+    if isinstance(model, UNet3D):
+        return "unet", model.arch.to_dict()
+    if isinstance(model, AutoencoderKL):
+        cfg = dataclasses.asdict(model.config)
+        n = len(cfg["block_out_channels"])
+        return "vae", {**cfg, "down_block_types": ["DownEncoderBlock2D"] * n,
+                       "up_block_types": ["UpDecoderBlock2D"] * n}
+    if isinstance(model, CLIPTextEncoder):
+        return "text_encoder", dataclasses.asdict(model.config)
+    raise TypeError(f"cannot save a {type(model).__name__}: expected UNet3D, AutoencoderKL or CLIPTextEncoder")
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_split(kind: str, config_json: str, dtype_name: str, attention_impl: str | None):
+    config, dtype = json.loads(config_json), jnp.dtype(dtype_name)
+    if kind == "unet":
+        arch = arch_from_config(config)
+        model = nnx.eval_shape(lambda: UNet3D(arch, rngs=nnx.Rngs(0), dtype=dtype, attention_impl=attention_impl))
+    elif kind == "vae":
+        model = abstract_vae(config, dtype=dtype)
+    elif kind == "text_encoder":
+        model = abstract_text_encoder(config, dtype=dtype)
+    else:
+        raise CheckpointError(f"unknown component kind {kind!r}; expected one of {COMPONENT_KINDS}")
+    return nnx.split(model)
+
+
+def abstract_component(kind: str, config: Mapping[str, Any], *, dtype=jnp.float32,
+                       attention_impl: str | None = None) -> nnx.Module:
+    """A fresh model of `kind` from its stored config, with `jax.ShapeDtypeStruct` leaves (no memory).
+
+    Tracing a model's construction takes seconds, so the abstract structure is cached per config and each call
+    returns a new module (its own Variables) merged from the cache.
+    """
+    key = json.dumps(dict(config), sort_keys=True, default=_json_default)
+    graphdef, state = _abstract_split(kind, key, jnp.dtype(dtype).name, attention_impl)
+    return nnx.merge(graphdef, state, copy=True)
+
+
+def write_component(directory: Path, kind: str, config: Mapping[str, Any], leaves: Iterable[tuple[Any, np.ndarray]],
+                    *, stage: str | None = None, source: Mapping[str, Any] | None = None,
+                    group_bytes: int = DEFAULT_GROUP_BYTES, progress: Progress | None = None) -> dict[str, Any]:
+    """Write `params/` from `leaves` and the metadata into an existing, empty `directory`; returns the metadata."""
+    count, size = write_params(Path(directory) / PARAMS_DIR, leaves, group_bytes=group_bytes, progress=progress)
+    return write_metadata(directory, kind, stage=stage, config=dict(config), num_params=size // 4,
+                          num_tensors=count, source=dict(source or {}))
+
+
+def save_model(model: nnx.Module, directory: str | os.PathLike, *, stage: str | None = None,
+               source: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Save an in-memory UNet3D / AutoencoderKL / CLIPTextEncoder as a component directory (atomically)."""
+    kind, config = _config_of(model)
+    if kind == "unet":
+        stage = stage or model.arch.stage
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        write_component(tmp, kind, config, model_leaves(model), stage=stage, source=source)
+    return Path(directory)
+
+
+def load_component(directory: str | os.PathLike, kind: str, *, mesh: jax.sharding.Mesh | None = None,
+                   rules: Rules = DEFAULT_RULES, dtype=jnp.float32, attention_impl: str | None = None) -> nnx.Module:
+    """The ready `kind` model of a component directory, or of the `kind` component of a pipeline directory."""
+    directory = component_dir(directory, kind)
+    meta = read_metadata(directory)
+    model = abstract_component(kind, meta["config"], dtype=dtype, attention_impl=attention_impl)
+    if kind == "unet" and meta.get("stage") not in (None, model.arch.stage):
+        raise CheckpointError(f"{directory}: metadata stage {meta['stage']!r} disagrees with its architecture "
+                              f"({model.arch.stage!r}); the checkpoint is damaged")
+    return load_params(directory, model, mesh=mesh, rules=rules)
+
+
+def load_unet(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules: Rules = DEFAULT_RULES,
+              dtype=jnp.float32, attention_impl: str | None = None) -> UNet3D:
+    """The ready UNet3D of a UNet or pipeline directory (architecture and stage from its metadata).
+
+    `mesh`/`rules` restore each param straight into its sharding; `dtype` is the compute dtype (params float32).
+    """
+    return load_component(directory, "unet", mesh=mesh, rules=rules, dtype=dtype, attention_impl=attention_impl)
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """Everything one stage samples with; `metadata` is the pipeline's `lavie_checkpoint.json`."""
+
+    stage: str
+    unet: UNet3D
+    vae: AutoencoderKL
+    text_encoder: CLIPTextEncoder
+    tokenizer: Any  # transformers CLIPTokenizer
+    metadata: dict[str, Any]
+
+
+def load_pipeline(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
+                  rules: Rules = DEFAULT_RULES, dtype=jnp.float32, attention_impl: str | None = None) -> Pipeline:
+    """Load a whole stage from a pipeline directory written by `lavie-convert pipeline|sd|x4`."""
+    from lavie_jax.text import load_tokenizer  # transformers is imported only when a tokenizer is needed
+
+    meta = read_metadata(directory)
+    if meta["kind"] != "pipeline":
+        raise CheckpointError(f"{directory} holds a single {meta['kind']}, not a pipeline; load it with "
+                              f"load_unet, or build a pipeline with `lavie-convert pipeline`")
+    missing = [c for c in PIPELINE_COMPONENTS if c not in meta.get("components", {})]
+    if missing:
+        raise CheckpointError(f"pipeline {directory} lacks components {missing}")
+    kw = dict(mesh=mesh, rules=rules, dtype=dtype)
+    unet = load_unet(directory, attention_impl=attention_impl, **kw)
+    return Pipeline(stage=meta["stage"], unet=unet, vae=load_component(directory, "vae", **kw),
+                    text_encoder=load_component(directory, "text_encoder", **kw),
+                    tokenizer=load_tokenizer(Path(directory) / meta["components"]["tokenizer"]), metadata=meta)

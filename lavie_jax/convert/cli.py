@@ -1,0 +1,321 @@
+"""`lavie-convert`: PyTorch weights -> sampling- and training-ready lavie-jax checkpoint directories, and back.
+
+    lavie-convert lavie --stage base --checkpoint lavie_base.pt --output ckpt/base-unet
+    lavie-convert sd --stage interpolation --model-dir stable-diffusion-v1-4 --output ckpt/interpolation-init
+    lavie-convert x4 --model-dir stable-diffusion-x4-upscaler --output ckpt/vsr-init
+    lavie-convert pipeline --stage base --checkpoint lavie_base.pt --sd-dir stable-diffusion-v1-4 --output ckpt/base
+    lavie-convert pipeline --stage vsr --checkpoint lavie_vsr.pt --x4-dir stable-diffusion-x4-upscaler --output ckpt/vsr
+    lavie-convert export --checkpoint ckpt/base --output lavie_base.safetensors
+
+`lavie` writes a UNet directory; `sd`, `x4` and `pipeline` write pipeline directories (UNet, VAE, text encoder,
+tokenizer); `lavie_jax.checkpoints.load_unet` / `load_pipeline` read both. Every output directory is written
+atomically and never replaces an existing one without `--overwrite`. Weights stream one tensor at a time; torch is
+needed only for `.pt`/`.bin` pickles (`pip install 'lavie-jax[convert]'`). The same steps are importable as
+`convert_lavie`, `convert_sd`, `convert_x4` and `convert_pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lavie_jax.checkpoints import (DEFAULT_GROUP_BYTES, PIPELINE_COMPONENTS, CheckpointError, abstract_component,
+                                   atomic_directory, write_component, write_metadata)
+from lavie_jax.convert.export import export_checkpoint
+from lavie_jax.convert.inflate import check_source, inflate_state_dict, stage_unet_config
+from lavie_jax.convert.keymap import KeyMismatchError, param_paths, torch_shapes
+from lavie_jax.convert.state_dict import check_rotary, check_state_dict, iter_flax_params
+from lavie_jax.convert.torch_files import WeightFile, WeightFileError, find_weights, open_weights, read_json
+from lavie_jax.models.arch import STAGES, ConfigError, arch_from_config
+from lavie_jax.models.clip import canonical_clip_state_dict
+from lavie_jax.models.official import official_unet_config
+from lavie_jax.models.vae import canonical_vae_state_dict
+
+# Which diffusers folder gives a stage's VAE / text encoder / tokenizer, and the tokenizer's pad flavour.
+COMPONENT_SOURCE = {"base": ("sd", "sd14"), "interpolation": ("sd", "sd14"), "vsr": ("x4", "x4")}
+CANONICAL = {"vae": canonical_vae_state_dict, "text_encoder": canonical_clip_state_dict}
+
+
+class Reporter:
+    """Progress lines on stderr: one per step and, while writing, at most one per `interval` seconds."""
+
+    def __init__(self, quiet: bool = False, interval: float = 1.0):
+        self.quiet, self.interval = quiet, interval
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[lavie-convert] {message}", file=sys.stderr, flush=True)
+
+    def meter(self, label: str, tensors: int, nbytes: int) -> Callable[[int, int], None]:
+        """A `(tensors done, bytes done)` callback printing counts, percent, MB/s and the time left."""
+        start, last = time.perf_counter(), [0.0]
+
+        def update(done: int, done_bytes: int) -> None:
+            now = time.perf_counter() - start
+            if self.quiet or (now - last[0] < self.interval and done < tensors):
+                return
+            last[0] = now
+            rate = done_bytes / max(now, 1e-9)
+            eta = (nbytes - done_bytes) / rate if rate > 0 else 0.0
+            print(f"[lavie-convert]   {label}: {done}/{tensors} tensors, {done_bytes / 1e9:.2f}/{nbytes / 1e9:.2f} "
+                  f"GB ({100 * done_bytes / max(nbytes, 1):.0f}%), {rate / 1e6:.0f} MB/s, "
+                  f"{'done in' if done >= tensors else 'ETA'} {now if done >= tensors else eta:.0f}s",
+                  file=sys.stderr, flush=True)
+
+        return update
+
+
+def _source_info(weights: WeightFile, **extra: Any) -> dict[str, Any]:
+    return {"files": [{"path": str(Path(p).absolute()), "bytes": n} for p, n in weights.files],
+            "read_as": weights.description, **({"note": weights.note} if weights.note else {}), **extra}
+
+
+def _write_model(directory: Path, kind: str, config: dict[str, Any], model, state_dict, *, stage: str | None,
+                 source: dict[str, Any], report: Reporter, group_bytes: int) -> None:
+    """Stream a checked state dict (official names) into a component directory."""
+    shapes = [s for _, s in param_paths(model)]
+    meter = report.meter(kind, len(shapes), sum(4 * math.prod(s) for s in shapes))
+    write_component(directory, kind, config, iter_flax_params(model, state_dict), stage=stage, source=source,
+                    group_bytes=group_bytes, progress=meter)
+
+
+def _unet_config(stage: str, unet_config: str | Path | None) -> dict[str, Any]:
+    if unet_config is None:
+        return official_unet_config(stage)
+    return stage_unet_config(read_json(unet_config, "--unet-config file"), stage)
+
+
+def _write_lavie_unet(directory: Path, checkpoint: str | Path, *, stage: str, unet_config, trust_pickle: bool,
+                      report: Reporter, group_bytes: int) -> None:
+    arch = arch_from_config(_unet_config(stage, unet_config), stage)
+    model = abstract_component("unet", arch.to_dict())
+    with open_weights(checkpoint, trust_pickle=trust_pickle) as weights:
+        report.say(f"reading {weights.description}" + (f": {weights.note}" if weights.note else ""))
+        what = f"checkpoint {checkpoint}"
+        check_source(torch_shapes(model), weights.shapes(), stage=stage, lavie=True, what=what)
+        check_rotary(model, weights)
+        source = _source_info(weights, command="lavie", unet_config=str(unet_config or "official"))
+        _write_model(directory, "unet", arch.to_dict(), model, weights, stage=stage, source=source, report=report,
+                     group_bytes=group_bytes)
+
+
+def _write_inflated_unet(directory: Path, model_dir: Path, *, stage: str, seed: int, trust_pickle: bool,
+                         report: Reporter, group_bytes: int) -> None:
+    config = stage_unet_config(read_json(model_dir / "unet" / "config.json", "UNet config"), stage)
+    arch = arch_from_config(config, stage)
+    model = abstract_component("unet", arch.to_dict())
+    with open_weights(find_weights(model_dir / "unet"), trust_pickle=trust_pickle) as weights:
+        report.say(f"inflating {weights.description} to the {stage} UNet (new temporal layers: seed {seed})")
+        state = inflate_state_dict(model, weights, seed=seed, what=f"UNet of {model_dir}")
+        check_state_dict(model, state, what=f"inflated UNet of {model_dir}")
+        source = _source_info(weights, command="sd" if stage != "vsr" else "x4", inflated=True, seed=seed)
+        _write_model(directory, "unet", arch.to_dict(), model, state, stage=stage, source=source, report=report,
+                     group_bytes=group_bytes)
+
+
+def _write_folder_component(directory: Path, kind: str, folder: Path, *, trust_pickle: bool, report: Reporter,
+                            group_bytes: int) -> None:
+    """A diffusers `vae/` or transformers `text_encoder/` folder -> component directory."""
+    config = read_json(folder / "config.json", f"{kind} config")
+    model = abstract_component(kind, config)
+    with open_weights(find_weights(folder), trust_pickle=trust_pickle) as weights:
+        report.say(f"reading {weights.description}")
+        state = CANONICAL[kind](weights)
+        check_state_dict(model, state, what=f"{kind} weights {weights.description}")
+        _write_model(directory, kind, config, model, state, stage=None,
+                     source=_source_info(weights, folder=str(folder)), report=report, group_bytes=group_bytes)
+
+
+def _write_tokenizer(directory: Path, folder: Path, flavor: str, report: Reporter) -> str:
+    from lavie_jax.text import default_tokenizer, load_tokenizer  # transformers only when needed
+
+    if folder.is_dir():
+        shutil.copytree(folder, directory)
+        load_tokenizer(directory)  # fail now, not at sampling time, if the files are unusable
+        return str(folder.absolute())
+    report.say(f"{folder} does not exist: writing the default CLIP tokenizer ({flavor}) from the installed BPE file")
+    default_tokenizer(flavor).save_pretrained(str(directory))
+    return f"default CLIP tokenizer ({flavor})"
+
+
+def _write_pipeline(tmp: Path, stage: str, write_unet: Callable[[Path], None], components_dir: Path, *,
+                    trust_pickle: bool, report: Reporter, group_bytes: int, source: dict[str, Any]) -> None:
+    """unet/ (by `write_unet`), vae/, text_encoder/, tokenizer/ and the pipeline metadata into `tmp`."""
+    for kind in ("unet", "vae", "text_encoder"):
+        (tmp / kind).mkdir()
+    write_unet(tmp / "unet")
+    for kind in ("vae", "text_encoder"):
+        _write_folder_component(tmp / kind, kind, components_dir / kind, trust_pickle=trust_pickle, report=report,
+                                group_bytes=group_bytes)
+    tokenizer = _write_tokenizer(tmp / "tokenizer", components_dir / "tokenizer", COMPONENT_SOURCE[stage][1], report)
+    write_metadata(tmp, "pipeline", stage=stage, components={c: c for c in PIPELINE_COMPONENTS},
+                   source={**source, "components_from": str(components_dir.absolute()), "tokenizer": tokenizer})
+
+
+def _check_stage(stage: str, allowed: Sequence[str] = STAGES) -> None:
+    if stage not in allowed:
+        raise ConfigError(f"--stage {stage!r}: choose one of {list(allowed)}")
+
+
+def convert_lavie(checkpoint: str | Path, output: str | Path, *, stage: str, unet_config: str | Path | None = None,
+                  overwrite: bool = False, trust_pickle: bool = False, report: Reporter | None = None,
+                  group_bytes: int = DEFAULT_GROUP_BYTES) -> Path:
+    """An official LaVie UNet checkpoint (.pt with or without {'ema': ...}, .bin, .safetensors) -> UNet directory."""
+    _check_stage(stage)
+    report = report or Reporter()
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        _write_lavie_unet(tmp, checkpoint, stage=stage, unet_config=unet_config, trust_pickle=trust_pickle,
+                          report=report, group_bytes=group_bytes)
+    report.say(f"wrote {output}")
+    return Path(output)
+
+
+def convert_sd(model_dir: str | Path, output: str | Path, *, stage: str = "base", seed: int = 0,
+               overwrite: bool = False, trust_pickle: bool = False, report: Reporter | None = None,
+               group_bytes: int = DEFAULT_GROUP_BYTES) -> Path:
+    """A diffusers Stable Diffusion v1.x folder -> pipeline directory with the inflated base/interpolation UNet."""
+    _check_stage(stage, ("base", "interpolation"))
+    return _convert_2d(Path(model_dir), output, stage, seed, overwrite, trust_pickle, report or Reporter(),
+                       group_bytes)
+
+
+def convert_x4(model_dir: str | Path, output: str | Path, *, seed: int = 0, overwrite: bool = False,
+               trust_pickle: bool = False, report: Reporter | None = None,
+               group_bytes: int = DEFAULT_GROUP_BYTES) -> Path:
+    """The diffusers x4-upscaler folder -> VSR pipeline directory (spatial weights from it, temporal layers fresh)."""
+    return _convert_2d(Path(model_dir), output, "vsr", seed, overwrite, trust_pickle, report or Reporter(),
+                       group_bytes)
+
+
+def _convert_2d(model_dir: Path, output: str | Path, stage: str, seed: int, overwrite: bool, trust_pickle: bool,
+                report: Reporter, group_bytes: int) -> Path:
+    kw = dict(trust_pickle=trust_pickle, report=report, group_bytes=group_bytes)
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        _write_pipeline(tmp, stage, lambda d: _write_inflated_unet(d, model_dir, stage=stage, seed=seed, **kw),
+                        model_dir, source={"command": "sd" if stage != "vsr" else "x4",
+                                           "model_dir": str(model_dir.absolute())}, **kw)
+    report.say(f"wrote {output}")
+    return Path(output)
+
+
+def convert_pipeline(checkpoint: str | Path, output: str | Path, *, stage: str, sd_dir: str | Path | None = None,
+                     x4_dir: str | Path | None = None, unet_config: str | Path | None = None, overwrite: bool = False,
+                     trust_pickle: bool = False, report: Reporter | None = None,
+                     group_bytes: int = DEFAULT_GROUP_BYTES) -> Path:
+    """LaVie UNet checkpoint + the VAE, text encoder and tokenizer of SD (base, interpolation) or of the x4 upscaler
+    (vsr) -> one self-contained pipeline directory."""
+    _check_stage(stage)
+    report = report or Reporter()
+    folder = x4_dir if COMPONENT_SOURCE[stage][0] == "x4" else sd_dir
+    if folder is None:
+        flag = "--x4-dir" if stage == "vsr" else "--sd-dir"
+        raise ConfigError(f"the {stage} stage takes its VAE and text encoder from "
+                          f"{'the x4 upscaler' if stage == 'vsr' else 'Stable Diffusion v1.x'}: pass {flag}")
+    if stage == "vsr" and sd_dir is not None:
+        report.say("note: --sd-dir is not used by the vsr stage (its VAE and text encoder come from --x4-dir)")
+    kw = dict(trust_pickle=trust_pickle, report=report, group_bytes=group_bytes)
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        _write_pipeline(tmp, stage, lambda d: _write_lavie_unet(d, checkpoint, stage=stage, unet_config=unet_config,
+                                                                 **kw),
+                        Path(folder), source={"command": "pipeline", "checkpoint": str(Path(checkpoint).absolute())},
+                        **kw)
+    report.say(f"wrote {output}")
+    return Path(output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lavie-convert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str, *, stages: Sequence[str] = (), checkpoint: str | None = None,
+            model_dir: bool = False, output_help: str = "output directory") -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        if stages:
+            p.add_argument("--stage", required=True, choices=stages)
+        if checkpoint:
+            p.add_argument("--checkpoint", required=True, help=checkpoint)
+        if model_dir:
+            p.add_argument("--model-dir", required=True, help="folder with unet/, vae/, text_encoder/, tokenizer/")
+            p.add_argument("--seed", type=int, default=0, help="seed of the new temporal layers")
+        if name != "export":
+            p.add_argument("--trust-pickle", action="store_true", help="allow .pt/.bin pickles holding Python "
+                           "objects besides tensors (runs code from the file)")
+        p.add_argument("--output", required=True, help=output_help)
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+        p.add_argument("--group-mb", type=int, default=DEFAULT_GROUP_BYTES >> 20,
+                       help="MB converted and written per group: bounds memory (default %(default)s)")
+        return p
+
+    config_help = "diffusers-style UNet config JSON (default: the stage's official one)"
+    add("lavie", "official LaVie UNet checkpoint -> UNet directory", stages=STAGES,
+        checkpoint=".pt (bare or {'ema': ...}), .bin or .safetensors").add_argument("--unet-config", help=config_help)
+    add("sd", "diffusers Stable Diffusion v1.x folder -> inflated base/interpolation pipeline",
+        stages=("base", "interpolation"), model_dir=True)
+    add("x4", "diffusers x4-upscaler folder -> inflated vsr pipeline", model_dir=True)
+    p = add("pipeline", "LaVie checkpoint + SD / x4 folder -> sampling-ready pipeline directory", stages=STAGES,
+            checkpoint="LaVie UNet checkpoint (.pt, .bin, .safetensors)")
+    p.add_argument("--sd-dir", help="Stable Diffusion v1.x folder (VAE, text encoder, tokenizer of base/interp)")
+    p.add_argument("--x4-dir", help="x4-upscaler folder (VAE, text encoder, tokenizer of vsr)")
+    p.add_argument("--unet-config", help=config_help)
+    p = add("export", "lavie-jax directory -> official PyTorch names (.safetensors, .pt, .bin)",
+            checkpoint="UNet, VAE, text-encoder or pipeline directory",
+            output_help="output file: .safetensors, .pt (a UNet as {'ema': state_dict}, as LaVie's scripts load) "
+                        "or .bin")
+    p.add_argument("--component", default="unet", choices=("unet", "vae", "text_encoder"),
+                   help="which model of a pipeline directory (default %(default)s)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    report = Reporter(quiet=args.quiet)
+    kw = dict(overwrite=args.overwrite, report=report, group_bytes=args.group_mb << 20)
+    if args.command == "lavie":
+        convert_lavie(args.checkpoint, args.output, stage=args.stage, unet_config=args.unet_config,
+                      trust_pickle=args.trust_pickle, **kw)
+    elif args.command == "sd":
+        convert_sd(args.model_dir, args.output, stage=args.stage, seed=args.seed, trust_pickle=args.trust_pickle, **kw)
+    elif args.command == "x4":
+        convert_x4(args.model_dir, args.output, seed=args.seed, trust_pickle=args.trust_pickle, **kw)
+    elif args.command == "pipeline":
+        convert_pipeline(args.checkpoint, args.output, stage=args.stage, sd_dir=args.sd_dir, x4_dir=args.x4_dir,
+                         unet_config=args.unet_config, trust_pickle=args.trust_pickle, **kw)
+    else:
+        info = export_checkpoint(args.checkpoint, args.output, component=args.component, overwrite=args.overwrite,
+                                 group_bytes=args.group_mb << 20, meter=report.meter)
+        report.say(f"wrote {info['output']}: {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (0 ok, 1 conversion error, 2 usage error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        import absl.logging  # orbax logs routine warnings through absl
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
+    try:
+        _run(args)
+    except (WeightFileError, KeyMismatchError, CheckpointError, ConfigError, OSError, ValueError) as e:
+        if args.traceback:
+            raise
+        print(f"lavie-convert {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lavie-convert: interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

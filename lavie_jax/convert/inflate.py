@@ -1,0 +1,169 @@
+"""2D -> 3D: a LaVie UNet's state dict (official key names) from a Stable Diffusion or x4-upscaler UNet, and telling
+the stages' checkpoints apart.
+
+Inflation rules (../shared/spec/lavie.md section 3.5, without the official interpolation converter's bug of leaving
+everything but conv_in random):
+- every key of the 2D UNet goes to the same key of the 3D UNet, its spatial layer (convs stay 2D per frame);
+- every 3D key the 2D UNet lacks must be temporal (the official converters' tests: the name contains `_temp`, as
+  `attn_temp`/`norm_temp` in base and interpolation, or `temporal`, as `attn_temporal`, `resblock_temporal`,
+  `*_temporal_block(s)` and `temporal_rotary_emb` in VSR) and gets UNet3D's own initial value, which is the
+  official fresh init (PyTorch defaults, zeroed temporal-attention output weights, zeroed `shift_conv`);
+- interpolation's `conv_in` takes 8 input channels: SD's 4 first, the 4 conditioning channels zero, SD's bias kept.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lavie_jax.convert.keymap import (KeyMismatchError, check_keys, param_paths, rotary_freq_keys, to_torch_layout,
+                                      torch_key, torch_shapes)
+from lavie_jax.convert.torch_files import LazyTensor
+from lavie_jax.models.arch import UNetArch
+from lavie_jax.models.embeddings import rotary_frequencies
+from lavie_jax.models.unet import UNet3D
+
+# What `detect_unet` may answer, as a phrase.
+DESCRIPTIONS = {
+    "base": "a LaVie base checkpoint",
+    "interpolation": "a LaVie interpolation checkpoint",
+    "vsr": "a LaVie vsr checkpoint",
+    "sd": "a 2D Stable Diffusion UNet (no temporal layers)",
+    "x4": "the 2D x4-upscaler UNet (no temporal layers)",
+}
+
+
+class StageMismatchError(KeyMismatchError):
+    """The checkpoint belongs to another stage (or is a 2D UNet where a LaVie one was expected, or vice versa)."""
+
+
+def is_temporal_key(key: str) -> bool:
+    """True for the PyTorch keys of layers LaVie adds to a 2D UNet (all stages)."""
+    return "_temp" in key or "temporal" in key
+
+
+def detect_unet(keys: Any) -> str | None:
+    """Which kind of UNet a set of PyTorch keys belongs to: a `DESCRIPTIONS` key, or None if it is no UNet."""
+    keys = set(keys)
+    if "conv_in.weight" not in keys or not any(k.startswith("down_blocks.") for k in keys):
+        return None
+    if any(m in k for k in keys for m in ("attn_temporal.", "resblock_temporal.", "temporal_block")):
+        return "vsr"
+    if any(".attn_temp." in k for k in keys):
+        return "base" if any(".time_rel_pos_bias." in k or ".rotary_emb." in k for k in keys) else "interpolation"
+    return "x4" if "class_embedding.weight" in keys else "sd"
+
+
+def _hint(detected: str, wanted: str, stage: str) -> str:
+    if detected == "x4":
+        return "convert it with `lavie-convert x4`"
+    if detected == "sd":
+        return f"convert it with `lavie-convert sd --stage {stage if stage != 'vsr' else 'base'}`"
+    if wanted in ("sd", "x4"):
+        return f"convert it with `lavie-convert lavie --stage {detected}`"
+    return f"pass --stage {detected}"
+
+
+def check_source(expected: Mapping[str, tuple[int, ...]], actual: Mapping[str, tuple[int, ...]], *, stage: str,
+                 lavie: bool, what: str) -> None:
+    """`check_keys`, but if the keys disagree because the file is another stage's (or a 2D UNet where a LaVie
+    checkpoint was expected, or the reverse), raise StageMismatchError saying so first.
+
+    Args:
+      expected / actual: PyTorch key -> shape.
+      stage: the stage asked for; lavie: True for a LaVie checkpoint, False for a 2D source UNet.
+    """
+    try:
+        check_keys(expected, actual, what=what)
+    except KeyMismatchError as e:
+        wanted = stage if lavie else ("x4" if stage == "vsr" else "sd")
+        detected = detect_unet(actual)
+        if detected is None or detected == wanted:
+            raise
+        raise StageMismatchError(f"{what} looks like {DESCRIPTIONS[detected]}, not {DESCRIPTIONS[wanted]}: "
+                                 f"{_hint(detected, wanted, stage)}.\n{e}") from None
+
+
+def stage_unet_config(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """A diffusers-style UNet config for `stage`. For interpolation, a 2D SD config (in == out channels) gets
+    `in_channels = 2 * out_channels`: noisy latents plus the conditioning (copied) latents."""
+    cfg = dict(config)
+    if stage == "interpolation" and cfg.get("in_channels") == cfg.get("out_channels"):
+        cfg["in_channels"] = 2 * cfg["out_channels"]
+    return cfg
+
+
+@functools.lru_cache(maxsize=4)
+def _temporal_initialiser(arch: UNetArch, paths: tuple[tuple[Any, ...], ...]) -> Callable[[int], list[jax.Array]]:
+    """Jitted `seed -> params at paths` of a fresh model. Cached: compiling hundreds of RNG outputs takes seconds."""
+
+    def init(seed: jax.Array) -> list[jax.Array]:
+        model = UNet3D(arch, rngs=nnx.Rngs(jax.random.key(seed)))  # what nnx.Rngs(seed) does, traceable
+        flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+        return [flat[p][...] for p in paths]
+
+    return jax.jit(init)
+
+
+def fresh_temporal_params(model: UNet3D, seed: int = 0) -> dict[str, np.ndarray]:
+    """The temporal params of `UNet3D(model.arch, rngs=nnx.Rngs(seed))`, PyTorch names and layouts, rotary buffers
+    included (`model` may be abstract: only its architecture and param paths are used).
+
+    The whole model is constructed under `jax.jit` but only the temporal params are returned, so XLA drops every
+    other initialiser: memory scales with the temporal layers, and the values are those of an eager build.
+    """
+    arch = model.arch
+    vsr = arch.stage == "vsr"
+    paths = tuple(p for p, _ in param_paths(model) if is_temporal_key(torch_key(p, vsr_names=vsr)))
+    values = _temporal_initialiser(arch, paths)(seed)
+    out = {torch_key(p, vsr_names=vsr): to_torch_layout(np.asarray(v), str(p[-1])) for p, v in zip(paths, values)}
+    for key in rotary_freq_keys(model):
+        out[key] = rotary_frequencies(arch.rotary_dim, arch.rotary_theta)
+    return out
+
+
+def _widen_in_channels(value: Any, channels: int) -> Any:
+    """conv weight `[O, I, kh, kw]` -> `[O, channels, kh, kw]`, new input channels zero (lazily for LazyTensors)."""
+    o, i, kh, kw = value.shape
+
+    def widen(a: np.ndarray) -> np.ndarray:
+        out = np.zeros((o, channels, kh, kw), a.dtype)
+        out[:, :i] = a
+        return out
+
+    if isinstance(value, LazyTensor):
+        return value.derive(widen, (o, channels, kh, kw))
+    return widen(np.asarray(value))
+
+
+def inflate_state_dict(model: UNet3D, source: Mapping[str, Any], *, seed: int = 0,
+                       what: str = "2D UNet") -> dict[str, Any]:
+    """The full state dict (official key names and layouts) of `model` from a 2D UNet's state dict.
+
+    `source` values may be lazy (`LazyTensor`): they are passed through unread, so the result streams like a
+    LaVie checkpoint. Raises StageMismatchError / KeyMismatchError when the 2D keys do not fit `model`.
+    """
+    arch = model.arch
+    wanted = "x4" if arch.stage == "vsr" else "sd"
+    detected = detect_unet(source)
+    if detected not in (None, wanted):  # even if the keys fit, e.g. SD weights in an SD-shaped VSR model
+        raise StageMismatchError(f"{what} looks like {DESCRIPTIONS[detected]}, not {DESCRIPTIONS[wanted]}: "
+                                 f"{_hint(detected, wanted, arch.stage)}.")
+    target = torch_shapes(model)
+    expected_2d = {k: s for k, s in target.items() if not is_temporal_key(k)}
+    widen = arch.stage == "interpolation"
+    if widen:  # SD's conv_in sees only the noisy latents
+        o, _, kh, kw = target["conv_in.weight"]
+        expected_2d["conv_in.weight"] = (o, arch.out_channels, kh, kw)
+    check_source(expected_2d, {k: tuple(np.shape(v)) for k, v in source.items()}, stage=arch.stage, lavie=False,
+                 what=what)
+    out = dict(source)
+    if widen:
+        out["conv_in.weight"] = _widen_in_channels(source["conv_in.weight"], arch.in_channels)
+    out.update(fresh_temporal_params(model, seed))
+    return out

@@ -1,0 +1,116 @@
+"""Noise schedules and timestep spacings: host-side numpy, computed in float64.
+
+The official stages build their schedules in different libraries (diffusers in torch float32, guided-diffusion in
+numpy float64). Computing every table in float64 and rounding the per-step coefficients to float32 once is closer to
+either than a float32 cumulative product (torch's float32 alphas_cumprod is within 4e-7 of the float64 one), so one
+implementation serves all stages. See ../shared/spec/lavie.md section 4 for which stage uses what.
+
+Conventions: `alpha_bar[t] = prod_{s <= t} (1 - beta_s)` for t = 0..T-1 (diffusers' `alphas_cumprod`); a noisy
+sample is `x_t = sqrt(alpha_bar[t]) * x_0 + sqrt(1 - alpha_bar[t]) * noise`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BETA_SCHEDULES = ("linear", "scaled_linear")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def make_betas(schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int = 1000) -> np.ndarray:
+    """`[T]` float64 betas. 'linear': evenly spaced from start to end (LaVie base, interpolation and VSR denoisers);
+    'scaled_linear': evenly spaced in sqrt(beta), then squared (Stable Diffusion; the x4 low-res noise schedule)."""
+    if num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+    if not 0 < beta_start <= beta_end < 1:
+        raise ValueError(f"betas must satisfy 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+    if schedule == "linear":
+        return np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+    if schedule == "scaled_linear":
+        return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=np.float64) ** 2
+    raise ValueError(f"unknown beta_schedule {schedule!r}; choose one of {BETA_SCHEDULES}")
+
+
+def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
+    """`[T]` float64 alpha_bar from betas."""
+    return np.cumprod(1.0 - np.asarray(betas, np.float64))
+
+
+def spaced_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "leading",
+                     steps_offset: int = 0) -> np.ndarray:
+    """Descending int64 timesteps `[num_steps]` of a diffusers-style sampler (the spacings of 2305.08891, table 2).
+
+    'leading': k * (T // n) + steps_offset for k = n-1..0. With T=1000, n=50: [980, 960, ..., 0] at offset 0 (the
+      DDPM of diffusers 0.16, which the official base stage ran), [981, ..., 1] at offset 1 (DDIM in the official
+      base and VSR stages, and DDPM in newer diffusers with SD's scheduler config).
+    'trailing': round(T - k * T / n) - 1 for k = 0..n-1 ([999, 979, ..., 19]); steps_offset is ignored, as in diffusers.
+    'linspace': round(linspace(0, T - 1, n)) reversed.
+    """
+    _check_steps(num_steps, num_train_timesteps)
+    if spacing == "leading":
+        ts = np.arange(num_steps, dtype=np.int64)[::-1] * (num_train_timesteps // num_steps) + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        ts = np.round(np.linspace(0, num_train_timesteps - 1, num_steps))[::-1].astype(np.int64)
+    else:
+        raise ValueError(f"unknown timestep_spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
+    if ts.max() >= num_train_timesteps or ts.min() < 0:
+        raise ValueError(f"timesteps {ts.min()}..{ts.max()} fall outside 0..{num_train_timesteps - 1}; lower "
+                         f"steps_offset ({steps_offset})")
+    return ts
+
+
+def continuous_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "linspace",
+                         steps_offset: int = 0) -> np.ndarray:
+    """Descending float64 timesteps of the Euler sampler: 'linspace' is linspace(0, T - 1, n) reversed without
+    rounding (the official base stage's EulerDiscrete); the other spacings are `spaced_timesteps` as floats."""
+    _check_steps(num_steps, num_train_timesteps)
+    if spacing == "linspace":
+        return np.linspace(0, num_train_timesteps - 1, num_steps, dtype=np.float64)[::-1].copy()
+    return spaced_timesteps(num_steps, num_train_timesteps, spacing, steps_offset).astype(np.float64)
+
+
+def respaced_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """Descending int64 timesteps of a guided-diffusion respacing with one section of `num_steps` steps (the
+    official interpolation stage's `create_diffusion("50")`): round(k * (T - 1) / (n - 1)) for k = 0..n-1, so both
+    ends, 0 and T - 1, are used. For T=1000, n=50: {0, 20, 41, 61, 82, 102, ..., 999}."""
+    _check_steps(num_steps, num_train_timesteps)
+    if num_steps == 1:
+        return np.zeros(1, np.int64)
+    k = np.arange(num_steps, dtype=np.float64)
+    # (T-1)/(n-1) is never an exact half-integer multiple here because ties would need an even denominator;
+    # np.round and Python's round agree.
+    return np.round(k * (num_train_timesteps - 1) / (num_steps - 1)).astype(np.int64)[::-1].copy()
+
+
+def euler_sigmas(alpha_bar: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+    """`[n + 1]` float64 sigmas of the Euler sampler: sqrt((1 - alpha_bar) / alpha_bar) interpolated linearly at the
+    (possibly fractional) timesteps, then a final 0."""
+    sigmas = np.sqrt((1.0 - alpha_bar) / alpha_bar)
+    return np.concatenate([np.interp(timesteps, np.arange(len(sigmas)), sigmas), [0.0]])
+
+
+def noise_level_coefficients(schedule: str, beta_start: float, beta_end: float, level: int,
+                             num_train_timesteps: int = 1000) -> tuple[float, float]:
+    """(sqrt(alpha_bar[level]), sqrt(1 - alpha_bar[level])) of a schedule: the low-res noise augmentation of the
+    VSR stage (x4 upscaler's low_res_scheduler: scaled_linear 1e-4..0.02, level 50 -> (0.99541, 0.09569))."""
+    if not 0 <= level < num_train_timesteps:
+        raise ValueError(f"noise level {level} is outside 0..{num_train_timesteps - 1}")
+    a = alphas_cumprod(make_betas(schedule, beta_start, beta_end, num_train_timesteps))[level]
+    return float(np.sqrt(a)), float(np.sqrt(1.0 - a))
+
+
+def add_noise(x: jax.Array, noise: jax.Array, signal_scale: jax.Array | float, noise_scale: jax.Array | float
+              ) -> jax.Array:
+    """`signal_scale * x + noise_scale * noise` (forward diffusion q(x_t | x_0) with the coefficients of one t),
+    any shape, float32."""
+    return (jnp.asarray(signal_scale, jnp.float32) * x.astype(jnp.float32)
+            + jnp.asarray(noise_scale, jnp.float32) * noise.astype(jnp.float32))
+
+
+def _check_steps(num_steps: int, num_train_timesteps: int) -> None:
+    if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"number of sampling steps must be an int in 1..{num_train_timesteps}, got {num_steps!r}")

@@ -1,0 +1,1 @@
+"""Sampling: prompts in, videos out, per stage (`stages.StageSampler`) and for the cascade (`cascade.Cascade`)."""

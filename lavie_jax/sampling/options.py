@@ -1,0 +1,163 @@
+"""The `sample` section of a stage config, validated into a frozen `SampleOptions` (errors name the field).
+
+Field meanings and official defaults: `configs/common.py` (SAMPLE_COMMON, SAMPLE_STAGE) and
+../shared/spec/lavie.md section 4. Everything here is checked before any model runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from lavie_jax.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS, TIMESTEP_SPACINGS, Sampler, make_sampler
+from lavie_jax.diffusion.schedules import noise_level_coefficients
+
+STAGES = ("base", "interpolation", "vsr")
+FORMATS = ("mp4", "gif")
+STAGE_IDS = {"base": 0, "interpolation": 1, "vsr": 2}  # folded into the seed so stages draw independent noise
+# steps_offset -1 means the official pipeline's choice: diffusers 0.16 DDPM ignored the SD config's offset of 1,
+# its DDIM used it (spec 4.1)
+AUTO_STEPS_OFFSET = {"ddpm": 0, "ddim": 1, "euler": 0, "ddim_respaced": 0}
+# timestep_spacing 'auto': diffusers 0.16's EulerDiscrete knew only linspace; its DDPM and DDIM used 'leading'
+AUTO_SPACING = {"ddpm": "leading", "ddim": "leading", "euler": "linspace", "ddim_respaced": "leading"}
+
+
+class SampleConfigError(ValueError):
+    """A `sample` config field has a bad value; the message names the field and what it accepts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    stage: str
+    sampler: str
+    steps: int
+    guidance_scale: float
+    negative_prompt: str
+    cond_first: bool
+    seed: int
+    beta_schedule: str
+    beta_start: float
+    beta_end: float
+    num_train_timesteps: int
+    prediction_type: str
+    timestep_spacing: str
+    steps_offset: int
+    eta: float
+    set_alpha_to_one: bool
+    prompt_suffix: str
+    underscore_prompts: bool
+    batch_size: int
+    decode_chunk: int
+    formats: tuple[str, ...]
+    quality: int
+    fps: float
+    vae: str
+    text_encoder: str
+    tokenizer: str
+    num_frames: int = 0  # base: frames to generate; interpolation: 0 or 4K - 3 for K input frames
+    height: int = 0  # base: output size; interpolation: input frames are resized to it
+    width: int = 0
+    chunk_frames: int = 0  # vsr: frames per independent run (0: the whole video)
+    noise_level: int = 0  # vsr: low-res noise augmentation level and class label
+    low_res_beta_schedule: str = "scaled_linear"
+    low_res_beta_start: float = 1e-4
+    low_res_beta_end: float = 0.02
+
+    @property
+    def classifier_free_guidance(self) -> bool:
+        """Official pipelines guide when the scale is above 1; otherwise the model sees the prompt only."""
+        return self.guidance_scale > 1.0
+
+    def make_sampler(self) -> Sampler:
+        offset = AUTO_STEPS_OFFSET[self.sampler] if self.steps_offset == -1 else self.steps_offset
+        spacing = AUTO_SPACING[self.sampler] if self.timestep_spacing == "auto" else self.timestep_spacing
+        return make_sampler(self.sampler, self.steps, beta_schedule=self.beta_schedule, beta_start=self.beta_start,
+                            beta_end=self.beta_end, num_train_timesteps=self.num_train_timesteps,
+                            prediction_type=self.prediction_type, timestep_spacing=spacing,
+                            steps_offset=offset, eta=self.eta, set_alpha_to_one=self.set_alpha_to_one)
+
+    def low_res_coefficients(self) -> tuple[float, float]:
+        """(signal, noise) scales of the VSR low-res noise augmentation at `noise_level`."""
+        return noise_level_coefficients(self.low_res_beta_schedule, self.low_res_beta_start, self.low_res_beta_end,
+                                        self.noise_level, self.num_train_timesteps)
+
+
+_STAGE_FIELDS = {
+    "base": ("num_frames", "height", "width"),
+    "interpolation": ("num_frames", "height", "width"),
+    "vsr": ("chunk_frames", "noise_level", "low_res_beta_schedule", "low_res_beta_start", "low_res_beta_end"),
+}
+
+
+def _fail(field: str, message: str) -> None:
+    raise SampleConfigError(f"config field sample.{field}: {message}")
+
+
+def sample_options(stage: str, sample: Mapping[str, Any]) -> SampleOptions:
+    """Validate a stage config's `sample` section (a ConfigDict or dict) into SampleOptions."""
+    if stage not in STAGES:
+        raise SampleConfigError(f"config field stage: {stage!r} is not one of {STAGES}")
+    values = dict(sample.to_dict() if hasattr(sample, "to_dict") else sample)
+    fields = {f.name for f in dataclasses.fields(SampleOptions)} - {"stage"}
+    other_stages = set().union(*_STAGE_FIELDS.values()) - set(_STAGE_FIELDS[stage])
+    unknown = sorted(k for k in values if k not in fields or k in other_stages)
+    if unknown:
+        raise SampleConfigError(f"config section sample has fields {unknown} that the {stage} stage does not use; "
+                                "remove them")
+    required = {f.name for f in dataclasses.fields(SampleOptions)
+                if f.default is dataclasses.MISSING and f.name != "stage"}
+    missing = sorted(required - set(values))
+    if missing:
+        raise SampleConfigError(f"config section sample lacks {missing}; start from configs/{stage}.py")
+    formats = values["formats"]
+    values["formats"] = tuple(f.strip() for f in formats.split(",")) if isinstance(formats, str) else tuple(formats)
+    opts = SampleOptions(stage=stage, **values)
+    _validate(opts)
+    return opts
+
+
+def _validate(o: SampleOptions) -> None:
+    choices = {"sampler": SAMPLERS, "prediction_type": PREDICTION_TYPES,
+               "timestep_spacing": ("auto",) + TIMESTEP_SPACINGS,
+               "beta_schedule": BETA_SCHEDULES, "low_res_beta_schedule": BETA_SCHEDULES}
+    for field, allowed in choices.items():
+        if getattr(o, field) not in allowed:
+            _fail(field, f"{getattr(o, field)!r} is not one of {allowed}")
+    positive = ["steps", "decode_chunk"] + (["num_frames", "height", "width"] if o.stage == "base" else [])
+    positive += ["height", "width"] if o.stage == "interpolation" else []
+    for field in positive:
+        value = getattr(o, field)
+        if not isinstance(value, int) or value <= 0:
+            _fail(field, f"expected a positive int, got {value!r}")
+    for field in ("batch_size", "chunk_frames", "num_frames", "noise_level"):
+        if getattr(o, field) < 0:
+            _fail(field, f"expected >= 0, got {getattr(o, field)}")
+    if o.stage == "interpolation" and o.num_frames and (o.num_frames % 4 != 1 or o.num_frames < 5):
+        _fail("num_frames", f"interpolation makes 4K - 3 frames from K input frames (61 from 16), got "
+                            f"{o.num_frames}; use 0 to follow the input")
+    if o.stage == "vsr" and not 0 <= o.noise_level < o.num_train_timesteps:
+        _fail("noise_level", f"must be in 0..{o.num_train_timesteps - 1} (official 50), got {o.noise_level}")
+    if not isinstance(o.seed, int) or not 0 <= o.seed < 2 ** 32:
+        _fail("seed", f"expected an int in 0..2^32-1, got {o.seed!r}")
+    if o.steps_offset < -1:
+        _fail("steps_offset", f"expected -1 (official for the sampler) or >= 0, got {o.steps_offset}")
+    if o.sampler == "ddim_respaced" and o.prediction_type != "epsilon":
+        _fail("prediction_type", "the respaced DDIM of the interpolation stage is epsilon-prediction only")
+    if o.guidance_scale < 0:
+        _fail("guidance_scale", f"expected >= 0, got {o.guidance_scale}")
+    bad = [f for f in o.formats if f not in FORMATS]
+    if bad or not o.formats:
+        _fail("formats", f"{','.join(o.formats)!r}: choose from {FORMATS}, comma-separated")
+    if not 0 <= o.quality <= 10:
+        _fail("quality", f"expected 0..10 (imageio scale), got {o.quality}")
+    if o.fps < 0:
+        _fail("fps", f"expected > 0 (or 0 for VSR: the input's rate), got {o.fps}")
+    if o.stage != "vsr" and o.fps == 0:
+        _fail("fps", "0 (the input's rate) is for the vsr stage only")
+    try:
+        o.make_sampler()
+        if o.stage == "vsr":
+            o.low_res_coefficients()
+    except ValueError as e:
+        raise SampleConfigError(f"config section sample: {e}") from e

@@ -1,0 +1,297 @@
+"""One sampler per stage, built from its config: prompts (and input videos) -> uint8 videos.
+
+    sampler = StageSampler(config, pipeline)             # config: configs/STAGE.py; pipeline: load_stage_pipeline
+    result = sampler.sample(["a panda taking a selfie"])  # base: StageResult.frames uint8 [B, 16, 320, 512, 3]
+    result = interp.sample(prompts, result.frames)         # interpolation: [B, 61, 320, 512, 3]
+    result = vsr.sample(prompts, result.frames, fps=24)    # vsr: [B, 61, 1280, 2048, 3]
+
+A request is checked completely before any model runs. It is then cut into rows (a prompt; for VSR a prompt's
+chunk of `chunk_frames` frames, each a fresh full run as in the official code), and rows into batches of
+`sample.batch_size` (0: all rows of one chunk length at once) padded to a multiple of the mesh's batch devices.
+Each batch is text rows (+ conditioning) -> `programs.denoise` (one compiled scan over all steps) ->
+`programs.decode`, with its rows split over the mesh's ('data', 'fsdp') axes and the params placed by the config's
+sharding rules (replicated, or FSDP-sharded). The rows of prompt i draw their noise from (seed, indices[i], chunk)
+only (see `programs`): the same seed gives the same videos whatever the device count, batch size or padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lavie_jax.checkpoints import Pipeline
+from lavie_jax.parallel import BATCH_AXES, batch_sharding, make_mesh, state_shardings
+from lavie_jax.sampling import programs
+from lavie_jax.sampling.options import STAGE_IDS, SampleOptions, sample_options
+from lavie_jax.sampling.pipeline import check_pipeline
+from lavie_jax.text import encode_prompts
+
+
+class RequestError(ValueError):
+    """A sampling request cannot run (no prompts, wrong frame counts or sizes, ...); nothing was computed."""
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What one stage produced for a request; `frames[i]` is the video of `prompts[i]`."""
+
+    stage: str
+    prompts: list[str]  # as requested
+    text_prompts: list[str]  # what the text encoder saw (suffix, underscores)
+    frames: np.ndarray  # uint8 [B, F, H, W, 3]
+    latents: np.ndarray  # float32 [B, F, h, w, 4], the final (scaled) latents
+    fps: float
+    seed: int
+    options: SampleOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    prompt: int
+    chunk: int
+    start: int  # VSR: the chunk's frames of the input video
+    stop: int
+
+
+@dataclasses.dataclass
+class _Request:
+    text_prompts: list[str]
+    text: np.ndarray  # [B, P, L, D] guidance rows in the stage's batch order
+    videos: list  # interpolation: resized float frames; vsr: uint8 frames
+    rows: list[_Row]
+    batches: list[list[_Row]]
+    seed: int
+    seed_ids: jax.Array
+    indices: list[int]
+
+
+class StageSampler:
+    """The sampler of `config.stage` over `pipeline` on `mesh` (default: `config.mesh.shape` over all devices)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, pipeline: Pipeline, mesh: jax.sharding.Mesh | None = None):
+        self.config = config
+        self.stage = config.stage
+        self.options = sample_options(config.stage, config.sample)
+        check_pipeline(pipeline, self.stage)
+        self.pipeline = pipeline
+        self.mesh = mesh if mesh is not None else make_mesh(config.mesh.shape)
+        rules = tuple(tuple(r) for r in config.sharding.rules)
+        self._unet = placed_state(pipeline.unet, self.mesh, rules)
+        self._vae = placed_state(pipeline.vae, self.mesh, rules)
+        self.sampler = self.options.make_sampler()
+        self._rows_sharding = batch_sharding(self.mesh)
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_devices = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+        self._tables = jax.device_put({k: jnp.asarray(v) for k, v in self.sampler.tables.items()}, self._replicated)
+
+    @property
+    def vae_factor(self) -> int:
+        return self.pipeline.vae.config.downsample_factor
+
+    # ------------------------------------------------------------------------------------------ request checks
+
+    def check_request(self, prompts: Sequence[str], videos: Sequence[np.ndarray] | np.ndarray | None,
+                      fps: float | None) -> list[np.ndarray]:
+        """Raise RequestError for anything that cannot run; return the videos as uint8 arrays."""
+        o = self.options
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise RequestError("no prompts given: pass a non-empty list of prompt strings")
+        if any(not isinstance(p, str) for p in prompts):
+            raise RequestError("every prompt must be a string")
+        if self.stage == "base":
+            if videos is not None:
+                raise RequestError("the base stage makes videos from text only; drop `videos` (input videos are "
+                                   "for the interpolation and vsr stages)")
+            f = self.vae_factor
+            if o.height % f or o.width % f:
+                raise RequestError(f"sample.height x sample.width = {o.height}x{o.width} is not a multiple of the "
+                                   f"VAE's factor {f}; use e.g. 320x512")
+            return []
+        if videos is None or len(videos) != len(prompts):
+            raise RequestError(f"the {self.stage} stage needs one input video per prompt: got {len(prompts)} prompts "
+                               f"and {0 if videos is None else len(videos)} videos")
+        out = [np.asarray(v) for v in videos]
+        for i, v in enumerate(out):
+            if v.dtype != np.uint8 or v.ndim != 4 or v.shape[-1] != 3 or v.shape[0] == 0:
+                raise RequestError(f"input video {i}: expected uint8 frames [F, H, W, 3], got {v.dtype} {v.shape}")
+        if len({v.shape[0] for v in out}) > 1 or (self.stage == "vsr" and len({v.shape for v in out}) > 1):
+            what = "frame count" if self.stage == "interpolation" else "shape"
+            raise RequestError(f"all input videos of one {self.stage} request must share their {what}; got "
+                               f"{sorted({v.shape for v in out})}: sample them in separate requests")
+        k = out[0].shape[0]
+        if self.stage == "interpolation":
+            if k < 2:
+                raise RequestError(f"interpolation needs at least 2 input frames, got {k}")
+            if o.num_frames and 4 * k - 3 != o.num_frames:
+                raise RequestError(f"interpolation makes 4K - 3 frames from K: sample.num_frames={o.num_frames} "
+                                   f"needs {(o.num_frames + 3) // 4} input frames, got {k}; or set "
+                                   f"sample.num_frames=0")
+            f = self.vae_factor
+            if o.height % f or o.width % f:
+                raise RequestError(f"sample.height x sample.width = {o.height}x{o.width} is not a multiple of the "
+                                   f"VAE's factor {f}; use e.g. 320x512")
+        if self.stage == "vsr" and o.fps == 0 and not fps:
+            raise RequestError("sample.fps=0 writes VSR videos at the input's frame rate: pass fps (8 after base, 24 "
+                               "after interpolation)")
+        return out
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    def text_prompt(self, prompt: str) -> str:
+        """What the text encoder sees: the official stages 2 and 3 read the prompt back from a file stem
+        (spaces -> underscores) and interpolation appends ', 4k.'."""
+        o = self.options
+        return (prompt.replace(" ", "_") if o.underscore_prompts else prompt) + o.prompt_suffix
+
+    def _rows(self, num_prompts: int, num_frames: int) -> list[_Row]:
+        chunk = self.options.chunk_frames if self.stage == "vsr" else 0
+        if not chunk:
+            return [_Row(p, 0, 0, num_frames) for p in range(num_prompts)]
+        return [_Row(p, c, s, min(s + chunk, num_frames)) for p in range(num_prompts)
+                for c, s in enumerate(range(0, num_frames, chunk))]
+
+    def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
+        by_length: dict[int, list[_Row]] = {}
+        for r in rows:
+            by_length.setdefault(r.stop - r.start, []).append(r)
+        out = []
+        for group in by_length.values():
+            size = self.options.batch_size or len(group)
+            out += [group[i:i + size] for i in range(0, len(group), size)]
+        return out
+
+    def num_batches(self, num_prompts: int, num_frames: int = 0) -> int:
+        return len(self._batches(self._rows(num_prompts, num_frames)))
+
+    def output_shape(self, input_shape: Sequence[int] | None = None) -> tuple[int, int, int]:
+        """(frames, height, width) of the videos made from inputs of `input_shape` ([F, H, W, ...]; None for base)."""
+        o = self.options
+        if self.stage == "base":
+            return o.num_frames, o.height, o.width
+        if self.stage == "interpolation":
+            return 4 * input_shape[0] - 3, o.height, o.width
+        return input_shape[0], input_shape[1] * self.vae_factor, input_shape[2] * self.vae_factor
+
+    def sample(self, prompts: Sequence[str], videos: Sequence[np.ndarray] | np.ndarray | None = None, *,
+               seed: int | None = None, fps: float | None = None, indices: Sequence[int] | None = None,
+               progress: bool = False) -> StageResult:
+        """Sample one video per prompt (see the module docstring); `videos` are uint8 `[F, H, W, 3]` inputs of the
+        interpolation / vsr stages, `fps` the input frame rate (VSR output rate when `sample.fps` is 0).
+
+        `indices` (default 0..B-1) are the prompts' positions in a larger run: prompt i draws its noise from
+        `indices[i]`, so a run split into several requests gives the videos of one request.
+        """
+        req = self._prepare(prompts, videos, seed, fps, indices)
+        latents: dict[_Row, np.ndarray] = {}
+        frames: dict[_Row, np.ndarray] = {}
+        with _progress_bar(progress, len(req.batches) * self.sampler.num_steps, self.stage) as bar:
+            for k, batch in enumerate(req.batches):
+                if bar is not None and len(req.batches) > 1:
+                    bar.set_postfix_str(f"batch {k + 1}/{len(req.batches)}")
+                lat, pix = self._run_batch(batch, req)
+                for j, r in enumerate(batch):
+                    latents[r], frames[r] = lat[j], pix[j]
+        joined = [[r for r in req.rows if r.prompt == p] for p in range(len(prompts))]
+        return StageResult(self.stage, list(prompts), req.text_prompts,
+                           np.stack([np.concatenate([frames[r] for r in rs]) for rs in joined]),
+                           np.stack([np.concatenate([latents[r] for r in rs]) for rs in joined]),
+                           self.options.fps or float(fps), req.seed, self.options)
+
+    def denoise_inputs(self, prompts: Sequence[str], videos: Sequence[np.ndarray] | np.ndarray | None = None, *,
+                       seed: int | None = None, fps: float | None = None) -> tuple[tuple, dict]:
+        """(arguments, static keyword arguments) of `programs.denoise` for a request's first batch: to compile,
+        time or inspect the loop on its own (`bench.sampling_bench`)."""
+        req = self._prepare(prompts, videos, seed, fps, None)
+        return self._denoise_args(req.batches[0], req)
+
+    def _prepare(self, prompts, videos, seed, fps, indices) -> _Request:
+        """Check the request, encode the prompts, cut rows and batches (no UNet or VAE work yet)."""
+        o = self.options
+        videos = self.check_request(prompts, videos, fps)
+        indices = list(range(len(prompts))) if indices is None else [int(i) for i in indices]
+        if len(indices) != len(prompts):
+            raise RequestError(f"got {len(indices)} indices for {len(prompts)} prompts")
+        seed = o.seed if seed is None else int(seed)
+        if not 0 <= seed < 2 ** 32:
+            raise RequestError(f"seed {seed} is outside 0..2^32-1")
+        text_prompts = [self.text_prompt(p) for p in prompts]
+        negatives = o.negative_prompt if o.classifier_free_guidance else None
+        emb = encode_prompts(self.pipeline.text_encoder, self.pipeline.tokenizer, text_prompts, negatives)
+        cond, uncond = np.asarray(emb.cond), None if emb.uncond is None else np.asarray(emb.uncond)
+        text = cond[:, None] if uncond is None else np.stack([cond, uncond] if o.cond_first else [uncond, cond], 1)
+        if self.stage == "interpolation":  # resized once per video, on the host side of the batches
+            videos = [programs.resize_frames(v, size=(o.height, o.width)) for v in videos]
+        rows = self._rows(len(prompts), videos[0].shape[0] if videos else o.num_frames)
+        seed_ids = jax.device_put(np.array([seed, STAGE_IDS[self.stage]], np.uint32), self._replicated)
+        return _Request(text_prompts, text, videos, rows, self._batches(rows), seed, seed_ids, indices)
+
+    def _put_rows(self, a) -> jax.Array:
+        return jax.device_put(a, self._rows_sharding)
+
+    def _denoise_args(self, batch: list[_Row], req: _Request) -> tuple[tuple, dict]:
+        """(arguments, static keyword arguments) of `programs.denoise` for a batch, padded to the batch devices."""
+        o = self.options
+        videos, seed_ids = req.videos, req.seed_ids
+        rows = batch + [batch[-1]] * (-len(batch) % self.batch_devices)  # padding rows are computed and dropped
+        prompt_idx = np.array([r.prompt for r in rows])
+        row_ids = self._put_rows(np.array([[req.indices[r.prompt], r.chunk] for r in rows], np.int32))
+        text_rows = self._put_rows(req.text[prompt_idx])
+        cond = labels = None
+        if self.stage == "base":
+            f = self.vae_factor
+            shape = (o.num_frames, o.height // f, o.width // f, 4)
+        elif self.stage == "interpolation":
+            key_frames = self._put_rows(np.stack([np.asarray(videos[r.prompt]) for r in rows]))
+            cond = programs.interpolation_condition(self._vae[1], key_frames, seed_ids, row_ids,
+                                                    graphdef=self._vae[0], chunk=o.decode_chunk)
+            shape = cond.shape[1:-1] + (4,)
+        else:
+            lr = self._put_rows(np.stack([videos[r.prompt][r.start:r.stop] for r in rows]))
+            signal, noise = o.low_res_coefficients()
+            cond = programs.low_res_condition(lr, seed_ids, row_ids, np.float32(signal), np.float32(noise))
+            labels = self._put_rows(np.full((len(rows),), o.noise_level, np.int32))
+            shape = cond.shape[1:-1] + (4,)
+        args = (self._unet[1], self._tables, text_rows, seed_ids, row_ids, cond, labels, np.float32(o.guidance_scale))
+        return args, dict(graphdef=self._unet[0], spec=self.sampler.spec, latent_shape=tuple(shape),
+                          cond_first=o.cond_first)
+
+    def _run_batch(self, batch: list[_Row], req: _Request) -> tuple[np.ndarray, np.ndarray]:
+        args, kwargs = self._denoise_args(batch, req)
+        lat = programs.denoise(*args, **kwargs)
+        pix = programs.decode(self._vae[1], lat, graphdef=self._vae[0], chunk=self.options.decode_chunk)
+        return np.asarray(lat)[:len(batch)], np.asarray(pix)[:len(batch)]
+
+
+def placed_state(model: nnx.Module, mesh: jax.sharding.Mesh, rules) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state of plain arrays placed on `mesh` by the logical-axis `rules`). The model is not touched, so
+    one pipeline can serve samplers on different meshes; arrays already placed that way are not copied."""
+    graphdef, state = nnx.split(model)
+    values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return graphdef, jax.device_put(values, state_shardings(state, mesh, rules))
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int, stage: str) -> Iterator:
+    """A tqdm bar over denoising steps, advanced from inside the compiled loops by `programs._report_step`."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=f"{stage} steps", unit="step", dynamic_ncols=True)
+    hook = lambda i: bar.update(1)  # noqa: E731
+    programs._progress_hooks.append(hook)
+    try:
+        yield bar
+    finally:
+        jax.effects_barrier()  # every step's report has run
+        programs._progress_hooks.remove(hook)
+        bar.close()
