@@ -98,7 +98,8 @@ def main() -> None:
     args = p.parse_args()
     print(f"devices: {jax.devices()}\n", flush=True)
     widths = [int("".join(c for c in fmt if c.isdigit() or c == ".").split(".")[0]) for _, _, fmt in COLUMNS]
-    header = " ".join(f"{title:>{w}s}" for (_, title, _), w in zip(COLUMNS, widths))
+    align = ["<" if fmt.startswith("<") else ">" for _, _, fmt in COLUMNS]
+    header = " ".join(f"{title:{a}{w}s}" for (_, title, _), a, w in zip(COLUMNS, align, widths))
     print(f"{header}\n{'-' * len(header)}", flush=True)
     for size, stage in ((size, stage) for size in args.sizes for stage in args.stages):
         row = bench_stage(stage, size, args.steps, args.repeats)

@@ -25,8 +25,8 @@ def test_full_cascade(samplers, tmp_path):
     assert base.frames.shape == (1, BASE_FRAMES, HEIGHT, WIDTH, 3) and base.fps == 8
     assert interp.frames.shape == (1, frames, HEIGHT, WIDTH, 3) and interp.fps == 24
     assert vsr.frames.shape == (1, frames, 4 * HEIGHT, 4 * WIDTH, 3) and vsr.fps == 24  # VSR keeps the input rate
-    assert interp.text_prompts == [prompt.replace(" ", "_") + ", 4k."] and vsr.text_prompts == [prompt.replace(" ", "_")]
-    stem = prompt.replace(" ", "_")
+    stem = prompt.replace(" ", "_")  # the official file stem, which the later stages read as their prompt
+    assert interp.text_prompts == [stem + ", 4k."] and vsr.text_prompts == [stem]
     for stage, result in (("base", base), ("interpolation", interp), ("vsr", vsr)):
         meta = json.loads((tmp_path / stage / f"{stem}.json").read_text())
         assert (tmp_path / stage / f"{stem}.mp4").is_file()
