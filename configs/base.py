@@ -2,7 +2,8 @@
 
 16 frames at 320x512 (latents 16 x 40 x 64 x 4), CLIP ViT-L/14 text (77 x 768).
 
-Run (today: architecture summary and jitted forward passes; sampling and training arrive with their issues):
+Run:
+  lavie-sample --config configs/base.py:tiny --checkpoint random --prompt "a red circle moving left" --output res
   python -m lavie_jax.demo --config configs/base.py:tiny
   python -m bench.unet_bench --stages base
 Variants: `configs/base.py` (official full size), `configs/base.py:tiny` (CPU sized).

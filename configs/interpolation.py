@@ -2,7 +2,8 @@
 
 Input channels: 4 noisy latents + 4 conditioning latents (the 16 key frames repeated, see the spec section 4.2).
 
-Run (today: architecture summary and jitted forward passes; sampling and training arrive with their issues):
+Run:
+  lavie-sample --config configs/interpolation.py:tiny --checkpoint random --prompt "a red circle moving left" --output res
   python -m lavie_jax.demo --config configs/interpolation.py:tiny
   python -m bench.unet_bench --stages interpolation
 Variants: `configs/interpolation.py` (official full size), `configs/interpolation.py:tiny` (CPU sized).

@@ -3,7 +3,8 @@
 Input channels: 4 latents + 3 noise-augmented low-res RGB at latent size; the noise level (0..999, default 50) enters
 as a class embedding; OpenCLIP-H text (77 x 1024); chunks of 8 frames.
 
-Run (today: architecture summary and jitted forward passes; sampling and training arrive with their issues):
+Run:
+  lavie-sample --config configs/vsr.py:tiny --checkpoint random --prompt "a red circle moving left" --output res
   python -m lavie_jax.demo --config configs/vsr.py:tiny
   python -m bench.unet_bench --stages vsr
 Variants: `configs/vsr.py` (official full size), `configs/vsr.py:tiny` (CPU sized).

@@ -1,6 +1,6 @@
-"""`make demo`: the most complete job lavie-jax runs today on the embedded default (no downloads).
+"""`make demo`, part 1: a tour of the models and data on the embedded default (no downloads).
 
-Sampling (prompts -> videos) and training are later issues; until they land this demo shows the parts that exist:
+(`make demo` then samples the whole cascade with `lavie-sample`; training is a later issue.) This shows:
   1. the three official full-size UNets, built abstractly, with their parameter counts checked against the
      official checkpoints;
   2. for each stage's CPU-sized `tiny` config: a batch from the stage's input pipeline on the procedural
@@ -92,7 +92,7 @@ def run_stage(config, data_dir: str) -> None:
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # tfds' info lines would drown the demo's output
-    print("lavie-jax demo. Sampling and training are not implemented yet; this runs what exists today.")
+    print("lavie-jax demo, part 1: models and data (part 2, `lavie-sample`, samples the tiny cascade).")
     print("\nOfficial full-size UNets (abstract, no weights allocated):")
     for stage in ("base", "interpolation", "vsr"):
         n = param_count(stage)
