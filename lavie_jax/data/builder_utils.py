@@ -73,10 +73,12 @@ class TableBuilder(LocalBuilder, skip_registration=True):
         """Raises on settings that cannot work, before any file is read."""
 
     def _rows(self, table: str) -> Iterator["Row"]:
-        raise NotImplementedError
+        # abstract: every concrete table builder (video_text, image_text) defines it
+        raise NotImplementedError(f"{type(self).__name__} must define _rows(table)")
 
     def _load(self, path: Path) -> dict[str, Any]:
-        raise NotImplementedError
+        # abstract: every concrete table builder (video_text, image_text) defines it
+        raise NotImplementedError(f"{type(self).__name__} must define _load(path)")
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
         c = self.builder_config

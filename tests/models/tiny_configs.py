@@ -1,47 +1,26 @@
 """Tiny diffusers-style UNet configs shared by the model tests (SD-like and x4-upscaler-like)."""
 
+from lavie_jax.models.official import SD14_UNET, X4_UPSCALER_UNET
+
+# Derived from the official configs so that only the sizes differ from what the released models use.
 SD_LIKE = {
-    "act_fn": "silu",
+    **SD14_UNET,
     "attention_head_dim": [1, 2, 2],
     "block_out_channels": [32, 64, 64],
-    "center_input_sample": False,
     "cross_attention_dim": 24,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
     "norm_num_groups": 8,
-    "out_channels": 4,
     "sample_size": 16,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 
 X4_LIKE = {
-    "act_fn": "silu",
+    **X4_UPSCALER_UNET,
     "attention_head_dim": [1, 1, 2, 2],
     "block_out_channels": [32, 32, 64, 64],
-    "center_input_sample": False,
     "cross_attention_dim": 40,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 7,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
     "norm_num_groups": 8,
-    "num_class_embeds": 1000,
-    "only_cross_attention": [True, True, True, False],
-    "out_channels": 4,
     "sample_size": 16,
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True,
 }
 
 
