@@ -1,27 +1,28 @@
-"""Samplers as pure functions: per-step coefficient tables (host, float64) and one jax update rule.
+"""Samplers as pure functions: per-step scalar tables (host, numpy) and one jax update rule per sampler.
 
-Every sampler LaVie uses (DDPM, DDIM, guided-diffusion's respaced DDIM, Euler; epsilon- or v-prediction; no clipping)
-makes a step that is linear in the current sample x_t, the model output and fresh noise:
-
-    x_prev = coef_x * x_t + coef_out * model_output + noise_std * noise
-
-so `make_sampler` derives the three coefficients of every step on the host in float64 (the derivations are below) and
-rounds them to float32 once, and `step` is a single fused multiply-add. This is more accurate than evaluating the
-textbook formulas in float32, which cancel badly near t = 0 (1 - alpha_bar_t / alpha_bar_prev ~ 4e-3 at t = 20).
+Each sampler reproduces the arithmetic of the library the official stage runs (../shared/spec/lavie.md section 4),
+so sampling an official checkpoint follows the official trajectory, not merely the same math:
+- the per-step scalars are computed on the host in that library's precision and operation order: float32 from a
+  float32 alpha_bar for diffusers' DDPM / DDIM / Euler, float64 tables cast to float32 for guided-diffusion's
+  respaced DDIM (see `schedules`);
+- `step` then applies them to the arrays in the library's order, in float32. XLA may contract a multiply and an
+  add into one FMA and turns a division by a scalar into a multiplication by its reciprocal, so results differ
+  from torch in the last bit of some elements; over 50 steps that stays within 1e-6 (tests/diffusion).
 
 A `Sampler` is a static `SamplerSpec` (hashable: a jit static argument) plus `tables`, a dict of `[num_steps]`
-float32 arrays in the order the steps run: `timestep` (what the model receives), `input_scale` (the model sees
-`x * input_scale`), `coef_x`, `coef_out`, `noise_std`. `sample_loop` runs all steps as one `lax.scan` over the rows.
+float32 arrays in the order the steps run: `timestep` (what the model receives), `input_div` (the model sees
+`x / input_div`) and the scalars of the sampler's rule (listed in `step`). `sample_loop` runs all steps as one
+`lax.scan` over the rows.
 
-Samplers (the names the stage configs use; see ../shared/spec/lavie.md section 4):
-- 'ddpm': ancestral DDPM with the `fixed_small` variance; the previous timestep is the next one in the list and
-  alpha_bar_prev = 1 after the last; fresh noise when t > 0 (official base stage).
-- 'ddim': DDIM (eta >= 0); the previous timestep is t - T // n, alpha_bar_prev = alpha_bar[0] below 0 unless
-  `set_alpha_to_one` (official VSR stage, and the base stage's 'ddim' option).
-- 'ddim_respaced': guided-diffusion's DDIM over a respaced chain; the model sees the original t, alpha_bar_prev is
-  the alpha_bar of the next timestep in the list, 1 after the last (official interpolation stage).
-- 'euler': Euler steps of dx/dsigma = (x - x_0) / sigma; the model input is x / sqrt(sigma^2 + 1) (the base stage's
-  'eulerdiscrete' option).
+Samplers (the names the stage configs use):
+- 'ddpm': diffusers' ancestral DDPM with the `fixed_small` variance; the previous timestep is the next one in the
+  list, alpha_bar_prev = 1 after the last; fresh noise when t > 0 (official base stage).
+- 'ddim': diffusers' DDIM (eta >= 0); the previous timestep is t - T // n, alpha_bar_prev = alpha_bar[0] below 0
+  unless `set_alpha_to_one` (official VSR stage, and the base stage's 'ddim' option).
+- 'ddim_respaced': guided-diffusion's DDIM over a respaced chain, epsilon-prediction; the model sees the original
+  t, alpha_bar_prev is the alpha_bar of the next kept timestep, 1 after the last (official interpolation stage).
+- 'euler': diffusers' EulerDiscrete: Euler steps of dx/dsigma = (x - x_0) / sigma; the model input is
+  x / sqrt(sigma^2 + 1) (the base stage's 'eulerdiscrete' option).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from lavie_jax.diffusion import schedules
 
 SAMPLERS = ("ddpm", "ddim", "ddim_respaced", "euler")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+_F32 = np.float32
+_ONE = _F32(1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,68 +83,111 @@ def make_sampler(name: str, num_steps: int, *, beta_schedule: str = "linear", be
         raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    v = prediction_type == "v_prediction"
-    abar = schedules.alphas_cumprod(schedules.make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps))
-    if name == "euler":
-        ts = schedules.continuous_timesteps(num_steps, num_train_timesteps, timestep_spacing, steps_offset)
-        sig = schedules.euler_sigmas(abar, ts)
-        s, dt = sig[:-1], sig[1:] - sig[:-1]
-        # x_0 = x - s * eps, or (x - s * v * sqrt(s^2 + 1)) / (s^2 + 1) for v (x is in sigma space), so
-        # (x - x_0) / s = eps, or (s * x + sqrt(s^2 + 1) * v) / (s^2 + 1)
-        coef_x = 1 + dt * s / (s ** 2 + 1) if v else np.ones_like(s)
-        coef_out = dt / np.sqrt(s ** 2 + 1) if v else dt
-        # diffusers: the initial noise scale is sigma_max for 'linspace'/'trailing', sqrt(sigma_max^2 + 1) otherwise
-        init = sig.max() if timestep_spacing in ("linspace", "trailing") else np.sqrt(sig.max() ** 2 + 1)
-        return _sampler(name, prediction_type, float(init), False, ts, 1 / np.sqrt(s ** 2 + 1), coef_x, coef_out,
-                        np.zeros_like(s))
-
     if name == "ddim_respaced":
-        ts = schedules.respaced_timesteps(num_steps, num_train_timesteps)
-    else:
-        ts = schedules.spaced_timesteps(num_steps, num_train_timesteps, timestep_spacing, steps_offset)
-    if name == "ddim":
-        prev = ts - num_train_timesteps // num_steps
-        below = 1.0 if set_alpha_to_one else abar[0]
-    else:  # ddpm, ddim_respaced: the next timestep in the list, then alpha_bar = 1
-        prev = np.append(ts[1:], -1)
-        below = 1.0
+        if prediction_type != "epsilon":
+            raise ValueError("the ddim_respaced sampler (guided-diffusion) predicts epsilon only; use sampler 'ddim' "
+                             "for v_prediction")
+        return _respaced_ddim(num_steps, schedules.make_betas(beta_schedule, beta_start, beta_end,
+                                                              num_train_timesteps), eta)
+    abar = schedules.diffusers_alphas_cumprod(beta_schedule, beta_start, beta_end, num_train_timesteps)
+    if name == "euler":
+        return _euler(num_steps, abar, prediction_type, timestep_spacing, steps_offset)
+    ts = schedules.spaced_timesteps(num_steps, num_train_timesteps, timestep_spacing, steps_offset)
     a = abar[ts]
-    a_prev = np.where(prev >= 0, abar[np.maximum(prev, 0)], below)
-    sa, sn = np.sqrt(a), np.sqrt(1 - a)
-    # the model output gives x_0 = cx0_x * x + cx0_out * out and eps = ceps_x * x + ceps_out * out:
-    # epsilon: x_0 = (x - sn * out) / sa, eps = out; v: x_0 = sa * x - sn * out, eps = sn * x + sa * out
-    cx0_x, cx0_out = (sa, -sn) if v else (1 / sa, -sn / sa)
-    ceps_x, ceps_out = (sn, sa) if v else (np.zeros_like(a), np.ones_like(a))
-    beta = 1 - a / a_prev  # the effective beta of the jump t -> prev
-    variance = (1 - a_prev) / (1 - a) * beta
-    if name == "ddpm":
-        # posterior mean: coef_x0 * x_0 + coef_xt * x, with fixed_small noise (diffusers clamps the variance at 1e-20)
-        coef_x0, coef_xt = np.sqrt(a_prev) * beta / (1 - a), np.sqrt(1 - beta) * (1 - a_prev) / (1 - a)
-        std = np.where(ts > 0, np.sqrt(np.maximum(variance, 1e-20)), 0.0)
-        return _sampler(name, prediction_type, 1.0, True, ts, np.ones_like(a), coef_x0 * cx0_x + coef_xt,
-                        coef_x0 * cx0_out, std)
-    # DDIM (eq. 12 of 2010.02502): sqrt(a_prev) * x_0 + sqrt(1 - a_prev - std^2) * eps + std * noise
-    std = eta * np.sqrt(variance)
-    c_dir = np.sqrt(np.maximum(1 - a_prev - std ** 2, 0.0))
-    return _sampler(name, prediction_type, 1.0, eta > 0, ts, np.ones_like(a),
-                    np.sqrt(a_prev) * cx0_x + c_dir * ceps_x, np.sqrt(a_prev) * cx0_out + c_dir * ceps_out, std)
+    if name == "ddpm":  # diffusers' DDPMScheduler.step and _get_variance, in their order
+        prev = np.append(ts[1:], -1)
+        a_prev = np.where(prev >= 0, abar[np.maximum(prev, 0)], _ONE)
+        b, b_prev = _ONE - a, _ONE - a_prev
+        current_alpha = a / a_prev
+        current_beta = _ONE - current_alpha
+        c0 = (np.sqrt(a_prev) * current_beta) / b
+        cs = np.sqrt(current_alpha) * b_prev / b
+        variance = np.maximum((_ONE - a_prev) / (_ONE - a) * (_ONE - a / a_prev), _F32(1e-20))
+        std = np.where(ts > 0, np.sqrt(variance), _F32(0.0))
+        return _sampler(name, prediction_type, 1.0, True, ts, dict(sa=np.sqrt(a), sb=np.sqrt(b), c0=c0, cs=cs,
+                                                                   std=std))
+    # DDIM: diffusers' DDIMScheduler.step and _get_variance
+    prev = ts - num_train_timesteps // num_steps
+    a_prev = np.where(prev >= 0, abar[np.maximum(prev, 0)], _ONE if set_alpha_to_one else abar[0])
+    b = _ONE - a
+    variance = ((_ONE - a_prev) / b) * (_ONE - a / a_prev)
+    std = _F32(eta) * np.sqrt(variance)
+    c_dir = np.sqrt(np.maximum(_ONE - a_prev - std ** 2, _F32(0.0)))
+    return _sampler(name, prediction_type, 1.0, eta > 0, ts, dict(sa=np.sqrt(a), sb=np.sqrt(b),
+                                                                  sa_prev=np.sqrt(a_prev), c_dir=c_dir, std=std))
 
 
-def _sampler(name: str, prediction_type: str, init: float, stochastic: bool, timestep, input_scale, coef_x,
-             coef_out, noise_std) -> Sampler:
-    tables = dict(timestep=timestep, input_scale=input_scale, coef_x=coef_x, coef_out=coef_out, noise_std=noise_std)
-    return Sampler(SamplerSpec(name, prediction_type, init, stochastic),
-                   {k: np.asarray(v, np.float64).astype(np.float32) for k, v in tables.items()})
+def _euler(num_steps: int, abar: np.ndarray, prediction_type: str, spacing: str, steps_offset: int) -> Sampler:
+    """diffusers' EulerDiscreteScheduler (no churn, 'linear' sigma interpolation, final sigma 0)."""
+    ts = schedules.continuous_timesteps(num_steps, len(abar), spacing, steps_offset)
+    sigmas = schedules.euler_sigmas(abar, ts)
+    sigma, dt = sigmas[:-1], sigmas[1:] - sigmas[:-1]
+    v_div = sigma ** 2 + _ONE
+    # diffusers: the initial noise scale is sigma_max for 'linspace'/'trailing', sqrt(sigma_max^2 + 1) otherwise
+    init = sigmas.max() if spacing in ("linspace", "trailing") else np.sqrt(sigmas.max() ** 2 + _ONE)
+    return _sampler("euler", prediction_type, float(init), False, ts,
+                    dict(sigma=sigma, dt=dt, v_scale=-sigma / np.sqrt(v_div), v_div=v_div), input_div=np.sqrt(v_div))
+
+
+def _respaced_ddim(num_steps: int, betas: np.ndarray, eta: float) -> Sampler:
+    """guided-diffusion's SpacedDiffusion + ddim_sample: the kept steps' alpha_bars become a short chain (rebuilt
+    through its betas, in float64); each step's scalars are cast to float32 and combined in float32."""
+    base = schedules.alphas_cumprod(betas)
+    kept = schedules.respaced_timesteps(num_steps, len(betas))[::-1]  # ascending, as the chain is built
+    chain_betas, last = [], 1.0
+    for t in kept:
+        chain_betas.append(1.0 - base[t] / last)
+        last = base[t]
+    chain = np.cumprod(1.0 - np.asarray(chain_betas))
+    chain_prev = np.append(1.0, chain[:-1])
+    recip, recipm1 = np.sqrt(1.0 / chain), np.sqrt(1.0 / chain - 1)
+    a, a_prev = chain.astype(_F32), chain_prev.astype(_F32)
+    sigma = _F32(eta) * np.sqrt((_ONE - a_prev) / (_ONE - a)) * np.sqrt(_ONE - a / a_prev)
+    c_dir = np.sqrt(np.maximum(_ONE - a_prev - sigma ** 2, _F32(0.0)))
+    std = np.where(np.arange(num_steps) > 0, sigma, _F32(0.0))  # no noise at the chain's step 0
+    rows = dict(recip=recip.astype(_F32), recipm1=recipm1.astype(_F32), sa_prev=np.sqrt(a_prev), c_dir=c_dir, std=std)
+    return _sampler("ddim_respaced", "epsilon", 1.0, eta > 0, kept[::-1], {k: v[::-1] for k, v in rows.items()})
+
+
+def _sampler(name: str, prediction_type: str, init: float, stochastic: bool, timestep: np.ndarray,
+             scalars: dict[str, np.ndarray], input_div: np.ndarray | None = None) -> Sampler:
+    for key, value in scalars.items():
+        assert value.dtype == _F32, (key, value.dtype)  # every scalar was formed in float32, as the library does
+    tables = dict(timestep=np.asarray(timestep, _F32),
+                  input_div=np.ones(len(timestep), _F32) if input_div is None else input_div, **scalars)
+    return Sampler(SamplerSpec(name, prediction_type, init, stochastic), tables)
 
 
 def step(spec: SamplerSpec, row: Mapping[str, jax.Array], x: jax.Array, model_output: jax.Array,
          noise: jax.Array | None = None) -> jax.Array:
-    """One update with the coefficients of one step (`row`: scalars of the tables): `x [...] -> x_prev [...]`."""
-    out = row["coef_x"] * x + row["coef_out"] * model_output
+    """One update with the scalars of one step (`row`: scalars of the tables): `x [...] -> x_prev [...]`.
+
+    The operations are those of the official library's step, in its order (v: v_prediction, out: model output):
+    ddpm: x0 = (x - sb * out) / sa [v: sa * x - sb * out]; x_prev = c0 * x0 + cs * x + std * noise.
+    ddim: x0 as ddpm, eps = out [v: sa * out + sb * x]; x_prev = sa_prev * x0 + c_dir * eps (+ std * noise).
+    ddim_respaced: x0 = recip * x - recipm1 * out; eps = (recip * x - x0) / recipm1;
+      x_prev = x0 * sa_prev + c_dir * eps (+ std * noise).
+    euler: x0 = x - sigma * out [v: out * v_scale + x / v_div]; x_prev = x + (x - x0) / sigma * dt.
+    """
+    if spec.stochastic and noise is None:
+        raise ValueError(f"the {spec.name} sampler adds fresh noise each step; pass `noise` shaped like x")
+    v = spec.prediction_type == "v_prediction"
+    r = row
+    if spec.name == "euler":
+        x0 = model_output * r["v_scale"] + x / r["v_div"] if v else x - r["sigma"] * model_output
+        return x + (x - x0) / r["sigma"] * r["dt"]
+    if spec.name == "ddim_respaced":
+        x0 = r["recip"] * x - r["recipm1"] * model_output
+        out = x0 * r["sa_prev"] + r["c_dir"] * ((r["recip"] * x - x0) / r["recipm1"])
+    else:
+        x0 = r["sa"] * x - r["sb"] * model_output if v else (x - r["sb"] * model_output) / r["sa"]
+        if spec.name == "ddpm":
+            out = r["c0"] * x0 + r["cs"] * x
+        else:
+            eps = r["sa"] * model_output + r["sb"] * x if v else model_output
+            out = r["sa_prev"] * x0 + r["c_dir"] * eps
     if spec.stochastic:
-        if noise is None:
-            raise ValueError(f"the {spec.name} sampler adds fresh noise each step; pass `noise` shaped like x")
-        out = out + row["noise_std"] * noise
+        out = out + r["std"] * noise
     return out
 
 
@@ -153,7 +199,7 @@ def sample_loop(spec: SamplerSpec, tables: Mapping[str, jax.Array], x_init: jax.
                 noise_fn: NoiseFn | None = None, callback: Callable[[jax.Array], None] | None = None) -> jax.Array:
     """Run every step of a sampler as one `lax.scan` (call it inside `jax.jit`): returns x after the last step.
 
-    `x_init` is the starting sample, already multiplied by `spec.init_noise_sigma`; `model_fn(x * input_scale, t, i)`
+    `x_init` is the starting sample, already multiplied by `spec.init_noise_sigma`; `model_fn(x / input_div, t, i)`
     predicts epsilon or v; `noise_fn(i)` gives step i's fresh noise (stochastic samplers only); `callback(i)` runs on
     the host after step i (an unordered `jax.debug.callback`: progress bars; works on multi-device meshes).
     """
@@ -164,7 +210,7 @@ def sample_loop(spec: SamplerSpec, tables: Mapping[str, jax.Array], x_init: jax.
 
     def body(x, inputs):
         i, row = inputs
-        out = model_fn(x * row["input_scale"], row["timestep"], i).astype(jnp.float32)
+        out = model_fn(x / row["input_div"], row["timestep"], i).astype(jnp.float32)
         x = step(spec, row, x, out, noise_fn(i) if spec.stochastic else None)
         if callback is not None:
             jax.debug.callback(callback, i)
