@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Run one command on every worker of a Cloud TPU VM (pod slice), from a checkout synced to each worker.
 #
-#   launch/tpu_vm.sh NAME ZONE [--setup] -- python -m lavie_jax.demo --config configs/base.py:tiny
+#   launch/tpu_vm.sh NAME ZONE [--setup] -- lavie-sample --distributed --config configs/base.py \
+#       --checkpoint ckpt/base --prompt-file prompts.txt --output res
 #
 # --setup first copies this checkout to ~/lavie-jax on every worker and installs it with the TPU jax wheel.
-# Every worker runs the same command; the program calls jax.distributed.initialize() with no arguments on TPU.
+# Every worker runs the same command; `--distributed` makes each join the run (jax.distributed.initialize, which
+# detects the TPU workers), so the mesh spans the whole slice.
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
   echo "usage: $0 NAME ZONE [--setup] -- COMMAND..." >&2

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
@@ -95,9 +96,43 @@ def shard_module(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) ->
     state = nnx.state(model)
     shardings = state_shardings(state, mesh, rules)
     values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    placed = jax.device_put(values, shardings)
+    placed = jax.tree.map(to_global, values, shardings)
     nnx.update(model, placed)
     return model
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Join a multi-process run (one process per host, all running the same program) before any jax work.
+
+    With no arguments the cluster is detected (Cloud TPU VMs, SLURM, Open MPI, Kubernetes); elsewhere, e.g.
+    several processes on one machine, pass all three. Does nothing if already initialized."""
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def to_global(value, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Place a value every process holds in full (numpy, or a local jax.Array) as one array laid out by
+    `sharding`, which may span the devices of several processes: each process fills its own devices' shards.
+    On a single process (or a sharding of local devices only) this is `jax.device_put`."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        if value.sharding == sharding:
+            return value
+        raise ValueError("to_global takes values each process holds in full; reshard a global array with a "
+                         "jitted identity instead")
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-process) array as numpy, on every process. Sharded arrays are gathered
+    over the processes; call it on every process (it is a collective when the array spans several)."""
+    if array.is_fully_addressable or array.is_fully_replicated:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lavie_jax.sampling.options import STAGES
-from lavie_jax.sampling.outputs import check_output_dir, write_result
+from lavie_jax.sampling.outputs import check_no_overwrite, check_output_dir, unique_stems, write_result
 from lavie_jax.sampling.stages import RequestError, StageResult, StageSampler
 
 
@@ -58,20 +58,24 @@ class Cascade:
     def run(self, prompts: Sequence[str], videos: Sequence[np.ndarray] | None = None, *, seed: int | None = None,
             fps: float | None = None, indices: Sequence[int] | None = None,
             output_dir: str | os.PathLike | None = None, sources: Sequence[str | None] | None = None,
-            progress: bool = False) -> list[StageResult]:
+            stems: Sequence[str] | None = None, overwrite: bool = False, progress: bool = False
+            ) -> list[StageResult]:
         """Run every stage; returns each stage's StageResult. `seed` None uses each stage's `sample.seed`;
-        `videos`/`fps` are the first stage's inputs (interpolation or vsr first), `sources` their file names."""
+        `videos`/`fps` are the first stage's inputs (interpolation or vsr first), `sources` their file names;
+        `stems`/`overwrite` as in `write_result` (existing files are refused before the first stage runs)."""
         self.check(prompts, videos, fps)
+        stems = list(stems) if stems is not None else unique_stems(prompts)
         if output_dir is not None:
-            for stage in self.stages:
-                check_output_dir(Path(output_dir) / stage)
+            for sampler in self.samplers:
+                directory = check_output_dir(Path(output_dir) / sampler.stage)
+                check_no_overwrite(directory, stems, sampler.options.formats, overwrite)
         results = []
         for sampler in self.samplers:
             result = sampler.sample(prompts, videos, seed=seed, fps=fps, indices=indices, progress=progress)
             written = []
             if output_dir is not None:
                 written = write_result(result, Path(output_dir) / sampler.stage, config=sampler.config,
-                                       indices=indices, sources=sources)
+                                       indices=indices, sources=sources, stems=stems, overwrite=overwrite)
             results.append(result)
             videos, fps = list(result.frames), result.fps
             sources = [str(p.with_suffix("." + result.options.formats[0])) for p in written] or None

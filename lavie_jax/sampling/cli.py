@@ -13,8 +13,9 @@
 (`--prompt`, repeatable, and/or `--prompt-file`, one per line); an interpolation or vsr first stage takes `--input`
 videos (files or directories) and reads each prompt back from its sidecar or file name, as the official stages do.
 `--checkpoint random` samples with random weights (architecture from the config: a smoke test, noise videos).
-A single stage writes into `--output`; a cascade into `--output/STAGE/`. Every input, flag and output path is
-checked before any model runs.
+A single stage writes into `--output`; a cascade into `--output/STAGE/`; existing files are refused unless
+`--overwrite`. Every input, flag and output path is checked before any model runs. On several hosts, run the same
+command on each with `--distributed` (launch/tpu_vm.sh): the mesh spans all hosts and process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
 from lavie_jax.checkpoints import CheckpointError
 from lavie_jax.convert.keymap import KeyMismatchError
 from lavie_jax.models.arch import ConfigError
-from lavie_jax.parallel import make_mesh
+from lavie_jax.parallel import initialize_distributed, make_mesh
 from lavie_jax.sampling.cascade import Cascade
-from lavie_jax.sampling.options import STAGES, SampleConfigError
-from lavie_jax.sampling.outputs import OutputError, check_output_dir, read_inputs, unique_stems, write_result
+from lavie_jax.sampling.options import STAGES, SampleConfigError, sample_options
+from lavie_jax.sampling.outputs import (OutputError, check_no_overwrite, check_output_dir, read_inputs, unique_stems,
+                                        write_result)
 from lavie_jax.sampling.pipeline import PipelineError, load_stage_pipeline
 from lavie_jax.sampling.stages import RequestError, StageSampler
 from lavie_jax.video import VideoReadError
@@ -62,6 +65,14 @@ def define_flags(argv: Sequence[str]) -> flags.FlagValues:
     flags.DEFINE_integer("seed", None, "Seed for every stage (default: each stage config's sample.seed).",
                          flag_values=fv)
     flags.DEFINE_boolean("progress", True, "Show a progress bar over denoising steps.", flag_values=fv)
+    flags.DEFINE_boolean("distributed", False, "Join a multi-process run (one process per host, the same command "
+                         "on every host): the cluster is detected on Cloud TPU / SLURM / MPI, else pass "
+                         "--coordinator, --num-processes and --process-id.", flag_values=fv)
+    flags.DEFINE_string("coordinator", None, "--distributed: address:port of process 0.", flag_values=fv)
+    flags.DEFINE_integer("num-processes", None, "--distributed: number of processes.", flag_values=fv)
+    flags.DEFINE_integer("process-id", None, "--distributed: this process's index.", flag_values=fv)
+    flags.DEFINE_boolean("overwrite", False, "Replace output files that already exist (default: refuse before "
+                         "sampling).", flag_values=fv)
     return fv
 
 
@@ -130,6 +141,14 @@ def run(argv: Sequence[str]) -> list:
     fv = define_flags(argv)
     fv(list(argv))
     stages = _stage_configs(fv)
+    cluster = (fv.coordinator, fv["num-processes"].value, fv["process-id"].value)
+    if fv.distributed:
+        if any(v is not None for v in cluster) and None in cluster:
+            raise UsageError("--coordinator, --num-processes and --process-id go together; pass all three or none "
+                             "(cluster detection)")
+        initialize_distributed(*cluster)
+    elif any(v is not None for v in cluster):
+        raise UsageError("--coordinator / --num-processes / --process-id need --distributed")
     if not fv.output:
         raise UsageError("--output DIR is required")
     output = check_output_dir(fv.output)
@@ -154,24 +173,33 @@ def run(argv: Sequence[str]) -> list:
         groups = [(idx, [inputs[i].prompt for i in idx], [inputs[i].frames for i in idx], inputs[idx[0]].fps,
                    [inputs[i].path for i in idx]) for idx in by_shape.values()]
 
+    # file stems over the whole run (repeats across request groups get -2, -3, ...), checked before any model runs
+    prompt_of = {i: p for group_indices, group_prompts, *_ in groups for i, p in zip(group_indices, group_prompts)}
+    stems_of = dict(zip(sorted(prompt_of), unique_stems([prompt_of[i] for i in sorted(prompt_of)])))
+    directories = {cfg.stage: output if len(stages) == 1 else output / cfg.stage for cfg, _ in stages}
+    for cfg, _ in stages:
+        formats = sample_options(cfg.stage, cfg.sample).formats
+        check_no_overwrite(directories[cfg.stage], list(stems_of.values()), formats, fv.overwrite)
+
     mesh = make_mesh(stages[0][0].mesh.shape)
     cascade = Cascade([StageSampler(cfg, load_stage_pipeline(cfg, ckpt, mesh), mesh) for cfg, ckpt in stages])
     for indices, prompts, videos, fps, _ in groups:
         cascade.check(prompts, videos, fps)
     results = []
     for indices, prompts, videos, fps, sources in groups:
+        stems = [stems_of[i] for i in indices]
         if len(cascade.samplers) == 1:
             sampler = cascade.samplers[0]
             results = [sampler.sample(prompts, videos, seed=fv.seed, fps=fps, indices=indices,
                                       progress=fv.progress)]
-            write_result(results[0], output, config=sampler.config, indices=indices, sources=sources)
+            write_result(results[0], output, config=sampler.config, indices=indices, sources=sources, stems=stems,
+                         overwrite=fv.overwrite)
         else:
             results = cascade.run(prompts, videos, seed=fv.seed, fps=fps, indices=indices, output_dir=output,
-                                  sources=sources, progress=fv.progress)
-        for result in results:
-            directory = output if len(results) == 1 else output / result.stage
-            for stem in unique_stems(result.prompts):
-                print(f"wrote {directory / stem}.{{{','.join(result.options.formats)},json}}")
+                                  sources=sources, stems=stems, overwrite=fv.overwrite, progress=fv.progress)
+        for result in results if jax.process_index() == 0 else ():
+            for stem in stems:
+                print(f"wrote {directories[result.stage] / stem}.{{{','.join(result.options.formats)},json}}")
     return results
 
 

@@ -5,6 +5,9 @@ underscores ("a panda, 4k" -> `a_panda,_4k.mp4`). Where that cannot be a file na
 possible: path separators and NUL become '_', a stem longer than 200 bytes is cut and gets '~' plus 8 hex digits of
 the prompt's hash, and a repeated prompt in one run gets '-2', '-3', ... The sidecar `STEM.json` always holds the
 exact prompt, and `read_inputs` prefers it to the stem.
+
+Existing files are never replaced unless asked (`overwrite=True`, `lavie-sample --overwrite`): the check runs
+before any model does. In a multi-process run every process computes the same videos and process 0 writes them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -64,22 +68,49 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def output_files(directory: str | os.PathLike, stems: Sequence[str], formats: Sequence[str]) -> list[Path]:
+    """Every file a run writes into `directory`: each stem's videos (one per format) and its JSON sidecar."""
+    return [Path(directory) / f"{stem}.{ext}" for stem in stems for ext in (*formats, "json")]
+
+
+def check_no_overwrite(directory: str | os.PathLike, stems: Sequence[str], formats: Sequence[str],
+                       overwrite: bool = False) -> None:
+    """Refuse (OutputError) to write over existing files unless `overwrite`; names the files and the fix."""
+    if overwrite:
+        return
+    existing = [p for p in output_files(directory, stems, formats) if p.exists() or p.is_symlink()]
+    if existing:
+        names = ", ".join(p.name for p in existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
+        raise OutputError(f"{len(existing)} output file(s) already exist in {directory}: {names}; pass --overwrite "
+                          "(overwrite=True) to replace them, or choose another --output")
+
+
 def _config_dict(config: ml_collections.ConfigDict | None) -> dict[str, Any] | None:
     return None if config is None else json.loads(config.to_json_best_effort())
 
 
 def write_result(result, directory: str | os.PathLike, *, config: ml_collections.ConfigDict | None = None,
-                 indices: Sequence[int] | None = None, sources: Sequence[str | None] | None = None) -> list[Path]:
+                 indices: Sequence[int] | None = None, sources: Sequence[str | None] | None = None,
+                 stems: Sequence[str] | None = None, overwrite: bool = False) -> list[Path]:
     """Write every video of a `StageResult` (each format of `sample.formats`) and its sidecar into `directory`.
 
     `indices` are the prompts' positions in the run (they pick the noise, see `StageSampler.sample`), `sources`
-    the input files of later stages. Returns the sidecar paths.
+    the input files of later stages, `stems` the file stems (default: `unique_stems` of the prompts; a run split
+    into several requests passes the stems of the whole run). Existing files are an OutputError unless
+    `overwrite`. Returns the sidecar paths; only process 0 writes.
     """
-    directory = check_output_dir(directory)
     o = result.options
+    stems = list(stems) if stems is not None else unique_stems(result.prompts)
+    if len(stems) != len(result.prompts):
+        raise ValueError(f"got {len(stems)} stems for {len(result.prompts)} prompts")
+    directory = Path(directory)
+    written = [directory / f"{stem}.json" for stem in stems]
+    if jax.process_index() != 0:
+        return written
+    directory = check_output_dir(directory)
+    check_no_overwrite(directory, stems, o.formats, overwrite)
     indices = list(indices) if indices is not None else list(range(len(result.prompts)))
-    written = []
-    for i, stem in enumerate(unique_stems(result.prompts)):
+    for i, stem in enumerate(stems):
         files = []
         for fmt in o.formats:
             path = video_io.write_video(directory / f"{stem}.{fmt}", result.frames[i], fps=result.fps,
@@ -95,9 +126,7 @@ def write_result(result, directory: str | os.PathLike, *, config: ml_collections
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": _config_dict(config),
         }
-        path = directory / f"{stem}.json"
-        path.write_text(json.dumps(sidecar, indent=1) + "\n")
-        written.append(path)
+        written[i].write_text(json.dumps(sidecar, indent=1) + "\n")
     return written
 
 

@@ -12,6 +12,10 @@ Each batch is text rows (+ conditioning) -> `programs.denoise` (one compiled sca
 `programs.decode`, with its rows split over the mesh's ('data', 'fsdp') axes and the params placed by the config's
 sharding rules (replicated, or FSDP-sharded). The rows of prompt i draw their noise from (seed, indices[i], chunk)
 only (see `programs`): the same seed gives the same videos whatever the device count, batch size or padding.
+
+Several processes (`lavie_jax.parallel.initialize_distributed`, `lavie-sample --distributed`): every process runs
+the same request on one mesh over all of them; each places only its own devices' shards of the inputs
+(`parallel.to_global`), and the finished latents and frames are gathered to every process (`parallel.to_host`).
 """
 
 from __future__ import annotations
@@ -21,14 +25,13 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lavie_jax.checkpoints import Pipeline
-from lavie_jax.parallel import BATCH_AXES, batch_sharding, make_mesh, state_shardings
+from lavie_jax.parallel import BATCH_AXES, batch_sharding, make_mesh, state_shardings, to_global, to_host
 from lavie_jax.sampling import programs
 from lavie_jax.sampling.options import STAGE_IDS, SampleOptions, sample_options
 from lavie_jax.sampling.pipeline import check_pipeline
@@ -90,7 +93,7 @@ class StageSampler:
         self._rows_sharding = batch_sharding(self.mesh)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_devices = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
-        self._tables = jax.device_put({k: jnp.asarray(v) for k, v in self.sampler.tables.items()}, self._replicated)
+        self._tables = {k: to_global(v, self._replicated) for k, v in self.sampler.tables.items()}
 
     @property
     def vae_factor(self) -> int:
@@ -230,11 +233,11 @@ class StageSampler:
         if self.stage == "interpolation":  # resized once per video, on the host side of the batches
             videos = [programs.resize_frames(v, size=(o.height, o.width)) for v in videos]
         rows = self._rows(len(prompts), videos[0].shape[0] if videos else o.num_frames)
-        seed_ids = jax.device_put(np.array([seed, STAGE_IDS[self.stage]], np.uint32), self._replicated)
+        seed_ids = to_global(np.array([seed, STAGE_IDS[self.stage]], np.uint32), self._replicated)
         return _Request(text_prompts, text, videos, rows, self._batches(rows), seed, seed_ids, indices)
 
     def _put_rows(self, a) -> jax.Array:
-        return jax.device_put(a, self._rows_sharding)
+        return to_global(a, self._rows_sharding)
 
     def _denoise_args(self, batch: list[_Row], req: _Request) -> tuple[tuple, dict]:
         """(arguments, static keyword arguments) of `programs.denoise` for a batch, padded to the batch devices."""
@@ -267,7 +270,7 @@ class StageSampler:
         args, kwargs = self._denoise_args(batch, req)
         lat = programs.denoise(*args, **kwargs)
         pix = programs.decode(self._vae[1], lat, graphdef=self._vae[0], chunk=self.options.decode_chunk)
-        return np.asarray(lat)[:len(batch)], np.asarray(pix)[:len(batch)]
+        return to_host(lat)[:len(batch)], to_host(pix)[:len(batch)]
 
 
 def placed_state(model: nnx.Module, mesh: jax.sharding.Mesh, rules) -> tuple[nnx.GraphDef, nnx.State]:
@@ -275,7 +278,7 @@ def placed_state(model: nnx.Module, mesh: jax.sharding.Mesh, rules) -> tuple[nnx
     one pipeline can serve samplers on different meshes; arrays already placed that way are not copied."""
     graphdef, state = nnx.split(model)
     values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return graphdef, jax.device_put(values, state_shardings(state, mesh, rules))
+    return graphdef, jax.tree.map(to_global, values, state_shardings(state, mesh, rules))
 
 
 @contextlib.contextmanager

@@ -52,6 +52,25 @@ def test_cli_from_checkpoint_then_vsr_from_its_files(pipelines, tmp_path):
     assert meta["source"] == str(tmp_path / "base" / "a_cat.mp4") and meta["stage"] == "vsr"
 
 
+def test_cli_refuses_to_overwrite_before_loading_anything(pipelines, tmp_path, monkeypatch):
+    """A second run into the same --output stops before any pipeline is loaded; --overwrite replaces the files."""
+    argv = base_args("--checkpoint", "random", "--prompt", "a cat", "--output", str(tmp_path), "--seed", "1")
+    monkeypatch.setattr(cli, "load_stage_pipeline", lambda config, checkpoint, mesh: pipelines[config.stage])
+    cli.run(argv)
+    before = (tmp_path / "a_cat.json").read_text()
+
+    def no_loading(*args):
+        raise AssertionError("a pipeline was loaded")
+
+    monkeypatch.setattr(cli, "load_stage_pipeline", no_loading)
+    with pytest.raises(cli.ERRORS, match=r"already exist in .*a_cat.mp4, a_cat.json; pass --overwrite"):
+        cli.run(argv)
+    assert (tmp_path / "a_cat.json").read_text() == before
+    monkeypatch.setattr(cli, "load_stage_pipeline", lambda config, checkpoint, mesh: pipelines[config.stage])
+    cli.run(argv[:1] + ["--overwrite", "--seed", "2"] + argv[1:-2])
+    assert json.loads((tmp_path / "a_cat.json").read_text())["seed"] == 2
+
+
 def test_cli_errors_before_compute(pipelines, tmp_path):
     compiled = programs.denoise._cache_size()
     (tmp_path / "file").write_text("x")
@@ -68,6 +87,10 @@ def test_cli_errors_before_compute(pipelines, tmp_path):
          "without --vsr CONFIG"),
         (base_args("--checkpoint", str(wrong), "--prompt", "a", *out), "is a vsr pipeline but the config is the base"),
         (base_args("--checkpoint", str(tmp_path / "nothing"), "--prompt", "a", *out), "no such directory"),
+        (base_args("--checkpoint", "random", "--prompt", "a", "--coordinator", "localhost:1234", *out),
+         "need --distributed"),
+        (base_args("--checkpoint", "random", "--prompt", "a", "--distributed", "--num-processes", "2", *out),
+         "go together; pass all three or none"),
         (base_args("--checkpoint", "random", "--prompt", "a", "--config.sample.sampler=pndm", *out),
          "sample.sampler: 'pndm' is not one of"),
         (["lavie-sample", "--config", f"{ROOT}/configs/vsr.py:tiny", "--checkpoint", "random", "--prompt", "a", *out],

@@ -1,4 +1,5 @@
-"""Output naming (the official prompt -> file convention), sidecars, reading videos back, bad output paths."""
+"""Output naming (the official prompt -> file convention), sidecars, reading videos back, bad output paths, and
+the refusal to replace existing files."""
 
 import json
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 
 from lavie_jax.sampling.options import sample_options
-from lavie_jax.sampling.outputs import (OutputError, check_output_dir, output_stem, read_inputs, unique_stems,
-                                        write_result)
+from lavie_jax.sampling.outputs import (OutputError, check_no_overwrite, check_output_dir, output_stem, read_inputs,
+                                        unique_stems, write_result)
 from lavie_jax.sampling.stages import StageResult
 from lavie_jax.video import write_video
 from tests.sampling.conftest import tiny_config
@@ -71,3 +72,23 @@ def test_bad_paths(tmp_path):
         read_inputs([tmp_path / "missing.mp4"])
     with pytest.raises(OutputError, match="no .mp4 or .gif videos"):
         read_inputs([tmp_path / "new"])
+
+
+def test_existing_files_are_never_replaced_silently(tmp_path):
+    config, result = fake_result(["a cat", "a dog"])
+    write_result(result, tmp_path, config=config)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(OutputError, match=r"4 output file\(s\) already exist .*a_cat.mp4, a_cat.json, a_dog.mp4, "
+                                          r"a_dog.json; pass --overwrite"):
+        write_result(result, tmp_path, config=config)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing touched
+    # one clash is enough; it is named
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a_dog.json").write_text("{}")
+    with pytest.raises(OutputError, match=r"1 output file\(s\) already exist .*: a_dog.json;"):
+        check_no_overwrite(tmp_path / "other", unique_stems(result.prompts), ("mp4",))
+    assert not (tmp_path / "other" / "a_cat.mp4").exists()
+    written = write_result(result, tmp_path, config=config, overwrite=True, stems=["cat", "dog"])
+    assert [p.name for p in written] == ["cat.json", "dog.json"] and (tmp_path / "dog.mp4").is_file()
+    with pytest.raises(ValueError, match="got 1 stems for 2 prompts"):
+        write_result(result, tmp_path, stems=["x"])

@@ -69,19 +69,31 @@ def test_guidance_rows_and_direction(pipelines, mesh1, base):
     np.testing.assert_array_equal(np.asarray(iargs[2][0, 1]), emb.uncond[0])
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 4, 1, 1)], ids=["data8", "data2-fsdp4"])
-def test_device_count_invariance(pipelines, base, shape):
+INVARIANCE_INPUTS = {  # stage -> (input videos, fps) of a 3-prompt request
+    "base": (None, None),
+    "interpolation": ([video(3, 12, 20, seed=i) for i in range(3)], None),
+    "vsr": ([video(4, HEIGHT, WIDTH, seed=i) for i in range(3)], 8),  # chunks of 3 + 1 frames
+}
+
+
+@pytest.mark.parametrize("stage,shape", [("base", (8, 1, 1, 1)), ("base", (2, 4, 1, 1)),
+                                         ("interpolation", (2, 4, 1, 1)), ("vsr", (8, 1, 1, 1))],
+                         ids=["base-data8", "base-data2-fsdp4", "interpolation-data2-fsdp4", "vsr-data8"])
+def test_device_count_invariance(pipelines, mesh1, stage, shape):
     """Same seed -> same videos on 1 and 8 devices, params replicated (data 8) or FSDP-sharded (fsdp 4);
-    3 prompts: 2 + 1 padded rows on 1 device, 8 rows on 8."""
+    3 prompts: 2 + 1 padded rows on 1 device, 8 rows on 8 (VSR: 6 rows of 3-frame chunks, 3 of 1 frame)."""
     mesh = make_mesh(shape)
     assert len(mesh.devices.flat) == 8
-    wide = StageSampler(tiny_config("base", batch_size=0), pipelines["base"], mesh)
+    one = StageSampler(tiny_config(stage), pipelines[stage], mesh1)
+    wide = StageSampler(tiny_config(stage, batch_size=0), pipelines[stage], mesh)
     if shape[1] > 1:  # FSDP really shards: conv_in's output channels are split over the fsdp axis
         assert wide._unet[1]["conv_in"]["kernel"].sharding.spec != jax.sharding.PartitionSpec()
-    one = base.sample(PROMPTS, seed=11)
-    eight = wide.sample(PROMPTS, seed=11)
-    assert rel_err(eight.latents, one.latents) <= 1e-5
-    assert np.abs(eight.frames.astype(int) - one.frames.astype(int)).max() <= 1
+    videos, fps = INVARIANCE_INPUTS[stage]
+    on_one = one.sample(PROMPTS, videos, seed=11, fps=fps)
+    on_eight = wide.sample(PROMPTS, videos, seed=11, fps=fps)
+    assert on_eight.frames.shape == on_one.frames.shape
+    assert rel_err(on_eight.latents, on_one.latents) <= 1e-5
+    assert np.abs(on_eight.frames.astype(int) - on_one.frames.astype(int)).max() <= 1
 
 
 def test_interpolation(pipelines, mesh1):
