@@ -47,7 +47,7 @@ def torch_key(path: Iterable[Any], *, vsr_names: bool = False) -> str:
     return ".".join(segs + [leaf])
 
 
-def to_flax_layout(array: np.ndarray, flax_ndim: int, leaf: str) -> np.ndarray:
+def to_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
     """PyTorch tensor layout -> ours (transposes kernels; everything else is returned as-is)."""
     if leaf != "kernel":
         return array

@@ -56,8 +56,8 @@ def iter_flax_params(model: nnx.Module, state_dict: Mapping[str, Any]
     Call `check_state_dict` first; this only maps names and layouts.
     """
     vsr = _vsr_names(model)
-    for path, shape in param_paths(model):
-        value = to_flax_layout(np.asarray(state_dict[torch_key(path, vsr_names=vsr)]), len(shape), str(path[-1]))
+    for path, _ in param_paths(model):
+        value = to_flax_layout(np.asarray(state_dict[torch_key(path, vsr_names=vsr)]), str(path[-1]))
         yield path, np.ascontiguousarray(value, dtype=np.float32)
 
 
