@@ -20,13 +20,14 @@ $(STAMP_TEST): setup.cfg pyproject.toml | $(PY)
 	touch $@ $(STAMP_RUN)
 
 # The main job on the embedded default (no downloads): the model/data tour, then the whole cascade
-# (base -> interpolation -> VSR) sampled with the CPU-sized configs and random weights into outputs/demo.
+# (base -> interpolation -> VSR) sampled with the CPU-sized configs and random weights into outputs/demo
+# (--overwrite: the demo owns that directory, so running it again replaces its videos).
 demo: $(STAMP_RUN)
 	$(PY) -m lavie_jax.demo
 	$(VENV)/bin/lavie-sample --config configs/base.py:tiny --checkpoint random \
 	    --prompt "a red circle moving left" --output outputs/demo \
 	    --interpolation configs/interpolation.py:tiny --interpolation-checkpoint random \
-	    --vsr configs/vsr.py:tiny --vsr-checkpoint random
+	    --vsr configs/vsr.py:tiny --vsr-checkpoint random --overwrite
 
 test: $(STAMP_TEST)
 	$(PY) -m pytest -q -n 2 --durations=15 tests

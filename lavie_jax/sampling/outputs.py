@@ -80,7 +80,8 @@ def check_no_overwrite(directory: str | os.PathLike, stems: Sequence[str], forma
         return
     existing = [p for p in output_files(directory, stems, formats) if p.exists() or p.is_symlink()]
     if existing:
-        names = ", ".join(p.name for p in existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
+        more = f" and {len(existing) - 4} more" if len(existing) > 4 else ""
+        names = ", ".join(p.name for p in existing[:4]) + more
         raise OutputError(f"{len(existing)} output file(s) already exist in {directory}: {names}; pass --overwrite "
                           "(overwrite=True) to replace them, or choose another --output")
 
