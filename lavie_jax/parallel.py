@@ -112,6 +112,15 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
+def failed_processes(failed: bool) -> list[int]:
+    """Indices of the processes that pass `failed=True`; every process calls it (a collective when there are
+    several), so a check that fails on one host stops every host instead of leaving the others waiting."""
+    if jax.process_count() == 1:
+        return [0] if failed else []
+    flags = multihost_utils.process_allgather(np.array([failed]))
+    return [int(i) for i in np.flatnonzero(np.asarray(flags).reshape(-1))]
+
+
 def to_global(value, sharding: jax.sharding.Sharding) -> jax.Array:
     """Place a value every process holds in full (numpy, or a local jax.Array) as one array laid out by
     `sharding`, which may span the devices of several processes: each process fills its own devices' shards.

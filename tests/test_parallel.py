@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lavie_jax.parallel import batch_sharding, make_mesh, mesh_shape, to_global, to_host
+from lavie_jax.parallel import batch_sharding, failed_processes, make_mesh, mesh_shape, to_global, to_host
 
 
 def test_mesh_shape_resolves_and_checks():
@@ -30,3 +30,7 @@ def test_to_global_and_back():
     np.testing.assert_array_equal(to_host(placed), rows)
     replicated = to_global(jax.numpy.ones(5), NamedSharding(mesh, P()))
     assert replicated.is_fully_replicated and to_host(replicated).tolist() == [1.0] * 5
+
+
+def test_failed_processes_on_one_process():
+    assert failed_processes(False) == [] and failed_processes(True) == [0]

@@ -24,6 +24,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 from absl import flags, logging
@@ -32,12 +33,12 @@ from ml_collections import config_flags
 from lavie_jax.checkpoints import CheckpointError
 from lavie_jax.convert.keymap import KeyMismatchError
 from lavie_jax.models.arch import ConfigError
-from lavie_jax.parallel import initialize_distributed, make_mesh
+from lavie_jax.parallel import failed_processes, initialize_distributed, make_mesh
 from lavie_jax.sampling.cascade import Cascade
 from lavie_jax.sampling.options import STAGES, SampleConfigError, sample_options
 from lavie_jax.sampling.outputs import (OutputError, check_no_overwrite, check_output_dir, read_inputs, unique_stems,
                                         write_result)
-from lavie_jax.sampling.pipeline import PipelineError, load_stage_pipeline
+from lavie_jax.sampling.pipeline import PipelineError, check_checkpoint, load_stage_pipeline
 from lavie_jax.sampling.stages import RequestError, StageSampler
 from lavie_jax.video import VideoReadError
 
@@ -134,24 +135,21 @@ def _add_config_roots(argv: Sequence[str]) -> None:
             sys.path.insert(0, root)
 
 
-def run(argv: Sequence[str]) -> list:
-    """Parse `argv` (program name first) and sample; returns the StageResults of the last request group.
-    Raises one of ERRORS on bad input, before any compute."""
-    _add_config_roots(argv)
-    fv = define_flags(argv)
-    fv(list(argv))
-    stages = _stage_configs(fv)
-    cluster = (fv.coordinator, fv["num-processes"].value, fv["process-id"].value)
-    if fv.distributed:
-        if any(v is not None for v in cluster) and None in cluster:
-            raise UsageError("--coordinator, --num-processes and --process-id go together; pass all three or none "
-                             "(cluster detection)")
-        initialize_distributed(*cluster)
-    elif any(v is not None for v in cluster):
-        raise UsageError("--coordinator / --num-processes / --process-id need --distributed")
+class _Plan(NamedTuple):
+    output: Path
+    groups: list[tuple]  # (indices, prompts, videos, fps, sources): one request per input shape and frame rate
+    stems: dict[int, str]  # prompt index -> file stem, over the whole run
+    directories: dict[str, Path]  # stage -> output directory
+
+
+def _plan(fv: flags.FlagValues, stages: list[tuple]) -> _Plan:
+    """Everything that can be checked on this host before a model is loaded: output paths, prompts or input
+    videos, checkpoint directories, and that no existing file would be replaced."""
     if not fv.output:
         raise UsageError("--output DIR is required")
     output = check_output_dir(fv.output)
+    for cfg, ckpt in stages:
+        check_checkpoint(cfg, ckpt)
     first = stages[0][0].stage
     if first == "base":
         if fv.input:
@@ -168,38 +166,67 @@ def run(argv: Sequence[str]) -> list:
             raise UsageError(f"a {first} first stage needs --input videos (files or directories)")
         inputs = read_inputs(fv.input)
         by_shape: dict[tuple, list[int]] = {}
-        for i, v in enumerate(inputs):  # one request per input shape and frame rate
+        for i, v in enumerate(inputs):
             by_shape.setdefault((v.frames.shape, v.fps), []).append(i)
         groups = [(idx, [inputs[i].prompt for i in idx], [inputs[i].frames for i in idx], inputs[idx[0]].fps,
                    [inputs[i].path for i in idx]) for idx in by_shape.values()]
-
-    # file stems over the whole run (repeats across request groups get -2, -3, ...), checked before any model runs
+    # file stems over the whole run: a prompt repeated across request groups still gets -2, -3, ...
     prompt_of = {i: p for group_indices, group_prompts, *_ in groups for i, p in zip(group_indices, group_prompts)}
-    stems_of = dict(zip(sorted(prompt_of), unique_stems([prompt_of[i] for i in sorted(prompt_of)])))
+    stems = dict(zip(sorted(prompt_of), unique_stems([prompt_of[i] for i in sorted(prompt_of)])))
     directories = {cfg.stage: output if len(stages) == 1 else output / cfg.stage for cfg, _ in stages}
     for cfg, _ in stages:
         formats = sample_options(cfg.stage, cfg.sample).formats
-        check_no_overwrite(directories[cfg.stage], list(stems_of.values()), formats, fv.overwrite)
+        check_no_overwrite(directories[cfg.stage], list(stems.values()), formats, fv.overwrite)
+    return _Plan(output, groups, stems, directories)
+
+
+def run(argv: Sequence[str]) -> list:
+    """Parse `argv` (program name first) and sample; returns the StageResults of the last request group.
+    Raises one of ERRORS on bad input, before any compute."""
+    _add_config_roots(argv)
+    fv = define_flags(argv)
+    fv(list(argv))
+    stages = _stage_configs(fv)
+    cluster = (fv.coordinator, fv["num-processes"].value, fv["process-id"].value)
+    if fv.distributed:
+        if any(v is not None for v in cluster) and None in cluster:
+            raise UsageError("--coordinator, --num-processes and --process-id go together; pass all three or none "
+                             "(cluster detection)")
+        initialize_distributed(*cluster)
+    elif any(v is not None for v in cluster):
+        raise UsageError("--coordinator / --num-processes / --process-id need --distributed")
+    # hosts may differ (files, paths): every process learns whether any failed its checks, and all stop together
+    plan, error = None, None
+    try:
+        plan = _plan(fv, stages)
+    except ERRORS as e:
+        error = e
+    failed = failed_processes(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise UsageError(f"process(es) {failed} of {jax.process_count()} failed their checks before sampling (their "
+                         "own error says why); every process stops")
 
     mesh = make_mesh(stages[0][0].mesh.shape)
     cascade = Cascade([StageSampler(cfg, load_stage_pipeline(cfg, ckpt, mesh), mesh) for cfg, ckpt in stages])
-    for indices, prompts, videos, fps, _ in groups:
+    for indices, prompts, videos, fps, _ in plan.groups:
         cascade.check(prompts, videos, fps)
     results = []
-    for indices, prompts, videos, fps, sources in groups:
-        stems = [stems_of[i] for i in indices]
+    for indices, prompts, videos, fps, sources in plan.groups:
+        stems = [plan.stems[i] for i in indices]
         if len(cascade.samplers) == 1:
             sampler = cascade.samplers[0]
             results = [sampler.sample(prompts, videos, seed=fv.seed, fps=fps, indices=indices,
                                       progress=fv.progress)]
-            write_result(results[0], output, config=sampler.config, indices=indices, sources=sources, stems=stems,
-                         overwrite=fv.overwrite)
+            write_result(results[0], plan.output, config=sampler.config, indices=indices, sources=sources,
+                         stems=stems, overwrite=fv.overwrite)
         else:
-            results = cascade.run(prompts, videos, seed=fv.seed, fps=fps, indices=indices, output_dir=output,
+            results = cascade.run(prompts, videos, seed=fv.seed, fps=fps, indices=indices, output_dir=plan.output,
                                   sources=sources, stems=stems, overwrite=fv.overwrite, progress=fv.progress)
         for result in results if jax.process_index() == 0 else ():
             for stem in stems:
-                print(f"wrote {directories[result.stage] / stem}.{{{','.join(result.options.formats)},json}}")
+                print(f"wrote {plan.directories[result.stage] / stem}.{{{','.join(result.options.formats)},json}}")
     return results
 
 

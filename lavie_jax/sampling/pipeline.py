@@ -97,25 +97,34 @@ def load_stage_pipeline(config: ml_collections.ConfigDict, checkpoint: str | os.
     `config.sharding.rules` (random ones are drawn on the host; `StageSampler` places both).
     """
     rules = tuple(tuple(r) for r in config.sharding.rules)
-    if str(checkpoint) == RANDOM:
+    directory = check_checkpoint(config, checkpoint)
+    if directory is None:
         pipeline = random_pipeline(config, seed)
     else:
-        directory = Path(checkpoint)
-        if not directory.is_dir():
-            raise PipelineError(f"--checkpoint {directory}: no such directory; pass a pipeline directory written by "
-                                f"`lavie-convert pipeline|sd|x4`, or 'random' for random weights")
-        meta = checkpoints.read_metadata(directory)
-        if meta.get("kind") != "pipeline":
-            raise PipelineError(f"--checkpoint {directory} holds a single {meta.get('kind')}, not a pipeline; "
-                                f"sampling needs UNet, VAE, text encoder and tokenizer: `lavie-convert pipeline`")
-        if meta.get("stage") != config.stage:
-            raise PipelineError(f"--checkpoint {directory} is a {meta.get('stage')} pipeline but the config is the "
-                                f"{config.stage} stage; pass configs/{meta.get('stage')}.py or a {config.stage} "
-                                f"checkpoint")
         pipeline = checkpoints.load_pipeline(directory, mesh=mesh, rules=rules, dtype=jnp.dtype(config.model.dtype),
                                              attention_impl=config.model.attention_impl)
     check_pipeline(pipeline, config.stage)
     return pipeline
+
+
+def check_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.PathLike) -> Path | None:
+    """The pipeline directory `checkpoint` names (None for 'random'), after checking, without loading any weights,
+    that it is a pipeline of `config`'s stage (PipelineError otherwise)."""
+    if str(checkpoint) == RANDOM:
+        return None
+    directory = Path(checkpoint)
+    if not directory.is_dir():
+        raise PipelineError(f"--checkpoint {directory}: no such directory; pass a pipeline directory written by "
+                            f"`lavie-convert pipeline|sd|x4`, or 'random' for random weights")
+    meta = checkpoints.read_metadata(directory)
+    if meta.get("kind") != "pipeline":
+        raise PipelineError(f"--checkpoint {directory} holds a single {meta.get('kind')}, not a pipeline; "
+                            f"sampling needs UNet, VAE, text encoder and tokenizer: `lavie-convert pipeline`")
+    if meta.get("stage") != config.stage:
+        raise PipelineError(f"--checkpoint {directory} is a {meta.get('stage')} pipeline but the config is the "
+                            f"{config.stage} stage; pass configs/{meta.get('stage')}.py or a {config.stage} "
+                            f"checkpoint")
+    return directory
 
 
 def check_pipeline(pipeline: Pipeline, stage: str) -> None:

@@ -2,7 +2,8 @@
 command, which samples one request on one 8-device mesh spanning both.
 
 Rows are split over all 8 devices, results are gathered to every process, and only process 0 writes files. The
-videos equal those of a single process on one device with the same seed.
+videos equal those of a single process on one device with the same seed. A check that fails on one host only
+stops both before any model runs.
 """
 
 import json
@@ -28,17 +29,25 @@ _HOST = textwrap.dedent("""
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
     os.environ['JAX_PLATFORMS'] = 'cpu'
     import jax, numpy as np
-    index, port, out, root = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    index, port, out, root, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
     sys.path.insert(0, root)
     from lavie_jax.sampling import cli
     from tests.sampling.conftest import BASE_FRAMES, HEIGHT, STEPS, WIDTH
-    results = cli.run([
+    argv = [
         'lavie-sample', '--distributed', f'--coordinator=localhost:{port}', '--num-processes=2',
         f'--process-id={index}', '--config', f'{root}/configs/base.py:tiny', '--checkpoint', 'random',
         '--config.mesh.shape=(2,4,1,1)',  # 8 devices over both processes; params FSDP-sharded across them
         f'--config.sample.steps={STEPS}', f'--config.sample.num_frames={BASE_FRAMES}',
         f'--config.sample.height={HEIGHT}', f'--config.sample.width={WIDTH}', '--config.sample.batch_size=0',
-        '--noprogress', '--seed=11', f'--output={out}/videos{index}', *[f'--prompt={p}' for p in sys.argv[5:]]])
+        '--noprogress', '--seed=11', f'--output={out}/videos{index}', *[f'--prompt={p}' for p in sys.argv[6:]]]
+    if mode == 'clash':  # only process 1 finds a file it would replace: both must stop before any model runs
+        if index == 1:
+            os.makedirs(f'{out}/videos1')
+            open(f'{out}/videos1/a_teddy_bear.json', 'w').write('{}')
+        cli.main(argv)  # exits with status 2 on a user error
+        print('NOT STOPPED', flush=True)
+        sys.exit(0)
+    results = cli.run(argv)
     assert jax.process_count() == 2 and jax.device_count() == 8 and len(jax.local_devices()) == 4
     np.save(os.path.join(out, f'latents{index}.npy'), results[0].latents)
     jax.distributed.shutdown()
@@ -46,21 +55,28 @@ _HOST = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-def test_two_processes_sample_like_one_device(pipelines, mesh1, tmp_path):
+def run_two_processes(tmp_path: Path, mode: str, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Start the host script as processes 0 and 1 of one run; their exit codes and merged output."""
     (tmp_path / "host.py").write_text(_HOST)
     port = str(portpicker.pick_unused_port())
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "host.py"), str(i), port, str(tmp_path), str(ROOT),
-                               *PROMPTS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                               mode, *PROMPTS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(2)]
-    outputs = []
+    done = []
     for proc in procs:
         try:
-            outputs.append(proc.communicate(timeout=300)[0])
+            output = proc.communicate(timeout=timeout)[0]
         finally:
             proc.kill()
-        assert proc.returncode == 0 and "DONE" in outputs[-1], outputs[-1][-3000:]
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, output))
+    return done
+
+
+@pytest.mark.slow
+def test_two_processes_sample_like_one_device(pipelines, mesh1, tmp_path):
+    for proc in run_two_processes(tmp_path, "sample"):
+        assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stdout[-3000:]
     single = StageSampler(tiny_config("base"), pipelines["base"], mesh1).sample(PROMPTS, seed=11)
     for i in range(2):  # every process holds the whole result
         assert rel_err(np.load(tmp_path / f"latents{i}.npy"), single.latents) <= 1e-5
@@ -68,3 +84,12 @@ def test_two_processes_sample_like_one_device(pipelines, mesh1, tmp_path):
     assert written == sorted(f"{p.replace(' ', '_')}.{ext}" for p in PROMPTS for ext in ("mp4", "json"))
     assert json.loads((tmp_path / "videos0" / "a_teddy_bear.json").read_text())["seed"] == 11
     assert not list((tmp_path / "videos1").iterdir())  # process 1 writes nothing
+
+
+@pytest.mark.slow
+def test_a_check_failing_on_one_host_stops_every_host(tmp_path):
+    first, second = run_two_processes(tmp_path, "clash", timeout=120)
+    assert second.returncode == 2 and "a_teddy_bear.json; pass --overwrite" in second.stdout, second.stdout[-3000:]
+    assert first.returncode == 2 and "process(es) [1] of 2 failed their checks" in first.stdout, first.stdout[-3000:]
+    assert "NOT STOPPED" not in first.stdout + second.stdout
+    assert not list((tmp_path / "videos0").iterdir())
