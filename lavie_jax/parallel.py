@@ -91,13 +91,16 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def place_state(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
+    """The values of `state`'s variables as arrays on `mesh`, each laid out by the rules (`to_global`: also across
+    processes). Arrays already placed that way are not copied."""
+    values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(to_global, values, state_shardings(state, mesh, rules))
+
+
 def shard_module(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
     """Place `model`'s variables on `mesh` by the rules (in place) and return it."""
-    state = nnx.state(model)
-    shardings = state_shardings(state, mesh, rules)
-    values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    placed = jax.tree.map(to_global, values, shardings)
-    nnx.update(model, placed)
+    nnx.update(model, place_state(nnx.state(model), mesh, rules))
     return model
 
 

@@ -7,6 +7,7 @@ used (`Image`/`Video` features need TensorFlow).
 
 from __future__ import annotations
 
+import abc
 import collections
 import concurrent.futures
 import contextlib
@@ -72,13 +73,13 @@ class TableBuilder(LocalBuilder, skip_registration=True):
     def _check_config(self) -> None:
         """Raises on settings that cannot work, before any file is read."""
 
+    @abc.abstractmethod
     def _rows(self, table: str) -> Iterator["Row"]:
-        # abstract: every concrete table builder (video_text, image_text) defines it
-        raise NotImplementedError(f"{type(self).__name__} must define _rows(table)")
+        """Rows of a metadata table, after checking its header."""
 
+    @abc.abstractmethod
     def _load(self, path: Path) -> dict[str, Any]:
-        # abstract: every concrete table builder (video_text, image_text) defines it
-        raise NotImplementedError(f"{type(self).__name__} must define _load(path)")
+        """One file -> the record's fields, or raise Skip."""
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
         c = self.builder_config

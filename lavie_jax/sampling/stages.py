@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lavie_jax.checkpoints import Pipeline
-from lavie_jax.parallel import BATCH_AXES, batch_sharding, make_mesh, state_shardings, to_global, to_host
+from lavie_jax.parallel import BATCH_AXES, batch_sharding, make_mesh, place_state, to_global, to_host
 from lavie_jax.sampling import programs
 from lavie_jax.sampling.options import STAGE_IDS, SampleOptions, sample_options
 from lavie_jax.sampling.pipeline import check_pipeline
@@ -277,8 +277,7 @@ def placed_state(model: nnx.Module, mesh: jax.sharding.Mesh, rules) -> tuple[nnx
     """(graphdef, state of plain arrays placed on `mesh` by the logical-axis `rules`). The model is not touched, so
     one pipeline can serve samplers on different meshes; arrays already placed that way are not copied."""
     graphdef, state = nnx.split(model)
-    values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return graphdef, jax.tree.map(to_global, values, state_shardings(state, mesh, rules))
+    return graphdef, place_state(state, mesh, rules)
 
 
 @contextlib.contextmanager
