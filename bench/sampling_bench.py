@@ -2,11 +2,12 @@
 
 For each stage (random weights; `tiny` = the CPU-sized config at its sample sizes, `mid` = the full official
 architecture at a small frame size) it reports, after compiling:
-  compile s   AOT compile time of the whole loop (`programs.denoise`: one scan over all steps)
-  step s      loop time / steps
+  compile s   AOT compile time of the loop's program (`programs.denoise_steps`, `sample.steps_per_call` steps)
+  step s      loop time / steps, the loop run as the sampler runs it (`StageSampler.run_loop`: one compiled call
+              per `steps_per_call` steps, one call in flight, the latents kept on the devices)
   unet s      one guided UNet call compiled on its own (`programs.guided_model_call`: the loop's per-step unit)
-  overhead    loop time / (steps x unet s) - 1: what the loop adds (sampler update, step noise, the progress
-              callback) net of what it saves (one dispatch instead of one per step); target under 5%
+  overhead    loop time / (steps x unet s) - 1: what the loop adds (sampler update, step noise, dispatches);
+              target under 5%
   request s   a whole `StageSampler.sample` call (text encoding, conditioning, loop, VAE decode, host copies)
 Times are the minimum over repeats, loop and single calls interleaved: on a shared machine the minimum is the
 least disturbed run.
@@ -56,27 +57,27 @@ def bench_stage(stage: str, size: str, steps: int, repeats: int) -> dict:
     args, kwargs = sampler.denoise_inputs(prompts, videos, fps=8)
 
     t0 = time.perf_counter()
-    loop = programs.denoise.lower(*args, **kwargs).compile()
+    with jax.set_mesh(sampler.mesh):
+        programs.denoise_steps.lower(*args, **kwargs).compile()
     compile_s = time.perf_counter() - t0
-    loop(*args)  # warm-up
 
-    state, tables, text, _, _, cond, labels, guidance = args
-    x = np.random.default_rng(0).standard_normal((text.shape[0], *kwargs["latent_shape"]), np.float32)
-    x = jax.device_put(x, text.sharding)
+    state, _, x, _, text, _, _, cond, labels, guidance = args
     t = np.float32(sampler.sampler.timesteps[0])
     call_args = (state, x, t, text, cond, labels, guidance)
-    call_kwargs = dict(graphdef=kwargs["graphdef"], cond_first=kwargs["cond_first"])
-    call = programs.guided_model_call.lower(*call_args, **call_kwargs).compile()
-    call(*call_args)
-    loop_s = unet_s = float("inf")
-    for _ in range(repeats):
-        loop_s = min(loop_s, _time(lambda: loop(*args)))
-        unet_s = min([unet_s] + [_time(lambda: call(*call_args)) for _ in range(3)])
+    call_kwargs = dict(graphdef=kwargs["graphdef"], stage=stage, cond_first=kwargs["cond_first"])
+    with jax.set_mesh(sampler.mesh):
+        call = programs.guided_model_call.lower(*call_args, **call_kwargs).compile()
+        call(*call_args)
+        sampler.run_loop(args, kwargs)  # warm-up
+        loop_s = unet_s = float("inf")
+        for _ in range(repeats):
+            loop_s = min(loop_s, _time(lambda: sampler.run_loop(args, kwargs)))
+            unet_s = min([unet_s] + [_time(lambda: call(*call_args)) for _ in range(3)])
 
     sampler.sample(prompts, videos, fps=8)  # compiles the conditioning and decoding programs
     request_s = min(_time(lambda: sampler.sample(prompts, videos, fps=8).frames) for _ in range(repeats))
     rows = text.shape[0] * text.shape[1]
-    return {"stage": stage, "size": size, "latents": "x".join(map(str, (rows, *kwargs["latent_shape"]))),
+    return {"stage": stage, "size": size, "latents": "x".join(map(str, (rows, *x.shape[1:]))),
             "steps": steps, "compile_s": compile_s, "step_s": loop_s / steps, "unet_s": unet_s,
             "overhead": loop_s / (steps * unet_s) - 1, "request_s": request_s}
 

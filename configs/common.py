@@ -8,7 +8,8 @@ A stage config is an ml_collections ConfigDict with sections:
   mesh         shape over axes ('data', 'fsdp', 'context', 'tensor'), one -1 = the remaining devices
   sharding     rules: logical param axis -> mesh axis (see lavie_jax.parallel)
   data         input pipeline (see lavie_jax.data.pipeline)
-  sample       sampling (see lavie_jax.sampling.options): the official procedure of ../shared/spec/lavie.md section 4
+  sample       sampling (see lavie_jax.sampling.options): each stage's official sampling procedure
+  train        training (`lavie-train`; see `train_config` below, field by field, and lavie_jax.train)
 Variants: the default (or 'full') is the official full-size architecture; 'tiny' is CPU sized (a few seconds per
 forward pass) and runs on the embedded moving_shapes data.
 """
@@ -20,6 +21,7 @@ import ml_collections
 from lavie_jax.data.pipeline import default_data_config
 from lavie_jax.models.official import official_unet_config
 from lavie_jax.parallel import DEFAULT_RULES
+from lavie_jax.train.optim import default_train_optim_config
 
 VARIANTS = ("full", "tiny")
 
@@ -42,6 +44,10 @@ SAMPLE_COMMON = {
     "prompt_suffix": "",
     "underscore_prompts": False,  # True: the prompt is the official file stem, spaces replaced by underscores
     "batch_size": 0,  # rows (prompts, or prompt x chunk for VSR) per compiled call; 0 = all of a request at once
+    # denoising steps per compiled call: the latents stay on the devices either way; between calls the host reports
+    # progress and an interrupt (Ctrl-C, SIGTERM) takes effect, so a larger value trades responsiveness for fewer
+    # dispatches (the step count is cut into equal calls: the largest divisor of `steps` not above this)
+    "steps_per_call": 1,
     "decode_chunk": 4,  # frames per VAE decoder call (memory only; frames decode independently)
     "formats": "mp4",  # comma-separated: mp4, gif
     "quality": 9,  # imageio quality of the mp4 (LaVie writes 9)
@@ -95,9 +101,51 @@ def stage_config(stage: str, variant: str, tiny_unet: dict) -> ml_collections.Co
     c.sharding = ml_collections.ConfigDict({"rules": tuple(DEFAULT_RULES)})
     c.data = default_data_config(stage)
     c.sample = sample_config(stage, variant)
+    c.train = train_config(stage, variant)
     if variant == "tiny":
         c.data.global_batch_size = 2
         c.data.height, c.data.width = (0, 0) if stage == "vsr" else (64, 96)
         c.data.patch_size = 64
         c.data.moving_shapes.num_videos, c.data.moving_shapes.num_validation = 16, 4
     return c
+
+
+def train_config(stage: str, variant: str) -> ml_collections.ConfigDict:
+    """The `train` section of `stage` (`lavie-train`). LaVie released no training code and its paper discloses no
+    optimizer, learning rate, batch size or step count; where a value is not the paper's or the official code's, the
+    comment says so."""
+    t = default_train_optim_config(stage)  # optimizer, param_groups, ema, micro_batches (lavie_jax.train.optim)
+    # where the weights start: '' = random init; a `lavie-convert` output directory: SD-inflated (`lavie-convert
+    # sd`), x4-inflated (`lavie-convert x4`) or an official LaVie checkpoint (`lavie-convert lavie|pipeline`)
+    t.init = ""
+    # the frozen VAE, text encoder and tokenizer: '' = the pipeline directory `init` (when it is one); a pipeline
+    # directory; or 'random' = random components named by sample.vae / sample.text_encoder (tests, smoke runs)
+    t.encoders = ""
+    t.seed = 0  # init of a random UNet, timesteps, noise, text dropout (the data has its own data.seed)
+    t.num_steps = 100_000  # optimizer updates of the whole run (a resumed run continues to it)
+    t.compute_dtype = "bfloat16"  # UNet / encoder computation; params, grads, optimizer state and EMA stay float32
+    # rematerialisation of the UNet's blocks: 'none', 'full' (save nothing), 'save_dots' (matmul outputs),
+    # 'save_attention' (attention outputs only), 'save_dots_and_attention'
+    t.remat = "none"
+    t.vae_frame_chunk = 4  # frames per VAE encoder call inside the step (memory only)
+    o = t.objective = ml_collections.ConfigDict()
+    o.prediction_type = "v_prediction" if stage == "vsr" else "epsilon"  # VSR: the x4 upscaler's v-prediction
+    o.text_dropout = 0.1  # official code: captions dropped for classifier-free guidance with p = 0.1
+    o.image_loss_weight = 1.0  # base: alpha in L = L_video + alpha * L_image (paper; value not disclosed)
+    o.noise_level_max = 350  # vsr: low-res noise levels drawn from [0, this) (the x4 upscaler's max_noise_level)
+    t.log_every = 10  # steps between metrics.jsonl / TensorBoard / console lines
+    t.checkpoint_every = 1000  # steps between (async) checkpoints; the last step and a preemption always save
+    t.keep = 3  # checkpoints kept (the newest)
+    t.keep_every = 0  # also keep every n-th step's checkpoint; 0 = none
+    # per-device peak TFLOP/s for the MFU column; 0 = from the device kind (TPU v4/v5e/v5p/v6e, H100/H200, A100)
+    t.peak_tflops = 0.0
+    if variant == "tiny":  # CPU: exact float32, fast feedback
+        t.compute_dtype = "float32"
+        t.num_steps = 200
+        t.optimizer.lr = 1e-3
+        t.optimizer.warmup_steps = 20
+        t.ema.decay = 0.99
+        t.log_every = 10
+        t.checkpoint_every = 50
+        t.encoders = "random"
+    return t

@@ -13,21 +13,19 @@ transformers `config.json` for the VAE and text encoder. A pipeline directory ho
     DIR/unet/  DIR/vae/  DIR/text_encoder/  (component directories)   DIR/tokenizer/  (CLIPTokenizer files)
 
 `write_params` saves `(path, array)` pairs in groups of about `group_bytes` with orbax's partial saves, so writing
-holds one group in memory whatever the model size. `atomic_directory` builds a directory in a hidden sibling and
-renames it into place at the end: a failed write leaves nothing behind, and an existing directory is replaced
-only when asked.
+holds one group in memory whatever the model size. Write a whole directory with
+`lavie_jax.safe_io.atomic_directory(output, CHECKPOINTS, overwrite=...)`: it is built in a hidden sibling and renamed
+into place at the end, so a failed write leaves nothing behind. `CHECKPOINTS` is how a directory is recognised as
+one of ours: `lavie_checkpoint.json` with format "lavie-jax" and a known kind, and nothing else at the top level but
+what that kind is written with (`params/`; a pipeline's component directories, themselves recognised the same way,
+and `tokenizer/`). Only such a directory (or an empty one) is ever replaced, and only with `overwrite`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
-import functools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,12 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lavie_jax.convert.keymap import check_keys
+from lavie_jax.keycheck import check_keys
 from lavie_jax.models.arch import arch_from_config
 from lavie_jax.models.clip import CLIPTextEncoder, abstract_text_encoder
-from lavie_jax.models.unet import UNet3D
+from lavie_jax.models.unet import UNet3D, abstract_unet
 from lavie_jax.models.vae import AutoencoderKL, abstract_vae
 from lavie_jax.parallel import DEFAULT_RULES, Rules, state_shardings
+from lavie_jax.safe_io import Ownership, atomic_directory
 
 FORMAT, FORMAT_VERSION = "lavie-jax", 1
 METADATA_FILE = "lavie_checkpoint.json"
@@ -67,53 +66,16 @@ def _orbax():
 
 # ------------------------------------------------------------------------------------------------ directories
 
-def _remove(path: Path) -> None:
-    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-
-
-@contextlib.contextmanager
-def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh hidden sibling of `output` to fill; on success it is renamed to `output`, on error removed.
-
-    Raises FileExistsError up front if `output` exists and `overwrite` is False. With `overwrite`, the old
-    directory is moved aside before the rename and deleted after, so a crash never leaves neither.
-    """
-    output = Path(output).absolute()
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass --overwrite (overwrite=True) to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would outlive the rename
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if output.exists() or output.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.rename(output, old / output.name)
-    os.rename(tmp, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+# What lavie-convert writes, and so may replace: kind -> top-level entries besides the metadata file.
+CHECKPOINTS = Ownership(
+    what="lavie-jax checkpoint directory", writer="lavie-convert", marker=METADATA_FILE, fields={"format": FORMAT},
+    layouts={**{kind: {PARAMS_DIR: None} for kind in COMPONENT_KINDS},
+             "pipeline": {**{kind: (kind,) for kind in COMPONENT_KINDS}, "tokenizer": None}})
 
 
 def write_metadata(directory: Path, kind: str, **fields: Any) -> dict[str, Any]:
     """Write `lavie_checkpoint.json` (format, version, kind, creation time and `fields`); returns the dict."""
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **fields}
-    (Path(directory) / METADATA_FILE).write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
-    return meta
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    return CHECKPOINTS.write_marker(directory, kind, format_version=FORMAT_VERSION, **fields)
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
@@ -300,31 +262,17 @@ def _config_of(model: nnx.Module) -> tuple[str, dict[str, Any]]:
     raise TypeError(f"cannot save a {type(model).__name__}: expected UNet3D, AutoencoderKL or CLIPTextEncoder")
 
 
-@functools.lru_cache(maxsize=8)
-def _abstract_split(kind: str, config_json: str, dtype_name: str, attention_impl: str | None):
-    config, dtype = json.loads(config_json), jnp.dtype(dtype_name)
-    if kind == "unet":
-        arch = arch_from_config(config)
-        model = nnx.eval_shape(lambda: UNet3D(arch, rngs=nnx.Rngs(0), dtype=dtype, attention_impl=attention_impl))
-    elif kind == "vae":
-        model = abstract_vae(config, dtype=dtype)
-    elif kind == "text_encoder":
-        model = abstract_text_encoder(config, dtype=dtype)
-    else:
-        raise CheckpointError(f"unknown component kind {kind!r}; expected one of {COMPONENT_KINDS}")
-    return nnx.split(model)
-
-
 def abstract_component(kind: str, config: Mapping[str, Any], *, dtype=jnp.float32,
                        attention_impl: str | None = None) -> nnx.Module:
-    """A fresh model of `kind` from its stored config, with `jax.ShapeDtypeStruct` leaves (no memory).
-
-    Tracing a model's construction takes seconds, so the abstract structure is cached per config and each call
-    returns a new module (its own Variables) merged from the cache.
-    """
-    key = json.dumps(dict(config), sort_keys=True, default=_json_default)
-    graphdef, state = _abstract_split(kind, key, jnp.dtype(dtype).name, attention_impl)
-    return nnx.merge(graphdef, state, copy=True)
+    """A fresh model of `kind` from its stored config, with `jax.ShapeDtypeStruct` leaves (no memory), built by the
+    model's own abstract builder (which caches the traced structure per config)."""
+    if kind == "unet":
+        return abstract_unet(arch_from_config(config), dtype=dtype, attention_impl=attention_impl)
+    if kind == "vae":
+        return abstract_vae(config, dtype=dtype)
+    if kind == "text_encoder":
+        return abstract_text_encoder(config, dtype=dtype)
+    raise CheckpointError(f"unknown component kind {kind!r}; expected one of {COMPONENT_KINDS}")
 
 
 def write_component(directory: Path, kind: str, config: Mapping[str, Any], leaves: Iterable[tuple[Any, np.ndarray]],
@@ -342,7 +290,7 @@ def save_model(model: nnx.Module, directory: str | os.PathLike, *, stage: str | 
     kind, config = _config_of(model)
     if kind == "unet":
         stage = stage or model.arch.stage
-    with atomic_directory(directory, overwrite=overwrite) as tmp:
+    with atomic_directory(directory, CHECKPOINTS, overwrite=overwrite) as tmp:
         write_component(tmp, kind, config, model_leaves(model), stage=stage, source=source)
     return Path(directory)
 

@@ -26,38 +26,37 @@ from absl import app, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from lavie_jax.models import OFFICIAL_PARAM_COUNTS, arch_from_config, build_unet, param_count
+from lavie_jax import stages
+from lavie_jax.diffusion import add_noise
+from lavie_jax.models import OFFICIAL_PARAM_COUNTS, arch_from_config, param_count
+from lavie_jax.sampling.pipeline import random_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/base.py:tiny.",
                                           lock_config=True)
 
 
-def _downsample(video: np.ndarray, factor: int) -> np.ndarray:
-    """Area-downsample `[B, F, H, W, C]` by `factor` (pixels stand in for VAE latents until the VAE lands)."""
-    b, f, h, w, c = video.shape
-    v = video[:, :, : h // factor * factor, : w // factor * factor]
-    return v.reshape(b, f, h // factor, factor, w // factor, factor, c).mean((3, 5))
-
-
-def _stage_inputs(stage: str, arch, batch: dict, rng: np.random.Generator):
-    """Channels-last UNet inputs of `stage` at latent size from a data batch: 4 noisy latent channels, plus
-    interpolation's conditioning (key frame k repeated at positions 4k-1..4k+2) or VSR's low-res RGB."""
-    if stage == "vsr":
-        cond = np.asarray(batch["lr"], np.float32)  # [B, F, h, w, 3]: low-res frames are at latent size
-    elif stage == "interpolation":
-        keys = _downsample(np.asarray(batch["key_frames"], np.float32), 8)  # [B, 16, h, w, 3]
-        n = np.asarray(batch["video"]).shape[1]
-        cond = keys[:, [min((j + 1) // 4, keys.shape[1] - 1) for j in range(n)]]
-        cond = np.concatenate([cond, cond[..., :1]], -1)  # 3 pixel channels padded to 4 latent channels
-    else:  # base: the clip's frames, then its K still images (joint image-video batch)
-        frames = [np.asarray(batch["video"], np.float32)] + ([np.asarray(batch["images"], np.float32)]
-                                                            if "images" in batch else [])
-        cond = _downsample(np.concatenate(frames, 1), 8)[..., :0]
-    b, f, h, w, _ = cond.shape
-    x = np.concatenate([rng.standard_normal((b, f, h, w, 4)).astype(np.float32), cond], -1)
-    text = rng.standard_normal((b, 77, arch.cross_attention_dim)).astype(np.float32)
-    labels = np.full((b,), 50, np.int32) if arch.num_class_embeds else None
-    return x, np.full((b,), 500, np.int32), text, labels
+def _stage_inputs(stage: str, pipeline, batch: dict, rng: np.random.Generator):
+    """The stage's UNet inputs from a data batch, assembled as training and sampling assemble them
+    (`lavie_jax.stages`): the clip's latents from the pipeline's VAE, noised at t = 500, plus interpolation's
+    key-frame latents or VSR's noised low-res frames (level 50, also the class label)."""
+    vae = pipeline.vae
+    pixels = batch["hr"] if stage == "vsr" else batch["video"]
+    images = 0
+    if stage == "base" and "images" in batch:  # joint image-video batch: the clip's frames, then its K stills
+        pixels, images = np.concatenate([pixels, batch["images"]], 1), batch["images"].shape[1]
+    latents = vae.encode(jnp.asarray(pixels, jnp.float32)).mean * vae.scaling_factor
+    noisy = add_noise(latents, rng.standard_normal(latents.shape), 0.7, 0.7)  # q(x_t | x_0) at some t
+    condition = None
+    if stage == "interpolation":
+        keys = vae.encode(jnp.asarray(batch["key_frames"], jnp.float32)).mean * vae.scaling_factor
+        condition = stages.key_frame_condition(keys)
+    elif stage == "vsr":
+        lr = jnp.asarray(batch["lr"], jnp.float32)
+        condition = stages.low_res_condition(lr, rng.standard_normal(lr.shape), 0.99541, 0.09569)
+    x = stages.unet_sample(stage, noisy, condition)
+    text = rng.standard_normal((x.shape[0], 77, pipeline.unet.arch.cross_attention_dim)).astype(np.float32)
+    labels = np.full((x.shape[0],), 50, np.int32) if stage == "vsr" else None
+    return x, np.full((x.shape[0],), 500, np.int32), text, labels, images
 
 
 def run_stage(config, data_dir: str) -> None:
@@ -74,9 +73,9 @@ def run_stage(config, data_dir: str) -> None:
     print(f"  data ({config.data.dataset}): first batch in {time.perf_counter() - t0:.1f}s: {shapes}")
     if "caption" in batch:
         print(f"  captions: {list(batch['caption'])[:2]}")
-    model = build_unet(arch, seed=0, dtype=jnp.dtype(config.model.dtype), attention_impl=config.model.attention_impl)
-    x, t, text, labels = _stage_inputs(stage, arch, batch, np.random.default_rng(0))
-    images = np.asarray(batch["images"]).shape[1] if stage == "base" and "images" in batch else 0
+    pipeline = random_pipeline(config)
+    model = pipeline.unet
+    x, t, text, labels, images = _stage_inputs(stage, pipeline, batch, np.random.default_rng(0))
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a, num_image_frames=images))
     t0 = time.perf_counter()

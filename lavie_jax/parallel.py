@@ -1,13 +1,22 @@
 """Device mesh, logical-axis rules and shardings (the only place that knows mesh axis names).
 
 Mesh axes are `('data', 'fsdp', 'context', 'tensor')`; sizes come from the config (`mesh.shape`, one entry may be
--1 = all remaining devices). Params carry logical axis names (see `lavie_jax.models.layers`); a rules table maps them
-to mesh axes, e.g. `(('embed', 'fsdp'), ('heads', 'tensor'), ...)`. A dimension whose size the mesh axes do not
-divide stays replicated instead of failing, so one rules table serves every model size.
+-1 = all remaining devices). Params carry logical axis names (see `lavie_jax.models.layers`) and the models mark
+their activations with logical names at block boundaries (`constrain`); one rules table in the config maps both to
+mesh axes, e.g. `(('embed', 'fsdp'), ('heads', 'tensor'), ('activation_frames', 'context'), ...)`. A dimension the
+mesh axes of its rule do not divide cannot follow the rule: a param dimension then stays replicated and an
+activation dimension unconstrained, and the first time each such case comes up it is logged (once), so a
+misfitting rules table or mesh is seen rather than silently ignored.
+
+What the axes do: 'fsdp' and 'data' split the batch (`BATCH_AXES`); 'fsdp' also shards params (and optimizer
+state) over model channels; 'tensor' shards attention heads, MLP and conv output channels; 'context' splits the
+frames of every video activation (`activation_frames`), so one long clip's activations spread over devices (GSPMD
+gathers what temporal layers and frame-pooled norms need).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -18,12 +27,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also shards params
+# The batch is split over both; fsdp also shards params. The order matters: XLA's SPMD partitioner swaps row
+# blocks of a matmul whose rows are split over (A, B) and whose weight's output dim is split over the minor axis B
+# (tests/test_xla_cpu_sharding_repro.py). With 'fsdp' major, no weight is ever split over the minor axis.
+BATCH_AXES = ("fsdp", "data")
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
-# Default rules: FSDP over the model-channel dims, tensor parallelism over attention heads / MLP / conv outputs.
-DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+# Default rules: FSDP over the model-channel dims, tensor parallelism over attention heads / MLP / conv outputs;
+# activations `[B, F, H, W, C]`: batch over the batch axes, frames over 'context'.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("conv_in", "fsdp"),
     ("heads", "tensor"),
@@ -33,7 +46,13 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("time_embed", None),
     ("classes", None),
     ("norm", None),
+    ("activation_batch", BATCH_AXES),
+    ("activation_frames", "context"),
 )
+ACTIVATION_VIDEO = ("activation_batch", "activation_frames", None, None, None)  # names of a [B, F, H, W, C] array
+
+_log = logging.getLogger(__name__)
+_reported: set[tuple] = set()
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -61,8 +80,14 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1, 1), devices: Sequence[jax.Device
                          devices=devices)
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
-    """Map logical axis names to a PartitionSpec; replicate dims the mesh axes do not divide, never reuse an axis."""
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh | jax.sharding.AbstractMesh,
+                    rules: Rules, *, unfit=None) -> P:
+    """Map logical axis names to a PartitionSpec by the rules; never uses a mesh axis twice.
+
+    A dim whose rule names mesh axes that do not divide it gets `unfit` (None = replicated, for params; activations
+    pass `P.UNCONSTRAINED`), logged once per (name, size, axes). Dims without a name, or whose rule maps to no
+    axis of size > 1, get None.
+    """
     table = dict(rules)
     used: set[str] = set()
     spec = []
@@ -70,12 +95,38 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
         target = table.get(name) if name is not None else None
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
-        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+        if not axes:
+            spec.append(None)
+            continue
+        ways = math.prod(mesh.shape[a] for a in axes)
+        if size % ways == 0:
             used.update(axes)
             spec.append(axes[0] if len(axes) == 1 else axes)
-        else:
-            spec.append(None)
+            continue
+        key = (name, int(size), axes)
+        if key not in _reported:
+            _reported.add(key)
+            _log.warning("sharding rule %r -> %s cannot split a dimension of size %d over %d devices; it stays %s "
+                         "(reported once; change the mesh shape or the config's sharding rules to fit)", name,
+                         axes if len(axes) > 1 else axes[0], size, ways,
+                         "replicated" if unfit is None else "unconstrained")
+        spec.append(unfit)
     return P(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules) -> jax.Array:
+    """`x` with a sharding constraint from its logical dim `names` and `rules`, under the mesh of `jax.set_mesh`.
+
+    Only splits are imposed: a dim whose rule gives mesh axes is split over them, every other dim is left to the
+    compiler (`P.UNCONSTRAINED`). The identity without rules or outside a mesh context (plain calls, tests).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    spec = logical_to_spec(names, x.shape, mesh, rules, unfit=P.UNCONSTRAINED)
+    if all(s is None or s is P.UNCONSTRAINED for s in spec):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(*(P.UNCONSTRAINED if s is None else s for s in spec)))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
@@ -147,6 +198,8 @@ def to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a batch-leading array: dim 0 split over ('data', 'fsdp'), the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, axes: str | Sequence[str] = BATCH_AXES) -> NamedSharding:
+    """Sharding of a batch-leading array: dim 0 split over `axes` (default `BATCH_AXES`, the one batch layout of
+    sampling, training and the input pipeline), the rest replicated."""
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))

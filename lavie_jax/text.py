@@ -15,8 +15,9 @@ import functools
 import gzip
 import importlib.util
 import os
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,6 +36,9 @@ NUM_MERGES = 48894  # 49408 tokens = 256 bytes + 256 end-of-word bytes + merges 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # (importable package, file inside it) shipping the CLIP BPE; found without importing the package (it needs torch).
 BPE_SOURCES = (("clip", BPE_FILE), ("open_clip", BPE_FILE))
+# The input pipeline tokenizes captions on several reader threads (grain), and a transformers fast tokenizer applies
+# its padding / truncation settings to the shared Rust object for the duration of a call.
+_TOKENIZER_LOCK = threading.Lock()
 INSTALL_HINT = ("pip install openai-clip==1.0.1 (it ships the CLIP BPE file), or pass the `tokenizer/` folder of a "
                 "Stable Diffusion model")
 
@@ -116,8 +120,9 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: str | Sequence[str], *, max_leng
     tokens were dropped, as Stable Diffusion pipelines do.
     """
     items = _as_prompt_list(prompts, "prompts")
-    ids = tokenizer(items, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
-    full = tokenizer(items, add_special_tokens=False, verbose=False)["input_ids"]
+    with _TOKENIZER_LOCK:  # a fast tokenizer keeps its padding / truncation settings per call: not thread-safe
+        ids = tokenizer(items, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
+        full = tokenizer(items, add_special_tokens=False, verbose=False)["input_ids"]
     for i, toks in enumerate(full):
         dropped = len(toks) + 2 - max_length
         if dropped > 0:
@@ -138,13 +143,15 @@ def _last_hidden_state(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array)
 
 
 def encode_prompts(text_encoder: CLIPTextEncoder, tokenizer: CLIPTokenizer, prompts: str | Sequence[str],
-                   negative_prompts: str | Sequence[str] | None = None, *, batch_size: int | None = None
-                   ) -> PromptEmbeddings:
+                   negative_prompts: str | Sequence[str] | None = None, *, batch_size: int | None = None,
+                   put: Callable[[np.ndarray], jax.Array] = jnp.asarray) -> PromptEmbeddings:
     """Prompts (and negative prompts) -> CLIP last hidden states `[N, 77, D]`, in one jitted batch.
 
     A single negative prompt string applies to every prompt; a list must match the prompts one to one. `None` means
     no classifier-free guidance (`uncond` is None); the base stage's default negative prompt is "" (empty string).
     `batch_size` bounds the rows per encoder call (the last call is padded so one compiled shape serves all).
+    `put` places each call's token ids `[rows, 77]` (e.g. replicated on a mesh, with a text encoder whose params are
+    there too: the embeddings are then computed, and stay, on the mesh).
     """
     items = _as_prompt_list(prompts, "prompts")
     rows = list(items)
@@ -164,7 +171,7 @@ def encode_prompts(text_encoder: CLIPTextEncoder, tokenizer: CLIPTokenizer, prom
     step = batch_size or len(ids)
     pad = -len(ids) % step
     padded = np.concatenate([ids, np.repeat(ids[-1:], pad, axis=0)]) if pad else ids
-    out = jnp.concatenate([_last_hidden_state(graphdef, state, jnp.asarray(padded[i:i + step]))
+    out = jnp.concatenate([_last_hidden_state(graphdef, state, put(padded[i:i + step]))
                            for i in range(0, len(padded), step)])[:len(ids)]
     n = len(items)
     return PromptEmbeddings(cond=out[:n], uncond=out[n:] if negative_prompts is not None else None)

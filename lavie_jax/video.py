@@ -1,7 +1,7 @@
 """The project's video files: write and read mp4 (libx264 through imageio-ffmpeg) and gif (pillow).
 
 Frames are channels-last uint8 arrays `[F, H, W, 3]` everywhere. Model outputs in [-1, 1] go through
-`to_uint8` first, the same rounding LaVie applies after VAE decoding: `((x / 2 + 0.5) * 255 + 0.5)` clamped.
+`to_uint8` first, the rule LaVie applies after VAE decoding (rounding; the VSR stage truncates: `lavie_jax.stages`).
 
 Both directions run the static ffmpeg binary that imageio-ffmpeg ships, one subprocess per file. Decoding can pick
 strided frames, resample the frame rate, resize + center crop and stop after N frames inside ffmpeg, so a training
@@ -25,6 +25,8 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence
 
+from lavie_jax import stages
+
 
 class VideoReadError(RuntimeError):
     """A video file could not be opened or decoded (corrupt, truncated, not a video)."""
@@ -40,10 +42,10 @@ class VideoInfo:
     width: int
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Float frames in [-1, 1] (any shape) -> uint8 in [0, 255], rounded as LaVie's decoders do."""
-    x = np.asarray(x, np.float32)
-    return np.clip((x / 2 + 0.5) * 255 + 0.5, 0, 255).astype(np.uint8)
+def to_uint8(x: np.ndarray, stage: str = "base") -> np.ndarray:
+    """Float frames in [-1, 1] (any shape) -> uint8 in [0, 255] by the stage's official rule (`stages.to_uint8`:
+    base and interpolation round, VSR truncates)."""
+    return np.asarray(stages.to_uint8(np.asarray(x, np.float32), stage))
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:

@@ -34,3 +34,16 @@ def test_to_global_and_back():
 
 def test_failed_processes_on_one_process():
     assert failed_processes(False) == [] and failed_processes(True) == [0]
+
+
+def test_a_rule_that_cannot_apply_is_reported_once(caplog):
+    from lavie_jax.parallel import DEFAULT_RULES, logical_to_spec
+
+    mesh = make_mesh((1, 8, 1, 1))
+    with caplog.at_level("WARNING", logger="lavie_jax.parallel"):
+        for _ in range(3):
+            spec = logical_to_spec(("conv_in", "conv_out"), (12, 16), mesh, DEFAULT_RULES)
+    assert spec == P(None, None)  # 12 channels do not split 8 ways: replicated ('conv_out' -> tensor is 1)
+    reports = [r for r in caplog.records if "'conv_in' -> fsdp cannot split a dimension of size 12" in r.message]
+    assert len(reports) == 1
+    assert logical_to_spec(("conv_in",), (16,), mesh, DEFAULT_RULES) == P("fsdp")

@@ -6,10 +6,13 @@
     lavie-convert pipeline --stage base --checkpoint lavie_base.pt --sd-dir stable-diffusion-v1-4 --output ckpt/base
     lavie-convert pipeline --stage vsr --checkpoint lavie_vsr.pt --x4-dir stable-diffusion-x4-upscaler --output ckpt/vsr
     lavie-convert export --checkpoint ckpt/base --output lavie_base.safetensors
+    lavie-convert export --checkpoint runs/base --output lavie_base.pt        # a lavie-train work directory (EMA)
 
 `lavie` writes a UNet directory; `sd`, `x4` and `pipeline` write pipeline directories (UNet, VAE, text encoder,
-tokenizer); `lavie_jax.checkpoints.load_unet` / `load_pipeline` read both. Every output directory is written
-atomically and never replaces an existing one without `--overwrite`. Weights stream one tensor at a time; torch is
+tokenizer); `lavie_jax.checkpoints.load_unet` / `load_pipeline` read both. Every path is checked before any work.
+Every output is written atomically; `--overwrite` replaces an existing output only if lavie-convert wrote it (a
+checkpoint directory holding nothing else, or an exported file carrying our metadata), never anything else.
+SIGTERM and Ctrl-C leave nothing partial behind. Weights stream one tensor at a time; torch is
 needed only for `.pt`/`.bin` pickles (`pip install 'lavie-jax[convert]'`). The same steps are importable as
 `convert_lavie`, `convert_sd`, `convert_x4` and `convert_pipeline`.
 """
@@ -19,27 +22,32 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lavie_jax.checkpoints import (DEFAULT_GROUP_BYTES, PIPELINE_COMPONENTS, CheckpointError, abstract_component,
-                                   atomic_directory, write_component, write_metadata)
-from lavie_jax.convert.export import export_checkpoint
+from lavie_jax.checkpoints import (CHECKPOINTS, DEFAULT_GROUP_BYTES, PIPELINE_COMPONENTS, CheckpointError,
+                                   abstract_component, write_component, write_metadata)
+from lavie_jax.convert.export import check_export_output, export_checkpoint
 from lavie_jax.convert.inflate import check_source, inflate_state_dict, stage_unet_config
-from lavie_jax.convert.keymap import KeyMismatchError, param_paths, torch_shapes
+from lavie_jax.convert.keymap import param_paths, torch_shapes
 from lavie_jax.convert.state_dict import check_rotary, check_state_dict, iter_flax_params
 from lavie_jax.convert.torch_files import WeightFile, WeightFileError, find_weights, open_weights, read_json
+from lavie_jax.keycheck import KeyMismatchError
 from lavie_jax.models.arch import STAGES, ConfigError, arch_from_config
 from lavie_jax.models.clip import canonical_clip_state_dict
 from lavie_jax.models.official import official_unet_config
 from lavie_jax.models.vae import canonical_vae_state_dict
+from lavie_jax.safe_io import Terminated, atomic_directory, check_input, check_output_directory, terminate_as_interrupt
 
 # Which diffusers folder gives a stage's VAE / text encoder / tokenizer, and the tokenizer's pad flavour.
 COMPONENT_SOURCE = {"base": ("sd", "sd14"), "interpolation": ("sd", "sd14"), "vsr": ("x4", "x4")}
 CANONICAL = {"vae": canonical_vae_state_dict, "text_encoder": canonical_clip_state_dict}
+MAX_GROUP_MB = 1 << 16  # 64 GiB per group: beyond any host's memory, so a larger value is a typo
+MAX_SEED = 2 ** 31 - 1  # the new temporal layers' seed goes through jax as an int32
 
 
 class Reporter:
@@ -169,7 +177,7 @@ def convert_lavie(checkpoint: str | Path, output: str | Path, *, stage: str, une
     """An official LaVie UNet checkpoint (.pt with or without {'ema': ...}, .bin, .safetensors) -> UNet directory."""
     _check_stage(stage)
     report = report or Reporter()
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    with atomic_directory(output, CHECKPOINTS, overwrite=overwrite) as tmp:
         _write_lavie_unet(tmp, checkpoint, stage=stage, unet_config=unet_config, trust_pickle=trust_pickle,
                           report=report, group_bytes=group_bytes)
     report.say(f"wrote {output}")
@@ -196,12 +204,21 @@ def convert_x4(model_dir: str | Path, output: str | Path, *, seed: int = 0, over
 def _convert_2d(model_dir: Path, output: str | Path, stage: str, seed: int, overwrite: bool, trust_pickle: bool,
                 report: Reporter, group_bytes: int) -> Path:
     kw = dict(trust_pickle=trust_pickle, report=report, group_bytes=group_bytes)
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    with atomic_directory(output, CHECKPOINTS, overwrite=overwrite) as tmp:
         _write_pipeline(tmp, stage, lambda d: _write_inflated_unet(d, model_dir, stage=stage, seed=seed, **kw),
                         model_dir, source={"command": "sd" if stage != "vsr" else "x4",
                                            "model_dir": str(model_dir.absolute())}, **kw)
     report.say(f"wrote {output}")
     return Path(output)
+
+
+def _component_folder(stage: str, sd_dir: str | Path | None, x4_dir: str | Path | None) -> tuple[str, str | Path]:
+    """(flag, folder) the `stage`'s VAE, text encoder and tokenizer come from; ConfigError if it was not given."""
+    flag, folder = ("--x4-dir", x4_dir) if COMPONENT_SOURCE[stage][0] == "x4" else ("--sd-dir", sd_dir)
+    if folder is None:
+        raise ConfigError(f"the {stage} stage takes its VAE and text encoder from "
+                          f"{'the x4 upscaler' if stage == 'vsr' else 'Stable Diffusion v1.x'}: pass {flag}")
+    return flag, folder
 
 
 def convert_pipeline(checkpoint: str | Path, output: str | Path, *, stage: str, sd_dir: str | Path | None = None,
@@ -212,21 +229,32 @@ def convert_pipeline(checkpoint: str | Path, output: str | Path, *, stage: str, 
     (vsr) -> one self-contained pipeline directory."""
     _check_stage(stage)
     report = report or Reporter()
-    folder = x4_dir if COMPONENT_SOURCE[stage][0] == "x4" else sd_dir
-    if folder is None:
-        flag = "--x4-dir" if stage == "vsr" else "--sd-dir"
-        raise ConfigError(f"the {stage} stage takes its VAE and text encoder from "
-                          f"{'the x4 upscaler' if stage == 'vsr' else 'Stable Diffusion v1.x'}: pass {flag}")
+    folder = _component_folder(stage, sd_dir, x4_dir)[1]
     if stage == "vsr" and sd_dir is not None:
         report.say("note: --sd-dir is not used by the vsr stage (its VAE and text encoder come from --x4-dir)")
     kw = dict(trust_pickle=trust_pickle, report=report, group_bytes=group_bytes)
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    with atomic_directory(output, CHECKPOINTS, overwrite=overwrite) as tmp:
         _write_pipeline(tmp, stage, lambda d: _write_lavie_unet(d, checkpoint, stage=stage, unet_config=unet_config,
                                                                  **kw),
                         Path(folder), source={"command": "pipeline", "checkpoint": str(Path(checkpoint).absolute())},
                         **kw)
     report.say(f"wrote {output}")
     return Path(output)
+
+
+def _bounded_int(low: int, high: int, unit: str) -> Callable[[str], int]:
+    """An argparse `type` accepting whole numbers in [low, high]; argparse names the flag in its error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number{unit}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}{unit}, got {value}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,16 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", required=True, help=checkpoint)
         if model_dir:
             p.add_argument("--model-dir", required=True, help="folder with unet/, vae/, text_encoder/, tokenizer/")
-            p.add_argument("--seed", type=int, default=0, help="seed of the new temporal layers")
+            p.add_argument("--seed", type=_bounded_int(0, MAX_SEED, ""), default=0,
+                           help="seed of the new temporal layers (0 to 2^31-1)")
         if name != "export":
             p.add_argument("--trust-pickle", action="store_true", help="allow .pt/.bin pickles holding Python "
                            "objects besides tensors (runs code from the file)")
         p.add_argument("--output", required=True, help=output_help)
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing output lavie-convert wrote (anything else is never replaced)")
         p.add_argument("--quiet", action="store_true", help="no progress output")
         p.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
-        p.add_argument("--group-mb", type=int, default=DEFAULT_GROUP_BYTES >> 20,
-                       help="MB converted and written per group: bounds memory (default %(default)s)")
+        p.add_argument("--group-mb", type=_bounded_int(1, MAX_GROUP_MB, " (MB per group)"),
+                       default=DEFAULT_GROUP_BYTES >> 20,
+                       help=f"MB converted and written per group, 1 to {MAX_GROUP_MB}: bounds memory "
+                            "(default %(default)s)")
         return p
 
     config_help = "diffusers-style UNet config JSON (default: the stage's official one)"
@@ -268,15 +300,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--x4-dir", help="x4-upscaler folder (VAE, text encoder, tokenizer of vsr)")
     p.add_argument("--unet-config", help=config_help)
     p = add("export", "lavie-jax directory -> official PyTorch names (.safetensors, .pt, .bin)",
-            checkpoint="UNet, VAE, text-encoder or pipeline directory",
+            checkpoint="UNet, VAE, text-encoder or pipeline directory, or a lavie-train work directory",
             output_help="output file: .safetensors, .pt (a UNet as {'ema': state_dict}, as LaVie's scripts load) "
                         "or .bin")
     p.add_argument("--component", default="unet", choices=("unet", "vae", "text_encoder"),
                    help="which model of a pipeline directory (default %(default)s)")
+    p.add_argument("--params", default="ema", choices=("ema", "raw"),
+                   help="a lavie-train work directory: the EMA of the trained params, or the raw ones (default "
+                        "%(default)s)")
     return parser
 
 
+def _check_folder(path: str, flag: str, subfolders: Sequence[str], what: str) -> None:
+    folder = check_input(path, flag=flag, directory=True)
+    missing = [f"{s}/" for s in subfolders if not (folder / s).is_dir()]
+    if missing:
+        raise WeightFileError(f"{flag} {path} has no {', '.join(missing)}: pass {what} (with "
+                              f"{', '.join(s + '/' for s in subfolders)})")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Every path argument of a parsed command line, before any work: inputs exist and are readable, the output
+    can be written (and replaced, if it exists: see `lavie_jax.safe_io`). Errors name the flag."""
+    if args.command == "pipeline":  # a missing flag first: it is the usage error
+        flag, folder = _component_folder(args.stage, args.sd_dir, args.x4_dir)
+        what = "the x4-upscaler folder" if flag == "--x4-dir" else "a diffusers Stable Diffusion v1.x folder"
+        _check_folder(folder, flag, ("vae", "text_encoder"), what)
+    if args.command in ("lavie", "pipeline"):
+        check_input(args.checkpoint, flag="--checkpoint")
+    if getattr(args, "unet_config", None) is not None:
+        check_input(args.unet_config, flag="--unet-config")
+    if args.command in ("sd", "x4"):
+        what = "a diffusers Stable Diffusion v1.x folder" if args.command == "sd" else "the x4-upscaler folder"
+        _check_folder(args.model_dir, "--model-dir", ("unet", "vae", "text_encoder"), what)
+    if args.command == "export":
+        check_input(args.checkpoint, flag="--checkpoint", directory=True)
+        check_export_output(args.output, overwrite=args.overwrite)
+    else:
+        check_output_directory(args.output, CHECKPOINTS, overwrite=args.overwrite)
+
+
 def _run(args: argparse.Namespace) -> None:
+    check_paths(args)
     report = Reporter(quiet=args.quiet)
     kw = dict(overwrite=args.overwrite, report=report, group_bytes=args.group_mb << 20)
     if args.command == "lavie":
@@ -291,12 +356,13 @@ def _run(args: argparse.Namespace) -> None:
                          unet_config=args.unet_config, trust_pickle=args.trust_pickle, **kw)
     else:
         info = export_checkpoint(args.checkpoint, args.output, component=args.component, overwrite=args.overwrite,
-                                 group_bytes=args.group_mb << 20, meter=report.meter)
+                                 group_bytes=args.group_mb << 20, ema=args.params == "ema", meter=report.meter)
         report.say(f"wrote {info['output']}: {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit status (0 ok, 1 conversion error, 2 usage error)."""
+    """Console entry point; returns the exit status (0 ok, 1 conversion error, 2 usage error, 130 Ctrl-C,
+    143 SIGTERM)."""
     args = build_parser().parse_args(argv)
     try:
         import absl.logging  # orbax logs routine warnings through absl
@@ -305,15 +371,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        _run(args)
+        with terminate_as_interrupt():  # SIGTERM cleans up as Ctrl-C does
+            _run(args)
     except (WeightFileError, KeyMismatchError, CheckpointError, ConfigError, OSError, ValueError) as e:
         if args.traceback:
             raise
         print(f"lavie-convert {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("lavie-convert: terminated (SIGTERM); no partial output was left behind", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("lavie-convert: interrupted; no output was written", file=sys.stderr)
-        return 130
+        print("lavie-convert: interrupted; no partial output was left behind", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 

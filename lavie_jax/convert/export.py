@@ -6,27 +6,37 @@
 - `.pt` / `.bin`: `torch.save` of the state dict, a UNet's wrapped as `{'ema': state_dict}` in `.pt` (the layout
   LaVie's sample scripts read). Needs torch and holds the whole state dict in memory.
 UNets get their rotary `freqs` buffers back, recomputed, as the official modules expect.
+
+Each export carries a mark of its origin, which is what lets `--overwrite` replace it later (and nothing else):
+`lavie_kind` / `lavie_stage` in a safetensors header's `__metadata__`, a `lavie_export.json` record inside a torch
+zip archive (torch's loaders ignore records they do not read). The output path is checked before any work.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lavie_jax.checkpoints import (DEFAULT_GROUP_BYTES, abstract_component, check_stored_params, component_dir,
-                                   iter_stored_params, read_metadata)
+from lavie_jax import workdir as workdirs
+from lavie_jax.checkpoints import (DEFAULT_GROUP_BYTES, CheckpointError, abstract_component, check_stored_params,
+                                   component_dir, iter_stored_params, read_metadata)
 from lavie_jax.convert.keymap import param_paths, rotary_freq_keys, to_torch_layout, torch_key
-from lavie_jax.convert.torch_files import INSTALL_TORCH, SAFETENSORS_DTYPES, WeightFileError
+from lavie_jax.convert.torch_files import INSTALL_TORCH, MAX_HEADER_BYTES, SAFETENSORS_DTYPES, WeightFileError
+from lavie_jax.keycheck import check_keys
+from lavie_jax.models.arch import arch_from_config
 from lavie_jax.models.embeddings import rotary_frequencies
+from lavie_jax.safe_io import FileOwnership, OutputPathError, atomic_file, check_output_file
 
 Entry = tuple[str, tuple[int, ...], np.dtype]  # (key, shape, dtype)
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+EXPORT_SUFFIXES = (".safetensors", ".pt", ".bin")
+TORCH_RECORD = "lavie_export.json"  # our record inside a torch.save zip archive
 
 
 def safetensors_header(entries: Sequence[Entry], metadata: dict[str, str] | None = None) -> bytes:
@@ -46,35 +56,87 @@ def safetensors_header(entries: Sequence[Entry], metadata: dict[str, str] | None
 def write_safetensors(path: str | os.PathLike, entries: Sequence[Entry], values: Iterable[tuple[str, np.ndarray]], *,
                       metadata: dict[str, str] | None = None,
                       progress: Callable[[int, int], None] | None = None) -> int:
-    """Write a safetensors file tensor by tensor; `values` must yield `(key, array)` in `entries` order.
+    """Write a new safetensors file tensor by tensor; `values` must yield `(key, array)` in `entries` order.
 
-    Written to a hidden temporary file and renamed at the end (atomic). Returns the file size.
+    `path` must not exist (FileExistsError: this never replaces a file; `export_checkpoint` writes into a
+    `safe_io.atomic_file` temporary). On error the partial file is removed. Returns the file size.
     """
     path = Path(path)
-    with _atomic_file(path) as tmp, open(tmp, "wb") as f:
-        f.write(safetensors_header(entries, metadata))
-        done = written = 0
-        for (key, shape, dtype), (got_key, value) in zip(entries, values, strict=True):
-            value = np.asarray(value)
-            if got_key != key or value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
-                raise ValueError(f"write_safetensors: expected {key} {list(shape)} {np.dtype(dtype)}, got "
-                                 f"{got_key} {list(value.shape)} {value.dtype}")
-            f.write(np.ascontiguousarray(value).data)
-            done, written = done + 1, written + value.nbytes
-            if progress is not None:
-                progress(done, written)
+    with open(path, "xb") as f:
+        try:
+            f.write(safetensors_header(entries, metadata))
+            done = written = 0
+            for (key, shape, dtype), (got_key, value) in zip(entries, values, strict=True):
+                value = np.asarray(value)
+                if got_key != key or value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
+                    raise ValueError(f"write_safetensors: expected {key} {list(shape)} {np.dtype(dtype)}, got "
+                                     f"{got_key} {list(value.shape)} {value.dtype}")
+                f.write(np.ascontiguousarray(value).data)
+                done, written = done + 1, written + value.nbytes
+                if progress is not None:
+                    progress(done, written)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
     return path.stat().st_size
 
 
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a hidden temporary sibling of `path`; renamed to `path` on success, deleted on error."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _why_not_our_export(path: Path) -> str | None:
+    """None if `path` is a file `export_checkpoint` wrote (it carries our mark), else why it is not. The format is
+    sniffed, not taken from the name (the temporary file being written has none)."""
     try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with open(path, "rb") as f:
+            head = f.read(9)
+            if head[:4] == b"PK\x03\x04":
+                header = None
+            elif len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= MAX_HEADER_BYTES:
+                f.seek(8)
+                header = json.loads(f.read(int.from_bytes(head[:8], "little")))
+            else:
+                return "it is neither a safetensors file nor a torch zip archive"
+        if header is not None:
+            meta = header.get("__metadata__") if isinstance(header, dict) else None
+            if not isinstance(meta, dict) or "lavie_kind" not in meta:
+                return "its safetensors header has no lavie-jax metadata"
+            return None
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, ValueError, UnicodeDecodeError, zipfile.BadZipFile) as e:
+        return f"it cannot be read as a weight file ({e})"
+    if not any(n.rsplit("/", 1)[-1] == TORCH_RECORD for n in names):
+        return f"it is a torch archive without our {TORCH_RECORD} record"
+    return None
+
+
+EXPORTS = FileOwnership(what="a file written by lavie-convert export", writer="lavie-convert",
+                        recognise=_why_not_our_export)
+
+
+def check_export_output(output: str | os.PathLike, *, overwrite: bool = False, flag: str = "--output") -> Path:
+    """Every check on an export output before any work: its suffix, where it goes, and that an existing file is
+    one we exported (replaced only with `overwrite`). Raises OutputPathError naming `flag`."""
+    output = Path(output)
+    if output.suffix not in EXPORT_SUFFIXES:
+        raise OutputPathError(f"export {flag} {output} must end in .safetensors, .pt or .bin")
+    check_output_file(output, EXPORTS, overwrite=overwrite, flag=flag)
+    return output
+
+
+def _official_layout(model: Any, kind: str) -> tuple[dict, list[Entry], dict[str, np.ndarray]]:
+    """({param path: (official key, leaf)}, entries in file order, extra buffers) of a model's state dict."""
+    vsr = kind == "unet" and model.arch.stage == "vsr"
+    names = {tuple(str(p) for p in path): (torch_key(path, vsr_names=vsr), str(path[-1]))
+             for path, _ in param_paths(model)}
+    shapes = dict(param_paths(model))
+    entries: list[Entry] = []
+    for path, shape in sorted(shapes.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        key, leaf = names[tuple(map(str, path))]
+        entries.append((key, to_torch_layout(np.empty(shape, np.uint8), leaf).shape, np.dtype(np.float32)))
+    extra = {}
+    if kind == "unet":
+        extra = {k: rotary_frequencies(model.arch.rotary_dim, model.arch.rotary_theta) for k in rotary_freq_keys(model)}
+        entries += [(k, v.shape, v.dtype) for k, v in extra.items()]
+    return names, entries, extra
 
 
 def torch_state_stream(directory: str | os.PathLike, *, group_bytes: int = DEFAULT_GROUP_BYTES
@@ -86,18 +148,7 @@ def torch_state_stream(directory: str | os.PathLike, *, group_bytes: int = DEFAU
     meta = read_metadata(directory)
     model = abstract_component(meta["kind"], meta["config"])
     check_stored_params(directory, model)
-    vsr = meta["kind"] == "unet" and model.arch.stage == "vsr"
-    names = {tuple(str(p) for p in path): (torch_key(path, vsr_names=vsr), str(path[-1]))
-             for path, _ in param_paths(model)}
-    shapes = dict(param_paths(model))
-    entries: list[Entry] = []
-    for path, shape in sorted(shapes.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        key, leaf = names[tuple(map(str, path))]
-        entries.append((key, to_torch_layout(np.empty(shape, np.uint8), leaf).shape, np.dtype(np.float32)))
-    extra = {}
-    if meta["kind"] == "unet":
-        extra = {k: rotary_frequencies(model.arch.rotary_dim, model.arch.rotary_theta) for k in rotary_freq_keys(model)}
-        entries += [(k, v.shape, v.dtype) for k, v in extra.items()]
+    names, entries, extra = _official_layout(model, meta["kind"])
 
     def stream() -> Iterator[tuple[str, np.ndarray]]:
         for path, value in iter_stored_params(directory, group_bytes=group_bytes):
@@ -108,29 +159,56 @@ def torch_state_stream(directory: str | os.PathLike, *, group_bytes: int = DEFAU
     return entries, stream(), meta
 
 
+def workdir_state_stream(directory: str | os.PathLike, *, ema: bool = True
+                         ) -> tuple[list[Entry], Iterator[tuple[str, np.ndarray]], dict[str, Any]]:
+    """`torch_state_stream` of the UNet of a `lavie-train` work directory's latest complete checkpoint (the EMA of
+    the trained params by default), so weights trained here load into the official LaVie code."""
+    step, config, params = workdirs.read_params(directory, ema=ema)
+    model = abstract_component("unet", arch_from_config(config["unet"], config["stage"]).to_dict())
+    expected = {".".join(map(str, p)): s for p, s in param_paths(model)}
+    check_keys(expected, {k: v.shape for k, v in params.items()}, what=f"training checkpoint {directory} (step {step})")
+    names, entries, extra = _official_layout(model, "unet")
+
+    by_key = {key: (".".join(path), leaf) for path, (key, leaf) in names.items()}
+
+    def stream() -> Iterator[tuple[str, np.ndarray]]:  # in entry order
+        for key, _, _ in entries:
+            if key in extra:
+                yield key, extra[key]
+            else:
+                name, leaf = by_key[key]
+                yield key, np.ascontiguousarray(to_torch_layout(params[name], leaf))
+
+    meta = {"kind": "unet", "stage": config["stage"], "step": step, "params": "ema" if ema else "raw"}
+    return entries, stream(), meta
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, *, component: str = "unet",
-                      group_bytes: int = DEFAULT_GROUP_BYTES, overwrite: bool = False,
+                      group_bytes: int = DEFAULT_GROUP_BYTES, overwrite: bool = False, ema: bool = True,
                       meter: Callable[[str, int, int], Callable[[int, int], None]] | None = None) -> dict[str, Any]:
-    """Export one component (default: the UNet) of a component or pipeline directory.
+    """Export one component (default: the UNet) of a component or pipeline directory, or the UNet of a
+    `lavie-train` work directory (its EMA params, or the raw ones with `ema=False`).
 
     `.safetensors` and `.bin` hold the bare state dict, a UNet's `.pt` `{'ema': state_dict}`. `meter(label, tensors,
     bytes)` may return a `(tensors done, bytes done)` progress callback. Returns {"output", "tensors", "bytes",
     "kind", "stage"}.
     """
-    output = Path(output)
-    if output.suffix not in (".safetensors", ".pt", ".bin"):
-        raise ValueError(f"export output {output} must end in .safetensors, .pt or .bin")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
-    directory = component_dir(checkpoint, component)
-    entries, stream, meta = torch_state_stream(directory, group_bytes=group_bytes)
+    output = check_export_output(output, overwrite=overwrite)
+    if workdirs.is_workdir(checkpoint):
+        if component != "unet":
+            raise CheckpointError(f"{checkpoint} is a lavie-train work directory: it holds a trained UNet only; its "
+                                  "VAE and text encoder are those of the pipeline directory it trained with")
+        entries, stream, meta = workdir_state_stream(checkpoint, ema=ema)
+    else:
+        entries, stream, meta = torch_state_stream(component_dir(checkpoint, component), group_bytes=group_bytes)
     total = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in entries)
     progress = meter("export", len(entries), total) if meter is not None else None
     info = {"output": str(output), "tensors": len(entries), "kind": meta["kind"], "stage": meta.get("stage")}
-    output.parent.mkdir(parents=True, exist_ok=True)
+    tags = {"lavie_kind": meta["kind"], "lavie_stage": str(meta.get("stage"))}
     if output.suffix == ".safetensors":
-        tags = {"format": "pt", "lavie_kind": meta["kind"], "lavie_stage": str(meta.get("stage"))}
-        info["bytes"] = write_safetensors(output, entries, stream, metadata=tags, progress=progress)
+        with atomic_file(output, EXPORTS, overwrite=overwrite) as tmp:
+            write_safetensors(tmp, entries, stream, metadata={"format": "pt", **tags}, progress=progress)
+        info["bytes"] = output.stat().st_size
         return info
     try:
         import torch
@@ -142,7 +220,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
         done += value.nbytes
         if progress is not None:
             progress(len(state), done)
-    with _atomic_file(output) as tmp:
+    with atomic_file(output, EXPORTS, overwrite=overwrite) as tmp:
         torch.save({"ema": state} if output.suffix == ".pt" and meta["kind"] == "unet" else state, tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:  # our mark, beside torch's data.pkl (torch ignores it)
+            prefix = archive.namelist()[0].rsplit("/", 1)[0]
+            archive.writestr(f"{prefix}/{TORCH_RECORD}", json.dumps({"format": "lavie-jax", **tags}))
     info["bytes"] = output.stat().st_size
     return info

@@ -21,9 +21,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lavie_jax.convert.keymap import (KeyMismatchError, check_keys, param_paths, rotary_freq_keys, to_torch_layout,
-                                      torch_key, torch_shapes)
+from lavie_jax.convert.keymap import param_paths, rotary_freq_keys, to_torch_layout, torch_key, torch_shapes
 from lavie_jax.convert.torch_files import LazyTensor
+from lavie_jax.keycheck import KeyMismatchError, check_keys
 from lavie_jax.models.arch import UNetArch
 from lavie_jax.models.embeddings import rotary_frequencies
 from lavie_jax.models.unet import UNet3D

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lavie_jax.convert.keymap import (KeyMismatchError, check_keys, param_paths, rotary_freq_keys, to_flax_layout,
-                                      to_torch_layout, torch_key, torch_shapes)
+from lavie_jax.convert.keymap import (param_paths, rotary_freq_keys, to_flax_layout, to_torch_layout, torch_key,
+                                      torch_shapes)
+from lavie_jax.keycheck import KeyMismatchError, check_keys
 from lavie_jax.models.embeddings import rotary_frequencies
 
 

@@ -2,7 +2,7 @@
 
     from lavie_jax import data
     it = data.make_iterator(data.default_data_config('base'))
-    batch = data.make_global_batch(next(it), mesh, 'data')
+    batch = data.make_global_batch(next(it), mesh)  # batch split over the mesh's ('fsdp', 'data') axes
     from lavie_jax.data import precompute; precompute.precompute(config, encode_video, encode_text, name=...)
 
 Modules: pipeline (config + grain stream), examples (per-stage random maps), sources (opening datasets, reading

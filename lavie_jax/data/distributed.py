@@ -13,7 +13,9 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+
+from lavie_jax.parallel import BATCH_AXES, batch_sharding
 
 
 def shard_options(
@@ -59,18 +61,14 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
-def batch_sharding(mesh: Mesh, data_axes: str | Sequence[str] = "data") -> NamedSharding:
-    """Leading (batch) dimension split over `data_axes`, everything else replicated."""
-    axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
-    return NamedSharding(mesh, PartitionSpec(axes if len(axes) > 1 else axes[0]))
-
-
-def make_global_batch(batch: Mapping[str, Any], mesh: Mesh, data_axes: str | Sequence[str] = "data") -> dict[str, Any]:
+def make_global_batch(batch: Mapping[str, Any], mesh: Mesh, data_axes: str | Sequence[str] = BATCH_AXES
+                      ) -> dict[str, Any]:
     """Local numpy batch {key: [B_local, ...]} -> {key: global jax.Array [B_local * processes, ...]}.
 
     Numeric arrays go through `jax.make_array_from_process_local_data` with the batch dimension sharded over
-    data_axes (e.g. 'data' or ('data', 'fsdp')). Strings (captions) cannot become jax arrays and stay host-local numpy;
-    tokenize them in the pipeline (make_dataset's `tokenize`) to get them onto devices.
+    data_axes (default `lavie_jax.parallel.BATCH_AXES`, the one batch layout; or e.g. 'data'). Strings (captions)
+    cannot become jax arrays and stay host-local numpy; tokenize them in the pipeline (make_dataset's `tokenize`)
+    to get them onto devices.
     """
     sharding = batch_sharding(mesh, data_axes)
     out = {}

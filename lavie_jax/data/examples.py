@@ -22,6 +22,7 @@ import grain
 import numpy as np
 
 from lavie_jax.data import sources, transforms
+from lavie_jax.stages import KEY_FRAME_STRIDE
 
 Example = dict[str, Any]
 
@@ -100,7 +101,7 @@ class InterpolationExamples:
 
     clip: ClipSpec
     reader: sources.VideoReader
-    key_frame_stride: int = 4
+    key_frame_stride: int = KEY_FRAME_STRIDE
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> Example:
         video = self.clip.read(self.reader, record, rng)
@@ -148,7 +149,7 @@ class LatentExamples:
 
     stage: str
     output_dtype: str = "float32"
-    key_frame_stride: int = 4
+    key_frame_stride: int = KEY_FRAME_STRIDE
     images_source: grain.MapDataset | None = None  # latent records to draw image latents from (base)
     images_per_clip: int = 0
 

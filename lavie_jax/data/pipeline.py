@@ -3,7 +3,7 @@
     data = default_data_config('base')               # moving_shapes, prepared on first use
     it = make_iterator(data)                           # this process's shard (jax.process_index/count)
     batch = next(it)                                   # {'video': [B_local, 16, 320, 512, 3] in [-1, 1], ...}
-    arrays = distributed.make_global_batch(batch, mesh, 'data')
+    arrays = distributed.make_global_batch(batch, mesh)  # batch over parallel.BATCH_AXES
     state = it.get_state(); ...; it.set_state(state)   # exact resume (grain.checkpoint.CheckpointSave/Restore)
 
 The stream: records of this process's contiguous shard -> shuffled per epoch (seeded) -> repeated -> one random
@@ -37,7 +37,8 @@ Fields of `data` (all read here or by sources.py):
                         are brought to before the patch crop, 0 = keep the stored size.
   width                 output frame width, likewise.
   resize_method         'bilinear' | 'bicubic' | 'area' | 'lanczos'.
-  key_frame_stride      interpolation: key frames are video[::key_frame_stride] (61 frames -> 16 keys).
+  key_frame_stride      interpolation: key frames are video[::key_frame_stride] (61 frames -> 16 keys); fixed
+                        at 4 by the stage's conditioning rule (lavie_jax.stages.KEY_FRAME_STRIDE).
   patch_size            vsr: high-res patch side, pixels.
   scale                 vsr: super-resolution factor; the low-res side is patch_size / scale.
   blur_sigma_max        vsr: Gaussian blur sigma drawn from [0, max) before downsampling.
@@ -64,8 +65,8 @@ import ml_collections
 import numpy as np
 
 from lavie_jax.data import distributed, examples, sources
+from lavie_jax.stages import KEY_FRAME_STRIDE, STAGES
 
-STAGES = ("base", "interpolation", "vsr")
 
 
 def default_data_config(stage: str) -> ml_collections.ConfigDict:
@@ -126,7 +127,7 @@ def default_data_config(stage: str) -> ml_collections.ConfigDict:
             "height": 0 if vsr else 320,
             "width": 0 if vsr else 512,
             "resize_method": "bilinear",
-            "key_frame_stride": 4,
+            "key_frame_stride": KEY_FRAME_STRIDE,
             "patch_size": 320,
             "scale": 4,
             "blur_sigma_max": 0.0,
@@ -155,6 +156,11 @@ def check_config(data: ml_collections.ConfigDict) -> None:
         )
     if data.num_frames < 1 or data.frame_stride < 1:
         raise ValueError("data.num_frames and data.frame_stride must be >= 1")
+    if data.stage == "interpolation" and data.key_frame_stride != KEY_FRAME_STRIDE:
+        raise ValueError(
+            f"data.key_frame_stride={data.key_frame_stride}: the interpolation stage makes 4K - 3 frames from K key "
+            f"frames (one key every {KEY_FRAME_STRIDE} frames; lavie_jax.stages), so it must be {KEY_FRAME_STRIDE}"
+        )
     if data.stage == "interpolation" and (data.num_frames - 1) % data.key_frame_stride:
         raise ValueError(
             f"interpolation clips need (num_frames - 1) % key_frame_stride == 0 so the last frame is a key "

@@ -14,23 +14,44 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 from lavie_jax.data import builder_utils, image_text, moving_shapes, video_text
+from lavie_jax.safe_io import OutputPathError, Terminated, check_location, terminate_as_interrupt
 
+PROG = "python -m lavie_jax.data.prepare"
 _DATASETS = {
-    "video_text": (video_text.builder, video_text.VideoTextConfig),
-    "image_text": (image_text.builder, image_text.ImageTextConfig),
-    "moving_shapes": (moving_shapes.builder, moving_shapes.MovingShapesConfig),
+    "video_text": (video_text.builder, video_text.VideoTextConfig, video_text.VideoText),
+    "image_text": (image_text.builder, image_text.ImageTextConfig, image_text.ImageText),
+    "moving_shapes": (moving_shapes.builder, moving_shapes.MovingShapesConfig, moving_shapes.MovingShapes),
 }
+# folders of the files a table names; the tables themselves are the builder's TABLE_FIELDS
+_FOLDER_FIELDS = ("video_dir", "image_dir")
+# numbers that must be at least 1 (every other number must be at least 0); sizes of the generated videos too
+_POSITIVE = {"num_workers", "num_videos", "num_frames", "max_frames"}
+_POSITIVE_BY_DATASET = {"moving_shapes": {"height", "width", "fps"}}
+
+
+class UsageError(ValueError):
+    """A bad command line: the message names the flag and what it takes."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block + exit
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lavie_jax.data.prepare", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="dataset", required=True)
-    for name, (_, config_cls) in _DATASETS.items():
+    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--traceback", action="store_true", help="on an error, print the Python traceback too")
+    sub = parser.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
+    for name, (_, config_cls, _) in _DATASETS.items():
         p = sub.add_parser(name, help=f"{name} (fields of {config_cls.__name__})")
         p.add_argument("--data_dir", default=None, help="tfds data_dir (default: tfds' ~/tensorflow_datasets)")
+        p.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if name != "moving_shapes":
             p.add_argument("--name", default="webvid" if name == "video_text" else "laion", help="config name prefix")
         for field, default in builder_utils.config_params(config_cls(name="defaults")).items():
@@ -38,16 +59,73 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _check(dataset: str, args: dict[str, Any]) -> None:
+    """Every check that needs no file to be read: required tables, paths that exist, numbers in range."""
+    builder_cls = _DATASETS[dataset][2]
+    tables = getattr(builder_cls, "TABLE_FIELDS", ()) if issubclass(builder_cls, builder_utils.TableBuilder) else ()
+    if tables and not args[tables[0]]:
+        raise UsageError(f"{dataset} needs --{tables[0]} PATH, the metadata table (CSV or parquet) of its rows")
+    for field in tables:
+        path = Path(args[field]) if args[field] else None
+        if path is not None and not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise UsageError(f"--{field} {path} {what}; pass the path of the CSV or parquet table")
+    for field in _FOLDER_FIELDS:
+        if args.get(field) and not Path(args[field]).is_dir():
+            what = "is a file" if Path(args[field]).exists() else "does not exist"
+            raise UsageError(f"--{field} {args[field]} {what}; pass the folder the table's paths are relative to")
+    positive = _POSITIVE | _POSITIVE_BY_DATASET.get(dataset, set())
+    for field, value in args.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low = 1 if field in positive else 0
+            if value < low:
+                raise UsageError(f"--{field} {value}: expected {'a positive' if low else 'a non-negative'} number")
+    if args.get("data_dir"):
+        check_location(args["data_dir"], flag="--data_dir")
+
+
+def _prepare(argv: Sequence[str] | None) -> None:
     args = vars(_parser().parse_args(argv))
+    args.pop("traceback", None)
     dataset = args.pop("dataset")
-    make, _ = _DATASETS[dataset]
+    _check(dataset, args)
+    make = _DATASETS[dataset][0]
     builder = make(args.pop("data_dir"), **args)
     existed = builder_utils.is_prepared(builder)
     builder_utils.prepare(builder)
     print(f"{dataset} ready at {builder.data_dir}", file=sys.stderr)
     if existed:
         print("(it was prepared before with these settings; no rows were read)", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Prepare one dataset; returns the exit status: 0 done, 2 bad input (one message on stderr saying what and
+    how to fix it; --traceback adds the traceback), 1 an unexpected failure, 130 / 143 interrupted."""
+    show_traceback = "--traceback" in (sys.argv[1:] if argv is None else argv)
+
+    def fail(message: str, status: int) -> int:
+        if show_traceback:
+            traceback.print_exc()
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+        return status
+
+    with terminate_as_interrupt():
+        try:
+            _prepare(argv)
+        except KeyboardInterrupt as e:
+            terminated = isinstance(e, Terminated)
+            return fail(f"{'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'}; run the same command "
+                        "again to prepare the dataset from the start", 143 if terminated else 130)
+        except (UsageError, OutputPathError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                PermissionError) as e:
+            return fail(f"error: {e}", 2)
+        except ValueError as e:  # the builders' checks of settings and tables (header, every row skipped)
+            return fail(f"error: {e}", 2)
+        except OSError as e:
+            return fail(f"error: {e} (--traceback shows where)", 1)
+        except Exception as e:
+            return fail(f"unexpected error: {type(e).__name__}: {e} (a bug if the inputs are fine: please report "
+                        "it with the output of --traceback)", 1)
     return 0
 
 

@@ -11,8 +11,8 @@ so sampling an official checkpoint follows the official trajectory, not merely t
 
 A `Sampler` is a static `SamplerSpec` (hashable: a jit static argument) plus `tables`, a dict of `[num_steps]`
 float32 arrays in the order the steps run: `timestep` (what the model receives), `input_div` (the model sees
-`x / input_div`) and the scalars of the sampler's rule (listed in `step`). `sample_loop` runs all steps as one
-`lax.scan` over the rows.
+`x / input_div`) and the scalars of the sampler's rule (listed in `step`). `sample_loop` runs a stretch of steps
+(all of them by default) as one `lax.scan` over the rows.
 
 Samplers (the names the stage configs use):
 - 'ddpm': diffusers' ancestral DDPM with the `fixed_small` variance; the previous timestep is the next one in the
@@ -195,28 +195,32 @@ ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (scaled x, t
 NoiseFn = Callable[[jax.Array], jax.Array]  # step index -> noise shaped like x
 
 
-def sample_loop(spec: SamplerSpec, tables: Mapping[str, jax.Array], x_init: jax.Array, model_fn: ModelFn,
-                noise_fn: NoiseFn | None = None, callback: Callable[[jax.Array], None] | None = None) -> jax.Array:
-    """Run every step of a sampler as one `lax.scan` (call it inside `jax.jit`): returns x after the last step.
+def sample_loop(spec: SamplerSpec, tables: Mapping[str, jax.Array], x: jax.Array, model_fn: ModelFn,
+                noise_fn: NoiseFn | None = None, *, start: jax.Array | int = 0, num_steps: int | None = None
+                ) -> jax.Array:
+    """Run steps `start .. start + num_steps - 1` of a sampler (default: all) as one `lax.scan`, inside `jax.jit`.
 
-    `x_init` is the starting sample, already multiplied by `spec.init_noise_sigma`; `model_fn(x / input_div, t, i)`
-    predicts epsilon or v; `noise_fn(i)` gives step i's fresh noise (stochastic samplers only); `callback(i)` runs on
-    the host after step i (an unordered `jax.debug.callback`: progress bars; works on multi-device meshes).
+    `x` is the sample before step `start` (before step 0: the initial noise, already multiplied by
+    `spec.init_noise_sigma`); `model_fn(x / input_div, t, i)` predicts epsilon or v; `noise_fn(i)` gives step i's
+    fresh noise (stochastic samplers only). `start` may be traced, so one compiled program runs any stretch of
+    `num_steps` steps: callers that must stay interruptible run the loop a few steps per call.
     """
     if spec.stochastic and noise_fn is None:
         raise ValueError(f"the {spec.name} sampler is stochastic: pass noise_fn")
     tables = {k: jnp.asarray(v, jnp.float32) for k, v in tables.items()}
-    num_steps = tables["timestep"].shape[0]
+    total = tables["timestep"].shape[0]
+    num_steps = total if num_steps is None else num_steps
+    if not 1 <= num_steps <= total:
+        raise ValueError(f"num_steps must be in 1..{total}, got {num_steps}")
+    index = jnp.asarray(start, jnp.int32) + jnp.arange(num_steps, dtype=jnp.int32)
+    rows = {k: jnp.take(v, index) for k, v in tables.items()}
 
     def body(x, inputs):
         i, row = inputs
         out = model_fn(x / row["input_div"], row["timestep"], i).astype(jnp.float32)
-        x = step(spec, row, x, out, noise_fn(i) if spec.stochastic else None)
-        if callback is not None:
-            jax.debug.callback(callback, i)
-        return x, None
+        return step(spec, row, x, out, noise_fn(i) if spec.stochastic else None), None
 
-    x, _ = jax.lax.scan(body, x_init.astype(jnp.float32), (jnp.arange(num_steps), tables))
+    x, _ = jax.lax.scan(body, x.astype(jnp.float32), (index, rows))
     return x
 
 

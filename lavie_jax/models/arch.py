@@ -19,10 +19,19 @@ Every unknown key, and every known key with a value we do not implement, is an e
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from typing import Any
 
-STAGES = ("base", "interpolation", "vsr")
+from lavie_jax.stages import STAGES
+
+
+# GroupNorm (groups, eps) of VSR's temporal resnets: Transformer3DModel.resblock_temporal and both resnets of
+# TemporalModule3D. The official code builds them with the ResnetBlock3D(CNN) constructor defaults, not with the
+# UNet config's norm_num_groups/norm_eps, so these values hold whatever the config says (`validate` checks that the
+# channels there divide into 32 groups).
+VSR_TEMPORAL_NORM: tuple[int, float] = (32, 1e-6)
 
 
 class ConfigError(ValueError):
@@ -141,17 +150,84 @@ class UNetArch:
         return {"__lavie_arch__": 1, **dataclasses.asdict(self)}
 
 
-def _per_block(value: Any, n: int, field: str, kind: type) -> tuple:
+def _bad_type(field: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"UNet config field '{field}': expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _as_int(field: str, value: Any) -> int:
+    """An integer (an integral float such as 2.0 is taken as 2); bools, fractions and strings are errors."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise _bad_type(field, value, "an integer")
+
+
+def _as_float(field: str, value: Any) -> float:
+    """A finite int or float; bools and strings are errors."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise _bad_type(field, value, "a finite number")
+
+
+def _as_bool(field: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _bad_type(field, value, "true or false")
+
+
+def _as_str(field: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise _bad_type(field, value, "a string")
+
+
+_NAMES = {_as_int: "integers", _as_float: "numbers", _as_bool: "booleans", _as_str: "strings"}
+_ONE = {_as_int: "an integer", _as_float: "a number", _as_bool: "a boolean", _as_str: "a string"}
+
+
+def _as_list(field: str, value: Any, item: Callable[[str, Any], Any]) -> tuple:
+    """A list/tuple whose entries each pass `item` (e.g. `_as_int`)."""
+    if not isinstance(value, (list, tuple)):
+        raise _bad_type(field, value, f"a list of {_NAMES[item]}")
+    try:
+        return tuple(item(field, v) for v in value)
+    except ConfigError:
+        raise _bad_type(field, value, f"a list of {_NAMES[item]}") from None
+
+
+def _per_block(value: Any, n: int, field: str, item: Callable[[str, Any], Any]) -> tuple:
+    """One value for every block, or a list of `n` (one per down block)."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise ConfigError(f"UNet config field '{field}': expected {n} entries (one per down block), got {len(value)}")
-        out = tuple(value)
-    else:
-        out = (value,) * n
-    for v in out:
-        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-            raise ConfigError(f"UNet config field '{field}': expected {kind.__name__} values, got {v!r}")
-    return out
+        return _as_list(field, value, item)
+    try:
+        return (item(field, value),) * n
+    except ConfigError:
+        raise _bad_type(field, value, f"{_ONE[item]} or a list of {n} {_NAMES[item]}") from None
+
+
+# Scalar fields of the config (and of UNetArch), by type; lists are handled where they are read.
+_INT_FIELDS = ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups",
+               "downsample_padding", "rotary_dim", "relative_position_buckets", "relative_position_max_distance",
+               "temporal_module_kernel", "temporal_conv_kernel")
+_FLOAT_FIELDS = ("norm_eps", "freq_shift", "mid_block_scale_factor", "rotary_theta")
+_BOOL_FIELDS = ("flip_sin_to_cos", "use_linear_projection", "center_input_sample", "transformer_temporal_conv",
+                "mid_temporal", "use_first_frame")
+_SCALAR = {**{f: _as_int for f in _INT_FIELDS}, **{f: _as_float for f in _FLOAT_FIELDS},
+           **{f: _as_bool for f in _BOOL_FIELDS}}
+
+
+def _optional_int(field: str, value: Any) -> int | None:
+    return None if value is None else _as_int(field, value)
+
+
+def _get(cfg: Mapping[str, Any], field: str, default: Any = dataclasses.MISSING) -> Any:
+    """`cfg[field]` checked and converted by its type (`_SCALAR`); `default` (unchecked) when absent."""
+    if field not in cfg:
+        return _require(cfg, field, default)
+    return _SCALAR[field](field, cfg[field])
 
 
 def _require(cfg: Mapping[str, Any], field: str, default: Any = dataclasses.MISSING) -> Any:
@@ -171,7 +247,9 @@ def _temporal_module_options(cfg: Mapping[str, Any]) -> None:
     tm = cfg.get("temporal_module_config")
     if tm is None:
         return
-    types = tuple(tm.get("attention_block_types", ("", "")))
+    if not isinstance(tm, Mapping):
+        raise _bad_type("temporal_module_config", tm, "a mapping (JSON object) or null")
+    types = _as_list("temporal_module_config.attention_block_types", tm.get("attention_block_types", ("", "")), _as_str)
     if types != ("", ""):
         raise ConfigError(
             "UNet config field 'temporal_module_config.attention_block_types': only ['', ''] (no attention, as in the "
@@ -211,19 +289,19 @@ def arch_from_config(config: Mapping[str, Any], stage: str | None = None) -> UNe
         if key.startswith("_") or key in _IGNORED_FIELDS or key in diffusers_keys or key in known:
             continue
         if key in _FIXED_FIELDS:
-            if value not in _FIXED_FIELDS[key]:
+            if not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in _FIXED_FIELDS[key]):
                 raise ConfigError(f"UNet config field '{key}': value {value!r} is not supported by LaVie's UNet3D "
                                   f"(supported: {list(_FIXED_FIELDS[key])})")
             continue
         raise ConfigError(f"UNet config has an unknown field '{key}' (not a diffusers UNet2DConditionModel or LaVie "
                           "UNet3D key); remove it or fix its spelling")
 
-    block_out = tuple(_require(cfg, "block_out_channels"))
+    block_out = _as_list("block_out_channels", _require(cfg, "block_out_channels"), _as_int)
     n = len(block_out)
     if n < 2:
         raise ConfigError("UNet config field 'block_out_channels': need at least 2 levels")
-    down_types = tuple(_require(cfg, "down_block_types"))
-    up_types = tuple(_require(cfg, "up_block_types"))
+    down_types = _as_list("down_block_types", _require(cfg, "down_block_types"), _as_str)
+    up_types = _as_list("up_block_types", _require(cfg, "up_block_types"), _as_str)
     for field, types, table in (("down_block_types", down_types, _DOWN_TYPES), ("up_block_types", up_types, _UP_TYPES)):
         if len(types) != n:
             raise ConfigError(f"UNet config field '{field}': {len(types)} blocks but block_out_channels has {n}")
@@ -236,59 +314,58 @@ def arch_from_config(config: Mapping[str, Any], stage: str | None = None) -> UNe
     if up_attn != tuple(reversed(down_attn)):
         raise ConfigError("UNet config fields 'down_block_types'/'up_block_types': the up blocks must mirror the down "
                           f"blocks (cross-attention pattern {down_attn} reversed), got {up_attn}")
-    mid_type = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    mid_type = _as_str("mid_block_type", cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn"))
     if mid_type not in _MID_TYPES:
         raise ConfigError(f"UNet config field 'mid_block_type': {mid_type!r} is not supported; use one of {_MID_TYPES}")
 
-    heads = _per_block(_require(cfg, "attention_head_dim", 8), n, "attention_head_dim", int)
-    only_cross = _per_block(cfg.get("only_cross_attention", False), n, "only_cross_attention", bool)
-    groups = int(_require(cfg, "norm_num_groups", 32))
+    heads = _per_block(_require(cfg, "attention_head_dim", 8), n, "attention_head_dim", _as_int)
+    only_cross = _per_block(cfg.get("only_cross_attention", False), n, "only_cross_attention", _as_bool)
 
     opts = dict(_STAGE_PRESETS[stage])
     if "use_first_frame" in cfg:
         want = stage == "interpolation"
-        if bool(cfg["use_first_frame"]) != want:
+        if _get(cfg, "use_first_frame") != want:
             raise ConfigError(f"UNet config field 'use_first_frame': {cfg['use_first_frame']} does not match stage "
                               f"{stage!r} (LaVie sets it only for interpolation, whose attn1 is sparse-causal)")
     for key in _CHOICES:
         if key in cfg:
             _check_choice(key, cfg[key])
             opts[key] = cfg[key]
-    opts["transformer_temporal_conv"] = bool(cfg.get("transformer_temporal_conv", opts["transformer_temporal_conv"]))
+    opts["transformer_temporal_conv"] = _get(cfg, "transformer_temporal_conv", opts["transformer_temporal_conv"])
     _temporal_module_options(cfg)
     temporal_default = tuple(range(n)) if stage == "vsr" else ()
-    down_t = tuple(cfg.get("down_temporal_idx", temporal_default))
-    up_t = tuple(cfg.get("up_temporal_idx", temporal_default))
+    down_t = _as_list("down_temporal_idx", cfg.get("down_temporal_idx", temporal_default), _as_int)
+    up_t = _as_list("up_temporal_idx", cfg.get("up_temporal_idx", temporal_default), _as_int)
     for field, idx in (("down_temporal_idx", down_t), ("up_temporal_idx", up_t)):
-        if any(not isinstance(i, int) or not 0 <= i < n for i in idx):
+        if any(not 0 <= i < n for i in idx):
             raise ConfigError(f"UNet config field '{field}': indices must be block indices in [0, {n}), got {list(idx)}")
 
     arch = UNetArch(
         stage=stage,
-        in_channels=int(_require(cfg, "in_channels")),
-        out_channels=int(_require(cfg, "out_channels")),
+        in_channels=_get(cfg, "in_channels"),
+        out_channels=_get(cfg, "out_channels"),
         block_out_channels=block_out,
         down_has_attention=down_attn,
         up_has_attention=up_attn,
-        layers_per_block=int(_require(cfg, "layers_per_block", 2)),
+        layers_per_block=_get(cfg, "layers_per_block", 2),
         heads=heads,
         only_cross_attention=only_cross,
-        cross_attention_dim=int(_require(cfg, "cross_attention_dim")),
-        norm_num_groups=groups,
-        norm_eps=float(_require(cfg, "norm_eps", 1e-5)),
-        flip_sin_to_cos=bool(_require(cfg, "flip_sin_to_cos", True)),
-        freq_shift=float(_require(cfg, "freq_shift", 0)),
-        downsample_padding=int(_require(cfg, "downsample_padding", 1)),
-        mid_block_scale_factor=float(_require(cfg, "mid_block_scale_factor", 1.0)),
-        use_linear_projection=bool(cfg.get("use_linear_projection", False)),
-        center_input_sample=bool(cfg.get("center_input_sample", False)),
-        num_class_embeds=cfg.get("num_class_embeds"),
+        cross_attention_dim=_get(cfg, "cross_attention_dim"),
+        norm_num_groups=_get(cfg, "norm_num_groups", 32),
+        norm_eps=_get(cfg, "norm_eps", 1e-5),
+        flip_sin_to_cos=_get(cfg, "flip_sin_to_cos", True),
+        freq_shift=_get(cfg, "freq_shift", 0.0),
+        downsample_padding=_get(cfg, "downsample_padding", 1),
+        mid_block_scale_factor=_get(cfg, "mid_block_scale_factor", 1.0),
+        use_linear_projection=_get(cfg, "use_linear_projection", False),
+        center_input_sample=_get(cfg, "center_input_sample", False),
+        num_class_embeds=_optional_int("num_class_embeds", cfg.get("num_class_embeds")),
         down_temporal_idx=tuple(sorted(set(down_t))),
-        mid_temporal=bool(cfg.get("mid_temporal", stage == "vsr")),
+        mid_temporal=_get(cfg, "mid_temporal", stage == "vsr"),
         up_temporal_idx=tuple(sorted(set(up_t))),
-        **{k: cfg[k] for k in ("rotary_dim", "rotary_theta", "relative_position_buckets",
-                               "relative_position_max_distance", "temporal_module_kernel", "temporal_conv_kernel")
-           if k in cfg},
+        **{k: _get(cfg, k) for k in ("rotary_dim", "rotary_theta", "relative_position_buckets",
+                                     "relative_position_max_distance", "temporal_module_kernel",
+                                     "temporal_conv_kernel") if k in cfg},
         **opts,
     )
     validate(arch)
@@ -305,8 +382,46 @@ def _from_stored(cfg: dict[str, Any]) -> UNetArch:
     return arch
 
 
+_TUPLE_FIELDS = {"block_out_channels": "integers", "heads": "integers", "down_temporal_idx": "integers",
+                 "up_temporal_idx": "integers", "down_has_attention": "booleans", "up_has_attention": "booleans",
+                 "only_cross_attention": "booleans"}
+
+
+def _check_types(arch: UNetArch) -> None:
+    """Strict types of every field (a stored or hand-built arch skips `arch_from_config`'s conversions)."""
+    is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
+    for f in dataclasses.fields(arch):
+        v = getattr(arch, f.name)
+        if f.name in _INT_FIELDS and not is_int(v):
+            raise _bad_type(f.name, v, "an integer")
+        if f.name in _FLOAT_FIELDS:
+            _as_float(f.name, v)
+        if f.name in _BOOL_FIELDS:
+            _as_bool(f.name, v)
+        if f.name in _TUPLE_FIELDS:
+            want = is_int if _TUPLE_FIELDS[f.name] == "integers" else (lambda x: isinstance(x, bool))
+            if not isinstance(v, tuple) or not all(want(x) for x in v):
+                raise _bad_type(f.name, v, f"a list of {_TUPLE_FIELDS[f.name]}")
+    if arch.num_class_embeds is not None and not is_int(arch.num_class_embeds):
+        raise _bad_type("num_class_embeds", arch.num_class_embeds, "an integer or null")
+
+
+def _temporal_norm_channels(arch: UNetArch) -> list[tuple[str, int]]:
+    """(where, channels) of every layer normalised with `VSR_TEMPORAL_NORM`."""
+    c, n = arch.block_out_channels, arch.num_levels
+    out = []
+    if arch.transformer_temporal_conv:
+        out += [(f"resblock_temporal of block {i}", c[i]) for i in range(n) if arch.down_has_attention[i]]
+        out.append(("resblock_temporal of the mid block", c[-1]))
+    out += [(f"down temporal module {i}", c[i]) for i in arch.down_temporal_idx]
+    out += [("mid temporal module", c[-1])] if arch.mid_temporal else []
+    out += [(f"up temporal module {i}", c[n - 1 - i]) for i in arch.up_temporal_idx]
+    return out
+
+
 def validate(arch: UNetArch) -> None:
-    """Cross-field checks; raises ConfigError naming the field."""
+    """Type and cross-field checks; raises ConfigError naming the field."""
+    _check_types(arch)
     if arch.stage not in STAGES:
         raise ConfigError(f"UNet config field 'stage': got {arch.stage!r}; choose one of {STAGES}")
     for key in _CHOICES:
@@ -316,13 +431,19 @@ def validate(arch: UNetArch) -> None:
             raise ConfigError(f"UNet config field '{field}' must be positive, got {getattr(arch, field)}")
     if arch.downsample_padding not in (0, 1):
         raise ConfigError(f"UNet config field 'downsample_padding' must be 0 or 1, got {arch.downsample_padding}")
-    if arch.num_class_embeds is not None and (not isinstance(arch.num_class_embeds, int) or arch.num_class_embeds <= 0):
+    if arch.num_class_embeds is not None and arch.num_class_embeds <= 0:
         raise ConfigError(f"UNet config field 'num_class_embeds' must be a positive int or null, got "
                           f"{arch.num_class_embeds!r}")
     for i, c in enumerate(arch.block_out_channels):
         if c <= 0 or c % arch.norm_num_groups:
             raise ConfigError(f"UNet config field 'block_out_channels': {c} (block {i}) is not divisible by "
                               f"norm_num_groups={arch.norm_num_groups}")
+    groups = VSR_TEMPORAL_NORM[0]
+    for where, c in _temporal_norm_channels(arch):
+        if c % groups:
+            raise ConfigError(f"UNet config field 'block_out_channels': {c} channels at the {where} are not divisible "
+                              f"by {groups}, the GroupNorm group count LaVie's VSR temporal resnets always use "
+                              "(whatever norm_num_groups says)")
     if arch.rotary_dim <= 0 or arch.rotary_dim % 2:
         raise ConfigError(f"UNet config field 'rotary_dim' must be a positive even number, got {arch.rotary_dim}")
     if arch.temporal_conv_kernel % 2 == 0 or arch.temporal_module_kernel % 2 == 0:

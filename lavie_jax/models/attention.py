@@ -11,9 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lavie_jax.models.embeddings import apply_rotary, relative_position_buckets
 from lavie_jax.models.layers import Dense, Embed
+
+ATTENTION_OUTPUT = "attention_output"
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
@@ -21,10 +24,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
     """`q [N, T, h, d]`, `k, v [N, S, h, d]`, bias broadcastable to `[N, h, T, S]` -> `[N, T, h, d]`.
 
     Logits and softmax are float32 whatever the input dtype (jax.nn.dot_product_attention's XLA path; 'cudnn' on GPU).
+    The output is named `ATTENTION_OUTPUT` for rematerialisation policies.
     """
     if bias is not None:
         bias = bias.astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
+    return checkpoint_name(out, ATTENTION_OUTPUT)  # what the 'save_attention' remat policies keep
 
 
 def sparse_causal_context(t: jax.Array, num_frames: int, num_image_frames: int = 0) -> jax.Array:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lavie_jax.models.abstract import abstract_model
 from lavie_jax.models.arch import ConfigError
 from lavie_jax.models.attention import dot_product_attention
 from lavie_jax.models.layers import Dense, Embed, LayerNorm
@@ -200,7 +201,21 @@ def build_text_encoder(config: TextEncoderConfig | Mapping[str, Any] | str, *, s
 def abstract_text_encoder(config: TextEncoderConfig | Mapping[str, Any] | str, *, dtype=jnp.float32
                           ) -> CLIPTextEncoder:
     """The same module with `jax.ShapeDtypeStruct` leaves (no memory): for shapes, parameter counts and restores."""
-    return nnx.eval_shape(lambda: build_text_encoder(config, dtype=dtype))
+    cfg = text_encoder_config_from_dict(TEXT_ENCODER_CONFIGS[config] if isinstance(config, str) else config)
+    return abstract_model(("text_encoder", cfg, jnp.dtype(dtype).name), lambda: build_text_encoder(cfg, dtype=dtype))
+
+
+def text_encoder_config(name: str, width: int | None = None) -> dict[str, Any]:
+    """A named text encoder config: 'sd14', 'x4', or 'tiny', a 2-layer encoder of width `width` (the UNet's
+    cross-attention width) with the real 49,408-token vocabulary (so the real tokenizer works)."""
+    if name == "tiny":
+        if not width:
+            raise ValueError("the 'tiny' text encoder takes its width from the UNet: pass width")
+        return {**SD14_TEXT_ENCODER, "hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 2,
+                "num_attention_heads": 2}
+    if name not in TEXT_ENCODER_CONFIGS:
+        raise ValueError(f"unknown text encoder {name!r}; choose 'sd14', 'x4' or 'tiny'")
+    return TEXT_ENCODER_CONFIGS[name]
 
 
 def canonical_clip_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:

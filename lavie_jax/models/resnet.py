@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lavie_jax.models.arch import VSR_TEMPORAL_NORM
 from lavie_jax.models.layers import Conv, Dense, GroupNorm
 
 
@@ -98,15 +99,15 @@ class TemporalModule3D(nnx.Module):
     """LaVie VSR's temporal module: `x + shift_conv(resblocks_3d_s(resblocks_3d_t(x, temb), temb))`.
 
     resblocks_3d_t is a temporal resnet (conv1 `(k,1,1)`, conv2 `(3,1,1)`), resblocks_3d_s a spatial one; shift_conv is
-    a zero-initialised 1x1 conv, so the module starts as the identity. GN: 32 groups, eps 1e-6. `[B,F,H,W,C]` in/out;
-    image frames of a joint batch pass through unchanged.
+    a zero-initialised 1x1 conv, so the module starts as the identity. GN: `VSR_TEMPORAL_NORM` (32 groups, eps 1e-6)
+    unless overridden (unit tests only). `[B,F,H,W,C]` in/out; image frames of a joint batch pass through unchanged.
     """
 
-    def __init__(self, channels: int, *, rngs: nnx.Rngs, temb_channels: int, groups: int = 32, kernel: int = 5,
-                 dtype=jnp.float32):
-        self.resblocks_3d_t = ResnetBlock3D(channels, rngs=rngs, temb_channels=temb_channels, groups=groups,
+    def __init__(self, channels: int, *, rngs: nnx.Rngs, temb_channels: int, groups: int = VSR_TEMPORAL_NORM[0],
+                 eps: float = VSR_TEMPORAL_NORM[1], kernel: int = 5, dtype=jnp.float32):
+        self.resblocks_3d_t = ResnetBlock3D(channels, rngs=rngs, temb_channels=temb_channels, groups=groups, eps=eps,
                                             temporal_kernel=kernel, dtype=dtype)
-        self.resblocks_3d_s = ResnetBlock3D(channels, rngs=rngs, temb_channels=temb_channels, groups=groups,
+        self.resblocks_3d_s = ResnetBlock3D(channels, rngs=rngs, temb_channels=temb_channels, groups=groups, eps=eps,
                                             dtype=dtype)
         self.shift_conv = Conv(channels, channels, kernel_size=1, zero=True, rngs=rngs, dtype=dtype)
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lavie_jax.models.arch import UNetArch
+from lavie_jax.models.arch import VSR_TEMPORAL_NORM, UNetArch
 from lavie_jax.models.attention import Attention, TemporalAttention
 from lavie_jax.models.layers import Conv, Dense, GroupNorm, LayerNorm
 from lavie_jax.models.resnet import ResnetBlock3D
@@ -88,15 +88,17 @@ class BasicTransformerBlock(nnx.Module):
 
 
 class Transformer3DModel(nnx.Module):
-    """`[B, F, H, W, C]`, text `[B, L, D]` -> `[B, F, H, W, C]`.
+    """`[B, F, H, W, C]`, text `[B, L, D]` (or per frame `[B, F, L, D]`) -> `[B, F, H, W, C]`.
 
-    (VSR: `resblock_temporal` first; the residual is taken after it.) GN per frame (32 groups, eps 1e-6), proj_in
-    (1x1 conv, or Linear when `use_linear_projection`), one BasicTransformerBlock, proj_out, + residual.
+    (VSR: `resblock_temporal` first, GN `VSR_TEMPORAL_NORM`; the residual is taken after it.) GN per frame
+    (norm_num_groups, eps 1e-6), proj_in (1x1 conv, or Linear when `use_linear_projection`), one
+    BasicTransformerBlock, proj_out, + residual.
     """
 
     def __init__(self, channels: int, heads: int, arch: UNetArch, *, only_cross: bool, rngs: nnx.Rngs,
                  dtype=jnp.float32, attention_impl: str | None = None):
-        self.resblock_temporal = (ResnetBlock3D(channels, rngs=rngs, temb_channels=None, groups=arch.norm_num_groups,
+        groups, eps = VSR_TEMPORAL_NORM  # not arch.norm_num_groups/norm_eps: the official block hard-codes them
+        self.resblock_temporal = (ResnetBlock3D(channels, rngs=rngs, temb_channels=None, groups=groups, eps=eps,
                                                 temporal_kernel=arch.temporal_conv_kernel, dtype=dtype)
                                   if arch.transformer_temporal_conv else None)
         self.norm = GroupNorm(channels, groups=arch.norm_num_groups, eps=1e-6, per_frame=True, dtype=dtype)
@@ -116,7 +118,8 @@ class Transformer3DModel(nnx.Module):
         b, f, h, w, c = x.shape
         residual = x
         t = self.proj_in(self.norm(x)).reshape(b * f, h * w, c)  # 1x1 conv and Linear are the same per-token map
-        text_f = jnp.repeat(text, f, axis=0)  # b n c -> (b f) n c
+        # one text per video (b n c -> (b f) n c), or one per frame [B, F, L, D] (joint batches: each image its own)
+        text_f = jnp.repeat(text, f, axis=0) if text.ndim == 3 else text.reshape(b * f, *text.shape[2:])
         for block in self.transformer_blocks:
             t = block(t, text_f, num_frames=f, num_image_frames=num_image_frames)
         out = self.proj_out(t.reshape(b, f, h, w, c))

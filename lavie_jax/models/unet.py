@@ -9,6 +9,14 @@ official recipe appends 4 per 16-frame clip). Spatial layers treat them like fra
 convs skip them; frame-pooled GroupNorms compute the video's statistics over the video frames only and normalise
 each image on its own. So a batch with images gives the video frames exactly the output of the video alone, and each
 image exactly its output as a 1-frame batch without temporal layers. (The released official path mixes them.)
+`encoder_hidden_states` may then be per frame, `[B, F, L, D]`, so each image is conditioned on its own caption.
+
+Execution options (static, set with `configure`; they change how, not what, the UNet computes):
+- `sharding_rules`: the config's logical-axis rules; activations at block boundaries `[B, F, H, W, C]` are then
+  constrained to `lavie_jax.parallel.ACTIVATION_VIDEO` (batch over ('fsdp', 'data'), frames over 'context') under
+  the mesh of `jax.set_mesh`.
+- `remat`: a rematerialisation policy by name (`REMAT_POLICIES`) applied to every down / mid / up block and
+  temporal module: what the backward pass keeps instead of recomputing.
 """
 
 from __future__ import annotations
@@ -20,12 +28,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lavie_jax import parallel
+from lavie_jax.models.abstract import abstract_model
 from lavie_jax.models.arch import UNetArch, arch_from_config, heads_up, only_cross_up
+from lavie_jax.models.attention import ATTENTION_OUTPUT
 from lavie_jax.models.embeddings import TimestepEmbedding, timestep_sinusoid
 from lavie_jax.models.layers import Conv, Embed, GroupNorm
 from lavie_jax.models.official import official_unet_config
 from lavie_jax.models.resnet import Downsample, ResnetBlock3D, TemporalModule3D, Upsample
 from lavie_jax.models.transformer import Transformer3DModel
+
+
+_cp = jax.checkpoint_policies
+# Rematerialisation policies by name: what a block's backward pass keeps (None: no remat, keep everything).
+REMAT_POLICIES = {
+    "none": None,
+    "full": _cp.nothing_saveable,  # keep only the block inputs: least memory, one extra forward
+    "save_dots": _cp.dots_saveable,  # keep matmul outputs, recompute convolutions and elementwise work
+    "save_attention": _cp.save_only_these_names(ATTENTION_OUTPUT),  # keep attention outputs (the costly softmax)
+    "save_dots_and_attention": _cp.save_from_both_policies(_cp.dots_saveable,
+                                                           _cp.save_only_these_names(ATTENTION_OUTPUT)),
+}
 
 
 class DownBlock3D(nnx.Module):
@@ -120,9 +143,8 @@ class UNet3D(nnx.Module):
         self.class_embedding = (Embed(arch.num_class_embeds, temb, axes=("classes", "time_embed"), **kw)
                                 if arch.num_class_embeds else None)
 
-        def temporal_module(ch: int) -> TemporalModule3D:
-            return TemporalModule3D(ch, temb_channels=temb, groups=arch.norm_num_groups,
-                                    kernel=arch.temporal_module_kernel, **kw)
+        def temporal_module(ch: int) -> TemporalModule3D:  # GroupNorms: VSR_TEMPORAL_NORM, not the config's
+            return TemporalModule3D(ch, temb_channels=temb, kernel=arch.temporal_module_kernel, **kw)
 
         down, down_t = [], []
         out_ch = c[0]
@@ -152,13 +174,39 @@ class UNet3D(nnx.Module):
             self.down_temporal_blocks = self.mid_temporal_block = self.up_temporal_blocks = None
         self.conv_norm_out = GroupNorm(c[0], groups=arch.norm_num_groups, eps=arch.norm_eps, dtype=dtype)
         self.conv_out = Conv(c[0], arch.out_channels, **kw)
+        self.sharding_rules: tuple = ()
+        self.remat = "none"
+
+    def configure(self, *, sharding_rules=None, remat: str | None = None) -> "UNet3D":
+        """Set the execution options (module docstring); returns the module. They are static: programs traced
+        with other options are distinct."""
+        if sharding_rules is not None:
+            self.sharding_rules = tuple((str(name), tuple(t) if isinstance(t, list) else t)
+                                        for name, t in sharding_rules)
+        if remat is not None:
+            if remat not in REMAT_POLICIES:
+                raise ValueError(f"remat policy {remat!r}: choose one of {sorted(REMAT_POLICIES)}")
+            self.remat = remat
+        return self
+
+    def _block(self, module: nnx.Module, *args, **kwargs):
+        """`module(*args, **kwargs)`, rematerialised by the configured policy (keyword arguments are static)."""
+        if self.remat == "none":
+            return module(*args, **kwargs)
+        return nnx.remat(lambda m, *a: m(*a, **kwargs), policy=REMAT_POLICIES[self.remat])(module, *args)
+
+    def _constrain(self, x: jax.Array) -> jax.Array:
+        return parallel.constrain(x, parallel.ACTIVATION_VIDEO, self.sharding_rules)
 
     def _check_inputs(self, sample, timesteps, text, class_labels, num_image_frames) -> None:
         a = self.arch
         if sample.ndim != 5 or sample.shape[-1] != a.in_channels:
             raise ValueError(f"UNet3D ({a.stage}): sample must be [B, F, H, W, {a.in_channels}], got {sample.shape}")
-        if text.ndim != 3 or text.shape[0] != sample.shape[0] or text.shape[-1] != a.cross_attention_dim:
+        per_frame = text.ndim == 4 and text.shape[1] == sample.shape[1]
+        if (text.ndim != 3 and not per_frame) or text.shape[0] != sample.shape[0] \
+                or text.shape[-1] != a.cross_attention_dim:
             raise ValueError(f"UNet3D ({a.stage}): encoder_hidden_states must be [B={sample.shape[0]}, L, "
+                             f"{a.cross_attention_dim}] or per frame [B, F={sample.shape[1]}, L, "
                              f"{a.cross_attention_dim}], got {text.shape}")
         if jnp.ndim(timesteps) not in (0, 1) or (jnp.ndim(timesteps) == 1 and timesteps.shape[0] not in (1, sample.shape[0])):
             raise ValueError(f"UNet3D ({a.stage}): timesteps must be a scalar or [B={sample.shape[0]}], "
@@ -185,25 +233,27 @@ class UNet3D(nnx.Module):
         text = encoder_hidden_states.astype(self.dtype)
         nif = num_image_frames
 
-        x = self.conv_in(x)
+        c = self._constrain
+        x = c(self.conv_in(x))
         skips = [x]
         for i, block in enumerate(self.down_blocks):
-            x, res = block(x, temb, text, nif)
+            x, res = self._block(block, x, temb, text, num_image_frames=nif)
+            x, res = c(x), [c(r) for r in res]
             skips.extend(res)
             if self.down_temporal_blocks is not None and self.down_temporal_blocks[i] is not None:
-                x = self.down_temporal_blocks[i](x, temb, nif)
-        x = self.mid_block(x, temb, text, nif)
+                x = c(self._block(self.down_temporal_blocks[i], x, temb, num_image_frames=nif))
+        x = c(self._block(self.mid_block, x, temb, text, num_image_frames=nif))
         if self.mid_temporal_block is not None:
-            x = self.mid_temporal_block(x, temb, nif)
+            x = c(self._block(self.mid_temporal_block, x, temb, num_image_frames=nif))
         for i, block in enumerate(self.up_blocks):
             n_res = len(block.resnets)
             res, skips = skips[-n_res:], skips[:-n_res]
             size = tuple(skips[-1].shape[2:4]) if skips else None
-            x = block(x, res, temb, text, nif, upsample_size=size)
+            x = c(self._block(block, x, res, temb, text, num_image_frames=nif, upsample_size=size))
             if self.up_temporal_blocks is not None and self.up_temporal_blocks[i] is not None:
-                x = self.up_temporal_blocks[i](x, temb, nif)
+                x = c(self._block(self.up_temporal_blocks[i], x, temb, num_image_frames=nif))
         x = jax.nn.silu(self.conv_norm_out(x, nif))
-        return self.conv_out(x).astype(jnp.float32)  # samplers and losses work in float32
+        return c(self.conv_out(x).astype(jnp.float32))  # samplers and losses work in float32
 
 
 def build_unet(config: UNetArch | Mapping[str, Any], *, stage: str | None = None, seed: int = 0,
@@ -213,10 +263,14 @@ def build_unet(config: UNetArch | Mapping[str, Any], *, stage: str | None = None
     return UNet3D(arch, rngs=nnx.Rngs(seed), dtype=dtype, attention_impl=attention_impl)
 
 
-def abstract_unet(config: UNetArch | Mapping[str, Any], *, stage: str | None = None, dtype=jnp.float32) -> UNet3D:
-    """The same module with `jax.ShapeDtypeStruct` leaves: no memory is allocated (for shapes, counts, restores)."""
+def abstract_unet(config: UNetArch | Mapping[str, Any], *, stage: str | None = None, dtype=jnp.float32,
+                  attention_impl: str | None = None) -> UNet3D:
+    """The same module with `jax.ShapeDtypeStruct` leaves: no memory is allocated (for shapes, counts, restores,
+    and initialisation straight into shardings). The traced structure is cached per architecture."""
     arch = config if isinstance(config, UNetArch) else arch_from_config(config, stage)
-    return nnx.eval_shape(lambda: UNet3D(arch, rngs=nnx.Rngs(0), dtype=dtype))
+    dt = jnp.dtype(dtype)
+    return abstract_model(("unet", arch, dt.name, attention_impl),
+                          lambda: UNet3D(arch, rngs=nnx.Rngs(0), dtype=dt, attention_impl=attention_impl))
 
 
 def count_params(model: nnx.Module) -> int:

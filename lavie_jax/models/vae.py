@@ -27,6 +27,7 @@ from flax import nnx
 from lavie_jax.models.arch import ConfigError
 from lavie_jax.models.attention import dot_product_attention
 from lavie_jax.models.layers import Conv, Dense, GroupNorm
+from lavie_jax.models.abstract import abstract_model
 from lavie_jax.models.resnet import Downsample, ResnetBlock3D, Upsample
 
 # Stable Diffusion v1.4 `vae/config.json` (diffusers names).
@@ -55,7 +56,13 @@ X4_VAE: dict[str, Any] = {
     "scaling_factor": 0.08333,
 }
 
-VAE_CONFIGS = {"sd14": SD14_VAE, "x4": X4_VAE}
+# Named VAEs: the official ones, and CPU-sized ones for tests, demos and benchmarks (`sample.vae` of a config).
+VAE_CONFIGS = {
+    "sd14": SD14_VAE,
+    "x4": X4_VAE,
+    "tiny_f8": {**SD14_VAE, "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8},
+    "tiny_f4": {**X4_VAE, "block_out_channels": [16, 32, 32], "norm_num_groups": 8},
+}
 REQUIRED = object()
 
 
@@ -355,7 +362,8 @@ def build_vae(config: VAEConfig | Mapping[str, Any] | str, *, seed: int = 0, dty
 
 def abstract_vae(config: VAEConfig | Mapping[str, Any] | str, *, dtype=jnp.float32) -> AutoencoderKL:
     """The same module with `jax.ShapeDtypeStruct` leaves (no memory): for shapes, parameter counts and restores."""
-    return nnx.eval_shape(lambda: build_vae(config, dtype=dtype))
+    cfg = vae_config_from_dict(VAE_CONFIGS[config] if isinstance(config, str) else config)
+    return abstract_model(("vae", cfg, jnp.dtype(dtype).name), lambda: build_vae(cfg, dtype=dtype))
 
 
 _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lavie_jax.sampling.options import STAGES
 from lavie_jax.sampling.outputs import check_no_overwrite, check_output_dir, unique_stems, write_result
 from lavie_jax.sampling.stages import RequestError, StageResult, StageSampler
+from lavie_jax.stages import STAGES
 
 
 class Cascade:

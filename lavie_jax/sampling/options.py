@@ -1,7 +1,8 @@
 """The `sample` section of a stage config, validated into a frozen `SampleOptions` (errors name the field).
 
-Field meanings and official defaults: `configs/common.py` (SAMPLE_COMMON, SAMPLE_STAGE) and
-../shared/spec/lavie.md section 4. Everything here is checked before any model runs.
+Field meanings and official defaults: `configs/common.py` (SAMPLE_COMMON, SAMPLE_STAGE), which follow the official
+sampling scripts of each stage (schedulers, guidance, negative prompts, seeds). Everything here is checked before
+any model runs.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from typing import Any
 
 from lavie_jax.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS, TIMESTEP_SPACINGS, Sampler, make_sampler
 from lavie_jax.diffusion.schedules import noise_level_coefficients
+from lavie_jax.stages import STAGES
 
-STAGES = ("base", "interpolation", "vsr")
 FORMATS = ("mp4", "gif")
-STAGE_IDS = {"base": 0, "interpolation": 1, "vsr": 2}  # folded into the seed so stages draw independent noise
 # steps_offset -1 means the official pipeline's choice: diffusers 0.16 DDPM ignored the SD config's offset of 1,
 # its DDIM used it (spec 4.1)
 AUTO_STEPS_OFFSET = {"ddpm": 0, "ddim": 1, "euler": 0, "ddim_respaced": 0}
@@ -55,6 +55,7 @@ class SampleOptions:
     vae: str
     text_encoder: str
     tokenizer: str
+    steps_per_call: int = 1  # denoising steps per compiled call (control returns to Python between calls)
     num_frames: int = 0  # base: frames to generate; interpolation: 0 or 4K - 3 for K input frames
     height: int = 0  # base: output size; interpolation: input frames are resized to it
     width: int = 0
@@ -124,7 +125,7 @@ def _validate(o: SampleOptions) -> None:
     for field, allowed in choices.items():
         if getattr(o, field) not in allowed:
             _fail(field, f"{getattr(o, field)!r} is not one of {allowed}")
-    positive = ["steps", "decode_chunk"] + (["num_frames", "height", "width"] if o.stage == "base" else [])
+    positive = ["steps", "decode_chunk", "steps_per_call"] + (["num_frames", "height", "width"] if o.stage == "base" else [])
     positive += ["height", "width"] if o.stage == "interpolation" else []
     for field in positive:
         value = getattr(o, field)

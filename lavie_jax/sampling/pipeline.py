@@ -1,11 +1,12 @@
 """The models one stage samples with: loaded from a pipeline directory, or randomly initialised from the config.
 
 `load_stage_pipeline(config, 'random')` builds the stage's UNet from `config.unet` and the VAE / text encoder named by
-`config.sample.vae` / `.text_encoder`: 'sd14' and 'x4' are the official components; 'tiny_f8', 'tiny_f4' and
-'tiny' are CPU-sized ones for tests, demos and benchmarks ('tiny' takes the UNet's cross-attention width). Random
-weights give noise videos; everything else (shapes, compiled loops, files) is exercised for real. They are drawn
-with numpy on the host (normal / sqrt(fan_in) kernels, unit norm scales, zero biases) from the abstract models:
-eager NNX initialisation compiles one op per distinct param shape and takes tens of seconds on CPU.
+`config.sample.vae` / `.text_encoder` (`lavie_jax.models.VAE_CONFIGS`, `models.clip.text_encoder_config`): 'sd14'
+and 'x4' are the official components; 'tiny_f8', 'tiny_f4' and 'tiny' are CPU-sized ones for tests, demos and
+benchmarks ('tiny' takes the UNet's cross-attention width). Random weights give noise videos; everything else
+(shapes, compiled loops, files) is exercised for real. They are drawn with numpy on the host (normal / sqrt(fan_in)
+kernels, unit norm scales, zero biases) from the abstract models: eager NNX initialisation compiles one op per
+distinct param shape and takes tens of seconds on CPU.
 
 `check_pipeline` refuses, before any compute, a pipeline that cannot run the config's stage: a UNet of another
 stage, mismatched channels or text widths, a VAE with the wrong latent channels.
@@ -13,9 +14,9 @@ stage, mismatched channels or text widths, a VAE with the wrong latent channels.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,38 +24,18 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from lavie_jax import checkpoints
+from lavie_jax import checkpoints, stages, workdir as workdirs
 from lavie_jax.checkpoints import Pipeline
-from lavie_jax.models import UNet3D, abstract_text_encoder, abstract_vae, arch_from_config
-from lavie_jax.models.clip import SD14_TEXT_ENCODER, X4_TEXT_ENCODER
-from lavie_jax.models.vae import SD14_VAE, X4_VAE
+from lavie_jax.keycheck import check_keys
+from lavie_jax.models import VAE_CONFIGS, abstract_text_encoder, abstract_unet, abstract_vae, arch_from_config
+from lavie_jax.models.clip import text_encoder_config
 from lavie_jax.text import load_tokenizer
 
-VAES: dict[str, dict[str, Any]] = {
-    "sd14": SD14_VAE,
-    "x4": X4_VAE,
-    "tiny_f8": {**SD14_VAE, "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8},
-    "tiny_f4": {**X4_VAE, "block_out_channels": [16, 32, 32], "norm_num_groups": 8},
-}
-TEXT_ENCODERS = {"sd14": SD14_TEXT_ENCODER, "x4": X4_TEXT_ENCODER}
-# latent channels the UNet adds to the 4 noisy latents: interpolation's conditioning latents, VSR's low-res RGB
-CONDITION_CHANNELS = {"base": 0, "interpolation": 4, "vsr": 3}
 RANDOM = "random"
 
 
 class PipelineError(ValueError):
     """The models cannot run this stage config; the message names the mismatch and the fix."""
-
-
-def text_encoder_config(name: str, cross_attention_dim: int) -> dict[str, Any]:
-    """A CLIP text encoder config by name; 'tiny' is a 2-layer encoder of width `cross_attention_dim` with the
-    real 49,408-token vocabulary (so the real tokenizer works)."""
-    if name == "tiny":
-        return {**SD14_TEXT_ENCODER, "hidden_size": cross_attention_dim, "intermediate_size": 2 * cross_attention_dim,
-                "num_hidden_layers": 2, "num_attention_heads": 2}
-    if name not in TEXT_ENCODERS:
-        raise PipelineError(f"config field sample.text_encoder: unknown {name!r}; choose 'sd14', 'x4' or 'tiny'")
-    return TEXT_ENCODERS[name]
 
 
 def randomize(model: nnx.Module, seed: int) -> nnx.Module:
@@ -74,24 +55,76 @@ def randomize(model: nnx.Module, seed: int) -> nnx.Module:
     return model
 
 
+def components(sample: ml_collections.ConfigDict, directory: str | os.PathLike | None, *, width: int, seed: int,
+               mesh: jax.sharding.Mesh | None = None, rules=None, dtype=jnp.float32) -> tuple:
+    """(VAE, text encoder, tokenizer) of a stage: from a pipeline directory, or random (`directory` None) as named
+    by `sample.vae` / `sample.text_encoder` / `sample.tokenizer` and drawn from `seed` + 1 / `seed` + 2. The one
+    source of a stage's frozen components for sampling and training (a training run with random components and
+    the sampler of its work directory get the very same ones)."""
+    if directory is not None:
+        kw = dict(mesh=mesh, rules=rules if rules is not None else checkpoints.DEFAULT_RULES, dtype=dtype)
+        meta = checkpoints.read_metadata(directory)
+        return (checkpoints.load_component(directory, "vae", **kw),
+                checkpoints.load_component(directory, "text_encoder", **kw),
+                load_tokenizer(Path(directory) / meta["components"]["tokenizer"]))
+    if sample.vae not in VAE_CONFIGS:
+        raise PipelineError(f"config field sample.vae: unknown {sample.vae!r}; choose one of {sorted(VAE_CONFIGS)}")
+    try:
+        text = abstract_text_encoder(text_encoder_config(sample.text_encoder, width), dtype=dtype)
+    except ValueError as e:
+        raise PipelineError(f"config field sample.text_encoder: {e}") from None
+    return (randomize(abstract_vae(sample.vae, dtype=dtype), seed + 1), randomize(text, seed + 2),
+            load_tokenizer(flavor=sample.tokenizer))
+
+
 def random_pipeline(config: ml_collections.ConfigDict, seed: int = 0) -> Pipeline:
     """A stage pipeline with random weights: UNet from `config.unet`, components named by `config.sample`."""
-    s = config.sample
-    if s.vae not in VAES:
-        raise PipelineError(f"config field sample.vae: unknown {s.vae!r}; choose one of {sorted(VAES)}")
-    dtype = jnp.dtype(config.model.dtype)
     arch = arch_from_config(config.unet.to_dict(), config.stage)
-    unet = nnx.eval_shape(lambda: UNet3D(arch, rngs=nnx.Rngs(0), dtype=dtype,
-                                         attention_impl=config.model.attention_impl))
-    text = abstract_text_encoder(text_encoder_config(s.text_encoder, arch.cross_attention_dim))
-    return Pipeline(stage=config.stage, unet=randomize(unet, seed), vae=randomize(abstract_vae(VAES[s.vae]), seed + 1),
-                    text_encoder=randomize(text, seed + 2), tokenizer=load_tokenizer(flavor=s.tokenizer),
+    unet = abstract_unet(arch, dtype=jnp.dtype(config.model.dtype), attention_impl=config.model.attention_impl)
+    vae, text, tokenizer = components(config.sample, None, width=arch.cross_attention_dim, seed=seed)
+    return Pipeline(stage=config.stage, unet=randomize(unet, seed), vae=vae, text_encoder=text, tokenizer=tokenizer,
                     metadata={"source": RANDOM})
 
 
+def workdir_pipeline(config: ml_collections.ConfigDict, directory: str | os.PathLike,
+                     mesh: jax.sharding.Mesh | None = None, *, ema: bool = True) -> Pipeline:
+    """The pipeline of a `lavie-train` work directory: the UNet of its latest complete checkpoint (the EMA of the
+    trained params by default, the raw params with `ema=False`) and the frozen components the run trained with."""
+    step, stored, params = workdirs.read_params(directory, ema=ema)
+    stage = stored.get("stage")
+    if stage != config.stage:
+        raise PipelineError(f"--checkpoint {directory} is a {stage} training run but the config is the "
+                            f"{config.stage} stage; pass configs/{stage}.py")
+    train = ml_collections.ConfigDict(stored["train"])
+    arch = arch_from_config(stored["unet"], stage)
+    dtype = jnp.dtype(config.model.dtype)
+    unet = abstract_unet(arch, dtype=dtype, attention_impl=config.model.attention_impl)
+    state = nnx.state(unet, nnx.Param)
+    flat = dict(nnx.to_flat_state(state))
+    names = {".".join(map(str, p)): p for p in flat}
+    check_keys({n: tuple(flat[p].shape) for n, p in names.items()}, {n: v.shape for n, v in params.items()},
+               what=f"training checkpoint {directory} (step {step})")
+    for name, path in names.items():
+        flat[path].set_value(jnp.asarray(params[name]))
+    nnx.update(unet, state)
+    encoders = train.encoders if train.encoders else (train.init or None)
+    if encoders == RANDOM:
+        encoders = None
+    elif encoders is not None and checkpoints.read_metadata(encoders).get("kind") != "pipeline":
+        raise PipelineError(f"--checkpoint {directory}: its run took the VAE and text encoder from {encoders}, which "
+                            "is not a pipeline directory any more")
+    sample = ml_collections.ConfigDict(stored["sample"])
+    rules = tuple(tuple(r) for r in config.sharding.rules)
+    vae, text, tokenizer = components(sample, encoders, width=arch.cross_attention_dim, seed=train.seed, mesh=mesh,
+                                      rules=rules, dtype=dtype)
+    return Pipeline(stage=stage, unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
+                    metadata={"source": str(directory), "step": step, "params": "ema" if ema else "raw"})
+
+
 def load_stage_pipeline(config: ml_collections.ConfigDict, checkpoint: str | os.PathLike,
-                        mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> Pipeline:
-    """The pipeline for `config`'s stage: from a pipeline directory (`lavie-convert` output), or 'random'.
+                        mesh: jax.sharding.Mesh | None = None, seed: int = 0, *, ema: bool = True) -> Pipeline:
+    """The pipeline for `config`'s stage: from a pipeline directory (`lavie-convert` output), a training work
+    directory (`lavie-train`; EMA params unless `ema=False`), or 'random'.
 
     Checks the directory's stage before loading any weights; loaded weights land on `mesh` by
     `config.sharding.rules` (random ones are drawn on the host; `StageSampler` places both).
@@ -100,6 +133,8 @@ def load_stage_pipeline(config: ml_collections.ConfigDict, checkpoint: str | os.
     directory = check_checkpoint(config, checkpoint)
     if directory is None:
         pipeline = random_pipeline(config, seed)
+    elif workdirs.is_workdir(directory):
+        pipeline = workdir_pipeline(config, directory, mesh, ema=ema)
     else:
         pipeline = checkpoints.load_pipeline(directory, mesh=mesh, rules=rules, dtype=jnp.dtype(config.model.dtype),
                                              attention_impl=config.model.attention_impl)
@@ -115,7 +150,18 @@ def check_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.Pat
     directory = Path(checkpoint)
     if not directory.is_dir():
         raise PipelineError(f"--checkpoint {directory}: no such directory; pass a pipeline directory written by "
-                            f"`lavie-convert pipeline|sd|x4`, or 'random' for random weights")
+                            f"`lavie-convert pipeline|sd|x4`, a `lavie-train` work directory, or 'random' for "
+                            f"random weights")
+    if workdirs.is_workdir(directory):
+        stage = json.loads((directory / workdirs.MARKER).read_text()).get("stage")
+        if stage not in (None, config.stage):
+            raise PipelineError(f"--checkpoint {directory} is a {stage} training run but the config is the "
+                                f"{config.stage} stage; pass configs/{stage}.py")
+        with workdirs.TrainCheckpointer(directory, save_every=0, read_only=True) as ckpt:
+            latest = ckpt.latest_step()
+        if latest is None:
+            raise PipelineError(f"--checkpoint {directory}: the training run has no complete checkpoint yet")
+        return directory
     meta = checkpoints.read_metadata(directory)
     if meta.get("kind") != "pipeline":
         raise PipelineError(f"--checkpoint {directory} holds a single {meta.get('kind')}, not a pipeline; "
@@ -137,7 +183,7 @@ def check_pipeline(pipeline: Pipeline, stage: str) -> None:
     if arch.out_channels != latent or latent != 4:
         raise PipelineError(f"UNet predicts {arch.out_channels} channels and the VAE has {latent} latent channels; "
                             "LaVie stages need 4 for both")
-    want = latent + CONDITION_CHANNELS[stage]
+    want = stages.unet_in_channels(stage)
     if arch.in_channels != want:
         raise PipelineError(f"the {stage} stage feeds the UNet {want} channels but its conv_in takes "
                             f"{arch.in_channels}; the checkpoint does not belong to this stage")

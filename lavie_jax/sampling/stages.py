@@ -8,10 +8,12 @@
 A request is checked completely before any model runs. It is then cut into rows (a prompt; for VSR a prompt's
 chunk of `chunk_frames` frames, each a fresh full run as in the official code), and rows into batches of
 `sample.batch_size` (0: all rows of one chunk length at once) padded to a multiple of the mesh's batch devices.
-Each batch is text rows (+ conditioning) -> `programs.denoise` (one compiled scan over all steps) ->
-`programs.decode`, with its rows split over the mesh's ('data', 'fsdp') axes and the params placed by the config's
-sharding rules (replicated, or FSDP-sharded). The rows of prompt i draw their noise from (seed, indices[i], chunk)
-only (see `programs`): the same seed gives the same videos whatever the device count, batch size or padding.
+Each batch is text rows (+ conditioning) -> `programs.denoise_steps` (`sample.steps_per_call` steps per compiled
+call; the latents stay on the mesh, and Ctrl-C / SIGTERM land within a call) -> `programs.decode`, with its rows
+split over the mesh's batch axes (`parallel.BATCH_AXES`) and the params placed by the config's sharding rules
+(replicated, or FSDP-sharded). Text embeddings and conditioning are computed on the mesh and never leave it until
+the frames do. The rows of prompt i draw their noise from (seed, indices[i], chunk) only (see `programs`): the same
+seed gives the same videos whatever the device count, batch size or padding.
 
 Several processes (`lavie_jax.parallel.initialize_distributed`, `lavie-sample --distributed`): every process runs
 the same request on one mesh over all of them; each places only its own devices' shards of the inputs
@@ -25,15 +27,17 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lavie_jax import stages
 from lavie_jax.checkpoints import Pipeline
 from lavie_jax.parallel import BATCH_AXES, batch_sharding, make_mesh, place_state, to_global, to_host
 from lavie_jax.sampling import programs
-from lavie_jax.sampling.options import STAGE_IDS, SampleOptions, sample_options
+from lavie_jax.sampling.options import SampleOptions, sample_options
 from lavie_jax.sampling.pipeline import check_pipeline
 from lavie_jax.text import encode_prompts
 
@@ -67,8 +71,8 @@ class _Row:
 @dataclasses.dataclass
 class _Request:
     text_prompts: list[str]
-    text: np.ndarray  # [B, P, L, D] guidance rows in the stage's batch order
-    videos: list  # interpolation: resized float frames; vsr: uint8 frames
+    text: jax.Array  # [B, P, L, D] guidance rows in the stage's batch order, replicated on the mesh
+    videos: list  # uint8 input frames (interpolation, vsr)
     rows: list[_Row]
     batches: list[list[_Row]]
     seed: int
@@ -89,6 +93,7 @@ class StageSampler:
         rules = tuple(tuple(r) for r in config.sharding.rules)
         self._unet = placed_state(pipeline.unet, self.mesh, rules)
         self._vae = placed_state(pipeline.vae, self.mesh, rules)
+        self._text_encoder = nnx.merge(*placed_state(pipeline.text_encoder, self.mesh, rules))
         self.sampler = self.options.make_sampler()
         self._rows_sharding = batch_sharding(self.mesh)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -133,7 +138,7 @@ class StageSampler:
         if self.stage == "interpolation":
             if k < 2:
                 raise RequestError(f"interpolation needs at least 2 input frames, got {k}")
-            if o.num_frames and 4 * k - 3 != o.num_frames:
+            if o.num_frames and stages.interpolated_length(k) != o.num_frames:
                 raise RequestError(f"interpolation makes 4K - 3 frames from K: sample.num_frames={o.num_frames} "
                                    f"needs {(o.num_frames + 3) // 4} input frames, got {k}; or set "
                                    f"sample.num_frames=0")
@@ -195,11 +200,12 @@ class StageSampler:
         req = self._prepare(prompts, videos, seed, fps, indices)
         latents: dict[_Row, np.ndarray] = {}
         frames: dict[_Row, np.ndarray] = {}
-        with _progress_bar(progress, len(req.batches) * self.sampler.num_steps, self.stage) as bar:
+        with _progress_bar(progress, len(req.batches) * self.sampler.num_steps, self.stage) as bar, \
+                jax.set_mesh(self.mesh):
             for k, batch in enumerate(req.batches):
                 if bar is not None and len(req.batches) > 1:
                     bar.set_postfix_str(f"batch {k + 1}/{len(req.batches)}")
-                lat, pix = self._run_batch(batch, req)
+                lat, pix = self._run_batch(batch, req, bar)
                 for j, r in enumerate(batch):
                     latents[r], frames[r] = lat[j], pix[j]
         joined = [[r for r in req.rows if r.prompt == p] for p in range(len(prompts))]
@@ -210,13 +216,15 @@ class StageSampler:
 
     def denoise_inputs(self, prompts: Sequence[str], videos: Sequence[np.ndarray] | np.ndarray | None = None, *,
                        seed: int | None = None, fps: float | None = None) -> tuple[tuple, dict]:
-        """(arguments, static keyword arguments) of `programs.denoise` for a request's first batch: to compile,
-        time or inspect the loop on its own (`bench.sampling_bench`)."""
+        """(arguments, static keyword arguments) of the first `programs.denoise_steps` call of a request's first
+        batch (from its initial noise, `sample.steps_per_call` steps): to compile, time (`run_loop`) or inspect
+        the loop on its own (`bench.sampling_bench`)."""
         req = self._prepare(prompts, videos, seed, fps, None)
-        return self._denoise_args(req.batches[0], req)
+        with jax.set_mesh(self.mesh):
+            return self._loop_inputs(req.batches[0], req)
 
     def _prepare(self, prompts, videos, seed, fps, indices) -> _Request:
-        """Check the request, encode the prompts, cut rows and batches (no UNet or VAE work yet)."""
+        """Check the request, encode the prompts on the mesh, cut rows and batches (no UNet or VAE work yet)."""
         o = self.options
         videos = self.check_request(prompts, videos, fps)
         indices = list(range(len(prompts))) if indices is None else [int(i) for i in indices]
@@ -227,50 +235,84 @@ class StageSampler:
             raise RequestError(f"seed {seed} is outside 0..2^32-1")
         text_prompts = [self.text_prompt(p) for p in prompts]
         negatives = o.negative_prompt if o.classifier_free_guidance else None
-        emb = encode_prompts(self.pipeline.text_encoder, self.pipeline.tokenizer, text_prompts, negatives)
-        cond, uncond = np.asarray(emb.cond), None if emb.uncond is None else np.asarray(emb.uncond)
-        text = cond[:, None] if uncond is None else np.stack([cond, uncond] if o.cond_first else [uncond, cond], 1)
-        if self.stage == "interpolation":  # resized once per video, on the host side of the batches
-            videos = [programs.resize_frames(v, size=(o.height, o.width)) for v in videos]
+        with jax.set_mesh(self.mesh):
+            emb = encode_prompts(self._text_encoder, self.pipeline.tokenizer, text_prompts, negatives,
+                                 put=lambda ids: to_global(ids, self._replicated))
+            pairs = ([emb.cond] if emb.uncond is None else [emb.cond, emb.uncond] if o.cond_first
+                     else [emb.uncond, emb.cond])
+            text = jnp.stack(pairs, axis=1)
         rows = self._rows(len(prompts), videos[0].shape[0] if videos else o.num_frames)
-        seed_ids = to_global(np.array([seed, STAGE_IDS[self.stage]], np.uint32), self._replicated)
+        seed_ids = to_global(np.array([seed, stages.STAGE_IDS[self.stage]], np.uint32), self._replicated)
         return _Request(text_prompts, text, videos, rows, self._batches(rows), seed, seed_ids, indices)
 
     def _put_rows(self, a) -> jax.Array:
         return to_global(a, self._rows_sharding)
 
-    def _denoise_args(self, batch: list[_Row], req: _Request) -> tuple[tuple, dict]:
-        """(arguments, static keyword arguments) of `programs.denoise` for a batch, padded to the batch devices."""
+    def _batch_inputs(self, batch: list[_Row], req: _Request) -> tuple[tuple, dict]:
+        """(arguments, static keyword arguments) of a batch, padded to the batch devices: `(unet state, tables,
+        text, seed_ids, row_ids, cond, labels, guidance)` and `graphdef, spec, stage, cond_first, latent_shape`."""
         o = self.options
         videos, seed_ids = req.videos, req.seed_ids
         rows = batch + [batch[-1]] * (-len(batch) % self.batch_devices)  # padding rows are computed and dropped
-        prompt_idx = np.array([r.prompt for r in rows])
         row_ids = self._put_rows(np.array([[req.indices[r.prompt], r.chunk] for r in rows], np.int32))
-        text_rows = self._put_rows(req.text[prompt_idx])
+        text_rows = programs.take_rows(req.text, self._put_rows(np.array([r.prompt for r in rows], np.int32)),
+                                       sharding=self._rows_sharding)
         cond = labels = None
+        f = self.vae_factor
         if self.stage == "base":
-            f = self.vae_factor
-            shape = (o.num_frames, o.height // f, o.width // f, 4)
+            shape = (o.num_frames, o.height // f, o.width // f, stages.LATENT_CHANNELS)
         elif self.stage == "interpolation":
-            key_frames = self._put_rows(np.stack([np.asarray(videos[r.prompt]) for r in rows]))
-            cond = programs.interpolation_condition(self._vae[1], key_frames, seed_ids, row_ids,
-                                                    graphdef=self._vae[0], chunk=o.decode_chunk)
-            shape = cond.shape[1:-1] + (4,)
+            key_frames = self._put_rows(np.stack([videos[r.prompt] for r in rows]))
+            cond = programs.interpolation_condition(self._vae[1], key_frames, seed_ids, row_ids, graphdef=self._vae[0],
+                                                    chunk=o.decode_chunk, size=(o.height, o.width))
+            shape = cond.shape[1:-1] + (stages.LATENT_CHANNELS,)
         else:
             lr = self._put_rows(np.stack([videos[r.prompt][r.start:r.stop] for r in rows]))
             signal, noise = o.low_res_coefficients()
             cond = programs.low_res_condition(lr, seed_ids, row_ids, np.float32(signal), np.float32(noise))
             labels = self._put_rows(np.full((len(rows),), o.noise_level, np.int32))
-            shape = cond.shape[1:-1] + (4,)
+            shape = cond.shape[1:-1] + (stages.LATENT_CHANNELS,)
         args = (self._unet[1], self._tables, text_rows, seed_ids, row_ids, cond, labels, np.float32(o.guidance_scale))
-        return args, dict(graphdef=self._unet[0], spec=self.sampler.spec, latent_shape=tuple(shape),
-                          cond_first=o.cond_first)
+        return args, dict(graphdef=self._unet[0], spec=self.sampler.spec, stage=self.stage, cond_first=o.cond_first,
+                          latent_shape=tuple(shape))
 
-    def _run_batch(self, batch: list[_Row], req: _Request) -> tuple[np.ndarray, np.ndarray]:
-        args, kwargs = self._denoise_args(batch, req)
-        lat = programs.denoise(*args, **kwargs)
-        pix = programs.decode(self._vae[1], lat, graphdef=self._vae[0], chunk=self.options.decode_chunk)
-        return to_host(lat)[:len(batch)], to_host(pix)[:len(batch)]
+    def _steps_per_call(self) -> int:
+        """The largest divisor of the step count not above `sample.steps_per_call`: one compiled program."""
+        n = self.sampler.num_steps
+        return max(d for d in range(1, min(self.options.steps_per_call, n) + 1) if n % d == 0)
+
+    def _loop_inputs(self, batch: list[_Row], req: _Request) -> tuple[tuple, dict]:
+        args, kwargs = self._batch_inputs(batch, req)
+        state, tables, *rest = args
+        seed_ids, row_ids = rest[1], rest[2]
+        x = programs.initial_latents(seed_ids, row_ids, spec=kwargs["spec"], latent_shape=kwargs.pop("latent_shape"))
+        return (state, tables, x, np.int32(0), *rest), dict(kwargs, num_steps=self._steps_per_call())
+
+    def run_loop(self, args: tuple, kwargs: dict, bar=None) -> jax.Array:
+        """Every denoising step of a batch, `kwargs['num_steps']` per compiled call from the `denoise_steps`
+        arguments `args` (step 0's); returns the final latents, on the mesh. One call is kept in flight: the host
+        waits for the call before the last one it dispatched, so the device never idles between calls and an
+        interrupt (KeyboardInterrupt, SIGTERM handlers) takes effect within two calls."""
+        state, tables, x, _, *rest = args
+        per = kwargs["num_steps"]
+        previous = None
+        for start in range(0, self.sampler.num_steps, per):
+            x = programs.denoise_steps(state, tables, x, np.int32(start), *rest, **kwargs)
+            if previous is not None:
+                previous.block_until_ready()
+                if bar is not None:
+                    bar.update(per)
+            previous = x
+        x.block_until_ready()
+        if bar is not None:
+            bar.update(per)
+        return x
+
+    def _run_batch(self, batch: list[_Row], req: _Request, bar=None) -> tuple[np.ndarray, np.ndarray]:
+        x = self.run_loop(*self._loop_inputs(batch, req), bar=bar)
+        pix = programs.decode(self._vae[1], x, graphdef=self._vae[0], chunk=self.options.decode_chunk,
+                              stage=self.stage)
+        return to_host(x)[:len(batch)], to_host(pix)[:len(batch)]
 
 
 def placed_state(model: nnx.Module, mesh: jax.sharding.Mesh, rules) -> tuple[nnx.GraphDef, nnx.State]:
@@ -282,18 +324,14 @@ def placed_state(model: nnx.Module, mesh: jax.sharding.Mesh, rules) -> tuple[nnx
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, total: int, stage: str) -> Iterator:
-    """A tqdm bar over denoising steps, advanced from inside the compiled loops by `programs._report_step`."""
+    """A tqdm bar over denoising steps (advanced after each finished call of the loop), or None."""
     if not enabled:
         yield None
         return
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=f"{stage} steps", unit="step", dynamic_ncols=True)
-    hook = lambda i: bar.update(1)  # noqa: E731
-    programs._progress_hooks.append(hook)
     try:
         yield bar
     finally:
-        jax.effects_barrier()  # every step's report has run
-        programs._progress_hooks.remove(hook)
         bar.close()

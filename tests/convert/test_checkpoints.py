@@ -7,10 +7,11 @@ import pytest
 from flax import nnx
 
 from lavie_jax import parallel
-from lavie_jax.checkpoints import (CheckpointError, abstract_component, atomic_directory, iter_stored_params,
+from lavie_jax.checkpoints import (CHECKPOINTS, CheckpointError, abstract_component, iter_stored_params,
                                    load_component, load_unet, read_metadata, save_model, write_params)
 from lavie_jax.convert.cli import Reporter, convert_lavie, main
-from lavie_jax.convert.keymap import KeyMismatchError
+from lavie_jax.keycheck import KeyMismatchError
+from lavie_jax.safe_io import OutputPathError
 from lavie_jax.convert.state_dict import export_state_dict
 from tests.convert.helpers import randomized, save_state_dict, tiny_clip_config
 from tests.models.test_vae import TINY as TINY_VAE
@@ -86,21 +87,20 @@ def test_metadata_and_stored_params_are_checked(base_dir, tmp_path):
         load_unet(broken)
 
 
-def test_atomic_directory(tmp_path):
-    with pytest.raises(RuntimeError):
-        with atomic_directory(tmp_path / "d") as tmp:
-            (tmp / "half").write_text("x")
-            raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-    with atomic_directory(tmp_path / "d") as tmp:
-        (tmp / "v1").write_text("1")
-    with pytest.raises(FileExistsError):
-        with atomic_directory(tmp_path / "d"):
-            pass
-    with atomic_directory(tmp_path / "d", overwrite=True) as tmp:
-        (tmp / "v2").write_text("2")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["v2"]
+def test_only_our_checkpoint_directories_are_replaced(tmp_path):
+    """save_model (like lavie-convert) replaces a directory only if it is one of ours, holding nothing else."""
+    vae = randomized(abstract_component("vae", TINY_VAE["f4"]), seed=2)
+    out = save_model(vae, tmp_path / "vae")
+    assert CHECKPOINTS.why_not(out) is None
+    with pytest.raises(OutputPathError, match="already exists; pass --overwrite"):
+        save_model(vae, out)
+    save_model(vae, out, overwrite=True)
+    (out / "README.md").write_text("my notes")
+    assert CHECKPOINTS.why_not(out) == "it holds README.md, which lavie-convert did not write"
+    with pytest.raises(OutputPathError, match="not a lavie-jax checkpoint directory .*README.md.* even with --overwrite"):
+        save_model(vae, out, overwrite=True)
+    assert (out / "README.md").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]
 
 
 def test_relative_paths(base_dir, monkeypatch):

@@ -106,14 +106,18 @@ def test_truncated_checkpoint(fmt, base_checkpoint, tmp_path, capsys):
 
 def test_existing_output_needs_overwrite(base_checkpoint, tmp_path, capsys):
     source = save_state_dict(base_checkpoint[1], tmp_path / "ckpt", "safetensors")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert _lavie(tmp_path, source) == 0
+    before = (tmp_path / "out" / "lavie_checkpoint.json").read_text()
     assert _lavie(tmp_path, source) == 1
     assert "already exists; pass --overwrite" in capsys.readouterr().err
-    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    assert _lavie(tmp_path, source, extra=["--overwrite"]) == 0
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "lavie_checkpoint.json").is_file()
+    assert (tmp_path / "out" / "lavie_checkpoint.json").read_text() == before
+    assert _lavie(tmp_path, source, extra=["--overwrite"]) == 0  # ours: replaced
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # what the user keeps is never replaced (tests/convert/test_cli_safety.py has every case)
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert _lavie(tmp_path, source, extra=["--overwrite"]) == 1
+    assert "never replaces it, even with --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
 def test_failure_while_writing_keeps_the_old_output(base_checkpoint, tmp_path, monkeypatch, capsys):

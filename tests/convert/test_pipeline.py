@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lavie_jax.checkpoints import load_pipeline, read_metadata
+from lavie_jax.checkpoints import CHECKPOINTS, load_pipeline, read_metadata
 from lavie_jax.convert.cli import main
 from lavie_jax.convert.state_dict import export_state_dict
 from lavie_jax.models.clip import canonical_clip_state_dict
@@ -41,6 +41,7 @@ def test_base_pipeline(base_checkpoint, sd_folder, tmp_path):
     out = _pipeline(tmp_path, "base", state, SD_LIKE, sd_dir=folder)
     meta = read_metadata(out)
     assert meta["kind"] == "pipeline" and set(meta["components"]) == {"unet", "vae", "text_encoder", "tokenizer"}
+    assert CHECKPOINTS.why_not(out) is None  # recognisably ours: a later --overwrite may replace it
     pipe = load_pipeline(out)
     assert pipe.stage == "base" and pipe.unet.arch.stage == "base"
     _same(export_state_dict(pipe.unet), state)

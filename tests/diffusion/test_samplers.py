@@ -35,7 +35,7 @@ def fake_model(num_steps: int, seed: int = 0):
 
 
 def ours_trajectory(sampler, x_init: np.ndarray, noises: list | None = None) -> list[np.ndarray]:
-    """x after every step of the compiled `sample_loop` (collected by its host callback)."""
+    """x after every step of the compiled `sample_loop` (the model's inputs, collected by a host callback)."""
     c, d, z = fake_model(sampler.num_steps)
     c, dz = jnp.asarray(c), jnp.asarray(d[:, None, None, None, None, None] * z)  # d_i * z_i, rounded as in torch
     noise_arr = None if noises is None else jnp.asarray(np.stack(noises), jnp.float32)
@@ -46,16 +46,11 @@ def ours_trajectory(sampler, x_init: np.ndarray, noises: list | None = None) -> 
         # the barrier keeps XLA from fusing the multiply and the add into one FMA (torch rounds both)
         return jax.lax.optimization_barrier(c[i] * xs) + dz[i]
 
-    traj = {}
-
-    def record(i):
-        traj[int(i)] = None
-
     final = jax.jit(lambda x0: sample_loop(sampler.spec, sampler.tables, x0, model_fn,
-                                           (lambda i: noise_arr[i]) if noises is not None else None,
-                                           callback=record))(jnp.asarray(x_init))
+                                           (lambda i: noise_arr[i]) if noises is not None else None)
+                    )(jnp.asarray(x_init))
     jax.effects_barrier()
-    assert sorted(traj) == list(range(sampler.num_steps))  # the callback saw every step
+    assert sorted(seen) == list(range(sampler.num_steps))  # the model saw every step
     # inputs of step i + 1 are the outputs of step i, undone by the input scaling
     xs = [seen[i + 1] * sampler.tables["input_div"][i + 1] for i in range(sampler.num_steps - 1)]
     return xs + [np.asarray(final)]
@@ -317,3 +312,23 @@ def test_sampler_errors():
     spec = make_sampler("ddpm", 10).spec
     with pytest.raises(ValueError, match="adds fresh noise each step; pass `noise`"):
         step(spec, {}, jnp.zeros(3), jnp.zeros(3))
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim_respaced"])
+def test_sample_loop_in_stretches_equals_one_scan(name):
+    """Running the loop a few steps per call (as the interruptible samplers do) gives the one-scan result."""
+    sampler = make_sampler(name, 10)
+    rng = np.random.default_rng(0)
+    x0 = jnp.asarray(rng.standard_normal(SHAPE), jnp.float32)
+    noise = jnp.asarray(rng.standard_normal((10, *SHAPE)), jnp.float32)
+    model_fn = lambda x, t, i: 0.3 * x + 1e-3 * t  # noqa: E731
+    noise_fn = (lambda i: noise[i]) if sampler.spec.stochastic else None
+    run = jax.jit(lambda x, start, n: sample_loop(sampler.spec, sampler.tables, x, model_fn, noise_fn, start=start,
+                                                  num_steps=n), static_argnums=2)
+    whole = run(x0, 0, 10)
+    x = x0
+    for start, n in ((0, 3), (3, 3), (6, 3), (9, 1)):
+        x = run(x, start, n)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(whole))
+    with pytest.raises(ValueError, match="num_steps must be in 1..10"):
+        sample_loop(sampler.spec, sampler.tables, x0, model_fn, noise_fn, num_steps=11)

@@ -1,7 +1,8 @@
 """Output naming (the official prompt -> file convention), sidecars, reading videos back, bad output paths, and
-the refusal to replace existing files."""
+the refusal to replace existing files (any, without overwrite; any lavie-sample did not write, with it)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -26,6 +27,25 @@ def test_official_file_names():
     assert unique_stems(["a b", "c", "a b", "a b"]) == ["a_b", "c", "a_b-2", "a_b-3"]
 
 
+@pytest.mark.parametrize("prompts,stems", [
+    (["a", "a", "a-2"], ["a", "a-3", "a-2"]),  # the repeat's '-2' would be the third prompt's own file
+    (["a-2", "a", "a"], ["a-2", "a", "a-3"]),
+    (["A cat", "a cat", "A CAT"], ["A_cat", "a_cat-2", "A_CAT-3"]),  # one file on macOS / Windows
+    (["caf\u00e9", "cafe\u0301"], ["caf\u00e9", "cafe\u0301-2"]),  # composed vs decomposed: one name on APFS
+    (["x", "X-2", "x"], ["x", "X-2", "x-3"]),
+])
+def test_stems_are_unique_within_a_run(prompts, stems):
+    assert unique_stems(prompts) == stems
+
+
+def test_stems_are_unique_for_any_prompts():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        prompts = ["".join(rng.choice(list("aA-2 "), size=rng.integers(0, 4))) for _ in range(8)]
+        stems = unique_stems(prompts)
+        assert len({s.casefold() for s in stems}) == len(prompts), (prompts, stems)
+
+
 def fake_result(prompts, stage="base", frames=3, **sample):
     config = tiny_config(stage, **sample)
     # grey frames, one level per (prompt, frame): they survive mp4's chroma subsampling almost exactly
@@ -45,6 +65,7 @@ def test_write_and_read_back(tmp_path):
                                                   "a_panda_taking_a_selfie,_2k,_high_quality-2")
                            for ext in ("mp4", "gif", "json"))
     meta = json.loads(sidecars[1].read_text())
+    assert (meta["format"], meta["format_version"]) == ("lavie-sample", 1)
     assert meta["prompt"] == "a/cat" and meta["text_prompt"] == "a/cat!" and meta["index"] == 5
     assert (meta["stage"], meta["seed"], meta["steps"], meta["sampler"], meta["fps"]) == ("base", 7, 3, "ddpm", 8.0)
     assert meta["negative_prompt"] == "" and meta["guidance_scale"] == 7.5
@@ -61,17 +82,35 @@ def test_write_and_read_back(tmp_path):
     assert np.abs(by_path["a_cat.mp4"].frames.astype(int) - result.frames[1]).max() <= 3  # mp4 is lossy
 
 
-def test_bad_paths(tmp_path):
+def test_bad_paths(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputError, match="exists and is not a directory"):
+    with pytest.raises(OutputError, match="file is a file, not a directory; choose another --output"):
         check_output_dir(tmp_path / "file")
-    with pytest.raises(OutputError, match="exists and is not a directory"):
+    with pytest.raises(OutputError, match="file is a file, not a directory; choose another --output"):
         check_output_dir(tmp_path / "file" / "sub")
-    assert check_output_dir(tmp_path / "new" / "dir").is_dir()
+    # checking creates nothing: a run failing a later check leaves no empty --output behind
+    assert check_output_dir(tmp_path / "new" / "dir") == tmp_path / "new" / "dir"
+    assert not (tmp_path / "new").exists()
     with pytest.raises(OutputError, match="does not exist"):
         read_inputs([tmp_path / "missing.mp4"])
+    (tmp_path / "empty").mkdir()
     with pytest.raises(OutputError, match="no .mp4 or .gif videos"):
-        read_inputs([tmp_path / "new"])
+        read_inputs([tmp_path / "empty"])
+    # a read-only parent is a message, not a PermissionError traceback (os.access: tests may run as root)
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(tmp_path / "ro")) else
+                        real_access(p, mode))
+    with pytest.raises(OutputError, match=r"cannot write into .*ro \(permission denied\)"):
+        check_output_dir(tmp_path / "ro" / "out" / "base")
+    with pytest.raises(OutputError, match="ro is not writable"):
+        check_output_dir(tmp_path / "ro")
+
+
+def test_output_dir_is_created_when_writing(tmp_path):
+    config, result = fake_result(["a cat"])
+    write_result(result, tmp_path / "new" / "dir", config=config)
+    assert sorted(p.name for p in (tmp_path / "new" / "dir").iterdir()) == ["a_cat.json", "a_cat.mp4"]
 
 
 def test_existing_files_are_never_replaced_silently(tmp_path):
@@ -92,3 +131,47 @@ def test_existing_files_are_never_replaced_silently(tmp_path):
     assert [p.name for p in written] == ["cat.json", "dog.json"] and (tmp_path / "dog.mp4").is_file()
     with pytest.raises(ValueError, match="got 1 stems for 2 prompts"):
         write_result(result, tmp_path, stems=["x"])
+    with pytest.raises(ValueError, match="not unique"):
+        write_result(result, tmp_path, stems=["x", "X"])
+    # what lavie-sample wrote is replaced with overwrite
+    write_result(result, tmp_path, config=config, overwrite=True)
+    assert json.loads((tmp_path / "a_cat.json").read_text())["files"] == ["a_cat.mp4"]
+
+
+def _user_files(directory, case):
+    """Files at lavie-sample's output names that lavie-sample did not write."""
+    if case == "video without sidecar":
+        (directory / "a_cat.mp4").write_bytes(b"my own video")
+    elif case == "foreign json":
+        (directory / "a_cat.json").write_text(json.dumps({"my": "notes"}))
+    elif case == "unlisted video":
+        (directory / "a_cat.json").write_text(json.dumps({"format": "lavie-sample", "files": ["a_cat.gif"]}))
+        (directory / "a_cat.mp4").write_bytes(b"my own video")
+    elif case == "directory":
+        (directory / "a_cat.mp4").mkdir()
+        (directory / "a_cat.mp4" / "keep.txt").write_text("mine")
+    elif case == "symlink":
+        (directory / "target.mp4").write_bytes(b"my own video")
+        (directory / "a_cat.mp4").symlink_to(directory / "target.mp4")
+
+
+@pytest.mark.parametrize("case", ["video without sidecar", "foreign json", "unlisted video", "directory", "symlink"])
+def test_overwrite_replaces_only_what_lavie_sample_wrote(case, tmp_path):
+    config, result = fake_result(["a cat"])
+    _user_files(tmp_path, case)
+    before = {p.name: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    with pytest.raises(OutputError, match=r"1 existing file\(s\) in .* were not written by lavie-sample: "
+                                          r"a_cat\.(mp4|json) \(.*\); --overwrite replaces only lavie-sample's own"):
+        write_result(result, tmp_path, config=config, overwrite=True)
+    assert {p.name: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
+
+
+def test_sidecars_of_earlier_versions_are_ours(tmp_path):
+    config, result = fake_result(["a cat"])
+    write_result(result, tmp_path, config=config)
+    legacy = json.loads((tmp_path / "a_cat.json").read_text())
+    del legacy["format"], legacy["format_version"]  # the layout before the marker: prompt, stage, files
+    (tmp_path / "a_cat.json").write_text(json.dumps(legacy))
+    check_no_overwrite(tmp_path, ["a_cat"], ("mp4",), overwrite=True)
+    write_result(result, tmp_path, config=config, overwrite=True)
+    assert json.loads((tmp_path / "a_cat.json").read_text())["format"] == "lavie-sample"

@@ -5,13 +5,14 @@ import jax
 import numpy as np
 import pytest
 
+from lavie_jax import stages
 from lavie_jax.parallel import make_mesh
 from lavie_jax.sampling import programs
 from lavie_jax.sampling.pipeline import PipelineError
 from lavie_jax.sampling.stages import RequestError, StageSampler
 from lavie_jax.text import encode_prompts
 from tests.models.tiny_configs import rel_err
-from tests.sampling.conftest import BASE_FRAMES, HEIGHT, WIDTH, tiny_config
+from tests.sampling.conftest import BASE_FRAMES, HEIGHT, STEPS, WIDTH, tiny_config
 
 PROMPTS = ["a panda taking a selfie, 2k, high quality", "a corgi walking in the park", "a teddy bear"]
 
@@ -30,11 +31,11 @@ def test_base_shapes_determinism_and_reuse(base):
     assert first.frames.shape == (2, BASE_FRAMES, HEIGHT, WIDTH, 3) and first.frames.dtype == np.uint8
     assert first.latents.shape == (2, BASE_FRAMES, HEIGHT // 8, WIDTH // 8, 4) and first.latents.dtype == np.float32
     assert np.isfinite(first.latents).all() and first.fps == 8 and first.text_prompts == PROMPTS[:2]
-    compiled = programs.denoise._cache_size(), programs.decode._cache_size()
+    compiled = programs.denoise_steps._cache_size(), programs.decode._cache_size()
     again = base.sample(PROMPTS[:2], seed=5)
     np.testing.assert_array_equal(again.latents, first.latents)
     np.testing.assert_array_equal(again.frames, first.frames)
-    assert (programs.denoise._cache_size(), programs.decode._cache_size()) == compiled  # no recompilation
+    assert (programs.denoise_steps._cache_size(), programs.decode._cache_size()) == compiled  # no recompilation
     other = base.sample(PROMPTS[:2], seed=6)
     assert rel_err(other.latents, first.latents) > 0.1
     # a prompt's noise depends on (seed, its index), not on the batch: alone with index 1 it is the same video
@@ -47,17 +48,17 @@ def test_guidance_rows_and_direction(pipelines, mesh1, base):
     """Base batches are [uncond, cond], interpolation [cond, uncond] (spec 8), and the guided model output is
     uncond + g * (cond - uncond) of two plain UNet calls."""
     args, kwargs = base.denoise_inputs(["a panda"], seed=0)
-    state, _, text, _, _, _, _, guidance = args
+    state, _, x, _, text, _, _, _, _, guidance = args
+    assert kwargs["num_steps"] == 1
     pipe = pipelines["base"]
     emb = encode_prompts(pipe.text_encoder, pipe.tokenizer, ["a panda"], "")
     np.testing.assert_array_equal(np.asarray(text[0, 1]), emb.cond[0])
     np.testing.assert_array_equal(np.asarray(text[0, 0]), emb.uncond[0])
-    x = np.random.default_rng(0).standard_normal((text.shape[0], *kwargs["latent_shape"]), np.float32)
     t = np.float32(base.sampler.timesteps[1])
 
     def call(rows):
         return np.asarray(programs.guided_model_call(state, x, t, rows, None, None, guidance,
-                                                     graphdef=kwargs["graphdef"], cond_first=False))
+                                                     graphdef=kwargs["graphdef"], stage="base", cond_first=False))
 
     cond, uncond = call(text[:, 1:]), call(text[:, :1])  # one row each: the plain UNet output
     assert rel_err(call(text), uncond + float(guidance) * (cond - uncond)) <= 1e-5
@@ -65,8 +66,8 @@ def test_guidance_rows_and_direction(pipelines, mesh1, base):
     iargs, _ = interp.denoise_inputs(["a panda"], [video(3, HEIGHT, WIDTH)])
     pipe = pipelines["interpolation"]
     emb = encode_prompts(pipe.text_encoder, pipe.tokenizer, ["a_panda, 4k."], "None")
-    np.testing.assert_array_equal(np.asarray(iargs[2][0, 0]), emb.cond[0])
-    np.testing.assert_array_equal(np.asarray(iargs[2][0, 1]), emb.uncond[0])
+    np.testing.assert_array_equal(np.asarray(iargs[4][0, 0]), emb.cond[0])
+    np.testing.assert_array_equal(np.asarray(iargs[4][0, 1]), emb.uncond[0])
 
 
 INVARIANCE_INPUTS = {  # stage -> (input videos, fps) of a 3-prompt request
@@ -110,12 +111,15 @@ def test_interpolation(pipelines, mesh1):
 
 def test_interpolation_index():
     """Spec 4.2: output j is conditioned on original floor((j + 1) / 4); original k occupies 4k-1..4k+2."""
-    index = programs.interpolation_index(16)
+    index = stages.key_frame_index(16)
     assert len(index) == 61 and index[0] == 0 and index[-1] == 15
     official = np.repeat(np.linspace(0, 15, 61).astype(int)[::4], 4)[1:-2]  # the official index arithmetic
     np.testing.assert_array_equal(index, official)
     for k in range(1, 15):
         assert (index[4 * k - 1: 4 * k + 3] == k).all()
+    assert stages.interpolated_length(16) == 61 and stages.num_key_frames(61) == 16
+    with pytest.raises(ValueError, match="4K - 3 frames"):
+        stages.num_key_frames(60)
 
 
 def test_vsr_chunks_are_independent_runs(pipelines, mesh1):
@@ -134,7 +138,7 @@ def test_vsr_chunks_are_independent_runs(pipelines, mesh1):
 def test_bad_requests_fail_before_compute(pipelines, mesh1, base):
     vsr = StageSampler(tiny_config("vsr", fps=0), pipelines["vsr"], mesh1)
     interp = StageSampler(tiny_config("interpolation", num_frames=61), pipelines["interpolation"], mesh1)
-    compiled = programs.denoise._cache_size()
+    compiled = programs.denoise_steps._cache_size()
     cases = [
         (base, [], None, {}, "no prompts"),
         (base, "a panda", None, {}, "no prompts"),
@@ -152,7 +156,7 @@ def test_bad_requests_fail_before_compute(pipelines, mesh1, base):
     odd = StageSampler(tiny_config("base", height=20), pipelines["base"], mesh1)
     with pytest.raises(RequestError, match="not a multiple of the VAE's factor 8"):
         odd.sample(["a"])
-    assert programs.denoise._cache_size() == compiled
+    assert programs.denoise_steps._cache_size() == compiled
 
 
 def test_wrong_stage_pipeline(pipelines, mesh1):
@@ -162,12 +166,25 @@ def test_wrong_stage_pipeline(pipelines, mesh1):
         StageSampler(tiny_config("interpolation"), pipelines["base"], mesh1)
 
 
-def test_progress_reports_every_step(base):
-    seen = []
-    programs._progress_hooks.append(seen.append)
-    try:
-        base.sample(PROMPTS[:1], seed=0, progress=True)
-        jax.effects_barrier()
-    finally:
-        programs._progress_hooks.remove(seen.append)
-    assert sorted(seen) == list(range(base.sampler.num_steps))
+def test_steps_per_call_and_interrupts(pipelines, mesh1, base, monkeypatch):
+    """The loop returns to Python every `steps_per_call` steps with the same result as one call for all steps,
+    and an interrupt raised between calls stops the request there (nothing further is computed)."""
+    whole = StageSampler(tiny_config("base", steps_per_call=STEPS), pipelines["base"], mesh1)
+    one = base.sample(PROMPTS[:1], seed=3)
+    np.testing.assert_array_equal(whole.sample(PROMPTS[:1], seed=3).latents, one.latents)
+    assert whole._steps_per_call() == STEPS and base._steps_per_call() == 1
+    assert StageSampler(tiny_config("base", steps=6, steps_per_call=4), pipelines["base"],
+                        mesh1)._steps_per_call() == 3  # the largest divisor of 6 not above 4
+    calls = []
+    real = programs.denoise_steps
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["num_steps"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(programs, "denoise_steps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        base.sample(PROMPTS[:1], seed=3)
+    assert calls == [1, 1]  # the second of three one-step calls was interrupted

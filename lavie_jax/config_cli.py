@@ -1,0 +1,329 @@
+"""Stage configs from the command line: `--config FILE[:variant]` plus `--config.a.b=value` overrides.
+
+The command-line tools (`lavie-sample`, `lavie-train`) share this one loader so every tool reports a bad config
+the same way: one `ConfigArgError` whose message names the flag, what is wrong and the fix, instead of a traceback.
+
+    configs, rest = parse_config_flags(sys.argv, ("config", "interpolation", "vsr"))
+    config = load_config("configs/base.py:tiny", [("sample.steps", "3")])
+
+A config file is a Python file with `get_config(arg=None)`; the text after the first ':' is passed as `arg` (the
+variant). Config files may `import configs.common`: the folder above the config file's folder (and the working
+directory) is put on `sys.path` first. Override values are parsed by the type of the field they replace (int,
+float, bool, str, tuple, list, None), so `--config.sample.steps=abc` is refused before anything runs; unknown
+fields get a did-you-mean from the config's own keys. Override forms (as `ml_collections.config_flags` accepts):
+`--config.a.b=VALUE`, `--config.a.b VALUE`, `--config.flag` / `--noconfig.flag` for booleans, and a tuple field
+given several times (`--config.mesh.shape=2 --config.mesh.shape=4 ...`) collects the values.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.machinery
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+_TRUE = ("true", "t", "yes", "y", "1")
+_FALSE = ("false", "f", "no", "n", "0")
+_NONE = ("none", "null")
+
+
+class ConfigArgError(ValueError):
+    """A config file, variant or override given on the command line cannot be used; the message names the flag,
+    the problem and the fix."""
+
+
+def load_config(spec: str, overrides: Sequence[tuple[str, str]] | Mapping[str, str] = (), *,
+                flag: str = "config") -> ml_collections.ConfigDict:
+    """`get_config(variant)` of the file `spec` = 'PATH[:variant]', with `overrides` applied and the result locked.
+
+    `overrides` are (dotted field path, value text) pairs in command-line order (a mapping is taken in its order);
+    `flag` is the flag name used in messages (`--config`, `--vsr`). Raises ConfigArgError.
+    """
+    config = _call_get_config(spec, flag)
+    _apply_overrides(config, list(overrides.items()) if isinstance(overrides, Mapping) else list(overrides), flag)
+    return config
+
+
+def parse_config_flags(argv: Sequence[str], names: Sequence[str] = ("config",)
+                       ) -> tuple[dict[str, ml_collections.ConfigDict | None], list[str]]:
+    """Take each `--NAME FILE[:variant]` and its `--NAME.field=value` overrides out of `argv` (program name first)
+    and load those configs; returns ({name: config, or None when not given}, the remaining argv for absl).
+
+    Scanning stops at '--' (the rest is positional). A repeated `--NAME` keeps its last value. Raises
+    ConfigArgError, e.g. for an override whose `--NAME` is missing.
+    """
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    specs: dict[str, str] = {}
+    spent: set[int] = set()
+    for i in range(1, end):
+        for name in names:
+            token = argv[i]
+            if re.fullmatch(rf"--?{re.escape(name)}", token):
+                if i + 1 >= end or argv[i + 1].startswith("-"):
+                    raise ConfigArgError(f"--{name} needs a value: a config file, e.g. --{name} configs/STAGE.py or "
+                                         f"configs/STAGE.py:tiny")
+                specs[name] = argv[i + 1]
+                spent.update((i, i + 1))
+            elif re.match(rf"--?{re.escape(name)}=", token):
+                specs[name] = token.split("=", 1)[1]
+                spent.add(i)
+    configs: dict[str, ml_collections.ConfigDict | None] = {}
+    for name in names:
+        # the file first: whether `--NAME.field VALUE` takes the next token depends on the field's type
+        config = _call_get_config(specs[name], name) if name in specs else None
+        overrides = list(_take_overrides(argv, end, name, config, spent))
+        if config is not None:
+            _apply_overrides(config, overrides, name)
+        configs[name] = config
+    return configs, [a for i, a in enumerate(argv) if i not in spent]
+
+
+def config_fields(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[str]:
+    """Every dotted path of `config`: sections and leaf fields."""
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        yield path
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from config_fields(value, path + ".")
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def _call_get_config(spec: str, flag: str) -> ml_collections.ConfigDict:
+    file, _, variant = spec.partition(":")
+    has_variant = ":" in spec
+    if not file:
+        raise ConfigArgError(f"--{flag} is empty; pass a config file, e.g. --{flag} configs/base.py:tiny")
+    path = Path(file)
+    if not path.exists():
+        raise ConfigArgError(f"--{flag} {spec}: no such file {file}{_nearby_configs(path)}")
+    if path.is_dir():
+        raise ConfigArgError(f"--{flag} {spec}: {file} is a directory; pass a config file in it"
+                             f"{_nearby_configs(path / 'x.py')}")
+    module = _load_module(path, flag, spec)
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigArgError(f"--{flag} {spec}: {file} defines no get_config(); pass a stage config file"
+                             f"{_nearby_configs(path)}")
+    try:
+        config = get_config(variant) if has_variant else get_config()
+    except ValueError as e:  # the stage configs refuse unknown variants with a ValueError naming the choices
+        raise ConfigArgError(f"--{flag} {spec}: {e}") from e
+    except TypeError as e:
+        if has_variant:
+            raise ConfigArgError(f"--{flag} {spec}: get_config() of {file} takes no variant ({e}); drop "
+                                 f"':{variant}'") from e
+        raise ConfigArgError(f"--{flag} {spec}: get_config() of {file} failed: TypeError: {e}") from e
+    except Exception as e:  # a broken config file: say which, and where the details are
+        raise ConfigArgError(f"--{flag} {spec}: get_config() of {file} failed: {type(e).__name__}: {e} (fix the "
+                             f"file; --traceback shows where)") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigArgError(f"--{flag} {spec}: get_config() of {file} returned {type(config).__name__}, not an "
+                             f"ml_collections.ConfigDict")
+    return config
+
+
+def _load_module(path: Path, flag: str, spec: str):
+    """Execute the config file as a fresh module, with its package root importable (`import configs.common`)."""
+    for root in (str(path.absolute().parent.parent), os.getcwd()):
+        if root not in sys.path:
+            sys.path.insert(0, root)
+    name = f"_lavie_config_{flag.replace('-', '_')}_{abs(hash(str(path.absolute())))}"
+    # an explicit source loader: a config file need not end in .py
+    loader = importlib.machinery.SourceFileLoader(name, str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    sys.modules[name] = module  # dataclasses and pickling look a module up by name while it runs
+    try:
+        loader.exec_module(module)
+    except OSError as e:
+        sys.modules.pop(name, None)
+        raise ConfigArgError(f"--{flag} {spec}: cannot read {path}: {e.strerror or e}") from e
+    except SyntaxError as e:
+        sys.modules.pop(name, None)
+        raise ConfigArgError(f"--{flag} {spec}: {path} is not a Python config file: {e.msg} at line {e.lineno}; "
+                             "pass a file with get_config(), e.g. configs/base.py") from e
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise ConfigArgError(f"--{flag} {spec}: {path} failed to load: {type(e).__name__}: {e} (fix the file; "
+                             "--traceback shows where)") from e
+    return module
+
+
+def _nearby_configs(path: Path) -> str:
+    """'; config files there: a.py, b.py' for the config files beside `path` (if its folder exists)."""
+    folder = path.parent
+    try:
+        candidates = sorted(folder.glob("*.py"))[:100]  # a hint, not a search: a big folder is not read in full
+        found = [str(p) for p in candidates if "def get_config" in p.read_text(errors="replace")]
+    except OSError:
+        return ""
+    return f"; config files there: {', '.join(found)}" if found else ""
+
+
+# -------------------------------------------------------------------------------------------------- overrides
+
+
+def _apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]], flag: str) -> None:
+    """Set each (path, value text) in order, then lock `config`."""
+    collected: dict[str, tuple] = {}  # single values given to a tuple field several times, in order
+    for path, text in overrides:
+        value = _parse_override(config, path, text, flag)
+        if isinstance(value, tuple):
+            if re.search(r"[,()\[\]]", text):  # a whole tuple replaces what came before
+                collected.pop(path, None)
+            else:
+                value = collected[path] = collected.get(path, ()) + value
+        parent, key = _parent(config, path, flag)
+        if parent.get_type(key) is type(None):
+            with parent.ignore_type():  # an unset field takes any type
+                parent[key] = value
+        else:
+            parent[key] = value
+    config.lock()  # as config_flags did: a typo'd field name set later in code raises instead of adding a field
+
+
+def _take_overrides(argv: list[str], end: int, name: str, config: ml_collections.ConfigDict | None,
+                    spent: set[int]) -> Iterator[tuple[str, str]]:
+    """(path, value text) of every `--NAME.path...` in argv[:end], marking their tokens spent."""
+    pattern = re.compile(rf"--?(no)?{re.escape(name)}\.([^=]*)(=(.*))?", re.DOTALL)
+    i = 1
+    while i < end:
+        match = pattern.fullmatch(argv[i]) if i not in spent else None
+        if not match:
+            i += 1
+            continue
+        negated, path, has_value, text = match.group(1), match.group(2), match.group(3), match.group(4)
+        if config is None:
+            raise ConfigArgError(f"{argv[i]} overrides a field of --{name}, which is not given; add --{name} "
+                                 f"configs/STAGE.py[:variant] or drop the override")
+        spent.add(i)
+        if negated:
+            if has_value or _field_type(config, path, name) is not bool:
+                raise ConfigArgError(f"{argv[i]}: --no{name}.FIELD is for true/false fields only; use "
+                                     f"--{name}.{path}=VALUE")
+            yield path, "false"
+        elif has_value:
+            yield path, text
+        else:
+            # `--NAME.flag` alone is a boolean; any other field takes the next token, as absl flags do
+            if _field_type(config, path, name) is bool:
+                yield path, "true"
+            elif i + 1 < end and i + 1 not in spent:
+                spent.add(i + 1)
+                yield path, argv[i + 1]
+                i += 1
+            else:
+                raise ConfigArgError(f"--{name}.{path} needs a value: --{name}.{path}=VALUE")
+        i += 1
+
+
+def _field_type(config: ml_collections.ConfigDict, path: str, flag: str) -> type:
+    parent, key = _parent(config, path, flag)
+    return parent.get_type(key)
+
+
+def _parent(config: ml_collections.ConfigDict, path: str, flag: str) -> tuple[ml_collections.ConfigDict, str]:
+    """The section holding `path` and its last key; ConfigArgError with a did-you-mean if the path is not there."""
+    keys = path.split(".")
+    section = config
+    for depth, key in enumerate(keys):
+        here = ".".join(keys[:depth + 1])
+        if not isinstance(section, ml_collections.ConfigDict):
+            field = ".".join(keys[:depth])
+            raise ConfigArgError(f"--{flag}.{path}: {field} is a field (now {section!r}), not a section; set it as "
+                                 f"--{flag}.{field}=VALUE")
+        if key not in section:
+            raise ConfigArgError(f"--{flag}.{path}: the config has no field {here}{_did_you_mean(config, here, flag)}")
+        if depth == len(keys) - 1:
+            return section, key
+        section = section[key]
+    raise AssertionError("unreachable")
+
+
+def _did_you_mean(config: ml_collections.ConfigDict, path: str, flag: str) -> str:
+    """'; did you mean --config.sample.steps?' from the config's own fields, else the fields of that section."""
+    fields = list(config_fields(config))
+    close = difflib.get_close_matches(path, fields, n=3, cutoff=0.75)
+    if not close:  # a right name in the wrong section (`--config.steps`), else a typo in the last name
+        last = path.rsplit(".", 1)[-1]
+        names = {f: f.rsplit(".", 1)[-1] for f in fields}
+        close = [f for f in fields if names[f] == last][:3]
+        if not close:
+            similar = difflib.get_close_matches(last, set(names.values()), n=2, cutoff=0.75)
+            close = [f for f in fields if names[f] in similar][:3]
+    if close:
+        return "; did you mean " + " or ".join(f"--{flag}.{f}" for f in close) + "?"
+    head = path.rsplit(".", 1)[0] if "." in path else ""
+    section = config
+    for key in head.split(".") if head else ():
+        section = section[key]
+    where = f"section {head}" if head else "the config"
+    return f"; the fields of {where} are: {', '.join(sorted(section.keys()))}"
+
+
+def _parse_override(config: ml_collections.ConfigDict, path: str, text: str, flag: str) -> Any:
+    """`text` as a value of the field at `path`, by the type of its current value."""
+    parent, key = _parent(config, path, flag)
+    current = parent[key]
+    kind = parent.get_type(key)
+
+    def refuse(expected: str) -> ConfigArgError:
+        return ConfigArgError(f"--{flag}.{path}={text}: {path} takes {expected} (now {current!r}); {text!r} is not "
+                              f"one")
+
+    if isinstance(current, ml_collections.ConfigDict):
+        example = next(iter(current.keys()), "FIELD")
+        raise ConfigArgError(f"--{flag}.{path}: {path} is a section; set its fields one by one, e.g. "
+                             f"--{flag}.{path}.{example}=VALUE")
+    if kind is bool:
+        if text.strip().lower() in _TRUE:
+            return True
+        if text.strip().lower() in _FALSE:
+            return False
+        raise refuse("true or false")
+    if kind is int:
+        try:
+            return int(text.strip(), 0)  # base prefixes as absl's integer flags (0x10)
+        except ValueError:
+            try:
+                return int(text.strip())  # int(..., 0) refuses leading zeros ('007')
+            except ValueError:
+                raise refuse("an integer") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise refuse("a number") from None
+    if kind is str:
+        return text
+    if kind in (tuple, list):
+        value = _literal(text)
+        if isinstance(value, str) and "," in text:  # '2,4,1,1' without brackets
+            value = tuple(_literal(part.strip()) for part in text.split(","))
+        value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        return value if kind is tuple else list(value)
+    if kind is type(None):  # unset optional field (e.g. model.attention_impl): any literal, else the text
+        return None if text.strip().lower() in _NONE else _literal(text)
+    raise ConfigArgError(f"--{flag}.{path}: a field of type {kind.__name__} cannot be set from the command line; "
+                         "edit the config file")
+
+
+def _literal(text: str) -> Any:
+    """A Python literal (numbers, tuples, lists, true/false), else the text itself."""
+    if text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text

@@ -1,0 +1,28 @@
+"""Abstract models: a module with `jax.ShapeDtypeStruct` leaves (no memory), for shapes, counts, restores and random
+initialisation on the devices.
+
+Tracing a model's construction takes seconds (the full UNet: tens of thousands of ops), so the abstract structure is
+built once per key (the builders pass every construction argument, e.g. a UNet's architecture, dtype, attention
+kernel and remat policy) and every call returns a new module with its own Variables.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Hashable
+
+from flax import nnx
+
+_factories: dict[Hashable, Callable[[], nnx.Module]] = {}
+
+
+@functools.lru_cache(maxsize=32)
+def _split(key: Hashable) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(nnx.eval_shape(_factories[key]))
+
+
+def abstract_model(key: Hashable, factory: Callable[[], nnx.Module]) -> nnx.Module:
+    """`nnx.eval_shape(factory)`, cached by `key` (which must identify everything `factory` builds from)."""
+    _factories.setdefault(key, factory)
+    graphdef, state = _split(key)
+    return nnx.merge(graphdef, state, copy=True)

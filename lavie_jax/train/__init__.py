@@ -1,0 +1,1 @@
+"""Training: optimizer, param groups and EMA (`optim`), metrics writers (`metrics`); step and loop build on them."""

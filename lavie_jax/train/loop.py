@@ -1,0 +1,218 @@
+"""The training loop of `lavie-train`: resume, step, log, checkpoint, stop cleanly.
+
+    result = train(config, workdir)        # returns when train.num_steps is reached, or at a preemption
+
+The work directory (`lavie_jax.workdir`): `checkpoints/` (orbax, async, the last `train.keep` steps), `metrics.jsonl`
+and `tb/` (lavie_jax.train.metrics), `config.json` (the run's config), and `lavie_workdir.json` (what makes it ours).
+A rerun of the same command resumes from the latest complete checkpoint (params, EMA, optimizer state, step, data
+iterator position); a rerun with a config that changes the run is refused unless `overwrite` (a new workdir is the
+other way). SIGTERM (preemption on TPU VMs and SLURM) and a first Ctrl-C save at the next step boundary and return;
+a second Ctrl-C stops at once. A NaN or infinite loss stops the run naming the step; the last good checkpoint stays.
+
+Host work overlaps the devices: step k + 1 is dispatched before step k's metrics are read (the loss check and the
+logs lag one step), and the next batch is prepared while a step runs (grain's read threads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from lavie_jax import parallel, safe_io, workdir as workdirs
+from lavie_jax.data import distributed as data_distributed
+from lavie_jax.data.pipeline import make_iterator
+from lavie_jax.text import tokenize
+from lavie_jax.train.metrics import MetricsWriter
+from lavie_jax.train.preemption import PreemptionHandler
+from lavie_jax.train.setup import Run, TrainConfigError, build_run, peak_tflops
+
+CONFIG_FILE = "config.json"
+METRIC_ORDER = ("loss", "video_loss", "image_loss", "grad_norm", "lr")  # the order of a logged line
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the checkpoint kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # the last step whose update was applied (and saved)
+    stopped: str | None  # why the run stopped early ('SIGTERM', 'SIGINT', ...), None when it finished
+    resumed_from: int | None
+    metrics: dict[str, float]  # the last logged values
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"[lavie-train] {message}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ work directory
+
+def prepare_workdir(path: str | os.PathLike, config: ml_collections.ConfigDict, overwrite: bool) -> Path:
+    """Make `path` this run's work directory (process 0 writes; every process returns after it did).
+
+    A missing or empty directory becomes a new work directory; one of ours is resumed if its stored config is this
+    run's (`workdir.check_config`), or replaced with `overwrite`; anything else is refused, nothing touched."""
+    path = safe_io.absolute(path)
+    error = None
+    if jax.process_index() == 0:
+        try:
+            _prepare_on_primary(path, config, overwrite)
+        except (safe_io.OutputPathError, workdirs.ConfigMismatchError, TrainConfigError) as e:
+            error = e
+    failed = parallel.failed_processes(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise TrainConfigError(f"process 0 could not prepare --workdir {path} (its error says why)")
+    return path
+
+
+def _prepare_on_primary(path: Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
+    exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if exists:
+        reason = workdirs.WORKDIRS.why_not(path)
+        if reason is not None:
+            raise safe_io.OutputPathError(f"--workdir {path} is not a lavie-train work directory ({reason}); "
+                                          "lavie-train never writes into or replaces other directories: choose a new "
+                                          "or empty --workdir")
+        if not overwrite:
+            stored = path / CONFIG_FILE
+            if stored.is_file():
+                changed = workdirs.check_config(stored.read_text(), config, where=f"--workdir {path}")
+                if changed:
+                    _say(f"resuming with changed settings: {', '.join(changed)}")
+            return
+    safe_io.check_output_directory(path, workdirs.WORKDIRS, overwrite=overwrite, flag="--workdir")
+    with safe_io.atomic_directory(path, workdirs.WORKDIRS, overwrite=overwrite, flag="--workdir") as tmp:
+        workdirs.WORKDIRS.write_marker(tmp, "train", stage=config.stage)
+        (tmp / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def _tokenizer_fn(run: Run):
+    length = run.encoders.null_tokens.shape[0]
+    return lambda caption: tokenize(run.tokenizer, [str(caption)], max_length=length)[0]
+
+
+def _device_batch(batch: Mapping[str, Any], run: Run) -> dict[str, jax.Array]:
+    """A local numpy batch -> global arrays on the mesh (numeric keys only: captions were tokenized)."""
+    numeric = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf" and k != "is_image"}
+    return data_distributed.make_global_batch(numeric, run.mesh)
+
+
+def _finite(metrics: Mapping[str, Any]) -> bool:
+    return all(math.isfinite(float(v)) for v in metrics.values())
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite: bool = False,
+          console: bool = True) -> TrainResult:
+    """Train `config.stage` in `workdir` until `config.train.num_steps` (see the module docstring)."""
+    t = config.train
+    mesh = parallel.make_mesh(config.mesh.shape)
+    path = prepare_workdir(workdir, config, overwrite)
+    _say(f"{config.stage} stage on {jax.device_count()} device(s) ({jax.devices()[0].device_kind}), mesh "
+         f"{dict(mesh.shape)}, {jax.process_count()} process(es); work directory {path}")
+    run = build_run(config, mesh)
+    _say(f"params: {run.groups.summary()}")
+    ckpt = workdirs.TrainCheckpointer(path, save_every=t.checkpoint_every, keep=t.keep, keep_every=t.keep_every,
+                                      config=config)
+    try:
+        return _loop(run, config, path, ckpt, console)
+    finally:
+        ckpt.close()
+
+
+def _restore(run: Run, ckpt: workdirs.TrainCheckpointer, config: ml_collections.ConfigDict
+             ) -> tuple[Any, int | None, Any]:
+    """(state, step resumed from or None, data-iterator state) of the latest complete checkpoint, if any."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return run.state, None, None
+    workdirs.check_config(ckpt.stored_config(latest), config)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), run.state,
+                            run.state_shardings)
+    restored = ckpt.restore(latest, abstract)
+    return restored.state, latest, restored.data_state
+
+
+def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdirs.TrainCheckpointer,
+          console: bool) -> TrainResult:
+    t = config.train
+    state, resumed, data_state = _restore(run, ckpt, config)
+    start = int(jax.device_get(state.step))
+    if resumed is not None:
+        _say(f"resumed from step {resumed} ({path / workdirs.CHECKPOINTS_DIR / str(resumed)})")
+    if start >= t.num_steps:
+        _say(f"already at step {start} of train.num_steps={t.num_steps}: nothing to do")
+        return TrainResult(start, None, resumed, {})
+    iterator = make_iterator(config.data, tokenize=_tokenizer_fn(run))
+    if data_state is not None:
+        iterator.set_state(data_state)
+    peak, peak_source = peak_tflops(config)
+    _say(f"{run.flops_per_step / 1e12:.4g} TFLOP per step (analytic); MFU against {peak:.4g} TFLOP/s per device "
+         f"({peak_source})")
+    writer = MetricsWriter(str(path), total_steps=t.num_steps, start_step=start,
+                           examples_per_step=config.data.global_batch_size, flops_per_step=run.flops_per_step,
+                           num_devices=jax.device_count(), peak_tflops=peak, console=console)
+    last: dict[str, float] = {}
+    pending: tuple[int, Any] | None = None  # (step after the update, metrics on device) not yet checked
+    good = start  # the last step known to have a finite loss
+    stopped = None
+    with writer, PreemptionHandler(sigint=True) as preemption, jax.set_mesh(run.mesh):
+        step = start
+        while step < t.num_steps:
+            batch = _device_batch(next(iterator), run)
+            state, metrics = run.step_fn(state, run.encoders, run.tables, batch)
+            step += 1
+            if pending is not None:  # the previous step's metrics, read while this step runs
+                last = _check_and_log(pending, writer, t, good, ckpt)
+                good = pending[0]
+            pending = (step, metrics)
+            if ckpt.should_save(step) or step == t.num_steps or preemption.should_stop(step):
+                last = _check_and_log(pending, writer, t, good, ckpt, force=True)
+                good, pending = step, None
+                ckpt.save(step, state, iterator.get_state, force=True)
+                if preemption.should_stop(step) and step < t.num_steps:
+                    stopped = preemption.reason
+                    ckpt.wait()
+                    _say(preemption.stop_message(step))
+                    break
+        if pending is not None:
+            last = _check_and_log(pending, writer, t, good, ckpt, force=True)
+    ckpt.wait()
+    if stopped is None:
+        _say(f"finished: step {step}, checkpoint in {path / workdirs.CHECKPOINTS_DIR / str(step)}; sample with "
+             f"`lavie-sample --checkpoint {path}`")
+    return TrainResult(step, stopped, resumed, last)
+
+
+def _check_and_log(pending: tuple[int, Any], writer: MetricsWriter, t: ml_collections.ConfigDict, good: int,
+                   ckpt: workdirs.TrainCheckpointer, force: bool = False) -> dict[str, float]:
+    """Read a step's metrics; stop on a non-finite loss; log every `train.log_every` steps (and when forced)."""
+    step, metrics = pending
+    values = jax.device_get(metrics)
+    host = {k: float(values[k]) for k in sorted(values, key=lambda k: (METRIC_ORDER.index(k) if k in METRIC_ORDER
+                                                                        else len(METRIC_ORDER), k))}
+    if not _finite(host):
+        ckpt.wait()
+        bad = ", ".join(f"{k}={v}" for k, v in host.items() if not math.isfinite(v))
+        latest = ckpt.latest_step()
+        raise NonFiniteLossError(f"step {step}: {bad}; the run stopped without saving it. The last good checkpoint "
+                                 f"is step {latest} (the loss was finite through step {good}); lower "
+                                 f"train.optimizer.lr or check the data, then rerun to resume from it")
+    if step % t.log_every == 0 or force:
+        writer.write(step, host)
+    return host

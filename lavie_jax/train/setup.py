@@ -1,0 +1,355 @@
+"""Everything a training run builds before its first step, checked before anything compiles.
+
+`build_run(config, workdir)` validates the `train` section against the mesh and the data, loads or initialises the
+UNet on the mesh (by the config's sharding rules), loads the frozen encoders, splits the trained params from the
+frozen ones (`train.param_groups`), and lays out the train state, its shardings and the jitted step. Bad input is a
+`TrainConfigError` naming the field and the fix, raised before any model is built where possible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lavie_jax import checkpoints, parallel, stages
+from lavie_jax.models import UNet3D, abstract_unet, arch_from_config
+from lavie_jax.models.arch import UNetArch
+from lavie_jax.models.flops import peak_bf16_tflops, train_step_flops
+from lavie_jax.models.unet import REMAT_POLICIES
+from lavie_jax.sampling.pipeline import components
+from lavie_jax.text import tokenize
+from lavie_jax.train import optim
+from lavie_jax.train.step import Encoders, Objective, StageInputs, TrainState, stage_loss, train_step
+
+RANDOM = "random"
+DTYPES = ("float32", "bfloat16")
+
+
+class TrainConfigError(ValueError):
+    """A training setting cannot work; the message names the config field (or flag) and the fix."""
+
+
+def _fail(field: str, message: str) -> None:
+    raise TrainConfigError(f"config field {field}: {message}")
+
+
+def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """The `train` section, and the parts of the others that training depends on, against the mesh."""
+    t, d = config.train, config.data
+    stages.check_stage(config.stage, "config field stage")
+    if d.stage != config.stage:
+        _fail("data.stage", f"{d.stage!r} but the config is the {config.stage} stage")
+    try:
+        optim.validate_train_optim_config(t)
+    except optim.OptimConfigError as e:
+        raise TrainConfigError(str(e)) from None
+    for field in ("num_steps", "log_every", "checkpoint_every", "keep", "vae_frame_chunk"):
+        value = t[field]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            _fail(f"train.{field}", f"expected a positive integer, got {value!r}")
+    if not isinstance(t.keep_every, int) or t.keep_every < 0:
+        _fail("train.keep_every", f"expected an integer >= 0 (0 = off), got {t.keep_every!r}")
+    if not isinstance(t.seed, int) or not 0 <= t.seed < 2 ** 31:
+        _fail("train.seed", f"expected an integer in 0..2^31-1, got {t.seed!r}")
+    if t.compute_dtype not in DTYPES:
+        _fail("train.compute_dtype", f"{t.compute_dtype!r}: choose one of {DTYPES}")
+    if t.remat not in REMAT_POLICIES:
+        _fail("train.remat", f"{t.remat!r}: choose one of {sorted(REMAT_POLICIES)}")
+    if not isinstance(t.peak_tflops, (int, float)) or t.peak_tflops < 0:
+        _fail("train.peak_tflops", f"expected a number >= 0 (0 = from the device kind), got {t.peak_tflops!r}")
+    o = t.objective
+    if o.prediction_type not in ("epsilon", "v_prediction"):
+        _fail("train.objective.prediction_type", f"{o.prediction_type!r}: choose 'epsilon' or 'v_prediction'")
+    if not 0 <= o.text_dropout < 1:
+        _fail("train.objective.text_dropout", f"expected a probability in [0, 1), got {o.text_dropout!r}")
+    if o.image_loss_weight < 0:
+        _fail("train.objective.image_loss_weight", f"expected >= 0, got {o.image_loss_weight!r}")
+    if not 1 <= o.noise_level_max <= config.sample.num_train_timesteps:
+        _fail("train.objective.noise_level_max", f"expected 1..{config.sample.num_train_timesteps}, got "
+                                                 f"{o.noise_level_max!r}")
+    batch_devices = math.prod(mesh.shape[a] for a in parallel.BATCH_AXES)
+    gb, micro = d.global_batch_size, t.micro_batches
+    if gb % micro:
+        _fail("data.global_batch_size", f"{gb} does not split into train.micro_batches={micro} micro-batches")
+    if (gb // micro) % batch_devices:
+        _fail("data.global_batch_size", f"each micro-batch ({gb} / {micro} = {gb // micro} examples) must split over "
+                                        f"the {batch_devices} batch devices of the mesh (data x fsdp = "
+                                        f"{mesh.shape['data']} x {mesh.shape['fsdp']}); use a multiple of "
+                                        f"{batch_devices * micro}, or change mesh.shape")
+    if gb % jax.process_count():
+        _fail("data.global_batch_size", f"{gb} does not split over {jax.process_count()} processes")
+    if d.drop_remainder is not True:
+        _fail("data.drop_remainder", "training needs full batches: set it to True")
+
+
+def num_image_frames(config: ml_collections.ConfigDict) -> int:
+    """K still images per clip of the base stage's joint batches (0 for the other stages or without images)."""
+    d = config.data
+    if config.stage != "base" or d.images.source == "none":
+        return 0
+    return int(d.images.per_clip)
+
+
+def objective_from_config(config: ml_collections.ConfigDict, vae_scaling: float) -> Objective:
+    t, s = config.train, config.sample
+    return Objective(
+        stage=config.stage, prediction_type=t.objective.prediction_type, num_image_frames=num_image_frames(config),
+        image_loss_weight=float(t.objective.image_loss_weight), text_dropout=float(t.objective.text_dropout),
+        noise_level_max=int(t.objective.noise_level_max),
+        low_res_schedule=(s.get("low_res_beta_schedule", "scaled_linear"), float(s.get("low_res_beta_start", 1e-4)),
+                          float(s.get("low_res_beta_end", 0.02))),
+        beta_schedule=(s.beta_schedule, float(s.beta_start), float(s.beta_end)),
+        num_train_timesteps=int(s.num_train_timesteps), micro_batches=int(t.micro_batches),
+        vae_frame_chunk=int(t.vae_frame_chunk), vae_scaling_factor=float(vae_scaling))
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def _init_directory(config: ml_collections.ConfigDict) -> Path | None:
+    """`train.init` checked without loading weights: a lavie-jax UNet or pipeline directory of this stage."""
+    init = config.train.init
+    if not init:
+        return None
+    path = Path(init)
+    if not path.is_dir():
+        _fail("train.init", f"{init}: no such directory; pass a `lavie-convert` output directory, or '' for a "
+                            f"random UNet")
+    try:
+        meta = checkpoints.read_metadata(path)
+        unet_meta = checkpoints.read_metadata(checkpoints.component_dir(path, "unet"))
+    except checkpoints.CheckpointError as e:
+        _fail("train.init", str(e))
+    stage = unet_meta.get("stage") or meta.get("stage")
+    if stage != config.stage:
+        _fail("train.init", f"{init} holds a {stage} UNet but the config is the {config.stage} stage; pass a "
+                            f"{config.stage} checkpoint (e.g. `lavie-convert sd --stage {config.stage}` or "
+                            f"`lavie-convert x4`), or configs/{stage}.py")
+    stored = arch_from_config(unet_meta["config"])
+    wanted = arch_from_config(config.unet.to_dict(), config.stage)
+    if stored != wanted:
+        diff = [f.name for f in dataclasses.fields(UNetArch) if getattr(stored, f.name) != getattr(wanted, f.name)]
+        _fail("train.init", f"{init} holds a UNet whose architecture differs from config.unet in {diff}; use the "
+                            f"config that matches the checkpoint (e.g. the full configs/{config.stage}.py)")
+    return path
+
+
+def _encoders_directory(config: ml_collections.ConfigDict, init: Path | None) -> Path | None:
+    """The pipeline directory of the frozen VAE / text encoder / tokenizer (None: random components)."""
+    enc = config.train.encoders
+    if enc == RANDOM:
+        return None
+    path = Path(enc) if enc else init
+    if path is None:
+        _fail("train.encoders", "no VAE and text encoder: train.init is empty (a random UNet); pass a pipeline "
+                                "directory (e.g. a `lavie-convert sd|x4|pipeline` output) or 'random'")
+    try:
+        meta = checkpoints.read_metadata(path)
+    except checkpoints.CheckpointError as e:
+        _fail("train.encoders" if enc else "train.init", str(e))
+    if meta.get("kind") != "pipeline":
+        field = "train.encoders" if enc else "train.init"
+        _fail(field, f"{path} holds a single {meta.get('kind')}; the VAE, text encoder and tokenizer come from a "
+                     f"pipeline directory: set train.encoders to one (or 'random')")
+    if meta.get("stage") not in (None, config.stage):
+        _fail("train.encoders", f"{path} is a {meta.get('stage')} pipeline; its VAE and text encoder do not fit the "
+                                f"{config.stage} stage")
+    return path
+
+
+def build_unet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: parallel.Rules,
+               init: Path | None) -> UNet3D:
+    """The UNet on `mesh`: restored from `train.init` straight into its shardings, or initialised there (one jitted
+    init whose outputs are laid out by the rules: no host copy of a full-size model)."""
+    t = config.train
+    dtype = jnp.dtype(t.compute_dtype)
+    impl = config.model.attention_impl
+    if init is not None:
+        unet = checkpoints.load_unet(init, mesh=mesh, rules=rules, dtype=dtype, attention_impl=impl)
+    else:
+        arch = arch_from_config(config.unet.to_dict(), config.stage)
+        unet = abstract_unet(arch, dtype=dtype, attention_impl=impl)
+        shardings = parallel.state_shardings(nnx.state(unet, nnx.Param), mesh, rules)
+        make = jax.jit(lambda: nnx.state(UNet3D(arch, rngs=nnx.Rngs(t.seed), dtype=dtype, attention_impl=impl),
+                                         nnx.Param), out_shardings=shardings)
+        nnx.update(unet, make())
+    unet.configure(sharding_rules=rules, remat=t.remat)
+    return unet
+
+
+@dataclasses.dataclass
+class EncoderModels:
+    vae: Any  # AutoencoderKL or None
+    text_encoder: Any  # CLIPTextEncoder or None
+    tokenizer: Any
+
+
+def build_encoders(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: parallel.Rules,
+                   directory: Path | None, arch: UNetArch) -> EncoderModels:
+    """The frozen VAE, text encoder and tokenizer on `mesh`, from a pipeline directory or random ('random'): the
+    sampler's own loader (`sampling.pipeline.components`), so sampling a work directory gets the same ones."""
+    vae, text, tokenizer = components(config.sample, directory, width=arch.cross_attention_dim, seed=config.train.seed,
+                                      mesh=mesh, rules=rules, dtype=jnp.dtype(config.train.compute_dtype))
+    if directory is None:  # random components are drawn on the host
+        for model in (vae, text):
+            parallel.shard_module(model, mesh, rules)
+    return EncoderModels(vae, text, tokenizer)
+
+
+def check_models(config: ml_collections.ConfigDict, arch: UNetArch, encoders: EncoderModels) -> None:
+    """The UNet, VAE, text encoder and data fit together (before anything compiles)."""
+    d = config.data
+    if arch.in_channels != stages.unet_in_channels(config.stage):
+        _fail("unet.in_channels", f"{arch.in_channels}, but the {config.stage} stage feeds the UNet "
+                                  f"{stages.unet_in_channels(config.stage)} channels")
+    vae, text = encoders.vae, encoders.text_encoder
+    if vae.config.latent_channels != stages.LATENT_CHANNELS or arch.out_channels != stages.LATENT_CHANNELS:
+        _fail("train.encoders", f"the VAE has {vae.config.latent_channels} latent channels and the UNet predicts "
+                                f"{arch.out_channels}; LaVie stages need 4 for both")
+    if text.config.hidden_size != arch.cross_attention_dim:
+        _fail("train.encoders", f"the text encoder gives {text.config.hidden_size}-d embeddings but the UNet "
+                                f"cross-attends to {arch.cross_attention_dim}-d text; use matching components")
+    f = vae.config.downsample_factor
+    if config.stage == "vsr":
+        if d.scale != f:
+            _fail("data.scale", f"{d.scale}: the VSR low-res frames must have the latents' size, i.e. the VAE's "
+                                f"downsampling factor {f}")
+        if d.patch_size % f:
+            _fail("data.patch_size", f"{d.patch_size} is not a multiple of the VAE's factor {f}")
+    elif d.height % f or d.width % f:
+        _fail("data.height", f"{d.height}x{d.width} frames are not a multiple of the VAE's factor {f}")
+    if config.stage == "interpolation":
+        try:
+            stages.num_key_frames(d.num_frames)
+        except ValueError as e:
+            _fail("data.num_frames", str(e))
+
+
+def latent_shape(config: ml_collections.ConfigDict, vae_factor: int) -> tuple[int, int, int]:
+    """(frames, latent height, latent width) of one training clip."""
+    d = config.data
+    if config.stage == "vsr":
+        return d.num_frames, d.patch_size // vae_factor, d.patch_size // vae_factor
+    return d.num_frames, d.height // vae_factor, d.width // vae_factor
+
+
+def step_flops(config: ml_collections.ConfigDict, arch: UNetArch, encoders: EncoderModels) -> int:
+    """Analytic FLOPs of one training step (`models.flops.train_step_flops`): the UNet forward and backward over
+    the global batch plus the frozen encoders' work inside the step."""
+    d, k = config.data, num_image_frames(config)
+    frames, h, w = latent_shape(config, encoders.vae.config.downsample_factor)
+    b = d.global_batch_size
+    precomputed = d.dataset == "precomputed"
+    vae_images = b * (frames + k + (stages.num_key_frames(frames) if config.stage == "interpolation" else 0))
+    return train_step_flops(arch, b, frames + k, h, w, 77, k, vae=None if precomputed else encoders.vae.config,
+                            vae_images=vae_images, text_encoder=None if precomputed else encoders.text_encoder.config,
+                            text_batch=b * (1 + k))["total"]
+
+
+def peak_tflops(config: ml_collections.ConfigDict) -> tuple[float, str]:
+    """(per-device peak TFLOP/s for MFU, where it comes from): the config, the device table, or measured here."""
+    if config.train.peak_tflops:
+        return float(config.train.peak_tflops), "train.peak_tflops"
+    kind = jax.devices()[0].device_kind
+    table = peak_bf16_tflops(kind)
+    if table:
+        return table, f"{kind} bf16 peak"
+    dtype = jnp.dtype(config.train.compute_dtype)
+    return measure_peak(dtype.name), f"measured {dtype.name} matmul on {kind}"
+
+
+@functools.lru_cache(maxsize=4)
+def measure_peak(dtype_name: str) -> float:
+    from lavie_jax.models.flops import measure_matmul_tflops
+
+    return measure_matmul_tflops(1024, jnp.dtype(dtype_name))
+
+
+@dataclasses.dataclass
+class Run:
+    """A built run: the initial train state on the mesh and the jitted step (see `build_run`)."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    objective: Objective
+    graphdef: nnx.GraphDef
+    groups: optim.ParamGroups
+    state: TrainState
+    state_shardings: TrainState
+    encoders: Encoders
+    tables: dict
+    step_fn: Any  # jitted (state, encoders, tables, batch) -> (state, metrics), state donated
+    tokenizer: Any
+    batch_sharding: NamedSharding
+    flops_per_step: int
+    arch: UNetArch
+
+
+def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
+    """Check the config, build the models on `mesh`, the initial train state and the jitted step."""
+    check_config(config, mesh)
+    rules = tuple(tuple(r) for r in config.sharding.rules)
+    init = _init_directory(config)
+    enc_dir = _encoders_directory(config, init)
+    arch = arch_from_config(config.unet.to_dict(), config.stage)
+    encoders = build_encoders(config, mesh, rules, enc_dir, arch)
+    check_models(config, arch, encoders)
+    unet = build_unet(config, mesh, rules, init)
+    try:
+        groups = optim.param_groups_from_config(unet, config.train)
+    except optim.OptimConfigError as e:
+        raise TrainConfigError(str(e)) from None
+    graphdef, trainable, frozen, rest = groups.split(unet)
+    if jax.tree.leaves(rest):
+        raise TrainConfigError(f"the UNet holds state other than params ({list(nnx.to_flat_state(rest))[:3]}); "
+                               "lavie-train does not know how to train it")
+    tx, lr_at = optim.make_optimizer(config.train, groups)
+    ema_decay_at = optim.make_ema_decay(config.train)
+
+    replicated = NamedSharding(mesh, P())
+    param_sh = jax.tree.map(lambda x: x.sharding, trainable)
+    opt_sh = optim.opt_state_shardings(tx, trainable, param_sh, replicated)
+    shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
+                           ema=param_sh if ema_decay_at is not None else None,
+                           frozen=jax.tree.map(lambda x: x.sharding, frozen), rng=replicated)
+    with jax.set_mesh(mesh):
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+        ema = jax.jit(optim.init_ema, out_shardings=param_sh)(trainable) if ema_decay_at is not None else None
+        state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=trainable,
+                           opt_state=opt_state, ema=ema, frozen=frozen,
+                           rng=jax.device_put(jax.random.key(config.train.seed), replicated))
+
+    precomputed = config.data.dataset == "precomputed"
+    vae_gd, vae_state = nnx.split(encoders.vae)
+    text_gd, text_state = nnx.split(encoders.text_encoder)
+    null_tokens = tokenize(encoders.tokenizer, [stages.DROPPED_TEXT[config.stage]],
+                           max_length=encoders.text_encoder.config.max_position_embeddings)[0]
+    with jax.set_mesh(mesh):
+        null_text = jax.jit(lambda s, ids: nnx.merge(text_gd, s)(ids[None]).last_hidden_state[0].astype(jnp.float32),
+                            out_shardings=replicated)(text_state, jax.device_put(null_tokens, replicated))
+    enc = Encoders(vae=None if precomputed else vae_state, text=text_state,
+                   null_tokens=jax.device_put(null_tokens, replicated), null_text=null_text)
+    enc_sh = Encoders(vae=None if precomputed else jax.tree.map(lambda x: x.sharding, vae_state),
+                      text=jax.tree.map(lambda x: x.sharding, text_state), null_tokens=replicated,
+                      null_text=replicated)
+
+    objective = objective_from_config(config, encoders.vae.scaling_factor)
+    tables = {k: jax.device_put(v, replicated) for k, v in objective.tables().items()}
+    inputs = StageInputs(objective, None if precomputed else vae_gd, text_gd)
+    step = functools.partial(train_step, objective=objective, loss_fn=stage_loss(objective, graphdef, inputs), tx=tx,
+                             lr_at=lr_at, ema_decay_at=ema_decay_at)
+    batch_sh = parallel.batch_sharding(mesh)
+    step_fn = jax.jit(step, in_shardings=(shardings, enc_sh, replicated, batch_sh),
+                      out_shardings=(shardings, replicated), donate_argnums=0)
+    return Run(config=config, mesh=mesh, objective=objective, graphdef=graphdef, groups=groups, state=state,
+               state_shardings=shardings, encoders=enc, tables=tables, step_fn=step_fn,
+               tokenizer=encoders.tokenizer, batch_sharding=batch_sh,
+               flops_per_step=step_flops(config, arch, encoders), arch=arch)
