@@ -34,17 +34,18 @@ BATCH_AXES = ("fsdp", "data")
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
-# Default rules: FSDP over the model-channel dims, tensor parallelism over attention heads / MLP / conv outputs;
-# activations `[B, F, H, W, C]`: batch over the batch axes, frames over 'context'.
+# Default rules: FSDP over an input dim of every kernel (model channels, text features, the timestep MLP, class
+# rows), tensor parallelism over attention heads / MLP / conv outputs; norms and biases of the temporal position
+# bias stay replicated. Activations `[B, F, H, W, C]`: batch over the batch axes, frames over 'context'.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("conv_in", "fsdp"),
+    ("cross_embed", "fsdp"),
+    ("time_embed", "fsdp"),
+    ("classes", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("conv_out", "tensor"),
-    ("cross_embed", None),
-    ("time_embed", None),
-    ("classes", None),
     ("norm", None),
     ("activation_batch", BATCH_AXES),
     ("activation_frames", "context"),

@@ -225,7 +225,7 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep,
             keep_period=keep_every or None,
-            save_interval_steps=max(save_every, 1),  # unused: we decide (`should_save`) and always pass force
+            save_interval_steps=0 if read_only else max(save_every, 1),  # unused: we decide when (`should_save`)
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only,  # orbax removes its interrupted `<step>.orbax-checkpoint-tmp*`
             create=not read_only,

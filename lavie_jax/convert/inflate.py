@@ -1,7 +1,7 @@
 """2D -> 3D: a LaVie UNet's state dict (official key names) from a Stable Diffusion or x4-upscaler UNet, and telling
 the stages' checkpoints apart.
 
-Inflation rules (../shared/spec/lavie.md section 3.5, without the official interpolation converter's bug of leaving
+Inflation rules (the official `from_pretrained_2d` converters, without the interpolation converter's bug of leaving
 everything but conv_in random):
 - every key of the 2D UNet goes to the same key of the 3D UNet, its spatial layer (convs stay 2D per frame);
 - every 3D key the 2D UNet lacks must be temporal (the official converters' tests: the name contains `_temp`, as

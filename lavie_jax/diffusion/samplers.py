@@ -1,7 +1,8 @@
 """Samplers as pure functions: per-step scalar tables (host, numpy) and one jax update rule per sampler.
 
-Each sampler reproduces the arithmetic of the library the official stage runs (../shared/spec/lavie.md section 4),
-so sampling an official checkpoint follows the official trajectory, not merely the same math:
+Each sampler reproduces the arithmetic of the library the official stage runs (diffusers 0.16 for base and VSR,
+guided-diffusion for interpolation), so sampling an official checkpoint follows the official trajectory, not merely
+the same math:
 - the per-step scalars are computed on the host in that library's precision and operation order: float32 from a
   float32 alpha_bar for diffusers' DDPM / DDIM / Euler, float64 tables cast to float32 for guided-diffusion's
   respaced DDIM (see `schedules`);
@@ -228,7 +229,7 @@ def classifier_free_guidance(pairs: jax.Array, scale: jax.Array | float, cond_fi
     """Combine model outputs `[N, 2, ...]` (each sample's two rows) into `uncond + scale * (cond - uncond)` `[N, ...]`.
 
     The row order is the stage's batch order: base and VSR run [uncond, cond] (`cond_first=False`), interpolation
-    runs [cond, uncond] (`cond_first=True`); see ../shared/spec/lavie.md section 8.
+    runs [cond, uncond] (`cond_first=True`), as the official scripts batch them.
     """
     cond, uncond = (pairs[:, 0], pairs[:, 1]) if cond_first else (pairs[:, 1], pairs[:, 0])
     return uncond + scale * (cond - uncond)

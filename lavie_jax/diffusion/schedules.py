@@ -1,7 +1,7 @@
 """Noise schedules and timestep spacings: host-side numpy, computed the way the official stage's library does.
 
 The official stages build their tables in two libraries, and each sampler here reproduces its library's numbers
-(../shared/spec/lavie.md section 4 says which stage uses what):
+(base: diffusers DDPM; interpolation: guided-diffusion's respaced DDIM; VSR: diffusers DDIM):
 - diffusers (base and VSR samplers, the VSR low-res noise augmentation) keeps `alphas_cumprod` in torch float32:
   betas from a float32 `torch.linspace`, `1 - betas` in float32, a cumulative product accumulated in float64 and
   stored as float32. `diffusers_alphas_cumprod` gives exactly those values (tested bit for bit against torch); it

@@ -1,8 +1,8 @@
 """The official architectures, as the UNet config dicts the released models were built from.
 
 Base and interpolation start from Stable Diffusion v1.4's `unet/config.json`; VSR is LaVie's
-`vsr/configs/unet_3d_config.json` (the x4 upscaler's UNet plus temporal modules). Values from ../shared/spec/lavie.md
-sections 1-2.
+`vsr/configs/unet_3d_config.json` (the x4 upscaler's UNet plus temporal modules), as the official repository ships
+and loads them.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ LAVIE_VSR_UNET: dict[str, Any] = {
 }
 
 # Learnable parameters of the full official UNets (the released state-dict totals less the rotary `freqs` buffers:
-# 16 of 16 values in base, 17 in VSR), see ../shared/spec/lavie.md section 3.1.
+# one `[16]` buffer per temporal attention, 16 in base, plus a shared one in VSR: 17).
 OFFICIAL_PARAM_COUNTS = {"base": 909_124_100, "interpolation": 909_131_524, "vsr": 691_036_420}
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +118,11 @@ def _finite(metrics: Mapping[str, Any]) -> bool:
 # ------------------------------------------------------------------------------------------------ the loop
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite: bool = False,
-          console: bool = True) -> TrainResult:
-    """Train `config.stage` in `workdir` until `config.train.num_steps` (see the module docstring)."""
+          console: bool = True, devices: Sequence[jax.Device] | None = None) -> TrainResult:
+    """Train `config.stage` in `workdir` until `config.train.num_steps` (see the module docstring). The mesh
+    (`config.mesh.shape`) spans all devices, or `devices` (e.g. one device of several, in tests)."""
     t = config.train
-    mesh = parallel.make_mesh(config.mesh.shape)
+    mesh = parallel.make_mesh(config.mesh.shape, devices)
     path = prepare_workdir(workdir, config, overwrite)
     _say(f"{config.stage} stage on {jax.device_count()} device(s) ({jax.devices()[0].device_kind}), mesh "
          f"{dict(mesh.shape)}, {jax.process_count()} process(es); work directory {path}")

@@ -165,22 +165,35 @@ def _encoders_directory(config: ml_collections.ConfigDict, init: Path | None) ->
     return path
 
 
+def with_shardings(tree, shardings):
+    """`tree`'s leaves as `ShapeDtypeStruct`s carrying `shardings` (a prefix tree of `tree`, e.g. one sharding per
+    nnx.Variable)."""
+    return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub),
+                        shardings, tree)
+
+
 def build_unet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: parallel.Rules,
-               init: Path | None) -> UNet3D:
+               init: Path | None, *, abstract: bool = False) -> UNet3D:
     """The UNet on `mesh`: restored from `train.init` straight into its shardings, or initialised there (one jitted
-    init whose outputs are laid out by the rules: no host copy of a full-size model)."""
+    init whose outputs are laid out by the rules: no host copy of a full-size model). `abstract`: leaves are
+    `ShapeDtypeStruct`s carrying those shardings, nothing is read or allocated (memory planning)."""
     t = config.train
     dtype = jnp.dtype(t.compute_dtype)
     impl = config.model.attention_impl
-    if init is not None:
-        unet = checkpoints.load_unet(init, mesh=mesh, rules=rules, dtype=dtype, attention_impl=impl)
-    else:
-        arch = arch_from_config(config.unet.to_dict(), config.stage)
+    arch = arch_from_config(config.unet.to_dict(), config.stage)
+    if abstract or init is None:
         unet = abstract_unet(arch, dtype=dtype, attention_impl=impl)
-        shardings = parallel.state_shardings(nnx.state(unet, nnx.Param), mesh, rules)
-        make = jax.jit(lambda: nnx.state(UNet3D(arch, rngs=nnx.Rngs(t.seed), dtype=dtype, attention_impl=impl),
-                                         nnx.Param), out_shardings=shardings)
-        nnx.update(unet, make())
+        state = nnx.state(unet, nnx.Param)
+        shardings = parallel.state_shardings(state, mesh, rules)
+        if abstract:
+            nnx.update(unet, with_shardings(state, shardings))
+        else:
+            make = jax.jit(lambda: nnx.state(UNet3D(arch, rngs=nnx.Rngs(t.seed), dtype=dtype, attention_impl=impl),
+                                             nnx.Param), out_shardings=shardings)
+            # run once: the least optimised code is the fastest to build (thousands of small RNG ops)
+            nnx.update(unet, make.lower().compile(compiler_options={"xla_backend_optimization_level": 0})())
+    else:
+        unet = checkpoints.load_unet(init, mesh=mesh, rules=rules, dtype=dtype, attention_impl=impl)
     unet.configure(sharding_rules=rules, remat=t.remat)
     return unet
 
@@ -293,8 +306,13 @@ class Run:
     arch: UNetArch
 
 
-def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
-    """Check the config, build the models on `mesh`, the initial train state and the jitted step."""
+def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abstract: bool = False,
+              compiler_options: dict | None = None) -> Run:
+    """Check the config, build the models on `mesh`, the initial train state and the jitted step.
+
+    `abstract`: the UNet's params, optimizer state and EMA are `ShapeDtypeStruct`s with their shardings (nothing
+    allocated or initialised): to compile the step and read its memory analysis before committing devices.
+    `compiler_options`: XLA options for the step (e.g. `{'xla_backend_optimization_level': 0}` in tests)."""
     check_config(config, mesh)
     rules = tuple(tuple(r) for r in config.sharding.rules)
     init = _init_directory(config)
@@ -302,11 +320,12 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run
     arch = arch_from_config(config.unet.to_dict(), config.stage)
     encoders = build_encoders(config, mesh, rules, enc_dir, arch)
     check_models(config, arch, encoders)
-    unet = build_unet(config, mesh, rules, init)
-    try:
-        groups = optim.param_groups_from_config(unet, config.train)
+    try:  # on the abstract model: a rule that selects nothing fails before any weight is made
+        groups = optim.param_groups_from_config(abstract_unet(arch, dtype=jnp.dtype(config.train.compute_dtype)),
+                                                config.train)
     except optim.OptimConfigError as e:
         raise TrainConfigError(str(e)) from None
+    unet = build_unet(config, mesh, rules, init, abstract=abstract)
     graphdef, trainable, frozen, rest = groups.split(unet)
     if jax.tree.leaves(rest):
         raise TrainConfigError(f"the UNet holds state other than params ({list(nnx.to_flat_state(rest))[:3]}); "
@@ -321,11 +340,17 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run
                            ema=param_sh if ema_decay_at is not None else None,
                            frozen=jax.tree.map(lambda x: x.sharding, frozen), rng=replicated)
     with jax.set_mesh(mesh):
-        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
-        ema = jax.jit(optim.init_ema, out_shardings=param_sh)(trainable) if ema_decay_at is not None else None
+        def init(fn, shardings):
+            return (jax.eval_shape(fn, trainable) if abstract
+                    else jax.jit(fn, out_shardings=shardings)(trainable))
+
+        opt_state = init(tx.init, opt_sh)
+        ema = init(optim.init_ema, param_sh) if ema_decay_at is not None else None
         state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=trainable,
                            opt_state=opt_state, ema=ema, frozen=frozen,
                            rng=jax.device_put(jax.random.key(config.train.seed), replicated))
+        if abstract:  # eval_shape drops shardings: give every leaf its own
+            state = with_shardings(state, shardings)
 
     precomputed = config.data.dataset == "precomputed"
     vae_gd, vae_state = nnx.split(encoders.vae)
@@ -347,8 +372,10 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run
     step = functools.partial(train_step, objective=objective, loss_fn=stage_loss(objective, graphdef, inputs), tx=tx,
                              lr_at=lr_at, ema_decay_at=ema_decay_at)
     batch_sh = parallel.batch_sharding(mesh)
+    # keep_unused: every argument stays in the program (its memory analysis then accounts for all of them)
     step_fn = jax.jit(step, in_shardings=(shardings, enc_sh, replicated, batch_sh),
-                      out_shardings=(shardings, replicated), donate_argnums=0)
+                      out_shardings=(shardings, replicated), donate_argnums=0, keep_unused=True,
+                      compiler_options=compiler_options)
     return Run(config=config, mesh=mesh, objective=objective, graphdef=graphdef, groups=groups, state=state,
                state_shardings=shardings, encoders=enc, tables=tables, step_fn=step_fn,
                tokenizer=encoders.tokenizer, batch_sharding=batch_sh,

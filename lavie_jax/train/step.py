@@ -13,7 +13,9 @@ Per stage (the UNet input is assembled by `lavie_jax.stages`, as the samplers as
 - vsr: v-prediction; the low-res clip is noised at a level drawn from [0, `noise_level_max`) with the x4
   upscaler's low-res schedule, and the level is the class label.
 Text dropout (classifier-free guidance): each caption (each image caption too) is replaced, with probability
-`text_dropout`, by the stage's dropped text (`stages.DROPPED_TEXT`).
+`text_dropout`, by the stage's dropped text (`stages.DROPPED_TEXT`). Every random draw of an example (timestep,
+noise, posterior sample, dropout, VSR level) comes from the step's key and the example's index in the global batch,
+so a step gives the same update on any mesh and with any number of accumulated micro-batches.
 
 Batches come from `lavie_jax.data.pipeline` on the mesh: pixels in [-1, 1] (`video`, `images`, `key_frames`, `hr`,
 `lr`) with `tokens` / `image_tokens` from the tokenizer, or precomputed `latents`, `image_latents`, `key_latents`,
@@ -96,92 +98,105 @@ class Objective:
         return out
 
 
+# Random streams: every draw of an example comes from its own key (the step's key folded with the example's index in
+# the global batch) and a stream id, so the draws do not depend on micro-batching or on how the batch is sharded.
+LATENT, IMAGE_LATENT, KEY_LATENT, TEXT_DROP, IMAGE_TEXT_DROP, LEVEL, LOW_RES, TIMESTEP, NOISE = range(9)
+
+
 def _split(tables: Mapping[str, jax.Array], prefix: str) -> dict[str, jax.Array]:
     return {k[len(prefix):]: v for k, v in tables.items() if k.startswith(prefix)}
 
 
-def _dropout(key: jax.Array, values: jax.Array, null: jax.Array, p: float, rows: tuple[int, ...]) -> jax.Array:
-    """Replace each row of `values [*rows, ...]` by `null [...]` with probability p."""
+def _draw(keys: jax.Array, stream: int, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """`fn(key)` for each example's key `keys [b]` folded with `stream`, stacked: `[b, ...]`."""
+    return jax.vmap(lambda k: fn(jax.random.fold_in(k, stream)))(keys)
+
+
+def _dropout(keys: jax.Array, stream: int, values: jax.Array, null: jax.Array, p: float, per_example: int | None
+             ) -> jax.Array:
+    """Replace rows of `values [b, (K,) ...]` by `null [...]` with probability p each (K rows per example if given)."""
     if p <= 0:
         return values
-    drop = jax.random.bernoulli(key, p, rows).reshape(rows + (1,) * (values.ndim - len(rows)))
+    shape = () if per_example is None else (per_example,)
+    drop = _draw(keys, stream, lambda k: jax.random.bernoulli(k, p, shape))
+    drop = drop.reshape(drop.shape + (1,) * (values.ndim - drop.ndim))
     return jnp.where(drop, null.astype(values.dtype), values)
 
 
 class StageInputs:
     """Turns a micro-batch into `(x_0, condition, text, labels)` for `stages.unet_sample` and the UNet.
 
-    Pixels are encoded by the frozen VAE, tokens by the frozen text encoder (after dropout); precomputed latents and
-    embeddings are used as they are. Everything is under `stop_gradient`: the encoders never train.
+    Pixels are encoded by the frozen VAE (a posterior sample), tokens by the frozen text encoder (after dropout);
+    precomputed latents and embeddings are used as they are. All under `stop_gradient`: the encoders never train.
     """
 
     def __init__(self, objective: Objective, vae_graphdef: nnx.GraphDef | None, text_graphdef: nnx.GraphDef | None):
         self.o = objective
         self.vae_graphdef, self.text_graphdef = vae_graphdef, text_graphdef
 
-    def _latents(self, encoders: Encoders, pixels: jax.Array, key: jax.Array) -> jax.Array:
+    def _latents(self, encoders: Encoders, pixels: jax.Array, keys: jax.Array, stream: int) -> jax.Array:
         if self.vae_graphdef is None or encoders.vae is None:
             raise ValueError("the batch holds pixels but the run has no VAE: give train.encoders (a pipeline "
                              "directory) or train on precomputed latents (data.dataset='precomputed')")
         vae = nnx.merge(self.vae_graphdef, encoders.vae)
         post = vae.encode(pixels, frame_chunk=self.o.vae_frame_chunk)
-        return post.sample(key) * vae.scaling_factor
+        eps = _draw(keys, stream, lambda k: jax.random.normal(k, post.mean.shape[1:], post.mean.dtype))
+        return (post.mean + post.std * eps) * vae.scaling_factor
 
-    def _text(self, encoders: Encoders, batch: Mapping[str, jax.Array], key: jax.Array, emb: str, tok: str,
-              rows: tuple[int, ...]) -> jax.Array:
-        """Embeddings `[*rows, L, D]` of the captions (precomputed `emb` or tokens `tok`), after text dropout."""
+    def _text(self, encoders: Encoders, batch: Mapping[str, jax.Array], keys: jax.Array, stream: int, emb: str,
+              tok: str, per_example: int | None) -> jax.Array:
+        """Embeddings `[b, (K,) L, D]` of the captions (precomputed `emb` or tokens `tok`), after text dropout."""
         p = self.o.text_dropout
         if emb in batch:
-            return _dropout(key, batch[emb].astype(jnp.float32), encoders.null_text, p, rows)
-        tokens = _dropout(key, batch[tok], encoders.null_tokens, p, rows)
+            return _dropout(keys, stream, batch[emb].astype(jnp.float32), encoders.null_text, p, per_example)
+        tokens = _dropout(keys, stream, batch[tok], encoders.null_tokens, p, per_example)
         if self.text_graphdef is None or encoders.text is None:
             raise ValueError("the batch holds tokens but the run has no text encoder")
         encoder = nnx.merge(self.text_graphdef, encoders.text)
-        flat = tokens.reshape(-1, tokens.shape[-1])
-        out = encoder(flat).last_hidden_state.astype(jnp.float32)
-        return out.reshape(*rows, *out.shape[1:])
+        out = encoder(tokens.reshape(-1, tokens.shape[-1])).last_hidden_state.astype(jnp.float32)
+        return out.reshape(*tokens.shape[:-1], *out.shape[1:])
 
     def __call__(self, encoders: Encoders, batch: Mapping[str, jax.Array], tables: Mapping[str, jax.Array],
-                 key: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
+                 keys: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
         o = self.o
-        k_lat, k_key, k_text, k_img_text, k_level, k_lr = jax.random.split(key, 6)
-        sg = jax.lax.stop_gradient
-        if o.stage == "vsr":
-            x0 = batch["latents"] if "latents" in batch else self._latents(encoders, batch["hr"], k_lat)
-        else:
-            x0 = batch["latents"] if "latents" in batch else self._latents(encoders, batch["video"], k_lat)
-        b, f = x0.shape[:2]
-        text = self._text(encoders, batch, k_text, "text_emb", "tokens", (b,))
+        pixels = "hr" if o.stage == "vsr" else "video"
+        x0 = batch["latents"] if "latents" in batch else self._latents(encoders, batch[pixels], keys, LATENT)
+        f = x0.shape[1]
+        text = self._text(encoders, batch, keys, TEXT_DROP, "text_emb", "tokens", None)
         condition = labels = None
         if o.stage == "base" and o.num_image_frames:
             k = o.num_image_frames
             images = (batch["image_latents"] if "image_latents" in batch
-                      else self._latents(encoders, batch["images"], jax.random.fold_in(k_lat, 1)))
-            image_text = self._text(encoders, batch, k_img_text, "image_text_emb", "image_tokens", (b, k))
+                      else self._latents(encoders, batch["images"], keys, IMAGE_LATENT))
+            image_text = self._text(encoders, batch, keys, IMAGE_TEXT_DROP, "image_text_emb", "image_tokens", k)
             x0 = jnp.concatenate([x0, images.astype(x0.dtype)], axis=1)
             text = jnp.concatenate([jnp.repeat(text[:, None], f, axis=1), image_text], axis=1)  # per frame [B, F+K]
         elif o.stage == "interpolation":
-            keys = batch["key_latents"] if "key_latents" in batch else self._latents(encoders, batch["key_frames"],
-                                                                                      k_key)
-            condition = stages.key_frame_condition(keys.astype(jnp.float32))
+            key_latents = (batch["key_latents"] if "key_latents" in batch
+                           else self._latents(encoders, batch["key_frames"], keys, KEY_LATENT))
+            condition = stages.key_frame_condition(key_latents.astype(jnp.float32))
         elif o.stage == "vsr":
-            level = jax.random.randint(k_level, (b,), 0, o.noise_level_max, dtype=jnp.int32)
+            level = _draw(keys, LEVEL, lambda k: jax.random.randint(k, (), 0, o.noise_level_max, dtype=jnp.int32))
             lr = batch["lr"].astype(jnp.float32)
-            condition = stages.low_res_condition(lr, jax.random.normal(k_lr, lr.shape), jnp.take(tables["lr_signal"],
-                                                 level), jnp.take(tables["lr_noise"], level))
+            eps = _draw(keys, LOW_RES, lambda k: jax.random.normal(k, lr.shape[1:]))
+            condition = stages.low_res_condition(lr, eps, jnp.take(tables["lr_signal"], level),
+                                                 jnp.take(tables["lr_noise"], level))
             labels = level
+        sg = jax.lax.stop_gradient
         return sg(x0.astype(jnp.float32)), None if condition is None else sg(condition), sg(text), labels
 
 
 def stage_loss(objective: Objective, graphdef: nnx.GraphDef, inputs: StageInputs):
-    """`loss_fn(params, frozen, encoders, tables, micro_batch, key) -> (loss, aux)` of the stage."""
+    """`loss_fn(params, frozen, encoders, tables, micro_batch, key) -> (loss, aux)` of the stage; the micro-batch
+    carries `index [b]`, each example's position in the global batch (its random draws come from it)."""
     o = objective
 
     def loss_fn(params, frozen, encoders, tables, batch, key):
-        k_inputs, k_t, k_noise = jax.random.split(key, 3)
-        x0, condition, text, labels = inputs(encoders, batch, tables, k_inputs)
-        t = losses.sample_timesteps(k_t, x0.shape[0], o.num_train_timesteps)
-        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+        batch = dict(batch)
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch.pop("index"))
+        x0, condition, text, labels = inputs(encoders, batch, tables, keys)
+        t = _draw(keys, TIMESTEP, lambda k: jax.random.randint(k, (), 0, o.num_train_timesteps, dtype=jnp.int32))
+        noise = _draw(keys, NOISE, lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))
         q = _split(tables, "q_")
         sample = stages.unet_sample(o.stage, losses.q_sample(x0, noise, t, q), condition)
         unet = nnx.merge(graphdef, params, frozen)
@@ -199,15 +214,17 @@ def train_step(state: TrainState, encoders: Encoders, tables: Mapping[str, jax.A
                batch: Mapping[str, jax.Array], *, objective: Objective, loss_fn: Callable,
                tx: optax.GradientTransformation, lr_at: Callable, ema_decay_at: Callable | None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update over a global batch (as `objective.micro_batches` accumulated micro-batches)."""
+    """One optimizer update over a global batch `{key: [B, ...]}`, run as `objective.micro_batches` accumulated
+    micro-batches (which gives the update of the whole batch: every example draws its own randomness)."""
     key = jax.random.fold_in(state.rng, state.step)
-    micro = split_micro_batches(dict(batch), objective.micro_batches)
+    size = jax.tree.leaves(batch)[0].shape[0]
+    micro = split_micro_batches(dict(batch, index=jnp.arange(size, dtype=jnp.int32)), objective.micro_batches)
 
-    def grad_fn(params, micro_batch, k):
-        return jax.value_and_grad(loss_fn, has_aux=True)(params, state.frozen, encoders, tables, micro_batch, k)
+    def grad_fn(params, micro_batch):
+        return jax.value_and_grad(loss_fn, has_aux=True)(params, state.frozen, encoders, tables, micro_batch, key)
 
-    (loss, aux), grads = accumulate_gradients(grad_fn, state.params, micro, rng=key)
-    grad_norm = optax.global_norm(grads)
+    (loss, aux), grads = accumulate_gradients(grad_fn, state.params, micro)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema if ema_decay_at is None else ema_update(state.ema, params, ema_decay_at(state.step))

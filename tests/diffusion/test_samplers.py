@@ -1,5 +1,6 @@
 """Sampler parity over whole 50-step trajectories, float32 against float32: diffusers' torch DDPM / DDIM / Euler, and
-a torch reference of guided-diffusion's respaced DDIM written from the spec (../shared/spec/lavie.md section 4.2);
+a torch reference of guided-diffusion's respaced DDIM (the official interpolation sampler: `create_diffusion('50')`,
+linear betas, `ddim_sample_loop` with eta 0 and no clipping, the model seeing the original timestep);
 float64 references check the math of Euler and the respaced DDIM.
 
 The "model" is `out_i = c_i * x + d_i * z_i` (per-step scalars, fixed random z_i): it depends on the trajectory, so

@@ -2,7 +2,8 @@
 
 The expected checkpoint key lists are enumerated independently of our code: diffusers' UNet2DConditionModel built
 on the meta device from the SD v1.4 / x4-upscaler configs gives the 2D keys, and the temporal keys are added from
-the rules of ../shared/spec/lavie.md section 3.
+the official code's rules (attn_temp/norm_temp in every base/interpolation transformer block, with the
+bucket bias and rotary freqs in base; VSR's attn_temporal/norm_temporal, resblock_temporal and temporal modules).
 """
 
 import re

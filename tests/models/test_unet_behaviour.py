@@ -167,18 +167,23 @@ def test_context_axis_splits_the_frames_of_every_block(models):
     assert rel_err(np.asarray(out), expect) <= 1e-5
 
 
-def test_remat_policies_give_the_same_gradients(models):
-    model = nnx.clone(models["base"])
-    x, t, text, _ = _inputs(model, f=2)
+def test_remat_policies_give_the_same_gradients():
+    """Rematerialised blocks give the gradients of the plain model (the policies only change what is kept)."""
+    model, sd = random_state_dict(dict(SD_LIKE, block_out_channels=[32, 32], attention_head_dim=1, stage="base",
+                                       down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                                       up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]), seed=1)
+    load_state_dict(model, sd)
+    x, t, text, _ = _inputs(model, f=2, hw=(4, 4))
 
-    def grads():
-        return nnx.jit(lambda m: nnx.grad(lambda m: m(x, t, text).sum())(m))(model)
+    def grads():  # -O0: three small programs, compiled and run once each
+        graphdef, state = nnx.split(model)
+        fn = jax.jit(jax.grad(lambda s: nnx.merge(graphdef, s)(x, t, text).sum()),
+                     compiler_options={"xla_backend_optimization_level": 0})
+        return np.concatenate([np.ravel(v) for v in jax.tree.leaves(fn(state))])
 
-    expect = nnx.state(grads())
-    for policy in ("full", "save_dots", "save_attention", "save_dots_and_attention"):
+    expect = grads()
+    for policy in ("full", "save_dots_and_attention"):  # nothing kept; matmuls and named attention outputs kept
         model.configure(remat=policy)
-        got = nnx.state(grads())
-        flat = [np.concatenate([np.ravel(v) for v in jax.tree.leaves(g)]) for g in (got, expect)]
-        assert rel_err(*flat) <= 1e-5, policy  # over all grads: recomputation only reorders float32 rounding
+        assert rel_err(grads(), expect) <= 1e-5, policy  # over all grads: recomputation only reorders rounding
     with pytest.raises(ValueError, match="remat policy 'some'"):
         model.configure(remat="some")

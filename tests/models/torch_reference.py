@@ -1,6 +1,6 @@
 """Independent PyTorch reference of LaVie's official UNet3D (base, interpolation, VSR), for parity tests.
 
-Written from ../shared/spec/lavie.md (sections 1, 3, 8) and a reading of the official `{base,interpolation,vsr}/models`,
+Written from the project's LaVie architecture notes and a reading of the official `{base,interpolation,vsr}/models`,
 not from lavie_jax. Layout is PyTorch's `[B, C, F, H, W]`; module attribute names reproduce the official ones, so the
 released state-dict keys load with `strict=True`. Where the official code takes a diffusers block (Timesteps,
 TimestepEmbedding, FeedForward) we take the same one. Things the official code hard-codes stay hard-coded here:

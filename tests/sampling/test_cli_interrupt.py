@@ -97,7 +97,7 @@ def test_interrupt_never_removes_what_was_there_before(fakes, tmp_path, capsys):
 
 
 def test_interrupt_before_sampling_writes_nothing(tmp_path, monkeypatch, capsys):
-    def loading(*args):
+    def loading(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "load_stage_pipeline", loading)

@@ -1,0 +1,65 @@
+"""Tiny training runs shared by the training tests: CPU-sized stage configs over a small moving_shapes dataset
+(prepared once per session), and synthetic batches for step-level checks."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+FRAMES, HEIGHT, WIDTH, BATCH = 2, 32, 48, 8  # base clips 2 x 32 x 48 (+1 image), latents 4 x 6
+
+
+def tiny_train_config(stage: str, data_dir: str = "", **train):
+    """`configs/STAGE.py:tiny` at test sizes: 8 examples per step, tiny clips, random encoders; `train` overrides
+    fields of the train section (dotted keys allowed, e.g. `{'optimizer.lr': 1e-2}`)."""
+    c = importlib.import_module(f"configs.{stage}").get_config("tiny")
+    c.mesh.shape = (-1, 1, 1, 1)
+    d = c.data
+    d.data_dir, d.global_batch_size, d.read_threads = data_dir, BATCH, 1
+    d.moving_shapes.update(num_videos=16, num_validation=4, num_frames=24, height=HEIGHT, width=WIDTH)
+    if stage == "base":
+        d.num_frames, d.images.per_clip, d.height, d.width = FRAMES, 1, HEIGHT, WIDTH
+    elif stage == "interpolation":
+        d.num_frames, d.height, d.width = 5, HEIGHT, WIDTH  # 2 key frames -> 5 frames
+    else:  # a 2-level VSR UNet (an only-cross level and a self-attention level, temporal modules after both)
+        d.num_frames, d.patch_size, d.images.ratio = 2, 32, 0.5
+        c.unet.update(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock3D", "DownBlock3D"],
+                      up_block_types=["UpBlock3D", "CrossAttnUpBlock3D"], only_cross_attention=[True, False],
+                      down_temporal_idx=[0, 1], up_temporal_idx=[0, 1], attention_head_dim=1)
+    c.train.update({"log_every": 1, "checkpoint_every": 2, "num_steps": 4})
+    for key, value in train.items():
+        section, *rest = key.split(".")
+        target = c.train
+        for part in [section] + rest[:-1] if rest else []:
+            target = target[part]
+        target[rest[-1] if rest else section] = value
+    return c
+
+
+def synthetic_batch(stage: str, batch: int = BATCH, seed: int = 0) -> dict[str, np.ndarray]:
+    """A numeric batch as the input pipeline makes it (pixels in [-1, 1], CLIP token ids)."""
+    rng = np.random.default_rng(seed)
+
+    def pixels(*shape):
+        return rng.uniform(-1, 1, shape).astype(np.float32)
+
+    tokens = rng.integers(0, 49407, (batch, 77)).astype(np.int32)
+    if stage == "base":
+        return {"video": pixels(batch, FRAMES, HEIGHT, WIDTH, 3), "images": pixels(batch, 1, HEIGHT, WIDTH, 3),
+                "tokens": tokens, "image_tokens": rng.integers(0, 49407, (batch, 1, 77)).astype(np.int32)}
+    if stage == "interpolation":
+        video = pixels(batch, 5, HEIGHT, WIDTH, 3)
+        return {"video": video, "key_frames": video[:, ::4], "tokens": tokens}
+    return {"hr": pixels(batch, 2, 32, 32, 3), "lr": pixels(batch, 2, 8, 8, 3), "tokens": tokens}
+
+
+@pytest.fixture(scope="session")
+def train_data_dir(tmp_path_factory) -> str:
+    """A moving_shapes dataset at the tiny training sizes, prepared once for the session."""
+    from lavie_jax.data.pipeline import make_iterator
+
+    data_dir = str(tmp_path_factory.mktemp("train_data"))
+    next(make_iterator(tiny_train_config("base", data_dir).data))  # prepares it
+    return data_dir

@@ -1,0 +1,224 @@
+"""`lavie-train` end to end on CPU: preemption and resume (bitwise), a half-written checkpoint, NaN stops, work
+directory rules, export to the official layout, and sampling from a work directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lavie_jax.safe_io import OutputPathError
+from lavie_jax.train import loop
+from lavie_jax.workdir import COMMIT_MARKER, ConfigMismatchError
+from tests.models.tiny_configs import rel_err
+from tests.train.conftest import tiny_train_config
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 8
+
+
+def _cli_args(workdir: Path, data_dir: str, steps: int = STEPS) -> list[str]:
+    return [sys.executable, "-m", "lavie_jax.train.cli", "--config", "configs/base.py:tiny", "--workdir", str(workdir),
+            f"--config.data.data_dir={data_dir}", "--config.data.global_batch_size=2",
+            "--config.data.num_frames=2", "--config.data.images.per_clip=1", "--config.data.height=32",
+            "--config.data.width=48", "--config.data.read_threads=1", "--config.data.moving_shapes.num_videos=16",
+            "--config.data.moving_shapes.num_validation=4", "--config.data.moving_shapes.num_frames=24",
+            "--config.data.moving_shapes.height=32", "--config.data.moving_shapes.width=48",
+            f"--config.train.num_steps={steps}", "--config.train.log_every=1", "--config.train.checkpoint_every=2"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))  # one device
+    return env
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, train_data_dir) -> Path:
+    workdir = tmp_path_factory.mktemp("runs") / "straight"
+    out = subprocess.run(_cli_args(workdir, train_data_dir), cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return workdir
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_zero_and_the_rerun_continues_bitwise(uninterrupted, train_data_dir, tmp_path):
+    workdir = tmp_path / "preempted"
+    proc = subprocess.Popen(_cli_args(workdir, train_data_dir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3/"):  # mid-run: SIGTERM, as a TPU VM or SLURM announces a preemption
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output
+    saved = int(output.split("saved checkpoint at step ")[1].split(";")[0])
+    assert 3 <= saved < STEPS
+    first = _losses(workdir)
+    assert max(first) == saved  # it stopped at a step boundary, right after saving
+    # the same command resumes from that step and reaches the uninterrupted run's losses bit for bit
+    out = subprocess.run(_cli_args(workdir, train_data_dir), cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"resumed from step {saved}" in out.stdout
+    assert _losses(workdir) == _losses(uninterrupted)
+
+    # a half-written latest step is never resumed from: the rerun restores the step before it
+    last = workdir / "checkpoints" / str(STEPS)
+    (last / COMMIT_MARKER).unlink()
+    out = subprocess.run(_cli_args(workdir, train_data_dir), cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"resumed from step {STEPS - 2}" in out.stdout and "is incomplete" in out.stderr
+    assert _losses(workdir) == _losses(uninterrupted)
+
+
+def test_workdir_rules(uninterrupted, train_data_dir, tmp_path):
+    """Another config is refused (nothing touched), a foreign directory is refused, a finished run has nothing to
+    do; all before any model is built."""
+    config = tiny_train_config("base", train_data_dir)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputPathError, match="is not a lavie-train work directory"):
+        loop.train(config, foreign, overwrite=True, devices=jax.devices()[:1])
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    before = sorted(p.name for p in uninterrupted.rglob("*"))
+    with pytest.raises(ConfigMismatchError, match="train.optimizer.lr"):
+        loop.train(tiny_train_config("base", train_data_dir, **{"optimizer.lr": 0.5}), uninterrupted,
+                   devices=jax.devices()[:1])
+    assert sorted(p.name for p in uninterrupted.rglob("*")) == before
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train_data_dir, tmp_path, monkeypatch):
+    real = loop.make_iterator
+
+    def poisoned(data, **kwargs):  # the 4th batch holds a NaN pixel
+        it = real(data, **kwargs)
+
+        class Iterator:
+            count = 0
+
+            def __next__(self):
+                batch = next(it)
+                Iterator.count += 1
+                if Iterator.count == 4:
+                    batch["video"][0, 0, 0, 0, 0] = np.nan
+                return batch
+
+            get_state, set_state = it.get_state, it.set_state
+
+        return Iterator()
+
+    monkeypatch.setattr(loop, "make_iterator", poisoned)
+    config = tiny_train_config("base", train_data_dir, num_steps=6)
+    config.data.global_batch_size = 2
+    with pytest.raises(loop.NonFiniteLossError, match=r"step 4: loss=nan.*last good checkpoint is step 2"):
+        loop.train(config, tmp_path / "nan", devices=jax.devices()[:1], console=False)
+    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["2"]
+
+
+def test_export_loads_into_the_official_layout_and_samples(uninterrupted, tmp_path):
+    """The trained UNet exported to official keys gives, loaded back through the official-layout loader and in the
+    torch reference of the official code, the output of the trained params; and lavie-sample reads the workdir."""
+    import torch
+
+    from lavie_jax.convert.export import export_checkpoint
+    from lavie_jax.convert.state_dict import load_state_dict
+    from safetensors.numpy import load_file
+    from lavie_jax.models import abstract_unet, arch_from_config
+    from lavie_jax.workdir import read_params
+    from tests.models.tiny_configs import jit_apply
+    from tests.models.torch_reference import UNet3DReference
+
+    info = export_checkpoint(uninterrupted, tmp_path / "base.safetensors")
+    step, config, params = read_params(uninterrupted)
+    assert info["tensors"] > 0 and step == STEPS
+    arch = arch_from_config(config["unet"], "base")
+    state = load_file(str(tmp_path / "base.safetensors"))
+    model = abstract_unet(arch)
+    load_state_dict(model, state)  # the official-layout loader: every key and shape checked
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 4, 6, 4)).astype(np.float32)
+    t, text = np.array([300]), rng.standard_normal((1, 7, arch.cross_attention_dim)).astype(np.float32)
+    ours = np.asarray(jit_apply(model, x, t, text, None))
+    trained = abstract_unet(arch)  # the work directory's EMA params as the sampler loads them
+    from flax import nnx
+
+    for path, var in nnx.to_flat_state(nnx.state(trained, nnx.Param)):
+        var.set_value(params[".".join(map(str, path))])
+    assert rel_err(np.asarray(jit_apply(trained, x, t, text, None)), ours) == 0
+    reference = UNet3DReference({k: v for k, v in config["unet"].items() if k != "stage"}, "base").eval()
+    reference.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=True)
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(x).permute(0, 4, 1, 2, 3), torch.from_numpy(t),
+                           torch.from_numpy(text)).permute(0, 2, 3, 4, 1).numpy()
+    assert rel_err(ours, theirs) <= 1e-5
+
+
+class _JoinedShards:
+    """What a run over `count` processes feeds its global batches with: each process's shard of the data, in
+    process order (`make_global_batch` concatenates the processes' local batches so)."""
+
+    def __init__(self, make_iterator, data, count: int, **kwargs):
+        self.its = [make_iterator(data, process_index=i, process_count=count, **kwargs) for i in range(count)]
+
+    def __next__(self):
+        parts = [next(it) for it in self.its]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self):
+        return {"shards": [it.get_state() for it in self.its]}
+
+    def set_state(self, state):
+        for it, s in zip(self.its, state["shards"]):
+            it.set_state(s)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
+    """Two jax.distributed processes (one CPU device each) on a data = 2 mesh reach the losses of one process
+    with two devices fed the same global batches."""
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    workdir = tmp_path / "two"
+    procs = [subprocess.Popen(_cli_args(workdir, train_data_dir, steps=4) + [
+        "--distributed", "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=600)[0])
+        finally:
+            proc.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    assert "2 process(es)" in outputs[0] and not (workdir / "metrics.jsonl").read_text().count("\n") < 4
+
+    config = tiny_train_config("base", train_data_dir, num_steps=4, checkpoint_every=2)
+    config.data.global_batch_size = 2
+    real = loop.make_iterator
+    monkeypatch.setattr(loop, "make_iterator", lambda data, **kw: _JoinedShards(real, data, 2, **kw))
+    loop.train(config, tmp_path / "one", devices=jax.devices()[:2], console=False)
+    two, one = _losses(workdir), _losses(tmp_path / "one")
+    assert sorted(two) == sorted(one) == [1, 2, 3, 4]
+    for step in one:
+        assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), (step, two[step], one[step])

@@ -1,0 +1,149 @@
+"""The jitted training step on CPU: sharded == one device, accumulation == one big batch, frozen params untouched,
+EMA by its formula, FSDP memory per device, per-stage inputs, and config errors before anything compiles."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from lavie_jax import parallel
+from lavie_jax.train.setup import TrainConfigError, build_run, check_config
+from tests.models.tiny_configs import rel_err
+from tests.train.conftest import BATCH, synthetic_batch, tiny_train_config
+
+
+O0 = {"xla_backend_optimization_level": 0}  # one step each: the fastest programs to build are the least optimised
+
+
+def _mesh(shape):
+    n = int(np.prod(shape))
+    return parallel.make_mesh(shape, devices=jax.devices()[:n])
+
+
+def _build(config, shape):
+    return build_run(config, _mesh(shape), compiler_options=O0)
+
+
+def _step(run, batch):
+    with jax.set_mesh(run.mesh):
+        state, metrics = run.step_fn(run.state, run.encoders, run.tables, jax.device_put(batch, run.batch_sharding))
+    return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    """(config, state after one step, metrics) of the tiny base stage on one device."""
+    config = tiny_train_config("base")
+    run = _build(config, (1, 1, 1, 1))
+    before = _flat(run.state.params)
+    state, metrics = _step(run, synthetic_batch("base"))
+    return config, before, state, metrics
+
+
+def test_sharded_step_equals_one_device(one_device):
+    """data 2 x fsdp 2 x tensor 2: the batch split 4 ways, params and optimizer state over fsdp and tensor."""
+    config, before, expect_state, expect = one_device
+    run = _build(config, (2, 2, 1, 2))
+    np.testing.assert_array_equal(_flat(run.state.params), before)  # the same random init, laid out on the mesh
+    q = run.state.params["down_blocks"][0]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"]
+    assert q.sharding.spec == P("fsdp", "tensor")
+    adam = next(s for s in run.state.opt_state if hasattr(s, "mu"))  # ScaleByAdamState(count, mu, nu)
+    mu = adam.mu["down_blocks"][0]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"]
+    assert mu.sharding.spec == P("fsdp", "tensor")  # optimizer state laid out like its param
+    state, metrics = _step(run, synthetic_batch("base"))
+    for name in ("loss", "video_loss", "image_loss", "grad_norm"):
+        assert abs(metrics[name] - expect[name]) <= 1e-5 * abs(expect[name]), name
+    assert rel_err(_flat(state.params), _flat(expect_state.params)) <= 1e-5
+    assert rel_err(_flat(state.ema), _flat(expect_state.ema)) <= 1e-5
+
+
+def test_accumulating_micro_batches_equals_one_batch(one_device):
+    config, _, expect_state, expect = one_device
+    config = tiny_train_config("base", micro_batches=4)
+    state, metrics = _step(_build(config, (1, 1, 1, 1)), synthetic_batch("base"))
+    assert abs(metrics["loss"] - expect["loss"]) <= 1e-5 * expect["loss"]
+    assert rel_err(_flat(state.params), _flat(expect_state.params)) <= 1e-5
+
+
+def test_frozen_params_stay_bit_identical_and_ema_follows_its_formula():
+    """VSR trains only its temporal layers by default; the rest is frozen (no optimizer state, no EMA)."""
+    config = tiny_train_config("vsr", **{"ema.decay": 0.9})
+    run = _build(config, (1, 1, 1, 1))
+    frozen, params = _flat(run.state.frozen), _flat(run.state.params)
+    assert all("temp" in ".".join(map(str, p)) for p, _ in nnx.to_flat_state(run.state.params))
+    assert not any("temp" in ".".join(map(str, p)) for p, _ in nnx.to_flat_state(run.state.frozen))
+    state, metrics = _step(run, synthetic_batch("vsr"))
+    assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    np.testing.assert_array_equal(_flat(state.frozen), frozen)  # bit for bit
+    new = _flat(state.params)
+    assert np.abs(new - params).max() > 0
+    np.testing.assert_allclose(_flat(state.ema), 0.9 * params + 0.1 * new, rtol=3e-7, atol=1e-9)  # float32 ulps
+
+
+def test_every_stage_trains_a_step():
+    for stage in ("interpolation",):  # base and vsr run in the tests above
+        run = _build(tiny_train_config(stage), (1, 1, 1, 1))
+        state, metrics = _step(run, synthetic_batch(stage))
+        assert int(state.step) == 1 and np.isfinite(metrics["loss"]) and "image_loss" not in metrics
+
+
+def test_fsdp8_holds_an_eighth_of_the_state_per_device():
+    """Per-device train-state bytes of the compiled step under fsdp = 8 (its memory analysis, less the other
+    arguments): within 1/8 + 5% of the whole state. Built abstractly: nothing is initialised or run."""
+    config = tiny_train_config("base")
+    run = build_run(config, _mesh((1, 8, 1, 1)), abstract=True, compiler_options=O0)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=run.batch_sharding)
+             for k, v in synthetic_batch("base").items()}
+    with jax.set_mesh(run.mesh):
+        compiled = run.step_fn.lower(run.state, run.encoders, run.tables, batch).compile()
+    args = compiled.memory_analysis().argument_size_in_bytes
+
+    def per_device(tree):  # bytes of one device's shard of every leaf
+        return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    state_per_device = args - per_device((run.encoders, run.tables, batch))
+    state_total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(run.state))
+    assert state_per_device == per_device(run.state)  # the analysis agrees with the shardings
+    assert state_per_device <= (1 / 8 + 0.05) * state_total, (state_per_device, state_total)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.global_batch_size", 6, "must split over the 8 batch devices"),
+    ("train.micro_batches", 3, "does not split into train.micro_batches=3"),
+    ("train.remat", "most", "train.remat: 'most': choose one of"),
+    ("train.objective.text_dropout", 1.5, "text_dropout"),
+    ("train.param_groups.rules", (("nothing_matches_this", "unet"), (".*", "frozen")), "nothing_matches_this"),
+    ("train.init", "/nonexistent/init", "no such directory"),
+    ("train.optimizer.lr", -1.0, "train.optimizer.lr must be > 0"),
+])
+def test_bad_settings_fail_before_any_compile(field, value, message):
+    config = tiny_train_config("base")
+    section, *rest = field.split(".")
+    target = config[section]
+    for part in rest[:-1]:
+        target = target[part]
+    target[rest[-1]] = value
+    mesh = _mesh((8, 1, 1, 1))
+    with pytest.raises(TrainConfigError, match=message):
+        check_config(config, mesh) if field != "train.param_groups.rules" and field != "train.init" else build_run(
+            config, mesh)
+
+
+def test_init_directory_of_another_stage_is_named(tmp_path):
+    from lavie_jax.checkpoints import save_model
+    from lavie_jax.sampling.pipeline import random_pipeline
+
+    vsr = random_pipeline(tiny_train_config("vsr"))
+    save_model(vsr.unet, tmp_path / "vsr-unet")
+    config = tiny_train_config("base")
+    config.train.init = str(tmp_path / "vsr-unet")
+    with pytest.raises(TrainConfigError, match="holds a vsr UNet but the config is the base stage"):
+        build_run(config, _mesh((1, 1, 1, 1)))
+    assert BATCH == 8
