@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from lavie_jax.data.pipeline import default_data_config
+from lavie_jax.data.config import default_data_config
 from lavie_jax.models.official import official_unet_config
 from lavie_jax.parallel import DEFAULT_RULES
 from lavie_jax.train.optim import default_train_optim_config

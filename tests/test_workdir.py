@@ -25,7 +25,7 @@ from lavie_jax.workdir import (
     COMMIT_MARKER, INCOMPLETE_DIR, ConfigMismatchError, IncompleteCheckpointWarning, TrainCheckpointer,
     check_config)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 AUTO = jax.sharding.AxisType.Auto
 
 

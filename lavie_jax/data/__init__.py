@@ -5,12 +5,22 @@
     batch = data.make_global_batch(next(it), mesh)  # batch split over the mesh's ('fsdp', 'data') axes
     from lavie_jax.data import precompute; precompute.precompute(config, encode_video, encode_text, name=...)
 
-Modules: pipeline (config + grain stream), examples (per-stage random maps), sources (opening datasets, reading
+Modules: config (the `data` section's defaults), pipeline (grain stream), examples (per-stage random maps), sources (opening datasets, reading
 frames), distributed (shards, global arrays), transforms (numpy frame ops), builder_utils (shared builder code),
 moving_shapes / video_text / image_text (builders), precompute (latents), prepare (command line).
 """
 
-from lavie_jax.data.distributed import make_global_batch, shard_options
-from lavie_jax.data.pipeline import default_data_config, make_dataset, make_iterator
+import importlib
+
+from lavie_jax.data.config import default_data_config
 
 __all__ = ["default_data_config", "make_dataset", "make_iterator", "make_global_batch", "shard_options"]
+_LAZY = {"make_dataset": "pipeline", "make_iterator": "pipeline", "make_global_batch": "distributed",
+         "shard_options": "distributed"}
+
+
+def __getattr__(name: str):
+    """The pipeline's names, imported on first use: grain and tensorflow-datasets load only when data is read."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"lavie_jax.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'lavie_jax.data' has no attribute {name!r}")

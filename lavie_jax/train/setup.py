@@ -304,6 +304,7 @@ class Run:
     batch_sharding: NamedSharding
     flops_per_step: int
     arch: UNetArch
+    vae_factor: int  # pixels per latent, each side
 
 
 def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abstract: bool = False,
@@ -379,4 +380,5 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abs
     return Run(config=config, mesh=mesh, objective=objective, graphdef=graphdef, groups=groups, state=state,
                state_shardings=shardings, encoders=enc, tables=tables, step_fn=step_fn,
                tokenizer=encoders.tokenizer, batch_sharding=batch_sh,
-               flops_per_step=step_flops(config, arch, encoders), arch=arch)
+               flops_per_step=step_flops(config, arch, encoders), arch=arch,
+               vae_factor=encoders.vae.config.downsample_factor)
