@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -160,10 +161,19 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                            process_id: int | None = None) -> None:
     """Join a multi-process run (one process per host, all running the same program) before any jax work.
 
-    With no arguments the cluster is detected (Cloud TPU VMs, SLURM, Open MPI, Kubernetes); elsewhere, e.g.
-    several processes on one machine, pass all three. Does nothing if already initialized."""
+    With no arguments: `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` when all three are set
+    (any scheduler can set them; launch/slurm.py), else the cluster is detected (Cloud TPU VMs and multislice,
+    SLURM, Open MPI, Kubernetes). Several processes on one machine: pass all three. Does nothing if already
+    initialized."""
     if jax.distributed.is_initialized():
         return
+    if coordinator_address is None and num_processes is None and process_id is None:
+        env = [os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")]
+        if all(env):
+            try:
+                coordinator_address, num_processes, process_id = env[0], int(env[1]), int(env[2])
+            except ValueError:
+                raise ValueError(f"JAX_NUM_PROCESSES={env[1]!r} / JAX_PROCESS_ID={env[2]!r} must be integers") from None
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 

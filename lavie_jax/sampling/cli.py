@@ -18,7 +18,7 @@ stage writes into `--output`; a cascade into `--output/STAGE/`; existing files a
 `--overwrite`. Every input, flag and output path is checked before any model runs, and nothing is created until
 there is a video to write. Ctrl-C (or SIGTERM) stops a run within a step: finished videos stay, partial files are
 removed (exit status 130, or 143). On several hosts, run the same command on each with `--distributed`
-(launch/tpu_vm.sh): the mesh spans all hosts and process 0 writes the files.
+(launch/tpu.py, launch/slurm.py): the mesh spans all hosts and process 0 writes the files.
 
 Exit status: 0 done, 2 bad input (one line on stderr says what and how to fix it; `--traceback` adds the
 traceback), 1 an unexpected failure, 130 / 143 interrupted.

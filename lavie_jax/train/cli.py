@@ -11,7 +11,7 @@
 complete checkpoint, and a rerun with a config that changes the run is refused unless `--overwrite` (which only
 ever replaces a directory lavie-train made). SIGTERM (preemption) and Ctrl-C save at the next step and exit 0; a
 second Ctrl-C exits at once. On several hosts run the same command on each with `--distributed`
-(launch/tpu_vm.sh, launch/slurm.sh): the cluster is detected on Cloud TPU, SLURM and Open MPI, else pass
+(launch/tpu.py, launch/slurm.py): the cluster is detected on Cloud TPU, SLURM and Open MPI, else pass
 --coordinator, --num-processes and --process-id.
 
 Exit status: 0 done (or stopped and saved), 2 bad input (one paragraph on stderr names the field or flag and the

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Run `lavie-train` / `lavie-sample` on a GPU cluster: a SLURM batch job, an `srun` inside an allocation, or any
+scheduler that can set three environment variables.
+
+    python launch/slurm.py sbatch --nodes 2 --gpus-per-node 8 --partition gpu --time 24:00:00 -- \\
+        lavie-train --config configs/base.py --workdir /shared/runs/base --config.train.init=/shared/ckpt/base-init
+    python launch/slurm.py srun --nodes 2 -- lavie-train ...        # inside `salloc`: run now, in the foreground
+    add --dry-run to print the batch script / command instead of submitting or running it
+
+Every node runs one process that drives all of its GPUs; the command gets `--distributed`, and each process calls
+`jax.distributed.initialize()`, which reads SLURM's variables (process id, count, coordinator = the first node). The
+batch script asks SLURM to send SIGTERM two minutes before the time limit (`--signal=TERM@120`): lavie-train saves a
+checkpoint at the next step and exits 0, and with `--requeue` the job comes back and resumes from it.
+
+Other schedulers (Kubernetes, LSF, plain ssh): start the same command on every host with `--distributed` and set
+    JAX_COORDINATOR_ADDRESS=host0:1234  JAX_NUM_PROCESSES=N  JAX_PROCESS_ID=i   (0 .. N-1, host0 being 0)
+which `lavie_jax.parallel.initialize_distributed` passes to jax.distributed.initialize.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROGRAMS = ("lavie-train", "lavie-sample")
+
+
+def program_argv(command: list[str], venv: str) -> list[str]:
+    if not command or command[0] not in PROGRAMS:
+        raise SystemExit(f"the command must start with one of {PROGRAMS}, got {command[:1]}")
+    argv = [f"{venv}/bin/{command[0]}", *command[1:]]
+    return argv if "--distributed" in argv else argv + ["--distributed"]
+
+
+def batch_script(args: argparse.Namespace, command: list[str]) -> str:
+    """The sbatch script: one task per node, all the node's GPUs per task, SIGTERM before the time limit."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={args.job_name}", f"#SBATCH --nodes={args.nodes}",
+             "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={args.gpus_per_node}",
+             f"#SBATCH --cpus-per-task={args.cpus_per_task}", f"#SBATCH --time={args.time}",
+             "#SBATCH --signal=TERM@120", f"#SBATCH --output={args.log_dir}/%x-%j.out"]
+    if args.partition:
+        lines.append(f"#SBATCH --partition={args.partition}")
+    if args.account:
+        lines.append(f"#SBATCH --account={args.account}")
+    if args.requeue:
+        lines.append("#SBATCH --requeue")
+    lines += ["set -euo pipefail", f"cd {shlex.quote(str(args.repo))}",
+              "# SIGTERM reaches every task: each saves at the next step boundary and exits 0",
+              f"srun --kill-on-bad-exit=1 --cpu-bind=none {shlex.join(program_argv(command, args.venv))}"]
+    return "\n".join(lines) + "\n"
+
+
+def srun_command(args: argparse.Namespace, command: list[str]) -> list[str]:
+    return ["srun", f"--nodes={args.nodes}", "--ntasks-per-node=1", f"--gpus-per-node={args.gpus_per_node}",
+            "--kill-on-bad-exit=1", "--cpu-bind=none", *program_argv(command, args.venv)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch/slurm.py", usage="%(prog)s {sbatch,srun} [options] -- COMMAND",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("mode", choices=("sbatch", "srun"))
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--cpus-per-task", type=int, default=16)
+    p.add_argument("--time", default="24:00:00")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--job-name", default="lavie")
+    p.add_argument("--requeue", action="store_true", help="requeue after preemption / the time limit")
+    p.add_argument("--repo", default=str(REPO), help="the checkout on the shared file system")
+    p.add_argument("--venv", default=str(REPO / ".venv"), help="virtualenv with lavie-jax installed")
+    p.add_argument("--log-dir", default=str(REPO / "logs"))
+    p.add_argument("--dry-run", action="store_true", help="print instead of submitting / running")
+    return p
+
+
+def split_command(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(launcher arguments, the command after '--')."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
+def main(argv: list[str] | None = None, out=sys.stdout) -> int:
+    argv, command = split_command(argv)
+    args = build_parser().parse_args(argv)
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise SystemExit("--nodes and --gpus-per-node must be >= 1")
+    if args.mode == "srun":
+        cmd = srun_command(args, command)
+        print("+ " + shlex.join(cmd), file=out, flush=True)
+        return 0 if args.dry_run else subprocess.run(cmd, cwd=args.repo).returncode
+    script = batch_script(args, command)
+    if args.dry_run:
+        print(script, end="", file=out)
+        return 0
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".sbatch", delete=False) as f:
+        f.write(script)
+    print(f"+ sbatch {f.name}", file=out, flush=True)
+    return subprocess.run(["sbatch", f.name]).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
