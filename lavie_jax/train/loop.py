@@ -10,7 +10,8 @@ other way). SIGTERM (preemption on TPU VMs and SLURM) and a first Ctrl-C save at
 a second Ctrl-C stops at once. A NaN or infinite loss stops the run naming the step; the last good checkpoint stays.
 
 Host work overlaps the devices: step k + 1 is dispatched before step k's metrics are read (the loss check and the
-logs lag one step), and the next batch is prepared while a step runs (grain's read threads).
+logs lag one step), and the next batch is prepared while a step runs (grain's read threads). Every step's loss is
+checked; a logged line holds the mean of each loss and of the grad norm over the steps since the previous line.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
                            examples_per_step=config.data.global_batch_size, flops_per_step=run.flops_per_step,
                            num_devices=jax.device_count(), peak_tflops=peak, console=console)
     last: dict[str, float] = {}
+    window: dict[str, list[float]] = {}  # each metric's values since the last logged line
     pending: tuple[int, Any] | None = None  # (step after the update, metrics on device) not yet checked
     good = start  # the last step known to have a finite loss
     stopped = None
@@ -179,11 +181,11 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
             state, metrics = run.step_fn(state, run.encoders, run.tables, batch)
             step += 1
             if pending is not None:  # the previous step's metrics, read while this step runs
-                last = _check_and_log(pending, writer, t, good, ckpt)
+                last = _check_and_log(pending, writer, t, good, ckpt, window)
                 good = pending[0]
             pending = (step, metrics)
             if ckpt.should_save(step) or step == t.num_steps or preemption.should_stop(step):
-                last = _check_and_log(pending, writer, t, good, ckpt, force=True)
+                last = _check_and_log(pending, writer, t, good, ckpt, window, force=True)
                 good, pending = step, None
                 ckpt.save(step, state, iterator.get_state, force=True)
                 if preemption.should_stop(step) and step < t.num_steps:
@@ -192,7 +194,7 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
                     _say(preemption.stop_message(step))
                     break
         if pending is not None:
-            last = _check_and_log(pending, writer, t, good, ckpt, force=True)
+            last = _check_and_log(pending, writer, t, good, ckpt, window, force=True)
     ckpt.wait()
     if stopped is None:
         _say(f"finished: step {step}, checkpoint in {path / workdirs.CHECKPOINTS_DIR / str(step)}; sample with "
@@ -201,8 +203,10 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
 
 
 def _check_and_log(pending: tuple[int, Any], writer: MetricsWriter, t: ml_collections.ConfigDict, good: int,
-                   ckpt: workdirs.TrainCheckpointer, force: bool = False) -> dict[str, float]:
-    """Read a step's metrics; stop on a non-finite loss; log every `train.log_every` steps (and when forced)."""
+                   ckpt: workdirs.TrainCheckpointer, window: dict[str, list[float]], force: bool = False
+                   ) -> dict[str, float]:
+    """Read a step's metrics; stop on a non-finite loss; every `train.log_every` steps (and when forced) log the
+    means of the losses and grad norms over the steps since the last line (one step's loss is noise), and the lr."""
     step, metrics = pending
     values = jax.device_get(metrics)
     host = {k: float(values[k]) for k in sorted(values, key=lambda k: (METRIC_ORDER.index(k) if k in METRIC_ORDER
@@ -214,6 +218,11 @@ def _check_and_log(pending: tuple[int, Any], writer: MetricsWriter, t: ml_collec
         raise NonFiniteLossError(f"step {step}: {bad}; the run stopped without saving it. The last good checkpoint "
                                  f"is step {latest} (the loss was finite through step {good}); lower "
                                  f"train.optimizer.lr or check the data, then rerun to resume from it")
+    for k, v in host.items():
+        window.setdefault(k, []).append(v)
     if step % t.log_every == 0 or force:
-        writer.write(step, host)
+        logged = {k: (v[-1] if k == "lr" else float(np.mean(v))) for k, v in window.items()}
+        window.clear()
+        writer.write(step, logged)
+        return logged
     return host

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,38 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
         _fail("data.global_batch_size", f"{gb} does not split over {jax.process_count()} processes")
     if d.drop_remainder is not True:
         _fail("data.drop_remainder", "training needs full batches: set it to True")
+    check_data(config)
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+    """The `data` section can feed this stage: the pipeline's own checks, the data directory, and a precomputed
+    dataset made for this stage (only VSR clips carry low-res frames). Reads metadata only (no grain/tfds import
+    unless the data is precomputed)."""
+    d = config.data
+    try:
+        from lavie_jax.data.pipeline import check_config as check_pipeline
+        check_pipeline(d)
+    except ValueError as e:
+        raise TrainConfigError(f"config field {str(e)}" if str(e).startswith("data.") else str(e)) from None
+    if d.data_dir and not Path(d.data_dir).exists() and (not d.prepare or d.dataset == "precomputed"):
+        _fail("data.data_dir", f"{d.data_dir} does not exist; fix the path, or set data.prepare=True to build "
+                               f"{d.dataset} there")
+    if d.dataset == "precomputed":
+        from lavie_jax.data import sources
+
+        try:
+            directory = sources.precomputed_dirs(d)[0]
+        except (ValueError, FileNotFoundError) as e:
+            _fail("data.precomputed.name", str(e))
+        features = json.loads((directory / "features.json").read_text()) if (directory / "features.json").is_file() \
+            else {}
+        text = json.dumps(features)
+        has_lr = '"lr"' in text
+        if has_lr != (config.stage == "vsr"):
+            made = "vsr" if has_lr else "base or interpolation"
+            _fail("data.precomputed.name", f"{d.precomputed.name!r} was precomputed for the {made} stage (its clips "
+                                           f"{'carry' if has_lr else 'lack'} low-res frames) but the config is the "
+                                           f"{config.stage} stage; precompute the {config.stage} stage's data")
 
 
 def num_image_frames(config: ml_collections.ConfigDict) -> int:

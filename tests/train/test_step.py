@@ -147,3 +147,22 @@ def test_init_directory_of_another_stage_is_named(tmp_path):
     with pytest.raises(TrainConfigError, match="holds a vsr UNet but the config is the base stage"):
         build_run(config, _mesh((1, 1, 1, 1)))
     assert BATCH == 8
+
+
+def test_missing_data_or_data_of_another_stage_is_named(train_data_dir, tmp_path):
+    from lavie_jax.data import precompute
+
+    mesh = _mesh((8, 1, 1, 1))
+    config = tiny_train_config("base", str(tmp_path / "nowhere"))
+    config.data.prepare = False
+    with pytest.raises(TrainConfigError, match="data.data_dir: .*nowhere does not exist"):
+        check_config(config, mesh)
+    vsr = tiny_train_config("vsr", train_data_dir).data
+    vsr.update(num_epochs=1, shuffle=False)
+    precompute.precompute(vsr, lambda frames: frames[:, :, ::4, ::4, :].repeat(2, -1)[..., :4], None,
+                          name="vsr_latents", batch_size=4, process_index=0, process_count=1)
+    config = tiny_train_config("base", train_data_dir)
+    config.data.dataset, config.data.precomputed.name = "precomputed", "vsr_latents"
+    config.data.images.source = "video_frames"
+    with pytest.raises(TrainConfigError, match="'vsr_latents' was precomputed for the vsr stage"):
+        check_config(config, mesh)
