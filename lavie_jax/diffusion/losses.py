@@ -52,11 +52,6 @@ def target(prediction_type: str, x0: jax.Array, noise: jax.Array, t: jax.Array, 
     return a * noise.astype(jnp.float32) - s * x0.astype(jnp.float32)
 
 
-def sample_timesteps(key: jax.Array, n: int, num_train_timesteps: int = 1000) -> jax.Array:
-    """`[n]` int32 timesteps drawn uniformly from 0 .. T - 1 (as the official training scripts do)."""
-    return jax.random.randint(key, (n,), 0, num_train_timesteps, dtype=jnp.int32)
-
-
 def frame_mse(pred: jax.Array, target: jax.Array, num_image_frames: int = 0) -> tuple[jax.Array, jax.Array | None]:
     """(video loss, image loss): the mean squared error over the video frames of `[N, F, H, W, C]` predictions and
     over the trailing `num_image_frames` image frames of a joint image-video batch (None when there are none)."""

@@ -103,11 +103,6 @@ def _make_output_dir(path: Path) -> None:
                           "--output") from None
 
 
-def output_files(directory: str | os.PathLike, stems: Sequence[str], formats: Sequence[str]) -> list[Path]:
-    """Every file a run writes into `directory`: each stem's videos (one per format) and its JSON sidecar."""
-    return [Path(directory) / f"{stem}.{ext}" for stem in stems for ext in (*formats, "json")]
-
-
 def _sidecar(path: Path) -> dict[str, Any] | None:
     """The content of a lavie-sample sidecar at `path`, or None if it is not one (or not a regular file)."""
     if path.is_symlink() or not path.is_file():

@@ -223,3 +223,23 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
     for step in one:
         assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), (step, two[step], one[step])
+
+
+def test_lavie_sample_reads_a_work_directory(uninterrupted, tmp_path):
+    """`lavie-sample --checkpoint RUN` samples with the run's EMA UNet and the components it trained with."""
+    from lavie_jax.sampling import cli
+    from lavie_jax.sampling.pipeline import load_stage_pipeline
+    from lavie_jax.workdir import read_params
+
+    out = tmp_path / "res"
+    argv = ["lavie-sample", "--config", "configs/base.py:tiny", "--checkpoint", str(uninterrupted), "--prompt",
+            "a red circle moving left", "--output", str(out), "--config.sample.steps=2",
+            "--config.sample.num_frames=2", "--config.sample.height=32", "--config.sample.width=48", "--noprogress"]
+    (result,) = cli.run(argv)
+    assert result.frames.shape == (1, 2, 32, 48, 3) and (out / "a_red_circle_moving_left.mp4").is_file()
+    config = tiny_train_config("base")
+    pipe = load_stage_pipeline(config, uninterrupted, ema=False)
+    _, _, raw = read_params(uninterrupted, ema=False)
+    kernel = np.asarray(pipe.unet.conv_in.kernel[...])
+    np.testing.assert_array_equal(kernel, raw["conv_in.kernel"])  # --params raw: the raw params
+    assert pipe.metadata["step"] == STEPS
