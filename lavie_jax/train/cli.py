@@ -111,8 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not show_traceback:
             traceback.print_exc()
         return 1
-    except KeyboardInterrupt:
-        print("lavie-train: interrupted before the first step; nothing was saved", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves at the next step and exits 0)
+        print("lavie-train: interrupted without saving; rerun the same command to resume from the last complete "
+              "checkpoint", file=sys.stderr)
         return 130
     return 0
 
