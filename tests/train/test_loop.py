@@ -195,9 +195,10 @@ class _JoinedShards:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
-    """Two jax.distributed processes (one CPU device each) on a data = 2 mesh reach the losses of one process
-    with two devices fed the same global batches. (The one-process run goes first: the processes then find its
-    compiled programs in the persistent compilation cache.)"""
+    """Two jax.distributed processes (one CPU device each, through the launchers' entry point) on a data = 2 mesh,
+    saving a checkpoint, stopping, and resuming from it, reach the losses of one process with two devices fed the
+    same global batches. (The one-process run goes first: the processes then find its compiled programs in the
+    persistent compilation cache.)"""
     import portpicker
 
     config = tiny_train_config("base", train_data_dir, num_steps=4, checkpoint_every=2)
@@ -206,19 +207,24 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "make_iterator", lambda data, **kw: _JoinedShards(real, data, 2, **kw))
     loop.train(config, tmp_path / "one", devices=jax.devices()[:2], console=False)
 
-    port = portpicker.pick_unused_port()
     workdir = tmp_path / "two"
-    procs = [subprocess.Popen(_cli_args(workdir, train_data_dir, steps=4) + [
-        "--distributed", "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=600)[0])
-        finally:
-            proc.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
-    assert "2 process(es)" in outputs[0]
+
+    def two_processes(steps: int) -> list[str]:
+        port = portpicker.pick_unused_port()
+        procs = [subprocess.Popen(_cli_args(workdir, train_data_dir, steps=steps) + [
+            "--distributed", "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        outputs = []
+        for proc in procs:
+            try:
+                outputs.append(proc.communicate(timeout=600)[0])
+            finally:
+                proc.kill()
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+        return outputs
+
+    assert "2 process(es)" in two_processes(2)[0]  # saves step 2 (each process its shards)
+    assert "resumed from step 2" in two_processes(4)[0]  # both restore it and go on
     two, one = _losses(workdir), _losses(tmp_path / "one")
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
     for step in one:
