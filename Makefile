@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP_RUN := $(VENV)/.stamp-run
 STAMP_TEST := $(VENV)/.stamp-test
+# setup.cfg takes version ranges; CI installs their lower bounds exactly (the versions the suite is known to pass on)
+CONSTRAINTS := constraints/lower-bounds.txt
 
 .PHONY: demo test bench clean-venv
 
@@ -11,12 +13,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP_RUN): setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e .
+$(STAMP_RUN): setup.cfg pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e .
 	touch $@
 
-$(STAMP_TEST): setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test]'
+$(STAMP_TEST): setup.cfg pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
 	touch $@ $(STAMP_RUN)
 
 # The main job on the embedded default (no downloads): the model/data tour, then the whole cascade

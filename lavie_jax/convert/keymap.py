@@ -51,6 +51,46 @@ def to_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
     raise ValueError(f"unexpected kernel rank {array.ndim}")
 
 
+# Channel tiles of the kernel copy in `to_flax_array`: (output channels, input channels) per step.
+_TILES = {2: (64, 256), 3: (64, 32), 4: (64, 32), 5: (64, 32)}
+
+
+def flax_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
+    """The shape `to_flax_layout` gives an array of PyTorch shape `shape`."""
+    return (*shape[2:], shape[1], shape[0]) if leaf == "kernel" and len(shape) >= 2 else tuple(shape)
+
+
+def to_flax_array(array: np.ndarray, leaf: str, dtype=np.float32, out: np.ndarray | None = None) -> np.ndarray:
+    """`to_flax_layout(array, leaf)` as a new C-contiguous `dtype` array (or into `out`), copied in one pass.
+
+    numpy copies a whole transposed view in the destination's order, striding through all of the source for every
+    destination row (0.5-1 GB/s for a [1280, 1280, 3, 3] conv or a [5120, 1280] linear weight). A kernel is copied
+    here in tiles of output x input channels that stay in cache on both sides, several times faster. `array` may be
+    any strided (e.g. read-only, memory-mapped) array; it is never modified.
+    """
+    shape = flax_shape(array.shape, leaf)
+    if out is None:
+        out = np.empty(shape, dtype)
+    elif out.shape != shape or out.dtype != np.dtype(dtype) or not out.flags.c_contiguous:
+        raise ValueError(f"to_flax_array: out is {out.dtype}{list(out.shape)}, expected C-contiguous "
+                         f"{np.dtype(dtype)}{list(shape)}")
+    if leaf != "kernel":
+        np.copyto(out, array, casting="unsafe")
+        return out
+    if array.ndim not in (2, 3, 4, 5):
+        raise ValueError(f"unexpected kernel rank {array.ndim}")
+    o, i = array.shape[:2]
+    src = array.reshape(o, i, -1)  # [O, I, k]: the kernel taps flattened (a view for a contiguous array)
+    k = src.shape[2]
+    dst = out.reshape(k, i, o)
+    to, ti = _TILES[array.ndim]
+    for a in range(0, o, to):
+        s, d = src[a:a + to], dst[:, :, a:a + to]
+        for b in range(0, i, ti):
+            d[:, b:b + ti] = s[:, b:b + ti].transpose(2, 1, 0)
+    return out
+
+
 def to_torch_layout(array: np.ndarray, leaf: str) -> np.ndarray:
     """Our layout -> PyTorch's (inverse of `to_flax_layout`)."""
     if leaf != "kernel":

@@ -2,24 +2,29 @@
 `{'ema': ...}`) and sharded folders (`*.index.json`).
 
 `open_weights(path)` returns a `WeightFile`: a read-only `Mapping[str, LazyTensor]` whose shapes and dtypes are known
-without reading any tensor data. `np.asarray(t)` reads one tensor into a fresh array in PyTorch layout and leaves
-nothing else resident:
-- safetensors are read with plain positioned reads (the header is parsed here, so no mapping of the file stays
-  resident); offsets are checked against the file size up front, so a truncated file fails before any conversion.
-- torch pickles are opened with `torch.load(mmap=True, weights_only=True)`: tensors are paged in from disk on
-  access, and after each copy the pages are handed back to the kernel (`madvise(DONTNEED)`; safe because the
-  private mapping is never written), so resident memory does not grow with the file size.
+without reading any tensor data. `np.asarray(t)` gives one tensor in PyTorch layout without copying it: a read-only
+view of the file's memory mapping, which stays valid as long as it is referenced (`np.array(t)` copies). Resident
+memory does not grow with the file size: when the next tensor is read, the pages the previous one touched are handed
+back to the kernel (`madvise(DONTNEED)`; safe because the mapping is never written, and a view that is used again
+just faults its pages back in from the page cache). So a converter that turns each tensor into its own layout reads
+the file once, straight from the page cache, and copies every byte once.
+- safetensors: the header is parsed here (errors name the file and the fix); offsets are checked against the file
+  size up front, so a truncated file fails before any conversion, and the size is checked again before each read.
+  (The `safetensors` package's readers copy every tensor out of the file first: one more pass over the data.)
+- torch pickles are opened with `torch.load(mmap=True, weights_only=True)` and read through the same views.
 torch is imported only for pickles; safetensors need nothing beyond numpy.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import mmap
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -54,9 +59,10 @@ def _shape_after(shape: tuple[int, ...], index: Any) -> tuple[int, ...]:
 class LazyTensor:
     """One tensor of a weight file, read on demand.
 
-    `shape`, `dtype`, `ndim`, `nbytes` need no I/O; `np.asarray(t)` reads it into a fresh array (PyTorch layout).
-    Indexing (`t[:, :, 0, 0]`) and `derive` give further lazy tensors, so key-renaming helpers written for numpy
-    state dicts work unchanged on a whole checkpoint without loading it.
+    `shape`, `dtype`, `ndim`, `nbytes` need no I/O; `np.asarray(t)` / `t.read()` give its value in PyTorch layout,
+    a read-only view of the file's mapping (see the module docstring); `np.array(t)` copies. Indexing
+    (`t[:, :, 0, 0]`) and `derive` give further lazy tensors, so key-renaming helpers written for numpy state dicts
+    work unchanged on a whole checkpoint without loading it.
     """
 
     __slots__ = ("key", "shape", "dtype", "_read")
@@ -80,6 +86,8 @@ class LazyTensor:
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         value = self.read()
+        if copy:
+            return np.array(value, dtype=dtype, copy=True)
         return value if dtype is None else value.astype(dtype, copy=False)
 
     def derive(self, fn: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...],
@@ -133,6 +141,77 @@ class WeightFile(Mapping[str, LazyTensor]):
         self.close()
 
 
+class _PageWindow:
+    """Hands the pages of a read-only file mapping back to the kernel one tensor behind the reads.
+
+    `advance(address, nbytes)` is called before a tensor is viewed: it drops the pages of the tensor viewed before
+    (not those of the new one, which the caller is about to use) and remembers the new range; `close()` drops the
+    last. Only whole pages inside a range are dropped, so a neighbour's shared edge page is never lost for good (it
+    re-faults anyway: the mapping is clean).
+    """
+
+    def __init__(self, drop: Callable[[int, int], None]):
+        self._drop, self._last, self._lock = drop, None, threading.Lock()
+
+    def advance(self, address: int, nbytes: int) -> None:
+        with self._lock:
+            last, self._last = self._last, (address, nbytes)
+        if last is not None and last != (address, nbytes):
+            self._drop(*last)
+
+    def close(self) -> None:
+        with self._lock:
+            last, self._last = self._last, None
+        if last is not None:
+            self._drop(*last)
+
+
+def _page_range(start: int, nbytes: int) -> tuple[int, int]:
+    """(first, end) of the whole pages inside [start, start + nbytes)."""
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    return first, (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+class _SafetensorsMapping:
+    """A safetensors file mapped read-only: zero-copy tensor views, pages dropped one tensor behind."""
+
+    def __init__(self, path: Path, f):
+        self.path, self.f = path, f
+        self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.window = _PageWindow(self._drop)
+
+    def _drop(self, offset: int, nbytes: int) -> None:
+        first, end = _page_range(offset, nbytes)
+        if end > first and self.mm is not None and hasattr(self.mm, "madvise"):
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED, first, end - first)
+            except (ValueError, OSError):  # closed meanwhile, or a platform without it: pages stay cached
+                pass
+
+    def view(self, key: str, offset: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        if self.mm is None:
+            raise WeightFileError(f"{self.path}: read {key!r} after the file was closed")
+        if nbytes == 0:
+            return np.empty(shape, dtype)
+        now = os.fstat(self.f.fileno()).st_size
+        if now < offset + nbytes:  # reading past the end of a mapping would kill the process (SIGBUS)
+            raise WeightFileError(f"{self.path}: the file shrank to {now} bytes while reading {key!r} (needs bytes "
+                                  f"up to {offset + nbytes}); it was truncated after opening")
+        self.window.advance(offset, nbytes)
+        return np.frombuffer(self.mm, np.uint8, nbytes, offset).view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self.mm is None:
+            return
+        self.window.close()
+        try:
+            self.mm.close()
+        except BufferError:  # views are still referenced: the mapping goes when the last of them does
+            pass
+        self.mm = None
+        self.f.close()
+
+
 # ---------------------------------------------------------------------------------------------------- safetensors
 
 def _open_safetensors(path: Path) -> WeightFile:
@@ -148,11 +227,13 @@ def _open_safetensors(path: Path) -> WeightFile:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise WeightFileError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from e
+        if not isinstance(header, dict):
+            raise WeightFileError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
     except BaseException:
         f.close()
         raise
     data_start, data_size = 8 + n, size - 8 - n
-    tensors = {}
+    entries = {}
     for key, entry in header.items():
         if key == "__metadata__":
             continue
@@ -171,20 +252,16 @@ def _open_safetensors(path: Path) -> WeightFile:
             f.close()
             raise WeightFileError(f"{path}: the file is truncated: tensor {key!r} needs bytes up to "
                                   f"{data_start + end} but the file has {size}; download or export it again")
-
-        def read(offset=data_start + begin, nbytes=end - begin, dtype=dtype, shape=shape, key=key) -> np.ndarray:
-            out = np.empty(nbytes, np.uint8)
-            got = 0
-            while got < nbytes:  # one read returns at most ~2 GiB
-                n = os.preadv(f.fileno(), [out[got:]], offset + got)
-                if n == 0:
-                    raise WeightFileError(f"{path}: the file ended while reading {key!r} ({got} of {nbytes} "
-                                          "bytes); it was truncated after opening")
-                got += n
-            return out.view(dtype).reshape(shape)
-
-        tensors[key] = LazyTensor(key, shape, dtype, read)
-    return WeightFile(tensors, description=f"{path} (safetensors)", files=[(str(path), size)], closers=[f.close])
+        entries[key] = (data_start + begin, end - begin, dtype, shape)
+    try:
+        mapping = _SafetensorsMapping(path, f)
+    except BaseException:
+        f.close()
+        raise
+    tensors = {key: LazyTensor(key, shape, dtype, functools.partial(mapping.view, key, offset, nbytes, dtype, shape))
+               for key, (offset, nbytes, dtype, shape) in entries.items()}
+    return WeightFile(tensors, description=f"{path} (safetensors)", files=[(str(path), size)],
+                      closers=[mapping.close])
 
 
 # ---------------------------------------------------------------------------------------------------- torch pickles
@@ -198,7 +275,6 @@ def _torch():
     return torch
 
 
-_PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4  # Linux
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
@@ -207,22 +283,22 @@ def _drop_pages(address: int, nbytes: int) -> None:
     """Give the pages of a read-only private file mapping back to the kernel (they re-fault from the file)."""
     if _LIBC is None:
         return
-    start = -(-address // _PAGE) * _PAGE
-    end = (address + nbytes) // _PAGE * _PAGE
+    start, end = _page_range(address, nbytes)
     if end > start:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
-def _torch_reader(torch, tensor, key: str, mapped: bool) -> LazyTensor:
+def _torch_reader(torch, tensor, key: str, window: _PageWindow | None) -> LazyTensor:
     np_dtype = {torch.bfloat16: np.dtype(ml_dtypes.bfloat16)}.get(tensor.dtype)
     if np_dtype is None:
         np_dtype = torch.empty((), dtype=tensor.dtype).numpy().dtype
 
     def read() -> np.ndarray:
+        if window is not None and tensor.is_contiguous():
+            window.advance(tensor.data_ptr(), tensor.numel() * tensor.element_size())
         t = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
-        out = np.array(t.numpy(), copy=True).view(np_dtype)
-        if mapped and tensor.is_contiguous():
-            _drop_pages(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+        out = t.numpy().view(np_dtype)  # shares the (mapped) storage: never written
+        out.flags.writeable = False
         return out
 
     return LazyTensor(key, tuple(tensor.shape), np_dtype, read)
@@ -257,8 +333,10 @@ def _open_torch(path: Path, trust_pickle: bool) -> WeightFile:
         raise WeightFileError(f"{path}: not a readable PyTorch checkpoint, it is truncated or corrupt "
                               f"({type(e).__name__}: {msg}); download or save it again") from e
     state, note = _unwrap(obj, path)
-    tensors = {k: _torch_reader(torch, v, k, mapped) for k, v in state.items()}
-    return WeightFile(tensors, description=f"{path} (torch pickle)", files=[(str(path), size)], note=note)
+    window = _PageWindow(_drop_pages) if mapped else None
+    tensors = {k: _torch_reader(torch, v, k, window) for k, v in state.items()}
+    return WeightFile(tensors, description=f"{path} (torch pickle)", files=[(str(path), size)], note=note,
+                      closers=[window.close] if window is not None else [])
 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Any], str]:

@@ -13,12 +13,15 @@ from collections.abc import Callable, Hashable
 
 from flax import nnx
 
+from lavie_jax.models.layers import shapes_only
+
 _factories: dict[Hashable, Callable[[], nnx.Module]] = {}
 
 
 @functools.lru_cache(maxsize=32)
 def _split(key: Hashable) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(nnx.eval_shape(_factories[key]))
+    with shapes_only():  # only shapes, dtypes and metadata are kept: skip the RNG draws (see `shapes_only`)
+        return nnx.split(nnx.eval_shape(_factories[key]))
 
 
 def abstract_model(key: Hashable, factory: Callable[[], nnx.Module]) -> nnx.Module:

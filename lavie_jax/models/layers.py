@@ -13,8 +13,10 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +35,27 @@ def torch_uniform(fan_in: int):
     return init
 
 
+_SHAPES_ONLY = contextvars.ContextVar("lavie_jax_shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+    """Build modules without drawing random inits (params are zeros): for tracing a model's structure only
+    (`lavie_jax.models.abstract`). Each RNG draw under a trace costs time linear in the ops traced so far (nnx's
+    key-counter update asks the tracer for a sharding, and jax builds an error message walking the whole trace), so
+    a full UNet's abstract build took seconds; without draws it takes a fraction of one."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
 def _param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Axes, zero: bool = False) -> nnx.Param:
-    value = jnp.zeros(shape, jnp.float32) if zero else init(rngs.params(), tuple(shape), jnp.float32)
+    if zero or _SHAPES_ONLY.get():
+        value = jnp.zeros(tuple(shape), jnp.float32)
+    else:
+        value = init(rngs.params(), tuple(shape), jnp.float32)
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
