@@ -21,15 +21,11 @@ $(STAMP_TEST): setup.cfg pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
 	touch $@ $(STAMP_RUN)
 
-# The main job on the embedded default (no downloads): the model/data tour, then the whole cascade
-# (base -> interpolation -> VSR) sampled with the CPU-sized configs and random weights into outputs/demo
-# (--overwrite: the demo owns that directory, so running it again replaces its videos).
+# The main job on the embedded default (no downloads): builds the moving_shapes data, trains a small autoencoder and
+# the three stages with lavie-train, samples the cascade with lavie-sample and checks the videos from their pixels
+# (outputs/demo: videos per stage, overview.png, summary.json). A second run resumes and only samples again.
 demo: $(STAMP_RUN)
 	$(PY) -m lavie_jax.demo
-	$(VENV)/bin/lavie-sample --config configs/base.py:tiny --checkpoint random \
-	    --prompt "a red circle moving left" --output outputs/demo \
-	    --interpolation configs/interpolation.py:tiny --interpolation-checkpoint random \
-	    --vsr configs/vsr.py:tiny --vsr-checkpoint random --overwrite
 
 test: $(STAMP_TEST)
 	$(PY) -m pytest -q -n 2 --durations=15 tests

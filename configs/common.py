@@ -11,7 +11,9 @@ A stage config is an ml_collections ConfigDict with sections:
   sample       sampling (see lavie_jax.sampling.options): each stage's official sampling procedure
   train        training (`lavie-train`; see `train_config` below, field by field, and lavie_jax.train)
 Variants: the default (or 'full') is the official full-size architecture; 'tiny' is CPU sized (a few seconds per
-forward pass) and runs on the embedded moving_shapes data.
+forward pass) and runs on the embedded moving_shapes data; 'demo' is what `make demo` trains and samples on a laptop
+CPU (`demo_stage_config` below: small UNets on precomputed latents of 32x32 moving_shapes clips, the demo's own
+autoencoder and text encoder from `outputs/demo/encoders`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import ml_collections
 from lavie_jax.data.config import default_data_config
 from lavie_jax.models.official import official_unet_config
 from lavie_jax.parallel import DEFAULT_RULES
-from lavie_jax.train.optim import default_train_optim_config
+from lavie_jax.train.optim import TRAIN_ALL_RULES, default_train_optim_config
 
-VARIANTS = ("full", "tiny")
+VARIANTS = ("full", "tiny", "demo")
 
 
 # Sampling defaults shared by the stages, then each stage's official values (spec section 4; comments say where
@@ -76,8 +78,9 @@ SAMPLE_TINY = {
 
 
 def sample_config(stage: str, variant: str) -> ml_collections.ConfigDict:
-    """The `sample` section of `stage`: official procedure and defaults, CPU sized for 'tiny'."""
-    values = {**SAMPLE_COMMON, **SAMPLE_STAGE[stage], **(SAMPLE_TINY[stage] if variant == "tiny" else {})}
+    """The `sample` section of `stage`: official procedure and defaults, CPU sized for 'tiny' and 'demo'."""
+    values = {**SAMPLE_COMMON, **SAMPLE_STAGE[stage], **{"tiny": SAMPLE_TINY, "demo": SAMPLE_DEMO}.get(
+        variant, {}).get(stage, {})}
     return ml_collections.ConfigDict(values)
 
 
@@ -88,13 +91,17 @@ def parse_variant(arg: str | None) -> str:
     return variant
 
 
-def stage_config(stage: str, variant: str, tiny_unet: dict) -> ml_collections.ConfigDict:
-    """The config of `stage`: official UNet for 'full', the official one with `tiny_unet` overrides for 'tiny'."""
+def stage_config(stage: str, variant: str, tiny_unet: dict, demo_unet: dict | None = None
+                 ) -> ml_collections.ConfigDict:
+    """The config of `stage`: official UNet for 'full', the official one with `tiny_unet` overrides for 'tiny' and
+    `demo_unet` overrides for 'demo'."""
     c = ml_collections.ConfigDict()
     c.stage = stage
     unet = official_unet_config(stage)
     if variant == "tiny":
         unet.update(tiny_unet)
+    elif variant == "demo":
+        unet.update(demo_unet or {})
     c.unet = unet
     c.model = ml_collections.ConfigDict({"dtype": "float32", "attention_impl": None})
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1, 1)})
@@ -107,6 +114,8 @@ def stage_config(stage: str, variant: str, tiny_unet: dict) -> ml_collections.Co
         c.data.height, c.data.width = (0, 0) if stage == "vsr" else (64, 96)
         c.data.patch_size = 64
         c.data.moving_shapes.num_videos, c.data.moving_shapes.num_validation = 16, 4
+    if variant == "demo":
+        demo_data(c.data)
     return c
 
 
@@ -148,4 +157,95 @@ def train_config(stage: str, variant: str) -> ml_collections.ConfigDict:
         t.log_every = 10
         t.checkpoint_every = 50
         t.encoders = "random"
+    if variant == "demo":
+        t.update(DEMO_TRAIN[stage].get("train", {}))
+        t.optimizer.update(DEMO_TRAIN[stage]["optimizer"])
+        t.optimizer.update(schedule="cosine", decay_steps=t.num_steps - t.optimizer.warmup_steps, final_lr_ratio=0.1)
+        t.objective.prediction_type = DEMO_PREDICTION
+        t.objective.update(DEMO_TRAIN[stage].get("objective", {}))
+        t.ema.decay = 0.99  # a horizon of ~100 steps: the runs are a few hundred steps long
+        t.param_groups.rules = TRAIN_ALL_RULES  # from scratch: every layer trains (VSR too)
+        t.compute_dtype = "float32"  # CPU: bfloat16 is emulated and slower
+        t.encoders = DEMO_ENCODERS
+        t.checkpoint_every, t.keep = t.num_steps, 1  # one checkpoint, at the end
     return t
+
+
+# ------------------------------------------------------------------------------------------------ demo
+# `make demo` (lavie_jax.demo) on a laptop-class CPU: every size below is chosen for the time budget, not for quality
+# (measured on 2 cores: 22 minutes for data, autoencoder, three trainings and sampling; README, The demo). The data
+# are 13-frame moving_shapes clips at 32x32 (base, interpolation) and 128x128 (VSR); one small f4 KL autoencoder
+# (DEMO_AUTOENCODER) serves all three stages; the text encoder is a randomly initialised 2-layer CLIP of width 64
+# with the real tokenizer.
+
+DEMO_DIR = "outputs/demo"
+DEMO_DATA_DIR = f"{DEMO_DIR}/data"
+DEMO_ENCODERS = f"{DEMO_DIR}/encoders"  # pipeline directory the demo writes: vae/, text_encoder/, tokenizer/
+DEMO_TEXT_WIDTH = 64  # text encoder width = every demo UNet's cross_attention_dim
+DEMO_VIDEOS = {"num_frames": 13, "fps": 12.0, "seed": 0, "num_validation": 0}
+DEMO_SOURCES = {  # the moving_shapes datasets the stages read (same videos, two resolutions)
+    "low": dict(DEMO_VIDEOS, num_videos=1024, height=32, width=32),
+    "high": dict(DEMO_VIDEOS, num_videos=256, height=128, width=128),
+}
+# per stage: pixel source, clip, batch (the demo precomputes latents + text embeddings of one clip per video and
+# trains on those: data.dataset='precomputed')
+DEMO_DATA = {
+    "base": {"source": "low", "num_frames": 4, "frame_stride": 4, "global_batch_size": 32,
+             "images": {"source": "video_frames", "per_clip": 1}},  # 4 key frames of a clip + 1 still image
+    "interpolation": {"source": "low", "num_frames": 5, "frame_stride": 1, "global_batch_size": 16},  # K=2 windows
+    "vsr": {"source": "high", "num_frames": 4, "frame_stride": 1, "global_batch_size": 8, "patch_size": 64,
+            "images": {"source": "none", "ratio": 0.0}},
+}
+DEMO_TRAIN = {  # lr: warm-up, then cosine decay to a tenth (short runs end converged, not noisy)
+    "base": {"train": {"num_steps": 500, "log_every": 25}, "optimizer": {"lr": 2e-3, "warmup_steps": 25}},
+    "interpolation": {"train": {"num_steps": 200, "log_every": 25}, "optimizer": {"lr": 2e-3, "warmup_steps": 25}},
+    "vsr": {"train": {"num_steps": 200, "log_every": 25}, "optimizer": {"lr": 2e-3, "warmup_steps": 25},
+            "objective": {"noise_level_max": 100}},  # sampling noises the low-res input at level 50
+}
+# v-prediction for every demo stage (the official base and interpolation models predict epsilon): after a few hundred
+# steps an epsilon model's errors at high noise are amplified by 1 / sqrt(alpha_bar) (~150 at t = 999) and the
+# sampler drifts off the data; v-prediction's x_0 estimate stays bounded, so short runs sample cleanly.
+DEMO_PREDICTION = "v_prediction"
+SAMPLE_DEMO = {  # DDIM with few steps; interpolation and VSR follow their inputs, so they sample unguided
+    "base": {"sampler": "ddim", "prediction_type": DEMO_PREDICTION, "steps": 20, "guidance_scale": 5.0,
+             # Stable Diffusion's betas (training uses the sample section's): the linear 1e-4..0.02 spends ~40% of
+             # the steps below SNR 0.02, where an 8x8 latent holds no layout; measured 2x the direction accuracy
+             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+             "num_frames": 4, "height": 32, "width": 32, "fps": 4, "formats": "mp4,gif"},
+    "interpolation": {"sampler": "ddim", "prediction_type": DEMO_PREDICTION, "steps": 10, "guidance_scale": 1.0,
+                      "height": 32, "width": 32, "fps": 12, "formats": "mp4,gif",
+                      # the demo's text encoder learnt spaced captions: no official underscores and ', 4k.' suffix
+                      "prompt_suffix": "", "underscore_prompts": False},
+    "vsr": {"steps": 10, "guidance_scale": 1.0, "chunk_frames": 0, "formats": "mp4,gif", "underscore_prompts": False},
+}
+# The autoencoder the demo trains (the same AutoencoderKL module, a small diffusers-style config) and its training.
+DEMO_AUTOENCODER = {
+    "vae": {"_class_name": "AutoencoderKL", "block_out_channels": [16, 32, 32], "layers_per_block": 1,
+            "norm_num_groups": 8, "latent_channels": 4, "in_channels": 3, "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+            "mid_block_add_attention": False,  # convolutional only: the VSR stage decodes 128x128 frames
+            "scaling_factor": 1.0},  # replaced by 1 / std of the trained latents (as SD's 0.18215 was chosen)
+    "steps": 300, "batch_size": 32, "crop": 32, "lr": 2e-3, "warmup_steps": 20, "final_lr_ratio": 0.1,
+    "kl_weight": 1e-4, "log_every": 25,
+    "foreground_weight": 10.0,  # loss weight 1 + this x distance from the border colour: shapes are learnt first
+    "high_res_fraction": 0.25,  # of each batch: 32x32 crops of the 128x128 frames (what the VSR stage decodes)
+}
+
+
+def demo_data(d: ml_collections.ConfigDict) -> None:
+    """The `data` section of a 'demo' stage config, in place: precomputed latents named `demo_STAGE` under
+    DEMO_DATA_DIR, made by the demo from the moving_shapes source described in `d.moving_shapes`."""
+    spec = DEMO_DATA[d.stage]
+    d.data_dir = DEMO_DATA_DIR
+    d.moving_shapes.update(DEMO_SOURCES[spec["source"]])
+    d.update({k: v for k, v in spec.items() if k not in ("source", "images")})
+    d.images.update(spec.get("images", {}))
+    if d.stage != "vsr":
+        d.height = d.width = DEMO_SOURCES[spec["source"]]["height"]
+    d.dataset, d.precomputed.name = "precomputed", f"demo_{d.stage}"
+    d.read_threads, d.prefetch_buffer = 1, 64  # 2 cores: one reader thread keeps up with precomputed latents
+
+
+def demo_autoencoder_config() -> ml_collections.ConfigDict:
+    """The demo's autoencoder architecture (`vae`) and training settings."""
+    return ml_collections.ConfigDict(DEMO_AUTOENCODER)

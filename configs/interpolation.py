@@ -4,16 +4,20 @@ Input channels: 4 noisy latents + 4 conditioning latents (the 16 key frames repe
 
 Run:
   lavie-sample --config configs/interpolation.py:tiny --checkpoint random --prompt "a red circle moving left" --output res
-  python -m lavie_jax.demo --config configs/interpolation.py:tiny
+  make demo    # trains and samples configs/{base,interpolation,vsr}.py:demo (python -m lavie_jax.demo)
+  lavie-train --config configs/interpolation.py:demo --workdir outputs/demo/runs/interpolation
   python -m bench.unet_bench --stages interpolation
-Variants: `configs/interpolation.py` (official full size), `configs/interpolation.py:tiny` (CPU sized).
+Variants: `configs/interpolation.py` (official full size), `configs/interpolation.py:tiny` (CPU sized),
+`configs/interpolation.py:demo` (what `make demo` trains: the base demo UNet, temporal modules included, with 8
+input channels; 2 -> 5 frames in training, 4 -> 13 when sampling).
 """
 
 import ml_collections
 
-from configs.base import TINY_UNET
+from configs.base import DEMO_UNET, TINY_UNET
 from configs.common import parse_variant, stage_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return stage_config("interpolation", parse_variant(arg), dict(TINY_UNET, in_channels=8))
+    return stage_config("interpolation", parse_variant(arg), dict(TINY_UNET, in_channels=8),
+                        dict(DEMO_UNET, in_channels=8))

@@ -5,9 +5,11 @@ as a class embedding; OpenCLIP-H text (77 x 1024); chunks of 8 frames.
 
 Run:
   lavie-sample --config configs/vsr.py:tiny --checkpoint random --prompt "a red circle moving left" --output res
-  python -m lavie_jax.demo --config configs/vsr.py:tiny
+  make demo    # trains and samples configs/{base,interpolation,vsr}.py:demo (python -m lavie_jax.demo)
+  lavie-train --config configs/vsr.py:demo --workdir outputs/demo/runs/vsr
   python -m bench.unet_bench --stages vsr
-Variants: `configs/vsr.py` (official full size), `configs/vsr.py:tiny` (CPU sized).
+Variants: `configs/vsr.py` (official full size), `configs/vsr.py:tiny` (CPU sized), `configs/vsr.py:demo` (what
+`make demo` trains: 64x64 patches, 32x32 -> 128x128 when sampling).
 """
 
 import ml_collections
@@ -23,5 +25,21 @@ TINY_UNET = {
 }
 
 
+# `make demo`: three levels instead of four (its latents are 16x16 patches in training, 32x32 when sampling), every
+# level with the VSR's temporal modules; the lowest level self-attends, as the x4 upscaler's does.
+DEMO_UNET = {
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"],
+    "up_block_types": ["CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"],
+    "only_cross_attention": [True, True, False],
+    "down_temporal_idx": [0, 1, 2],
+    "up_temporal_idx": [0, 1, 2],
+    "attention_head_dim": 1,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "cross_attention_dim": 64,
+}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return stage_config("vsr", parse_variant(arg), TINY_UNET)
+    return stage_config("vsr", parse_variant(arg), TINY_UNET, DEMO_UNET)

@@ -186,6 +186,11 @@ def _as_abstract(leaf: Any) -> Any:
     raise TypeError(f"abstract_state leaves must be jax.ShapeDtypeStruct or jax.Array, got {type(leaf).__name__}")
 
 
+def _absolute(path: epath.Path) -> epath.Path:
+    """`path`, made absolute if it is a relative local path (cloud paths such as gs://... are absolute already)."""
+    return path if "://" in str(path) or os.path.isabs(str(path)) else epath.Path(os.path.abspath(str(path)))
+
+
 class TrainCheckpointer:
     """Async, sharded checkpoints of a training run in `WORKDIR/checkpoints/`.
 
@@ -209,7 +214,8 @@ class TrainCheckpointer:
         if save_every < 0 or keep < 1 or keep_every < 0:
             raise ValueError(f"need save_every >= 0, keep >= 1, keep_every >= 0; got {save_every}, {keep}, "
                              f"{keep_every}")
-        self.workdir = epath.Path(workdir)
+        # orbax takes absolute paths only; a relative local one is taken from the working directory
+        self.workdir = _absolute(epath.Path(workdir))
         self.directory = self.workdir / CHECKPOINTS_DIR
         self.save_every, self.keep, self.keep_every = save_every, keep, keep_every
         self._config = _config_dict(config)

@@ -115,6 +115,16 @@ def test_schedule_retention_and_forced_saves(tmp_path):
     assert TrainCheckpointer(tmp_path, save_every=2).all_steps() == [4, 8, 10, 11]  # last 2 + every 4th
 
 
+def test_relative_workdir_is_found_by_a_read_only_reader(tmp_path, monkeypatch):
+    """A workdir given relative to the working directory (`--workdir runs/base`): orbax needs absolute paths, so a
+    relative one must resolve the same way for the writer and for a later read-only reader (lavie-sample)."""
+    monkeypatch.chdir(tmp_path)
+    with TrainCheckpointer("runs/base", save_every=1) as ckpt:
+        assert ckpt.save(1, {"w": jnp.ones((4,))})
+    with TrainCheckpointer("runs/base", save_every=0, read_only=True) as reader:
+        assert reader.latest_step() == 1 and reader.workdir == tmp_path / "runs" / "base"
+
+
 def test_async_save_survives_donated_buffers(tmp_path):
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AUTO,))
     state = jax.device_put({"w": jnp.arange(4096.0), "s": jnp.int32(3)},

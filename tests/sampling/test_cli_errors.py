@@ -55,7 +55,7 @@ CASES = [
     ("config-missing", lambda f: base()[:2] + ["configs/nope.py:tiny", *RANDOM, "--prompt", "a"],
      r"--config configs/nope.py:tiny: no such file configs/nope.py; config files there: configs/base.py"),
     ("config-variant", lambda f: ["lavie-sample", "--config", f"{ROOT}/configs/base.py:huge", *RANDOM, "--prompt", "a"],
-     r"unknown config variant 'huge'; choose one of \('full', 'tiny'\)"),
+     r"unknown config variant 'huge'; choose one of \('full', 'tiny', 'demo'\)"),
     ("config-absent", lambda f: ["lavie-sample", *RANDOM, "--prompt", "a"], r"--config is required"),
     ("override-unknown", lambda f: base(*RANDOM, "--prompt", "a", "--config.sample.stepz=3"),
      r"no field sample.stepz; did you mean --config.sample.steps"),

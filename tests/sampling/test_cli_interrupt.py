@@ -115,7 +115,9 @@ def _start(output: Path) -> tuple[subprocess.Popen, threading.Event, list[str]]:
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     argv = [sys.executable, "-c", "from lavie_jax.sampling.cli import main; main()",
             "--config", f"{ROOT}/configs/base.py:tiny", "--checkpoint", "random", "--prompt", "a cat",
-            "--config.sample.steps=1000", "--noprogress", "--output", str(output)]
+            # steps slow enough (~0.1 s each) that the run is still denoising when the signal comes
+            "--config.sample.steps=1000", "--config.sample.num_frames=16", "--config.sample.height=64",
+            "--config.sample.width=96", "--noprogress", "--output", str(output)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     started, lines = threading.Event(), []
 

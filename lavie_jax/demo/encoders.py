@@ -1,0 +1,238 @@
+"""The demo's frozen components, made on the spot: no pretrained autoencoder or text encoder exists on a fresh
+machine, so the demo trains a small KL autoencoder on the dataset's frames and draws a small text encoder at random.
+
+- Autoencoder: the project's `AutoencoderKL` with a small config (`configs.common.DEMO_AUTOENCODER`: f4, no
+  attention), trained with L1 + L2 reconstruction and a small KL term on 32x32 frames of the low-res dataset and
+  32x32 crops of the high-res one (whose frames the VSR stage decodes). Its `scaling_factor` is set afterwards to
+  1 / std of the latents, as Stable Diffusion's 0.18215 was, so the diffusion models see unit-variance latents.
+- Text encoder: `text_encoder_config('tiny', 64)`, a 2-layer CLIP text tower, random and never trained; token and
+  position embeddings are N(0, 1) (as torch.nn.Embedding) so captions differ clearly. With the real CLIP tokenizer.
+
+Both are written as a pipeline directory without a UNet (`vae/`, `text_encoder/`, `tokenizer/`): what the stage
+configs' `train.encoders` name, and what `lavie-sample` loads again from each training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from lavie_jax import checkpoints
+from lavie_jax.models.clip import CLIPTextEncoder, abstract_text_encoder, text_encoder_config
+from lavie_jax.models.vae import AutoencoderKL, abstract_vae
+from lavie_jax.demo.console import duration
+from lavie_jax.safe_io import atomic_directory
+from lavie_jax.sampling.pipeline import randomize
+from lavie_jax.text import default_tokenizer, tokenize
+
+Log = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------------ frames
+
+def frame_batches(low: np.ndarray, high: np.ndarray, batch: int, crop: int, high_fraction: float, seed: int
+                  ) -> Iterator[np.ndarray]:
+    """Endless float32 batches `[batch, crop, crop, 3]` in [-1, 1]: whole frames of `low` uint8 `[N, crop, crop, 3]`
+    and random crops of `high` uint8 `[M, H, W, 3]` (a `high_fraction` of each batch)."""
+    rng = np.random.default_rng(seed)
+    n_high = int(round(batch * high_fraction)) if len(high) else 0
+    while True:
+        parts = [low[rng.integers(len(low), size=batch - n_high)]]
+        if n_high:
+            frames = high[rng.integers(len(high), size=n_high)]
+            ys = rng.integers(high.shape[1] - crop + 1, size=n_high)
+            xs = rng.integers(high.shape[2] - crop + 1, size=n_high)
+            parts.append(np.stack([f[y:y + crop, x:x + crop] for f, y, x in zip(frames, ys, xs)]))
+        yield np.concatenate(parts).astype(np.float32) / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+def foreground_weights(x: jax.Array, weight: float) -> jax.Array:
+    """Per-pixel loss weights `[N, H, W, 1]` of images `x [N, H, W, 3]`: 1 + `weight` x the pixel's distance from
+    the mean border colour (in [0, 1]). A shape covers ~5% of a frame: unweighted, the autoencoder spends its first
+    few hundred steps reproducing only the background."""
+    border = jnp.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1).mean(axis=1)  # [N, 3]
+    distance = jnp.linalg.norm(x - border[:, None, None], axis=-1, keepdims=True) / (2 * 3 ** 0.5)
+    return 1.0 + weight * distance
+
+
+def _losses(vae: AutoencoderKL, x: jax.Array, key: jax.Array, kl_weight: float, fg_weight: float
+            ) -> tuple[jax.Array, dict]:
+    """Reconstruction (L1 + L2 per pixel, foreground-weighted) of a posterior sample plus `kl_weight` x the KL per
+    latent element."""
+    post = vae.encode(x, frame_chunk=None)
+    z = post.mean + post.std * jax.random.normal(key, post.mean.shape)
+    y = vae.decode(z, frame_chunk=None)
+    w = jax.lax.stop_gradient(foreground_weights(x, fg_weight))
+    l1 = jnp.mean(w * jnp.abs(y - x)) / jnp.mean(w)
+    l2 = jnp.mean(w * jnp.square(y - x)) / jnp.mean(w)
+    kl = 0.5 * jnp.mean(jnp.square(post.mean) + jnp.exp(post.logvar) - 1.0 - post.logvar)
+    return l1 + l2 + kl_weight * kl, {"l1": l1, "l2": l2, "kl": kl}
+
+
+def init_autoencoder(config: dict[str, Any], seed: int) -> AutoencoderKL:
+    """Host-drawn random weights (`randomize`) with every resnet's last conv at zero: each residual block starts as
+    the identity, which gets the small network past reproducing only the background sooner."""
+    vae = randomize(abstract_vae(config), seed)
+    state = nnx.state(vae, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        if path[-2:] == ("conv2", "kernel"):
+            var.set_value(jnp.zeros(var.shape, jnp.float32))
+    nnx.update(vae, state)
+    return vae
+
+
+def train_autoencoder(cfg: ml_collections.ConfigDict, low: np.ndarray, high: np.ndarray, *, seed: int = 0,
+                      log: Log = print) -> tuple[AutoencoderKL, dict[str, Any]]:
+    """Train `cfg.vae` (a diffusers AutoencoderKL dict) for `cfg.steps` AdamW steps on frames of `low` and crops of
+    `high` (uint8 `[N, H, W, 3]`); returns the model (scaling_factor still 1) and its final losses."""
+    vae = init_autoencoder(cfg.vae.to_dict(), seed)
+    graphdef, params = nnx.split(vae)
+    lr = optax.join_schedules([optax.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps),
+                               optax.cosine_decay_schedule(cfg.lr, cfg.steps - cfg.warmup_steps, cfg.final_lr_ratio)],
+                              [cfg.warmup_steps])
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+    kl_weight, fg_weight = float(cfg.kl_weight), float(cfg.foreground_weight)
+
+    @jax.jit
+    def step(params, opt_state, x, key):
+        def loss_fn(p):
+            return _losses(nnx.merge(graphdef, p), x, key, kl_weight, fg_weight)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, dict(aux, loss=loss)
+
+    opt_state = tx.init(params)
+    batches = frame_batches(low, high, cfg.batch_size, cfg.crop, cfg.high_res_fraction, seed)
+    key = jax.random.key(seed)
+    start = time.perf_counter()
+    window: list[dict] = []
+    metrics: dict[str, float] = {}
+    for i in range(cfg.steps):
+        params, opt_state, m = step(params, opt_state, jnp.asarray(next(batches)), jax.random.fold_in(key, i))
+        window.append(m)
+        if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
+            metrics = {k: float(np.mean([float(w[k]) for w in window])) for k in window[0]}
+            window.clear()
+            elapsed = time.perf_counter() - start
+            eta = elapsed / (i + 1) * (cfg.steps - i - 1)
+            log(f"autoencoder step {i + 1}/{cfg.steps} | loss {metrics['loss']:.4f} | l1 {metrics['l1']:.4f} | "
+                f"kl {metrics['kl']:.3f} | {elapsed / (i + 1):.2f} s/step | ETA {duration(eta)}")
+    nnx.update(vae, params)
+    return vae, metrics
+
+
+def latent_scale(vae: AutoencoderKL, frames: np.ndarray) -> float:
+    """1 / std of the posterior means of uint8 frames `[N, H, W, 3]`: the scaling factor giving unit variance."""
+    mean = jax.jit(lambda x: vae.encode(x, frame_chunk=None).mean)(jnp.asarray(frames, jnp.float32) / 127.5 - 1)
+    return float(1.0 / np.std(np.asarray(mean)))
+
+
+def psnr(vae: AutoencoderKL, frames: np.ndarray) -> float:
+    """Reconstruction PSNR (dB, of the posterior mean) over uint8 frames `[N, H, W, 3]`."""
+    x = jnp.asarray(frames, jnp.float32) / 127.5 - 1
+    y = jax.jit(lambda x: vae.decode(vae.encode(x, frame_chunk=None).mean, frame_chunk=None))(x)
+    mse = float(jnp.mean(jnp.square((jnp.clip(y, -1, 1) - x) / 2)))
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+# ------------------------------------------------------------------------------------------------ text encoder
+
+def random_text_encoder(width: int, seed: int = 0) -> CLIPTextEncoder:
+    """`text_encoder_config('tiny', width)` with host-drawn random weights; embeddings N(0, 1) (module docstring)."""
+    encoder = randomize(abstract_text_encoder(text_encoder_config("tiny", width)), seed)
+    rng = np.random.default_rng(seed + 1)
+    emb = encoder.text_model.embeddings
+    for table in (emb.token_embedding.embedding, emb.position_embedding.embedding):
+        table.set_value(jnp.asarray(rng.standard_normal(table.shape, np.float32)))
+    return encoder
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+def write_encoders(directory: str | Path, vae: AutoencoderKL, vae_config: dict[str, Any],
+                   text_encoder: CLIPTextEncoder, source: dict[str, Any]) -> Path:
+    """Write an encoders-only pipeline directory (no `unet`): `vae/` (with `vae_config`, which carries the
+    scaling factor), `text_encoder/`, `tokenizer/` (the real CLIP tokenizer); atomically."""
+    with atomic_directory(directory, checkpoints.CHECKPOINTS, overwrite=True) as tmp:
+        for kind, model, config in (("vae", vae, vae_config),
+                                    ("text_encoder", text_encoder, dataclasses.asdict(text_encoder.config))):
+            (tmp / kind).mkdir()
+            checkpoints.write_component(tmp / kind, kind, config, checkpoints.model_leaves(model), source=source)
+        default_tokenizer("sd14").save_pretrained(str(tmp / "tokenizer"))
+        checkpoints.write_metadata(tmp, "pipeline", stage=None, source=source,
+                                   components={k: k for k in ("vae", "text_encoder", "tokenizer")})
+    return Path(directory)
+
+
+# ------------------------------------------------------------------------------------------------ encoders as functions
+
+class FrozenEncoders:
+    """The demo's VAE and text encoder as the plain callables `data.precompute` takes, with fixed batch shapes so
+    every call of a resolution reuses one compiled program."""
+
+    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextEncoder, tokenizer: Any, *, images: int = 64,
+                 texts: int = 64):
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.images, self.texts = images, texts
+        scale = vae.scaling_factor
+        self._encode = jax.jit(lambda x: vae.encode(x, frame_chunk=None).mean * scale)
+        self._text = jax.jit(lambda ids: text_encoder(ids).last_hidden_state)
+
+    def encode_video(self, frames: np.ndarray) -> np.ndarray:
+        """float32 `[B, F, H, W, 3]` in [-1, 1] -> scaled latents (posterior means) `[B, F, H/4, W/4, 4]`."""
+        lead = frames.shape[:2]
+        flat = frames.reshape(-1, *frames.shape[2:])
+        out = [np.asarray(self._encode(_pad(flat[i:i + self.images], self.images)))[:len(flat[i:i + self.images])]
+               for i in range(0, len(flat), self.images)]
+        latents = np.concatenate(out)
+        return latents.reshape(*lead, *latents.shape[1:])
+
+    def encode_text(self, captions: list[str]) -> np.ndarray:
+        """Captions -> last hidden states `[B, 77, D]`."""
+        ids = tokenize(self.tokenizer, list(captions), max_length=self.text_encoder.config.max_position_embeddings)
+        out = [np.asarray(self._text(_pad(ids[i:i + self.texts], self.texts)))[:len(ids[i:i + self.texts])]
+               for i in range(0, len(ids), self.texts)]
+        return np.concatenate(out)
+
+
+def _pad(x: np.ndarray, rows: int) -> np.ndarray:
+    """`x [n, ...]` padded with copies of its last row to `rows` rows (n <= rows)."""
+    return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)]) if len(x) < rows else x
+
+
+# ------------------------------------------------------------------------------------------------ the phase
+
+def make_encoders(directory: str | Path, cfg: ml_collections.ConfigDict, low: np.ndarray, high: np.ndarray,
+                  held_out: dict[str, np.ndarray], text_width: int, *, seed: int = 0, log: Log = print
+                  ) -> dict[str, Any]:
+    """Train the autoencoder on `low` frames and `high` crops, set its scaling factor, measure its reconstruction
+    PSNR on `held_out` (name -> uint8 frames), draw the text encoder and write the pipeline directory. Returns what
+    was measured (also stored as the components' `source`)."""
+    trained, losses = train_autoencoder(cfg, low, high, seed=seed, log=log)
+    scale = latent_scale(trained, low[::8])
+    vae_config = dict(cfg.vae.to_dict(), scaling_factor=scale)
+    vae = abstract_vae(vae_config)  # the same params under the config that carries the scaling factor
+    nnx.update(vae, nnx.state(trained, nnx.Param))
+    quality = {f"psnr_db_{name}": round(psnr(vae, frames), 2) for name, frames in held_out.items()}
+    info = {"made_by": "lavie_jax.demo", "autoencoder_steps": int(cfg.steps),
+            "final_losses": {k: round(v, 5) for k, v in losses.items()}, "scaling_factor": round(scale, 5),
+            **quality, "text_encoder": f"random tiny CLIP text tower, width {text_width}, seed {seed}"}
+    log(f"autoencoder: scaling factor {scale:.4f}, reconstruction "
+        + ", ".join(f"{k[8:]} {v:.1f} dB" for k, v in quality.items()))
+    write_encoders(directory, vae, vae_config, random_text_encoder(text_width, seed), info)
+    log(f"wrote {directory} (vae/, text_encoder/, tokenizer/)")
+    return info

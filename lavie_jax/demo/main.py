@@ -1,0 +1,300 @@
+"""`make demo`: the whole system on a laptop-class CPU, no downloads: data, training of all three stages,
+checkpoints, cascade sampling, and a check that the videos show what the prompts say.
+
+    python -m lavie_jax.demo                     # writes outputs/demo/ (a second run only samples again)
+    python -m lavie_jax.demo --output DIR
+
+Phases (each prints its progress and time; a phase whose results are on disk is skipped):
+  1. data          moving_shapes videos: 1024 at 32x32 and 256 at 128x128, 13 frames each (configs/common.py)
+  2. encoders      train a small KL autoencoder on their frames, draw a random tiny text encoder, write both with
+                   the real CLIP tokenizer as the pipeline directory DIR/encoders (lavie_jax.demo.encoders)
+  3. precompute    latents + text embeddings of one clip per video, per stage (DIR/data/precomputed_latents)
+  4. train         `lavie-train --config configs/STAGE.py:demo --workdir DIR/runs/STAGE` for base, interpolation
+                   and VSR (a rerun resumes from the checkpoints; a finished run is skipped)
+  5. sample        `lavie-sample` of the cascade for the fixed prompts (PROMPTS) into DIR/{base,interpolation,vsr}/
+                   as PROMPT_WITH_UNDERSCORES.{mp4,gif,json}
+  6. evaluate      colour / direction accuracy per stage from the decoded frames (lavie_jax.demo.evaluate): the
+                   table, DIR/summary.json and DIR/overview.png
+Delete DIR (or DIR/runs/STAGE) to train again from scratch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Held-in prompts (captions of training videos): the first eight name every colour and every direction once, the
+# second eight pair them differently.
+PROMPTS = (
+    "a red circle moving left", "a green square moving right", "a blue triangle moving up",
+    "a yellow circle moving down", "a purple square moving up-left", "an orange triangle moving up-right",
+    "a white circle moving down-left", "a cyan square moving down-right",
+    "a red square moving down-right", "a green triangle moving down-left", "a blue circle moving up-right",
+    "a yellow square moving up-left", "a purple triangle moving down", "an orange circle moving up",
+    "a white square moving right", "a cyan triangle moving left",
+)
+TARGETS = {"color": 0.9, "direction": 0.8}
+TIME_TARGET_S = 15 * 60
+STAGES = ("base", "interpolation", "vsr")
+REPO = Path(__file__).resolve().parents[2]  # configs/ sits beside the package (editable install)
+
+
+def _rel(path: str | Path) -> str:
+    """`path` relative to the working directory when below it (shorter commands to print and store)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+class Demo:
+    """The phases of the module docstring over one output directory."""
+
+    def __init__(self, output: Path):
+        from lavie_jax.demo.console import Clock
+
+        self.out = output
+        self.data_dir, self.encoders_dir, self.runs = output / "data", output / "encoders", output / "runs"
+        self.clock = Clock()
+        self.timings_file = output / "timings.json"
+        self.built = json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
+        self.skipped: list[str] = []
+        self.info: dict[str, Any] = {}
+
+    # -------------------------------------------------------------------------------------------- helpers
+
+    def config_arg(self, stage: str) -> str:
+        return f"{_rel(REPO / 'configs' / f'{stage}.py')}:demo"
+
+    def overrides(self) -> list[tuple[str, str]]:
+        return [("data.data_dir", _rel(self.data_dir)), ("train.encoders", _rel(self.encoders_dir))]
+
+    def config(self, stage: str):
+        from lavie_jax.config_cli import load_config
+
+        return load_config(self.config_arg(stage), self.overrides())
+
+    def done(self, phase: str, skipped: bool) -> None:
+        """Keep the time of a phase that did its work, so a later run that skips it can still report it."""
+        if skipped:
+            self.skipped.append(phase)
+            return
+        self.built[phase] = round(self.clock.phases[phase], 1)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.timings_file.write_text(json.dumps(self.built, indent=1) + "\n")
+
+    # -------------------------------------------------------------------------------------------- phases
+
+    def data(self) -> None:
+        from configs.common import DEMO_SOURCES
+        from lavie_jax.demo import data
+        from lavie_jax.demo.console import warn
+
+        with self.clock.phase("data", "moving_shapes videos"):
+            skipped = all(data.is_prepared(spec, self.data_dir) for spec in DEMO_SOURCES.values())
+            self.sources = {name: data.prepare(spec, self.data_dir) for name, spec in DEMO_SOURCES.items()}
+            counts = data.caption_counts(self.sources["low"])
+            missing = [p for p in PROMPTS if not counts[p]]
+            if missing:
+                warn(f"prompts that are not training captions (not held-in): {missing}")
+            self.info["prompt_videos_in_training_data"] = {p: counts[p] for p in PROMPTS}
+        self.done("data", skipped)
+
+    def encoders(self) -> None:
+        from configs.common import DEMO_TEXT_WIDTH, demo_autoencoder_config
+        from lavie_jax import checkpoints
+        from lavie_jax.demo import data, encoders
+        from lavie_jax.demo.console import say
+        from lavie_jax.text import load_tokenizer
+
+        with self.clock.phase("encoders", "autoencoder (trained here) and text encoder (random)"):
+            skipped = (self.encoders_dir / checkpoints.METADATA_FILE).is_file()
+            if skipped:
+                say(f"found {_rel(self.encoders_dir)}")
+            else:
+                cfg = demo_autoencoder_config()
+                low = data.read_frames(self.sources["low"], 512, seed=1)
+                high = data.read_frames(self.sources["high"], 64, seed=2)
+                say(f"training the autoencoder (block_out_channels {list(cfg.vae.block_out_channels)}, f4) on "
+                    f"{len(low)} frames of 32x32 and 32x32 crops of {len(high)} frames of 128x128")
+                held_out = {"32x32": data.read_frames(self.sources["low"], 8, seed=3)[::2],
+                            "128x128": data.read_frames(self.sources["high"], 4, seed=4)[::4]}
+                encoders.make_encoders(self.encoders_dir, cfg, low, high, held_out, DEMO_TEXT_WIDTH, log=say)
+            self.vae = checkpoints.load_component(self.encoders_dir, "vae")
+            self.text_encoder = checkpoints.load_component(self.encoders_dir, "text_encoder")
+            self.tokenizer = load_tokenizer(self.encoders_dir / "tokenizer")
+            self.info["encoders"] = checkpoints.read_metadata(self.encoders_dir).get("source", {})
+        self.done("encoders", skipped)
+
+    def precompute(self) -> None:
+        from lavie_jax.demo import data
+        from lavie_jax.demo.console import say
+        from lavie_jax.demo.encoders import FrozenEncoders
+
+        with self.clock.phase("precompute", "latents and text embeddings per stage"):
+            frozen = FrozenEncoders(self.vae, self.text_encoder, self.tokenizer)
+            skipped = True
+            for stage in STAGES:
+                config = self.config(stage)
+                if data.precomputed_exists(config):
+                    say(f"{stage}: found {config.data.precomputed.name}")
+                    continue
+                skipped = False
+                d = config.data
+                say(f"{stage}: encoding one clip of {d.num_frames} frames per video"
+                    + (f" ({d.patch_size}x{d.patch_size} patches)" if stage == "vsr" else ""))
+                data.precompute_stage(config, frozen.encode_video, frozen.encode_text)
+        self.done("precompute", skipped)
+
+    def train(self, stage: str) -> None:
+        from lavie_jax import workdir as workdirs
+        from lavie_jax.demo.console import say
+        from lavie_jax.train.cli import run as lavie_train
+
+        config = self.config(stage)
+        workdir = self.runs / stage
+        argv = ["lavie-train", "--config", self.config_arg(stage), "--workdir", _rel(workdir),
+                *(f"--config.{k}={v}" for k, v in self.overrides())]
+        phase = f"train {stage}"
+        with self.clock.phase(phase, f"{config.train.num_steps} steps of {config.data.global_batch_size} clips"):
+            latest = None
+            if workdirs.is_workdir(workdir):
+                with workdirs.TrainCheckpointer(workdir, save_every=0, read_only=True) as ckpt:
+                    latest = ckpt.latest_step()
+            skipped = latest is not None and latest >= config.train.num_steps
+            if skipped:
+                say(f"found {_rel(workdir)} at step {latest}")
+            else:
+                say(" ".join(shlex.quote(a) for a in argv))
+                lavie_train(argv)
+        self.info.setdefault("training", {})[stage] = _train_summary(workdir, config)
+        self.done(phase, skipped)
+
+    def sample(self) -> list:
+        from lavie_jax.demo.console import say
+        from lavie_jax.sampling.cli import run as lavie_sample
+
+        prompt_file = self.out / "prompts.txt"
+        prompt_file.write_text("\n".join(PROMPTS) + "\n")
+        argv = ["lavie-sample", "--config", self.config_arg("base"), "--checkpoint", _rel(self.runs / "base"),
+                "--interpolation", self.config_arg("interpolation"),
+                "--interpolation-checkpoint", _rel(self.runs / "interpolation"),
+                "--vsr", self.config_arg("vsr"), "--vsr-checkpoint", _rel(self.runs / "vsr"),
+                "--prompt-file", _rel(prompt_file), "--output", _rel(self.out), "--overwrite"]
+        with self.clock.phase("sample", f"the cascade for {len(PROMPTS)} prompts"):
+            say(" ".join(shlex.quote(a) for a in argv))
+            results = lavie_sample(argv)
+        self.done("sample", False)
+        return results
+
+    def evaluate(self, results: list) -> dict[str, Any]:
+        from lavie_jax.demo import evaluate, overview
+        from lavie_jax.demo.console import accuracy_table, say
+
+        with self.clock.phase("evaluate", "colour and direction of every video, from its pixels"):
+            scores = {r.stage: evaluate.score(list(r.prompts), list(r.frames)) for r in results}
+            overview.write(self.out / "overview.png", list(PROMPTS), {r.stage: r.frames for r in results}, scores)
+            say(f"wrote {_rel(self.out / 'overview.png')}")
+        summary = self.summary(results, scores)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print("\n" + accuracy_table({s: scores[s] for s in STAGES}, TARGETS), flush=True)
+        return summary
+
+    # -------------------------------------------------------------------------------------------- summary
+
+    def summary(self, results: list, scores: dict[str, dict]) -> dict[str, Any]:
+        import jax
+
+        phases = {k: round(v, 1) for k, v in self.clock.phases.items()}
+        first_run = {k: self.built.get(k, phases.get(k)) for k in phases}
+        met = {s: scores[s]["color_accuracy"] >= TARGETS["color"]
+               and scores[s]["direction_accuracy"] >= TARGETS["direction"] for s in STAGES}
+        build_total = sum(v for v in first_run.values() if v is not None)
+        return {
+            "prompts": list(PROMPTS),
+            "targets": {**TARGETS, "seconds": TIME_TARGET_S},
+            "accuracy": {s: {k: scores[s][f"{k}_accuracy"] for k in ("color", "direction", "both")} for s in STAGES},
+            "accuracy_targets_met": met,
+            "per_prompt": {s: scores[s]["per_prompt"] for s in STAGES},
+            "timings_s": {
+                "this_run": phases, "this_run_total": round(self.clock.total, 1), "skipped_this_run": self.skipped,
+                "when_built": first_run, "when_built_total": round(build_total, 1),
+                "note": "when_built: each phase's time in the run that did its work (training skipped on reruns)",
+            },
+            "training": self.info.get("training", {}),
+            "encoders": self.info.get("encoders", {}),
+            "sampling": {r.stage: {"sampler": r.options.sampler, "steps": r.options.steps,
+                                   "guidance_scale": r.options.guidance_scale, "seed": r.seed,
+                                   "video_shape": list(r.frames.shape[1:]), "fps": r.fps} for r in results},
+            "prompt_videos_in_training_data": self.info.get("prompt_videos_in_training_data", {}),
+            "files": {"videos": {s: _rel(self.out / s) for s in STAGES}, "overview": _rel(self.out / "overview.png"),
+                      "summary": _rel(self.out / "summary.json"), "encoders": _rel(self.encoders_dir),
+                      "training_runs": {s: _rel(self.runs / s) for s in STAGES}, "data": _rel(self.data_dir)},
+            "machine": {"cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+                        "backend": jax.default_backend(), "device": jax.devices()[0].device_kind},
+        }
+
+
+def _train_summary(workdir: Path, config) -> dict[str, Any]:
+    """Steps, the last logged losses and the time of a training run, from its metrics.jsonl."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {"workdir": _rel(workdir), "steps": last.get("step"), "num_steps": config.train.num_steps,
+            "batch": config.data.global_batch_size, "final_loss": last.get("loss"), "lr": config.train.optimizer.lr,
+            "clip_shape": [config.data.num_frames, *(([config.data.patch_size] * 2) if config.stage == "vsr"
+                                                     else [config.data.height, config.data.width])]}
+
+
+def closing(summary: dict[str, Any], demo: Demo) -> None:
+    from lavie_jax.demo.console import duration, say
+
+    t = summary["timings_s"]
+    say("phases this run: " + ", ".join(f"{k} {duration(v)}" for k, v in t["this_run"].items()))
+    if t["skipped_this_run"]:
+        say(f"found on disk (not redone): {', '.join(t['skipped_this_run'])}; when built, everything took "
+            f"{duration(t['when_built_total'])}")
+    say(f"total this run: {duration(t['this_run_total'])}")
+    say("files:")
+    for stage, path in summary["files"]["videos"].items():
+        say(f"  {stage:<14} {path}/  (mp4, gif, json per prompt)")
+    for what in ("overview", "summary", "encoders", "data"):
+        say(f"  {what:<14} {summary['files'][what]}")
+    say(f"  {'training runs':<14} {_rel(demo.runs)}/{{base,interpolation,vsr}} (checkpoints, metrics.jsonl, tb/)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lavie_jax.demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--output", default="outputs/demo", help="where everything goes (default: outputs/demo)")
+    args = p.parse_args(argv)
+    out = Path(args.output)
+    # compiled programs are kept for the next run (which then only samples); before jax is imported
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / "cache" / "jax"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.WARNING)  # tfds / orbax info lines would drown the progress
+    from lavie_jax.demo.console import say
+
+    say(f"lavie-jax demo: data, autoencoder, three stages trained with lavie-train, the cascade sampled with "
+        f"lavie-sample, checked from pixels; everything goes to {_rel(out)}/")
+    demo = Demo(out)
+    demo.data()
+    demo.encoders()
+    demo.precompute()
+    for stage in STAGES:
+        demo.train(stage)
+    results = demo.sample()
+    summary = demo.evaluate(results)
+    closing(summary, demo)
+    return 0
+

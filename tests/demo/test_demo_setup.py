@@ -1,0 +1,79 @@
+"""The demo's configs, prompts and pictures: checked without training anything (the demo itself is `make demo`).
+
+- every stage's `:demo` config passes the trainer's and the sampler's checks on one device, and its UNet reads the
+  demo text encoder's width;
+- every demo prompt is a caption of the demo's training videos (held-in), and the prompts name every colour and
+  every direction of the dataset;
+- the overview grid has one row per prompt and one group of frames per stage.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from configs.common import DEMO_SOURCES, DEMO_TEXT_WIDTH
+from lavie_jax.config_cli import load_config
+from lavie_jax.data import moving_shapes
+from lavie_jax.demo import evaluate, overview
+from lavie_jax.demo.data import pixel_source
+from lavie_jax.demo.console import accuracy_table
+from lavie_jax.demo.main import PROMPTS, STAGES, TARGETS
+from lavie_jax.models.arch import arch_from_config
+from lavie_jax.parallel import make_mesh
+from lavie_jax.sampling.options import sample_options
+from lavie_jax.train.setup import TrainConfigError, check_config
+
+
+def one_device():
+    return make_mesh((1, 1, 1, 1), devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_demo_configs_pass_the_trainer_and_sampler_checks(stage, tmp_path):
+    config = load_config(f"configs/{stage}.py:demo", [("data.data_dir", str(tmp_path))])
+    with pytest.raises(TrainConfigError, match=f"no precomputed dataset 'demo_{stage}'"):  # the demo makes it
+        check_config(config, one_device())
+    config.data = pixel_source(config)  # what the demo precomputes from: everything else passes
+    config.data.prepare = True
+    check_config(config, one_device())
+    sample_options(stage, config.sample)
+    assert arch_from_config(config.unet.to_dict(), stage).cross_attention_dim == DEMO_TEXT_WIDTH
+    assert config.train.checkpoint_every == config.train.num_steps  # one checkpoint: the run is short
+
+
+def _captions(spec) -> set[str]:
+    """The captions of a moving_shapes source, from the same per-video random streams as the builder."""
+    out = set()
+    for i in range(spec["num_videos"]):
+        rng = np.random.default_rng([spec["seed"], 0, i])
+        out.add(moving_shapes.sample_video(rng, spec["num_frames"], spec["height"], spec["width"]).caption)
+    return out
+
+
+def test_prompts_are_held_in_and_cover_the_dataset():
+    assert len(PROMPTS) >= 8 and len(set(PROMPTS)) == len(PROMPTS)
+    parsed = [evaluate.parse_prompt(p) for p in PROMPTS]
+    assert {c.color for c in parsed} == set(moving_shapes.COLORS)
+    assert {c.direction for c in parsed} == set(moving_shapes.DIRECTIONS)
+    missing = set(PROMPTS) - _captions(DEMO_SOURCES["low"])
+    assert not missing, f"not captions of the demo's training videos: {missing}"
+
+
+def test_caption_streams_match_the_builder():
+    spec = dict(DEMO_SOURCES["low"], num_videos=3)
+    for i in range(3):
+        _, params = moving_shapes.make_video(spec["seed"], "train", i, spec["num_frames"], 32, 32)
+        rng = np.random.default_rng([spec["seed"], 0, i])
+        assert moving_shapes.sample_video(rng, spec["num_frames"], 32, 32).caption == params.caption
+
+
+def test_overview_grid_and_table():
+    prompts = list(PROMPTS[:3])
+    videos = {"base": np.zeros((3, 4, 32, 32, 3), np.uint8), "vsr": np.zeros((3, 13, 128, 128, 3), np.uint8)}
+    scores = {s: evaluate.score(prompts, list(v)) for s, v in videos.items()}
+    image = overview.render(prompts, videos, scores)
+    group = overview.FRAMES_PER_STAGE * overview.CELL
+    assert image.size == (overview.LABEL_W + 2 * (group + overview.GAP),
+                          overview.HEADER_H + 3 * (overview.CELL + overview.VERDICT_H + 6))
+    table = accuracy_table(scores, TARGETS).splitlines()
+    assert len(table) == 3 and all("NOT met" in line for line in table[1:])  # blank videos fail
