@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from command_line import split_command  # launch/ is on sys.path: the script's own folder
+
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = ("lavie-train", "lavie-sample")
 
@@ -79,15 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", default=str(REPO / "logs"))
     p.add_argument("--dry-run", action="store_true", help="print instead of submitting / running")
     return p
-
-
-def split_command(argv: list[str] | None) -> tuple[list[str], list[str]]:
-    """(launcher arguments, the command after '--')."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv:
-        return argv, []
-    i = argv.index("--")
-    return argv[:i], argv[i + 1:]
 
 
 def main(argv: list[str] | None = None, out=sys.stdout) -> int:
