@@ -3,8 +3,12 @@
 A stage config is an ml_collections ConfigDict with sections:
   stage        'base' | 'interpolation' | 'vsr'
   unet         diffusers-style UNet config dict (+ `stage`), parsed by `lavie_jax.models.arch_from_config`
-  model        dtype ('float32' | 'bfloat16' computation; params are always float32), attention_impl (None = XLA,
-               'cudnn' on GPU)
+  model        dtype ('float32' | 'bfloat16' computation; params are always float32), attention_impl: the attention
+               kernel policy, chosen per call site at trace time (lavie_jax.models.attention_kernels): 'auto'
+               (default: cuDNN flash attention on NVIDIA GPUs for bf16/fp16 spatial and text attention, Pallas
+               splash attention on TPUs for spatial attention whose lengths fit 128-lanes, XLA elsewhere and for
+               temporal attention), 'xla' (or None), 'cudnn' (every site; GPU, bf16/fp16), 'pallas' (TPU: splash
+               for spatial/text sites, XLA for temporal)
   mesh         shape over axes ('data', 'fsdp', 'context', 'tensor'), one -1 = the remaining devices
   sharding     rules: logical param axis -> mesh axis (see lavie_jax.parallel)
   data         input pipeline (see lavie_jax.data.pipeline)
@@ -103,7 +107,7 @@ def stage_config(stage: str, variant: str, tiny_unet: dict, demo_unet: dict | No
     elif variant == "demo":
         unet.update(demo_unet or {})
     c.unet = unet
-    c.model = ml_collections.ConfigDict({"dtype": "float32", "attention_impl": None})
+    c.model = ml_collections.ConfigDict({"dtype": "float32", "attention_impl": "auto"})  # see the docstring
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1, 1)})
     c.sharding = ml_collections.ConfigDict({"rules": tuple(DEFAULT_RULES)})
     c.data = default_data_config(stage)

@@ -298,7 +298,7 @@ def _config_of(model: nnx.Module) -> tuple[str, dict[str, Any]]:
 
 
 def abstract_component(kind: str, config: Mapping[str, Any], *, dtype=jnp.float32,
-                       attention_impl: str | None = None) -> nnx.Module:
+                       attention_impl: str | None = "auto") -> nnx.Module:
     """A fresh model of `kind` from its stored config, with `jax.ShapeDtypeStruct` leaves (no memory), built by the
     model's own abstract builder (which caches the traced structure per config)."""
     if kind == "unet":
@@ -331,7 +331,7 @@ def save_model(model: nnx.Module, directory: str | os.PathLike, *, stage: str | 
 
 
 def load_component(directory: str | os.PathLike, kind: str, *, mesh: jax.sharding.Mesh | None = None,
-                   rules: Rules = DEFAULT_RULES, dtype=jnp.float32, attention_impl: str | None = None) -> nnx.Module:
+                   rules: Rules = DEFAULT_RULES, dtype=jnp.float32, attention_impl: str | None = "auto") -> nnx.Module:
     """The ready `kind` model of a component directory, or of the `kind` component of a pipeline directory."""
     directory = component_dir(directory, kind)
     meta = read_metadata(directory)
@@ -343,7 +343,7 @@ def load_component(directory: str | os.PathLike, kind: str, *, mesh: jax.shardin
 
 
 def load_unet(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules: Rules = DEFAULT_RULES,
-              dtype=jnp.float32, attention_impl: str | None = None) -> UNet3D:
+              dtype=jnp.float32, attention_impl: str | None = "auto") -> UNet3D:
     """The ready UNet3D of a UNet or pipeline directory (architecture and stage from its metadata).
 
     `mesh`/`rules` restore each param straight into its sharding; `dtype` is the compute dtype (params float32).
@@ -364,7 +364,7 @@ class Pipeline:
 
 
 def load_pipeline(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                  rules: Rules = DEFAULT_RULES, dtype=jnp.float32, attention_impl: str | None = None) -> Pipeline:
+                  rules: Rules = DEFAULT_RULES, dtype=jnp.float32, attention_impl: str | None = "auto") -> Pipeline:
     """Load a whole stage from a pipeline directory written by `lavie-convert pipeline|sd|x4`."""
     from lavie_jax.text import load_tokenizer  # transformers is imported only when a tokenizer is needed
 

@@ -1,8 +1,10 @@
 """Attention layers: spatial self/cross, sparse-causal (interpolation attn1) and temporal attention.
 
 All share one projection layout (`to_q`, `to_k`, `to_v` without bias; `to_out` with bias; scale dim_head^-0.5) and
-one kernel, `dot_product_attention` (softmax in float32). Temporal attention for base/VSR pre-scales q, rotates the
-first `rotary_dim` features of q and k per head, and adds a learned bucketed relative-position bias per head.
+one entry point, `dot_product_attention` (softmax in float32), whose `implementation` policy ('auto' by default for
+the UNet) picks the kernel per call site (`lavie_jax.models.attention_kernels.choose_attention_impl`). Temporal
+attention for base/VSR pre-scales q, rotates the first `rotary_dim` features of q and k per head, and adds a learned
+bucketed relative-position bias per head.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from lavie_jax.models.attention_kernels import attention, check_attention_impl
 from lavie_jax.models.embeddings import apply_rotary, relative_position_buckets
 from lavie_jax.models.layers import Dense, Embed
 
@@ -20,15 +23,15 @@ ATTENTION_OUTPUT = "attention_output"
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                          bias: jax.Array | None = None, implementation: str | None = None) -> jax.Array:
+                          bias: jax.Array | None = None, implementation: str | None = None,
+                          temporal: bool = False) -> jax.Array:
     """`q [N, T, h, d]`, `k, v [N, S, h, d]`, bias broadcastable to `[N, h, T, S]` -> `[N, T, h, d]`.
 
-    Logits and softmax are float32 whatever the input dtype (jax.nn.dot_product_attention's XLA path; 'cudnn' on GPU).
-    The output is named `ATTENTION_OUTPUT` for rematerialisation policies.
+    Logits and softmax are float32 whatever the input dtype. `implementation`: a `model.attention_impl` policy
+    (None = XLA); `temporal` marks attention across frames (few keys: 'auto' keeps XLA there). The output is named
+    `ATTENTION_OUTPUT` for rematerialisation policies.
     """
-    if bias is not None:
-        bias = bias.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=implementation)
+    out = attention(q, k, v, scale=scale, bias=bias, policy=implementation, temporal=temporal)
     return checkpoint_name(out, ATTENTION_OUTPUT)  # what the 'save_attention' remat policies keep
 
 
@@ -56,10 +59,14 @@ class Attention(nnx.Module):
 
     Used as spatial self-attention (`context_dim=None`), text cross-attention, and (with `sparse_causal_frames`) the
     interpolation stage's sparse-causal attn1. `zero_out=True` zero-initialises `to_out` weight (temporal layers).
+    `implementation`: the `model.attention_impl` policy, checked here so that a wrong one fails at build time.
     """
 
+    temporal = False  # attention across frames (TemporalAttention): kernel choice differs
+
     def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, context_dim: int | None = None,
-                 zero_out: bool = False, dtype=jnp.float32, implementation: str | None = None):
+                 zero_out: bool = False, dtype=jnp.float32, implementation: str | None = "auto"):
+        check_attention_impl(implementation)
         if dim % heads:
             raise ValueError(f"Attention: {dim} channels are not divisible by {heads} heads")
         cdim = context_dim or dim
@@ -84,7 +91,8 @@ class Attention(nnx.Module):
             k = sparse_causal_context(k, sparse_causal_frames, num_image_frames)
             v = sparse_causal_context(v, sparse_causal_frames, num_image_frames)
         out = dot_product_attention(self.split_heads(q), self.split_heads(k), self.split_heads(v),
-                                    scale=self.dim_head ** -0.5, implementation=self.implementation)
+                                    scale=self.dim_head ** -0.5, implementation=self.implementation,
+                                    temporal=self.temporal)
         return self.to_out(out.reshape(*out.shape[:-2], -1))
 
 
@@ -108,9 +116,11 @@ class TemporalAttention(Attention):
     attention, no positional information. The output projection weight starts at zero.
     """
 
+    temporal = True
+
     def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, positional: bool, rotary_dim: int = 32,
                  rotary_theta: float = 10000.0, num_buckets: int = 32, max_distance: int = 32,
-                 dtype=jnp.float32, implementation: str | None = None):
+                 dtype=jnp.float32, implementation: str | None = "auto"):
         super().__init__(dim, heads, rngs=rngs, zero_out=True, dtype=dtype, implementation=implementation)
         self.positional = positional
         if positional:
@@ -131,5 +141,5 @@ class TemporalAttention(Attention):
         q = jnp.swapaxes(apply_rotary(jnp.swapaxes(q, 1, 2), self.rotary_dim, self.rotary_theta), 1, 2)
         k = jnp.swapaxes(apply_rotary(jnp.swapaxes(k, 1, 2), self.rotary_dim, self.rotary_theta), 1, 2)
         bias = self.time_rel_pos_bias(f)[None]  # [1, h, F, F]
-        out = dot_product_attention(q, k, v, scale=1.0, bias=bias, implementation=self.implementation)
+        out = dot_product_attention(q, k, v, scale=1.0, bias=bias, implementation=self.implementation, temporal=True)
         return self.to_out(out.reshape(*out.shape[:-2], -1))

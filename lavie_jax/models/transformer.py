@@ -42,7 +42,7 @@ class BasicTransformerBlock(nnx.Module):
     """Tokens `[B*F, HW, C]`, text `[B*F, L, D]` -> `[B*F, HW, C]`; `num_frames` F unfolds frames for temporal parts."""
 
     def __init__(self, dim: int, heads: int, arch: UNetArch, *, only_cross: bool, rngs: nnx.Rngs,
-                 dtype=jnp.float32, attention_impl: str | None = None):
+                 dtype=jnp.float32, attention_impl: str | None = "auto"):
         kw = dict(rngs=rngs, dtype=dtype, implementation=attention_impl)
         self.only_cross = only_cross
         self.sparse_causal = arch.spatial_self_attention == "sparse_causal" and not only_cross
@@ -96,7 +96,7 @@ class Transformer3DModel(nnx.Module):
     """
 
     def __init__(self, channels: int, heads: int, arch: UNetArch, *, only_cross: bool, rngs: nnx.Rngs,
-                 dtype=jnp.float32, attention_impl: str | None = None):
+                 dtype=jnp.float32, attention_impl: str | None = "auto"):
         groups, eps = VSR_TEMPORAL_NORM  # not arch.norm_num_groups/norm_eps: the official block hard-codes them
         self.resblock_temporal = (ResnetBlock3D(channels, rngs=rngs, temb_channels=None, groups=groups, eps=eps,
                                                 temporal_kernel=arch.temporal_conv_kernel, dtype=dtype)

@@ -11,6 +11,9 @@ each image on its own. So a batch with images gives the video frames exactly the
 image exactly its output as a 1-frame batch without temporal layers. (The released official path mixes them.)
 `encoder_hidden_states` may then be per frame, `[B, F, L, D]`, so each image is conditioned on its own caption.
 
+The attention kernels follow the constructor's `attention_impl` policy (default 'auto': chosen per call site when
+traced, `lavie_jax.models.attention_kernels`).
+
 Execution options (static, set with `configure`; they change how, not what, the UNet computes):
 - `sharding_rules`: the config's logical-axis rules; activations at block boundaries `[B, F, H, W, C]` are then
   constrained to `lavie_jax.parallel.ACTIVATION_VIDEO` (batch over ('fsdp', 'data'), frames over 'context') under
@@ -58,7 +61,7 @@ class DownBlock3D(nnx.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, arch: UNetArch, *, attention: bool, heads: int, only_cross: bool,
-                 add_downsample: bool, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str | None = None):
+                 add_downsample: bool, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str | None = "auto"):
         self.resnets = nnx.List([
             ResnetBlock3D(in_ch if j == 0 else out_ch, out_ch, temb_channels=arch.time_embed_dim,
                           groups=arch.norm_num_groups, eps=arch.norm_eps, rngs=rngs, dtype=dtype)
@@ -88,7 +91,7 @@ class UpBlock3D(nnx.Module):
 
     def __init__(self, in_ch: int, prev_ch: int, out_ch: int, arch: UNetArch, *, attention: bool, heads: int,
                  only_cross: bool, add_upsample: bool, rngs: nnx.Rngs, dtype=jnp.float32,
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = "auto"):
         n = arch.layers_per_block + 1
         self.resnets = nnx.List([
             ResnetBlock3D((prev_ch if j == 0 else out_ch) + (in_ch if j == n - 1 else out_ch), out_ch,
@@ -115,7 +118,7 @@ class UpBlock3D(nnx.Module):
 class MidBlock3D(nnx.Module):
     """resnet -> transformer -> resnet at the lowest resolution."""
 
-    def __init__(self, ch: int, arch: UNetArch, *, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl=None):
+    def __init__(self, ch: int, arch: UNetArch, *, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl="auto"):
         kw = dict(temb_channels=arch.time_embed_dim, groups=arch.norm_num_groups, eps=arch.norm_eps,
                   output_scale_factor=arch.mid_block_scale_factor, rngs=rngs, dtype=dtype)
         self.resnets = nnx.List([ResnetBlock3D(ch, ch, **kw), ResnetBlock3D(ch, ch, **kw)])
@@ -131,7 +134,7 @@ class MidBlock3D(nnx.Module):
 class UNet3D(nnx.Module):
     """The LaVie denoiser (base, interpolation or VSR, chosen by `arch.stage` and its options). See module doc."""
 
-    def __init__(self, arch: UNetArch, *, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str | None = None):
+    def __init__(self, arch: UNetArch, *, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str | None = "auto"):
         self.arch = arch
         self.dtype = dtype
         c = arch.block_out_channels
@@ -257,14 +260,14 @@ class UNet3D(nnx.Module):
 
 
 def build_unet(config: UNetArch | Mapping[str, Any], *, stage: str | None = None, seed: int = 0,
-               dtype=jnp.float32, attention_impl: str | None = None) -> UNet3D:
+               dtype=jnp.float32, attention_impl: str | None = "auto") -> UNet3D:
     """UNet3D from a `UNetArch` or a diffusers-style config dict (see `arch_from_config`), randomly initialised."""
     arch = config if isinstance(config, UNetArch) else arch_from_config(config, stage)
     return UNet3D(arch, rngs=nnx.Rngs(seed), dtype=dtype, attention_impl=attention_impl)
 
 
 def abstract_unet(config: UNetArch | Mapping[str, Any], *, stage: str | None = None, dtype=jnp.float32,
-                  attention_impl: str | None = None) -> UNet3D:
+                  attention_impl: str | None = "auto") -> UNet3D:
     """The same module with `jax.ShapeDtypeStruct` leaves: no memory is allocated (for shapes, counts, restores,
     and initialisation straight into shardings). The traced structure is cached per architecture."""
     arch = config if isinstance(config, UNetArch) else arch_from_config(config, stage)

@@ -47,6 +47,7 @@ from lavie_jax.checkpoints import CheckpointError
 from lavie_jax.config_cli import ConfigArgError, parse_config_flags
 from lavie_jax.keycheck import KeyMismatchError
 from lavie_jax.models.arch import ConfigError
+from lavie_jax.models.attention_kernels import AttentionImplError, check_attention_impl
 from lavie_jax.parallel import failed_processes, initialize_distributed, make_mesh
 from lavie_jax.safe_io import OutputPathError, Terminated, terminate_as_interrupt
 from lavie_jax.sampling.cascade import Cascade
@@ -62,7 +63,6 @@ PROG = "lavie-sample"
 STAGE_FLAGS = ("config", "interpolation", "vsr")  # config-file flags, in cascade order
 MAX_SEED = 2 ** 32 - 1
 DTYPES = ("float32", "bfloat16")  # computation dtypes of the models (params stay float32)
-ATTENTION_IMPLS = (None, "xla", "cudnn")  # jax.nn.dot_product_attention implementations
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 INTERRUPT_STATUS = 130  # 128 + SIGINT, what shells report for Ctrl-C
 TERMINATE_STATUS = 143  # 128 + SIGTERM
@@ -333,12 +333,10 @@ def _check_model_section(cfg: ml_collections.ConfigDict, flag: str) -> None:
     dtype, impl = model.get("dtype"), model.get("attention_impl")
     if dtype not in DTYPES:
         raise UsageError(f"--{flag}.model.dtype={dtype}: choose one of {DTYPES} (the computation dtype)")
-    if impl not in ATTENTION_IMPLS:
-        raise UsageError(f"--{flag}.model.attention_impl={impl}: choose one of {ATTENTION_IMPLS[1:]} or None "
-                         "(XLA's choice)")
-    if impl == "cudnn" and jax.default_backend() != "gpu":
-        raise UsageError(f"--{flag}.model.attention_impl=cudnn needs a GPU, and this run is on "
-                         f"{jax.default_backend()}; drop the override")
+    try:
+        check_attention_impl(impl)  # the name, and the platform it needs
+    except AttentionImplError as e:
+        raise UsageError(f"--{flag}.model.{e}") from None
 
 
 class _Plan(NamedTuple):

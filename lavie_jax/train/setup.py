@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lavie_jax import checkpoints, parallel, stages
 from lavie_jax.models import UNet3D, abstract_unet, arch_from_config
 from lavie_jax.models.arch import UNetArch
+from lavie_jax.models.attention_kernels import AttentionImplError, check_attention_impl
 from lavie_jax.models.flops import peak_bf16_tflops, train_step_flops
 from lavie_jax.models.unet import REMAT_POLICIES
 from lavie_jax.sampling.pipeline import components
@@ -63,6 +64,10 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
         _fail("train.seed", f"expected an integer in 0..2^31-1, got {t.seed!r}")
     if t.compute_dtype not in DTYPES:
         _fail("train.compute_dtype", f"{t.compute_dtype!r}: choose one of {DTYPES}")
+    try:
+        check_attention_impl(config.model.get("attention_impl"))
+    except AttentionImplError as e:
+        _fail("model.attention_impl", str(e))
     if t.remat not in REMAT_POLICIES:
         _fail("train.remat", f"{t.remat!r}: choose one of {sorted(REMAT_POLICIES)}")
     if not isinstance(t.peak_tflops, (int, float)) or t.peak_tflops < 0:
