@@ -7,7 +7,7 @@ STAMP_TEST := $(VENV)/.stamp-test
 # setup.cfg takes version ranges; CI installs their lower bounds exactly (the versions the suite is known to pass on)
 CONSTRAINTS := constraints/lower-bounds.txt
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench bench-gpu clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ bench: $(STAMP_TEST)
 	$(PY) -m bench.encoders_bench
 	$(PY) -m bench.convert_bench
 	$(PY) -m bench.sampling_bench
+
+# One table on one accelerator (~5 minutes with compiles; bench/accelerator_bench.py): matmul peak, the three UNet
+# forwards per attention policy, the base train step with the best remat policy, 50-step base sampling. Runs in the
+# current environment, which needs lavie-jax with its accelerator extra (pip install -e '.[cuda]' or '.[tpu]'); on
+# a CPU it runs the tiny configs. Extra flags: make bench-gpu BENCH_ARGS='--remat-sweep --json bench.json'
+BENCH_PYTHON ?= $(PYTHON)
+bench-gpu:
+	$(BENCH_PYTHON) -m bench.accelerator_bench $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -13,9 +13,7 @@ mid-block attention over 163,840 pixels alone is ~55 TFLOP: minutes per frame on
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import jax
@@ -23,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench.common import median_time
 from lavie_jax.models.clip import TEXT_ENCODER_CONFIGS, build_text_encoder
 from lavie_jax.models.vae import VAE_CONFIGS, build_vae
 from lavie_jax.text import encode_prompts, load_tokenizer, tokenize
@@ -33,17 +32,6 @@ PROMPTS = ["a teddy bear walking on the street, 2k, high quality", "a panda taki
            "a Corgi walking in the park at sunrise, oil painting style", "a cat wearing sunglasses at a pool party",
            "an astronaut riding a horse in space", "a fat rabbit wearing a purple robe walking through a fantasy "
            "landscape", "blur, worst quality"]
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of `repeats` calls after one untimed warm-up call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def jitted(module: nnx.Module, method: Callable, *args) -> tuple[Callable[[], object], float]:

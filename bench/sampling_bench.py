@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import timed as _time  # noqa: E402
 from lavie_jax.sampling import programs  # noqa: E402
 from lavie_jax.sampling.pipeline import random_pipeline  # noqa: E402
 from lavie_jax.sampling.stages import StageSampler  # noqa: E402
@@ -37,12 +38,6 @@ MID_SAMPLE = {"base": {"num_frames": 4, "height": 128, "width": 128},
               "interpolation": {"height": 128, "width": 128}, "vsr": {"chunk_frames": 4}}
 MID_INPUT = {"interpolation": (2, 128, 128), "vsr": (4, 32, 32)}  # input video [F, H, W]
 TINY_INPUT = {"interpolation": (4, 32, 48), "vsr": (4, 32, 48)}
-
-
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - t0
 
 
 def bench_stage(stage: str, size: str, steps: int, repeats: int) -> dict:

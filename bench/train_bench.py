@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import compile_timed, memory_bytes, step_times  # noqa: E402
 from lavie_jax import parallel  # noqa: E402
 from lavie_jax.models.flops import measure_matmul_tflops, peak_bf16_tflops  # noqa: E402
 from lavie_jax.train.setup import build_run, latent_shape, num_image_frames  # noqa: E402
@@ -100,29 +101,20 @@ def synthetic_batch(config, run) -> dict[str, jax.Array]:
 def bench_one(config, steps: int) -> dict:
     mesh = parallel.make_mesh(config.mesh.shape)
     t0 = time.perf_counter()
-    run = build_run(config, mesh)
+    run = build_run(config, mesh, synthetic_data=True)
     build_s = time.perf_counter() - t0
     batch = synthetic_batch(config, run)
     with jax.set_mesh(mesh):
-        t0 = time.perf_counter()
-        compiled = run.step_fn.lower(run.state, run.encoders, run.tables, batch).compile()
-        compile_s = time.perf_counter() - t0
-        memory = compiled.memory_analysis()
-        state = run.state
-        times = []
-        for i in range(steps + 2):  # two warm-up steps
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, run.encoders, run.tables, batch)
-            jax.block_until_ready(metrics)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
+        compiled, compile_s = compile_timed(run.step_fn.lower(run.state, run.encoders, run.tables, batch))
+        memory = memory_bytes(compiled)
+        _, times, metrics = step_times(compiled, run.state, (run.encoders, run.tables, batch), steps, warmup=2)
     step_s = statistics.median(times)
     n = jax.device_count()
     tflops = run.flops_per_step / step_s / n / 1e12
     return {"build_s": build_s, "compile_s": compile_s, "step_s": step_s,
             "ex_s": config.data.global_batch_size / step_s, "tflop": run.flops_per_step / 1e12, "tflops": tflops,
             "loss": float(metrics["loss"]),
-            "temp_gb": getattr(memory, "temp_size_in_bytes", 0) / 1e9 if memory is not None else float("nan")}
+            "temp_gb": memory["temp"] / 1e9 if memory is not None else float("nan")}
 
 
 COLUMNS = (("stage", "<13"), ("size", "<5"), ("input", "<7"), ("attention", "<9"), ("remat", "<23"),

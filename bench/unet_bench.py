@@ -23,25 +23,12 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import call_times  # noqa: E402
 from configs.common import stage_config  # noqa: E402
 from lavie_jax.models import abstract_unet, arch_from_config, count_params  # noqa: E402
+from lavie_jax.models.flops import measure_matmul_tflops  # noqa: E402
 
 TINY = {"base": "configs.base", "interpolation": "configs.interpolation", "vsr": "configs.vsr"}
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 FLOP/s of a jitted n x n x n matmul."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    best = min(_timed(lambda: f(a, a).block_until_ready()) for _ in range(repeats))
-    return 2 * n ** 3 / best
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def _random_state(model, seed: int = 0):
@@ -72,9 +59,7 @@ def bench_one(stage: str, size: str, repeats: int, peak: float) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan")))
-    compiled(state, x, t, text, labels).block_until_ready()  # warm-up
-    times = [_timed(lambda: compiled(state, x, t, text, labels).block_until_ready()) for _ in range(repeats)]
-    fwd_s = statistics.median(times)
+    fwd_s = statistics.median(call_times(lambda: compiled(state, x, t, text, labels), repeats))
     return {"stage": stage, "size": size, "params": count_params(nnx.merge(graphdef, state)),
             "input": "x".join(map(str, x.shape)), "compile_s": compile_s, "forward_s": fwd_s,
             "gflop": flops / 1e9, "gflops": flops / fwd_s / 1e9, "util": flops / fwd_s / peak}
@@ -86,7 +71,7 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    peak = matmul_peak()
+    peak = measure_matmul_tflops(2048) * 1e12
     print(f"devices: {jax.devices()}  measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s\n", flush=True)
     header = (f"{'stage':13s} {'size':4s} {'params':>12s} {'input B,F,H,W,C':>16s} {'compile s':>9s} "
               f"{'fwd s':>8s} {'GFLOP':>9s} {'GFLOP/s':>8s} {'% peak':>6s}")

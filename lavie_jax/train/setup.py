@@ -44,8 +44,9 @@ def _fail(field: str, message: str) -> None:
     raise TrainConfigError(f"config field {field}: {message}")
 
 
-def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-    """The `train` section, and the parts of the others that training depends on, against the mesh."""
+def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, data: bool = True) -> None:
+    """The `train` section, and the parts of the others that training depends on, against the mesh; `data=False`
+    skips the data source (`check_data`), for callers that feed batches of their own."""
     t, d = config.train, config.data
     stages.check_stage(config.stage, "config field stage")
     if d.stage != config.stage:
@@ -95,7 +96,8 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
         _fail("data.global_batch_size", f"{gb} does not split over {jax.process_count()} processes")
     if d.drop_remainder is not True:
         _fail("data.drop_remainder", "training needs full batches: set it to True")
-    check_data(config)
+    if data:
+        check_data(config)
 
 
 def check_data(config: ml_collections.ConfigDict) -> None:
@@ -346,13 +348,15 @@ class Run:
 
 
 def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abstract: bool = False,
-              compiler_options: dict | None = None) -> Run:
+              compiler_options: dict | None = None, synthetic_data: bool = False) -> Run:
     """Check the config, build the models on `mesh`, the initial train state and the jitted step.
 
     `abstract`: the UNet's params, optimizer state and EMA are `ShapeDtypeStruct`s with their shardings (nothing
     allocated or initialised): to compile the step and read its memory analysis before committing devices.
-    `compiler_options`: XLA options for the step (e.g. `{'xla_backend_optimization_level': 0}` in tests)."""
-    check_config(config, mesh)
+    `compiler_options`: XLA options for the step (e.g. `{'xla_backend_optimization_level': 0}` in tests).
+    `synthetic_data`: the caller feeds batches of its own (benchmarks): `config.data` only gives their shapes, and
+    its source (e.g. a precomputed dataset) need not exist."""
+    check_config(config, mesh, data=not synthetic_data)
     rules = tuple(tuple(r) for r in config.sharding.rules)
     init = _init_directory(config)
     enc_dir = _encoders_directory(config, init)
