@@ -8,12 +8,12 @@ policies for the sweep. Numbers are only checked for sanity here: speed targets 
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tests.conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,8 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "result.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on one accelerator
-    env["JAX_PLATFORMS"] = "cpu"
+    env = child_env()  # one CPU device, as on one accelerator
     cmd = [sys.executable, "-m", "bench.accelerator_bench", "--json", str(out), "--attention", "xla", "cudnn",
            "--remat-sweep", "--remat", "none", "full", "--repeats", "2", "--quiet"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

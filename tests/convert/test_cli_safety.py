@@ -17,6 +17,7 @@ from lavie_jax.convert import export
 from lavie_jax.convert.cli import main
 from tests.convert.helpers import save_state_dict
 from tests.models.tiny_configs import SD_LIKE, random_state_dict
+from tests.conftest import child_env
 
 # Two levels, one layer each: quick to trace, and every path here is about files, not numerics.
 SMALL = dict(SD_LIKE, attention_head_dim=[1, 1], block_out_channels=[32, 32], layers_per_block=1,
@@ -219,10 +220,9 @@ sys.exit(main(sys.argv[2:]))
 
 def _start_slow_conversion(source, out, started):
     checkpoint, config = source
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(started), "lavie", "--stage", "base",
                              "--checkpoint", str(checkpoint), "--unet-config", str(config), "--output", str(out),
-                             "--quiet"], stderr=subprocess.PIPE, text=True, env=dict(env, JAX_PLATFORMS="cpu"))
+                             "--quiet"], stderr=subprocess.PIPE, text=True, env=child_env())
     deadline = time.monotonic() + 90
     while not started.exists():
         assert proc.poll() is None, proc.communicate()[1]

@@ -1,7 +1,6 @@
 """Per-process shards and global batches (8 emulated CPU devices, see tests/conftest.py)."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from lavie_jax.data import builder_utils, distributed, sources
+from tests.conftest import child_env
 
 
 @pytest.mark.parametrize(
@@ -61,8 +61,6 @@ def test_global_batch_is_sharded_over_the_data_axes(axes):
 
 _HOST = textwrap.dedent("""
     import json, os, sys
-    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
-    os.environ['JAX_PLATFORMS'] = 'cpu'
     import jax, ml_collections, numpy as np
     index, port, config = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     jax.distributed.initialize(f'localhost:{port}', num_processes=2, process_id=index)
@@ -86,7 +84,7 @@ def test_two_real_processes_read_their_shards_into_one_global_batch(webvid_data,
     (tmp_path / "data.json").write_text(data.to_json())
     (tmp_path / "host.py").write_text(_HOST)
     port = str(portpicker.pick_unused_port())
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = child_env(2)
     procs = [
         subprocess.Popen(
             [sys.executable, str(tmp_path / "host.py"), str(i), port, str(tmp_path / "data.json")],

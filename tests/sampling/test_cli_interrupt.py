@@ -6,7 +6,6 @@ The in-process tests stand fakes in for the samplers (no model); the last test s
 """
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 from lavie_jax.safe_io import Terminated
 from lavie_jax.sampling import cli
+from tests.conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -112,8 +112,7 @@ def test_interrupt_before_sampling_writes_nothing(tmp_path, monkeypatch, capsys)
 
 def _start(output: Path) -> tuple[subprocess.Popen, threading.Event, list[str]]:
     """A real `lavie-sample` on the tiny config with far more steps than the test waits for (one device)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env = child_env(PYTHONPATH=str(ROOT))
     argv = [sys.executable, "-c", "from lavie_jax.sampling.cli import main; main()",
             "--config", f"{ROOT}/configs/base.py:tiny", "--checkpoint", "random", "--prompt", "a cat",
             # steps slow enough (~0.1 s each) that the run is still denoising when the signal comes

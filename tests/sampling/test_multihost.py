@@ -7,7 +7,6 @@ stops both before any model runs.
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,14 +19,13 @@ import pytest
 from lavie_jax.sampling.stages import StageSampler
 from tests.models.tiny_configs import rel_err
 from tests.sampling.conftest import tiny_config
+from tests.conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a panda taking a selfie", "a corgi walking in the park", "a teddy bear"]
 
 _HOST = textwrap.dedent("""
     import os, sys
-    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
-    os.environ['JAX_PLATFORMS'] = 'cpu'
     import jax, numpy as np
     index, port, out, root, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
     sys.path.insert(0, root)
@@ -59,7 +57,7 @@ def run_two_processes(tmp_path: Path, mode: str, timeout: float = 300) -> list[s
     """Start the host script as processes 0 and 1 of one run; their exit codes and merged output."""
     (tmp_path / "host.py").write_text(_HOST)
     port = str(portpicker.pick_unused_port())
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = child_env(4)
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "host.py"), str(i), port, str(tmp_path), str(ROOT),
                                mode, *PROMPTS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(2)]

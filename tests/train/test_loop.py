@@ -4,11 +4,9 @@ directory rules, export to the official layout, and sampling from a work directo
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -20,6 +18,7 @@ from lavie_jax.train import loop
 from lavie_jax.workdir import COMMIT_MARKER, ConfigMismatchError
 from tests.models.tiny_configs import rel_err
 from tests.train.conftest import tiny_train_config
+from tests.conftest import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
@@ -36,10 +35,7 @@ def _cli_args(workdir: Path, data_dir: str, steps: int = STEPS) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))  # one device
-    return env
+    return child_env()  # one device
 
 
 def _losses(workdir: Path) -> dict[int, float]:

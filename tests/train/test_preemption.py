@@ -16,6 +16,7 @@ import pytest
 
 from lavie_jax.workdir import TrainCheckpointer
 from lavie_jax.train.preemption import PreemptionHandler
+from tests.conftest import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 STOP_LINE = re.compile(r"^(.+): saved checkpoint at step (\d+); rerun the same command to resume$")
@@ -68,7 +69,7 @@ def test_request_stop_and_argument_checks():
 # ------------------------------------------------------------------------------------------- subprocess loops
 
 def _loop(workdir: Path, *extra: str, devices: int = 8) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = child_env(devices)
     return subprocess.Popen(
         [sys.executable, "-m", "tests.train.loop_child", "loop", str(workdir), "--steps", str(STEPS), *extra],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
