@@ -16,8 +16,15 @@ import ml_collections
 
 from configs.common import parse_variant, stage_config
 
+# Two levels, one of each attention kind of the x4 upscaler (a cross-attention-only level, then a self-attention
+# level), temporal modules after both: every block type at the smallest size (quick to compile on a CPU).
 TINY_UNET = {
-    "block_out_channels": [32, 32, 64, 64],
+    "block_out_channels": [32, 64],
+    "down_block_types": ["CrossAttnDownBlock3D", "DownBlock3D"],
+    "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D"],
+    "only_cross_attention": [True, False],
+    "down_temporal_idx": [0, 1],
+    "up_temporal_idx": [0, 1],
     "attention_head_dim": 1,  # 1 head: head dim >= 32 = the rotary dimension
     "layers_per_block": 1,
     "norm_num_groups": 8,

@@ -23,7 +23,8 @@ def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "result.json"
     env = child_env()  # one CPU device, as on one accelerator
     cmd = [sys.executable, "-m", "bench.accelerator_bench", "--json", str(out), "--attention", "xla", "cudnn",
-           "--remat-sweep", "--remat", "none", "full", "--repeats", "2", "--quiet"]
+           "--remat-sweep", "--remat", "none", "full", "--repeats", "1", "--train-steps", "1", "--steps", "2",
+           "--quiet"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
@@ -38,7 +39,7 @@ def test_tiny_table_has_every_row_with_sane_numbers(bench_run):
     default = result["attention_default"]  # the train and sample rows run the config's attention policy
     timed = ["matmul float32", "forward base [xla]", "forward interpolation [xla]", "forward vsr [xla]",
              f"  train base [remat=none, {default}]", f"  train base [remat=full, {default}]",
-             f"sample base 50 steps [{default}]"]
+             f"sample base 2 steps [{default}]"]
     for name in timed:
         r = rows[name]
         assert not r["note"].startswith("n/a"), (name, r["note"])

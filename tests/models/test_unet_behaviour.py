@@ -137,6 +137,7 @@ def test_mesh_shape_errors():
     assert parallel.mesh_shape((-1, 2, 1, 1), 8) == (4, 2, 1, 1)
 
 
+@pytest.mark.slow
 def test_context_axis_splits_the_frames_of_every_block(models):
     """With the rules set (`configure`), activations at block boundaries follow `ACTIVATION_VIDEO`: on a mesh with
     'context' = 4 the frames are split 4 ways (checked on a block output inside the model and on the UNet output),
@@ -167,6 +168,7 @@ def test_context_axis_splits_the_frames_of_every_block(models):
     assert rel_err(np.asarray(out), expect) <= 1e-5
 
 
+@pytest.mark.slow
 def test_remat_policies_give_the_same_gradients():
     """Rematerialised blocks give the gradients of the plain model (the policies only change what is kept)."""
     model, sd = random_state_dict(dict(SD_LIKE, block_out_channels=[32, 32], attention_head_dim=1, stage="base",

@@ -77,6 +77,7 @@ INVARIANCE_INPUTS = {  # stage -> (input videos, fps) of a 3-prompt request
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,shape", [("base", (8, 1, 1, 1)), ("base", (2, 4, 1, 1)),
                                          ("interpolation", (2, 4, 1, 1)), ("vsr", (8, 1, 1, 1))],
                          ids=["base-data8", "base-data2-fsdp4", "interpolation-data2-fsdp4", "vsr-data8"])

@@ -23,11 +23,8 @@ def tiny_train_config(stage: str, data_dir: str = "", **train):
         d.num_frames, d.images.per_clip, d.height, d.width = FRAMES, 1, HEIGHT, WIDTH
     elif stage == "interpolation":
         d.num_frames, d.height, d.width = 5, HEIGHT, WIDTH  # 2 key frames -> 5 frames
-    else:  # a 2-level VSR UNet (an only-cross level and a self-attention level, temporal modules after both)
+    else:
         d.num_frames, d.patch_size, d.images.ratio = 2, 32, 0.5
-        c.unet.update(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock3D", "DownBlock3D"],
-                      up_block_types=["UpBlock3D", "CrossAttnUpBlock3D"], only_cross_attention=[True, False],
-                      down_temporal_idx=[0, 1], up_temporal_idx=[0, 1], attention_head_dim=1)
     c.train.update({"log_every": 1, "checkpoint_every": 2, "num_steps": 4})
     for key, value in train.items():
         section, *rest = key.split(".")

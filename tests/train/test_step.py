@@ -47,6 +47,7 @@ def one_device():
     return config, before, state, metrics
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_one_device(one_device):
     """data 2 x fsdp 2 x tensor 2: the batch split 4 ways, params and optimizer state over fsdp and tensor."""
     config, before, expect_state, expect = one_device
@@ -64,6 +65,7 @@ def test_sharded_step_equals_one_device(one_device):
     assert rel_err(_flat(state.ema), _flat(expect_state.ema)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_accumulating_micro_batches_equals_one_batch(one_device):
     config, _, expect_state, expect = one_device
     config = tiny_train_config("base", micro_batches=4)
@@ -72,6 +74,7 @@ def test_accumulating_micro_batches_equals_one_batch(one_device):
     assert rel_err(_flat(state.params), _flat(expect_state.params)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_frozen_params_stay_bit_identical_and_ema_follows_its_formula():
     """VSR trains only its temporal layers by default; the rest is frozen (no optimizer state, no EMA)."""
     config = tiny_train_config("vsr", **{"ema.decay": 0.9})
@@ -87,6 +90,7 @@ def test_frozen_params_stay_bit_identical_and_ema_follows_its_formula():
     np.testing.assert_allclose(_flat(state.ema), 0.9 * params + 0.1 * new, rtol=3e-7, atol=1e-9)  # float32 ulps
 
 
+@pytest.mark.slow
 def test_every_stage_trains_a_step():
     for stage in ("interpolation",):  # base and vsr run in the tests above
         run = _build(tiny_train_config(stage), (1, 1, 1, 1))
@@ -94,6 +98,7 @@ def test_every_stage_trains_a_step():
         assert int(state.step) == 1 and np.isfinite(metrics["loss"]) and "image_loss" not in metrics
 
 
+@pytest.mark.slow
 def test_fsdp8_holds_an_eighth_of_the_state_per_device():
     """Per-device train-state bytes of the compiled step under fsdp = 8 (its memory analysis, less the other
     arguments): within 1/8 + 5% of the whole state. Built abstractly: nothing is initialised or run."""
