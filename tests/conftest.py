@@ -32,10 +32,3 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-
-def pytest_collection_modifyitems(config, items):
-    """Modules holding `slow` tests run first (each module's tests stay together, in order): with `make test`'s
-    `--dist worksteal`, the worker that runs out of tests then takes quick ones off the other's queue, instead of
-    one worker starting a minutes-long test at the end while the other idles."""
-    slow = {item.module for item in items if item.get_closest_marker("slow") and hasattr(item, "module")}
-    items.sort(key=lambda item: getattr(item, "module", None) not in slow)  # stable: False (slow) first
