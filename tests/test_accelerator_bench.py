@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tests.conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
