@@ -422,6 +422,14 @@ def _temporal_norm_channels(arch: UNetArch) -> list[tuple[str, int]]:
 def validate(arch: UNetArch) -> None:
     """Type and cross-field checks; raises ConfigError naming the field."""
     _check_types(arch)
+    n = arch.num_levels
+    for field in ("heads", "down_has_attention", "up_has_attention", "only_cross_attention"):
+        if len(getattr(arch, field)) != n:  # a hand-edited or stored arch skips arch_from_config's per-level checks
+            raise ConfigError(f"UNet config field '{field}': {len(getattr(arch, field))} entries but "
+                              f"block_out_channels has {n} levels")
+    for field in ("down_temporal_idx", "up_temporal_idx"):
+        if any(not 0 <= i < n for i in getattr(arch, field)):
+            raise ConfigError(f"UNet config field '{field}': {list(getattr(arch, field))} must index the {n} levels")
     if arch.stage not in STAGES:
         raise ConfigError(f"UNet config field 'stage': got {arch.stage!r}; choose one of {STAGES}")
     for key in _CHOICES:

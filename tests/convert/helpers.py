@@ -16,19 +16,14 @@ import torch
 from lavie_jax.text import default_tokenizer
 from tests.models.test_unet_spatial_parity import _identity_temporal, _torch_unet
 from tests.models.test_vae import TINY as TINY_VAE
-from tests.models.tiny_configs import SD_LIKE, X4_LIKE, jit_apply, random_state_dict
+from tests.models.tiny_configs import SD_SMALL, X4_SMALL, jit_apply, random_state_dict
 
 FORMATS = ("pt", "pt-ema", "bin", "safetensors")
 SUFFIX = {"pt": ".pt", "pt-ema": ".pt", "bin": ".bin", "safetensors": ".safetensors"}
-# An x4-upscaler-like UNet with two levels and one layer per block: few temporal layers (cheap to trace and to
-# initialise under jit) while still covering only-cross blocks, the class embedding and every temporal module.
-X4_SMALL = dict(X4_LIKE, attention_head_dim=[1, 2], block_out_channels=[32, 64], layers_per_block=1,
-                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], only_cross_attention=[True, False],
-                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
 # diffusers config of each stage's torch reference: interpolation's is SD's layout with 8 input channels.
 STAGE_CONFIGS = {
-    "base": SD_LIKE,
-    "interpolation": dict(SD_LIKE, in_channels=8),
+    "base": SD_SMALL,
+    "interpolation": dict(SD_SMALL, in_channels=8),
     "vsr": X4_SMALL,
 }
 B, HW, TEXT_LEN = 2, 16, 5
@@ -104,7 +99,7 @@ def diffusers_folder(root: Path, kind: str, *, safe: bool = True) -> tuple[Path,
     import diffusers
     import transformers
 
-    unet = _torch_unet(SD_LIKE if kind == "sd" else X4_SMALL, seed=7)
+    unet = _torch_unet(SD_SMALL if kind == "sd" else X4_SMALL, seed=7)
     torch.manual_seed(8)
     vae_cfg = TINY_VAE["f8" if kind == "sd" else "f4"]
     vae = diffusers.AutoencoderKL(**{k: v for k, v in vae_cfg.items() if not k.startswith("_")}).eval()

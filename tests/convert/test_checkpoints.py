@@ -13,15 +13,16 @@ from lavie_jax.convert.cli import Reporter, convert_lavie, main
 from lavie_jax.keycheck import KeyMismatchError
 from lavie_jax.safe_io import OutputPathError
 from lavie_jax.convert.state_dict import export_state_dict
+from lavie_jax.models.arch import ConfigError
 from tests.convert.helpers import randomized, save_state_dict, tiny_clip_config
 from tests.models.test_vae import TINY as TINY_VAE
-from tests.models.tiny_configs import SD_LIKE
+from tests.models.tiny_configs import SD_SMALL
 
 
 @pytest.fixture(scope="module")
 def base_dir(base_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("base")
-    (root / "unet.json").write_text(json.dumps(SD_LIKE))
+    (root / "unet.json").write_text(json.dumps(SD_SMALL))
     source = save_state_dict(base_checkpoint[1], root / "ckpt", "safetensors")
     return convert_lavie(source, root / "out", stage="base", unet_config=root / "unet.json",
                          report=Reporter(quiet=True))
@@ -81,9 +82,13 @@ def test_metadata_and_stored_params_are_checked(base_dir, tmp_path):
     (broken / "lavie_checkpoint.json").write_text(json.dumps(dict(meta, format_version=99)))
     with pytest.raises(CheckpointError, match="newer than this lavie-jax"):
         load_unet(broken)
-    meta["config"]["block_out_channels"] = [32, 64, 128]  # not what the params were written for
+    meta["config"]["block_out_channels"] = [32, 128]  # not what the params were written for
     (broken / "lavie_checkpoint.json").write_text(json.dumps(meta))
     with pytest.raises(KeyMismatchError, match="wrong shapes: .*expected"):
+        load_unet(broken)
+    meta["config"]["block_out_channels"] = [32, 64, 128]  # a level more than the other per-level fields have
+    (broken / "lavie_checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="'heads': 2 entries but block_out_channels has 3 levels"):
         load_unet(broken)
 
 

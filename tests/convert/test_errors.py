@@ -11,11 +11,11 @@ import pytest
 
 from lavie_jax.convert.cli import main
 from lavie_jax.convert.torch_files import LazyTensor
-from tests.convert.helpers import X4_SMALL, save_state_dict
-from tests.models.tiny_configs import SD_LIKE
+from tests.convert.helpers import save_state_dict
+from tests.models.tiny_configs import SD_SMALL, X4_SMALL
 
 
-def _lavie(tmp_path, source, stage="base", config=SD_LIKE, out="out", extra=()):
+def _lavie(tmp_path, source, stage="base", config=SD_SMALL, out="out", extra=()):
     (tmp_path / "unet.json").write_text(json.dumps(config))
     return main(["lavie", "--stage", stage, "--checkpoint", str(source), "--unet-config", str(tmp_path / "unet.json"),
                  "--output", str(tmp_path / out), "--quiet", *extra])
@@ -58,12 +58,12 @@ def _as_interpolation(state):
 
 
 @pytest.mark.parametrize("stage,config,make,looks_like", [
-    ("interpolation", SD_LIKE, None,
+    ("interpolation", SD_SMALL, None,
      "a LaVie base checkpoint, not a LaVie interpolation checkpoint: pass --stage base"),
     ("vsr", X4_SMALL, None, "a LaVie base checkpoint, not a LaVie vsr checkpoint: pass --stage base"),
-    ("base", SD_LIKE, _as_interpolation,
+    ("base", SD_SMALL, _as_interpolation,
      "a LaVie interpolation checkpoint, not a LaVie base checkpoint: pass --stage interpolation"),
-    ("base", SD_LIKE, "2d", "a 2D Stable Diffusion UNet (no temporal layers), not a LaVie base checkpoint: convert it "
+    ("base", SD_SMALL, "2d", "a 2D Stable Diffusion UNet (no temporal layers), not a LaVie base checkpoint: convert it "
                             "with `lavie-convert sd --stage base`"),
 ])
 def test_wrong_stage_is_named(stage, config, make, looks_like, base_checkpoint, tmp_path, capsys):
@@ -142,7 +142,7 @@ def test_failure_while_writing_keeps_the_old_output(base_checkpoint, tmp_path, m
 
 def test_bad_unet_config_names_the_field(base_checkpoint, tmp_path, capsys):
     source = save_state_dict(base_checkpoint[1], tmp_path / "ckpt", "safetensors")
-    assert _lavie(tmp_path, source, config=dict(SD_LIKE, attention_typo=3)) == 1
+    assert _lavie(tmp_path, source, config=dict(SD_SMALL, attention_typo=3)) == 1
     assert "unknown field 'attention_typo'" in capsys.readouterr().err
     _no_leftovers(tmp_path)
 
@@ -157,7 +157,7 @@ def test_export_errors(tmp_path, capsys):
 
 def test_progress_output_and_console_script(base_checkpoint, tmp_path, capsys):
     source = save_state_dict(base_checkpoint[1], tmp_path / "ckpt", "pt-ema")
-    (tmp_path / "unet.json").write_text(json.dumps(SD_LIKE))
+    (tmp_path / "unet.json").write_text(json.dumps(SD_SMALL))
     argv = ["lavie", "--stage", "base", "--checkpoint", str(source), "--unet-config", str(tmp_path / "unet.json"),
             "--output", str(tmp_path / "out"), "--group-mb", "1"]
     assert main(argv) == 0

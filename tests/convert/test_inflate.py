@@ -9,8 +9,8 @@ from lavie_jax.convert.cli import main
 from lavie_jax.convert.inflate import detect_unet, fresh_temporal_params, is_temporal_key
 from lavie_jax.convert.state_dict import export_state_dict
 from lavie_jax.models.embeddings import rotary_frequencies
-from tests.convert.helpers import X4_SMALL, inputs, ours, reference, zero_temporal
-from tests.models.tiny_configs import rel_err
+from tests.convert.helpers import inputs, ours, reference, zero_temporal
+from tests.models.tiny_configs import X4_SMALL, rel_err
 
 
 def _convert(command, folder, out, stage=None):

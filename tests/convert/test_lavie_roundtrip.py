@@ -17,13 +17,13 @@ from lavie_jax.checkpoints import load_unet, read_metadata
 from lavie_jax.convert.cli import main
 from lavie_jax.convert.state_dict import export_state_dict
 from lavie_jax.models import arch_from_config
-from tests.convert.helpers import (FORMATS, STAGE_CONFIGS, X4_SMALL, inputs, lavie_checkpoint, ours, reference,
+from tests.convert.helpers import (FORMATS, STAGE_CONFIGS, inputs, lavie_checkpoint, ours, reference,
                                    save_state_dict)
-from tests.models.tiny_configs import SD_LIKE, rel_err
+from tests.models.tiny_configs import SD_SMALL, X4_SMALL, rel_err
 
 STAGES = ("base", "interpolation", "vsr")
 # What a user passes as --unet-config: the 2D diffusers config as written (interpolation widens it to 8 channels).
-UNET_CONFIG = {"base": SD_LIKE, "interpolation": SD_LIKE, "vsr": X4_SMALL}
+UNET_CONFIG = {"base": SD_SMALL, "interpolation": SD_SMALL, "vsr": X4_SMALL}
 
 
 @pytest.fixture(scope="module")

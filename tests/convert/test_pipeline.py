@@ -12,8 +12,8 @@ from lavie_jax.convert.cli import main
 from lavie_jax.convert.state_dict import export_state_dict
 from lavie_jax.models.clip import canonical_clip_state_dict
 from lavie_jax.text import encode_prompts, tokenize
-from tests.convert.helpers import X4_SMALL, save_state_dict
-from tests.models.tiny_configs import SD_LIKE, random_state_dict, rel_err
+from tests.convert.helpers import save_state_dict
+from tests.models.tiny_configs import SD_SMALL, X4_SMALL, random_state_dict, rel_err
 
 CAT = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with the real CLIP BPE
 
@@ -38,7 +38,7 @@ def _same(ours: dict, theirs: dict) -> None:
 def test_base_pipeline(base_checkpoint, sd_folder, tmp_path):
     _, state = base_checkpoint
     folder, torch_models = sd_folder
-    out = _pipeline(tmp_path, "base", state, SD_LIKE, sd_dir=folder)
+    out = _pipeline(tmp_path, "base", state, SD_SMALL, sd_dir=folder)
     meta = read_metadata(out)
     assert meta["kind"] == "pipeline" and set(meta["components"]) == {"unet", "vae", "text_encoder", "tokenizer"}
     assert CHECKPOINTS.why_not(out) is None  # recognisably ours: a later --overwrite may replace it

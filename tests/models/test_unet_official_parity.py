@@ -15,16 +15,13 @@ from flax import nnx
 
 from lavie_jax.convert.state_dict import load_state_dict
 from lavie_jax.models import abstract_unet
-from tests.models.tiny_configs import SD_LIKE, X4_LIKE, rel_err
+from tests.models.tiny_configs import SD_SMALL, X4_LIKE, rel_err
 
 pytest.importorskip("diffusers")  # the reference takes Timesteps/TimestepEmbedding/FeedForward from it
 from tests.models.torch_reference import UNet3DReference, randomize_  # noqa: E402
 
-SMALL = dict(SD_LIKE, block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=[1, 2],
-             down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
-BASE = dict(SMALL, norm_eps=0.05, mid_block_scale_factor=1.5)  # temporal head dims 32 (1 head) and 2 x 32 (mid)
-INTERP = dict(SMALL, in_channels=8, attention_head_dim=[2, 4], use_linear_projection=True, flip_sin_to_cos=False,
+BASE = dict(SD_SMALL, norm_eps=0.05, mid_block_scale_factor=1.5)  # temporal head dims 32 (1 head) and 2 x 32 (mid)
+INTERP = dict(SD_SMALL, in_channels=8, attention_head_dim=[2, 4], use_linear_projection=True, flip_sin_to_cos=False,
               freq_shift=1, center_input_sample=True)
 VSR_32 = dict(X4_LIKE, block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=[1, 1],  # head dim 64
               down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],

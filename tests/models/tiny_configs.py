@@ -23,6 +23,16 @@ X4_LIKE = {
     "sample_size": 16,
 }
 
+# Two levels and one layer per block: the smallest UNets that still hold every block kind of their stage (cheap to
+# trace, compile and initialise), for tests of behaviour rather than of depth.
+SD_SMALL = dict(SD_LIKE, block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=[1, 2],
+                down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+# x4-upscaler-like: only-cross blocks, the class embedding and every temporal module.
+X4_SMALL = dict(X4_LIKE, attention_head_dim=[1, 2], block_out_channels=[32, 64], layers_per_block=1,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], only_cross_attention=[True, False],
+                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+
 
 def rel_err(a, b) -> float:
     """max |a - b| / max |b|: the relative error used by every parity test."""
