@@ -125,8 +125,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train
         return Iterator()
 
     monkeypatch.setattr(loop, "make_iterator", poisoned)
-    config = tiny_train_config("base", train_data_dir, num_steps=6)
-    config.data.global_batch_size = 2
+    # test_step's one-device config: its init and step programs are in the persistent compilation cache
+    config = tiny_train_config("base", train_data_dir)
     with pytest.raises(loop.NonFiniteLossError, match=r"step 4: loss=nan.*last good checkpoint is step 2"):
         loop.train(config, tmp_path / "nan", devices=jax.devices()[:1], console=False)
     assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["2"]
