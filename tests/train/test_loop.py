@@ -125,7 +125,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train
         return Iterator()
 
     monkeypatch.setattr(loop, "make_iterator", poisoned)
-    # test_step's one-device config: its init and step programs are in the persistent compilation cache
+    # test_step's one-device config: when that ran first, its init and step programs are in the persistent cache
     config = tiny_train_config("base", train_data_dir)
     with pytest.raises(loop.NonFiniteLossError, match=r"step 4: loss=nan.*last good checkpoint is step 2"):
         loop.train(config, tmp_path / "nan", devices=jax.devices()[:1], console=False)
