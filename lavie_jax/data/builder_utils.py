@@ -38,6 +38,17 @@ class _QuietCustomConfig(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietCustomConfig())
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The `DatasetInfo` of this package's builders (return it from `_info`).
+
+    tfds asks its public GCS bucket for the metadata of every dataset it has not prepared yet, and for that makes a
+    temporary directory it never removes, even when the bucket is disabled: an empty /tmp/tmp*tfds per builder
+    constructed. Local datasets are never in that bucket, so the lookup is skipped."""
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of this package's builders: local files only, prepared with `prepare`.
 

@@ -73,7 +73,7 @@ class ImageText(builder_utils.TableBuilder):
             features["image_bytes"] = tfds.features.Tensor(shape=(), dtype=np.object_)
         else:
             raise ValueError(f"image_text storage must be 'decoded' or 'encoded', got {c.storage!r}")
-        return tfds.core.DatasetInfo(
+        return builder_utils.LocalDatasetInfo(
             builder=self,
             features=tfds.features.FeaturesDict(features),
             description=f"Image-text pairs from {c.table} and {c.image_dir}.",

@@ -150,7 +150,7 @@ class MovingShapes(builder_utils.LocalBuilder):
         c = self.builder_config
         features = builder_utils.video_features(c.storage, c.height, c.width)
         features.update({k: tfds.features.Text() for k in ("shape", "color", "direction")})
-        return tfds.core.DatasetInfo(
+        return builder_utils.LocalDatasetInfo(
             builder=self,
             features=tfds.features.FeaturesDict(features),
             description="Procedural coloured shapes moving in named directions.",

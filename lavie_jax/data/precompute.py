@@ -59,7 +59,7 @@ class PrecomputedLatents(builder_utils.LocalBuilder):
                 if shape
                 else tfds.features.Scalar(np.dtype(dtype))
             )
-        return tfds.core.DatasetInfo(
+        return builder_utils.LocalDatasetInfo(
             builder=self,
             features=tfds.features.FeaturesDict(features),
             description="VAE latents and text embeddings precomputed for training.",

@@ -61,7 +61,7 @@ class VideoText(builder_utils.TableBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
         features = builder_utils.video_features(c.storage, c.height, c.width)
-        return tfds.core.DatasetInfo(
+        return builder_utils.LocalDatasetInfo(
             builder=self,
             features=tfds.features.FeaturesDict(features),
             description=f"Video-text pairs from {c.csv} and {c.video_dir}.",

@@ -81,3 +81,16 @@ def test_config_name_changes_with_every_setting(tmp_path):
     b = moving_shapes.builder(str(tmp_path), num_videos=6, seed=1).builder_config.name
     c = moving_shapes.builder(str(tmp_path), num_videos=6, seed=0).builder_config.name
     assert a != b and a == c
+
+
+def test_building_an_unprepared_dataset_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    """tfds' own DatasetInfo would leave an empty tmp*tfds directory per builder of an unprepared dataset."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    builder = moving_shapes.builder(str(tmp_path / "data"), num_videos=2, num_validation=1)
+    assert not builder_utils.is_prepared(builder)
+    assert isinstance(builder.info, builder_utils.LocalDatasetInfo)
+    assert list(scratch.iterdir()) == []
