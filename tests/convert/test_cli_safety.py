@@ -16,13 +16,11 @@ import pytest
 from lavie_jax.convert import export
 from lavie_jax.convert.cli import main
 from tests.convert.helpers import save_state_dict
-from tests.models.tiny_configs import SD_LIKE, random_state_dict
+from tests.models.tiny_configs import SD_SMALL, random_state_dict
 from tests.conftest import child_env
 
-# Two levels, one layer each: quick to trace, and every path here is about files, not numerics.
-SMALL = dict(SD_LIKE, attention_head_dim=[1, 1], block_out_channels=[32, 32], layers_per_block=1,
-             down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+# Every path here is about files, not numerics: the smallest two-level UNet.
+SMALL = dict(SD_SMALL, attention_head_dim=[1, 1], block_out_channels=[32, 32])
 
 
 @pytest.fixture(scope="module")

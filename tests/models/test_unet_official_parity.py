@@ -15,7 +15,7 @@ from flax import nnx
 
 from lavie_jax.convert.state_dict import load_state_dict
 from lavie_jax.models import abstract_unet
-from tests.models.tiny_configs import SD_SMALL, X4_LIKE, rel_err
+from tests.models.tiny_configs import SD_SMALL, X4_SMALL, rel_err
 
 pytest.importorskip("diffusers")  # the reference takes Timesteps/TimestepEmbedding/FeedForward from it
 from tests.models.torch_reference import UNet3DReference, randomize_  # noqa: E402
@@ -23,11 +23,9 @@ from tests.models.torch_reference import UNet3DReference, randomize_  # noqa: E4
 BASE = dict(SD_SMALL, norm_eps=0.05, mid_block_scale_factor=1.5)  # temporal head dims 32 (1 head) and 2 x 32 (mid)
 INTERP = dict(SD_SMALL, in_channels=8, attention_head_dim=[2, 4], use_linear_projection=True, flip_sin_to_cos=False,
               freq_shift=1, center_input_sample=True)
-VSR_32 = dict(X4_LIKE, block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=[1, 1],  # head dim 64
-              down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-              up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-              only_cross_attention=[False, True], num_class_embeds=20, norm_num_groups=32,
-              down_temporal_idx=[0, 1], mid_temporal=True, up_temporal_idx=[0, 1])
+VSR_32 = dict(X4_SMALL, attention_head_dim=[1, 1], only_cross_attention=[False, True],  # head dim 64
+              num_class_embeds=20, norm_num_groups=32, down_temporal_idx=[0, 1], mid_temporal=True,
+              up_temporal_idx=[0, 1])
 # Task-1 regression: the VSR temporal resnets keep 32 groups / eps 1e-6 whatever norm_num_groups/norm_eps say.
 VSR_16 = dict(VSR_32, norm_num_groups=16, norm_eps=0.05, mid_block_scale_factor=0.5, down_temporal_idx=[1],
               up_temporal_idx=[0])
