@@ -127,11 +127,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, over
     path = prepare_workdir(workdir, config, overwrite)
     _say(f"{config.stage} stage on {jax.device_count()} device(s) ({jax.devices()[0].device_kind}), mesh "
          f"{dict(mesh.shape)}, {jax.process_count()} process(es); work directory {path}")
-    run = build_run(config, mesh)
-    _say(f"params: {run.groups.summary()}")
     ckpt = workdirs.TrainCheckpointer(path, save_every=t.checkpoint_every, keep=t.keep, keep_every=t.keep_every,
                                       config=config)
     try:
+        # a resumed run restores every leaf of the state: it is built abstractly (no random init or `train.init`
+        # read, which for a full-size UNet is a compile and seconds of device time thrown away)
+        run = build_run(config, mesh, abstract=ckpt.latest_step() is not None)
+        _say(f"params: {run.groups.summary()}")
         return _loop(run, config, path, ckpt, console)
     finally:
         ckpt.close()

@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 
 
-def _cli_args(workdir: Path, data_dir: str, steps: int = STEPS) -> list[str]:
+def _cli_args(workdir: Path, data_dir: str, steps: int = STEPS, batch: int = 2) -> list[str]:
     return [sys.executable, "-m", "lavie_jax.train.cli", "--config", "configs/base.py:tiny", "--workdir", str(workdir),
-            f"--config.data.data_dir={data_dir}", "--config.data.global_batch_size=2",
+            f"--config.data.data_dir={data_dir}", f"--config.data.global_batch_size={batch}",
             "--config.data.num_frames=2", "--config.data.images.per_clip=1", "--config.data.height=32",
             "--config.data.width=48", "--config.data.read_threads=1", "--config.data.moving_shapes.num_videos=16",
             "--config.data.moving_shapes.num_validation=4", "--config.data.moving_shapes.num_frames=24",
@@ -192,22 +192,21 @@ class _JoinedShards:
 @pytest.mark.slow
 def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
     """Two jax.distributed processes (one CPU device each, through the launchers' entry point) on a data = 2 mesh,
-    saving a checkpoint, stopping, and resuming from it, reach the losses of one process with two devices fed the
-    same global batches. (The one-process run goes first: the processes then find its compiled programs in the
-    persistent compilation cache.)"""
+    saving a checkpoint, stopping, and resuming from it, reach the losses of one process on one device fed the same
+    global batches. (The one-process run is test_step's tiny base config: its programs are in the persistent
+    compilation cache when that module ran first, and the other way round.)"""
     import portpicker
 
-    config = tiny_train_config("base", train_data_dir, num_steps=4, checkpoint_every=2)
-    config.data.global_batch_size = 2
+    config = tiny_train_config("base", train_data_dir)  # 4 steps of 8 examples, a checkpoint every 2
     real = loop.make_iterator
     monkeypatch.setattr(loop, "make_iterator", lambda data, **kw: _JoinedShards(real, data, 2, **kw))
-    loop.train(config, tmp_path / "one", devices=jax.devices()[:2], console=False)
+    loop.train(config, tmp_path / "one", devices=jax.devices()[:1], console=False)
 
     workdir = tmp_path / "two"
 
     def two_processes(steps: int) -> list[str]:
         port = portpicker.pick_unused_port()
-        procs = [subprocess.Popen(_cli_args(workdir, train_data_dir, steps=steps) + [
+        procs = [subprocess.Popen(_cli_args(workdir, train_data_dir, steps=steps, batch=config.data.global_batch_size) + [
             "--distributed", "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
         outputs = []
