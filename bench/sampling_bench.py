@@ -28,6 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lavie_jax import xla_cpu  # noqa: E402
+
 from bench.common import timed as _time  # noqa: E402
 from lavie_jax.sampling import programs  # noqa: E402
 from lavie_jax.sampling.pipeline import random_pipeline  # noqa: E402
@@ -85,6 +87,7 @@ COLUMNS = (  # (result key, header, format)
 
 
 def main() -> None:
+    xla_cpu.configure()  # before jax starts its CPU backend: the options lavie-train / lavie-sample run with
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", nargs="+", default=["base", "interpolation", "vsr"],
                    choices=["base", "interpolation", "vsr"])

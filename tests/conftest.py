@@ -5,15 +5,19 @@ the environment) and later runs: most of the suite's time is XLA compiling the s
 import os
 from pathlib import Path
 
+from lavie_jax import xla_cpu  # imports nothing of jax
+
 # Compile speed over run speed: the suite's programs are tiny and most run a few times, while XLA:CPU compiling
 # them is most of the suite's time; LLVM at -O0 halves that (measured: a tiny train step 16.2 s -> 8.9 s).
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",)
 
 
 def xla_flags(devices: int = 1) -> str:
-    """XLA_FLAGS for this suite's processes: the fast-compile flags, and `devices` emulated CPU devices."""
+    """XLA_FLAGS for this suite's processes: the fast-compile flags, `devices` emulated CPU devices, and the CPU
+    options lavie-jax's entry points set (lavie_jax.xla_cpu: the suite runs what users run, and a CLI started by a
+    test compiles under the same flags as the test, so they share the persistent cache)."""
     count = (f"--xla_force_host_platform_device_count={devices}",) if devices > 1 else ()
-    return " ".join(count + FAST_COMPILE_FLAGS)
+    return " ".join(count + FAST_COMPILE_FLAGS + xla_cpu.cpu_flags())
 
 
 def child_env(devices: int = 1, **extra: str) -> dict[str, str]:

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lavie_jax import xla_cpu
+
 # Held-in prompts (captions of training videos): the first eight name every colour and every direction once, the
 # second eight pair them differently.
 PROMPTS = (
@@ -278,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # compiled programs are kept for the next run (which then only samples); before jax is imported
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / "cache" / "jax"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    xla_cpu.configure()
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     import absl.logging
