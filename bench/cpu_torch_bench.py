@@ -22,15 +22,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lavie_jax import xla_cpu  # noqa: E402
-
-xla_cpu.configure()  # before jax starts its CPU backend: what lavie-train / lavie-sample run with
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import call_times  # noqa: E402
+from lavie_jax import xla_cpu  # noqa: E402
 from lavie_jax.convert.state_dict import load_state_dict  # noqa: E402
 from lavie_jax.models import abstract_unet, arch_from_config, official_unet_config  # noqa: E402
 from lavie_jax.models.flops import unet_forward_flops  # noqa: E402
@@ -46,6 +43,7 @@ def _inputs(arch, stage: str, frames: int, size: int, seed: int = 0):
 
 
 def main() -> None:
+    xla_cpu.configure()  # before jax starts its CPU backend: the options lavie-train / lavie-sample run with
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", default="base", choices=["base", "interpolation", "vsr"])
     p.add_argument("--frames", type=int, default=8)

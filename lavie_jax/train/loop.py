@@ -132,17 +132,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, over
     try:
         # a resumed run restores every leaf of the state: it is built abstractly (no random init or `train.init`
         # read, which for a full-size UNet is a compile and seconds of device time thrown away)
-        run = build_run(config, mesh, abstract=ckpt.latest_step() is not None)
+        latest = ckpt.latest_step()
+        run = build_run(config, mesh, abstract=latest is not None)
         _say(f"params: {run.groups.summary()}")
-        return _loop(run, config, path, ckpt, console)
+        return _loop(run, config, path, ckpt, latest, console)
     finally:
         ckpt.close()
 
 
-def _restore(run: Run, ckpt: workdirs.TrainCheckpointer, config: ml_collections.ConfigDict
+def _restore(run: Run, ckpt: workdirs.TrainCheckpointer, config: ml_collections.ConfigDict, latest: int | None
              ) -> tuple[Any, int | None, Any]:
-    """(state, step resumed from or None, data-iterator state) of the latest complete checkpoint, if any."""
-    latest = ckpt.latest_step()
+    """(state, step resumed from or None, data-iterator state) of checkpoint step `latest` (the latest complete
+    one), if any."""
     if latest is None:
         return run.state, None, None
     workdirs.check_config(ckpt.stored_config(latest), config)
@@ -153,9 +154,9 @@ def _restore(run: Run, ckpt: workdirs.TrainCheckpointer, config: ml_collections.
 
 
 def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdirs.TrainCheckpointer,
-          console: bool) -> TrainResult:
+          latest: int | None, console: bool) -> TrainResult:
     t = config.train
-    state, resumed, data_state = _restore(run, ckpt, config)
+    state, resumed, data_state = _restore(run, ckpt, config, latest)
     start = int(jax.device_get(state.step))
     if resumed is not None:
         _say(f"resumed from step {resumed} ({path / workdirs.CHECKPOINTS_DIR / str(resumed)})")
