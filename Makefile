@@ -28,7 +28,7 @@ demo: $(STAMP_RUN)
 	$(PY) -m lavie_jax.demo
 
 test: $(STAMP_TEST)
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # Benchmarks print tables; they are not part of `make test` (minutes on 2 CPU cores).
 bench: $(STAMP_TEST)
