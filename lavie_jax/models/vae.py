@@ -360,10 +360,12 @@ def build_vae(config: VAEConfig | Mapping[str, Any] | str, *, seed: int = 0, dty
     return AutoencoderKL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, max_attention_logits=max_attention_logits)
 
 
-def abstract_vae(config: VAEConfig | Mapping[str, Any] | str, *, dtype=jnp.float32) -> AutoencoderKL:
+def abstract_vae(config: VAEConfig | Mapping[str, Any] | str, *, dtype=jnp.float32,
+                 max_attention_logits: int = 2 ** 26) -> AutoencoderKL:
     """The same module with `jax.ShapeDtypeStruct` leaves (no memory): for shapes, parameter counts and restores."""
     cfg = vae_config_from_dict(VAE_CONFIGS[config] if isinstance(config, str) else config)
-    return abstract_model(("vae", cfg, jnp.dtype(dtype).name), lambda: build_vae(cfg, dtype=dtype))
+    return abstract_model(("vae", cfg, jnp.dtype(dtype).name, max_attention_logits),
+                          lambda: build_vae(cfg, dtype=dtype, max_attention_logits=max_attention_logits))
 
 
 _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}

@@ -21,7 +21,7 @@ from tests.train.conftest import tiny_train_config
 from tests.conftest import child_env
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 8
+STEPS, CHECKPOINT_EVERY = 8, 4  # few saves: orbax takes 1-2 s per save of the tiny state's ~1000 arrays
 
 
 def _cli_args(workdir: Path, data_dir: str, steps: int = STEPS, batch: int = 2) -> list[str]:
@@ -31,7 +31,8 @@ def _cli_args(workdir: Path, data_dir: str, steps: int = STEPS, batch: int = 2) 
             "--config.data.width=48", "--config.data.read_threads=1", "--config.data.moving_shapes.num_videos=16",
             "--config.data.moving_shapes.num_validation=4", "--config.data.moving_shapes.num_frames=24",
             "--config.data.moving_shapes.height=32", "--config.data.moving_shapes.width=48",
-            f"--config.train.num_steps={steps}", "--config.train.log_every=1", "--config.train.checkpoint_every=2"]
+            f"--config.train.num_steps={steps}", "--config.train.log_every=1",
+            f"--config.train.checkpoint_every={CHECKPOINT_EVERY}"]
 
 
 def _env() -> dict[str, str]:
@@ -83,7 +84,8 @@ def test_sigterm_saves_exits_zero_and_the_rerun_continues_bitwise(uninterrupted,
     out = subprocess.run(_cli_args(workdir, train_data_dir), cwd=REPO, env=_env(), capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f"resumed from step {STEPS - 2}" in out.stdout and "is incomplete" in out.stderr
+    before = max(saved, STEPS - CHECKPOINT_EVERY)  # the newest complete step: the preemption's or the periodic one
+    assert f"resumed from step {before}" in out.stdout and "is incomplete" in out.stderr
     assert _losses(workdir) == _losses(uninterrupted)
 
 
@@ -192,12 +194,20 @@ class _JoinedShards:
 @pytest.mark.slow
 def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
     """Two jax.distributed processes (one CPU device each, through the launchers' entry point) on a data = 2 mesh,
-    saving a checkpoint, stopping, and resuming from it, reach the losses of one process on one device fed the same
-    global batches. (The one-process run is test_step's tiny base config: its programs are in the persistent
-    compilation cache when that module ran first, and the other way round.)"""
+    starting from a saved UNet (`train.init`, read onto the two-process mesh), saving a checkpoint, stopping, and
+    resuming from it, reach the losses of one process on one device fed the same global batches and weights.
+    (The one-process run is test_step's tiny base config: its step program is in the persistent compilation cache
+    when that module ran first, and the other way round. The second process never finds the first one's programs
+    in that cache, whose keys differ per process on the CPU; starting from saved weights spares both processes the
+    random-init program.)"""
     import portpicker
 
+    from lavie_jax.checkpoints import save_model
+    from lavie_jax.sampling.pipeline import random_pipeline
+
     config = tiny_train_config("base", train_data_dir)  # 4 steps of 8 examples, a checkpoint every 2
+    config.train.init = str(tmp_path / "init")
+    save_model(random_pipeline(config).unet, config.train.init)  # weights drawn on the host
     real = loop.make_iterator
     monkeypatch.setattr(loop, "make_iterator", lambda data, **kw: _JoinedShards(real, data, 2, **kw))
     loop.train(config, tmp_path / "one", devices=jax.devices()[:1], console=False)
@@ -207,7 +217,8 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
     def two_processes(steps: int) -> list[str]:
         port = portpicker.pick_unused_port()
         procs = [subprocess.Popen(_cli_args(workdir, train_data_dir, steps=steps, batch=config.data.global_batch_size) + [
-            "--distributed", "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+            f"--config.train.init={config.train.init}", "--distributed", "--coordinator", f"localhost:{port}",
+            "--num-processes", "2", "--process-id", str(i)],
             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
         outputs = []
         for proc in procs:
