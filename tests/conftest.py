@@ -39,8 +39,8 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder`: each xdist worker takes whole files, in the
-# order below. These files hold most of the suite's time (seconds on the 2-core CI machine: 375, 280, 120, 105, 75,
-# 65); they go first, longest first, and the many short files fill in around them, so both workers finish together.
+# order below. These files hold most of the suite's time (longest first, as measured on the 2-core CI machine); they
+# go first, and the many short files fill in around them, so both workers finish together.
 # Whole files per worker also compute each module-scoped fixture once and keep a file's shared programs in one
 # process. Every other file keeps its collection order.
 LONG_FILES = ("train/test_loop.py", "train/test_step.py", "sampling/test_stages.py", "models/test_unet_behaviour.py",
