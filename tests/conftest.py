@@ -14,18 +14,41 @@ host_gc.configure()  # as the entry points do: tracing, a large part of the suit
 # jaxlib versions where it was measured (xla_cpu.TESTED_JAXLIB; XLA aborts on a flag it does not know), XLA's
 # classic elemental emitters instead of its MLIR fusion emitters: 18% fewer kernels in the tiny base train step
 # (2636 vs 3202) and 12.0-13.5 s instead of 13.1-17.7 s to compile it.
+# The classic emitters do not keep one property of the default ones: two differently structured programs (a scan of
+# all steps, or a few steps per call) giving bit-identical results; the tests of that property run under the
+# default emitters (`rerun_with_fusion_emitters`).
 _JAXLIB = xla_cpu.jaxlib_version()
 _MEASURED = _JAXLIB is not None and xla_cpu.TESTED_JAXLIB[0] <= _JAXLIB < xla_cpu.TESTED_JAXLIB[1]
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",) + (
-    ("--xla_cpu_use_fusion_emitters=false",) if _MEASURED else ())
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",)
+CLASSIC_EMITTERS = ("--xla_cpu_use_fusion_emitters=false",) if _MEASURED else ()
+FUSION_EMITTERS_RUN = "LAVIE_TEST_FUSION_EMITTERS"  # set in the process `rerun_with_fusion_emitters` starts
 
 
-def xla_flags(devices: int = 1) -> str:
+def xla_flags(devices: int = 1, classic_emitters: bool = True) -> str:
     """XLA_FLAGS for this suite's processes: the fast-compile flags, `devices` emulated CPU devices, and the CPU
     options lavie-jax's entry points set (lavie_jax.xla_cpu: the suite runs what users run, and a CLI started by a
     test compiles under the same flags as the test, so they share the persistent cache)."""
     count = (f"--xla_force_host_platform_device_count={devices}",) if devices > 1 else ()
-    return " ".join(count + FAST_COMPILE_FLAGS + xla_cpu.cpu_flags())
+    emitters = CLASSIC_EMITTERS if classic_emitters else ()
+    return " ".join(count + FAST_COMPILE_FLAGS + emitters + xla_cpu.cpu_flags())
+
+
+def rerun_with_fusion_emitters(request) -> bool:
+    """For a test of bit-identical results across differently structured programs: in the suite's processes, run the
+    test again in a fresh pytest process that compiles with XLA's default emitters (as users' programs do), assert
+    that it passed, and return True (the caller returns); in that process, return False (the caller runs)."""
+    if os.environ.get(FUSION_EMITTERS_RUN) or not CLASSIC_EMITTERS:
+        return False
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8, classic_emitters=False), JAX_PLATFORMS="cpu",
+               **{FUSION_EMITTERS_RUN: "1"})
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    return True
 
 
 def child_env(devices: int = 1, **extra: str) -> dict[str, str]:

@@ -17,6 +17,7 @@ import torch
 
 from lavie_jax.diffusion import classifier_free_guidance, make_sampler, sample_loop, step
 from lavie_jax.diffusion.schedules import alphas_cumprod, diffusers_alphas_cumprod, make_betas
+from tests.conftest import rerun_with_fusion_emitters
 from tests.models.tiny_configs import rel_err
 
 diffusers = pytest.importorskip("diffusers")
@@ -316,8 +317,10 @@ def test_sampler_errors():
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim_respaced"])
-def test_sample_loop_in_stretches_equals_one_scan(name):
+def test_sample_loop_in_stretches_equals_one_scan(name, request):
     """Running the loop a few steps per call (as the interruptible samplers do) gives the one-scan result."""
+    if rerun_with_fusion_emitters(request):  # bit for bit across two programs: under XLA's default emitters
+        return
     sampler = make_sampler(name, 10)
     rng = np.random.default_rng(0)
     x0 = jnp.asarray(rng.standard_normal(SHAPE), jnp.float32)

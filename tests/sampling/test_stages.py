@@ -11,6 +11,7 @@ from lavie_jax.sampling import programs
 from lavie_jax.sampling.pipeline import PipelineError
 from lavie_jax.sampling.stages import RequestError, StageSampler
 from lavie_jax.text import encode_prompts
+from tests.conftest import rerun_with_fusion_emitters
 from tests.models.tiny_configs import rel_err
 from tests.sampling.conftest import BASE_FRAMES, HEIGHT, STEPS, WIDTH, tiny_config
 
@@ -167,9 +168,11 @@ def test_wrong_stage_pipeline(pipelines, mesh1):
         StageSampler(tiny_config("interpolation"), pipelines["base"], mesh1)
 
 
-def test_steps_per_call_and_interrupts(pipelines, mesh1, base, monkeypatch):
+def test_steps_per_call_and_interrupts(pipelines, mesh1, base, monkeypatch, request):
     """The loop returns to Python every `steps_per_call` steps with the same result as one call for all steps,
     and an interrupt raised between calls stops the request there (nothing further is computed)."""
+    if rerun_with_fusion_emitters(request):  # bit for bit across two programs: under XLA's default emitters
+        return
     whole = StageSampler(tiny_config("base", steps_per_call=STEPS), pipelines["base"], mesh1)
     one = base.sample(PROMPTS[:1], seed=3)
     np.testing.assert_array_equal(whole.sample(PROMPTS[:1], seed=3).latents, one.latents)
