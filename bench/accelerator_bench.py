@@ -49,7 +49,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lavie_jax import host_gc, xla_cpu  # noqa: E402
+from lavie_jax import startup  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.train_bench import bench_config, synthetic_batch  # noqa: E402
@@ -407,8 +407,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    xla_cpu.configure()  # before jax starts its CPU backend: the options lavie-train / lavie-sample run with
-    host_gc.configure()  # fewer garbage-collector passes while tracing (lavie_jax.host_gc)
+    startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the :tiny configs and sizes (automatic on a CPU)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")

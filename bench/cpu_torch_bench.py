@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import call_times  # noqa: E402
-from lavie_jax import host_gc, xla_cpu  # noqa: E402
+from lavie_jax import startup  # noqa: E402
 from lavie_jax.convert.state_dict import load_state_dict  # noqa: E402
 from lavie_jax.models import abstract_unet, arch_from_config, official_unet_config  # noqa: E402
 from lavie_jax.models.flops import unet_forward_flops  # noqa: E402
@@ -43,8 +43,7 @@ def _inputs(arch, stage: str, frames: int, size: int, seed: int = 0):
 
 
 def main() -> None:
-    xla_cpu.configure()  # before jax starts its CPU backend: the options lavie-train / lavie-sample run with
-    host_gc.configure()  # fewer garbage-collector passes while tracing (lavie_jax.host_gc)
+    startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", default="base", choices=["base", "interpolation", "vsr"])
     p.add_argument("--frames", type=int, default=8)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from bench.common import median_time
-from lavie_jax import host_gc, xla_cpu
+from lavie_jax import startup
 from lavie_jax.models.clip import TEXT_ENCODER_CONFIGS, build_text_encoder
 from lavie_jax.models.vae import VAE_CONFIGS, build_vae
 from lavie_jax.text import encode_prompts, load_tokenizer, tokenize
@@ -97,8 +97,7 @@ def torch_rows(frames: int, repeats: int) -> list[list[str]]:
 
 
 def main() -> None:
-    xla_cpu.configure()  # before jax starts its CPU backend: the options lavie-train / lavie-sample run with
-    host_gc.configure()  # fewer garbage-collector passes while tracing (lavie_jax.host_gc)
+    startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=2, help="frames per VAE decode call besides 1")
     parser.add_argument("--repeats", type=int, default=3)

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lavie_jax import host_gc, xla_cpu  # noqa: E402
+from lavie_jax import startup  # noqa: E402
 
 from bench.common import timed as _time  # noqa: E402
 from lavie_jax.sampling import programs  # noqa: E402
@@ -87,8 +87,7 @@ COLUMNS = (  # (result key, header, format)
 
 
 def main() -> None:
-    xla_cpu.configure()  # before jax starts its CPU backend: the options lavie-train / lavie-sample run with
-    host_gc.configure()  # fewer garbage-collector passes while tracing (lavie_jax.host_gc)
+    startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", nargs="+", default=["base", "interpolation", "vsr"],
                    choices=["base", "interpolation", "vsr"])

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lavie_jax import host_gc, xla_cpu  # noqa: E402
+from lavie_jax import startup  # noqa: E402
 
 from bench.common import compile_timed, memory_bytes, step_times  # noqa: E402
 from lavie_jax import parallel  # noqa: E402
@@ -125,8 +125,7 @@ COLUMNS = (("stage", "<13"), ("size", "<5"), ("input", "<7"), ("attention", "<9"
 
 
 def main() -> None:
-    xla_cpu.configure()  # before jax starts its CPU backend: the options lavie-train / lavie-sample run with
-    host_gc.configure()  # fewer garbage-collector passes while tracing (lavie_jax.host_gc)
+    startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", nargs="+", default=["base", "interpolation", "vsr"],
                    choices=["base", "interpolation", "vsr"])

@@ -23,7 +23,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lavie_jax import host_gc, xla_cpu  # noqa: E402
+from lavie_jax import startup  # noqa: E402
 
 from bench.common import call_times  # noqa: E402
 from configs.common import stage_config  # noqa: E402
@@ -68,8 +68,7 @@ def bench_one(stage: str, size: str, repeats: int, peak: float) -> dict:
 
 
 def main() -> None:
-    xla_cpu.configure()  # before jax starts its CPU backend: the options lavie-train / lavie-sample run with
-    host_gc.configure()  # fewer garbage-collector passes while tracing (lavie_jax.host_gc)
+    startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", nargs="+", default=["base", "interpolation", "vsr"], choices=list(TINY))
     p.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])

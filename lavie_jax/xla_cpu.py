@@ -10,8 +10,8 @@ value. GPU and TPU backends ignore the option.
 The flag is experimental, and XLA aborts the process on a flag it does not know, so it is only set for the jaxlib
 versions where it was measured (`TESTED_JAXLIB`); elsewhere `configure()` does nothing. Call it first thing in a
 program, before anything touches a device (`lavie-train`, `lavie-sample`, `python -m lavie_jax.demo` and the
-benchmarks do; a library user on the CPU may too). A call after the CPU backend has started has no effect on that
-process, only on the processes it starts.
+benchmarks do, through `lavie_jax.startup`; a library user on the CPU may too). A call after the CPU backend has
+started has no effect on that process, only on the processes it starts.
 """
 
 from __future__ import annotations
@@ -33,12 +33,16 @@ def jaxlib_version() -> tuple[int, int] | None:
         return None
 
 
+def is_tested_jaxlib(version: tuple[int, int] | None = None) -> bool:
+    """Whether jaxlib `version` (default: the installed one) is in `TESTED_JAXLIB`, where the experimental XLA:CPU
+    flags this project sets were measured (and exist)."""
+    version = jaxlib_version() if version is None else version
+    return version is not None and TESTED_JAXLIB[0] <= version < TESTED_JAXLIB[1]
+
+
 def cpu_flags(version: tuple[int, int] | None = None) -> tuple[str, ...]:
     """The XLA_FLAGS entries `configure` adds for jaxlib `version` (default: the installed one)."""
-    version = jaxlib_version() if version is None else version
-    if version is None or not TESTED_JAXLIB[0] <= version < TESTED_JAXLIB[1]:
-        return ()
-    return (YNN_OFF,)
+    return (YNN_OFF,) if is_tested_jaxlib(version) else ()
 
 
 def configure(environ: MutableMapping[str, str] | None = None, version: tuple[int, int] | None = None) -> str:

@@ -17,10 +17,8 @@ host_gc.configure()  # as the entry points do: tracing, a large part of the suit
 # The classic emitters do not keep one property of the default ones: two differently structured programs (a scan of
 # all steps, or a few steps per call) giving bit-identical results; the tests of that property run under the
 # default emitters (`rerun_with_fusion_emitters`).
-_JAXLIB = xla_cpu.jaxlib_version()
-_MEASURED = _JAXLIB is not None and xla_cpu.TESTED_JAXLIB[0] <= _JAXLIB < xla_cpu.TESTED_JAXLIB[1]
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",)
-CLASSIC_EMITTERS = ("--xla_cpu_use_fusion_emitters=false",) if _MEASURED else ()
+CLASSIC_EMITTERS = ("--xla_cpu_use_fusion_emitters=false",) if xla_cpu.is_tested_jaxlib() else ()
 FUSION_EMITTERS_RUN = "LAVIE_TEST_FUSION_EMITTERS"  # set in the process `rerun_with_fusion_emitters` starts
 
 

@@ -7,7 +7,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lavie_jax"
 
 # bottom to top; a module may import modules of its own layer or of the layers before it
 LAYERS = (
-    ("foundations", ("stages", "parallel", "safe_io", "keycheck", "diffusion", "config_cli", "xla_cpu", "host_gc")),
+    ("foundations", ("stages", "parallel", "safe_io", "keycheck", "diffusion", "config_cli", "xla_cpu", "host_gc",
+                     "startup")),
     ("models", ("models",)),
     ("io", ("checkpoints", "video", "text", "workdir")),
     ("convert, data", ("convert", "data")),

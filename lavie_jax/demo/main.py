@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lavie_jax import host_gc, xla_cpu
+from lavie_jax import startup
 
 # Held-in prompts (captions of training videos): the first eight name every colour and every direction once, the
 # second eight pair them differently.
@@ -280,8 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # compiled programs are kept for the next run (which then only samples); before jax is imported
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / "cache" / "jax"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-    xla_cpu.configure()
-    host_gc.configure()  # fewer garbage-collector passes while tracing (lavie_jax.host_gc)
+    startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     import absl.logging

@@ -43,7 +43,7 @@ import jax
 import ml_collections
 from absl import flags, logging
 
-from lavie_jax import host_gc, xla_cpu
+from lavie_jax import startup
 from lavie_jax.checkpoints import CheckpointError
 from lavie_jax.config_cli import ConfigArgError, parse_config_flags
 from lavie_jax.keycheck import KeyMismatchError
@@ -604,8 +604,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     caller passing `argv` gets SystemExit as for any other failure."""
     console = argv is None
     argv = list(sys.argv if argv is None else argv)
-    xla_cpu.configure()  # before any backend starts
-    host_gc.configure()  # fewer garbage-collector passes while tracing (lavie_jax.host_gc)
+    startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(__doc__)
         print(define_flags().get_help())

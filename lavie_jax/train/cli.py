@@ -26,7 +26,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from lavie_jax import host_gc, xla_cpu
+from lavie_jax import startup
 from lavie_jax.config_cli import ConfigArgError, parse_config_flags
 
 # errors that mean "bad input": one paragraph, exit status 2 (imported lazily with jax, see `_user_errors`)
@@ -91,8 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (module docstring)."""
     argv = list(sys.argv if argv is None else argv)
     show_traceback = "--traceback" in argv
-    xla_cpu.configure()  # before any backend starts
-    host_gc.configure()  # fewer garbage-collector passes while tracing (lavie_jax.host_gc)
+    startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
     try:
         import absl.logging  # orbax and tfds log routine lines through absl
 
