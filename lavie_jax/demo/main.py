@@ -10,7 +10,8 @@ Phases (each prints its progress and time; a phase whose results are on disk is 
                    the real CLIP tokenizer as the pipeline directory DIR/encoders (lavie_jax.demo.encoders)
   3. precompute    latents + text embeddings of one clip per video, per stage (DIR/data/precomputed_latents)
   4. train         `lavie-train --config configs/STAGE.py:demo --workdir DIR/runs/STAGE` for base, interpolation
-                   and VSR (a rerun resumes from the checkpoints; a finished run is skipped)
+                   and VSR, as three processes at once (`--jobs 1`: one after another); their lines are prefixed
+                   with the stage. A rerun resumes from the checkpoints; a finished run is skipped
   5. sample        `lavie-sample` of the cascade for the fixed prompts (PROMPTS) into DIR/{base,interpolation,vsr}/
                    as PROMPT_WITH_UNDERSCORES.{mp4,gif,json}
   6. evaluate      colour / direction accuracy per stage from the decoded frames (lavie_jax.demo.evaluate): the
@@ -154,29 +155,37 @@ class Demo:
                 data.precompute_stage(config, frozen.encode_video, frozen.encode_text)
         self.done("precompute", skipped)
 
-    def train(self, stage: str) -> None:
+    def train(self, jobs: int = len(STAGES)) -> None:
+        """`lavie-train` for every stage whose run is not finished, up to `jobs` processes at a time. The stages
+        train on the dataset, not on each other's outputs, so they are independent; one run keeps about 1.6 of 2
+        cores busy (small kernels), so three at once finish sooner than one after another."""
         from lavie_jax import workdir as workdirs
         from lavie_jax.demo.console import say
-        from lavie_jax.train.cli import run as lavie_train
+        from lavie_jax.demo.parallel_runs import Run, run_all
 
-        config = self.config(stage)
-        workdir = self.runs / stage
-        argv = ["lavie-train", "--config", self.config_arg(stage), "--workdir", _rel(workdir),
-                *(f"--config.{k}={v}" for k, v in self.overrides())]
-        phase = f"train {stage}"
-        with self.clock.phase(phase, f"{config.train.num_steps} steps of {config.data.global_batch_size} clips"):
+        runs, self.stage_seconds = [], dict(self.built.get("train_stages", {}))
+        for stage in STAGES:
+            config = self.config(stage)
+            workdir = self.runs / stage
             latest = None
             if workdirs.is_workdir(workdir):
                 with workdirs.TrainCheckpointer(workdir, save_every=0, read_only=True) as ckpt:
                     latest = ckpt.latest_step()
-            skipped = latest is not None and latest >= config.train.num_steps
-            if skipped:
-                say(f"found {_rel(workdir)} at step {latest}")
-            else:
-                say(" ".join(shlex.quote(a) for a in argv))
-                lavie_train(argv)
-        self.info.setdefault("training", {})[stage] = _train_summary(workdir, config)
-        self.done(phase, skipped)
+            if latest is not None and latest >= config.train.num_steps:
+                say(f"{stage}: found {_rel(workdir)} at step {latest}")
+                continue
+            argv = ["lavie-train", "--config", self.config_arg(stage), "--workdir", _rel(workdir),
+                    *(f"--config.{k}={v}" for k, v in self.overrides())]
+            runs.append(Run(stage, argv, f"{config.train.num_steps} steps of {config.data.global_batch_size} clips"))
+        what = ", ".join(f"{r.name} ({r.what})" for r in runs) or "nothing left to train"
+        with self.clock.phase("train", f"{what}; {min(jobs, max(len(runs), 1))} lavie-train process(es) at a time"):
+            self.stage_seconds.update(run_all(runs, jobs, cwd=Path.cwd(), pythonpath=REPO, log=say))
+        for stage in STAGES:
+            self.info.setdefault("training", {})[stage] = dict(
+                _train_summary(self.runs / stage, self.config(stage)), seconds=self.stage_seconds.get(stage))
+        if runs:
+            self.built["train_stages"] = {k: round(v, 1) for k, v in self.stage_seconds.items()}
+        self.done("train", not runs)
 
     def sample(self) -> list:
         from lavie_jax.demo.console import say
@@ -275,7 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--output", default="outputs/demo", help="where everything goes (default: outputs/demo)")
+    p.add_argument("--jobs", type=int, default=len(STAGES), metavar="N",
+                   help=f"lavie-train processes at a time (default: {len(STAGES)}, every stage at once)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     out = Path(args.output)
     # compiled programs are kept for the next run (which then only samples); before jax is imported
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / "cache" / "jax"))
@@ -294,8 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.data()
     demo.encoders()
     demo.precompute()
-    for stage in STAGES:
-        demo.train(stage)
+    demo.train(args.jobs)
     results = demo.sample()
     summary = demo.evaluate(results)
     closing(summary, demo)
