@@ -172,6 +172,7 @@ class Demo:
                 with workdirs.TrainCheckpointer(workdir, save_every=0, read_only=True) as ckpt:
                     latest = ckpt.latest_step()
             if latest is not None and latest >= config.train.num_steps:
+                _check_unchanged(workdir, config)
                 say(f"{stage}: found {_rel(workdir)} at step {latest}")
                 continue
             argv = ["lavie-train", "--config", self.config_arg(stage), "--workdir", _rel(workdir),
@@ -252,6 +253,25 @@ class Demo:
         }
 
 
+class DemoError(RuntimeError):
+    """Something on disk the demo will not use or replace by itself; the message says what to do."""
+
+
+def _check_unchanged(workdir: Path, config) -> None:
+    """A finished run is reused only if it was trained with this config (e.g. not by an older version of the demo)."""
+    from lavie_jax import workdir as workdirs
+    from lavie_jax.train.loop import CONFIG_FILE
+
+    stored = workdir / CONFIG_FILE
+    try:
+        workdirs.check_config(stored.read_text() if stored.is_file() else None, config)
+    except workdirs.ConfigMismatchError as e:
+        fields = "\n".join(line for line in str(e).splitlines() if line.startswith("  "))
+        raise DemoError(f"{_rel(workdir)} was trained with a different config (an older demo?):\n{fields}\n"
+                        f"Delete {_rel(workdir)} (or all of {_rel(workdir.parent.parent)}) to train it again; the "
+                        "demo does not delete it for you.") from None
+
+
 def _train_summary(workdir: Path, config) -> dict[str, Any]:
     """Steps, the last logged losses and the time of a training run, from its metrics.jsonl."""
     lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").is_file() else []
@@ -303,11 +323,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     say(f"lavie-jax demo: data, autoencoder, three stages trained with lavie-train, the cascade sampled with "
         f"lavie-sample, checked from pixels; everything goes to {_rel(out)}/")
+    from lavie_jax.demo.parallel_runs import RunFailed
+
     demo = Demo(out)
-    demo.data()
-    demo.encoders()
-    demo.precompute()
-    demo.train(args.jobs)
+    try:
+        demo.data()
+        demo.encoders()
+        demo.precompute()
+        demo.train(args.jobs)
+    except (DemoError, RunFailed) as e:
+        print(f"demo: error: {e}", file=sys.stderr, flush=True)
+        return 1
     results = demo.sample()
     summary = demo.evaluate(results)
     closing(summary, demo)

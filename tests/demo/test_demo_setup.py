@@ -77,3 +77,18 @@ def test_overview_grid_and_table():
                           overview.HEADER_H + 3 * (overview.CELL + overview.VERDICT_H + 6))
     table = accuracy_table(scores, TARGETS).splitlines()
     assert len(table) == 3 and all("NOT met" in line for line in table[1:])  # blank videos fail
+
+
+def test_a_finished_run_of_another_config_is_refused_not_reused(tmp_path):
+    from lavie_jax.demo.main import DemoError, _check_unchanged
+
+    config = load_config("configs/vsr.py:demo", [("data.data_dir", str(tmp_path))])
+    run = tmp_path / "runs" / "vsr"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(config.to_json_best_effort(indent=1))
+    _check_unchanged(run, config)  # the same config: reused
+    older = load_config("configs/vsr.py:demo", [("data.data_dir", str(tmp_path)), ("data.patch_size", "64")])
+    (run / "config.json").write_text(older.to_json_best_effort(indent=1))
+    with pytest.raises(DemoError, match=r"(?s)different config.*data\.patch_size: 64 -> 32.*Delete"):
+        _check_unchanged(run, config)
+    assert (run / "config.json").is_file()  # nothing deleted
