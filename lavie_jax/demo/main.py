@@ -334,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DemoError, RunFailed) as e:
         print(f"demo: error: {e}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:  # the training runs saved their checkpoints (parallel_runs); a rerun resumes
+        print("demo: interrupted; run it again to resume", file=sys.stderr, flush=True)
+        return 130
     results = demo.sample()
     summary = demo.evaluate(results)
     closing(summary, demo)

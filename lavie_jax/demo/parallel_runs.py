@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def run_all(runs: Sequence[Run], jobs: int, *, cwd: str | Path | None = None, py
     pending, active, seconds, lock = list(runs), {}, {}, threading.Lock()
 
     def start(run: Run) -> None:
-        log(f"{run.name}: {' '.join(run.argv)}")
+        log(f"{run.name}: {shlex.join(run.argv)}")
         # a session of its own: a Ctrl-C at the terminal reaches only the demo, which passes one SIGTERM on (a
         # second signal would stop lavie-train without saving)
         proc = subprocess.Popen(_command(run), cwd=cwd, env=_env(pythonpath), stdout=subprocess.PIPE,
@@ -105,7 +106,7 @@ def run_all(runs: Sequence[Run], jobs: int, *, cwd: str | Path | None = None, py
                 seconds[name] = time.perf_counter() - t0
                 if proc.returncode != 0:
                     stop_all()
-                    raise RunFailed(f"{name}: `{' '.join(run.argv)}` exited with status {proc.returncode}; the end "
+                    raise RunFailed(f"{name}: `{shlex.join(run.argv)}` exited with status {proc.returncode}; the end "
                                     "of its output:\n" + "\n".join(tail))
                 log(f"{name}: finished in {seconds[name]:.0f}s")
     except KeyboardInterrupt:
