@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -41,17 +40,6 @@ from lavie_jax.sampling import programs
 from lavie_jax.sampling.options import SampleOptions, sample_options
 from lavie_jax.sampling.pipeline import check_pipeline
 from lavie_jax.text import encode_prompts
-
-
-POLL_S = 0.002  # how often wait_ready looks: far below a denoising step
-
-
-def wait_ready(x: jax.Array) -> None:
-    """Wait for `x` in Python, polling: an interrupt's handler then runs here, between polls. Measured: a SIGINT that
-    lands inside jax's native `block_until_ready` wait could leave `lavie-sample` waiting for good (seen in the full
-    test suite, test_cli_interrupt)."""
-    while not x.is_ready():
-        time.sleep(POLL_S)
 
 
 class RequestError(ValueError):
@@ -311,11 +299,11 @@ class StageSampler:
         for start in range(0, self.sampler.num_steps, per):
             x = programs.denoise_steps(state, tables, x, np.int32(start), *rest, **kwargs)
             if previous is not None:
-                wait_ready(previous)
+                previous.block_until_ready()
                 if bar is not None:
                     bar.update(per)
             previous = x
-        wait_ready(x)
+        x.block_until_ready()
         if bar is not None:
             bar.update(per)
         return x
