@@ -197,7 +197,7 @@ DEMO_DATA = {
     "base": {"source": "low", "num_frames": 4, "frame_stride": 4, "global_batch_size": 32,
              "images": {"source": "video_frames", "per_clip": 1}},  # 4 key frames of a clip + 1 still image
     "interpolation": {"source": "low", "num_frames": 5, "frame_stride": 1, "global_batch_size": 16},  # K=2 windows
-    # 32x32 patches (8x8 latents): a quarter of the 64x64 patches' work per clip, and the convolutions do not care
+    # 32x32 patches (8x8 latents): a quarter of the 64x64 patches' work per clip (the 15-minute budget)
     "vsr": {"source": "high", "num_frames": 4, "frame_stride": 1, "global_batch_size": 16, "patch_size": 32,
             "images": {"source": "none", "ratio": 0.0}},
 }
