@@ -164,8 +164,8 @@ class Demo:
         from lavie_jax.demo.parallel_runs import Run, run_all
 
         runs, self.stage_seconds = [], dict(self.built.get("train_stages", {}))
-        for stage in STAGES:
-            config = self.config(stage)
+        configs = {stage: self.config(stage) for stage in STAGES}
+        for stage, config in configs.items():
             workdir = self.runs / stage
             latest = None
             if workdirs.is_workdir(workdir):
@@ -180,10 +180,10 @@ class Demo:
             runs.append(Run(stage, argv, f"{config.train.num_steps} steps of {config.data.global_batch_size} clips"))
         what = ", ".join(f"{r.name} ({r.what})" for r in runs) or "nothing left to train"
         with self.clock.phase("train", f"{what}; {min(jobs, max(len(runs), 1))} lavie-train process(es) at a time"):
-            self.stage_seconds.update(run_all(runs, jobs, cwd=Path.cwd(), pythonpath=REPO, log=say))
-        for stage in STAGES:
+            self.stage_seconds.update(run_all(runs, jobs, cwd=Path.cwd(), log=say))
+        for stage, config in configs.items():
             self.info.setdefault("training", {})[stage] = dict(
-                _train_summary(self.runs / stage, self.config(stage)), seconds=self.stage_seconds.get(stage))
+                _train_summary(self.runs / stage, config), seconds=self.stage_seconds.get(stage))
         if runs:
             self.built["train_stages"] = {k: round(v, 1) for k, v in self.stage_seconds.items()}
         self.done("train", not runs)

@@ -46,11 +46,8 @@ def _command(run: Run) -> list[str]:
     return run.command or [sys.executable, "-m", "lavie_jax.train.cli", *run.argv[1:]]
 
 
-def _env(pythonpath: str | Path | None) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if pythonpath is not None:  # the configs/ package beside lavie_jax (an editable install)
-        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [env.get("PYTHONPATH")])])
-    return env
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONUNBUFFERED="1")  # lines as they come (the config file puts configs/ on sys.path)
 
 
 def _pump(name: str, stream, tail: deque, lock: threading.Lock) -> None:
@@ -64,7 +61,7 @@ def _pump(name: str, stream, tail: deque, lock: threading.Lock) -> None:
     stream.close()
 
 
-def run_all(runs: Sequence[Run], jobs: int, *, cwd: str | Path | None = None, pythonpath: str | Path | None = None,
+def run_all(runs: Sequence[Run], jobs: int, *, cwd: str | Path | None = None,
             log: Callable[[str], None] = print) -> dict[str, float]:
     """Run every `Run`, at most `jobs` at a time, in the given order. Returns each run's wall time in seconds.
 
@@ -78,7 +75,7 @@ def run_all(runs: Sequence[Run], jobs: int, *, cwd: str | Path | None = None, py
         log(f"{run.name}: {shlex.join(run.argv)}")
         # a session of its own: a Ctrl-C at the terminal reaches only the demo, which passes one SIGTERM on (a
         # second signal would stop lavie-train without saving)
-        proc = subprocess.Popen(_command(run), cwd=cwd, env=_env(pythonpath), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(_command(run), cwd=cwd, env=_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
         tail: deque = deque(maxlen=TAIL_LINES)
         pump = threading.Thread(target=_pump, args=(run.name, proc.stdout, tail, lock), daemon=True)

@@ -32,11 +32,9 @@ def test_jobs_limits_how_many_run_at_once(tmp_path):
     kinds = [line.split()[0] for line in marks.read_text().splitlines()]
     assert kinds == ["start", "end"] * 3
     marks.unlink()
-    t0 = time.perf_counter()
     run_all(runs, jobs=3, log=lambda m: None)
     kinds = [line.split()[0] for line in marks.read_text().splitlines()]
     assert kinds[:3] == ["start"] * 3, "three jobs should all start before any ends"
-    assert time.perf_counter() - t0 < 3 * 0.3 + 5
 
 
 def test_a_failed_run_stops_the_others_and_says_why(tmp_path):
