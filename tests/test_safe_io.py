@@ -254,6 +254,20 @@ def test_sigterm_becomes_an_interrupt_and_the_swap_is_never_split(tmp_path, monk
     assert json.loads((out / "owner.json").read_text())["version"] == 2 and hidden(tmp_path) == []
 
 
+def test_an_ignored_sigint_stays_ignored():
+    """A background job (started with `&` where the shell has no job control) inherits SIGINT ignored: Ctrl-C in
+    the terminal is not meant for it, so terminate_as_interrupt must not turn that SIGINT into an interrupt."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with terminate_as_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # a handler would run between these bytecodes
+                pass
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # A write killed with SIGKILL mid-way (no clean-up can run): the temporary stays, marked with the dead process.
 KILLED_WRITE = """
 import sys, time

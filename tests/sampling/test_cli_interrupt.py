@@ -111,9 +111,15 @@ def test_interrupt_before_sampling_writes_nothing(tmp_path, monkeypatch, capsys)
 
 
 def _start(output: Path) -> tuple[subprocess.Popen, threading.Event, list[str]]:
-    """A real `lavie-sample` on the tiny config with far more steps than the test waits for (one device)."""
+    """A real `lavie-sample` on the tiny config with far more steps than the test waits for (one device).
+
+    The child takes SIGINT as a terminal's foreground job does. A job a shell starts in the background without job
+    control (`make test &` in a script) inherits SIGINT ignored, and lavie-sample rightly keeps it ignored
+    (`safe_io.terminate_as_interrupt`), so without this the SIGINT run would sample on and the test would hang."""
     env = child_env(PYTHONPATH=str(ROOT))
-    argv = [sys.executable, "-c", "from lavie_jax.sampling.cli import main; main()",
+    program = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "from lavie_jax.sampling.cli import main; main()")
+    argv = [sys.executable, "-c", program,
             "--config", f"{ROOT}/configs/base.py:tiny", "--checkpoint", "random", "--prompt", "a cat",
             # steps slow enough (~0.1 s each) that the run is still denoising when the signal comes
             "--config.sample.steps=1000", "--config.sample.num_frames=16", "--config.sample.height=64",
