@@ -62,7 +62,8 @@ def jax_preemption_service_running() -> bool:
 class PreemptionHandler:
     """Context manager: catch SIGTERM (and SIGINT if asked) and answer `should_stop(step)` the same everywhere.
 
-    sigint: also stop gracefully on the first Ctrl-C; a second one raises KeyboardInterrupt as usual.
+    sigint: also stop gracefully on the first Ctrl-C; a second one raises KeyboardInterrupt as usual (not when the
+        process ignores SIGINT, as a background job does).
     sync_every: with several processes in 'signal' mode, how often (in steps) the flags are all-gathered.
     mode: 'auto', 'jax' or 'signal' (see the module docstring).
     Handlers are installed on entry (main thread only) and the previous ones put back on exit.
@@ -99,7 +100,10 @@ class PreemptionHandler:
             raise RuntimeError("mode='jax' needs JAX's preemption service: call jax.distributed.initialize() with "
                                "jax_enable_preemption_service on (the default)")
         self.mode = "jax" if self.requested_mode == "jax" or (self.requested_mode == "auto" and running) else "signal"
-        signals = ([] if self.mode == "jax" else [signal.SIGTERM]) + ([signal.SIGINT] if self.sigint else [])
+        # an ignored SIGINT stays ignored: a job started in the background without job control inherits it so,
+        # as the terminal's Ctrl-C is not meant for it (lavie-sample does the same, safe_io.terminate_as_interrupt)
+        sigint = self.sigint and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        signals = ([] if self.mode == "jax" else [signal.SIGTERM]) + ([signal.SIGINT] if sigint else [])
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -46,13 +46,29 @@ def test_sigterm_sets_the_flag_and_the_previous_handler_comes_back():
 
 
 def test_first_sigint_stops_gracefully_the_second_interrupts():
-    previous = signal.getsignal(signal.SIGINT)
-    with PreemptionHandler(sigint=True, mode="signal") as preemption:
-        _deliver(signal.SIGINT)
-        assert preemption.should_stop(5) and preemption.reason == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal's foreground job
+    try:
+        with PreemptionHandler(sigint=True, mode="signal") as preemption:
             _deliver(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is previous
+            assert preemption.should_stop(5) and preemption.reason == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                _deliver(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """A background job started without job control inherits SIGINT ignored: the terminal's Ctrl-C is not for it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with PreemptionHandler(sigint=True, mode="signal") as preemption:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            _deliver(signal.SIGINT)
+            assert not preemption.signalled and not preemption.should_stop(1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_request_stop_and_argument_checks():
