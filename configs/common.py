@@ -197,18 +197,18 @@ DEMO_DATA = {
     "base": {"source": "low", "num_frames": 4, "frame_stride": 4, "global_batch_size": 32,
              "images": {"source": "video_frames", "per_clip": 1}},  # 4 key frames of a clip + 1 still image
     "interpolation": {"source": "low", "num_frames": 5, "frame_stride": 1, "global_batch_size": 16},  # K=2 windows
-    # 64x64 patches (16x16 latents) of the 128x128 frames: sampling runs on whole frames, and 32x32 patches (a
-    # sixteenth of a frame, half this time per step) lost colour on the cascade's videos (44% against 81%, measured)
-    "vsr": {"source": "high", "num_frames": 4, "frame_stride": 1, "global_batch_size": 8, "patch_size": 64,
+    # 32x32 patches (8x8 latents), for the 15 minutes. Sampling runs on whole 128x128 frames, and 64x64 patches at
+    # batch 8 kept more colour after the cascade (62-69% against 44%) but took the demo to 15m34s-15m45s (fresh
+    # clones, 200-250 VSR steps); with 450 base steps to make up for it the base kept only 81% of its colours
+    "vsr": {"source": "high", "num_frames": 4, "frame_stride": 1, "global_batch_size": 16, "patch_size": 32,
             "images": {"source": "none", "ratio": 0.0}},
 }
 DEMO_TRAIN = {  # lr: warm-up, then cosine decay to a tenth (short runs end converged, not noisy)
-    # step counts are set by the 15 minutes (fresh clone: base 500 + VSR 250 steps took 15m34s, base 450 + VSR 200
-    # took 13m50s but the base kept only 81% of the colours)
     "base": {"train": {"num_steps": 500, "log_every": 25}, "optimizer": {"lr": 2e-3, "warmup_steps": 25}},
-    # interpolation and VSR train beside the base run (three processes sharing the cores)
+    # interpolation and VSR train beside the base run (three processes sharing the cores). More VSR steps keep colour
+    # better (given the dataset's own videos: 70% of colours after 200 steps, all after 600) but cost time
     "interpolation": {"train": {"num_steps": 200, "log_every": 25}, "optimizer": {"lr": 2e-3, "warmup_steps": 25}},
-    "vsr": {"train": {"num_steps": 200, "log_every": 25}, "optimizer": {"lr": 2e-3, "warmup_steps": 25},
+    "vsr": {"train": {"num_steps": 250, "log_every": 25}, "optimizer": {"lr": 2e-3, "warmup_steps": 25},
             "objective": {"noise_level_max": 100}},  # sampling noises the low-res input at level 50
 }
 # v-prediction for every demo stage (the official base and interpolation models predict epsilon): after a few hundred

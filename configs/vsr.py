@@ -9,7 +9,7 @@ Run:
   lavie-train --config configs/vsr.py:demo --workdir outputs/demo/runs/vsr
   python -m bench.unet_bench --stages vsr
 Variants: `configs/vsr.py` (official full size), `configs/vsr.py:tiny` (CPU sized), `configs/vsr.py:demo` (what
-`make demo` trains: 64x64 patches, 32x32 -> 128x128 when sampling).
+`make demo` trains: 32x32 patches, 32x32 -> 128x128 when sampling).
 """
 
 import ml_collections
@@ -32,7 +32,7 @@ TINY_UNET = {
 }
 
 
-# `make demo`: three levels instead of four (its latents are 16x16 patches in training, 32x32 when sampling), every
+# `make demo`: three levels instead of four (its latents are 8x8 patches in training, 32x32 when sampling), every
 # level with the VSR's temporal modules; the lowest level self-attends, as the x4 upscaler's does.
 DEMO_UNET = {
     "block_out_channels": [32, 64, 64],

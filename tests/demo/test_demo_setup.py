@@ -87,8 +87,8 @@ def test_a_finished_run_of_another_config_is_refused_not_reused(tmp_path):
     run.mkdir(parents=True)
     (run / "config.json").write_text(config.to_json_best_effort(indent=1))
     _check_unchanged(run, config)  # the same config: reused
-    older = load_config("configs/vsr.py:demo", [("data.data_dir", str(tmp_path)), ("data.patch_size", "32")])
+    older = load_config("configs/vsr.py:demo", [("data.data_dir", str(tmp_path)), ("data.patch_size", "64")])
     (run / "config.json").write_text(older.to_json_best_effort(indent=1))
-    with pytest.raises(DemoError, match=r"(?s)different config.*data\.patch_size: 32 -> 64.*Delete"):
+    with pytest.raises(DemoError, match=r"(?s)different config.*data\.patch_size: 64 -> 32.*Delete"):
         _check_unchanged(run, config)
     assert (run / "config.json").is_file()  # nothing deleted
