@@ -102,7 +102,11 @@ def _finish(proc: subprocess.Popen, lines: list[str] | None = None, timeout: flo
 
 
 def _ours(line: str) -> bool:
-    return not line.startswith("[Gloo]")  # jax's CPU collectives print to stdout
+    """The child's own lines. jax's CPU collectives (Gloo) print to stdout too, and two of their threads' messages
+    can interleave mid-line ('Expected number of connected peer ranks is : 1' at a line start), so the child's
+    lines are recognised by their form, not Gloo's by a prefix."""
+    line = line.strip()
+    return bool(re.fullmatch(r"(start|step|done|saving) \d+", line) or STOP_LINE.match(line))
 
 
 def _run_until(proc: subprocess.Popen, line: str) -> list[str]:
