@@ -62,7 +62,12 @@ class IncompleteCheckpointWarning(UserWarning):
 
 
 class ConfigMismatchError(ValueError):
-    """A rerun's config differs from the stored one in fields that change the run."""
+    """A rerun's config differs from the stored one in fields that change the run; `differences` lists them, one
+    'field: old -> new' each."""
+
+    def __init__(self, message: str, differences: list[str] | tuple[str, ...] = ()):
+        super().__init__(message)
+        self.differences = list(differences)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,13 +466,13 @@ def check_config(stored_config_json: str | Mapping | None, new_config: Any, *,
         if any(fnmatch.fnmatchcase(field, p) for p in patterns):
             allowed.append(field)
         else:
-            errors.append(f"  {field}: {json.dumps(old)} -> {json.dumps(value)}")
+            errors.append(f"{field}: {json.dumps(old)} -> {json.dumps(value)}")
     if errors:
         place = f" in {where}" if where else ""
         raise ConfigMismatchError(
             f"the config differs from the one stored with the checkpoints{place} in fields a resumed run may not "
-            "change:\n" + "\n".join(errors) + "\nRerun with the stored values, start over with --overwrite (deletes "
-            "the checkpoints), or use a new work directory.")
+            "change:\n" + "\n".join(f"  {e}" for e in errors) + "\nRerun with the stored values, start over with "
+            "--overwrite (deletes the checkpoints), or use a new work directory.", errors)
     return allowed
 
 

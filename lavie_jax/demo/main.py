@@ -266,7 +266,7 @@ def _check_unchanged(workdir: Path, config) -> None:
     try:
         workdirs.check_config(stored.read_text() if stored.is_file() else None, config)
     except workdirs.ConfigMismatchError as e:
-        fields = "\n".join(line for line in str(e).splitlines() if line.startswith("  "))
+        fields = "\n".join(f"  {d}" for d in e.differences)
         raise DemoError(f"{_rel(workdir)} was trained with a different config (an older demo?):\n{fields}\n"
                         f"Delete {_rel(workdir)} (or all of {_rel(workdir.parent.parent)}) to train it again; the "
                         "demo does not delete it for you.") from None
