@@ -147,6 +147,11 @@ def torch_state_stream(directory: str | os.PathLike, *, group_bytes: int = DEFAU
     """
     meta = read_metadata(directory)
     model = abstract_component(meta["kind"], meta["config"])
+    if meta["kind"] == "text_encoder" and model.config.add_caption_sum:
+        raise CheckpointError(f"{directory}: this text encoder adds its caption's summed token embeddings to "
+                              "every token (add_caption_sum, e.g. the demo's random encoder); transformers' "
+                              "CLIPTextModel has no such option, so the exported weights would give other embeddings "
+                              "there. Export a plain CLIP text encoder instead")
     check_stored_params(directory, model)
     names, entries, extra = _official_layout(model, meta["kind"])
 

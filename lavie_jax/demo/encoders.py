@@ -7,6 +7,8 @@ machine, so the demo trains a small KL autoencoder on the dataset's frames and d
   1 / std of the latents, as Stable Diffusion's 0.18215 was, so the diffusion models see unit-variance latents.
 - Text encoder: `text_encoder_config('tiny', 64)`, a 2-layer CLIP text tower, random and never trained; token and
   position embeddings are N(0, 1) (as torch.nn.Embedding) so captions differ clearly. With the real CLIP tokenizer.
+  It adds the sum of the caption's token embeddings to every output token (`add_caption_sum`, see
+  lavie_jax.models.clip for why): without it the demo's UNets did not learn the direction word.
 
 Both are written as a pipeline directory without a UNet (`vae/`, `text_encoder/`, `tokenizer/`): what the stage
 configs' `train.encoders` name, and what `lavie-sample` loads again from each training run.
@@ -152,8 +154,10 @@ def psnr(vae: AutoencoderKL, frames: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------------------ text encoder
 
 def random_text_encoder(width: int, seed: int = 0) -> CLIPTextEncoder:
-    """`text_encoder_config('tiny', width)` with host-drawn random weights; embeddings N(0, 1) (module docstring)."""
-    encoder = randomize(abstract_text_encoder(text_encoder_config("tiny", width)), seed)
+    """`text_encoder_config('tiny', width)` with `add_caption_sum` and host-drawn random weights; embeddings
+    N(0, 1) (module docstring)."""
+    config = {**text_encoder_config("tiny", width), "add_caption_sum": True}
+    encoder = randomize(abstract_text_encoder(config), seed)
     rng = np.random.default_rng(seed + 1)
     emb = encoder.text_model.embeddings
     for table in (emb.token_embedding.embedding, emb.position_embedding.embedding):
@@ -230,7 +234,8 @@ def make_encoders(directory: str | Path, cfg: ml_collections.ConfigDict, low: np
     quality = {f"psnr_db_{name}": round(psnr(vae, frames), 2) for name, frames in held_out.items()}
     info = {"made_by": "lavie_jax.demo", "autoencoder_steps": int(cfg.steps),
             "final_losses": {k: round(v, 5) for k, v in losses.items()}, "scaling_factor": round(scale, 5),
-            **quality, "text_encoder": f"random tiny CLIP text tower, width {text_width}, seed {seed}"}
+            **quality, "text_encoder": f"random tiny CLIP text tower, width {text_width}, seed {seed}, caption sum "
+                                        "added to every token"}
     log(f"autoencoder: scaling factor {scale:.4f}, reconstruction "
         + ", ".join(f"{k[8:]} {v:.1f} dB" for k, v in quality.items()))
     write_encoders(directory, vae, vae_config, random_text_encoder(text_width, seed), info)

@@ -4,8 +4,13 @@ token + position embeddings -> N pre-LayerNorm layers (causal self-attention wit
 then an MLP fc1 -> activation -> fc2) -> final LayerNorm. Output: the last hidden state `[B, T, D]` that the UNets
 attend to, and the pooled state at the end-of-text token `[B, D]`.
 
-Param names follow the checkpoint files of Stable Diffusion (`text_model.encoder.layers.0.self_attn.q_proj`, ...).
-transformers >= 5 drops the `text_model.` prefix in memory; `canonical_clip_state_dict` accepts both layouts.
+One field is ours, not CLIP's: `add_caption_sum` (default off; `make demo`'s random encoder turns it on) adds the sum
+of the caption's token embeddings (the words between the start token and the first end-of-text token) to every token
+of the last hidden state. A trained CLIP spreads the caption over its padding tokens, which is what Stable
+Diffusion's cross-attention mostly reads, and encodes words near-additively; a random one does neither (in the
+demo's encoder a direction word moves the padding tokens by 3%, and no linear map reads the direction from its
+outputs across colours), so a UNet trained for a few hundred steps read the colour and shape words and missed the
+direction word. The sum is additive by construction and reaches every token.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class TextEncoderConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407  # 2 in pre-2023 configs: the pooled token is then the one with the largest id
+    add_caption_sum: bool = False  # ours, not CLIP's: add the caption's summed token embeddings (module docstring)
 
 
 def text_encoder_config_from_dict(config: Mapping[str, Any] | TextEncoderConfig) -> TextEncoderConfig:
@@ -89,6 +95,9 @@ def text_encoder_config_from_dict(config: Mapping[str, Any] | TextEncoderConfig)
                 "max_position_embeddings"):
         if not isinstance(v[key], int) or isinstance(v[key], bool) or v[key] <= 0:
             raise ConfigError(f"CLIP text encoder config field '{key}': expected a positive int, got {v[key]!r}")
+    if not isinstance(v["add_caption_sum"], bool):
+        raise ConfigError(f"CLIP text encoder config field 'add_caption_sum': expected true or false, got "
+                          f"{v['add_caption_sum']!r}")
     if v["hidden_size"] % v["num_attention_heads"]:
         raise ConfigError(f"CLIP text encoder config: hidden_size {v['hidden_size']} is not divisible by "
                           f"num_attention_heads {v['num_attention_heads']}")
@@ -188,7 +197,20 @@ class CLIPTextEncoder(nnx.Module):
         # Legacy configs (eos id 2) pool at the largest id, which is the first end-of-text token of a CLIP BPE.
         eos_pos = jnp.argmax(input_ids if cfg.eos_token_id == 2 else input_ids == cfg.eos_token_id, axis=-1)
         pooled = jnp.take_along_axis(hidden, eos_pos[:, None, None], axis=1)[:, 0]
+        if cfg.add_caption_sum:
+            hidden = hidden + self.caption_sum(input_ids)[:, None]
         return TextEncoderOutput(hidden, pooled)
+
+    def caption_sum(self, input_ids: jax.Array) -> jax.Array:
+        """`[B, T]` ids -> `[B, D]`: the sum of the token embeddings after the start token and before the first
+        end-of-text token (all of them when a truncated caption has none); zeros for an empty caption."""
+        cfg = self.config
+        eos = input_ids == (cfg.vocab_size - 1 if cfg.eos_token_id == 2 else cfg.eos_token_id)  # legacy: the last id
+        end = jnp.where(eos.any(axis=-1), jnp.argmax(eos, axis=-1), input_ids.shape[1])
+        pos = jnp.arange(input_ids.shape[1])[None]
+        words = (pos >= 1) & (pos < end[:, None])
+        embedded = self.text_model.embeddings.token_embedding(input_ids)
+        return jnp.sum(jnp.where(words[..., None], embedded, 0), axis=1)
 
 
 def build_text_encoder(config: TextEncoderConfig | Mapping[str, Any] | str, *, seed: int = 0,
@@ -207,7 +229,8 @@ def abstract_text_encoder(config: TextEncoderConfig | Mapping[str, Any] | str, *
 
 def text_encoder_config(name: str, width: int | None = None) -> dict[str, Any]:
     """A named text encoder config: 'sd14', 'x4', or 'tiny', a 2-layer encoder of width `width` (the UNet's
-    cross-attention width) with the real 49,408-token vocabulary (so the real tokenizer works)."""
+    cross-attention width) with the real 49,408-token vocabulary (so the real tokenizer works). All are plain CLIP
+    (`add_caption_sum` off)."""
     if name == "tiny":
         if not width:
             raise ValueError("the 'tiny' text encoder takes its width from the UNet: pass width")

@@ -10,6 +10,7 @@ from lavie_jax import parallel
 from lavie_jax.checkpoints import (CHECKPOINTS, CheckpointError, abstract_component, iter_stored_params,
                                    load_component, load_unet, read_metadata, save_model, write_params)
 from lavie_jax.convert.cli import Reporter, convert_lavie, main
+from lavie_jax.convert.export import export_checkpoint
 from lavie_jax.keycheck import KeyMismatchError
 from lavie_jax.safe_io import OutputPathError
 from lavie_jax.convert.state_dict import export_state_dict
@@ -53,6 +54,18 @@ def test_vae_and_text_encoder_round_trip(tmp_path):
         assert sorted(ref) == sorted(got) and all(np.array_equal(ref[k], got[k]) for k in ref)
     with pytest.raises(CheckpointError, match="holds a vae checkpoint, not a unet"):
         load_unet(tmp_path / "vae")
+
+
+def test_a_caption_sum_text_encoder_round_trips_and_is_not_exported(tmp_path):
+    """The demo's text encoder option survives save/load; export refuses it (CLIPTextModel cannot compute it)."""
+    config = {**tiny_clip_config(16, "gelu"), "add_caption_sum": True}
+    text = randomized(abstract_component("text_encoder", config), seed=3)
+    save_model(text, tmp_path / "text")
+    assert load_component(tmp_path / "text", "text_encoder").config.add_caption_sum
+    out = tmp_path / "text.safetensors"
+    with pytest.raises(CheckpointError, match="add_caption_sum.*Export a plain CLIP text encoder"):
+        export_checkpoint(tmp_path / "text", out, component="text_encoder")
+    assert not out.exists()
 
 
 def test_load_unet_onto_a_mesh(base_dir):

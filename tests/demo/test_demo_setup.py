@@ -4,7 +4,8 @@
   demo text encoder's width;
 - every demo prompt is a caption of the demo's training videos (held-in), and the prompts name every colour and
   every direction of the dataset;
-- the overview grid has one row per prompt and one group of frames per stage.
+- the overview grid has one row per prompt and one group of frames per stage;
+- in the demo's text encoder a caption's direction word reaches every token (`add_caption_sum`).
 """
 
 import jax
@@ -92,3 +93,29 @@ def test_a_finished_run_of_another_config_is_refused_not_reused(tmp_path):
     with pytest.raises(DemoError, match=r"(?s)different config.*data\.patch_size: 64 -> 32.*Delete"):
         _check_unchanged(run, config)
     assert (run / "config.json").is_file()  # nothing deleted
+
+
+def test_the_direction_word_reaches_every_token_of_the_demo_text_encoder():
+    """Swapping only the direction word moves the padding tokens by a large fraction with the demo's encoder; the
+    same random CLIP without the caption sum moves them by a few percent (why the option exists)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lavie_jax.demo.encoders import random_text_encoder
+    from lavie_jax.models.clip import abstract_text_encoder
+    from lavie_jax.text import default_tokenizer, tokenize
+
+    encoder = random_text_encoder(DEMO_TEXT_WIDTH)
+    assert encoder.config.add_caption_sum
+    ids = jnp.asarray(tokenize(default_tokenizer("sd14"), ["a red circle moving left", "a red circle moving up"],
+                               max_length=77))
+    plain = abstract_text_encoder(dataclasses.replace(encoder.config, add_caption_sum=False))
+    nnx.update(plain, nnx.state(encoder, nnx.Param))  # the same weights under the plain CLIP config
+
+    def pad_change(model) -> float:
+        pads = np.asarray(model(ids).last_hidden_state)[:, 20:]
+        return float(np.linalg.norm(pads[0] - pads[1]) / np.linalg.norm(pads[0]))
+
+    assert pad_change(plain) < 0.1 < 0.3 < pad_change(encoder)

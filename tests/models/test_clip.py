@@ -64,6 +64,29 @@ def test_parity_with_transformers(act, eos):
                                   sd["encoder.layers.1.self_attn.q_proj.weight"])
 
 
+@pytest.mark.parametrize("eos", [2, VOCAB - 1])
+def test_add_caption_sum_adds_the_summed_word_embeddings_to_every_token(eos):
+    """Our one non-CLIP option: torch's last hidden state plus, on every token, the sum of the token embeddings
+    after the start token and before the first end token (the whole row when truncated, nothing when empty)."""
+    config = _tiny("gelu", eos)
+    torch_model = _torch_clip(config)
+    ours = build_text_encoder({**config, "add_caption_sum": True})
+    load_state_dict(ours, canonical_clip_state_dict({k: v.numpy() for k, v in torch_model.state_dict().items()}))
+    ids = _ids(4)
+    ids[2, 1:] = np.arange(76) % (VOCAB - 2)  # truncated: no end token
+    ids[3, 1:] = VOCAB - 1  # empty caption
+    with torch.no_grad():
+        ref = torch_model(torch.from_numpy(ids))
+        table = torch_model.get_input_embeddings().weight.numpy()
+    ends = [list(row).index(VOCAB - 1) if VOCAB - 1 in row else 77 for row in ids]
+    words = np.stack([table[row[1:end]].sum(0) for row, end in zip(ids, ends)])
+    assert ends[:2] != [77, 77] and ends[2] == 77 and not words[3].any()
+    out = ours(jnp.asarray(ids))
+    assert rel_err(out.last_hidden_state, ref.last_hidden_state.numpy() + words[:, None]) <= 1e-5
+    assert rel_err(out.pooler_output, ref.pooler_output.numpy()) <= 1e-5  # pooling is CLIP's
+    assert not text_encoder_config_from_dict(config).add_caption_sum  # CLIP configs: off
+
+
 def test_bfloat16_compute_close():
     torch_model = _torch_clip(_tiny("quick_gelu", 2))
     sd = canonical_clip_state_dict({k: v.numpy() for k, v in torch_model.state_dict().items()})
@@ -106,6 +129,8 @@ def test_config_errors():
         text_encoder_config_from_dict({k: v for k, v in SD14_TEXT_ENCODER.items() if k != "hidden_size"})
     with pytest.raises(ConfigError, match="model_type"):
         text_encoder_config_from_dict({**SD14_TEXT_ENCODER, "model_type": "clip_vision_model"})
+    with pytest.raises(ConfigError, match="'add_caption_sum': expected true or false"):
+        text_encoder_config_from_dict({**SD14_TEXT_ENCODER, "add_caption_sum": 1})
 
 
 def test_input_errors():
