@@ -11,6 +11,9 @@ Diffusion's cross-attention mostly reads, and encodes words near-additively; a r
 demo's encoder a direction word moves the padding tokens by 3%, and no linear map reads the direction from its
 outputs across colours), so a UNet trained for a few hundred steps read the colour and shape words and missed the
 direction word. The sum is additive by construction and reaches every token.
+
+Param names follow the checkpoint files of Stable Diffusion (`text_model.encoder.layers.0.self_attn.q_proj`, ...).
+transformers >= 5 drops the `text_model.` prefix in memory; `canonical_clip_state_dict` accepts both layouts.
 """
 
 from __future__ import annotations
