@@ -27,6 +27,7 @@ import ml_collections
 from lavie_jax.data.config import default_data_config
 from lavie_jax.models.official import official_unet_config
 from lavie_jax.parallel import DEFAULT_RULES
+from lavie_jax.stages import DROPPED_TEXT
 from lavie_jax.train.optim import TRAIN_ALL_RULES, default_train_optim_config
 
 VARIANTS = ("full", "tiny", "demo")
@@ -233,8 +234,8 @@ SAMPLE_DEMO = {  # DDIM with few steps; interpolation follows its key frames and
     # official "blur, worst quality" means nothing to the demo's encoder). Colour after the cascade over VSR seeds
     # 10, 1, 2: 81/81/81% unguided, 94/88/88% at 5.0, 94/94/94% at 7.5 (direction 94/94/100%): the low-res input
     # leaves a shape between two palette colours, and the caption picks the right one
-    "vsr": {"steps": 10, "guidance_scale": 7.5, "negative_prompt": "None", "chunk_frames": 0, "formats": "mp4,gif",
-            "underscore_prompts": False},
+    "vsr": {"steps": 10, "guidance_scale": 7.5, "negative_prompt": DROPPED_TEXT["vsr"], "chunk_frames": 0,
+            "formats": "mp4,gif", "underscore_prompts": False},
 }
 # The autoencoder the demo trains (the same AutoencoderKL module, a small diffusers-style config) and its training.
 DEMO_AUTOENCODER = {
