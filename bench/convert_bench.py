@@ -1,17 +1,19 @@
 """Conversion benchmark: throughput and peak resident memory of `lavie-convert` on a full-size checkpoint.
 
-Generates a random full-size official base checkpoint (909M float32 params, ~3.6 GB, official key names and
-shapes, exact rotary buffers) in a temporary folder, converts it with `lavie-convert lavie` in a fresh process per
-input format, exports it back with `lavie-convert export`, and prints one row per run: input size, wall time of the
-whole command (interpreter start, imports and model build included), MB/s = input size / that time, the child's
+Generates a random full-size official base checkpoint (909M float32 params, ~3.6 GB, official key names and shapes,
+exact rotary buffers) in a temporary folder, converts it with `lavie-convert lavie` in a fresh process per input
+format, exports it back with `lavie-convert export`, and prints one row per kind of run: input size, wall time of
+the whole command (interpreter start, imports and model build included), MB/s = input size / that time, the child's
 CPU time (user + sys: the work done, whatever else shares the machine), its peak RSS (VmHWM) and peak RSS / input
-size. Targets (issue 13): >= 400 MB/s, peak RSS <= 1x. A child that only imports the converter gives the baseline
-RSS. Before every timed run the earlier runs' output is flushed to disk (`sync`), so no run pays for another's
-writeback. "warm": the input is in the page cache (it was just written); "cold" (--cold): its pages are dropped
-from the cache first (`posix_fadvise(DONTNEED)`), so it is read from disk. Everything is deleted at the end
-(unless --keep).
+size. Targets (issue 13): >= 400 MB/s, peak RSS <= 1x. Each run is repeated (`--repeats`, one fresh process each): a
+row gives the median time and MB/s, the range of MB/s and the largest peak RSS, because the page-cache work that
+dominates a conversion varies by tens of percent from run to run on a shared VM. A child that only imports the
+converter gives the baseline RSS. Before every timed run the earlier runs' output is flushed to disk (`sync`), so no
+run pays for another's writeback. "warm": the input is in the page cache (it was just written); "cold" (--cold): its
+pages are dropped from the cache first (`posix_fadvise(DONTNEED)`), so it is read from disk. Everything is deleted
+at the end (unless --keep).
 
-  python -m bench.convert_bench                               # safetensors and .pt ({'ema': ...}), warm, ~3 min
+  python -m bench.convert_bench                               # safetensors and .pt ({'ema': ...}), warm, ~5 min
   python -m bench.convert_bench --formats safetensors --cold --tmp /big/disk
   python -m bench.convert_bench --input lavie_base.safetensors --formats safetensors   # an existing file
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,9 +128,12 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="also convert with the input dropped from the page cache")
     parser.add_argument("--tmp", default=tempfile.gettempdir(), help="folder for the temporary files")
     parser.add_argument("--group-mb", type=int, default=DEFAULT_GROUP_BYTES >> 20)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row (median and range)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     args = parser.parse_args()
     formats = [f for f in args.formats.split(",") if f]
+    if args.repeats < 1:
+        sys.exit("--repeats must be at least 1")
     if args.input and len(formats) != 1:
         sys.exit("--input takes one --formats value (the file's format)")
     need = (2 if args.input else 3) * (3.7 * GB if args.stage != "vsr" else 2.8 * GB)
@@ -145,35 +151,36 @@ def main() -> None:
             inputs = write_inputs(folder, args.stage, formats)
             print(f"generated {', '.join(p.name for p in inputs.values())} in {time.perf_counter() - t0:.0f}s",
                   file=sys.stderr)
-        base_t, base_cpu, base_rss, _ = run_child(["-c", "import lavie_jax.convert.cli, orbax.checkpoint"],
-                                                  folder / "baseline.log")
-        rows.append(("imports only", 0, base_t, base_cpu, base_rss))
+        base = run_child(["-c", "import lavie_jax.convert.cli, orbax.checkpoint"], folder / "baseline.log")
+        rows.append(("imports only", 0, [base[:3]]))
         for fmt, path in inputs.items():
             size = path.stat().st_size
             for cache in ("warm", "cold") if args.cold else ("warm",):
                 out = folder / f"out_{fmt}"
-                if cache == "cold":
-                    drop_from_page_cache(path)
-                else:  # the input was just written; read it once more in case it was not (an --input file)
-                    with open(path, "rb") as f:
-                        while f.read(64 << 20):
-                            pass
-                seconds, cpu, rss, code = run_child(
-                    ["-m", "lavie_jax.convert.cli", "lavie", "--stage", args.stage, "--checkpoint", str(path),
-                     "--output", str(out), "--group-mb", str(args.group_mb)], folder / f"{fmt}.log")
-                if code:
-                    sys.exit(f"conversion of {path} failed:\n{(folder / f'{fmt}.log').read_text()[-3000:]}")
-                rows.append((f"convert .{path.suffix[1:]} ({cache})", size, seconds, cpu, rss))
-                if fmt == formats[0] and cache == "warm":
-                    exported = folder / "exported.safetensors"
-                    seconds, cpu, rss, code = run_child(
-                        ["-m", "lavie_jax.convert.cli", "export", "--checkpoint", str(out), "--output",
-                         str(exported), "--group-mb", str(args.group_mb)], folder / "export.log")
-                    if code:
-                        sys.exit(f"export failed:\n{(folder / 'export.log').read_text()[-3000:]}")
-                    rows.append(("export -> .safetensors", exported.stat().st_size, seconds, cpu, rss))
-                    exported.unlink()
-                shutil.rmtree(out)
+                runs, exports, exported_size = [], [], 0
+                for _ in range(args.repeats):
+                    if cache == "cold":
+                        drop_from_page_cache(path)
+                    else:  # the input was just written; read it once more in case it was not (an --input file)
+                        with open(path, "rb") as f:
+                            while f.read(64 << 20):
+                                pass
+                    runs.append(_checked(run_child(
+                        ["-m", "lavie_jax.convert.cli", "lavie", "--stage", args.stage, "--checkpoint", str(path),
+                         "--output", str(out), "--group-mb", str(args.group_mb)], folder / f"{fmt}.log"),
+                        f"conversion of {path}", folder / f"{fmt}.log"))
+                    if fmt == formats[0] and cache == "warm":
+                        exported = folder / "exported.safetensors"
+                        exports.append(_checked(run_child(
+                            ["-m", "lavie_jax.convert.cli", "export", "--checkpoint", str(out), "--output",
+                             str(exported), "--group-mb", str(args.group_mb)], folder / "export.log"),
+                            "export", folder / "export.log"))
+                        exported_size = exported.stat().st_size
+                        exported.unlink()
+                    shutil.rmtree(out)
+                rows.append((f"convert .{path.suffix[1:]} ({cache})", size, runs))
+                if exports:
+                    rows.append(("export -> .safetensors", exported_size, exports))
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -183,12 +190,27 @@ def main() -> None:
     values = sum(int(np.prod(s)) for s in official_shapes(args.stage).values())
     print(f"\nlavie-convert, full-size {args.stage} UNet ({values:,} values), group {args.group_mb} MB, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end\n")
-    print("| run | file size | time (s) | MB/s | CPU (s, user + sys) | peak RSS (GB) | peak RSS / file size |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, size, seconds, cpu, rss in rows:
+    print(f"| run | file size | time (s, median) | MB/s (median) | MB/s (range of {args.repeats}) | "
+          "CPU (s, user + sys) | peak RSS (GB, max) | peak RSS / file size |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, size, runs in rows:
+        seconds = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        rss = max(r[2] for r in runs)
+        rates = [size / r[0] / 1e6 for r in runs]
         rate = f"{size / seconds / 1e6:.0f}" if size else "-"
+        spread = f"{min(rates):.0f}-{max(rates):.0f}" if size else "-"
         ratio = f"{rss / size:.2f}x" if size else "-"
-        print(f"| {name} | {size / GB:.2f} GB | {seconds:.1f} | {rate} | {cpu:.1f} | {rss / GB:.2f} | {ratio} |")
+        print(f"| {name} | {size / GB:.2f} GB | {seconds:.1f} | {rate} | {spread} | {cpu:.1f} | {rss / GB:.2f} | "
+              f"{ratio} |")
+
+
+def _checked(run: tuple[float, float, int, int], what: str, log: Path) -> tuple[float, float, int]:
+    """(seconds, CPU seconds, peak RSS) of a `run_child` result, or exit with the child's log when it failed."""
+    seconds, cpu, rss, code = run
+    if code:
+        sys.exit(f"{what} failed:\n{log.read_text()[-3000:]}")
+    return seconds, cpu, rss
 
 
 if __name__ == "__main__":

@@ -24,9 +24,12 @@ and `tokenizer/`). Only such a directory (or an empty one) is ever replaced, and
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import gc
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -139,6 +142,21 @@ def _flatten(tree: Mapping[str, Any], prefix: KeyPath = ()) -> dict[KeyPath, Any
     return out
 
 
+@contextlib.contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """Python's collector leaves the objects that exist now (the models', jax's, orbax's) out of its scans for the
+    duration: streaming gigabytes through orbax allocates enough small objects to trigger a full collection again
+    and again, each walking all of them (7% of an export's time)."""
+    freeze = gc.get_freeze_count() == 0  # not nested: the outermost caller unfreezes
+    if freeze:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if freeze:
+            gc.unfreeze()
+
+
 def write_params(directory: str | os.PathLike, leaves: Iterable[tuple[Iterable[Any], np.ndarray]], *,
                  group_bytes: int = DEFAULT_GROUP_BYTES, progress: Progress | None = None) -> tuple[int, int]:
     """Save `(param path, array)` pairs as an orbax param tree at `directory` (which must not exist).
@@ -180,30 +198,25 @@ def write_params(directory: str | os.PathLike, leaves: Iterable[tuple[Iterable[A
             in_flight.append((ocp.partial.save_async(directory, _nest(group)), count, size))
         group, pending = {}, 0
 
-    freeze = gc.get_freeze_count() == 0  # the models' and libraries' objects: collections while streaming
-    if freeze:  # need not scan them again and again
-        gc.freeze()
-    try:
-        for path, value in leaves:
-            value = np.asarray(value)
-            group[_key(path)] = value
-            count, size, pending = count + 1, size + value.nbytes, pending + value.nbytes
-            if pending >= group_bytes:
+    with _gc_frozen():
+        try:
+            for path, value in leaves:
+                value = np.asarray(value)
+                group[_key(path)] = value
+                count, size, pending = count + 1, size + value.nbytes, pending + value.nbytes
+                if pending >= group_bytes:
+                    flush()
+            if group:
                 flush()
-        if group:
-            flush()
-        land()
-    except BaseException:
-        if in_flight:
-            with _uninterrupted():  # a second signal waits too: the write must stop before the directory goes
-                try:
-                    in_flight.pop()[0].result()
-                except Exception:  # noqa: BLE001 - the original error is the one to report
-                    pass
-        raise
-    finally:
-        if freeze:
-            gc.unfreeze()
+            land()
+        except BaseException:
+            if in_flight:
+                with _uninterrupted():  # a second signal waits too: the write must stop before the directory goes
+                    try:
+                        in_flight.pop()[0].result()
+                    except Exception:  # noqa: BLE001 - the original error is the one to report
+                        pass
+            raise
     if count == 0:
         raise CheckpointError("no params to write")
     ocp.partial.finalize(directory)
@@ -261,24 +274,38 @@ def load_params(directory: str | os.PathLike, model: nnx.Module, *, mesh: jax.sh
 
 def iter_stored_params(directory: str | os.PathLike, *, group_bytes: int = DEFAULT_GROUP_BYTES
                        ) -> Iterator[tuple[KeyPath, np.ndarray]]:
-    """`(path, numpy array)` of every stored param, loading `group_bytes` at a time (orbax partial loads)."""
+    """`(path, numpy array)` of every stored param, loading `group_bytes` at a time (orbax partial loads).
+
+    The next group loads in a background thread while the caller works through the current one (tensorstore's
+    reads release the GIL), so at most two groups are held; leaving the loop early waits for the load in flight.
+    """
     ocp = _orbax()
     shapes = stored_shapes(directory)
-    options = ocp.options.PyTreeOptions(loading=ocp.options.PyTreeOptions.Loading(partial_load=True))
-    paths = sorted(shapes)
-    start = 0
-    while start < len(paths):
-        end, size = start, 0
-        while end < len(paths) and (end == start or size + 4 * int(np.prod(shapes[paths[end]])) <= group_bytes):
-            size += 4 * int(np.prod(shapes[paths[end]]))
-            end += 1
-        target = {p: np.empty(shapes[p], np.float32) for p in paths[start:end]}  # placeholders: restore numpy
-        with ocp.Context(pytree_options=options):
-            group = _flatten(ocp.load(Path(directory).absolute() / PARAMS_DIR, _nest(target)))
-        del target
-        for p in paths[start:end]:
-            yield p, group.pop(p)
-        start = end
+    params = Path(directory).absolute() / PARAMS_DIR
+    groups: list[list[KeyPath]] = []
+    size = 0
+    for path in sorted(shapes):
+        nbytes = 4 * math.prod(shapes[path])
+        if not groups or (size + nbytes > group_bytes and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(path)
+        size += nbytes
+
+    def load(paths: list[KeyPath]) -> dict[KeyPath, np.ndarray]:
+        target = {p: np.empty(shapes[p], np.float32) for p in paths}  # placeholders: restore numpy arrays
+        context = ocp.Context()
+        context.pytree.loading.partial_load = True
+        with context:
+            return _flatten(ocp.load(params, _nest(target)))
+
+    with _gc_frozen(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lavie-load") as pool:
+        pending = pool.submit(load, groups[0]) if groups else None
+        for i, paths in enumerate(groups):
+            group = pending.result()
+            pending = pool.submit(load, groups[i + 1]) if i + 1 < len(groups) else None
+            for p in paths:
+                yield p, group.pop(p)
 
 
 # ------------------------------------------------------------------------------------------------ components

@@ -1,8 +1,8 @@
 """What lavie-jax's programs set first thing, before JAX starts a backend: the XLA:CPU options of
 `lavie_jax.xla_cpu` and the garbage-collector thresholds of `lavie_jax.host_gc`.
 
-`lavie-train`, `lavie-sample`, `python -m lavie_jax.demo` and the benchmarks call `configure()` at the top of their
-`main`; a library user may call it too. It imports nothing of jax.
+`lavie-train`, `lavie-sample`, `lavie-convert`, `python -m lavie_jax.demo` and the benchmarks call `configure()` at
+the top of their `main`; a library user may call it too. It imports nothing of jax.
 """
 
 from __future__ import annotations

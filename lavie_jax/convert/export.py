@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -26,7 +28,8 @@ import numpy as np
 from lavie_jax import workdir as workdirs
 from lavie_jax.checkpoints import (DEFAULT_GROUP_BYTES, CheckpointError, abstract_component, check_stored_params,
                                    component_dir, iter_stored_params, read_metadata)
-from lavie_jax.convert.keymap import param_paths, rotary_freq_keys, to_torch_layout, torch_key
+from lavie_jax.convert.keymap import param_paths, rotary_freq_keys, to_torch_array, torch_key, torch_shape
+from lavie_jax.convert.state_dict import Arena
 from lavie_jax.convert.torch_files import INSTALL_TORCH, MAX_HEADER_BYTES, SAFETENSORS_DTYPES, WeightFileError
 from lavie_jax.keycheck import check_keys
 from lavie_jax.models.arch import arch_from_config
@@ -58,27 +61,87 @@ def write_safetensors(path: str | os.PathLike, entries: Sequence[Entry], values:
                       progress: Callable[[int, int], None] | None = None) -> int:
     """Write a new safetensors file tensor by tensor; `values` must yield `(key, array)` in `entries` order.
 
-    `path` must not exist (FileExistsError: this never replaces a file; `export_checkpoint` writes into a
-    `safe_io.atomic_file` temporary). On error the partial file is removed. Returns the file size.
+    Tensors go to disk from a background thread (positional writes at their header offsets) while the caller's
+    iterator produces the next ones, so the kernel's copy into the page cache, most of an export's time, runs beside
+    the reading and the layout copies. At most `WRITE_QUEUE` arrays wait; they must not change after they are
+    yielded. `path` must not exist (FileExistsError: this never replaces a file; `export_checkpoint` writes into a
+    `safe_io.atomic_file` temporary). On error the write in flight finishes, then the partial file is removed.
+    `progress(tensors, bytes)` counts the tensors handed to the writer. Returns the file size.
     """
     path = Path(path)
+    header = safetensors_header(entries, metadata)
     with open(path, "xb") as f:
         try:
-            f.write(safetensors_header(entries, metadata))
-            done = written = 0
-            for (key, shape, dtype), (got_key, value) in zip(entries, values, strict=True):
-                value = np.asarray(value)
-                if got_key != key or value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
-                    raise ValueError(f"write_safetensors: expected {key} {list(shape)} {np.dtype(dtype)}, got "
-                                     f"{got_key} {list(value.shape)} {value.dtype}")
-                f.write(np.ascontiguousarray(value).data)
-                done, written = done + 1, written + value.nbytes
-                if progress is not None:
-                    progress(done, written)
+            f.write(header)
+            f.flush()
+            with _PositionalWriter(f.fileno()) as writer:
+                offset, done = len(header), 0
+                for (key, shape, dtype), (got_key, value) in zip(entries, values, strict=True):
+                    value = np.asarray(value)
+                    if got_key != key or value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
+                        raise ValueError(f"write_safetensors: expected {key} {list(shape)} {np.dtype(dtype)}, got "
+                                         f"{got_key} {list(value.shape)} {value.dtype}")
+                    value = np.ascontiguousarray(value)
+                    writer.put(offset, value)
+                    offset, done = offset + value.nbytes, done + 1
+                    if progress is not None:
+                        progress(done, offset - len(header))
         except BaseException:
             path.unlink(missing_ok=True)
             raise
     return path.stat().st_size
+
+
+# Arrays waiting for the writer (the largest UNet tensor is 52 MB). One writer: a second one writing into the same
+# file measured slower (buffered writes to one file take its inode lock in turn).
+WRITE_QUEUE = 4
+
+
+class _PositionalWriter:
+    """`put(offset, array)` -> `os.pwrite` of the array's bytes at `offset` of file descriptor `fd`, from a worker
+    thread. The first error it meets is raised by the next `put` or on leaving the `with` block; leaving it waits for
+    every write (after an error in the block, only for the write in flight: the queued ones are dropped)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.queue: queue.Queue = queue.Queue(WRITE_QUEUE)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="lavie-write", daemon=True)
+
+    def __enter__(self) -> _PositionalWriter:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain: the caller is told, nothing more is written
+            offset, array = item
+            try:
+                view = memoryview(array).cast("B")
+                while view:  # pwrite may write less than asked
+                    n = os.pwrite(self.fd, view, offset)
+                    view, offset = view[n:], offset + n
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self.error = e
+
+    def put(self, offset: int, array: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((offset, array))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # drop what has not started
+            self.error = self.error or exc
+            while True:
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+        self.queue.put(None)
+        self.thread.join()
+        if exc_type is None and self.error is not None:
+            raise self.error
 
 
 def _why_not_our_export(path: Path) -> str | None:
@@ -131,7 +194,7 @@ def _official_layout(model: Any, kind: str) -> tuple[dict, list[Entry], dict[str
     entries: list[Entry] = []
     for path, shape in sorted(shapes.items(), key=lambda kv: tuple(map(str, kv[0]))):
         key, leaf = names[tuple(map(str, path))]
-        entries.append((key, to_torch_layout(np.empty(shape, np.uint8), leaf).shape, np.dtype(np.float32)))
+        entries.append((key, torch_shape(shape, leaf), np.dtype(np.float32)))
     extra = {}
     if kind == "unet":
         extra = {k: rotary_frequencies(model.arch.rotary_dim, model.arch.rotary_theta) for k in rotary_freq_keys(model)}
@@ -156,9 +219,10 @@ def torch_state_stream(directory: str | os.PathLike, *, group_bytes: int = DEFAU
     names, entries, extra = _official_layout(model, meta["kind"])
 
     def stream() -> Iterator[tuple[str, np.ndarray]]:
+        arena = Arena()  # each array is written out before the next is asked for: its memory comes back
         for path, value in iter_stored_params(directory, group_bytes=group_bytes):
             key, leaf = names[path]
-            yield key, np.ascontiguousarray(to_torch_layout(value, leaf))
+            yield key, to_torch_array(value, leaf, out=arena.empty(torch_shape(value.shape, leaf)))
         yield from extra.items()
 
     return entries, stream(), meta
@@ -182,7 +246,7 @@ def workdir_state_stream(directory: str | os.PathLike, *, ema: bool = True
                 yield key, extra[key]
             else:
                 name, leaf = by_key[key]
-                yield key, np.ascontiguousarray(to_torch_layout(params[name], leaf))
+                yield key, to_torch_array(params[name], leaf)
 
     meta = {"kind": "unet", "stage": config["stage"], "step": step, "params": "ema" if ema else "raw"}
     return entries, stream(), meta

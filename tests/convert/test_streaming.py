@@ -3,6 +3,7 @@ that never outlive an error, and the abstract model built without RNG draws."""
 
 import os
 import shutil
+import threading
 import time
 
 import ml_dtypes
@@ -13,7 +14,7 @@ from flax import nnx
 from safetensors.torch import save_file
 
 from lavie_jax.checkpoints import iter_stored_params, write_params
-from lavie_jax.convert.keymap import flax_shape, to_flax_array, to_flax_layout
+from lavie_jax.convert.keymap import flax_shape, to_flax_array, to_flax_layout, to_torch_array, torch_shape
 from lavie_jax.convert.state_dict import Arena
 from lavie_jax.convert.torch_files import WeightFileError, open_weights
 from lavie_jax.models.arch import arch_from_config
@@ -39,6 +40,16 @@ def test_tiled_layout_copy_is_exact(shape, dtype):
     bias = np.arange(4, dtype=np.float32)
     copied = to_flax_array(bias, "bias")
     assert np.array_equal(copied, bias) and not np.shares_memory(copied, bias)
+    # and back (export): the exact PyTorch layout again, from any strides
+    assert torch_shape(ref.shape, "kernel") == shape
+    for source in (ref, np.asfortranarray(ref)):
+        source.flags.writeable = False
+        back = to_torch_array(source, "kernel", dtype=dtype)
+        assert back.dtype == dtype and back.flags.c_contiguous and back.tobytes() == a.tobytes()
+    out = np.empty(shape, np.float32)
+    assert to_torch_array(ref, "kernel", out=out) is out and np.array_equal(out, a.astype(np.float32))
+    with pytest.raises(ValueError, match="to_torch_array: .* expected C-contiguous"):
+        to_torch_array(ref, "kernel", out=np.empty(shape, np.float64))
 
 
 def test_arena_reuses_only_unreferenced_memory():
@@ -105,6 +116,12 @@ def test_a_failed_stream_leaves_no_write_behind(tmp_path):
     (tmp_path / "ok" / "lavie_checkpoint.json").write_text('{"format": "lavie-jax", "kind": "unet"}')
     got = dict(iter_stored_params(tmp_path / "ok"))
     assert all(np.array_equal(got[p], v) for p, v in arrays)
+    # a reader that stops early (e.g. an export that failed) leaves no load running behind it
+    stream = iter_stored_params(tmp_path / "ok", group_bytes=20000)  # 2 arrays per group: the next one prefetched
+    first = next(stream)
+    assert np.array_equal(first[1], dict(arrays)[first[0]])
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("lavie-load")]
 
 
 def test_abstract_build_without_rng_draws_is_the_same_structure():

@@ -1,7 +1,9 @@
 """Streaming readers: every format and dtype reads back exactly, lazily, and broken files fail with clear errors."""
 
 import json
+import os
 import pickle
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -101,6 +103,33 @@ def test_our_safetensors_writer_is_read_by_the_library(tmp_path):
     with pytest.raises(ValueError, match="expected y"):
         write_safetensors(tmp_path / "p.safetensors", entries, [("x", arrays["x"]), ("z", arrays["y"])])
     assert not list(tmp_path.glob(".p.safetensors*")) and not (tmp_path / "p.safetensors").exists()
+
+
+def test_safetensors_writes_in_the_background_survive_short_writes_and_report_errors(tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(0)
+    arrays = {f"t{i}": rng.standard_normal((i + 1, 33)).astype(np.float32) for i in range(12)}  # > WRITE_QUEUE
+    entries = [(k, v.shape, v.dtype) for k, v in arrays.items()]
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real_pwrite(fd, bytes(data[:7]), offset))
+    write_safetensors(tmp_path / "short.safetensors", entries, arrays.items())  # 7 bytes per call at most
+    back = load_file(str(tmp_path / "short.safetensors"))
+    assert all(np.array_equal(back[k], v) for k, v in arrays.items())
+
+    calls = []
+
+    def full_disk(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_safetensors(tmp_path / "full.safetensors", entries, arrays.items())
+    assert not (tmp_path / "full.safetensors").exists()  # removed after the writer stopped
+    assert not [t for t in threading.enumerate() if t.name.startswith("lavie-write")]
 
 
 def _truncate(path, keep: float) -> None:
