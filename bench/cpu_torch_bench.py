@@ -108,10 +108,12 @@ def main() -> None:
 
 
 def _torch_matmul_gflops(torch, n: int, repeats: int = 5) -> float:
+    """torch's best float32 `[n, n] @ [n, n]` rate, GFLOP/s (the counterpart of `measure_matmul_tflops`)."""
     a = torch.ones(n, n)
     a @ a
     best = min(timed(lambda: a @ a) for _ in range(repeats))
     return 2 * n ** 3 / best / 1e9
+
 
 if __name__ == "__main__":
     main()
