@@ -49,7 +49,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lavie_jax import startup  # noqa: E402
+from lavie_jax.runtime import startup  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.train_bench import bench_config, synthetic_batch  # noqa: E402
@@ -60,10 +60,10 @@ from lavie_jax.models.flops import (measure_matmul_tflops, peak_bf16_tflops, tex
 from lavie_jax.models.unet import REMAT_POLICIES  # noqa: E402
 from lavie_jax.models.vae import vae_config_from_dict  # noqa: E402
 from lavie_jax.sampling.pipeline import random_pipeline, randomize  # noqa: E402
-from lavie_jax.sampling.stages import StageSampler  # noqa: E402
+from lavie_jax.sampling.sampler import StageSampler  # noqa: E402
+from lavie_jax.stages import STAGES  # noqa: E402
 from lavie_jax.train.setup import build_run, latent_shape, num_image_frames  # noqa: E402
 
-STAGES = ("base", "interpolation", "vsr")
 REMAT_ORDER = ("none", "save_dots_and_attention", "save_dots", "save_attention", "full")  # fastest first (usually)
 PROMPT = "a panda taking a selfie, 2k, high quality"
 TEXT_LEN = 77
@@ -360,7 +360,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         runnable = [p for p, refusal in policies if refusal is None]
         for stage in STAGES:
             log(f"forward {stage}: lower ...")
-            state = nnx.state(sampler.pipeline.unet, nnx.Param) if stage == "base" else None
+            state = nnx.state(sampler.pipeline.unet, nnx.Param) if stage == sampler.stage else None
             rows += forward_jobs(stage, stage_config(stage, tiny, dtype), shapes[stage], runnable, compiler, state,
                                  repeats)
         # a policy this platform refuses: one row for all stages

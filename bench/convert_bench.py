@@ -34,10 +34,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lavie_jax.checkpoints import DEFAULT_GROUP_BYTES  # noqa: E402
+from lavie_jax.io.checkpoints import DEFAULT_GROUP_BYTES  # noqa: E402
 from lavie_jax.convert.export import write_safetensors  # noqa: E402
 from lavie_jax.convert.keymap import torch_shapes  # noqa: E402
-from lavie_jax.models import abstract_unet, official_unet_config  # noqa: E402
+from lavie_jax.models import abstract_unet  # noqa: E402
+from lavie_jax.stages import STAGES, get_stage, official_unet_config  # noqa: E402
 from lavie_jax.models.embeddings import rotary_frequencies  # noqa: E402
 
 GB = 1e9
@@ -121,7 +122,7 @@ def run_child(argv: list[str], log: Path) -> tuple[float, float, int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", default="base", choices=("base", "interpolation", "vsr"))
+    parser.add_argument("--stage", default="base", choices=STAGES)
     parser.add_argument("--formats", default="safetensors,pt", help="comma list of safetensors, pt")
     parser.add_argument("--input", help="convert this existing checkpoint (of --stage) instead of a generated one; "
                                          "--formats names its format")
@@ -136,7 +137,7 @@ def main() -> None:
         sys.exit("--repeats must be at least 1")
     if args.input and len(formats) != 1:
         sys.exit("--input takes one --formats value (the file's format)")
-    need = (2 if args.input else 3) * (3.7 * GB if args.stage != "vsr" else 2.8 * GB)
+    need = (2 if args.input else 3) * 4 * get_stage(args.stage).official_param_count  # float32 bytes per copy
     free = shutil.disk_usage(args.tmp).free
     if free < need:
         sys.exit(f"need {need / GB:.0f} GB free in {args.tmp}, have {free / GB:.1f} GB; pass --tmp elsewhere")

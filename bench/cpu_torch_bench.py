@@ -29,9 +29,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import timed  # noqa: E402
-from lavie_jax import startup  # noqa: E402
+from lavie_jax.runtime import startup  # noqa: E402
 from lavie_jax.convert.state_dict import load_state_dict  # noqa: E402
-from lavie_jax.models import abstract_unet, arch_from_config, official_unet_config  # noqa: E402
+from lavie_jax.models import abstract_unet, arch_from_config  # noqa: E402
+from lavie_jax.stages import STAGES, get_stage, official_unet_config  # noqa: E402
 from lavie_jax.models.flops import measure_matmul_tflops, unet_forward_flops  # noqa: E402
 
 
@@ -40,14 +41,14 @@ def _inputs(arch, stage: str, frames: int, size: int, seed: int = 0):
     x = rng.standard_normal((1, frames, size, size, arch.in_channels)).astype(np.float32)  # ours: [B, F, H, W, C]
     t = np.array([500])
     text = rng.standard_normal((1, 77, arch.cross_attention_dim)).astype(np.float32)
-    labels = np.array([20]) if stage == "vsr" else None  # the x4 upscaler's noise level
+    labels = np.array([20]) if get_stage(stage).class_labels else None  # e.g. the x4 upscaler's noise level
     return x, t, text, labels
 
 
 def main() -> None:
     startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="base", choices=["base", "interpolation", "vsr"])
+    p.add_argument("--stage", default="base", choices=STAGES)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=32, help="latent height = width")
     p.add_argument("--repeats", type=int, default=5, help="timed (torch, jax) pairs")

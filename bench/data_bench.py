@@ -23,7 +23,7 @@ from pathlib import Path
 import ml_collections
 from PIL import Image
 
-from lavie_jax import video as video_io
+from lavie_jax.io import video as video_io
 from lavie_jax.data import builder_utils, moving_shapes, pipeline, sources
 
 HEIGHT, WIDTH = 320, 512

@@ -22,10 +22,10 @@ import numpy as np
 from flax import nnx
 
 from bench.common import median_time
-from lavie_jax import startup
+from lavie_jax.runtime import startup
 from lavie_jax.models.clip import TEXT_ENCODER_CONFIGS, build_text_encoder
 from lavie_jax.models.vae import VAE_CONFIGS, build_vae
-from lavie_jax.text import encode_prompts, load_tokenizer, tokenize
+from lavie_jax.io.text import encode_prompts, load_tokenizer, tokenize
 
 PEAK_TFLOPS = 0.45
 PROMPTS = ["a teddy bear walking on the street, 2k, high quality", "a panda taking a selfie, 2k, high quality",

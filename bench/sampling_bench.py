@@ -19,6 +19,7 @@ least disturbed run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -28,12 +29,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lavie_jax import startup  # noqa: E402
+from lavie_jax.runtime import startup  # noqa: E402
 
 from bench.common import timed as _time  # noqa: E402
 from lavie_jax.sampling import programs  # noqa: E402
 from lavie_jax.sampling.pipeline import random_pipeline  # noqa: E402
-from lavie_jax.sampling.stages import StageSampler  # noqa: E402
+from lavie_jax.sampling.sampler import StageSampler  # noqa: E402
+from lavie_jax.stages import STAGES  # noqa: E402
 
 # 'mid': official channels, small videos (full size runs minutes per step on CPU)
 MID_SAMPLE = {"base": {"num_frames": 4, "height": 128, "width": 128},
@@ -89,8 +91,7 @@ COLUMNS = (  # (result key, header, format)
 def main() -> None:
     startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", nargs="+", default=["base", "interpolation", "vsr"],
-                   choices=["base", "interpolation", "vsr"])
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--sizes", nargs="+", default=["tiny"], choices=["tiny", "mid"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
@@ -100,7 +101,7 @@ def main() -> None:
     align = ["<" if fmt.startswith("<") else ">" for _, _, fmt in COLUMNS]
     header = " ".join(f"{title:{a}{w}s}" for (_, title, _), a, w in zip(COLUMNS, align, widths))
     print(f"{header}\n{'-' * len(header)}", flush=True)
-    for size, stage in ((size, stage) for size in args.sizes for stage in args.stages):
+    for size, stage in itertools.product(args.sizes, args.stages):
         row = bench_stage(stage, size, args.steps, args.repeats)
         print(" ".join(format(row[key], fmt) for key, _, fmt in COLUMNS), flush=True)
 

@@ -34,11 +34,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lavie_jax import startup  # noqa: E402
+from lavie_jax.runtime import startup  # noqa: E402
 
 from bench.common import compile_timed, memory_bytes, step_times  # noqa: E402
 from lavie_jax import parallel  # noqa: E402
 from lavie_jax.models.flops import measure_matmul_tflops, peak_bf16_tflops  # noqa: E402
+from lavie_jax.stages import STAGES, get_stage  # noqa: E402
 from lavie_jax.train.setup import build_run, latent_shape, num_image_frames  # noqa: E402
 
 # (frames, height, width or VSR patch, images per clip) of the `small` and `full` sizes
@@ -55,7 +56,7 @@ def bench_config(stage: str, size: str, *, batch: int, latents: bool, attention:
     if size != "tiny":
         frames, h, w, k = SHAPES[size][stage]
         d.num_frames, d.images.per_clip = frames, k
-        if stage == "vsr":
+        if get_stage(stage).examples == "patches":
             d.patch_size = h
         else:
             d.height, d.width = h, w
@@ -70,7 +71,7 @@ def bench_config(stage: str, size: str, *, batch: int, latents: bool, attention:
 
 def synthetic_batch(config, run) -> dict[str, jax.Array]:
     """A global batch shaped as the input pipeline makes it (pixels + tokens, or precomputed latents)."""
-    d, stage = config.data, config.stage
+    d, stage = config.data, get_stage(config.stage)
     b, k = d.global_batch_size, num_image_frames(config)
     rng = np.random.default_rng(0)
     vae_factor = run.vae_factor
@@ -83,19 +84,19 @@ def synthetic_batch(config, run) -> dict[str, jax.Array]:
         if k:
             out["image_latents"] = rng.standard_normal((b, k, h, w, 4), np.float32)
             out["image_text_emb"] = rng.standard_normal((b, k, 77, width), np.float32)
-        if stage == "interpolation":
-            out["key_latents"] = out["latents"][:, ::4]
+        if stage.examples == "key_frames":
+            out["key_latents"] = out["latents"][:, ::d.key_frame_stride]
     else:
         f = vae_factor
         pixels = (b, frames, h * f, w * f, 3)
-        out["hr" if stage == "vsr" else "video"] = rng.uniform(-1, 1, pixels).astype(np.float32)
+        out[stage.pixel_key] = rng.uniform(-1, 1, pixels).astype(np.float32)
         out["tokens"] = rng.integers(0, 49407, (b, 77)).astype(np.int32)
         if k:
             out["images"] = rng.uniform(-1, 1, (b, k, h * f, w * f, 3)).astype(np.float32)
             out["image_tokens"] = rng.integers(0, 49407, (b, k, 77)).astype(np.int32)
-        if stage == "interpolation":
-            out["key_frames"] = out["video"][:, ::4]
-    if stage == "vsr":
+        if stage.examples == "key_frames":
+            out["key_frames"] = out[stage.pixel_key][:, ::d.key_frame_stride]
+    if stage.low_res_input:
         out["lr"] = rng.uniform(-1, 1, (b, frames, h, w, 3)).astype(np.float32)
     return jax.device_put(out, run.batch_sharding)
 
@@ -127,8 +128,7 @@ COLUMNS = (("stage", "<13"), ("size", "<5"), ("input", "<7"), ("attention", "<9"
 def main() -> None:
     startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", nargs="+", default=["base", "interpolation", "vsr"],
-                   choices=["base", "interpolation", "vsr"])
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "full"])
     p.add_argument("--batch", type=int, default=0, help="global batch (default: 2 tiny, 1 otherwise)")
     p.add_argument("--steps", type=int, default=5)

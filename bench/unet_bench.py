@@ -23,12 +23,13 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lavie_jax import startup  # noqa: E402
+from lavie_jax.runtime import startup  # noqa: E402
 
 from bench.common import call_times  # noqa: E402
 from configs.common import stage_config  # noqa: E402
 from lavie_jax.models import abstract_unet, arch_from_config, count_params  # noqa: E402
 from lavie_jax.models.flops import measure_matmul_tflops  # noqa: E402
+from lavie_jax.stages import STAGES  # noqa: E402
 
 TINY = {"base": "configs.base", "interpolation": "configs.interpolation", "vsr": "configs.vsr"}
 
@@ -70,7 +71,7 @@ def bench_one(stage: str, size: str, repeats: int, peak: float) -> dict:
 def main() -> None:
     startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", nargs="+", default=["base", "interpolation", "vsr"], choices=list(TINY))
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()

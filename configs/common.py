@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from lavie_jax.data.config import default_data_config
-from lavie_jax.models.official import official_unet_config
 from lavie_jax.parallel import DEFAULT_RULES
-from lavie_jax.stages import DROPPED_TEXT
-from lavie_jax.train.optim import TRAIN_ALL_RULES, default_train_optim_config
+from lavie_jax.stages import get_stage, official_unet_config
+from lavie_jax.train.optim import TEMPORAL_ONLY_RULES, TRAIN_ALL_RULES, default_train_optim_config
 
 VARIANTS = ("full", "tiny", "demo")
 
@@ -111,7 +109,7 @@ def stage_config(stage: str, variant: str, tiny_unet: dict, demo_unet: dict | No
     c.model = ml_collections.ConfigDict({"dtype": "float32", "attention_impl": "auto"})  # see the docstring
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1, 1)})
     c.sharding = ml_collections.ConfigDict({"rules": tuple(DEFAULT_RULES)})
-    c.data = default_data_config(stage)
+    c.data = data_config(stage)
     c.sample = sample_config(stage, variant)
     c.train = train_config(stage, variant)
     if variant == "tiny":
@@ -123,12 +121,88 @@ def stage_config(stage: str, variant: str, tiny_unet: dict, demo_unet: dict | No
         demo_data(c.data)
     return c
 
+def data_config(stage: str) -> ml_collections.ConfigDict:
+    """The `data` section of a stage config: LaVie's clip shapes on the moving_shapes dataset."""
+    vsr = stage == "vsr"
+    return ml_collections.ConfigDict(
+        {
+            "stage": stage,
+            "dataset": "moving_shapes",
+            "data_dir": "",
+            "split": "train",
+            "prepare": True,
+            "moving_shapes": {
+                "num_videos": 256,
+                "num_validation": 32,
+                "num_frames": 64,
+                "height": 64,
+                "width": 96,
+                "fps": 24.0,
+                "seed": 0,
+                "storage": "frames",
+            },
+            "video_text": {
+                "name": "webvid",
+                "csv": "",
+                "validation_csv": "",
+                "video_dir": "",
+                "video_ext": ".mp4",
+                "storage": "mp4",
+                "height": 320,
+                "width": 512,
+                "fps": 0.0,
+                "max_frames": 128,
+                "min_frames": 16,
+                "num_workers": 4,
+            },
+            "image_text": {
+                "name": "laion",
+                "table": "",
+                "validation_table": "",
+                "image_dir": "",
+                "storage": "encoded" if vsr else "decoded",
+                "height": 320,
+                "width": 512,
+                "min_size": 1024 if vsr else 0,
+                "num_workers": 4,
+            },
+            "precomputed": {"name": ""},
+            "images": {
+                "source": "video_frames" if stage in ("base", "vsr") else "none",
+                "per_clip": 4 if stage == "base" else 0,
+                "ratio": 0.25 if vsr else 0.0,
+            },
+            "num_frames": {"base": 16, "interpolation": 61, "vsr": 8}[stage],
+            "frame_stride": 3 if stage == "base" else 1,
+            "height": 0 if vsr else 320,
+            "width": 0 if vsr else 512,
+            "resize_method": "bilinear",
+            "key_frame_stride": 4,  # interpolation: one key frame every 4 (16 -> 61)
+            "patch_size": 320,
+            "scale": 4,
+            "blur_sigma_max": 0.0,
+            "pseudo_video_max_step": 4.0,
+            "global_batch_size": 8,
+            "seed": 0,
+            "shuffle": True,
+            "num_epochs": 0,
+            "shard_drop_remainder": False,
+            "drop_remainder": True,
+            "output_dtype": "float32",
+            "read_threads": 2,
+            "prefetch_buffer": 16,
+            "worker_count": 0,
+        }
+    )
+
 
 def train_config(stage: str, variant: str) -> ml_collections.ConfigDict:
     """The `train` section of `stage` (`lavie-train`). LaVie released no training code and its paper discloses no
     optimizer, learning rate, batch size or step count; where a value is not the paper's or the official code's, the
     comment says so."""
-    t = default_train_optim_config(stage)  # optimizer, param_groups, ema, micro_batches (lavie_jax.train.optim)
+    t = default_train_optim_config()  # optimizer, param_groups, ema, micro_batches (lavie_jax.train.optim)
+    if stage == "vsr":  # the paper trains only the inserted temporal layers of the x4 upscaler
+        t.param_groups.rules = TEMPORAL_ONLY_RULES
     # where the weights start: '' = random init; a `lavie-convert` output directory: SD-inflated (`lavie-convert
     # sd`), x4-inflated (`lavie-convert x4`) or an official LaVie checkpoint (`lavie-convert lavie|pipeline`)
     t.init = ""
@@ -234,7 +308,7 @@ SAMPLE_DEMO = {  # DDIM with few steps; interpolation follows its key frames and
     # official "blur, worst quality" means nothing to the demo's encoder). Colour after the cascade over VSR seeds
     # 10, 1, 2: 81/81/81% unguided, 94/88/88% at 5.0, 94/94/94% at 7.5 (direction 94/94/100%): the low-res input
     # leaves a shape between two palette colours, and the caption picks the right one
-    "vsr": {"steps": 10, "guidance_scale": 7.5, "negative_prompt": DROPPED_TEXT["vsr"], "chunk_frames": 0,
+    "vsr": {"steps": 10, "guidance_scale": 7.5, "negative_prompt": get_stage("vsr").dropped_text, "chunk_frames": 0,
             "formats": "mp4,gif", "underscore_prompts": False},
 }
 # The autoencoder the demo trains (the same AutoencoderKL module, a small diffusers-style config) and its training.

@@ -5,7 +5,8 @@ the environment) and later runs: most of the suite's time is XLA compiling the s
 import os
 from pathlib import Path
 
-from lavie_jax import host_gc, xla_cpu  # import nothing of jax
+from lavie_jax.runtime import host_gc  # import nothing of jax
+from lavie_jax.runtime import xla_cpu
 
 host_gc.configure()  # as the entry points do: tracing, a large part of the suite's time, runs ~40% faster
 
@@ -24,7 +25,7 @@ FUSION_EMITTERS_RUN = "LAVIE_TEST_FUSION_EMITTERS"  # set in the process `rerun_
 
 def xla_flags(devices: int = 1, classic_emitters: bool = True) -> str:
     """XLA_FLAGS for this suite's processes: the fast-compile flags, `devices` emulated CPU devices, and the CPU
-    options lavie-jax's entry points set (lavie_jax.xla_cpu: the suite runs what users run, and a CLI started by a
+    options lavie-jax's entry points set (lavie_jax.runtime.xla_cpu: the suite runs what users run, and a CLI started by a
     test compiles under the same flags as the test, so they share the persistent cache)."""
     count = (f"--xla_force_host_platform_device_count={devices}",) if devices > 1 else ()
     emitters = CLASSIC_EMITTERS if classic_emitters else ()
@@ -49,6 +50,14 @@ def rerun_with_fusion_emitters(request) -> bool:
     return True
 
 
+def stage_config(stage: str, variant: str | None = None):
+    """The packaged config of `stage` (`configs/STAGE.py`), the official size or `variant` ('tiny', 'demo')."""
+    import importlib
+
+    module = importlib.import_module(f"configs.{stage}")
+    return module.get_config(variant) if variant else module.get_config()
+
+
 def child_env(devices: int = 1, **extra: str) -> dict[str, str]:
     """The environment of a process a test starts (a CLI, a second jax.distributed host): this one's (the
     compilation cache included), on the CPU, with `devices` emulated devices and the suite's XLA flags."""
@@ -70,7 +79,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # go first, and the many short files fill in around them, so both workers finish together.
 # Whole files per worker also compute each module-scoped fixture once and keep a file's shared programs in one
 # process. Every other file keeps its collection order.
-LONG_FILES = ("train/test_loop.py", "train/test_step.py", "sampling/test_stages.py", "models/test_unet_behaviour.py",
+LONG_FILES = ("train/test_loop.py", "train/test_step.py", "sampling/test_sampler.py", "models/test_unet_behaviour.py",
               "test_accelerator_bench.py", "models/test_vae.py")
 TESTS = Path(__file__).resolve().parent
 

@@ -1,4 +1,4 @@
-"""`lavie_jax.config_cli`: config files and `--config.a.b=value` overrides from a command line, and the one error
+"""`lavie_jax.cli.config_flags`: config files and `--config.a.b=value` overrides from a command line, and the one error
 class (with a message naming the flag, the problem and the fix) for everything that can go wrong."""
 
 import textwrap
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lavie_jax.config_cli import ConfigArgError, load_config, parse_config_flags
+from lavie_jax.cli.config_flags import ConfigArgError, load_config, parse_config_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = f"{ROOT}/configs/base.py:tiny"

@@ -1,10 +1,10 @@
-"""lavie_jax.host_gc: the collector thresholds the entry points set, and a user's own higher choice kept."""
+"""lavie_jax.runtime.host_gc: the collector thresholds the entry points set, and a user's own higher choice kept."""
 
 import gc
 
 import pytest
 
-from lavie_jax import host_gc
+from lavie_jax.runtime import host_gc
 
 
 @pytest.fixture

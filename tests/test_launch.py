@@ -80,11 +80,13 @@ def test_slurm_two_node_batch_script():
 
 
 def test_environment_variables_reach_jax_distributed(monkeypatch):
+    import jax
+
     from lavie_jax import parallel
 
     seen = {}
-    monkeypatch.setattr(parallel.jax.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda *a: seen.setdefault("args", a))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a: seen.setdefault("args", a))
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host0:1234")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
     monkeypatch.setenv("JAX_PROCESS_ID", "3")

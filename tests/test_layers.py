@@ -7,10 +7,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lavie_jax"
 
 # bottom to top; a module may import modules of its own layer or of the layers before it
 LAYERS = (
-    ("foundations", ("stages", "parallel", "safe_io", "keycheck", "diffusion", "config_cli", "xla_cpu", "host_gc",
-                     "startup")),
+    ("foundations", ("runtime", "cli", "stages", "parallel", "diffusion")),
     ("models", ("models",)),
-    ("io", ("checkpoints", "video", "text", "workdir")),
+    ("io", ("io",)),
     ("convert, data", ("convert", "data")),
     ("sampling", ("sampling",)),
     ("training", ("train",)),
@@ -51,3 +50,9 @@ def test_imports_only_go_down():
             if LEVEL[target] > LEVEL[unit]:
                 bad.append(f"{rel} ({LAYERS[LEVEL[unit]][0]}) imports {module} ({LAYERS[LEVEL[target]][0]})")
     assert not bad, "imports from a higher layer:\n" + "\n".join(bad)
+
+
+def test_the_package_root_holds_only_layers():
+    """Every module sits in the folder of its layer: the package root holds `__init__.py` and folders only."""
+    loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert not loose, f"modules loose at the package root (move each into its layer's folder): {loose}"

@@ -1,4 +1,4 @@
-"""lavie_jax.safe_io: only what we wrote is ever replaced, protected paths never are, temporaries never outlive
+"""lavie_jax.io.safe_io: only what we wrote is ever replaced, protected paths never are, temporaries never outlive
 their run (clean-up on errors and signals, stale ones of dead processes removed), and checks create nothing."""
 
 import json
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from lavie_jax import safe_io
-from lavie_jax.safe_io import (FileOwnership, Ownership, OutputPathError, Terminated, atomic_directory, atomic_file,
+from lavie_jax.io import safe_io
+from lavie_jax.io.safe_io import (FileOwnership, Ownership, OutputPathError, Terminated, atomic_directory, atomic_file,
                                check_input, check_location, check_output_directory, check_output_file, clean_stale,
                                protected_reason, terminate_as_interrupt)
 
@@ -271,7 +271,7 @@ def test_an_ignored_sigint_stays_ignored():
 # A write killed with SIGKILL mid-way (no clean-up can run): the temporary stays, marked with the dead process.
 KILLED_WRITE = """
 import sys, time
-from lavie_jax.safe_io import Ownership, atomic_directory
+from lavie_jax.io.safe_io import Ownership, atomic_directory
 owner = Ownership(what="t", writer="t", marker="owner.json", fields={}, layouts={"leaf": {"data": None}})
 with atomic_directory(sys.argv[1], owner, overwrite=True) as tmp:
     (tmp / "data").write_text("half")

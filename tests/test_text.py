@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lavie_jax import text
+from lavie_jax.io import text
 from lavie_jax.models.clip import SD14_TEXT_ENCODER, build_text_encoder
 
 ict = pytest.importorskip("instant_clip_tokenizer")  # Rust CLIP tokenizer with its own compiled-in vocabulary

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from lavie_jax.workdir import (
+from lavie_jax.io.workdir import (
     COMMIT_MARKER, INCOMPLETE_DIR, ConfigMismatchError, IncompleteCheckpointWarning, TrainCheckpointer,
     check_config)
 

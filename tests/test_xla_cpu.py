@@ -1,11 +1,11 @@
-"""lavie_jax.xla_cpu: the XLA:CPU options the entry points set, only where they are known to exist."""
+"""lavie_jax.runtime.xla_cpu: the XLA:CPU options the entry points set, only where they are known to exist."""
 
 import os
 
 import jax
 import numpy as np
 
-from lavie_jax import xla_cpu
+from lavie_jax.runtime import xla_cpu
 
 
 def test_adds_the_option_for_a_tested_jaxlib_and_keeps_the_users_flags():

@@ -9,7 +9,7 @@
     lavie-convert export --checkpoint runs/base --output lavie_base.pt        # a lavie-train work directory (EMA)
 
 `lavie` writes a UNet directory; `sd`, `x4` and `pipeline` write pipeline directories (UNet, VAE, text encoder,
-tokenizer); `lavie_jax.checkpoints.load_unet` / `load_pipeline` read both. Every path is checked before any work.
+tokenizer); `lavie_jax.io.checkpoints.load_unet` / `load_pipeline` read both. Every path is checked before any work.
 Every output is written atomically; `--overwrite` replaces an existing output only if lavie-convert wrote it (a
 checkpoint directory holding nothing else, or an exported file carrying our metadata), never anything else.
 SIGTERM and Ctrl-C leave nothing partial behind. Weights stream one tensor at a time; torch is
@@ -29,23 +29,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lavie_jax import startup
-from lavie_jax.checkpoints import (CHECKPOINTS, DEFAULT_GROUP_BYTES, PIPELINE_COMPONENTS, CheckpointError,
+from lavie_jax.runtime import startup
+from lavie_jax.io.checkpoints import (CHECKPOINTS, DEFAULT_GROUP_BYTES, PIPELINE_COMPONENTS, CheckpointError,
                                    abstract_component, write_component, write_metadata)
 from lavie_jax.convert.export import check_export_output, export_checkpoint
 from lavie_jax.convert.inflate import check_source, inflate_state_dict, stage_unet_config
 from lavie_jax.convert.keymap import param_paths, torch_shapes
 from lavie_jax.convert.state_dict import check_rotary, check_state_dict, iter_flax_params
 from lavie_jax.convert.torch_files import WeightFile, WeightFileError, find_weights, open_weights, read_json
-from lavie_jax.keycheck import KeyMismatchError
-from lavie_jax.models.arch import STAGES, ConfigError, arch_from_config
+from lavie_jax.io.keycheck import KeyMismatchError
+from lavie_jax.models.arch import ConfigError, arch_from_config
 from lavie_jax.models.clip import canonical_clip_state_dict
-from lavie_jax.models.official import official_unet_config
 from lavie_jax.models.vae import canonical_vae_state_dict
-from lavie_jax.safe_io import Terminated, atomic_directory, check_input, check_output_directory, terminate_as_interrupt
+from lavie_jax.stages import STAGES, get_stage, in_family
+from lavie_jax.io.safe_io import Terminated, atomic_directory, check_input, check_output_directory, terminate_as_interrupt
 
-# Which diffusers folder gives a stage's VAE / text encoder / tokenizer, and the tokenizer's pad flavour.
-COMPONENT_SOURCE = {"base": ("sd", "sd14"), "interpolation": ("sd", "sd14"), "vsr": ("x4", "x4")}
 CANONICAL = {"vae": canonical_vae_state_dict, "text_encoder": canonical_clip_state_dict}
 MAX_GROUP_MB = 1 << 16  # 64 GiB per group: beyond any host's memory, so a larger value is a typo
 MAX_SEED = 2 ** 31 - 1  # the new temporal layers' seed goes through jax as an int32
@@ -96,7 +94,7 @@ def _write_model(directory: Path, kind: str, config: dict[str, Any], model, stat
 
 def _unet_config(stage: str, unet_config: str | Path | None) -> dict[str, Any]:
     if unet_config is None:
-        return official_unet_config(stage)
+        return get_stage(stage).official_unet()
     return stage_unet_config(read_json(unet_config, "--unet-config file"), stage)
 
 
@@ -123,7 +121,7 @@ def _write_inflated_unet(directory: Path, model_dir: Path, *, stage: str, seed: 
         report.say(f"inflating {weights.description} to the {stage} UNet (new temporal layers: seed {seed})")
         state = inflate_state_dict(model, weights, seed=seed, what=f"UNet of {model_dir}")
         check_state_dict(model, state, what=f"inflated UNet of {model_dir}")
-        source = _source_info(weights, command="sd" if stage != "vsr" else "x4", inflated=True, seed=seed)
+        source = _source_info(weights, command=get_stage(stage).family.name, inflated=True, seed=seed)
         _write_model(directory, "unet", arch.to_dict(), model, state, stage=stage, source=source, report=report,
                      group_bytes=group_bytes)
 
@@ -142,7 +140,7 @@ def _write_folder_component(directory: Path, kind: str, folder: Path, *, trust_p
 
 
 def _write_tokenizer(directory: Path, folder: Path, flavor: str, report: Reporter) -> str:
-    from lavie_jax.text import default_tokenizer, load_tokenizer  # transformers only when needed
+    from lavie_jax.io.text import default_tokenizer, load_tokenizer  # transformers only when needed
 
     if folder.is_dir():
         shutil.copytree(folder, directory)
@@ -162,7 +160,8 @@ def _write_pipeline(tmp: Path, stage: str, write_unet: Callable[[Path], None], c
     for kind in ("vae", "text_encoder"):
         _write_folder_component(tmp / kind, kind, components_dir / kind, trust_pickle=trust_pickle, report=report,
                                 group_bytes=group_bytes)
-    tokenizer = _write_tokenizer(tmp / "tokenizer", components_dir / "tokenizer", COMPONENT_SOURCE[stage][1], report)
+    tokenizer = _write_tokenizer(tmp / "tokenizer", components_dir / "tokenizer", get_stage(stage).family.tokenizer,
+                                 report)
     write_metadata(tmp, "pipeline", stage=stage, components={c: c for c in PIPELINE_COMPONENTS},
                    source={**source, "components_from": str(components_dir.absolute()), "tokenizer": tokenizer})
 
@@ -189,7 +188,7 @@ def convert_sd(model_dir: str | Path, output: str | Path, *, stage: str = "base"
                overwrite: bool = False, trust_pickle: bool = False, report: Reporter | None = None,
                group_bytes: int = DEFAULT_GROUP_BYTES) -> Path:
     """A diffusers Stable Diffusion v1.x folder -> pipeline directory with the inflated base/interpolation UNet."""
-    _check_stage(stage, ("base", "interpolation"))
+    _check_stage(stage, tuple(s.name for s in in_family("sd")))
     return _convert_2d(Path(model_dir), output, stage, seed, overwrite, trust_pickle, report or Reporter(),
                        group_bytes)
 
@@ -198,7 +197,8 @@ def convert_x4(model_dir: str | Path, output: str | Path, *, seed: int = 0, over
                trust_pickle: bool = False, report: Reporter | None = None,
                group_bytes: int = DEFAULT_GROUP_BYTES) -> Path:
     """The diffusers x4-upscaler folder -> VSR pipeline directory (spatial weights from it, temporal layers fresh)."""
-    return _convert_2d(Path(model_dir), output, "vsr", seed, overwrite, trust_pickle, report or Reporter(),
+    return _convert_2d(Path(model_dir), output, in_family("x4")[0].name, seed, overwrite, trust_pickle,
+                       report or Reporter(),
                        group_bytes)
 
 
@@ -207,7 +207,7 @@ def _convert_2d(model_dir: Path, output: str | Path, stage: str, seed: int, over
     kw = dict(trust_pickle=trust_pickle, report=report, group_bytes=group_bytes)
     with atomic_directory(output, CHECKPOINTS, overwrite=overwrite) as tmp:
         _write_pipeline(tmp, stage, lambda d: _write_inflated_unet(d, model_dir, stage=stage, seed=seed, **kw),
-                        model_dir, source={"command": "sd" if stage != "vsr" else "x4",
+                        model_dir, source={"command": get_stage(stage).family.name,
                                            "model_dir": str(model_dir.absolute())}, **kw)
     report.say(f"wrote {output}")
     return Path(output)
@@ -215,10 +215,10 @@ def _convert_2d(model_dir: Path, output: str | Path, stage: str, seed: int, over
 
 def _component_folder(stage: str, sd_dir: str | Path | None, x4_dir: str | Path | None) -> tuple[str, str | Path]:
     """(flag, folder) the `stage`'s VAE, text encoder and tokenizer come from; ConfigError if it was not given."""
-    flag, folder = ("--x4-dir", x4_dir) if COMPONENT_SOURCE[stage][0] == "x4" else ("--sd-dir", sd_dir)
+    family = get_stage(stage).family
+    flag, folder = f"--{family.name}-dir", {"sd": sd_dir, "x4": x4_dir}[family.name]
     if folder is None:
-        raise ConfigError(f"the {stage} stage takes its VAE and text encoder from "
-                          f"{'the x4 upscaler' if stage == 'vsr' else 'Stable Diffusion v1.x'}: pass {flag}")
+        raise ConfigError(f"the {stage} stage takes its VAE and text encoder from {family.description}: pass {flag}")
     return flag, folder
 
 
@@ -231,8 +231,11 @@ def convert_pipeline(checkpoint: str | Path, output: str | Path, *, stage: str, 
     _check_stage(stage)
     report = report or Reporter()
     folder = _component_folder(stage, sd_dir, x4_dir)[1]
-    if stage == "vsr" and sd_dir is not None:
-        report.say("note: --sd-dir is not used by the vsr stage (its VAE and text encoder come from --x4-dir)")
+    family = get_stage(stage).family.name
+    for name, unused in (("sd", sd_dir), ("x4", x4_dir)):
+        if unused is not None and name != family:
+            report.say(f"note: --{name}-dir is not used by the {stage} stage (its VAE and text encoder come from "
+                       f"--{family}-dir)")
     kw = dict(trust_pickle=trust_pickle, report=report, group_bytes=group_bytes)
     with atomic_directory(output, CHECKPOINTS, overwrite=overwrite) as tmp:
         _write_pipeline(tmp, stage, lambda d: _write_lavie_unet(d, checkpoint, stage=stage, unet_config=unet_config,
@@ -293,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("lavie", "official LaVie UNet checkpoint -> UNet directory", stages=STAGES,
         checkpoint=".pt (bare or {'ema': ...}), .bin or .safetensors").add_argument("--unet-config", help=config_help)
     add("sd", "diffusers Stable Diffusion v1.x folder -> inflated base/interpolation pipeline",
-        stages=("base", "interpolation"), model_dir=True)
+        stages=tuple(s.name for s in in_family("sd")), model_dir=True)
     add("x4", "diffusers x4-upscaler folder -> inflated vsr pipeline", model_dir=True)
     p = add("pipeline", "LaVie checkpoint + SD / x4 folder -> sampling-ready pipeline directory", stages=STAGES,
             checkpoint="LaVie UNet checkpoint (.pt, .bin, .safetensors)")
@@ -322,7 +325,7 @@ def _check_folder(path: str, flag: str, subfolders: Sequence[str], what: str) ->
 
 def check_paths(args: argparse.Namespace) -> None:
     """Every path argument of a parsed command line, before any work: inputs exist and are readable, the output
-    can be written (and replaced, if it exists: see `lavie_jax.safe_io`). Errors name the flag."""
+    can be written (and replaced, if it exists: see `lavie_jax.io.safe_io`). Errors name the flag."""
     if args.command == "pipeline":  # a missing flag first: it is the usage error
         flag, folder = _component_folder(args.stage, args.sd_dir, args.x4_dir)
         what = "the x4-upscaler folder" if flag == "--x4-dir" else "a diffusers Stable Diffusion v1.x folder"

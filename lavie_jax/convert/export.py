@@ -25,16 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from lavie_jax import workdir as workdirs
-from lavie_jax.checkpoints import (DEFAULT_GROUP_BYTES, CheckpointError, abstract_component, check_stored_params,
+from lavie_jax.io import workdir as workdirs
+from lavie_jax.io.checkpoints import (DEFAULT_GROUP_BYTES, CheckpointError, abstract_component, check_stored_params,
                                    component_dir, iter_stored_params, read_metadata)
-from lavie_jax.convert.keymap import param_paths, rotary_freq_keys, to_torch_array, torch_key, torch_shape
+from lavie_jax.convert.keymap import official_names, param_paths, rotary_freq_keys, to_torch_array, torch_key, torch_shape
 from lavie_jax.convert.state_dict import Arena
 from lavie_jax.convert.torch_files import INSTALL_TORCH, MAX_HEADER_BYTES, SAFETENSORS_DTYPES, WeightFileError
-from lavie_jax.keycheck import check_keys
+from lavie_jax.io.keycheck import check_keys
 from lavie_jax.models.arch import arch_from_config
 from lavie_jax.models.embeddings import rotary_frequencies
-from lavie_jax.safe_io import FileOwnership, OutputPathError, atomic_file, check_output_file
+from lavie_jax.io.safe_io import FileOwnership, OutputPathError, atomic_file, check_output_file
 
 Entry = tuple[str, tuple[int, ...], np.dtype]  # (key, shape, dtype)
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
@@ -187,8 +187,8 @@ def check_export_output(output: str | os.PathLike, *, overwrite: bool = False, f
 
 def _official_layout(model: Any, kind: str) -> tuple[dict, list[Entry], dict[str, np.ndarray]]:
     """({param path: (official key, leaf)}, entries in file order, extra buffers) of a model's state dict."""
-    vsr = kind == "unet" and model.arch.stage == "vsr"
-    names = {tuple(str(p) for p in path): (torch_key(path, vsr_names=vsr), str(path[-1]))
+    renames = official_names(model)
+    names = {tuple(str(p) for p in path): (torch_key(path, renames=renames), str(path[-1]))
              for path, _ in param_paths(model)}
     shapes = dict(param_paths(model))
     entries: list[Entry] = []

@@ -8,7 +8,8 @@ everything but conv_in random):
   `attn_temp`/`norm_temp` in base and interpolation, or `temporal`, as `attn_temporal`, `resblock_temporal`,
   `*_temporal_block(s)` and `temporal_rotary_emb` in VSR) and gets UNet3D's own initial value, which is the
   official fresh init (PyTorch defaults, zeroed temporal-attention output weights, zeroed `shift_conv`);
-- interpolation's `conv_in` takes 8 input channels: SD's 4 first, the 4 conditioning channels zero, SD's bias kept.
+- a stage whose UNet takes more input channels than its 2D model (interpolation: 8 from SD's 4) gets the 2D
+  `conv_in` weights for the first channels, zero for its conditioning channels, and the 2D bias.
 """
 
 from __future__ import annotations
@@ -21,21 +22,19 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lavie_jax.convert.keymap import param_paths, rotary_freq_keys, to_torch_layout, torch_key, torch_shapes
+from lavie_jax.convert.keymap import (official_names, param_paths, rotary_freq_keys, to_torch_layout, torch_key,
+                                      torch_shapes)
 from lavie_jax.convert.torch_files import LazyTensor
-from lavie_jax.keycheck import KeyMismatchError, check_keys
+from lavie_jax.io.keycheck import KeyMismatchError, check_keys
 from lavie_jax.models.arch import UNetArch
 from lavie_jax.models.embeddings import rotary_frequencies
 from lavie_jax.models.unet import UNet3D
+from lavie_jax.stages import REGISTRY, get_stage, in_family
 
-# What `detect_unet` may answer, as a phrase.
-DESCRIPTIONS = {
-    "base": "a LaVie base checkpoint",
-    "interpolation": "a LaVie interpolation checkpoint",
-    "vsr": "a LaVie vsr checkpoint",
-    "sd": "a 2D Stable Diffusion UNet (no temporal layers)",
-    "x4": "the 2D x4-upscaler UNet (no temporal layers)",
-}
+# What `detect_unet` may answer, as a phrase: a stage's LaVie checkpoint, or a 2D model of a UNet family.
+DESCRIPTIONS = {**{name: f"a LaVie {name} checkpoint" for name in REGISTRY},
+                "sd": "a 2D Stable Diffusion UNet (no temporal layers)",
+                "x4": "the 2D x4-upscaler UNet (no temporal layers)"}
 
 
 class StageMismatchError(KeyMismatchError):
@@ -48,22 +47,34 @@ def is_temporal_key(key: str) -> bool:
 
 
 def detect_unet(keys: Any) -> str | None:
-    """Which kind of UNet a set of PyTorch keys belongs to: a `DESCRIPTIONS` key, or None if it is no UNet."""
+    """Which kind of UNet a state dict belongs to: a stage name or a family name (`DESCRIPTIONS`), or None if it is
+    no UNet. `keys` may be a mapping of keys to shapes or tensors: `conv_in`'s input channels then tell apart
+    stages whose layers are otherwise alike."""
+    shapes = keys if isinstance(keys, Mapping) else {}
     keys = set(keys)
     if "conv_in.weight" not in keys or not any(k.startswith("down_blocks.") for k in keys):
         return None
     if any(m in k for k in keys for m in ("attn_temporal.", "resblock_temporal.", "temporal_block")):
-        return "vsr"
-    if any(".attn_temp." in k for k in keys):
-        return "base" if any(".time_rel_pos_bias." in k or ".rotary_emb." in k for k in keys) else "interpolation"
-    return "x4" if "class_embedding.weight" in keys else "sd"
+        candidates = in_family("x4")
+    elif any(".attn_temp." in k for k in keys):
+        rotary = any(".time_rel_pos_bias." in k or ".rotary_emb." in k for k in keys)
+        candidates = tuple(s for s in in_family("sd")
+                           if (s.unet_preset["temporal_attention"] == "rotary_bias") == rotary)
+    else:
+        return "x4" if "class_embedding.weight" in keys else "sd"
+    if "conv_in.weight" in shapes and len(candidates) > 1:
+        value = shapes["conv_in.weight"]
+        channels = (value if isinstance(value, tuple) else tuple(np.shape(value)))[1]
+        candidates = tuple(s for s in candidates if s.unet_in_channels == channels) or candidates
+    return candidates[0].name if candidates else None
 
 
 def _hint(detected: str, wanted: str, stage: str) -> str:
     if detected == "x4":
         return "convert it with `lavie-convert x4`"
     if detected == "sd":
-        return f"convert it with `lavie-convert sd --stage {stage if stage != 'vsr' else 'base'}`"
+        target = stage if get_stage(stage).family.name == "sd" else in_family("sd")[0].name
+        return f"convert it with `lavie-convert sd --stage {target}`"
     if wanted in ("sd", "x4"):
         return f"convert it with `lavie-convert lavie --stage {detected}`"
     return f"pass --stage {detected}"
@@ -81,7 +92,7 @@ def check_source(expected: Mapping[str, tuple[int, ...]], actual: Mapping[str, t
     try:
         check_keys(expected, actual, what=what)
     except KeyMismatchError as e:
-        wanted = stage if lavie else ("x4" if stage == "vsr" else "sd")
+        wanted = stage if lavie else get_stage(stage).family.name
         detected = detect_unet(actual)
         if detected is None or detected == wanted:
             raise
@@ -90,11 +101,11 @@ def check_source(expected: Mapping[str, tuple[int, ...]], actual: Mapping[str, t
 
 
 def stage_unet_config(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
-    """A diffusers-style UNet config for `stage`. For interpolation, a 2D SD config (in == out channels) gets
-    `in_channels = 2 * out_channels`: noisy latents plus the conditioning (copied) latents."""
+    """A diffusers-style UNet config for `stage`. A 2D config that takes only the noisy latents (in == out
+    channels) gets the stage's conditioning channels too (interpolation: `in_channels = 8`)."""
     cfg = dict(config)
-    if stage == "interpolation" and cfg.get("in_channels") == cfg.get("out_channels"):
-        cfg["in_channels"] = 2 * cfg["out_channels"]
+    if cfg.get("in_channels") == cfg.get("out_channels") and cfg.get("out_channels") is not None:
+        cfg["in_channels"] = cfg["out_channels"] + get_stage(stage).condition_channels
     return cfg
 
 
@@ -118,10 +129,10 @@ def fresh_temporal_params(model: UNet3D, seed: int = 0) -> dict[str, np.ndarray]
     other initialiser: memory scales with the temporal layers, and the values are those of an eager build.
     """
     arch = model.arch
-    vsr = arch.stage == "vsr"
-    paths = tuple(p for p, _ in param_paths(model) if is_temporal_key(torch_key(p, vsr_names=vsr)))
+    names = official_names(model)
+    paths = tuple(p for p, _ in param_paths(model) if is_temporal_key(torch_key(p, renames=names)))
     values = _temporal_initialiser(arch, paths)(seed)
-    out = {torch_key(p, vsr_names=vsr): to_torch_layout(np.asarray(v), str(p[-1])) for p, v in zip(paths, values)}
+    out = {torch_key(p, renames=names): to_torch_layout(np.asarray(v), str(p[-1])) for p, v in zip(paths, values)}
     for key in rotary_freq_keys(model):
         out[key] = rotary_frequencies(arch.rotary_dim, arch.rotary_theta)
     return out
@@ -149,17 +160,18 @@ def inflate_state_dict(model: UNet3D, source: Mapping[str, Any], *, seed: int = 
     LaVie checkpoint. Raises StageMismatchError / KeyMismatchError when the 2D keys do not fit `model`.
     """
     arch = model.arch
-    wanted = "x4" if arch.stage == "vsr" else "sd"
-    detected = detect_unet(source)
+    family = get_stage(arch.stage).family
+    wanted = family.name
+    detected = detect_unet({k: np.shape(v) for k, v in source.items()})
     if detected not in (None, wanted):  # even if the keys fit, e.g. SD weights in an SD-shaped VSR model
         raise StageMismatchError(f"{what} looks like {DESCRIPTIONS[detected]}, not {DESCRIPTIONS[wanted]}: "
                                  f"{_hint(detected, wanted, arch.stage)}.")
     target = torch_shapes(model)
     expected_2d = {k: s for k, s in target.items() if not is_temporal_key(k)}
-    widen = arch.stage == "interpolation"
-    if widen:  # SD's conv_in sees only the noisy latents
+    widen = arch.in_channels > family.pretrained_in_channels
+    if widen:  # the 2D conv_in sees only the noisy latents (and the family's own conditioning)
         o, _, kh, kw = target["conv_in.weight"]
-        expected_2d["conv_in.weight"] = (o, arch.out_channels, kh, kw)
+        expected_2d["conv_in.weight"] = (o, family.pretrained_in_channels, kh, kw)
     check_source(expected_2d, {k: tuple(np.shape(v)) for k, v in source.items()}, stage=arch.stage, lavie=False,
                  what=what)
     out = dict(source)

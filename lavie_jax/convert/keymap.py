@@ -7,7 +7,7 @@ Our modules use the PyTorch attribute names, so a key is the param path joined b
 | `...kernel` / `...scale` / `...embedding` | `...weight`       |
 | `to_out`                    | `to_out.0`                     |
 | `ff.net_0`, `ff.net_2`      | `ff.net.0`, `ff.net.2`         |
-| `attn_temp`, `norm_temp`    | VSR: `attn_temporal`, `norm_temporal` |
+| `attn_temp`, `norm_temp`    | x4 family (VSR): `attn_temporal`, `norm_temporal` |
 
 Layouts: Linear `[O, I]` -> `[I, O]`; Conv2d `[O, I, kh, kw]` -> `[kh, kw, I, O]`; Conv3d `[O, I, kt, kh, kw]` ->
 `[kt, kh, kw, I, O]`; norms and embeddings as-is. Rotary `freqs` buffers are not params: they are listed by
@@ -16,26 +16,28 @@ Layouts: Linear `[O, I]` -> `[I, O]`; Conv2d `[O, I, kh, kw]` -> `[kh, kw, I, O]
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from flax import nnx
 
+from lavie_jax.stages import get_stage
+
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 _SEGMENT = {"to_out": "to_out.0", "net_0": "net.0", "net_2": "net.2"}
-_VSR_SEGMENT = {"attn_temp": "attn_temporal", "norm_temp": "norm_temporal"}
 
 
-def torch_key(path: Iterable[Any], *, vsr_names: bool = False) -> str:
-    """NNX param path (tuple of attribute names / list indices) -> PyTorch state-dict key."""
+def torch_key(path: Iterable[Any], *, renames: Mapping[str, str] | None = None) -> str:
+    """NNX param path (tuple of attribute names / list indices) -> PyTorch state-dict key; `renames`: a UNet
+    family's own names of path segments (`UNetFamily.official_names`, see `official_names`)."""
     parts = [str(p) for p in path]
     leaf = _LEAF.get(parts[-1], parts[-1])
     segs = []
     for p in parts[:-1]:
         p = _SEGMENT.get(p, p)
-        if vsr_names:
-            p = _VSR_SEGMENT.get(p, p)
+        if renames:
+            p = renames.get(p, p)
         segs.append(p)
     return ".".join(segs + [leaf])
 
@@ -130,9 +132,15 @@ def param_paths(model: nnx.Module) -> list[tuple[tuple[Any, ...], tuple[int, ...
     return [(tuple(path), tuple(var.shape)) for path, var in flat]
 
 
-def _uses_vsr_names(model: nnx.Module) -> bool:
+def official_names(model: nnx.Module) -> Mapping[str, str]:
+    """The path-segment renames of a UNet's family in the official state dicts (empty for other models)."""
     arch = getattr(model, "arch", None)
-    return getattr(arch, "stage", None) == "vsr"
+    return get_stage(arch.stage).family.official_names if arch is not None else {}
+
+
+def _shared_rotary(model: nnx.Module) -> bool:
+    arch = getattr(model, "arch", None)
+    return arch is not None and get_stage(arch.stage).family.shared_rotary
 
 
 def rotary_freq_keys(model: nnx.Module) -> list[str]:
@@ -140,22 +148,22 @@ def rotary_freq_keys(model: nnx.Module) -> list[str]:
     arch = getattr(model, "arch", None)
     if arch is None or not arch.uses_rotary:
         return []
-    vsr = _uses_vsr_names(model)
+    names = official_names(model)
     keys = []
     for path, _ in param_paths(model):
         if path[-3:] == ("time_rel_pos_bias", "relative_attention_bias", "embedding"):
-            keys.append(torch_key(path[:-3] + ("rotary_emb", "freqs"), vsr_names=vsr))
-    if vsr:
+            keys.append(torch_key(path[:-3] + ("rotary_emb", "freqs"), renames=names))
+    if _shared_rotary(model):
         keys.append("temporal_rotary_emb.freqs")
     return keys
 
 
 def torch_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     """Expected PyTorch state-dict keys and shapes of `model`, rotary buffers included."""
-    vsr = _uses_vsr_names(model)
+    names = official_names(model)
     out = {}
     for path, shape in param_paths(model):
-        out[torch_key(path, vsr_names=vsr)] = torch_shape(tuple(shape), str(path[-1]))
+        out[torch_key(path, renames=names)] = torch_shape(tuple(shape), str(path[-1]))
     arch = getattr(model, "arch", None)
     for key in rotary_freq_keys(model):
         out[key] = (arch.rotary_dim // 2,)

@@ -17,14 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lavie_jax.convert.keymap import (flax_shape, param_paths, rotary_freq_keys, to_flax_array, to_torch_layout,
-                                      torch_key, torch_shapes)
-from lavie_jax.keycheck import KeyMismatchError, check_keys
+from lavie_jax.convert.keymap import (flax_shape, official_names, param_paths, rotary_freq_keys, to_flax_array,
+                                      to_torch_layout, torch_key, torch_shapes)
+from lavie_jax.io.keycheck import KeyMismatchError, check_keys
 from lavie_jax.models.embeddings import rotary_frequencies
-
-
-def _vsr_names(model: nnx.Module) -> bool:
-    return getattr(getattr(model, "arch", None), "stage", None) == "vsr"
 
 
 def check_rotary(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, rtol: float = 1e-6) -> None:
@@ -100,10 +96,10 @@ def iter_flax_params(model: nnx.Module, state_dict: Mapping[str, Any], *, arena:
     Call `check_state_dict` first; this only maps names and layouts.
     """
     arena = arena or Arena()
-    vsr = _vsr_names(model)
+    names = official_names(model)
     for path, _ in param_paths(model):
         leaf = str(path[-1])
-        value = np.asarray(state_dict[torch_key(path, vsr_names=vsr)])
+        value = np.asarray(state_dict[torch_key(path, renames=names)])
         yield path, to_flax_array(value, leaf, out=arena.empty(flax_shape(value.shape, leaf)))
 
 
@@ -119,11 +115,11 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, 
 
 def export_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """`model`'s params under PyTorch names and layouts (float32 numpy), rotary buffers included."""
-    vsr = _vsr_names(model)
+    names = official_names(model)
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         leaf = str(path[-1])
-        out[torch_key(path, vsr_names=vsr)] = np.ascontiguousarray(to_torch_layout(np.asarray(var[...]), leaf))
+        out[torch_key(path, renames=names)] = np.ascontiguousarray(to_torch_layout(np.asarray(var[...]), leaf))
     arch = getattr(model, "arch", None)
     for key in rotary_freq_keys(model):
         out[key] = rotary_frequencies(arch.rotary_dim, arch.rotary_theta)

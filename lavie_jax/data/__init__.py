@@ -1,20 +1,19 @@
 """Training data: tfds builders (moving_shapes, video_text, image_text), per-stage grain pipelines, precompute.
 
     from lavie_jax import data
-    it = data.make_iterator(data.default_data_config('base'))
+    it = data.make_iterator(config.data)           # config: a stage config (configs/STAGE.py)
     batch = data.make_global_batch(next(it), mesh)  # batch split over the mesh's ('fsdp', 'data') axes
     from lavie_jax.data import precompute; precompute.precompute(config, encode_video, encode_text, name=...)
 
-Modules: config (the `data` section's defaults), pipeline (grain stream), examples (per-stage random maps), sources (opening datasets, reading
-frames), distributed (shards, global arrays), transforms (numpy frame ops), builder_utils (shared builder code),
-moving_shapes / video_text / image_text (builders), precompute (latents), prepare (command line).
+Modules: pipeline (grain stream; its docstring documents the `data` section of a stage config), examples (random
+maps per kind of example), sources (opening datasets, reading frames), distributed (shards, global arrays),
+transforms (numpy frame ops), builder_utils (shared builder code), moving_shapes / video_text / image_text
+(builders), precompute (latents), prepare (command line).
 """
 
 import importlib
 
-from lavie_jax.data.config import default_data_config
-
-__all__ = ["default_data_config", "make_dataset", "make_iterator", "make_global_batch", "shard_options"]
+__all__ = ["make_dataset", "make_iterator", "make_global_batch", "shard_options"]
 _LAZY = {"make_dataset": "pipeline", "make_iterator": "pipeline", "make_global_batch": "distributed",
          "shard_options": "distributed"}
 

@@ -4,12 +4,14 @@ Each maker is called as `maker(record, rng)` with a numpy Generator that grain d
 so an example depends only on the seed and its position in the (shuffled, repeated) stream: rerunning or resuming
 the pipeline reproduces it exactly. Pixel arrays leave as `output_dtype` (see transforms.output_cast).
 
-Outputs per example (a batch adds a leading B):
-  base           video [F, H, W, 3], caption, + images [K, H, W, 3], image_captions [K] when K > 0
-  interpolation  video [F, H, W, 3] (F = 61), key_frames [F_key, H, W, 3] = video[::key_frame_stride], caption
-  vsr            hr [F, P, P, 3], lr [F, P/s, P/s, 3], caption, is_image (pseudo-video made from one image)
-  precomputed    latents [F, h, w, c], caption, text_emb [L, D] if stored; + key_latents (interpolation),
-                 lr/is_image (vsr), image_latents [K, h, w, c] / image_text_emb [K, L, D] / image_captions (base)
+Outputs per example, by the kind of examples a stage asks for (`Stage.examples`; a batch adds a leading B):
+  clip           video [F, H, W, 3], caption, + images [K, H, W, 3], image_captions [K] when K > 0 (base)
+  key_frames     video [F, H, W, 3] (F = 61), key_frames [F_key, H, W, 3] = video[::key_frame_stride], caption
+                 (interpolation)
+  patches        hr [F, P, P, 3], lr [F, P/s, P/s, 3], caption, is_image (pseudo-video made from one image) (vsr)
+  precomputed    latents [F, h, w, c], caption, text_emb [L, D] if stored; + key_latents (key_frames),
+                 lr/is_image (patches), image_latents [K, h, w, c] / image_text_emb [K, L, D] / image_captions
+                 (clip, K > 0)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import grain
 import numpy as np
 
 from lavie_jax.data import sources, transforms
-from lavie_jax.stages import KEY_FRAME_STRIDE
+from lavie_jax.stages.interpolation import KEY_FRAME_STRIDE
 
 Example = dict[str, Any]
 
@@ -79,8 +81,8 @@ class ClipSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class BaseExamples:
-    """Base stage: a strided clip at the model's size, plus `images_per_clip` stills for joint image training."""
+class ClipExamples:
+    """A strided clip at the model's size, plus `images_per_clip` stills for joint image training (base)."""
 
     clip: ClipSpec
     reader: sources.VideoReader
@@ -96,8 +98,8 @@ class BaseExamples:
 
 
 @dataclasses.dataclass(frozen=True)
-class InterpolationExamples:
-    """Interpolation stage: a high-frame-rate clip and its key frames (every key_frame_stride-th frame)."""
+class KeyFrameExamples:
+    """A high-frame-rate clip and its key frames, every key_frame_stride-th frame (interpolation)."""
 
     clip: ClipSpec
     reader: sources.VideoReader
@@ -113,8 +115,8 @@ class InterpolationExamples:
 
 
 @dataclasses.dataclass(frozen=True)
-class VsrExamples:
-    """VSR stage: a random patch_size^2 high-res patch clip and its degraded low-res version.
+class PatchExamples:
+    """A random patch_size^2 high-res patch clip and its degraded low-res version (VSR).
 
     With probability image_ratio the clip is a pseudo-video: one still image panned by a random translation.
     """
@@ -145,9 +147,9 @@ class VsrExamples:
 
 @dataclasses.dataclass(frozen=True)
 class LatentExamples:
-    """Any stage from a precompute() dataset: stored latents (+ text embeddings) instead of pixels."""
+    """Any kind of examples from a precompute() dataset: stored latents (+ text embeddings) instead of pixels."""
 
-    stage: str
+    kind: str  # the stage's `Stage.examples`
     output_dtype: str = "float32"
     key_frame_stride: int = KEY_FRAME_STRIDE
     images_source: grain.MapDataset | None = None  # latent records to draw image latents from (base)
@@ -155,12 +157,12 @@ class LatentExamples:
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> Example:
         out = self._common(record)
-        if self.stage == "interpolation":
+        if self.kind == "key_frames":
             out["key_latents"] = out["latents"][:: self.key_frame_stride]
-        elif self.stage == "vsr":
+        elif self.kind == "patches":
             out["lr"] = transforms.output_cast(record["lr"], self.output_dtype)
             out["is_image"] = np.bool_(record["is_image"])
-        elif self.stage == "base" and self.images_source is not None and self.images_per_clip > 0:
+        elif self.images_source is not None and self.images_per_clip > 0:
             picks = [
                 self._common(self.images_source[int(rng.integers(len(self.images_source)))])
                 for _ in range(self.images_per_clip)

@@ -1,6 +1,6 @@
-"""The grain input pipeline of every stage, configured by a `data` ConfigDict (`default_data_config(stage)`).
+"""The grain input pipeline of every stage, configured by the `data` section of a stage config.
 
-    data = default_data_config('base')               # moving_shapes, prepared on first use
+    data = load_config('base').data                    # moving_shapes, prepared on first use
     it = make_iterator(data)                           # this process's shard (jax.process_index/count)
     batch = next(it)                                   # {'video': [B_local, 16, 320, 512, 3] in [-1, 1], ...}
     arrays = distributed.make_global_batch(batch, mesh)  # batch over parallel.BATCH_AXES
@@ -12,7 +12,8 @@ global_batch_size / process_count, read by `read_threads` threads (and `worker_c
 strings; caption dropout for classifier-free guidance belongs to the training step.
 
 Fields of `data` (all read here or by sources.py):
-  stage                 'base' | 'interpolation' | 'vsr': which examples to make (see examples.py for keys/shapes).
+  stage                 the stage the examples are for (`lavie_jax.stages`): it says which examples to make
+                        (`Stage.examples`; see examples.py for keys/shapes) and checks its own fields.
   dataset               primary source: 'moving_shapes' (procedural, no download), 'video_text' (WebVid-style)
                         or 'precomputed' (latents + text embeddings written by precompute.py).
   data_dir              tfds data_dir; '' = tfds' default (~/tensorflow_datasets).
@@ -38,7 +39,7 @@ Fields of `data` (all read here or by sources.py):
   width                 output frame width, likewise.
   resize_method         'bilinear' | 'bicubic' | 'area' | 'lanczos'.
   key_frame_stride      interpolation: key frames are video[::key_frame_stride] (61 frames -> 16 keys); fixed
-                        at 4 by the stage's conditioning rule (lavie_jax.stages.KEY_FRAME_STRIDE).
+                        at 4 by the stage's conditioning rule (lavie_jax.stages.interpolation.KEY_FRAME_STRIDE).
   patch_size            vsr: high-res patch side, pixels.
   scale                 vsr: super-resolution factor; the low-res side is patch_size / scale.
   blur_sigma_max        vsr: Gaussian blur sigma drawn from [0, max) before downsampling.
@@ -65,13 +66,11 @@ import ml_collections
 import numpy as np
 
 from lavie_jax.data import distributed, examples, sources
-from lavie_jax.data.config import default_data_config  # noqa: F401 (the `data` section's home)
-from lavie_jax.stages import KEY_FRAME_STRIDE, STAGES
-
+from lavie_jax.stages import STAGES, StageConfigError, get_stage
 
 
 def check_config(data: ml_collections.ConfigDict) -> None:
-    """Fails early, naming the field, on settings the pipeline cannot honour."""
+    """Fails early, naming the field, on settings the pipeline cannot honour (ValueError)."""
     if data.stage not in STAGES:
         raise ValueError(f"data.stage must be one of {STAGES}, got {data.stage!r}")
     if data.images.source not in ("video_frames", "image_text", "none"):
@@ -80,23 +79,13 @@ def check_config(data: ml_collections.ConfigDict) -> None:
         )
     if data.num_frames < 1 or data.frame_stride < 1:
         raise ValueError("data.num_frames and data.frame_stride must be >= 1")
-    if data.stage == "interpolation" and data.key_frame_stride != KEY_FRAME_STRIDE:
-        raise ValueError(
-            f"data.key_frame_stride={data.key_frame_stride}: the interpolation stage makes 4K - 3 frames from K key "
-            f"frames (one key every {KEY_FRAME_STRIDE} frames; lavie_jax.stages), so it must be {KEY_FRAME_STRIDE}"
-        )
-    if data.stage == "interpolation" and (data.num_frames - 1) % data.key_frame_stride:
-        raise ValueError(
-            f"interpolation clips need (num_frames - 1) % key_frame_stride == 0 so the last frame is a key "
-            f"frame; got num_frames={data.num_frames}, key_frame_stride={data.key_frame_stride}"
-        )
-    if data.stage == "vsr" and data.patch_size % data.scale:
-        raise ValueError(f"data.patch_size={data.patch_size} must be divisible by data.scale={data.scale}")
-    if data.stage != "vsr" and (data.height <= 0 or data.width <= 0):
-        raise ValueError(f"data.height/width must be > 0 for the {data.stage} stage")
+    try:
+        get_stage(data.stage).check_data(data)
+    except StageConfigError as e:
+        raise ValueError(str(e)) from None
     if data.dataset == "precomputed" and data.images.source == "image_text" and data.images.per_clip:
         raise ValueError(
-            "precomputed base data draws image latents from its own clips: set data.images.source to "
+            "precomputed data draws image latents from its own clips: set data.images.source to "
             "'video_frames' (or per_clip=0); precompute an image dataset's latents separately if needed"
         )
 
@@ -109,8 +98,7 @@ def _clip(data: ml_collections.ConfigDict) -> examples.ClipSpec:
 def _image_draw(
     data: ml_collections.ConfigDict, primary: grain.MapDataset, shard: grain.sharding.ShardOptions
 ) -> examples.ImageDraw | None:
-    wanted = data.images.per_clip if data.stage == "base" else data.images.ratio if data.stage == "vsr" else 0
-    if data.images.source == "none" or not wanted:
+    if data.images.source == "none" or not get_stage(data.stage).images_wanted(data):
         return None
     if data.images.source == "video_frames":
         return examples.ImageDraw(primary, "video_frames", sources.video_reader(data))
@@ -122,18 +110,19 @@ def example_maker(
     data: ml_collections.ConfigDict, primary: grain.MapDataset, shard: grain.sharding.ShardOptions
 ) -> Callable:
     """The stage's `(record, rng) -> example` function over this process's shard `primary`."""
+    stage = get_stage(data.stage)
     if data.dataset == "precomputed":
-        draw_from = primary if data.stage == "base" and data.images.source == "video_frames" else None
+        images = stage.image_frames(data) if data.images.source == "video_frames" else 0
         return examples.LatentExamples(
-            data.stage, data.output_dtype, data.key_frame_stride, draw_from, data.images.per_clip
+            stage.examples, data.output_dtype, data.key_frame_stride, primary if images else None, images
         )
     clip, reader = _clip(data), sources.video_reader(data)
     images = _image_draw(data, primary, shard)
-    if data.stage == "base":
-        return examples.BaseExamples(clip, reader, images, data.images.per_clip)
-    if data.stage == "interpolation":
-        return examples.InterpolationExamples(clip, reader, data.key_frame_stride)
-    return examples.VsrExamples(
+    if stage.examples == "clip":
+        return examples.ClipExamples(clip, reader, images, stage.image_frames(data))
+    if stage.examples == "key_frames":
+        return examples.KeyFrameExamples(clip, reader, data.key_frame_stride)
+    return examples.PatchExamples(
         clip,
         reader,
         data.patch_size,

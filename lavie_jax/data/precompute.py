@@ -8,9 +8,9 @@ not) plugs in:
     encode_video(frames)  float32 [B, F, H, W, 3] in [-1, 1] -> latents [B, F, h, w, c] (any float dtype)
     encode_text(captions) list of B str -> embeddings [B, L, D]
 
-What is stored per clip: `latents` [F, h, w, c] (of `video` for base/interpolation, of `hr` for vsr), `text_emb`
-[L, D] when encode_text is given, `caption`, and for vsr the low-res clip `lr` uint8 [F, P/s, P/s, 3] and
-`is_image`. Interpolation key latents and base image latents are taken from these at training time (the VAE is
+What is stored per clip: `latents` [F, h, w, c] (of the stage's `pixel_key`: `video`, or `hr` for vsr), `text_emb`
+[L, D] when encode_text is given, `caption`, and where the stage's examples carry low-res frames (vsr) the low-res
+clip `lr` uint8 [F, P/s, P/s, 3] and `is_image`. Interpolation key latents and base image latents are taken from these at training time (the VAE is
 per frame, so a frame's latent does not depend on its clip).
 
 Multi-host: run the same command on every process; each writes NAME-partIIIII-of-NNNNN from its own shard and the
@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from lavie_jax.data import builder_utils, distributed, pipeline, sources, transforms
+from lavie_jax.stages import get_stage
 
 VideoEncoder = Callable[[np.ndarray], Any]
 TextEncoder = Callable[[Sequence[str]], Any]
@@ -84,7 +85,8 @@ def _records(
     encode_text: TextEncoder | None,
     store_dtype: str,
 ) -> Iterator[dict[str, Any]]:
-    pixel_key = "hr" if data.stage == "vsr" else "video"
+    stage = get_stage(data.stage)
+    pixel_key = stage.pixel_key
     count, start = 0, time.monotonic()
     last_print = start
     for batch in batches:
@@ -99,7 +101,7 @@ def _records(
             record = {"caption": caption, "latents": latents[i]}
             if text is not None:
                 record["text_emb"] = text[i]
-            if data.stage == "vsr":
+            if stage.low_res_input:
                 record["lr"], record["is_image"] = batch["lr"][i], np.int32(batch["is_image"][i])
             yield record
         count += len(captions)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lavie_jax.data import builder_utils, image_text, moving_shapes, video_text
-from lavie_jax.safe_io import OutputPathError, Terminated, check_location, terminate_as_interrupt
+from lavie_jax.io.safe_io import OutputPathError, Terminated, check_location, terminate_as_interrupt
 
 PROG = "python -m lavie_jax.data.prepare"
 _DATASETS = {

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lavie_jax import video as video_io
+from lavie_jax.io import video as video_io
 from lavie_jax.data import builder_utils, image_text, moving_shapes, transforms, video_text
 
 PRECOMPUTED_DIR = "precomputed_latents"

@@ -26,7 +26,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from lavie_jax import video as video_io
+from lavie_jax.io import video as video_io
 from lavie_jax.data import builder_utils
 
 CAPTION_COLUMNS = ("name", "caption", "text")

@@ -30,13 +30,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lavie_jax import checkpoints
+from lavie_jax.io import checkpoints
 from lavie_jax.models.clip import CLIPTextEncoder, abstract_text_encoder, text_encoder_config
 from lavie_jax.models.vae import AutoencoderKL, abstract_vae
 from lavie_jax.demo.console import duration
-from lavie_jax.safe_io import atomic_directory
+from lavie_jax.io.safe_io import atomic_directory
 from lavie_jax.sampling.pipeline import randomize
-from lavie_jax.text import default_tokenizer, tokenize
+from lavie_jax.io.text import default_tokenizer, tokenize
 
 Log = Callable[[str], None]
 

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lavie_jax import startup
+from lavie_jax.runtime import startup
+from lavie_jax.stages import STAGES, get_stage
 
 # Held-in prompts (captions of training videos): the first eight name every colour and every direction once, the
 # second eight pair them differently.
@@ -44,7 +45,6 @@ PROMPTS = (
 )
 TARGETS = {"color": 0.9, "direction": 0.8}
 TIME_TARGET_S = 15 * 60
-STAGES = ("base", "interpolation", "vsr")
 REPO = Path(__file__).resolve().parents[2]  # configs/ sits beside the package (editable install)
 
 
@@ -79,7 +79,7 @@ class Demo:
         return [("data.data_dir", _rel(self.data_dir)), ("train.encoders", _rel(self.encoders_dir))]
 
     def config(self, stage: str):
-        from lavie_jax.config_cli import load_config
+        from lavie_jax.cli.config_flags import load_config
 
         return load_config(self.config_arg(stage), self.overrides())
 
@@ -111,10 +111,10 @@ class Demo:
 
     def encoders(self) -> None:
         from configs.common import DEMO_TEXT_WIDTH, demo_autoencoder_config
-        from lavie_jax import checkpoints
+        from lavie_jax.io import checkpoints
         from lavie_jax.demo import data, encoders
         from lavie_jax.demo.console import say
-        from lavie_jax.text import load_tokenizer
+        from lavie_jax.io.text import load_tokenizer
 
         with self.clock.phase("encoders", "autoencoder (trained here) and text encoder (random)"):
             skipped = (self.encoders_dir / checkpoints.METADATA_FILE).is_file()
@@ -150,8 +150,8 @@ class Demo:
                     continue
                 skipped = False
                 d = config.data
-                say(f"{stage}: encoding one clip of {d.num_frames} frames per video"
-                    + (f" ({d.patch_size}x{d.patch_size} patches)" if stage == "vsr" else ""))
+                height, width = get_stage(stage).clip_size(d)
+                say(f"{stage}: encoding one clip of {d.num_frames} frames of {height}x{width} per video")
                 data.precompute_stage(config, frozen.encode_video, frozen.encode_text)
         self.done("precompute", skipped)
 
@@ -159,7 +159,7 @@ class Demo:
         """`lavie-train` for every stage whose run is not finished, up to `jobs` processes at a time. The stages
         train on the dataset, not on each other's outputs, so they are independent; one run keeps about 1.6 of 2
         cores busy (small kernels), so three at once finish sooner than one after another."""
-        from lavie_jax import workdir as workdirs
+        from lavie_jax.io import workdir as workdirs
         from lavie_jax.demo.console import say
         from lavie_jax.demo.parallel_runs import Run, run_all
 
@@ -259,7 +259,7 @@ class DemoError(RuntimeError):
 
 def _check_unchanged(workdir: Path, config) -> None:
     """A finished run is reused only if it was trained with this config (e.g. not by an older version of the demo)."""
-    from lavie_jax import workdir as workdirs
+    from lavie_jax.io import workdir as workdirs
     from lavie_jax.train.loop import CONFIG_FILE
 
     stored = workdir / CONFIG_FILE
@@ -278,8 +278,7 @@ def _train_summary(workdir: Path, config) -> dict[str, Any]:
     last = json.loads(lines[-1]) if lines else {}
     return {"workdir": _rel(workdir), "steps": last.get("step"), "num_steps": config.train.num_steps,
             "batch": config.data.global_batch_size, "final_loss": last.get("loss"), "lr": config.train.optimizer.lr,
-            "clip_shape": [config.data.num_frames, *(([config.data.patch_size] * 2) if config.stage == "vsr"
-                                                     else [config.data.height, config.data.width])]}
+            "clip_shape": [config.data.num_frames, *get_stage(config.stage).clip_size(config.data)]}
 
 
 def closing(summary: dict[str, Any], demo: Demo) -> None:

@@ -12,7 +12,8 @@ The three LaVie denoisers are one `UNet3D` family; what differs between stages i
 
 `arch_from_config` accepts Stable Diffusion's `unet/config.json` as written (2D block names), the x4 upscaler's
 config, and LaVie's `vsr/configs/unet_3d_config.json` (3D block names, temporal-module keys). The stage comes from the
-`stage` key or the `stage=` argument; stage presets fill the temporal options, which an explicit key may override.
+`stage` key or the `stage=` argument; the stage's preset (`lavie_jax.stages`, `Stage.unet_preset`) fills the temporal
+options, which an explicit key may override.
 Every unknown key, and every known key with a value we do not implement, is an error that names the field.
 """
 
@@ -24,7 +25,7 @@ import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lavie_jax.stages import STAGES
+from lavie_jax.stages import STAGES, get_stage
 
 
 # GroupNorm (groups, eps) of VSR's temporal resnets: Transformer3DModel.resblock_temporal and both resnets of
@@ -81,14 +82,6 @@ _FIXED_FIELDS: dict[str, tuple[Any, ...]] = {
 # Keys that carry no architecture (sampling sizes, training switches) and are accepted as-is.
 _IGNORED_FIELDS = ("sample_size", "upcast_attention", "freeze_pretrained_2d_upsampler")
 
-_STAGE_PRESETS: dict[str, dict[str, Any]] = {
-    "base": dict(spatial_self_attention="frame", temporal_attention="rotary_bias",
-                 temporal_attention_after="cross_attention", transformer_temporal_conv=False),
-    "interpolation": dict(spatial_self_attention="sparse_causal", temporal_attention="plain",
-                          temporal_attention_after="feed_forward", transformer_temporal_conv=False),
-    "vsr": dict(spatial_self_attention="frame", temporal_attention="rotary_bias",
-                temporal_attention_after="cross_attention", transformer_temporal_conv=True),
-}
 _CHOICES = {
     "spatial_self_attention": ("frame", "sparse_causal"),
     "temporal_attention": ("rotary_bias", "plain"),
@@ -321,19 +314,20 @@ def arch_from_config(config: Mapping[str, Any], stage: str | None = None) -> UNe
     heads = _per_block(_require(cfg, "attention_head_dim", 8), n, "attention_head_dim", _as_int)
     only_cross = _per_block(cfg.get("only_cross_attention", False), n, "only_cross_attention", _as_bool)
 
-    opts = dict(_STAGE_PRESETS[stage])
+    opts = {k: v for k, v in get_stage(stage).unet_preset.items() if k != "temporal_modules"}
+    temporal_modules = get_stage(stage).unet_preset["temporal_modules"]  # after every block, by default
     if "use_first_frame" in cfg:
-        want = stage == "interpolation"
+        want = opts["spatial_self_attention"] == "sparse_causal"
         if _get(cfg, "use_first_frame") != want:
             raise ConfigError(f"UNet config field 'use_first_frame': {cfg['use_first_frame']} does not match stage "
-                              f"{stage!r} (LaVie sets it only for interpolation, whose attn1 is sparse-causal)")
+                              f"{stage!r} (LaVie sets it only where attn1 is sparse-causal, as in interpolation)")
     for key in _CHOICES:
         if key in cfg:
             _check_choice(key, cfg[key])
             opts[key] = cfg[key]
     opts["transformer_temporal_conv"] = _get(cfg, "transformer_temporal_conv", opts["transformer_temporal_conv"])
     _temporal_module_options(cfg)
-    temporal_default = tuple(range(n)) if stage == "vsr" else ()
+    temporal_default = tuple(range(n)) if temporal_modules else ()
     down_t = _as_list("down_temporal_idx", cfg.get("down_temporal_idx", temporal_default), _as_int)
     up_t = _as_list("up_temporal_idx", cfg.get("up_temporal_idx", temporal_default), _as_int)
     for field, idx in (("down_temporal_idx", down_t), ("up_temporal_idx", up_t)):
@@ -361,7 +355,7 @@ def arch_from_config(config: Mapping[str, Any], stage: str | None = None) -> UNe
         center_input_sample=_get(cfg, "center_input_sample", False),
         num_class_embeds=_optional_int("num_class_embeds", cfg.get("num_class_embeds")),
         down_temporal_idx=tuple(sorted(set(down_t))),
-        mid_temporal=_get(cfg, "mid_temporal", stage == "vsr"),
+        mid_temporal=_get(cfg, "mid_temporal", temporal_modules),
         up_temporal_idx=tuple(sorted(set(up_t))),
         **{k: _get(cfg, k) for k in ("rotary_dim", "rotary_theta", "relative_position_buckets",
                                      "relative_position_max_distance", "temporal_module_kernel",

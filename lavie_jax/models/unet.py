@@ -32,12 +32,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lavie_jax import parallel
+from lavie_jax.stages import get_stage
 from lavie_jax.models.abstract import abstract_model
 from lavie_jax.models.arch import UNetArch, arch_from_config, heads_up, only_cross_up
 from lavie_jax.models.attention import ATTENTION_OUTPUT
 from lavie_jax.models.embeddings import TimestepEmbedding, timestep_sinusoid
 from lavie_jax.models.layers import Conv, Embed, GroupNorm
-from lavie_jax.models.official import official_unet_config
 from lavie_jax.models.resnet import Downsample, ResnetBlock3D, TemporalModule3D, Upsample
 from lavie_jax.models.transformer import Transformer3DModel
 
@@ -282,5 +282,5 @@ def count_params(model: nnx.Module) -> int:
 
 
 def param_count(stage: str) -> int:
-    """Learnable parameters of the full official `stage` UNet ('base' | 'interpolation' | 'vsr'), computed abstractly."""
-    return count_params(abstract_unet(official_unet_config(stage)))
+    """Learnable parameters of the released UNet of `stage` (a name of `lavie_jax.stages`), computed abstractly."""
+    return count_params(abstract_unet(get_stage(stage).official_unet()))

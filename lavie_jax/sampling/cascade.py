@@ -18,19 +18,21 @@ from pathlib import Path
 import numpy as np
 
 from lavie_jax.sampling.outputs import check_no_overwrite, check_output_dir, unique_stems, write_result
-from lavie_jax.sampling.stages import RequestError, StageResult, StageSampler
-from lavie_jax.stages import STAGES
+from lavie_jax.sampling.sampler import StageResult, StageSampler
+from lavie_jax.stages import STAGES, RequestError
 
 
 class Cascade:
-    """Stage samplers run in order; they must be distinct stages in cascade order (base, interpolation, vsr)."""
+    """Stage samplers run in order; they must be consecutive stages of the cascade (by `Stage.rank`: base,
+    interpolation, vsr), each after the first refining a video."""
 
     def __init__(self, samplers: Sequence[StageSampler]):
         self.samplers = list(samplers)
         if not self.samplers:
             raise ValueError("a cascade needs at least one stage sampler")
-        order = [STAGES.index(s.stage) for s in self.samplers]
-        if order != list(range(order[0], order[0] + len(order))):
+        order = [s.spec.rank for s in self.samplers]
+        if order != list(range(order[0], order[0] + len(order))) or not all(s.spec.takes_video
+                                                                             for s in self.samplers[1:]):
             raise ValueError(f"cascade stages {[s.stage for s in self.samplers]} must be a contiguous run of "
                              f"{list(STAGES)} in that order")
 

@@ -43,25 +43,26 @@ import jax
 import ml_collections
 from absl import flags, logging
 
-from lavie_jax import startup
-from lavie_jax.checkpoints import CheckpointError
-from lavie_jax.config_cli import ConfigArgError, parse_config_flags
-from lavie_jax.keycheck import KeyMismatchError
+from lavie_jax.runtime import startup
+from lavie_jax.io.checkpoints import CheckpointError
+from lavie_jax.cli.config_flags import ConfigArgError, parse_config_flags
+from lavie_jax.io.keycheck import KeyMismatchError
 from lavie_jax.models.arch import ConfigError
 from lavie_jax.models.attention_kernels import AttentionImplError, check_attention_impl
 from lavie_jax.parallel import failed_processes, initialize_distributed, make_mesh
-from lavie_jax.safe_io import OutputPathError, Terminated, terminate_as_interrupt
+from lavie_jax.io.safe_io import OutputPathError, Terminated, terminate_as_interrupt
 from lavie_jax.sampling.cascade import Cascade
 from lavie_jax.sampling.options import SampleConfigError, sample_options
 from lavie_jax.sampling.outputs import (OutputError, check_no_overwrite, check_output_dir, read_inputs, unique_stems,
                                         write_result)
 from lavie_jax.sampling.pipeline import RANDOM, PipelineError, check_checkpoint, load_stage_pipeline
-from lavie_jax.sampling.stages import RequestError, StageSampler
-from lavie_jax.stages import STAGES
-from lavie_jax.video import VideoReadError
+from lavie_jax.sampling.sampler import StageSampler
+from lavie_jax.stages import REGISTRY, STAGES, RequestError, get_stage
+from lavie_jax.io.video import VideoReadError
 
 PROG = "lavie-sample"
-STAGE_FLAGS = ("config", "interpolation", "vsr")  # config-file flags, in cascade order
+LATER_STAGES = tuple(s.name for s in REGISTRY.values() if s.rank > 0)  # stages that refine the one before's video
+STAGE_FLAGS = ("config", *LATER_STAGES)  # config-file flags, in cascade order
 MAX_SEED = 2 ** 32 - 1
 DTYPES = ("float32", "bfloat16")  # computation dtypes of the models (params stay float32)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -77,17 +78,15 @@ def define_flags() -> flags.FlagValues:
     overrides) out of argv before absl parses the rest."""
     fv = flags.FlagValues()
     helps = {"config": "First stage: configs/STAGE.py[:variant]; override fields with --config.a.b=value.",
-             "interpolation": "Then interpolation with this config (--interpolation.a.b=value overrides).",
-             "vsr": "Then VSR with this config (--vsr.a.b=value overrides)."}
+             **{n: f"Then the {n} stage with this config (--{n}.a.b=value overrides)." for n in LATER_STAGES}}
     for name in STAGE_FLAGS:
         flags.DEFINE_string(name, None, helps[name], flag_values=fv)
     flags.DEFINE_string("checkpoint", None, "Pipeline directory of the --config stage, a lavie-train work directory, "
                         "or 'random'.", flag_values=fv)
     flags.DEFINE_enum("params", "ema", ("ema", "raw"), "Which params of a lavie-train work directory to sample with: "
                       "the EMA of the trained params, or the raw ones.", flag_values=fv)
-    flags.DEFINE_string("interpolation-checkpoint", None, "Pipeline directory of the --interpolation stage.",
-                        flag_values=fv)
-    flags.DEFINE_string("vsr-checkpoint", None, "Pipeline directory of the --vsr stage.", flag_values=fv)
+    for name in LATER_STAGES:
+        flags.DEFINE_string(f"{name}-checkpoint", None, f"Pipeline directory of the --{name} stage.", flag_values=fv)
     flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).", flag_values=fv)
     flags.DEFINE_string("prompt-file", None, "A UTF-8 text file with one prompt per line (blank lines skipped).",
                         flag_values=fv)
@@ -198,7 +197,7 @@ def _stage_configs(fv: flags.FlagValues, configs: dict[str, ml_collections.Confi
         raise UsageError("--config is required: the first stage's config file, e.g. --config configs/base.py "
                          "(or configs/base.py:tiny)")
     stages = [_Stage(configs["config"], fv.checkpoint, "config")]
-    for name in ("interpolation", "vsr"):
+    for name in LATER_STAGES:
         if configs[name] is not None:
             stages.append(_Stage(configs[name], fv[f"{name}-checkpoint"].value, name))
         elif fv[f"{name}-checkpoint"].value is not None:
@@ -213,12 +212,12 @@ def _stage_configs(fv: flags.FlagValues, configs: dict[str, ml_collections.Confi
             raise UsageError(f"--{s.flag} was given a {stage} config; pass configs/{s.flag}.py (the --{s.flag} flag "
                              f"adds the {s.flag} stage)")
     names = [s.config.stage for s in stages]
-    order = [STAGES.index(n) for n in names]
+    order = [get_stage(n).rank for n in names]
     if order != sorted(set(order)):
         raise UsageError(f"stages {names}: later stages must come after the --config stage ({names[0]}) in the "
-                         "cascade base -> interpolation -> vsr")
+                         f"cascade {' -> '.join(STAGES)}")
     if order != list(range(order[0], order[0] + len(order))):
-        skipped = [n for n in STAGES[order[0]:order[-1]] if n not in names]
+        skipped = [s.name for s in REGISTRY.values() if order[0] < s.rank < order[-1] and s.name not in names]
         raise UsageError(f"stages {names} skip {' and '.join(skipped)}: a cascade runs consecutive stages; add "
                          f"--{skipped[0]} configs/{skipped[0]}.py --{skipped[0]}-checkpoint DIR, or run the "
                          f"{names[-1]} stage on its own with --config configs/{names[-1]}.py --input OUTPUT_DIR")
@@ -359,10 +358,10 @@ def _plan(fv: flags.FlagValues, stages: list[_Stage]) -> _Plan:
         _check_model_section(s.config, s.flag)
         _check_checkpoint(s.config, s.checkpoint, s.checkpoint_flag)
     first = stages[0].config.stage
-    if first == "base":
+    if not get_stage(first).takes_video:
         if fv.input:
-            raise UsageError("--input videos are for an interpolation / vsr first stage; base takes prompts "
-                             "(--prompt / --prompt-file)")
+            raise UsageError(f"--input videos are for a first stage that refines a video ({', '.join(LATER_STAGES)}); "
+                             f"{first} takes prompts (--prompt / --prompt-file)")
         prompts = _prompts(fv)
         if not prompts:
             raise UsageError("no prompts: pass --prompt TEXT (repeatable) or --prompt-file FILE")
@@ -385,7 +384,7 @@ def _plan(fv: flags.FlagValues, stages: list[_Stage]) -> _Plan:
     names = [s.config.stage for s in stages]
     directories = {n: output if len(stages) == 1 else output / n for n in names}
     formats = {s.config.stage: sample_options(s.config.stage, s.config.sample).formats for s in stages}
-    if first != "base":
+    if get_stage(first).takes_video:
         _check_inputs_survive(groups, directories, stems, formats)
     for n in names:
         check_no_overwrite(directories[n], list(stems.values()), formats[n], fv.overwrite)

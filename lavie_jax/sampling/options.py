@@ -1,8 +1,10 @@
 """The `sample` section of a stage config, validated into a frozen `SampleOptions` (errors name the field).
 
 Field meanings and official defaults: `configs/common.py` (SAMPLE_COMMON, SAMPLE_STAGE), which follow the official
-sampling scripts of each stage (schedulers, guidance, negative prompts, seeds). Everything here is checked before
-any model runs.
+sampling scripts of each stage (schedulers, guidance, negative prompts, seeds). The fields every stage has are
+`SampleOptions`' own; a stage's own fields (`Stage.sample_fields`: base's frame count and size, VSR's chunks and
+noise level, ...) are read as attributes too and checked by the stage (`Stage.check_sample`). Everything here is
+checked before any model runs.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lavie_jax.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS, TIMESTEP_SPACINGS, Sampler, make_sampler
-from lavie_jax.diffusion.schedules import noise_level_coefficients
-from lavie_jax.stages import STAGES
+from lavie_jax.stages import STAGES, Stage, get_stage
 
 FORMATS = ("mp4", "gif")
 # steps_offset -1 means the official pipeline's choice: diffusers 0.16 DDPM ignored the SD config's offset of 1,
@@ -56,14 +57,19 @@ class SampleOptions:
     text_encoder: str
     tokenizer: str
     steps_per_call: int = 1  # denoising steps per compiled call (control returns to Python between calls)
-    num_frames: int = 0  # base: frames to generate; interpolation: 0 or 4K - 3 for K input frames
-    height: int = 0  # base: output size; interpolation: input frames are resized to it
-    width: int = 0
-    chunk_frames: int = 0  # vsr: frames per independent run (0: the whole video)
-    noise_level: int = 0  # vsr: low-res noise augmentation level and class label
-    low_res_beta_schedule: str = "scaled_linear"
-    low_res_beta_start: float = 1e-4
-    low_res_beta_end: float = 0.02
+    # the stage's own fields (`Stage.sample_fields`) as (name, value) pairs, read as attributes
+    stage_fields: tuple[tuple[str, Any], ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        for key, value in self.__dict__.get("stage_fields", ()):
+            if key == name:
+                return value
+        raise AttributeError(f"sample options of the {self.__dict__.get('stage')} stage have no field {name!r}")
+
+    @property
+    def spec(self) -> Stage:
+        """The stage object these options sample."""
+        return get_stage(self.stage)
 
     @property
     def classifier_free_guidance(self) -> bool:
@@ -78,67 +84,49 @@ class SampleOptions:
                             prediction_type=self.prediction_type, timestep_spacing=spacing,
                             steps_offset=offset, eta=self.eta, set_alpha_to_one=self.set_alpha_to_one)
 
-    def low_res_coefficients(self) -> tuple[float, float]:
-        """(signal, noise) scales of the VSR low-res noise augmentation at `noise_level`."""
-        return noise_level_coefficients(self.low_res_beta_schedule, self.low_res_beta_start, self.low_res_beta_end,
-                                        self.noise_level, self.num_train_timesteps)
 
-
-_STAGE_FIELDS = {
-    "base": ("num_frames", "height", "width"),
-    "interpolation": ("num_frames", "height", "width"),
-    "vsr": ("chunk_frames", "noise_level", "low_res_beta_schedule", "low_res_beta_start", "low_res_beta_end"),
-}
+_COMMON_FIELDS = tuple(f.name for f in dataclasses.fields(SampleOptions) if f.name not in ("stage", "stage_fields"))
 
 
 def _fail(field: str, message: str) -> None:
     raise SampleConfigError(f"config field sample.{field}: {message}")
 
 
-def sample_options(stage: str, sample: Mapping[str, Any]) -> SampleOptions:
+def sample_options(stage: str | Stage, sample: Mapping[str, Any]) -> SampleOptions:
     """Validate a stage config's `sample` section (a ConfigDict or dict) into SampleOptions."""
-    if stage not in STAGES:
+    if isinstance(stage, str) and stage not in STAGES:
         raise SampleConfigError(f"config field stage: {stage!r} is not one of {STAGES}")
+    stage = get_stage(stage)
     values = dict(sample.to_dict() if hasattr(sample, "to_dict") else sample)
-    fields = {f.name for f in dataclasses.fields(SampleOptions)} - {"stage"}
-    other_stages = set().union(*_STAGE_FIELDS.values()) - set(_STAGE_FIELDS[stage])
-    unknown = sorted(k for k in values if k not in fields or k in other_stages)
+    own = dict(stage.sample_fields)
+    unknown = sorted(k for k in values if k not in _COMMON_FIELDS and k not in own)
     if unknown:
-        raise SampleConfigError(f"config section sample has fields {unknown} that the {stage} stage does not use; "
-                                "remove them")
-    required = {f.name for f in dataclasses.fields(SampleOptions)
-                if f.default is dataclasses.MISSING and f.name != "stage"}
+        raise SampleConfigError(f"config section sample has fields {unknown} that the {stage.name} stage does not "
+                                "use; remove them")
+    required = {f.name for f in dataclasses.fields(SampleOptions) if f.default is dataclasses.MISSING} - {"stage"}
     missing = sorted(required - set(values))
     if missing:
-        raise SampleConfigError(f"config section sample lacks {missing}; start from configs/{stage}.py")
+        raise SampleConfigError(f"config section sample lacks {missing}; start from configs/{stage.name}.py")
     formats = values["formats"]
     values["formats"] = tuple(f.strip() for f in formats.split(",")) if isinstance(formats, str) else tuple(formats)
-    opts = SampleOptions(stage=stage, **values)
-    _validate(opts)
+    extra = tuple((k, values.pop(k, default)) for k, default in own.items())
+    opts = SampleOptions(stage=stage.name, stage_fields=extra, **values)
+    _validate(opts, stage)
     return opts
 
 
-def _validate(o: SampleOptions) -> None:
+def _validate(o: SampleOptions, stage: Stage) -> None:
     choices = {"sampler": SAMPLERS, "prediction_type": PREDICTION_TYPES,
-               "timestep_spacing": ("auto",) + TIMESTEP_SPACINGS,
-               "beta_schedule": BETA_SCHEDULES, "low_res_beta_schedule": BETA_SCHEDULES}
+               "timestep_spacing": ("auto",) + TIMESTEP_SPACINGS, "beta_schedule": BETA_SCHEDULES}
     for field, allowed in choices.items():
         if getattr(o, field) not in allowed:
             _fail(field, f"{getattr(o, field)!r} is not one of {allowed}")
-    positive = ["steps", "decode_chunk", "steps_per_call"] + (["num_frames", "height", "width"] if o.stage == "base" else [])
-    positive += ["height", "width"] if o.stage == "interpolation" else []
-    for field in positive:
+    for field in ("steps", "decode_chunk", "steps_per_call"):
         value = getattr(o, field)
         if not isinstance(value, int) or value <= 0:
             _fail(field, f"expected a positive int, got {value!r}")
-    for field in ("batch_size", "chunk_frames", "num_frames", "noise_level"):
-        if getattr(o, field) < 0:
-            _fail(field, f"expected >= 0, got {getattr(o, field)}")
-    if o.stage == "interpolation" and o.num_frames and (o.num_frames % 4 != 1 or o.num_frames < 5):
-        _fail("num_frames", f"interpolation makes 4K - 3 frames from K input frames (61 from 16), got "
-                            f"{o.num_frames}; use 0 to follow the input")
-    if o.stage == "vsr" and not 0 <= o.noise_level < o.num_train_timesteps:
-        _fail("noise_level", f"must be in 0..{o.num_train_timesteps - 1} (official 50), got {o.noise_level}")
+    if o.batch_size < 0:
+        _fail("batch_size", f"expected >= 0, got {o.batch_size}")
     if not isinstance(o.seed, int) or not 0 <= o.seed < 2 ** 32:
         _fail("seed", f"expected an int in 0..2^32-1, got {o.seed!r}")
     if o.steps_offset < -1:
@@ -154,11 +142,10 @@ def _validate(o: SampleOptions) -> None:
         _fail("quality", f"expected 0..10 (imageio scale), got {o.quality}")
     if o.fps < 0:
         _fail("fps", f"expected > 0 (or 0 for VSR: the input's rate), got {o.fps}")
-    if o.stage != "vsr" and o.fps == 0:
+    if o.fps == 0 and not stage.fps_follows_input:
         _fail("fps", "0 (the input's rate) is for the vsr stage only")
     try:
         o.make_sampler()
-        if o.stage == "vsr":
-            o.low_res_coefficients()
     except ValueError as e:
         raise SampleConfigError(f"config section sample: {e}") from e
+    stage.check_sample(o, _fail)

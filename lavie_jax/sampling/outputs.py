@@ -29,8 +29,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from lavie_jax import video as video_io
-from lavie_jax.safe_io import OutputPathError, check_location
+from lavie_jax.io import video as video_io
+from lavie_jax.io.safe_io import OutputPathError, check_location
 
 MAX_STEM_BYTES = 200
 VIDEO_SUFFIXES = (".mp4", ".gif")

@@ -24,12 +24,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from lavie_jax import checkpoints, stages, workdir as workdirs
-from lavie_jax.checkpoints import Pipeline
-from lavie_jax.keycheck import check_keys
+from lavie_jax import stages
+from lavie_jax.io import checkpoints
+from lavie_jax.io import workdir as workdirs
+from lavie_jax.io.checkpoints import Pipeline
+from lavie_jax.io.keycheck import check_keys
 from lavie_jax.models import VAE_CONFIGS, abstract_text_encoder, abstract_unet, abstract_vae, arch_from_config
 from lavie_jax.models.clip import text_encoder_config
-from lavie_jax.text import load_tokenizer
+from lavie_jax.io.text import load_tokenizer
 
 RANDOM = "random"
 
@@ -154,7 +156,7 @@ def check_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.Pat
                             f"random weights")
     if workdirs.is_workdir(directory):
         stage = json.loads((directory / workdirs.MARKER).read_text()).get("stage")
-        if stage not in (None, config.stage):
+        if stage is not None and stage != config.stage:
             raise PipelineError(f"--checkpoint {directory} is a {stage} training run but the config is the "
                                 f"{config.stage} stage; pass configs/{stage}.py")
         with workdirs.TrainCheckpointer(directory, save_every=0, read_only=True) as ckpt:
@@ -183,7 +185,8 @@ def check_pipeline(pipeline: Pipeline, stage: str) -> None:
     if arch.out_channels != latent or latent != 4:
         raise PipelineError(f"UNet predicts {arch.out_channels} channels and the VAE has {latent} latent channels; "
                             "LaVie stages need 4 for both")
-    want = stages.unet_in_channels(stage)
+    spec = stages.get_stage(stage)
+    want = spec.unet_in_channels
     if arch.in_channels != want:
         raise PipelineError(f"the {stage} stage feeds the UNet {want} channels but its conv_in takes "
                             f"{arch.in_channels}; the checkpoint does not belong to this stage")
@@ -191,6 +194,6 @@ def check_pipeline(pipeline: Pipeline, stage: str) -> None:
     if hidden != arch.cross_attention_dim:
         raise PipelineError(f"the text encoder gives {hidden}-d embeddings but the UNet cross-attends to "
                             f"{arch.cross_attention_dim}-d text; the components come from different models")
-    if (stage == "vsr") != bool(arch.num_class_embeds):
-        raise PipelineError(f"the {stage} stage {'needs' if stage == 'vsr' else 'has no'} a noise-level class "
-                            f"embedding, but the UNet {'lacks' if stage == 'vsr' else 'has'} one")
+    if spec.class_labels != bool(arch.num_class_embeds):
+        raise PipelineError(f"the {stage} stage {'needs' if spec.class_labels else 'has no'} a class (noise-level) "
+                            f"embedding, but the UNet {'lacks' if spec.class_labels else 'has'} one")

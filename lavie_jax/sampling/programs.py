@@ -1,4 +1,4 @@
-"""The compiled programs of a sampling request: condition preparation, the denoising steps, VAE decoding.
+"""The compiled programs of a sampling request: the stage's conditioning, the denoising steps, VAE decoding.
 
 Each is one `jax.jit` with the model graph and every shape-deciding option static, so a request of the same
 shape reuses the compiled program. The denoising loop runs `steps_per_call` steps per call (`lax.scan` inside
@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lavie_jax import stages
 from lavie_jax.diffusion import SamplerSpec, classifier_free_guidance, sample_loop
+from lavie_jax.stages import Stage
 
-LATENT_STREAM, STEP_STREAM, LOW_RES_STREAM, ENCODE_STREAM = 0, 1, 2, 3
+LATENT_STREAM, STEP_STREAM = 0, 1
+# the random streams a stage's conditioning draws from (`Stage.sample_condition`), by name
+CONDITION_STREAMS = {"low_res": 2, "encode": 3}
 
 
 def row_keys(seed_ids: jax.Array, row_ids: jax.Array) -> jax.Array:
@@ -46,13 +48,13 @@ def row_normal(keys: jax.Array, stream: tuple, shape: tuple[int, ...]) -> jax.Ar
     return jax.vmap(one)(keys)
 
 
-def guided_model(graphdef: nnx.GraphDef, state: nnx.State, stage: str, text: jax.Array, cond: jax.Array | None,
+def guided_model(graphdef: nnx.GraphDef, state: nnx.State, stage: Stage, text: jax.Array, cond: jax.Array | None,
                  labels: jax.Array | None, guidance: jax.Array, cond_first: bool
                  ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The model one denoising step calls: `(x [N, ...], t) -> guided prediction [N, ...]`.
 
     text `[N, P, L, D]` holds each row's P = 2 guidance rows in the stage's batch order (or P = 1, no guidance);
-    cond `[N, F, h, w, c]` is the stage's conditioning (`lavie_jax.stages.unet_sample`); labels `[N]` are class
+    cond `[N, F, h, w, c]` is the stage's conditioning (`condition`, fed by `Stage.unet_sample`); labels `[N]` are class
     labels (VSR noise level). The UNet sees `[N * P, ...]` with each row's pair adjacent.
     """
     n, pairs = text.shape[:2]
@@ -64,7 +66,7 @@ def guided_model(graphdef: nnx.GraphDef, state: nnx.State, stage: str, text: jax
     cond_rows, label_rows = repeat(cond), repeat(labels)
 
     def model(x, t):
-        inp = stages.unet_sample(stage, repeat(x), cond_rows)
+        inp = stage.unet_sample(repeat(x), cond_rows)
         out = nnx.merge(graphdef, state)(inp, jnp.full((n * pairs,), t), flat_text, label_rows)
         if pairs == 1:
             return out
@@ -83,7 +85,7 @@ def initial_latents(seed_ids: jax.Array, row_ids: jax.Array, *, spec: SamplerSpe
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "stage", "cond_first", "num_steps"))
 def denoise_steps(state: nnx.State, tables: dict, x: jax.Array, start: jax.Array, text: jax.Array,
                   seed_ids: jax.Array, row_ids: jax.Array, cond: jax.Array | None, labels: jax.Array | None,
-                  guidance: jax.Array, *, graphdef: nnx.GraphDef, spec: SamplerSpec, stage: str, cond_first: bool,
+                  guidance: jax.Array, *, graphdef: nnx.GraphDef, spec: SamplerSpec, stage: Stage, cond_first: bool,
                   num_steps: int) -> jax.Array:
     """Steps `start .. start + num_steps - 1` of the denoising loop for a batch of N rows: `x [N, F, h, w, 4]` ->
     the latents after them (scaled latents after the last step). Inputs as in `guided_model`; `seed_ids` /
@@ -96,56 +98,43 @@ def denoise_steps(state: nnx.State, tables: dict, x: jax.Array, start: jax.Array
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "stage", "cond_first"))
 def guided_model_call(state: nnx.State, x: jax.Array, t: jax.Array, text: jax.Array, cond: jax.Array | None,
-                      labels: jax.Array | None, guidance: jax.Array, *, graphdef: nnx.GraphDef, stage: str,
+                      labels: jax.Array | None, guidance: jax.Array, *, graphdef: nnx.GraphDef, stage: Stage,
                       cond_first: bool) -> jax.Array:
     """One call of the loop's model, compiled on its own: the unit that `denoise_steps` repeats (for benchmarks)."""
     return guided_model(graphdef, state, stage, text, cond, labels, guidance, cond_first)(x, t)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "stage"))
-def decode(state: nnx.State, latents: jax.Array, *, graphdef: nnx.GraphDef, chunk: int, stage: str) -> jax.Array:
+def decode(state: nnx.State, latents: jax.Array, *, graphdef: nnx.GraphDef, chunk: int, stage: Stage) -> jax.Array:
     """Scaled latents `[N, F, h, w, 4]` -> uint8 frames `[N, F, h * f, w * f, 3]` by the stage's pixel rule,
     `chunk` frames per VAE call."""
     vae = nnx.merge(graphdef, state)
     pixels = jax.vmap(lambda z: vae.decode(z / vae.scaling_factor, frame_chunk=chunk))(latents)
-    return stages.to_uint8(pixels, stage)
+    return stage.to_uint8(pixels)
 
 
-def resize_frames(frames: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """uint8 `[..., H, W, 3]` -> float32 `[..., *size, 3]` in [-1, 1], bilinear with half-pixel centres and no
-    antialiasing (torch's `interpolate(mode='bilinear', align_corners=False)`, as the official interpolation)."""
-    x = stages.pixels_to_unit(frames)
-    if tuple(x.shape[-3:-1]) == tuple(size):
-        return x
-    return jax.image.resize(x, (*x.shape[:-3], *size, x.shape[-1]), "linear", antialias=False)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "size"))
-def interpolation_condition(state: nnx.State, frames: jax.Array, seed_ids: jax.Array, row_ids: jax.Array, *,
-                            graphdef: nnx.GraphDef, chunk: int, size: tuple[int, int]) -> jax.Array:
-    """uint8 key frames `[N, K, H, W, 3]` -> conditioning latents `[N, 4K - 3, size / 8, 4]`.
-
-    The frames are resized to `size`, and each original frame is encoded once and its posterior sampled once (the
-    official code encodes 61 frames, four copies of each original, and keeps one sample of each: the same
-    distribution at a quarter of the cost); `stages.key_frame_condition` spreads them over the output positions.
-    """
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "stage", "settings"))
+def condition(state: nnx.State, frames: jax.Array, seed_ids: jax.Array, row_ids: jax.Array, *,
+              graphdef: nnx.GraphDef, chunk: int, stage: Stage, settings: tuple
+              ) -> tuple[jax.Array | None, jax.Array | None]:
+    """uint8 input frames of N rows `[N, F, H, W, 3]` -> the stage's (condition, class labels), one program
+    (`Stage.sample_condition` with `settings` = `Stage.condition_settings(options)`). The stage may encode frames
+    with the VAE (`chunk` frames per call; each row's posterior sampled from its key) and draw per-row normals from
+    its named streams (`CONDITION_STREAMS`)."""
     vae = nnx.merge(graphdef, state)
+    keys = row_keys(seed_ids, row_ids)
 
-    def encode(video, key):
-        post = vae.encode(video, frame_chunk=chunk)
-        return post.sample(jax.random.fold_in(key, ENCODE_STREAM)) * vae.scaling_factor
+    def encode(videos: jax.Array) -> jax.Array:  # [N, K, H, W, 3] in [-1, 1] -> scaled latents [N, K, h, w, 4]
+        def one(video, key):
+            post = vae.encode(video, frame_chunk=chunk)
+            return post.sample(jax.random.fold_in(key, CONDITION_STREAMS["encode"])) * vae.scaling_factor
 
-    latents = jax.vmap(encode)(resize_frames(frames, size), row_keys(seed_ids, row_ids))
-    return stages.key_frame_condition(latents)
+        return jax.vmap(one)(videos, keys)
 
+    def normal(stream: str, shape: tuple[int, ...]) -> jax.Array:
+        return row_normal(keys, (CONDITION_STREAMS[stream],), shape)
 
-@jax.jit
-def low_res_condition(frames: jax.Array, seed_ids: jax.Array, row_ids: jax.Array, signal: jax.Array,
-                      noise: jax.Array) -> jax.Array:
-    """VSR low-res input: uint8 `[N, F, h, w, 3]` -> `stages.low_res_condition` of it, float32 (x in [-1, 1])."""
-    x = stages.pixels_to_unit(frames)
-    eps = row_normal(row_keys(seed_ids, row_ids), (LOW_RES_STREAM,), x.shape[1:])
-    return stages.low_res_condition(x, eps, signal, noise)
+    return stage.sample_condition(frames, encode, normal, settings)
 
 
 @functools.partial(jax.jit, static_argnames=("sharding",))

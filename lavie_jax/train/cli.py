@@ -26,19 +26,19 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from lavie_jax import startup
-from lavie_jax.config_cli import ConfigArgError, parse_config_flags
+from lavie_jax.runtime import startup
+from lavie_jax.cli.config_flags import ConfigArgError, parse_config_flags
 
 # errors that mean "bad input": one paragraph, exit status 2 (imported lazily with jax, see `_user_errors`)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from lavie_jax.checkpoints import CheckpointError
-    from lavie_jax.keycheck import KeyMismatchError
+    from lavie_jax.io.checkpoints import CheckpointError
+    from lavie_jax.io.keycheck import KeyMismatchError
     from lavie_jax.models.arch import ConfigError
-    from lavie_jax.safe_io import OutputPathError
+    from lavie_jax.io.safe_io import OutputPathError
     from lavie_jax.train.setup import TrainConfigError
-    from lavie_jax.workdir import ConfigMismatchError
+    from lavie_jax.io.workdir import ConfigMismatchError
 
     return (ConfigArgError, TrainConfigError, ConfigMismatchError, OutputPathError, CheckpointError, ConfigError,
             KeyMismatchError, FileNotFoundError)

@@ -2,7 +2,7 @@
 
     result = train(config, workdir)        # returns when train.num_steps is reached, or at a preemption
 
-The work directory (`lavie_jax.workdir`): `checkpoints/` (orbax, async, the last `train.keep` steps), `metrics.jsonl`
+The work directory (`lavie_jax.io.workdir`): `checkpoints/` (orbax, async, the last `train.keep` steps), `metrics.jsonl`
 and `tb/` (lavie_jax.train.metrics), `config.json` (the run's config), and `lavie_workdir.json` (what makes it ours).
 A rerun of the same command resumes from the latest complete checkpoint (params, EMA, optimizer state, step, data
 iterator position); a rerun with a config that changes the run is refused unless `overwrite` (a new workdir is the
@@ -27,10 +27,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from lavie_jax import parallel, safe_io, workdir as workdirs
+from lavie_jax import parallel
+from lavie_jax.io import safe_io
+from lavie_jax.io import workdir as workdirs
 from lavie_jax.data import distributed as data_distributed
 from lavie_jax.data.pipeline import make_iterator
-from lavie_jax.text import tokenize
+from lavie_jax.io.text import tokenize
 from lavie_jax.train.metrics import MetricsWriter
 from lavie_jax.train.preemption import PreemptionHandler
 from lavie_jax.train.setup import Run, TrainConfigError, build_run, peak_tflops

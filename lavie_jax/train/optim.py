@@ -237,13 +237,14 @@ def param_groups_from_config(params: Any, train: Any, *, prefix: str = "train") 
 # ----------------------------------------------------------------------------------------------------- config
 
 
-def default_train_optim_config(stage: str | None = None) -> ml_collections.ConfigDict:
+def default_train_optim_config() -> ml_collections.ConfigDict:
     """The optimizer part of a stage config's `train` section (the loop adds its own fields beside these).
 
     LaVie's paper discloses no optimizer, learning rate, batch size or step count; its code only hints: EMA decay
     0.9999 (`update_ema`, the released checkpoints are EMA weights), a linear warm-up over 5000 steps ("from U-ViT")
     or cosine schedule, and grad-norm clipping. The other values are the usual Stable Diffusion fine-tuning ones.
-    `stage='vsr'` trains only the inserted temporal layers, as the paper says; base and interpolation train all.
+    Every param trains (`TRAIN_ALL_RULES`); the VSR config trains only the inserted temporal layers
+    (`TEMPORAL_ONLY_RULES`), as the paper says.
     """
     c = ml_collections.ConfigDict()
     o = c.optimizer = ml_collections.ConfigDict()
@@ -261,7 +262,7 @@ def default_train_optim_config(stage: str | None = None) -> ml_collections.Confi
     g = c.param_groups = ml_collections.ConfigDict()
     # ordered (regex, group) rules, first re.search match wins; group 'frozen' = not trained (no optimizer state,
     # no EMA); any other name is a trained group. Every param must match a rule and every rule must select a param.
-    g.rules = TEMPORAL_ONLY_RULES if stage == "vsr" else TRAIN_ALL_RULES
+    g.rules = TRAIN_ALL_RULES
     g.lr_multipliers = ml_collections.ConfigDict()  # trained group -> lr multiplier (default 1.0): {'temporal': 10}
     g.allow_unused_rules = False  # True: a rule selecting no param is allowed (one rule list for several stages)
     e = c.ema = ml_collections.ConfigDict()

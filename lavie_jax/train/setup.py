@@ -21,14 +21,15 @@ import ml_collections
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lavie_jax import checkpoints, parallel, stages
+from lavie_jax import parallel, stages
+from lavie_jax.io import checkpoints
 from lavie_jax.models import UNet3D, abstract_unet, arch_from_config
 from lavie_jax.models.arch import UNetArch
 from lavie_jax.models.attention_kernels import AttentionImplError, check_attention_impl
 from lavie_jax.models.flops import peak_bf16_tflops, train_step_flops
 from lavie_jax.models.unet import REMAT_POLICIES
 from lavie_jax.sampling.pipeline import components
-from lavie_jax.text import tokenize
+from lavie_jax.io.text import tokenize
 from lavie_jax.train import optim
 from lavie_jax.train.step import Encoders, Objective, StageInputs, TrainState, stage_loss, train_step
 
@@ -48,7 +49,10 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, 
     """The `train` section, and the parts of the others that training depends on, against the mesh; `data=False`
     skips the data source (`check_data`), for callers that feed batches of their own."""
     t, d = config.train, config.data
-    stages.check_stage(config.stage, "config field stage")
+    try:
+        stages.check_stage(config.stage, "config field stage")
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
     if d.stage != config.stage:
         _fail("data.stage", f"{d.stage!r} but the config is the {config.stage} stage")
     try:
@@ -124,25 +128,23 @@ def check_data(config: ml_collections.ConfigDict) -> None:
             else {}
         text = json.dumps(features)
         has_lr = '"lr"' in text
-        if has_lr != (config.stage == "vsr"):
-            made = "vsr" if has_lr else "base or interpolation"
+        if has_lr != stages.get_stage(config.stage).low_res_input:
+            made = " or ".join(s.name for s in stages.REGISTRY.values() if s.low_res_input == has_lr)
             _fail("data.precomputed.name", f"{d.precomputed.name!r} was precomputed for the {made} stage (its clips "
                                            f"{'carry' if has_lr else 'lack'} low-res frames) but the config is the "
                                            f"{config.stage} stage; precompute the {config.stage} stage's data")
 
 
 def num_image_frames(config: ml_collections.ConfigDict) -> int:
-    """K still images per clip of the base stage's joint batches (0 for the other stages or without images)."""
-    d = config.data
-    if config.stage != "base" or d.images.source == "none":
-        return 0
-    return int(d.images.per_clip)
+    """K still images per clip of a joint image-video batch (`Stage.image_frames`: base; 0 without images)."""
+    return stages.get_stage(config.stage).image_frames(config.data)
 
 
 def objective_from_config(config: ml_collections.ConfigDict, vae_scaling: float) -> Objective:
     t, s = config.train, config.sample
     return Objective(
-        stage=config.stage, prediction_type=t.objective.prediction_type, num_image_frames=num_image_frames(config),
+        stage=stages.get_stage(config.stage), prediction_type=t.objective.prediction_type,
+        num_image_frames=num_image_frames(config),
         image_loss_weight=float(t.objective.image_loss_weight), text_dropout=float(t.objective.text_dropout),
         noise_level_max=int(t.objective.noise_level_max),
         low_res_schedule=(s.get("low_res_beta_schedule", "scaled_linear"), float(s.get("low_res_beta_start", 1e-4)),
@@ -259,10 +261,10 @@ def build_encoders(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, r
 
 def check_models(config: ml_collections.ConfigDict, arch: UNetArch, encoders: EncoderModels) -> None:
     """The UNet, VAE, text encoder and data fit together (before anything compiles)."""
-    d = config.data
-    if arch.in_channels != stages.unet_in_channels(config.stage):
+    stage = stages.get_stage(config.stage)
+    if arch.in_channels != stage.unet_in_channels:
         _fail("unet.in_channels", f"{arch.in_channels}, but the {config.stage} stage feeds the UNet "
-                                  f"{stages.unet_in_channels(config.stage)} channels")
+                                  f"{stage.unet_in_channels} channels")
     vae, text = encoders.vae, encoders.text_encoder
     if vae.config.latent_channels != stages.LATENT_CHANNELS or arch.out_channels != stages.LATENT_CHANNELS:
         _fail("train.encoders", f"the VAE has {vae.config.latent_channels} latent channels and the UNet predicts "
@@ -270,28 +272,15 @@ def check_models(config: ml_collections.ConfigDict, arch: UNetArch, encoders: En
     if text.config.hidden_size != arch.cross_attention_dim:
         _fail("train.encoders", f"the text encoder gives {text.config.hidden_size}-d embeddings but the UNet "
                                 f"cross-attends to {arch.cross_attention_dim}-d text; use matching components")
-    f = vae.config.downsample_factor
-    if config.stage == "vsr":
-        if d.scale != f:
-            _fail("data.scale", f"{d.scale}: the VSR low-res frames must have the latents' size, i.e. the VAE's "
-                                f"downsampling factor {f}")
-        if d.patch_size % f:
-            _fail("data.patch_size", f"{d.patch_size} is not a multiple of the VAE's factor {f}")
-    elif d.height % f or d.width % f:
-        _fail("data.height", f"{d.height}x{d.width} frames are not a multiple of the VAE's factor {f}")
-    if config.stage == "interpolation":
-        try:
-            stages.num_key_frames(d.num_frames)
-        except ValueError as e:
-            _fail("data.num_frames", str(e))
+    try:
+        stage.check_data(config.data, vae.config.downsample_factor)
+    except stages.StageConfigError as e:
+        _fail(e.field, e.message)
 
 
 def latent_shape(config: ml_collections.ConfigDict, vae_factor: int) -> tuple[int, int, int]:
     """(frames, latent height, latent width) of one training clip."""
-    d = config.data
-    if config.stage == "vsr":
-        return d.num_frames, d.patch_size // vae_factor, d.patch_size // vae_factor
-    return d.num_frames, d.height // vae_factor, d.width // vae_factor
+    return stages.get_stage(config.stage).clip_latent_shape(config.data, vae_factor)
 
 
 def step_flops(config: ml_collections.ConfigDict, arch: UNetArch, encoders: EncoderModels) -> int:
@@ -301,7 +290,7 @@ def step_flops(config: ml_collections.ConfigDict, arch: UNetArch, encoders: Enco
     frames, h, w = latent_shape(config, encoders.vae.config.downsample_factor)
     b = d.global_batch_size
     precomputed = d.dataset == "precomputed"
-    vae_images = b * (frames + k + (stages.num_key_frames(frames) if config.stage == "interpolation" else 0))
+    vae_images = b * stages.get_stage(config.stage).vae_frames(d)
     return train_step_flops(arch, b, frames + k, h, w, 77, k, vae=None if precomputed else encoders.vae.config,
                             vae_images=vae_images, text_encoder=None if precomputed else encoders.text_encoder.config,
                             text_batch=b * (1 + k))["total"]
@@ -398,7 +387,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abs
     precomputed = config.data.dataset == "precomputed"
     vae_gd, vae_state = nnx.split(encoders.vae)
     text_gd, text_state = nnx.split(encoders.text_encoder)
-    null_tokens = tokenize(encoders.tokenizer, [stages.DROPPED_TEXT[config.stage]],
+    null_tokens = tokenize(encoders.tokenizer, [stages.get_stage(config.stage).dropped_text],
                            max_length=encoders.text_encoder.config.max_position_embeddings)[0]
     with jax.set_mesh(mesh):
         null_text = jax.jit(lambda s, ids: nnx.merge(text_gd, s)(ids[None]).last_hidden_state[0].astype(jnp.float32),

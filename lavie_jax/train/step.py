@@ -4,16 +4,17 @@
     step_fn = make_train_step(objective, graphdef, tx, lr_at, ema_decay_at, shardings)
     state, metrics = step_fn(state, encoders, batch)               # state donated
 
-Per stage (the UNet input is assembled by `lavie_jax.stages`, as the samplers assemble it):
+Per stage (the stage object assembles the UNet input, `Stage.training_inputs` / `Stage.unet_sample`, as the
+samplers assemble it):
 - base: epsilon prediction; a joint image-video batch: each clip's F frames plus K still images appended on the frame
   axis (`num_image_frames=K`: spatial layers see them, temporal layers skip them, each with its own caption), loss =
   video MSE + `image_loss_weight` x image MSE.
 - interpolation: epsilon prediction on the 4K - 3 frames of a clip; the input is the noisy latents plus the clean
-  latents of its K key frames spread by `stages.key_frame_condition`; the loss is on the 4 output channels.
+  latents of its K key frames spread by `interpolation.key_frame_condition`; the loss is on the 4 output channels.
 - vsr: v-prediction; the low-res clip is noised at a level drawn from [0, `noise_level_max`) with the x4
   upscaler's low-res schedule, and the level is the class label.
 Text dropout (classifier-free guidance): each caption (each image caption too) is replaced, with probability
-`text_dropout`, by the stage's dropped text (`stages.DROPPED_TEXT`). Every random draw of an example (timestep,
+`text_dropout`, by the stage's dropped text (`Stage.dropped_text`). Every random draw of an example (timestep,
 noise, posterior sample, dropout, VSR level) comes from the step's key and the example's index in the global batch,
 so a step gives the same update on any mesh and with any number of accumulated micro-batches.
 
@@ -35,13 +36,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lavie_jax import stages
 from lavie_jax.diffusion import losses
-from lavie_jax.diffusion.schedules import diffusers_alphas_cumprod
+from lavie_jax.stages import Stage, TrainingInputs
+from lavie_jax.stages.vsr import MAX_NOISE_LEVEL
 from lavie_jax.train.optim import accumulate_gradients, ema_update, split_micro_batches
-
-PIXEL_KEYS = {"base": ("video", "images"), "interpolation": ("video", "key_frames"), "vsr": ("hr",)}
-TEXT_KEYS = ("tokens", "image_tokens", "text_emb", "image_text_emb")
 
 
 @jax.tree_util.register_dataclass
@@ -75,12 +73,12 @@ class Encoders:
 class Objective:
     """The static description of a stage's loss (hashable; everything the step's program depends on)."""
 
-    stage: str
+    stage: Stage
     prediction_type: str
     num_image_frames: int = 0  # base: K still images per clip
     image_loss_weight: float = 1.0
     text_dropout: float = 0.1
-    noise_level_max: int = stages.VSR_MAX_NOISE_LEVEL
+    noise_level_max: int = MAX_NOISE_LEVEL
     low_res_schedule: tuple[str, float, float] = ("scaled_linear", 1e-4, 0.02)
     beta_schedule: tuple[str, float, float] = ("linear", 1e-4, 0.02)
     num_train_timesteps: int = 1000
@@ -89,18 +87,17 @@ class Objective:
     vae_scaling_factor: float = 0.18215
 
     def tables(self) -> dict[str, np.ndarray]:
-        """Host tables the step indexes: forward-diffusion coefficients and the VSR low-res noise coefficients."""
+        """Host tables the step indexes: forward-diffusion coefficients and the stage's own (`training_tables`: the
+        VSR low-res noise coefficients)."""
         out = {f"q_{k}": v for k, v in losses.noise_tables(*self.beta_schedule, self.num_train_timesteps).items()}
-        if self.stage == "vsr":
-            abar = diffusers_alphas_cumprod(*self.low_res_schedule, self.num_train_timesteps)
-            out["lr_signal"] = np.sqrt(abar).astype(np.float32)
-            out["lr_noise"] = np.sqrt(np.float32(1.0) - abar).astype(np.float32)
-        return out
+        return out | self.stage.training_tables(self)
 
 
 # Random streams: every draw of an example comes from its own key (the step's key folded with the example's index in
 # the global batch) and a stream id, so the draws do not depend on micro-batching or on how the batch is sharded.
-LATENT, IMAGE_LATENT, KEY_LATENT, TEXT_DROP, IMAGE_TEXT_DROP, LEVEL, LOW_RES, TIMESTEP, NOISE = range(9)
+# Stages draw from theirs by name (`TrainingInputs`).
+STREAMS = {name: i for i, name in enumerate(("latent", "image_latent", "key_latent", "text_drop", "image_text_drop",
+                                             "level", "low_res", "timestep", "noise"))}
 
 
 def _split(tables: Mapping[str, jax.Array], prefix: str) -> dict[str, jax.Array]:
@@ -124,32 +121,33 @@ def _dropout(keys: jax.Array, stream: int, values: jax.Array, null: jax.Array, p
 
 
 class StageInputs:
-    """Turns a micro-batch into `(x_0, condition, text, labels)` for `stages.unet_sample` and the UNet.
+    """Turns a micro-batch into `(x_0, condition, text, labels)` for `Stage.unet_sample` and the UNet.
 
     Pixels are encoded by the frozen VAE (a posterior sample), tokens by the frozen text encoder (after dropout);
-    precomputed latents and embeddings are used as they are. All under `stop_gradient`: the encoders never train.
+    precomputed latents and embeddings are used as they are. The clip and its caption are common to all stages; the
+    stage adds the rest (`Stage.training_inputs`). All under `stop_gradient`: the encoders never train.
     """
 
     def __init__(self, objective: Objective, vae_graphdef: nnx.GraphDef | None, text_graphdef: nnx.GraphDef | None):
         self.o = objective
         self.vae_graphdef, self.text_graphdef = vae_graphdef, text_graphdef
 
-    def _latents(self, encoders: Encoders, pixels: jax.Array, keys: jax.Array, stream: int) -> jax.Array:
+    def _latents(self, encoders: Encoders, pixels: jax.Array, keys: jax.Array, stream: str) -> jax.Array:
         if self.vae_graphdef is None or encoders.vae is None:
             raise ValueError("the batch holds pixels but the run has no VAE: give train.encoders (a pipeline "
                              "directory) or train on precomputed latents (data.dataset='precomputed')")
         vae = nnx.merge(self.vae_graphdef, encoders.vae)
         post = vae.encode(pixels, frame_chunk=self.o.vae_frame_chunk)
-        eps = _draw(keys, stream, lambda k: jax.random.normal(k, post.mean.shape[1:], post.mean.dtype))
+        eps = _draw(keys, STREAMS[stream], lambda k: jax.random.normal(k, post.mean.shape[1:], post.mean.dtype))
         return (post.mean + post.std * eps) * vae.scaling_factor
 
-    def _text(self, encoders: Encoders, batch: Mapping[str, jax.Array], keys: jax.Array, stream: int, emb: str,
-              tok: str, per_example: int | None) -> jax.Array:
+    def _text(self, encoders: Encoders, batch: Mapping[str, jax.Array], keys: jax.Array, stream: str, emb: str,
+              tok: str, per_example: int | None = None) -> jax.Array:
         """Embeddings `[b, (K,) L, D]` of the captions (precomputed `emb` or tokens `tok`), after text dropout."""
         p = self.o.text_dropout
         if emb in batch:
-            return _dropout(keys, stream, batch[emb].astype(jnp.float32), encoders.null_text, p, per_example)
-        tokens = _dropout(keys, stream, batch[tok], encoders.null_tokens, p, per_example)
+            return _dropout(keys, STREAMS[stream], batch[emb].astype(jnp.float32), encoders.null_text, p, per_example)
+        tokens = _dropout(keys, STREAMS[stream], batch[tok], encoders.null_tokens, p, per_example)
         if self.text_graphdef is None or encoders.text is None:
             raise ValueError("the batch holds tokens but the run has no text encoder")
         encoder = nnx.merge(self.text_graphdef, encoders.text)
@@ -158,30 +156,16 @@ class StageInputs:
 
     def __call__(self, encoders: Encoders, batch: Mapping[str, jax.Array], tables: Mapping[str, jax.Array],
                  keys: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
-        o = self.o
-        pixels = "hr" if o.stage == "vsr" else "video"
-        x0 = batch["latents"] if "latents" in batch else self._latents(encoders, batch[pixels], keys, LATENT)
-        f = x0.shape[1]
-        text = self._text(encoders, batch, keys, TEXT_DROP, "text_emb", "tokens", None)
-        condition = labels = None
-        if o.stage == "base" and o.num_image_frames:
-            k = o.num_image_frames
-            images = (batch["image_latents"] if "image_latents" in batch
-                      else self._latents(encoders, batch["images"], keys, IMAGE_LATENT))
-            image_text = self._text(encoders, batch, keys, IMAGE_TEXT_DROP, "image_text_emb", "image_tokens", k)
-            x0 = jnp.concatenate([x0, images.astype(x0.dtype)], axis=1)
-            text = jnp.concatenate([jnp.repeat(text[:, None], f, axis=1), image_text], axis=1)  # per frame [B, F+K]
-        elif o.stage == "interpolation":
-            key_latents = (batch["key_latents"] if "key_latents" in batch
-                           else self._latents(encoders, batch["key_frames"], keys, KEY_LATENT))
-            condition = stages.key_frame_condition(key_latents.astype(jnp.float32))
-        elif o.stage == "vsr":
-            level = _draw(keys, LEVEL, lambda k: jax.random.randint(k, (), 0, o.noise_level_max, dtype=jnp.int32))
-            lr = batch["lr"].astype(jnp.float32)
-            eps = _draw(keys, LOW_RES, lambda k: jax.random.normal(k, lr.shape[1:]))
-            condition = stages.low_res_condition(lr, eps, jnp.take(tables["lr_signal"], level),
-                                                 jnp.take(tables["lr_noise"], level))
-            labels = level
+        stage = self.o.stage
+        x0 = batch["latents"] if "latents" in batch else self._latents(encoders, batch[stage.pixel_key], keys,
+                                                                        "latent")
+        text = self._text(encoders, batch, keys, "text_drop", "text_emb", "tokens")
+        inputs = TrainingInputs(
+            batch=batch, latents=lambda pixels, stream: self._latents(encoders, pixels, keys, stream),
+            text=lambda stream, emb, tok, per_example=None: self._text(encoders, batch, keys, stream, emb, tok,
+                                                                       per_example),
+            draw=lambda stream, fn: _draw(keys, STREAMS[stream], fn), tables=tables, settings=self.o)
+        x0, condition, text, labels = stage.training_inputs(inputs, x0, text)
         sg = jax.lax.stop_gradient
         return sg(x0.astype(jnp.float32)), None if condition is None else sg(condition), sg(text), labels
 
@@ -195,10 +179,11 @@ def stage_loss(objective: Objective, graphdef: nnx.GraphDef, inputs: StageInputs
         batch = dict(batch)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch.pop("index"))
         x0, condition, text, labels = inputs(encoders, batch, tables, keys)
-        t = _draw(keys, TIMESTEP, lambda k: jax.random.randint(k, (), 0, o.num_train_timesteps, dtype=jnp.int32))
-        noise = _draw(keys, NOISE, lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))
+        t = _draw(keys, STREAMS["timestep"],
+                  lambda k: jax.random.randint(k, (), 0, o.num_train_timesteps, dtype=jnp.int32))
+        noise = _draw(keys, STREAMS["noise"], lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))
         q = _split(tables, "q_")
-        sample = stages.unet_sample(o.stage, losses.q_sample(x0, noise, t, q), condition)
+        sample = o.stage.unet_sample(losses.q_sample(x0, noise, t, q), condition)
         unet = nnx.merge(graphdef, params, frozen)
         pred = unet(sample, t, text, labels, num_image_frames=o.num_image_frames)
         video, images = losses.frame_mse(pred, losses.target(o.prediction_type, x0, noise, t, q),

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lavie_jax.text import default_tokenizer
+from lavie_jax.io.text import default_tokenizer
 from tests.models.test_unet_spatial_parity import _identity_temporal, _torch_unet
 from tests.models.test_vae import TINY as TINY_VAE
 from tests.models.tiny_configs import SD_SMALL, X4_SMALL, jit_apply, random_state_dict

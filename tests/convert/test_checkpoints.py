@@ -1,4 +1,4 @@
-"""lavie_jax.checkpoints: streaming writes in groups, loads (sharded too), metadata checks, atomic directories."""
+"""lavie_jax.io.checkpoints: streaming writes in groups, loads (sharded too), metadata checks, atomic directories."""
 
 import json
 
@@ -7,12 +7,12 @@ import pytest
 from flax import nnx
 
 from lavie_jax import parallel
-from lavie_jax.checkpoints import (CHECKPOINTS, CheckpointError, abstract_component, iter_stored_params,
+from lavie_jax.io.checkpoints import (CHECKPOINTS, CheckpointError, abstract_component, iter_stored_params,
                                    load_component, load_unet, read_metadata, save_model, write_params)
 from lavie_jax.convert.cli import Reporter, convert_lavie, main
 from lavie_jax.convert.export import export_checkpoint
-from lavie_jax.keycheck import KeyMismatchError
-from lavie_jax.safe_io import OutputPathError
+from lavie_jax.io.keycheck import KeyMismatchError
+from lavie_jax.io.safe_io import OutputPathError
 from lavie_jax.convert.state_dict import export_state_dict
 from lavie_jax.models.arch import ConfigError
 from tests.convert.helpers import randomized, save_state_dict, tiny_clip_config

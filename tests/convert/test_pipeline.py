@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lavie_jax.checkpoints import CHECKPOINTS, load_pipeline, read_metadata
+from lavie_jax.io.checkpoints import CHECKPOINTS, load_pipeline, read_metadata
 from lavie_jax.convert.cli import main
 from lavie_jax.convert.state_dict import export_state_dict
 from lavie_jax.models.clip import canonical_clip_state_dict
-from lavie_jax.text import encode_prompts, tokenize
+from lavie_jax.io.text import encode_prompts, tokenize
 from tests.convert.helpers import save_state_dict
 from tests.models.tiny_configs import SD_SMALL, X4_SMALL, random_state_dict, rel_err
 

@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 from safetensors.torch import save_file
 
-from lavie_jax.checkpoints import iter_stored_params, write_params
+from lavie_jax.io.checkpoints import iter_stored_params, write_params
 from lavie_jax.convert.keymap import flax_shape, to_flax_array, to_flax_layout, to_torch_array, torch_shape
 from lavie_jax.convert.state_dict import Arena
 from lavie_jax.convert.torch_files import WeightFileError, open_weights

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lavie_jax import video as video_io
+from lavie_jax.io import video as video_io
 from lavie_jax.data import pipeline
+from tests.conftest import stage_config
 
 H, W = 32, 48  # test frame size
 NUM_VIDEOS, NUM_FRAMES = 8, 64
@@ -103,7 +104,7 @@ def laion_files(tmp_path_factory) -> dict[str, Path]:
 
 def tiny_data(stage: str, data_dir: Path, **overrides) -> ml_collections.ConfigDict:
     """A stage's default data config scaled down to 32x48 frames and batch 4 on a 16-video moving_shapes set."""
-    data = pipeline.default_data_config(stage)
+    data = stage_config(stage).data
     data.data_dir = str(data_dir)
     data.moving_shapes.update(num_videos=16, num_validation=4, num_frames=64, height=H, width=W)
     data.global_batch_size = 4

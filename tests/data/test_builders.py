@@ -49,7 +49,7 @@ def test_video_text_keeps_good_rows_and_counts_bad_ones(webvid_files, tmp_path, 
             assert record["num_frames"] == 40
         else:
             assert record["num_frames"] == NUM_FRAMES
-            from lavie_jax import video as video_io
+            from lavie_jax.io import video as video_io
 
             frames, _ = video_io.read_video(record["mp4"])
         assert video_id(frames) == k  # the caption belongs to these pixels

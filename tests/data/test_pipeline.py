@@ -5,8 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from lavie_jax import video as video_io
+from lavie_jax.io import video as video_io
 from lavie_jax.data import moving_shapes, pipeline, transforms
+
+from tests.conftest import stage_config
 
 from .conftest import NUM_VIDEOS, H, W, frame_index, tiny_data, video_id
 
@@ -26,13 +28,14 @@ def _assert_batches_equal(a, b):
 
 @pytest.mark.parametrize("stage", pipeline.STAGES)
 def test_default_config_is_valid_and_documented(stage):
-    data = pipeline.default_data_config(stage)
+    data = stage_config(stage).data
     pipeline.check_config(data)
     assert data.dataset == "moving_shapes" and data.stage == stage
     for field in data.keys():  # every field is described in the module docstring
         assert f"\n  {field}" in pipeline.__doc__, field
-    with pytest.raises(ValueError, match="stage"):
-        pipeline.default_data_config("upscale")
+    data.stage = "upscale"
+    with pytest.raises(ValueError, match="data.stage must be one of"):
+        pipeline.check_config(data)
 
 
 def test_base_moving_shapes_shapes_ranges_and_caption_colours(data_dir):

@@ -1,9 +1,9 @@
-"""lavie_jax.video: the project's mp4/gif writer and reader."""
+"""lavie_jax.io.video: the project's mp4/gif writer and reader."""
 
 import numpy as np
 import pytest
 
-from lavie_jax import video as video_io
+from lavie_jax.io import video as video_io
 
 from .conftest import coded_video, frame_index, video_id
 

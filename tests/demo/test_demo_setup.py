@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs.common import DEMO_SOURCES, DEMO_TEXT_WIDTH
-from lavie_jax.config_cli import load_config
+from lavie_jax.cli.config_flags import load_config
 from lavie_jax.data import moving_shapes
 from lavie_jax.demo import evaluate, overview
 from lavie_jax.demo.data import pixel_source
@@ -105,7 +105,7 @@ def test_the_direction_word_reaches_every_token_of_the_demo_text_encoder():
 
     from lavie_jax.demo.encoders import random_text_encoder
     from lavie_jax.models.clip import abstract_text_encoder
-    from lavie_jax.text import default_tokenizer, tokenize
+    from lavie_jax.io.text import default_tokenizer, tokenize
 
     encoder = random_text_encoder(DEMO_TEXT_WIDTH)
     assert encoder.config.add_caption_sum

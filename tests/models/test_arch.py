@@ -4,8 +4,10 @@ import json
 
 import pytest
 
-from lavie_jax.models import ConfigError, arch_from_config, official_unet_config
-from lavie_jax.models.official import LAVIE_VSR_UNET, SD14_UNET, X4_UPSCALER_UNET
+from lavie_jax.models import ConfigError, arch_from_config
+from lavie_jax.stages import official_unet_config
+from lavie_jax.stages.families import SD14_UNET, X4_UPSCALER_UNET
+from lavie_jax.stages.vsr import LAVIE_VSR_UNET
 from tests.models.tiny_configs import SD_LIKE, X4_LIKE
 
 

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from lavie_jax.models import abstract_text_encoder, abstract_unet, official_unet_config
+from lavie_jax.models import abstract_text_encoder, abstract_unet
+from lavie_jax.stages import official_unet_config
 from lavie_jax.models import flops
 from lavie_jax.models.clip import SD14_TEXT_ENCODER
 from lavie_jax.models.vae import SD14_VAE, X4_VAE, build_vae

@@ -20,7 +20,7 @@ pytest.importorskip("diffusers")  # the reference takes Timesteps/TimestepEmbedd
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lavie_jax.models.flops import unet_forward_flops  # noqa: E402
-from lavie_jax.models.official import official_unet_config  # noqa: E402
+from lavie_jax.stages import official_unet_config  # noqa: E402
 from tests.models.torch_reference import UNet3DReference  # noqa: E402
 
 # stage -> (batch, frames, latent height, latent width, text length) per case

@@ -16,8 +16,9 @@ import torch
 from flax import nnx
 
 from lavie_jax.convert.keymap import param_paths, torch_shapes
-from lavie_jax.models import OFFICIAL_PARAM_COUNTS, abstract_unet, official_unet_config, param_count
-from lavie_jax.models.official import SD14_UNET, X4_UPSCALER_UNET
+from lavie_jax.models import abstract_unet, param_count
+from lavie_jax.stages import get_stage, official_unet_config
+from lavie_jax.stages.families import SD14_UNET, X4_UPSCALER_UNET
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -82,7 +83,7 @@ def _official_keys(stage: str) -> dict[str, tuple[int, ...]]:
 
 @pytest.mark.parametrize("stage", ["base", "interpolation", "vsr"])
 def test_param_count(stage):
-    assert param_count(stage) == OFFICIAL_PARAM_COUNTS[stage]
+    assert param_count(stage) == get_stage(stage).official_param_count
 
 
 @pytest.mark.parametrize("stage", ["base", "interpolation", "vsr"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lavie_jax.convert.state_dict import load_state_dict
-from lavie_jax.keycheck import KeyMismatchError
+from lavie_jax.io.keycheck import KeyMismatchError
 from lavie_jax.models.arch import ConfigError
 from lavie_jax.models.unet import count_params
 from lavie_jax.models.vae import (SD14_VAE, X4_VAE, DiagonalGaussian, abstract_vae,

@@ -1,6 +1,6 @@
 """Tiny diffusers-style UNet configs shared by the model tests (SD-like and x4-upscaler-like)."""
 
-from lavie_jax.models.official import SD14_UNET, X4_UPSCALER_UNET
+from lavie_jax.stages.families import SD14_UNET, X4_UPSCALER_UNET
 
 # Derived from the official configs so that only the sizes differ from what the released models use.
 SD_LIKE = {

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lavie_jax.sampling.cascade import Cascade
-from lavie_jax.sampling.stages import RequestError, StageSampler
+from lavie_jax.sampling.sampler import RequestError, StageSampler
 from tests.models.tiny_configs import rel_err
 from tests.sampling.conftest import BASE_FRAMES, HEIGHT, WIDTH, tiny_config
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lavie_jax import checkpoints
+from lavie_jax.io import checkpoints
 from lavie_jax.sampling import cli
 from tests.sampling.conftest import BASE_FRAMES, HEIGHT, STEPS, WIDTH
 

@@ -240,7 +240,7 @@ def test_read_only_output_parent(tmp_path, no_models, capsys, monkeypatch):
 
 
 def test_output_over_the_input_videos_is_refused_even_with_overwrite(tmp_path, no_models, capsys):
-    from lavie_jax import video
+    from lavie_jax.io import video
 
     video.write_video(tmp_path / "a_cat.mp4", np.zeros((3, 16, 24, 3), np.uint8), fps=8)
     with pytest.raises(SystemExit) as exit_info:

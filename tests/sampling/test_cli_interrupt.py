@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lavie_jax.safe_io import Terminated
+from lavie_jax.io.safe_io import Terminated
 from lavie_jax.sampling import cli
 from tests.conftest import child_env
 

@@ -16,7 +16,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from lavie_jax.sampling.stages import StageSampler
+from lavie_jax.sampling.sampler import StageSampler
 from tests.models.tiny_configs import rel_err
 from tests.sampling.conftest import tiny_config
 from tests.conftest import child_env

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lavie_jax.sampling.options import SampleConfigError, sample_options
+from lavie_jax.stages import get_stage
 
 
 def options(stage, variant=None, **overrides):
@@ -31,7 +32,7 @@ def test_official_defaults():
         ("ddim", "v_prediction", 5.0, "blur, worst quality", False)
     assert (vsr.chunk_frames, vsr.noise_level, vsr.low_res_beta_schedule, vsr.fps) == (8, 50, "scaled_linear", 0)
     np.testing.assert_array_equal(vsr.make_sampler().timesteps, np.arange(981, 0, -20))
-    assert vsr.low_res_coefficients() == pytest.approx((0.99541, 0.09569), abs=1e-5)
+    assert get_stage("vsr").coefficients(vsr) == pytest.approx((0.99541, 0.09569), abs=1e-5)
     # the base stage's other official samplers: DDIM with steps_offset 1, Euler over linspace(0, 999)
     np.testing.assert_array_equal(options("base", sampler="ddim").make_sampler().timesteps, np.arange(981, 0, -20))
     assert options("base", sampler="euler").make_sampler().spec.init_noise_sigma == pytest.approx(157.4, abs=0.05)

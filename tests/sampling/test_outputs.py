@@ -10,8 +10,8 @@ import pytest
 from lavie_jax.sampling.options import sample_options
 from lavie_jax.sampling.outputs import (OutputError, check_no_overwrite, check_output_dir, output_stem, read_inputs,
                                         unique_stems, write_result)
-from lavie_jax.sampling.stages import StageResult
-from lavie_jax.video import write_video
+from lavie_jax.sampling.sampler import StageResult
+from lavie_jax.io.video import write_video
 from tests.sampling.conftest import tiny_config
 
 

@@ -49,7 +49,7 @@ def loop(args) -> int:
     if args.distributed:
         port, n, i = args.distributed
         jax.distributed.initialize(f"localhost:{port}", int(n), int(i))
-    from lavie_jax.workdir import TrainCheckpointer, check_config
+    from lavie_jax.io.workdir import TrainCheckpointer, check_config
     from lavie_jax.train.preemption import PreemptionHandler
 
     mesh = jax.make_mesh((jax.device_count(),), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -91,7 +91,7 @@ def loop(args) -> int:
 def big_save(args) -> int:
     import jax.numpy as jnp
 
-    from lavie_jax.workdir import TrainCheckpointer
+    from lavie_jax.io.workdir import TrainCheckpointer
 
     ckpt = TrainCheckpointer(args.workdir, save_every=1)
     ckpt.save(1, {"x": jnp.ones((4,))}, {"next_index": 1})

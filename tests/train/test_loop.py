@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from lavie_jax.safe_io import OutputPathError
+from lavie_jax.io.safe_io import OutputPathError
 from lavie_jax.train import loop
-from lavie_jax.workdir import COMMIT_MARKER, ConfigMismatchError
+from lavie_jax.io.workdir import COMMIT_MARKER, ConfigMismatchError
 from tests.models.tiny_configs import rel_err
 from tests.train.conftest import tiny_train_config
 from tests.conftest import child_env
@@ -143,7 +143,7 @@ def test_export_loads_into_the_official_layout_and_samples(uninterrupted, tmp_pa
     from lavie_jax.convert.state_dict import load_state_dict
     from safetensors.numpy import load_file
     from lavie_jax.models import abstract_unet, arch_from_config
-    from lavie_jax.workdir import read_params
+    from lavie_jax.io.workdir import read_params
     from tests.models.tiny_configs import jit_apply
     from tests.models.torch_reference import UNet3DReference
 
@@ -202,7 +202,7 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
     random-init program.)"""
     import portpicker
 
-    from lavie_jax.checkpoints import save_model
+    from lavie_jax.io.checkpoints import save_model
     from lavie_jax.sampling.pipeline import random_pipeline
 
     config = tiny_train_config("base", train_data_dir)  # 4 steps of 8 examples, a checkpoint every 2
@@ -241,7 +241,7 @@ def test_lavie_sample_reads_a_work_directory(uninterrupted, tmp_path):
     """`lavie-sample --checkpoint RUN` samples with the run's EMA UNet and the components it trained with."""
     from lavie_jax.sampling import cli
     from lavie_jax.sampling.pipeline import load_stage_pipeline
-    from lavie_jax.workdir import read_params
+    from lavie_jax.io.workdir import read_params
 
     out = tmp_path / "res"
     argv = ["lavie-sample", "--config", "configs/base.py:tiny", "--checkpoint", str(uninterrupted), "--prompt",

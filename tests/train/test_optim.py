@@ -13,6 +13,7 @@ from flax import nnx
 from lavie_jax import parallel
 from lavie_jax.models import abstract_unet
 from lavie_jax.train import optim
+from tests.conftest import stage_config
 from tests.models.tiny_configs import X4_LIKE
 
 TEMPORAL_RX = re.compile("temporal|attn_temp|norm_temp")
@@ -161,8 +162,9 @@ def test_cosine_needs_decay_steps_and_vsr_default_rules():
     c = _train_config(schedule="cosine")
     with pytest.raises(optim.OptimConfigError, match=r"train\.optimizer\.decay_steps must be > 0"):
         optim.make_optimizer(c, None)
-    assert optim.default_train_optim_config("vsr").param_groups.rules == optim.TEMPORAL_ONLY_RULES
-    assert optim.default_train_optim_config("base").param_groups.rules == optim.TRAIN_ALL_RULES
+    assert stage_config("vsr").train.param_groups.rules == optim.TEMPORAL_ONLY_RULES
+    assert stage_config("base").train.param_groups.rules == optim.TRAIN_ALL_RULES
+    assert optim.default_train_optim_config().param_groups.rules == optim.TRAIN_ALL_RULES
 
 
 # ----------------------------------------------------------------------------------------------------- optimizer

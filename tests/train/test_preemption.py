@@ -14,7 +14,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from lavie_jax.workdir import TrainCheckpointer
+from lavie_jax.io.workdir import TrainCheckpointer
 from lavie_jax.train.preemption import PreemptionHandler
 from tests.conftest import child_env
 

@@ -134,7 +134,7 @@ def test_bad_settings_fail_before_any_compile(field, value, message):
 
 
 def test_init_directory_of_another_stage_is_named(tmp_path):
-    from lavie_jax.checkpoints import save_model
+    from lavie_jax.io.checkpoints import save_model
     from lavie_jax.sampling.pipeline import random_pipeline
 
     vsr = random_pipeline(tiny_train_config("vsr"))

@@ -1,7 +1,7 @@
 """Writing outputs without ever destroying what is not ours.
 
-The rules for writing and replacing outputs live here, once, for every lavie-jax command (io layer: this module
-imports nothing from lavie_jax, so any layer may use it):
+The rules for writing and replacing outputs live here, once, for every lavie-jax command (it imports nothing from
+lavie_jax):
 
 - An output is built in a hidden sibling (`.NAME.tmp-*`) and renamed into place only once complete: a failed or
   interrupted write leaves nothing behind, and an old output is swapped out only after the new one is finished.
@@ -19,7 +19,7 @@ imports nothing from lavie_jax, so any layer may use it):
 - `terminate_as_interrupt()` turns SIGTERM into `Terminated` (a KeyboardInterrupt), so a killed command runs the
   same clean-up as Ctrl-C; the rename that swaps outputs is never split by either.
 
-Checkpoint directories (`lavie_jax.checkpoints.CHECKPOINTS`) and, later, training work directories use
+Checkpoint directories (`lavie_jax.io.checkpoints.CHECKPOINTS`) and, later, training work directories use
 `atomic_directory`; exported weight files use `atomic_file`; sampling outputs use the checks.
 """
 

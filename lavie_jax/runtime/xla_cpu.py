@@ -10,7 +10,7 @@ value. GPU and TPU backends ignore the option.
 The flag is experimental, and XLA aborts the process on a flag it does not know, so it is only set for the jaxlib
 versions where it was measured (`TESTED_JAXLIB`); elsewhere `configure()` does nothing. Call it first thing in a
 program, before anything touches a device (`lavie-train`, `lavie-sample`, `lavie-convert`, `python -m lavie_jax.demo`
-and the benchmarks do, through `lavie_jax.startup`; a library user on the CPU may too). A call after the CPU backend has
+and the benchmarks do, through `lavie_jax.runtime.startup`; a library user on the CPU may too). A call after the CPU backend has
 started has no effect on that process, only on the processes it starts.
 """
 

@@ -43,9 +43,9 @@ class VideoInfo:
 
 
 def to_uint8(x: np.ndarray, stage: str = "base") -> np.ndarray:
-    """Float frames in [-1, 1] (any shape) -> uint8 in [0, 255] by the stage's official rule (`stages.to_uint8`:
+    """Float frames in [-1, 1] (any shape) -> uint8 in [0, 255] by the stage's official rule (`Stage.to_uint8`:
     base and interpolation round, VSR truncates)."""
-    return np.asarray(stages.to_uint8(np.asarray(x, np.float32), stage))
+    return np.asarray(stages.get_stage(stage).to_uint8(np.asarray(x, np.float32)))
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
@@ -53,7 +53,7 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     if frames.dtype != np.uint8:
         raise TypeError(
             f"video frames must be uint8, got {frames.dtype}; convert [-1, 1] floats with "
-            "lavie_jax.video.to_uint8(x) first"
+            "lavie_jax.io.video.to_uint8(x) first"
         )
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
         raise ValueError(f"video frames must have shape [F, H, W, 3] with F >= 1, got {frames.shape}")

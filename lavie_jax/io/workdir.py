@@ -48,7 +48,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from lavie_jax.safe_io import Ownership
+from lavie_jax.io.safe_io import Ownership
 
 ITEMS = ("state", "data", "config", "meta")
 CHECKPOINTS_DIR = "checkpoints"
@@ -480,7 +480,7 @@ def check_config(stored_config_json: str | Mapping | None, new_config: Any, *,
 
 MARKER = "lavie_workdir.json"
 # Everything `lavie-train` writes at the top of a work directory; anything else there is the user's, and makes
-# `--overwrite` refuse to replace the directory (lavie_jax.safe_io).
+# `--overwrite` refuse to replace the directory (lavie_jax.io.safe_io).
 WORKDIRS = Ownership("lavie-train work directory", "lavie-train", MARKER, {"format": "lavie-jax"},
                      {"train": {CHECKPOINTS_DIR: None, INCOMPLETE_DIR: None, "metrics.jsonl": None, "tb": None,
                                 "samples": None, "config.json": None}})

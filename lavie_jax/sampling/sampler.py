@@ -1,14 +1,15 @@
 """One sampler per stage, built from its config: prompts (and input videos) -> uint8 videos.
 
-    sampler = StageSampler(config, pipeline)             # config: configs/STAGE.py; pipeline: load_stage_pipeline
+    sampler = StageSampler(config, pipeline)             # config: a stage config; pipeline: load_stage_pipeline
     result = sampler.sample(["a panda taking a selfie"])  # base: StageResult.frames uint8 [B, 16, 320, 512, 3]
     result = interp.sample(prompts, result.frames)         # interpolation: [B, 61, 320, 512, 3]
     result = vsr.sample(prompts, result.frames, fps=24)    # vsr: [B, 61, 1280, 2048, 3]
 
-A request is checked completely before any model runs. It is then cut into rows (a prompt; for VSR a prompt's
-chunk of `chunk_frames` frames, each a fresh full run as in the official code), and rows into batches of
+A request is checked completely before any model runs (by the stage: `Stage.check_request`). It is then cut into
+rows (a prompt; for VSR a prompt's chunk of `chunk_frames` frames, each a fresh full run as in the official code:
+`Stage.chunk_frames`), and rows into batches of
 `sample.batch_size` (0: all rows of one chunk length at once) padded to a multiple of the mesh's batch devices.
-Each batch is text rows (+ conditioning) -> `programs.denoise_steps` (`sample.steps_per_call` steps per compiled
+Each batch is text rows (+ the stage's conditioning, `programs.condition`) -> `programs.denoise_steps` (`sample.steps_per_call` steps per compiled
 call; the latents stay on the mesh, and Ctrl-C / SIGTERM land within a call) -> `programs.decode`, with its rows
 split over the mesh's batch axes (`parallel.BATCH_AXES`) and the params placed by the config's sharding rules
 (replicated, or FSDP-sharded). Text embeddings and conditioning are computed on the mesh and never leave it until
@@ -33,17 +34,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lavie_jax import stages
-from lavie_jax.checkpoints import Pipeline
+from lavie_jax.stages import RequestError, get_stage
+from lavie_jax.io.checkpoints import Pipeline
 from lavie_jax.parallel import BATCH_AXES, batch_sharding, make_mesh, place_state, to_global, to_host
 from lavie_jax.sampling import programs
 from lavie_jax.sampling.options import SampleOptions, sample_options
 from lavie_jax.sampling.pipeline import check_pipeline
-from lavie_jax.text import encode_prompts
-
-
-class RequestError(ValueError):
-    """A sampling request cannot run (no prompts, wrong frame counts or sizes, ...); nothing was computed."""
+from lavie_jax.io.text import encode_prompts
 
 
 @dataclasses.dataclass
@@ -86,7 +83,8 @@ class StageSampler:
     def __init__(self, config: ml_collections.ConfigDict, pipeline: Pipeline, mesh: jax.sharding.Mesh | None = None):
         self.config = config
         self.stage = config.stage
-        self.options = sample_options(config.stage, config.sample)
+        self.spec = get_stage(config.stage)
+        self.options = sample_options(self.spec, config.sample)
         check_pipeline(pipeline, self.stage)
         self.pipeline = pipeline
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh.shape)
@@ -109,46 +107,15 @@ class StageSampler:
     def check_request(self, prompts: Sequence[str], videos: Sequence[np.ndarray] | np.ndarray | None,
                       fps: float | None) -> list[np.ndarray]:
         """Raise RequestError for anything that cannot run; return the videos as uint8 arrays."""
-        o = self.options
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
             raise RequestError("no prompts given: pass a non-empty list of prompt strings")
         if any(not isinstance(p, str) for p in prompts):
             raise RequestError("every prompt must be a string")
-        if self.stage == "base":
-            if videos is not None:
-                raise RequestError("the base stage makes videos from text only; drop `videos` (input videos are "
-                                   "for the interpolation and vsr stages)")
-            f = self.vae_factor
-            if o.height % f or o.width % f:
-                raise RequestError(f"sample.height x sample.width = {o.height}x{o.width} is not a multiple of the "
-                                   f"VAE's factor {f}; use e.g. 320x512")
-            return []
-        if videos is None or len(videos) != len(prompts):
+        out = [] if videos is None else [np.asarray(v) for v in videos]
+        if self.spec.takes_video and len(out) != len(prompts):
             raise RequestError(f"the {self.stage} stage needs one input video per prompt: got {len(prompts)} prompts "
-                               f"and {0 if videos is None else len(videos)} videos")
-        out = [np.asarray(v) for v in videos]
-        for i, v in enumerate(out):
-            if v.dtype != np.uint8 or v.ndim != 4 or v.shape[-1] != 3 or v.shape[0] == 0:
-                raise RequestError(f"input video {i}: expected uint8 frames [F, H, W, 3], got {v.dtype} {v.shape}")
-        if len({v.shape[0] for v in out}) > 1 or (self.stage == "vsr" and len({v.shape for v in out}) > 1):
-            what = "frame count" if self.stage == "interpolation" else "shape"
-            raise RequestError(f"all input videos of one {self.stage} request must share their {what}; got "
-                               f"{sorted({v.shape for v in out})}: sample them in separate requests")
-        k = out[0].shape[0]
-        if self.stage == "interpolation":
-            if k < 2:
-                raise RequestError(f"interpolation needs at least 2 input frames, got {k}")
-            if o.num_frames and stages.interpolated_length(k) != o.num_frames:
-                raise RequestError(f"interpolation makes 4K - 3 frames from K: sample.num_frames={o.num_frames} "
-                                   f"needs {(o.num_frames + 3) // 4} input frames, got {k}; or set "
-                                   f"sample.num_frames=0")
-            f = self.vae_factor
-            if o.height % f or o.width % f:
-                raise RequestError(f"sample.height x sample.width = {o.height}x{o.width} is not a multiple of the "
-                                   f"VAE's factor {f}; use e.g. 320x512")
-        if self.stage == "vsr" and o.fps == 0 and not fps:
-            raise RequestError("sample.fps=0 writes VSR videos at the input's frame rate: pass fps (8 after base, 24 "
-                               "after interpolation)")
+                               f"and {len(out)} videos")
+        self.spec.check_request(self.options, out, fps, self.vae_factor)
         return out
 
     # ------------------------------------------------------------------------------------------ sampling
@@ -160,7 +127,7 @@ class StageSampler:
         return (prompt.replace(" ", "_") if o.underscore_prompts else prompt) + o.prompt_suffix
 
     def _rows(self, num_prompts: int, num_frames: int) -> list[_Row]:
-        chunk = self.options.chunk_frames if self.stage == "vsr" else 0
+        chunk = self.spec.chunk_frames(self.options)
         if not chunk:
             return [_Row(p, 0, 0, num_frames) for p in range(num_prompts)]
         return [_Row(p, c, s, min(s + chunk, num_frames)) for p in range(num_prompts)
@@ -180,13 +147,9 @@ class StageSampler:
         return len(self._batches(self._rows(num_prompts, num_frames)))
 
     def output_shape(self, input_shape: Sequence[int] | None = None) -> tuple[int, int, int]:
-        """(frames, height, width) of the videos made from inputs of `input_shape` ([F, H, W, ...]; None for base)."""
-        o = self.options
-        if self.stage == "base":
-            return o.num_frames, o.height, o.width
-        if self.stage == "interpolation":
-            return 4 * input_shape[0] - 3, o.height, o.width
-        return input_shape[0], input_shape[1] * self.vae_factor, input_shape[2] * self.vae_factor
+        """(frames, height, width) of the videos made from inputs of `input_shape` ([F, H, W, ...]; None: no
+        input video)."""
+        return self.spec.output_shape(self.options, input_shape, self.vae_factor)
 
     def sample(self, prompts: Sequence[str], videos: Sequence[np.ndarray] | np.ndarray | None = None, *,
                seed: int | None = None, fps: float | None = None, indices: Sequence[int] | None = None,
@@ -241,8 +204,8 @@ class StageSampler:
             pairs = ([emb.cond] if emb.uncond is None else [emb.cond, emb.uncond] if o.cond_first
                      else [emb.uncond, emb.cond])
             text = jnp.stack(pairs, axis=1)
-        rows = self._rows(len(prompts), videos[0].shape[0] if videos else o.num_frames)
-        seed_ids = to_global(np.array([seed, stages.STAGE_IDS[self.stage]], np.uint32), self._replicated)
+        rows = self._rows(len(prompts), videos[0].shape[0] if videos else self.output_shape()[0])
+        seed_ids = to_global(np.array([seed, self.spec.seed_id], np.uint32), self._replicated)
         return _Request(text_prompts, text, videos, rows, self._batches(rows), seed, seed_ids, indices)
 
     def _put_rows(self, a) -> jax.Array:
@@ -252,28 +215,20 @@ class StageSampler:
         """(arguments, static keyword arguments) of a batch, padded to the batch devices: `(unet state, tables,
         text, seed_ids, row_ids, cond, labels, guidance)` and `graphdef, spec, stage, cond_first, latent_shape`."""
         o = self.options
-        videos, seed_ids = req.videos, req.seed_ids
         rows = batch + [batch[-1]] * (-len(batch) % self.batch_devices)  # padding rows are computed and dropped
         row_ids = self._put_rows(np.array([[req.indices[r.prompt], r.chunk] for r in rows], np.int32))
         text_rows = programs.take_rows(req.text, self._put_rows(np.array([r.prompt for r in rows], np.int32)),
                                        sharding=self._rows_sharding)
         cond = labels = None
-        f = self.vae_factor
-        if self.stage == "base":
-            shape = (o.num_frames, o.height // f, o.width // f, stages.LATENT_CHANNELS)
-        elif self.stage == "interpolation":
-            key_frames = self._put_rows(np.stack([videos[r.prompt] for r in rows]))
-            cond = programs.interpolation_condition(self._vae[1], key_frames, seed_ids, row_ids, graphdef=self._vae[0],
-                                                    chunk=o.decode_chunk, size=(o.height, o.width))
-            shape = cond.shape[1:-1] + (stages.LATENT_CHANNELS,)
-        else:
-            lr = self._put_rows(np.stack([videos[r.prompt][r.start:r.stop] for r in rows]))
-            signal, noise = o.low_res_coefficients()
-            cond = programs.low_res_condition(lr, seed_ids, row_ids, np.float32(signal), np.float32(noise))
-            labels = self._put_rows(np.full((len(rows),), o.noise_level, np.int32))
-            shape = cond.shape[1:-1] + (stages.LATENT_CHANNELS,)
-        args = (self._unet[1], self._tables, text_rows, seed_ids, row_ids, cond, labels, np.float32(o.guidance_scale))
-        return args, dict(graphdef=self._unet[0], spec=self.sampler.spec, stage=self.stage, cond_first=o.cond_first,
+        if req.videos:
+            frames = self._put_rows(np.stack([req.videos[r.prompt][r.start:r.stop] for r in rows]))
+            cond, labels = programs.condition(self._vae[1], frames, req.seed_ids, row_ids, graphdef=self._vae[0],
+                                              chunk=o.decode_chunk, stage=self.spec,
+                                              settings=self.spec.condition_settings(o))
+        shape = self.spec.latent_shape(o, None if cond is None else cond.shape, self.vae_factor)
+        args = (self._unet[1], self._tables, text_rows, req.seed_ids, row_ids, cond, labels,
+                np.float32(o.guidance_scale))
+        return args, dict(graphdef=self._unet[0], spec=self.sampler.spec, stage=self.spec, cond_first=o.cond_first,
                           latent_shape=tuple(shape))
 
     def _steps_per_call(self) -> int:
@@ -311,7 +266,7 @@ class StageSampler:
     def _run_batch(self, batch: list[_Row], req: _Request, bar=None) -> tuple[np.ndarray, np.ndarray]:
         x = self.run_loop(*self._loop_inputs(batch, req), bar=bar)
         pix = programs.decode(self._vae[1], x, graphdef=self._vae[0], chunk=self.options.decode_chunk,
-                              stage=self.stage)
+                              stage=self.spec)
         return to_host(x)[:len(batch)], to_host(pix)[:len(batch)]
 
 

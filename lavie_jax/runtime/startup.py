@@ -1,5 +1,5 @@
 """What lavie-jax's programs set first thing, before JAX starts a backend: the XLA:CPU options of
-`lavie_jax.xla_cpu` and the garbage-collector thresholds of `lavie_jax.host_gc`.
+`lavie_jax.runtime.xla_cpu` and the garbage-collector thresholds of `lavie_jax.runtime.host_gc`.
 
 `lavie-train`, `lavie-sample`, `lavie-convert`, `python -m lavie_jax.demo` and the benchmarks call `configure()` at
 the top of their `main`; a library user may call it too. It imports nothing of jax.
@@ -7,7 +7,8 @@ the top of their `main`; a library user may call it too. It imports nothing of j
 
 from __future__ import annotations
 
-from lavie_jax import host_gc, xla_cpu
+from lavie_jax.runtime import host_gc
+from lavie_jax.runtime import xla_cpu
 
 
 def configure() -> None:

@@ -8,7 +8,7 @@ defaults and 2.1-2.3 s with `THRESHOLDS`; lowering took 1.2-1.7 s and 1.0 s. Rai
 nothing. Cyclic garbage is still collected, in larger batches.
 
 `configure()` is called first thing by `lavie-train`, `lavie-sample`, `lavie-convert`, `python -m lavie_jax.demo`,
-the benchmarks (all through `lavie_jax.startup`) and the test suite. A library user may call it too; it only changes
+the benchmarks (all through `lavie_jax.runtime.startup`) and the test suite. A library user may call it too; it only changes
 this process's collector thresholds.
 """
 

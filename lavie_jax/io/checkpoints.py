@@ -15,7 +15,7 @@ transformers `config.json` for the VAE and text encoder. A pipeline directory ho
 `write_params` saves `(path, array)` pairs in groups of about `group_bytes` with orbax's partial saves (uncompressed,
 each group written in the background while the next is gathered), so writing holds at most two groups in memory
 whatever the model size. Write a whole directory with
-`lavie_jax.safe_io.atomic_directory(output, CHECKPOINTS, overwrite=...)`: it is built in a hidden sibling and renamed
+`lavie_jax.io.safe_io.atomic_directory(output, CHECKPOINTS, overwrite=...)`: it is built in a hidden sibling and renamed
 into place at the end, so a failed write leaves nothing behind. `CHECKPOINTS` is how a directory is recognised as
 one of ours: `lavie_checkpoint.json` with format "lavie-jax" and a known kind, and nothing else at the top level but
 what that kind is written with (`params/`; a pipeline's component directories, themselves recognised the same way,
@@ -40,13 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lavie_jax.keycheck import check_keys
+from lavie_jax.io.keycheck import check_keys
 from lavie_jax.models.arch import arch_from_config
 from lavie_jax.models.clip import CLIPTextEncoder, abstract_text_encoder
 from lavie_jax.models.unet import UNet3D, abstract_unet
 from lavie_jax.models.vae import AutoencoderKL, abstract_vae
 from lavie_jax.parallel import DEFAULT_RULES, Rules, state_shardings
-from lavie_jax.safe_io import Ownership, _uninterrupted, atomic_directory
+from lavie_jax.io.safe_io import Ownership, _uninterrupted, atomic_directory
 
 FORMAT, FORMAT_VERSION = "lavie-jax", 1
 METADATA_FILE = "lavie_checkpoint.json"
@@ -393,7 +393,7 @@ class Pipeline:
 def load_pipeline(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
                   rules: Rules = DEFAULT_RULES, dtype=jnp.float32, attention_impl: str | None = "auto") -> Pipeline:
     """Load a whole stage from a pipeline directory written by `lavie-convert pipeline|sd|x4`."""
-    from lavie_jax.text import load_tokenizer  # transformers is imported only when a tokenizer is needed
+    from lavie_jax.io.text import load_tokenizer  # transformers is imported only when a tokenizer is needed
 
     meta = read_metadata(directory)
     if meta["kind"] != "pipeline":

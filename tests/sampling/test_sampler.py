@@ -5,12 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-from lavie_jax import stages
+from lavie_jax.stages import get_stage, interpolation
 from lavie_jax.parallel import make_mesh
 from lavie_jax.sampling import programs
 from lavie_jax.sampling.pipeline import PipelineError
-from lavie_jax.sampling.stages import RequestError, StageSampler
-from lavie_jax.text import encode_prompts
+from lavie_jax.sampling.sampler import RequestError, StageSampler
+from lavie_jax.io.text import encode_prompts
 from tests.conftest import rerun_with_fusion_emitters
 from tests.models.tiny_configs import rel_err
 from tests.sampling.conftest import BASE_FRAMES, HEIGHT, STEPS, WIDTH, tiny_config
@@ -59,7 +59,7 @@ def test_guidance_rows_and_direction(pipelines, mesh1, base):
 
     def call(rows):
         return np.asarray(programs.guided_model_call(state, x, t, rows, None, None, guidance,
-                                                     graphdef=kwargs["graphdef"], stage="base", cond_first=False))
+                                                     graphdef=kwargs["graphdef"], stage=get_stage("base"), cond_first=False))
 
     cond, uncond = call(text[:, 1:]), call(text[:, :1])  # one row each: the plain UNet output
     assert rel_err(call(text), uncond + float(guidance) * (cond - uncond)) <= 1e-5
@@ -113,15 +113,15 @@ def test_interpolation(pipelines, mesh1):
 
 def test_interpolation_index():
     """Spec 4.2: output j is conditioned on original floor((j + 1) / 4); original k occupies 4k-1..4k+2."""
-    index = stages.key_frame_index(16)
+    index = interpolation.key_frame_index(16)
     assert len(index) == 61 and index[0] == 0 and index[-1] == 15
     official = np.repeat(np.linspace(0, 15, 61).astype(int)[::4], 4)[1:-2]  # the official index arithmetic
     np.testing.assert_array_equal(index, official)
     for k in range(1, 15):
         assert (index[4 * k - 1: 4 * k + 3] == k).all()
-    assert stages.interpolated_length(16) == 61 and stages.num_key_frames(61) == 16
+    assert interpolation.interpolated_length(16) == 61 and interpolation.num_key_frames(61) == 16
     with pytest.raises(ValueError, match="4K - 3 frames"):
-        stages.num_key_frames(60)
+        interpolation.num_key_frames(60)
 
 
 def test_vsr_chunks_are_independent_runs(pipelines, mesh1):
