@@ -57,9 +57,11 @@ from lavie_jax import parallel  # noqa: E402
 from lavie_jax.models import VAE_CONFIGS, abstract_unet, arch_from_config  # noqa: E402
 from lavie_jax.models.flops import (measure_matmul_tflops, peak_bf16_tflops, text_encoder_flops,  # noqa: E402
                                     unet_forward_flops, vae_decode_flops)
-from lavie_jax.models.unet import REMAT_POLICIES  # noqa: E402
+from lavie_jax.models.options import REMAT_POLICIES  # noqa: E402
 from lavie_jax.models.vae import vae_config_from_dict  # noqa: E402
-from lavie_jax.sampling.pipeline import random_pipeline, randomize  # noqa: E402
+from lavie_jax.io.store import randomize  # noqa: E402
+from lavie_jax.models.options import ExecutionOptions  # noqa: E402
+from lavie_jax.sampling.pipeline import random_pipeline  # noqa: E402
 from lavie_jax.sampling.sampler import StageSampler  # noqa: E402
 from lavie_jax.stages import STAGES  # noqa: E402
 from lavie_jax.train.setup import build_run, latent_shape, num_image_frames  # noqa: E402
@@ -160,7 +162,7 @@ def forward_jobs(stage: str, config, shape: tuple[int, int, int], policies, comp
     arch = arch_from_config(config.unet.to_dict(), stage)
     dtype = jnp.dtype(config.model.dtype)
     if state is None:
-        state = nnx.state(randomize(abstract_unet(arch, dtype=dtype), seed=1), nnx.Param)
+        state = nnx.state(randomize(abstract_unet(arch, options=ExecutionOptions(dtype=dtype)), seed=1), nnx.Param)
     f, h, w = shape
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((GUIDED, f, h, w, arch.in_channels), np.float32))
@@ -173,7 +175,7 @@ def forward_jobs(stage: str, config, shape: tuple[int, int, int], policies, comp
         row = Row(f"forward {stage} [{policy}]", f"{shape_str(GUIDED, f, h, w, arch.in_channels)} +text {TEXT_LEN}",
                   flop=flop)
         try:
-            graphdef = nnx.graphdef(abstract_unet(arch, dtype=dtype, attention_impl=policy))
+            graphdef = nnx.graphdef(abstract_unet(arch, options=ExecutionOptions(dtype=dtype, attention_impl=policy)))
             lowered = jax.jit(lambda s, *a, g=graphdef: nnx.merge(g, s)(*a)).lower(state, x, t, text, labels)
         except Exception as e:  # noqa: BLE001
             out.append(dataclasses.replace(row, note=f"n/a: {common.error_note(e)}"))

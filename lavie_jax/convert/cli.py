@@ -9,7 +9,7 @@
     lavie-convert export --checkpoint runs/base --output lavie_base.pt        # a lavie-train work directory (EMA)
 
 `lavie` writes a UNet directory; `sd`, `x4` and `pipeline` write pipeline directories (UNet, VAE, text encoder,
-tokenizer); `lavie_jax.io.checkpoints.load_unet` / `load_pipeline` read both. Every path is checked before any work.
+tokenizer); `lavie_jax.io.store.load_unet` / `load_pipeline` read both. Every path is checked before any work.
 Every output is written atomically; `--overwrite` replaces an existing output only if lavie-convert wrote it (a
 checkpoint directory holding nothing else, or an exported file carrying our metadata), never anything else.
 SIGTERM and Ctrl-C leave nothing partial behind. Weights stream one tensor at a time; torch is

@@ -25,14 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from lavie_jax.io import workdir as workdirs
-from lavie_jax.io.checkpoints import (DEFAULT_GROUP_BYTES, CheckpointError, abstract_component, check_stored_params,
-                                   component_dir, iter_stored_params, read_metadata)
+from lavie_jax.io import store
+from lavie_jax.io.checkpoints import (DEFAULT_GROUP_BYTES, CheckpointError)
 from lavie_jax.convert.keymap import official_names, param_paths, rotary_freq_keys, to_torch_array, torch_key, torch_shape
 from lavie_jax.convert.state_dict import Arena
 from lavie_jax.convert.torch_files import INSTALL_TORCH, MAX_HEADER_BYTES, SAFETENSORS_DTYPES, WeightFileError
-from lavie_jax.io.keycheck import check_keys
-from lavie_jax.models.arch import arch_from_config
 from lavie_jax.models.embeddings import rotary_frequencies
 from lavie_jax.io.safe_io import FileOwnership, OutputPathError, atomic_file, check_output_file
 
@@ -202,53 +199,28 @@ def _official_layout(model: Any, kind: str) -> tuple[dict, list[Entry], dict[str
     return names, entries, extra
 
 
-def torch_state_stream(directory: str | os.PathLike, *, group_bytes: int = DEFAULT_GROUP_BYTES
+def torch_state_stream(checkpoint: str | os.PathLike, *, component: str = "unet", ema: bool = True,
+                       group_bytes: int = DEFAULT_GROUP_BYTES
                        ) -> tuple[list[Entry], Iterator[tuple[str, np.ndarray]], dict[str, Any]]:
-    """(entries, lazy `(key, array)` stream in entry order, metadata) of a component directory, official names.
-
-    Checks the stored params against the architecture first.
-    """
-    meta = read_metadata(directory)
-    model = abstract_component(meta["kind"], meta["config"])
-    if meta["kind"] == "text_encoder" and model.config.add_caption_sum:
-        raise CheckpointError(f"{directory}: this text encoder adds its caption's summed token embeddings to "
+    """(entries, lazy `(key, array)` stream in entry order, metadata) of one stored model under the official names:
+    a component of a `lavie-convert` directory, or a `lavie-train` work directory's UNet (its EMA params unless
+    `ema=False`), read through `lavie_jax.io.store.stored_params` (checked against the architecture first)."""
+    model, params, meta = store.stored_params(checkpoint, component=component, ema=ema, group_bytes=group_bytes)
+    kind = meta["kind"]
+    if kind == "text_encoder" and model.config.add_caption_sum:
+        raise CheckpointError(f"{checkpoint}: this text encoder adds its caption's summed token embeddings to "
                               "every token (add_caption_sum, e.g. the demo's random encoder); transformers' "
                               "CLIPTextModel has no such option, so the exported weights would give other embeddings "
                               "there. Export a plain CLIP text encoder instead")
-    check_stored_params(directory, model)
-    names, entries, extra = _official_layout(model, meta["kind"])
+    names, entries, extra = _official_layout(model, kind)
 
-    def stream() -> Iterator[tuple[str, np.ndarray]]:
+    def stream() -> Iterator[tuple[str, np.ndarray]]:  # in entry order: params sorted by path, then the buffers
         arena = Arena()  # each array is written out before the next is asked for: its memory comes back
-        for path, value in iter_stored_params(directory, group_bytes=group_bytes):
-            key, leaf = names[path]
+        for path, value in params:
+            key, leaf = names[tuple(map(str, path))]
             yield key, to_torch_array(value, leaf, out=arena.empty(torch_shape(value.shape, leaf)))
         yield from extra.items()
 
-    return entries, stream(), meta
-
-
-def workdir_state_stream(directory: str | os.PathLike, *, ema: bool = True
-                         ) -> tuple[list[Entry], Iterator[tuple[str, np.ndarray]], dict[str, Any]]:
-    """`torch_state_stream` of the UNet of a `lavie-train` work directory's latest complete checkpoint (the EMA of
-    the trained params by default), so weights trained here load into the official LaVie code."""
-    step, config, params = workdirs.read_params(directory, ema=ema)
-    model = abstract_component("unet", arch_from_config(config["unet"], config["stage"]).to_dict())
-    expected = {".".join(map(str, p)): s for p, s in param_paths(model)}
-    check_keys(expected, {k: v.shape for k, v in params.items()}, what=f"training checkpoint {directory} (step {step})")
-    names, entries, extra = _official_layout(model, "unet")
-
-    by_key = {key: (".".join(path), leaf) for path, (key, leaf) in names.items()}
-
-    def stream() -> Iterator[tuple[str, np.ndarray]]:  # in entry order
-        for key, _, _ in entries:
-            if key in extra:
-                yield key, extra[key]
-            else:
-                name, leaf = by_key[key]
-                yield key, to_torch_array(params[name], leaf)
-
-    meta = {"kind": "unet", "stage": config["stage"], "step": step, "params": "ema" if ema else "raw"}
     return entries, stream(), meta
 
 
@@ -263,13 +235,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     "kind", "stage"}.
     """
     output = check_export_output(output, overwrite=overwrite)
-    if workdirs.is_workdir(checkpoint):
-        if component != "unet":
-            raise CheckpointError(f"{checkpoint} is a lavie-train work directory: it holds a trained UNet only; its "
-                                  "VAE and text encoder are those of the pipeline directory it trained with")
-        entries, stream, meta = workdir_state_stream(checkpoint, ema=ema)
-    else:
-        entries, stream, meta = torch_state_stream(component_dir(checkpoint, component), group_bytes=group_bytes)
+    entries, stream, meta = torch_state_stream(checkpoint, component=component, ema=ema, group_bytes=group_bytes)
     total = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in entries)
     progress = meter("export", len(entries), total) if meter is not None else None
     info = {"output": str(output), "tensors": len(entries), "kind": meta["kind"], "stage": meta.get("stage")}

@@ -35,7 +35,7 @@ from lavie_jax.models.clip import CLIPTextEncoder, abstract_text_encoder, text_e
 from lavie_jax.models.vae import AutoencoderKL, abstract_vae
 from lavie_jax.demo.console import duration
 from lavie_jax.io.safe_io import atomic_directory
-from lavie_jax.sampling.pipeline import randomize
+from lavie_jax.io.store import randomize
 from lavie_jax.io.text import default_tokenizer, tokenize
 
 Log = Callable[[str], None]

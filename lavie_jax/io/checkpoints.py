@@ -15,11 +15,14 @@ transformers `config.json` for the VAE and text encoder. A pipeline directory ho
 `write_params` saves `(path, array)` pairs in groups of about `group_bytes` with orbax's partial saves (uncompressed,
 each group written in the background while the next is gathered), so writing holds at most two groups in memory
 whatever the model size. Write a whole directory with
-`lavie_jax.io.safe_io.atomic_directory(output, CHECKPOINTS, overwrite=...)`: it is built in a hidden sibling and renamed
-into place at the end, so a failed write leaves nothing behind. `CHECKPOINTS` is how a directory is recognised as
+`lavie_jax.io.safe_io.atomic_directory(output, CHECKPOINTS, overwrite=...)`: it is built in a hidden sibling and
+renamed into place at the end, so a failed write leaves nothing behind. `CHECKPOINTS` is how a directory is recognised as
 one of ours: `lavie_checkpoint.json` with format "lavie-jax" and a known kind, and nothing else at the top level but
 what that kind is written with (`params/`; a pipeline's component directories, themselves recognised the same way,
 and `tokenizer/`). Only such a directory (or an empty one) is ever replaced, and only with `overwrite`.
+
+This module is the format; load models through `lavie_jax.io.store` (`load_unet`, `load_pipeline`, ...), which reads
+these directories, training work directories and random weights alike.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from lavie_jax.io.keycheck import check_keys
+from lavie_jax.models.options import ExecutionOptions
 from lavie_jax.models.arch import arch_from_config
 from lavie_jax.models.clip import CLIPTextEncoder, abstract_text_encoder
 from lavie_jax.models.unet import UNet3D, abstract_unet
@@ -324,16 +328,16 @@ def _config_of(model: nnx.Module) -> tuple[str, dict[str, Any]]:
     raise TypeError(f"cannot save a {type(model).__name__}: expected UNet3D, AutoencoderKL or CLIPTextEncoder")
 
 
-def abstract_component(kind: str, config: Mapping[str, Any], *, dtype=jnp.float32,
-                       attention_impl: str | None = "auto") -> nnx.Module:
+def abstract_component(kind: str, config: Mapping[str, Any], *,
+                       options: ExecutionOptions | None = None) -> nnx.Module:
     """A fresh model of `kind` from its stored config, with `jax.ShapeDtypeStruct` leaves (no memory), built by the
-    model's own abstract builder (which caches the traced structure per config)."""
+    model's own abstract builder (which caches the traced structure per config), execution `options` applied."""
     if kind == "unet":
-        return abstract_unet(arch_from_config(config), dtype=dtype, attention_impl=attention_impl)
+        return abstract_unet(arch_from_config(config), options=options)
     if kind == "vae":
-        return abstract_vae(config, dtype=dtype)
+        return abstract_vae(config, options=options)
     if kind == "text_encoder":
-        return abstract_text_encoder(config, dtype=dtype)
+        return abstract_text_encoder(config, options=options)
     raise CheckpointError(f"unknown component kind {kind!r}; expected one of {COMPONENT_KINDS}")
 
 
@@ -358,52 +362,13 @@ def save_model(model: nnx.Module, directory: str | os.PathLike, *, stage: str | 
 
 
 def load_component(directory: str | os.PathLike, kind: str, *, mesh: jax.sharding.Mesh | None = None,
-                   rules: Rules = DEFAULT_RULES, dtype=jnp.float32, attention_impl: str | None = "auto") -> nnx.Module:
-    """The ready `kind` model of a component directory, or of the `kind` component of a pipeline directory."""
+                   rules: Rules = DEFAULT_RULES, options: ExecutionOptions | None = None) -> nnx.Module:
+    """The ready `kind` model of a component directory, or of the `kind` component of a pipeline directory (the
+    format-level reader; load models through `lavie_jax.io.store`, which takes every kind of source)."""
     directory = component_dir(directory, kind)
     meta = read_metadata(directory)
-    model = abstract_component(kind, meta["config"], dtype=dtype, attention_impl=attention_impl)
-    if kind == "unet" and meta.get("stage") not in (None, model.arch.stage):
+    model = abstract_component(kind, meta["config"], options=options)
+    if kind == "unet" and meta.get("stage") is not None and meta["stage"] != model.arch.stage:
         raise CheckpointError(f"{directory}: metadata stage {meta['stage']!r} disagrees with its architecture "
                               f"({model.arch.stage!r}); the checkpoint is damaged")
     return load_params(directory, model, mesh=mesh, rules=rules)
-
-
-def load_unet(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules: Rules = DEFAULT_RULES,
-              dtype=jnp.float32, attention_impl: str | None = "auto") -> UNet3D:
-    """The ready UNet3D of a UNet or pipeline directory (architecture and stage from its metadata).
-
-    `mesh`/`rules` restore each param straight into its sharding; `dtype` is the compute dtype (params float32).
-    """
-    return load_component(directory, "unet", mesh=mesh, rules=rules, dtype=dtype, attention_impl=attention_impl)
-
-
-@dataclasses.dataclass
-class Pipeline:
-    """Everything one stage samples with; `metadata` is the pipeline's `lavie_checkpoint.json`."""
-
-    stage: str
-    unet: UNet3D
-    vae: AutoencoderKL
-    text_encoder: CLIPTextEncoder
-    tokenizer: Any  # transformers CLIPTokenizer
-    metadata: dict[str, Any]
-
-
-def load_pipeline(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                  rules: Rules = DEFAULT_RULES, dtype=jnp.float32, attention_impl: str | None = "auto") -> Pipeline:
-    """Load a whole stage from a pipeline directory written by `lavie-convert pipeline|sd|x4`."""
-    from lavie_jax.io.text import load_tokenizer  # transformers is imported only when a tokenizer is needed
-
-    meta = read_metadata(directory)
-    if meta["kind"] != "pipeline":
-        raise CheckpointError(f"{directory} holds a single {meta['kind']}, not a pipeline; load it with "
-                              f"load_unet, or build a pipeline with `lavie-convert pipeline`")
-    missing = [c for c in PIPELINE_COMPONENTS if c not in meta.get("components", {})]
-    if missing:
-        raise CheckpointError(f"pipeline {directory} lacks components {missing}")
-    kw = dict(mesh=mesh, rules=rules, dtype=dtype)
-    unet = load_unet(directory, attention_impl=attention_impl, **kw)
-    return Pipeline(stage=meta["stage"], unet=unet, vae=load_component(directory, "vae", **kw),
-                    text_encoder=load_component(directory, "text_encoder", **kw),
-                    tokenizer=load_tokenizer(Path(directory) / meta["components"]["tokenizer"]), metadata=meta)

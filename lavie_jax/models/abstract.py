@@ -2,8 +2,8 @@
 initialisation on the devices.
 
 Tracing a model's construction takes seconds (the full UNet: tens of thousands of ops), so the abstract structure is
-built once per key (the builders pass every construction argument, e.g. a UNet's architecture, dtype, attention
-kernel and remat policy) and every call returns a new module with its own Variables.
+built once per key (the builders pass every construction argument, e.g. a UNet's architecture) and every call
+returns a new module with its own Variables, which the builder then configures (execution options).
 """
 
 from __future__ import annotations

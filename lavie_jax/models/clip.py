@@ -31,6 +31,7 @@ from lavie_jax.models.abstract import abstract_model
 from lavie_jax.models.arch import ConfigError
 from lavie_jax.models.attention import dot_product_attention
 from lavie_jax.models.layers import Dense, Embed, LayerNorm
+from lavie_jax.models.options import ExecutionOptions, configure
 from lavie_jax.models.vae import REQUIRED, read_config_fields
 
 _CLIP_TOKENS = {"vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-05,
@@ -115,12 +116,12 @@ class TextEncoderOutput(NamedTuple):
 class CLIPAttention(nnx.Module):
     """Causal multi-head self-attention `[B, T, D] -> [B, T, D]`."""
 
-    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        self.q_proj = Dense(d, d, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.k_proj = Dense(d, d, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.v_proj = Dense(d, d, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.out_proj = Dense(d, d, axes=("heads", "embed"), rngs=rngs, dtype=dtype)
+        self.q_proj = Dense(d, d, axes=("embed", "heads"), rngs=rngs)
+        self.k_proj = Dense(d, d, axes=("embed", "heads"), rngs=rngs)
+        self.v_proj = Dense(d, d, axes=("embed", "heads"), rngs=rngs)
+        self.out_proj = Dense(d, d, axes=("heads", "embed"), rngs=rngs)
         self.heads, self.dim_head = cfg.num_attention_heads, d // cfg.num_attention_heads
 
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
@@ -131,9 +132,9 @@ class CLIPAttention(nnx.Module):
 
 
 class CLIPMLP(nnx.Module):
-    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
-        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
+    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
+        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), rngs=rngs)
+        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), rngs=rngs)
         self.act = cfg.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -141,11 +142,11 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPEncoderLayer(nnx.Module):
-    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
-        self.self_attn = CLIPAttention(cfg, rngs=rngs, dtype=dtype)
-        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
-        self.mlp = CLIPMLP(cfg, rngs=rngs, dtype=dtype)
+    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg, rngs=rngs)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         x = x + self.self_attn(self.layer_norm1(x), bias)
@@ -153,8 +154,8 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
-    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.layers = nnx.List([CLIPEncoderLayer(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.num_hidden_layers)])
+    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([CLIPEncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
 
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         for layer in self.layers:
@@ -163,20 +164,20 @@ class CLIPEncoder(nnx.Module):
 
 
 class CLIPTextEmbeddings(nnx.Module):
-    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.token_embedding = Embed(cfg.vocab_size, cfg.hidden_size, axes=(None, "embed"), rngs=rngs, dtype=dtype)
+    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
+        self.token_embedding = Embed(cfg.vocab_size, cfg.hidden_size, axes=(None, "embed"), rngs=rngs)
         self.position_embedding = Embed(cfg.max_position_embeddings, cfg.hidden_size, axes=(None, "embed"),
-                                        rngs=rngs, dtype=dtype)
+                                        rngs=rngs)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return self.token_embedding(ids) + self.position_embedding(jnp.arange(ids.shape[1]))[None]
 
 
 class CLIPTextTransformer(nnx.Module):
-    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.embeddings = CLIPTextEmbeddings(cfg, rngs=rngs, dtype=dtype)
-        self.encoder = CLIPEncoder(cfg, rngs=rngs, dtype=dtype)
-        self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+    def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
+        self.embeddings = CLIPTextEmbeddings(cfg, rngs=rngs)
+        self.encoder = CLIPEncoder(cfg, rngs=rngs)
+        self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         t = ids.shape[1]
@@ -187,9 +188,9 @@ class CLIPTextTransformer(nnx.Module):
 class CLIPTextEncoder(nnx.Module):
     """`input_ids [B, T] (T <= max_position_embeddings) -> TextEncoderOutput([B, T, D], [B, D])`."""
 
-    def __init__(self, config: TextEncoderConfig | Mapping[str, Any], *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, config: TextEncoderConfig | Mapping[str, Any], *, rngs: nnx.Rngs):
         self.config = text_encoder_config_from_dict(config)
-        self.text_model = CLIPTextTransformer(self.config, rngs=rngs, dtype=dtype)
+        self.text_model = CLIPTextTransformer(self.config, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array) -> TextEncoderOutput:
         cfg = self.config
@@ -217,17 +218,19 @@ class CLIPTextEncoder(nnx.Module):
 
 
 def build_text_encoder(config: TextEncoderConfig | Mapping[str, Any] | str, *, seed: int = 0,
-                       dtype=jnp.float32) -> CLIPTextEncoder:
-    """CLIPTextEncoder from a config dict, a TextEncoderConfig or a name in TEXT_ENCODER_CONFIGS ('sd14', 'x4')."""
+                       options: ExecutionOptions | None = None) -> CLIPTextEncoder:
+    """CLIPTextEncoder from a config dict, a TextEncoderConfig or a name in TEXT_ENCODER_CONFIGS ('sd14', 'x4'), with
+    execution `options` applied (`lavie_jax.models.options`; default: float32)."""
     cfg = TEXT_ENCODER_CONFIGS[config] if isinstance(config, str) else config
-    return CLIPTextEncoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
+    return configure(CLIPTextEncoder(cfg, rngs=nnx.Rngs(seed)), options or ExecutionOptions())
 
 
-def abstract_text_encoder(config: TextEncoderConfig | Mapping[str, Any] | str, *, dtype=jnp.float32
-                          ) -> CLIPTextEncoder:
+def abstract_text_encoder(config: TextEncoderConfig | Mapping[str, Any] | str, *,
+                          options: ExecutionOptions | None = None) -> CLIPTextEncoder:
     """The same module with `jax.ShapeDtypeStruct` leaves (no memory): for shapes, parameter counts and restores."""
     cfg = text_encoder_config_from_dict(TEXT_ENCODER_CONFIGS[config] if isinstance(config, str) else config)
-    return abstract_model(("text_encoder", cfg, jnp.dtype(dtype).name), lambda: build_text_encoder(cfg, dtype=dtype))
+    return configure(abstract_model(("text_encoder", cfg), lambda: build_text_encoder(cfg)),
+                     options or ExecutionOptions())
 
 
 def text_encoder_config(name: str, width: int | None = None) -> dict[str, Any]:

@@ -36,9 +36,9 @@ def timestep_sinusoid(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool =
 class TimestepEmbedding(nnx.Module):
     """`linear_1 -> SiLU -> linear_2`: `[B, C0] -> [B, 4*C0]` (diffusers' TimestepEmbedding)."""
 
-    def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.linear_1 = Dense(in_dim, out_dim, axes=(None, "time_embed"), rngs=rngs, dtype=dtype)
-        self.linear_2 = Dense(out_dim, out_dim, axes=("time_embed", None), rngs=rngs, dtype=dtype)
+    def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs):
+        self.linear_1 = Dense(in_dim, out_dim, axes=(None, "time_embed"), rngs=rngs)
+        self.linear_2 = Dense(out_dim, out_dim, axes=("time_embed", None), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(jax.nn.silu(self.linear_1(x)))

@@ -2,7 +2,10 @@
 
 Conventions:
 - Channels-last. Video tensors are `[B, F, H, W, C]`; token tensors `[N, T, C]`.
-- Params are float32 (`param_dtype`); `dtype` is the computation dtype. Norm statistics are always float32.
+- Params are float32; `dtype` is the computation dtype, an execution option (`lavie_jax.models.options.configure`:
+  every layer starts at float32 and is set after construction). Norm statistics are always float32.
+- `Dense` and `Conv` have a `wrapper` slot (`lavie_jax.models.wrapping`): when filled, the layer returns
+  `wrapper(x, y)` for its input `x` and own output `y` (adapters).
 - Every param carries logical axis names (`out_sharding` metadata, no eager sharding) that `lavie_jax.parallel`
   maps to mesh axes with the config's rules. Names: `embed` (model channels entering a dense), `heads` (attention
   inner dim), `mlp` (feed-forward hidden), `cross_embed` (text features), `conv_in`/`conv_out` (conv channels),
@@ -63,17 +66,18 @@ class Dense(nnx.Module):
     """`y = x @ kernel + bias`, kernel `[in, out]` (PyTorch Linear weight transposed)."""
 
     def __init__(self, in_features: int, out_features: int, *, axes: Axes, rngs: nnx.Rngs, use_bias: bool = True,
-                 zero: bool = False, dtype=jnp.float32):
+                 zero: bool = False):
         init = torch_uniform(in_features)
         self.kernel = _param(rngs, init, (in_features, out_features), axes, zero)
         self.bias = _param(rngs, init, (out_features,), (axes[1],), zero) if use_bias else None
-        self.dtype = dtype
+        self.dtype = jnp.float32
+        self.wrapper: nnx.Module | None = nnx.data(None)  # a pytree slot: `models.wrapping` fills it
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y
+        return y if self.wrapper is None else self.wrapper(x, y)
 
 
 class Conv(nnx.Module):
@@ -84,7 +88,7 @@ class Conv(nnx.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, rngs: nnx.Rngs, kernel_size: int = 3, stride: int = 1,
-                 padding: int | None = None, temporal: int | None = None, zero: bool = False, dtype=jnp.float32):
+                 padding: int | None = None, temporal: int | None = None, zero: bool = False):
         self.temporal = temporal
         ks = (temporal, 1, 1) if temporal else (kernel_size, kernel_size)
         fan_in = in_channels * math.prod(ks)
@@ -98,7 +102,8 @@ class Conv(nnx.Module):
         else:
             p = kernel_size // 2 if padding is None else padding
             self.padding = ((p, p), (p, p))
-        self.dtype = dtype
+        self.dtype = jnp.float32
+        self.wrapper: nnx.Module | None = nnx.data(None)  # a pytree slot: `models.wrapping` fills it
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, f = x.shape[:2]
@@ -111,7 +116,8 @@ class Conv(nnx.Module):
             y = jax.lax.conv_general_dilated(x.reshape(b * f, *x.shape[2:]), kernel, (self.stride,) * 2, self.padding,
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
             y = y.reshape(b, f, *y.shape[1:])
-        return y + self.bias[...].astype(self.dtype)
+        y = y + self.bias[...].astype(self.dtype)
+        return y if self.wrapper is None else self.wrapper(x, y)
 
 
 def group_norm_stats(x: jax.Array, groups: int, eps: float, per_frame: bool) -> jax.Array:
@@ -133,12 +139,12 @@ class GroupNorm(nnx.Module):
     statistics.
     """
 
-    def __init__(self, channels: int, *, groups: int, eps: float, per_frame: bool = False, dtype=jnp.float32):
+    def __init__(self, channels: int, *, groups: int, eps: float, per_frame: bool = False):
         if channels % groups:
             raise ValueError(f"GroupNorm: {channels} channels are not divisible by {groups} groups")
         self.scale = nnx.Param(jnp.ones((channels,), jnp.float32), out_sharding=("norm",), eager_sharding=False)
         self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32), out_sharding=("norm",), eager_sharding=False)
-        self.groups, self.eps, self.per_frame, self.dtype = groups, eps, per_frame, dtype
+        self.groups, self.eps, self.per_frame, self.dtype = groups, eps, per_frame, jnp.float32
 
     def __call__(self, x: jax.Array, num_image_frames: int = 0) -> jax.Array:
         fv = x.shape[1] - num_image_frames
@@ -155,10 +161,10 @@ class GroupNorm(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis (float32 statistics), params `scale`/`bias` `[C]`."""
 
-    def __init__(self, channels: int, *, eps: float = 1e-5, dtype=jnp.float32):
+    def __init__(self, channels: int, *, eps: float = 1e-5):
         self.scale = nnx.Param(jnp.ones((channels,), jnp.float32), out_sharding=("norm",), eager_sharding=False)
         self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32), out_sharding=("norm",), eager_sharding=False)
-        self.eps, self.dtype = eps, dtype
+        self.eps, self.dtype = eps, jnp.float32
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -171,9 +177,9 @@ class LayerNorm(nnx.Module):
 class Embed(nnx.Module):
     """Lookup table `[num, features]` initialised N(0, 1) like torch.nn.Embedding."""
 
-    def __init__(self, num: int, features: int, *, axes: Axes, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, num: int, features: int, *, axes: Axes, rngs: nnx.Rngs):
         self.embedding = _param(rngs, jax.nn.initializers.normal(1.0), (num, features), axes)
-        self.dtype = dtype
+        self.dtype = jnp.float32
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)

@@ -34,16 +34,16 @@ class ResnetBlock3D(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int | None = None, *, rngs: nnx.Rngs, temb_channels: int | None,
                  groups: int = 32, eps: float = 1e-6, output_scale_factor: float = 1.0,
-                 temporal_kernel: int | None = None, dtype=jnp.float32):
+                 temporal_kernel: int | None = None):
         out_channels = out_channels or in_channels
-        self.norm1 = GroupNorm(in_channels, groups=groups, eps=eps, dtype=dtype)
-        self.conv1 = Conv(in_channels, out_channels, temporal=temporal_kernel, rngs=rngs, dtype=dtype)
-        self.time_emb_proj = (Dense(temb_channels, out_channels, axes=("time_embed", "conv_out"), rngs=rngs, dtype=dtype)
+        self.norm1 = GroupNorm(in_channels, groups=groups, eps=eps)
+        self.conv1 = Conv(in_channels, out_channels, temporal=temporal_kernel, rngs=rngs)
+        self.time_emb_proj = (Dense(temb_channels, out_channels, axes=("time_embed", "conv_out"), rngs=rngs)
                               if temb_channels else None)
-        self.norm2 = GroupNorm(out_channels, groups=groups, eps=eps, dtype=dtype)
-        self.conv2 = Conv(out_channels, out_channels, temporal=3 if temporal_kernel else None, rngs=rngs, dtype=dtype)
+        self.norm2 = GroupNorm(out_channels, groups=groups, eps=eps)
+        self.conv2 = Conv(out_channels, out_channels, temporal=3 if temporal_kernel else None, rngs=rngs)
         self.conv_shortcut = (Conv(in_channels, out_channels, kernel_size=1, temporal=1 if temporal_kernel else None,
-                                   rngs=rngs, dtype=dtype) if in_channels != out_channels else None)
+                                   rngs=rngs) if in_channels != out_channels else None)
         self.output_scale_factor = output_scale_factor
         self.temporal = temporal_kernel is not None
 
@@ -64,8 +64,8 @@ class Downsample(nnx.Module):
     `padding=0` reproduces diffusers' asymmetric (0, 1) pad before an unpadded conv.
     """
 
-    def __init__(self, channels: int, *, rngs: nnx.Rngs, padding: int = 1, dtype=jnp.float32):
-        self.conv = Conv(channels, channels, stride=2, padding=padding, rngs=rngs, dtype=dtype)
+    def __init__(self, channels: int, *, rngs: nnx.Rngs, padding: int = 1):
+        self.conv = Conv(channels, channels, stride=2, padding=padding, rngs=rngs)
         self.pad_right = padding == 0
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -87,8 +87,8 @@ def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 class Upsample(nnx.Module):
     """Nearest x2 on H and W (or to `size`, the matching skip's size) then a 3x3 conv per frame."""
 
-    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.conv = Conv(channels, channels, rngs=rngs, dtype=dtype)
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.conv = Conv(channels, channels, rngs=rngs)
 
     def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
         size = size or (x.shape[2] * 2, x.shape[3] * 2)
@@ -104,12 +104,11 @@ class TemporalModule3D(nnx.Module):
     """
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs, temb_channels: int, groups: int = VSR_TEMPORAL_NORM[0],
-                 eps: float = VSR_TEMPORAL_NORM[1], kernel: int = 5, dtype=jnp.float32):
+                 eps: float = VSR_TEMPORAL_NORM[1], kernel: int = 5):
         self.resblocks_3d_t = ResnetBlock3D(channels, rngs=rngs, temb_channels=temb_channels, groups=groups, eps=eps,
-                                            temporal_kernel=kernel, dtype=dtype)
-        self.resblocks_3d_s = ResnetBlock3D(channels, rngs=rngs, temb_channels=temb_channels, groups=groups, eps=eps,
-                                            dtype=dtype)
-        self.shift_conv = Conv(channels, channels, kernel_size=1, zero=True, rngs=rngs, dtype=dtype)
+                                            temporal_kernel=kernel)
+        self.resblocks_3d_s = ResnetBlock3D(channels, rngs=rngs, temb_channels=temb_channels, groups=groups, eps=eps)
+        self.shift_conv = Conv(channels, channels, kernel_size=1, zero=True, rngs=rngs)
 
     def __call__(self, x: jax.Array, temb: jax.Array, num_image_frames: int = 0) -> jax.Array:
         if num_image_frames:

@@ -20,18 +20,18 @@ from lavie_jax.models.resnet import ResnetBlock3D
 class GEGLUFeedForward(nnx.Module):
     """`net_0.proj` (d -> 8d), h * GELU_erf(gate), `net_2` (4d -> d). Tokens `[..., d] -> [..., d]`."""
 
-    def __init__(self, dim: int, *, rngs: nnx.Rngs, mult: int = 4, dtype=jnp.float32):
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, mult: int = 4):
         inner = dim * mult
-        self.net_0 = GEGLUProj(dim, inner, rngs=rngs, dtype=dtype)
-        self.net_2 = Dense(inner, dim, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
+        self.net_0 = GEGLUProj(dim, inner, rngs=rngs)
+        self.net_2 = Dense(inner, dim, axes=("mlp", "embed"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.net_2(self.net_0(x))
 
 
 class GEGLUProj(nnx.Module):
-    def __init__(self, dim: int, inner: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.proj = Dense(dim, 2 * inner, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+    def __init__(self, dim: int, inner: int, *, rngs: nnx.Rngs):
+        self.proj = Dense(dim, 2 * inner, axes=("embed", "mlp"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h, gate = jnp.split(self.proj(x), 2, axis=-1)
@@ -41,19 +41,18 @@ class GEGLUProj(nnx.Module):
 class BasicTransformerBlock(nnx.Module):
     """Tokens `[B*F, HW, C]`, text `[B*F, L, D]` -> `[B*F, HW, C]`; `num_frames` F unfolds frames for temporal parts."""
 
-    def __init__(self, dim: int, heads: int, arch: UNetArch, *, only_cross: bool, rngs: nnx.Rngs,
-                 dtype=jnp.float32, attention_impl: str | None = "auto"):
-        kw = dict(rngs=rngs, dtype=dtype, implementation=attention_impl)
+    def __init__(self, dim: int, heads: int, arch: UNetArch, *, only_cross: bool, rngs: nnx.Rngs):
+        kw = dict(rngs=rngs)
         self.only_cross = only_cross
         self.sparse_causal = arch.spatial_self_attention == "sparse_causal" and not only_cross
         self.temporal_after_ff = arch.temporal_attention_after == "feed_forward"
-        self.norm1 = LayerNorm(dim, dtype=dtype)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads, context_dim=arch.cross_attention_dim if only_cross else None, **kw)
-        self.norm2 = LayerNorm(dim, dtype=dtype)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, heads, context_dim=arch.cross_attention_dim, **kw)
-        self.norm3 = LayerNorm(dim, dtype=dtype)
-        self.ff = GEGLUFeedForward(dim, rngs=rngs, dtype=dtype)
-        self.norm_temp = LayerNorm(dim, dtype=dtype)
+        self.norm3 = LayerNorm(dim)
+        self.ff = GEGLUFeedForward(dim, rngs=rngs)
+        self.norm_temp = LayerNorm(dim)
         self.attn_temp = TemporalAttention(
             dim, heads, positional=arch.temporal_attention == "rotary_bias", rotary_dim=arch.rotary_dim,
             rotary_theta=arch.rotary_theta, num_buckets=arch.relative_position_buckets,
@@ -95,22 +94,21 @@ class Transformer3DModel(nnx.Module):
     BasicTransformerBlock, proj_out, + residual.
     """
 
-    def __init__(self, channels: int, heads: int, arch: UNetArch, *, only_cross: bool, rngs: nnx.Rngs,
-                 dtype=jnp.float32, attention_impl: str | None = "auto"):
+    def __init__(self, channels: int, heads: int, arch: UNetArch, *, only_cross: bool, rngs: nnx.Rngs):
         groups, eps = VSR_TEMPORAL_NORM  # not arch.norm_num_groups/norm_eps: the official block hard-codes them
         self.resblock_temporal = (ResnetBlock3D(channels, rngs=rngs, temb_channels=None, groups=groups, eps=eps,
-                                                temporal_kernel=arch.temporal_conv_kernel, dtype=dtype)
+                                                temporal_kernel=arch.temporal_conv_kernel)
                                   if arch.transformer_temporal_conv else None)
-        self.norm = GroupNorm(channels, groups=arch.norm_num_groups, eps=1e-6, per_frame=True, dtype=dtype)
+        self.norm = GroupNorm(channels, groups=arch.norm_num_groups, eps=1e-6, per_frame=True)
         self.linear_projection = arch.use_linear_projection
         if self.linear_projection:
-            self.proj_in = Dense(channels, channels, axes=("conv_in", "embed"), rngs=rngs, dtype=dtype)
-            self.proj_out = Dense(channels, channels, axes=("embed", "conv_out"), rngs=rngs, dtype=dtype)
+            self.proj_in = Dense(channels, channels, axes=("conv_in", "embed"), rngs=rngs)
+            self.proj_out = Dense(channels, channels, axes=("embed", "conv_out"), rngs=rngs)
         else:
-            self.proj_in = Conv(channels, channels, kernel_size=1, rngs=rngs, dtype=dtype)
-            self.proj_out = Conv(channels, channels, kernel_size=1, rngs=rngs, dtype=dtype)
+            self.proj_in = Conv(channels, channels, kernel_size=1, rngs=rngs)
+            self.proj_out = Conv(channels, channels, kernel_size=1, rngs=rngs)
         self.transformer_blocks = nnx.List([BasicTransformerBlock(
-            channels, heads, arch, only_cross=only_cross, rngs=rngs, dtype=dtype, attention_impl=attention_impl)])
+            channels, heads, arch, only_cross=only_cross, rngs=rngs)])
 
     def __call__(self, x: jax.Array, text: jax.Array, num_image_frames: int = 0) -> jax.Array:
         if self.resblock_temporal is not None:

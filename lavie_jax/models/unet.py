@@ -11,10 +11,9 @@ each image on its own. So a batch with images gives the video frames exactly the
 image exactly its output as a 1-frame batch without temporal layers. (The released official path mixes them.)
 `encoder_hidden_states` may then be per frame, `[B, F, L, D]`, so each image is conditioned on its own caption.
 
-The attention kernels follow the constructor's `attention_impl` policy (default 'auto': chosen per call site when
-traced, `lavie_jax.models.attention_kernels`).
-
-Execution options (static, set with `configure`; they change how, not what, the UNet computes):
+Execution options (`lavie_jax.models.options.configure`; they change how, not what, the UNet computes): the compute
+`dtype` and the attention kernel policy `attention_impl` of every layer (default float32 and 'auto': a kernel chosen
+per call site when traced, `lavie_jax.models.attention_kernels`), and the UNet's own two:
 - `sharding_rules`: the config's logical-axis rules; activations at block boundaries `[B, F, H, W, C]` are then
   constrained to `lavie_jax.parallel.ACTIVATION_VIDEO` (batch over ('fsdp', 'data'), frames over 'context') under
   the mesh of `jax.set_mesh`.
@@ -35,23 +34,11 @@ from lavie_jax import parallel
 from lavie_jax.stages import get_stage
 from lavie_jax.models.abstract import abstract_model
 from lavie_jax.models.arch import UNetArch, arch_from_config, heads_up, only_cross_up
-from lavie_jax.models.attention import ATTENTION_OUTPUT
 from lavie_jax.models.embeddings import TimestepEmbedding, timestep_sinusoid
 from lavie_jax.models.layers import Conv, Embed, GroupNorm
+from lavie_jax.models.options import REMAT_POLICIES, ExecutionOptions, configure
 from lavie_jax.models.resnet import Downsample, ResnetBlock3D, TemporalModule3D, Upsample
 from lavie_jax.models.transformer import Transformer3DModel
-
-
-_cp = jax.checkpoint_policies
-# Rematerialisation policies by name: what a block's backward pass keeps (None: no remat, keep everything).
-REMAT_POLICIES = {
-    "none": None,
-    "full": _cp.nothing_saveable,  # keep only the block inputs: least memory, one extra forward
-    "save_dots": _cp.dots_saveable,  # keep matmul outputs, recompute convolutions and elementwise work
-    "save_attention": _cp.save_only_these_names(ATTENTION_OUTPUT),  # keep attention outputs (the costly softmax)
-    "save_dots_and_attention": _cp.save_from_both_policies(_cp.dots_saveable,
-                                                           _cp.save_only_these_names(ATTENTION_OUTPUT)),
-}
 
 
 class DownBlock3D(nnx.Module):
@@ -61,16 +48,15 @@ class DownBlock3D(nnx.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, arch: UNetArch, *, attention: bool, heads: int, only_cross: bool,
-                 add_downsample: bool, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str | None = "auto"):
+                 add_downsample: bool, rngs: nnx.Rngs):
         self.resnets = nnx.List([
             ResnetBlock3D(in_ch if j == 0 else out_ch, out_ch, temb_channels=arch.time_embed_dim,
-                          groups=arch.norm_num_groups, eps=arch.norm_eps, rngs=rngs, dtype=dtype)
+                          groups=arch.norm_num_groups, eps=arch.norm_eps, rngs=rngs)
             for j in range(arch.layers_per_block)])
         self.attentions = nnx.List([
-            Transformer3DModel(out_ch, heads, arch, only_cross=only_cross, rngs=rngs, dtype=dtype,
-                               attention_impl=attention_impl)
+            Transformer3DModel(out_ch, heads, arch, only_cross=only_cross, rngs=rngs)
             for _ in range(arch.layers_per_block)]) if attention else None
-        self.downsamplers = (nnx.List([Downsample(out_ch, padding=arch.downsample_padding, rngs=rngs, dtype=dtype)])
+        self.downsamplers = (nnx.List([Downsample(out_ch, padding=arch.downsample_padding, rngs=rngs)])
                              if add_downsample else None)
 
     def __call__(self, x, temb, text, num_image_frames=0):
@@ -90,19 +76,17 @@ class UpBlock3D(nnx.Module):
     """Resnets over `concat([x, skip])` (each followed by a transformer if `attention`), then an optional upsampler."""
 
     def __init__(self, in_ch: int, prev_ch: int, out_ch: int, arch: UNetArch, *, attention: bool, heads: int,
-                 only_cross: bool, add_upsample: bool, rngs: nnx.Rngs, dtype=jnp.float32,
-                 attention_impl: str | None = "auto"):
+                 only_cross: bool, add_upsample: bool, rngs: nnx.Rngs):
         n = arch.layers_per_block + 1
         self.resnets = nnx.List([
             ResnetBlock3D((prev_ch if j == 0 else out_ch) + (in_ch if j == n - 1 else out_ch), out_ch,
                           temb_channels=arch.time_embed_dim, groups=arch.norm_num_groups, eps=arch.norm_eps,
-                          rngs=rngs, dtype=dtype)
+                          rngs=rngs)
             for j in range(n)])
         self.attentions = nnx.List([
-            Transformer3DModel(out_ch, heads, arch, only_cross=only_cross, rngs=rngs, dtype=dtype,
-                               attention_impl=attention_impl)
+            Transformer3DModel(out_ch, heads, arch, only_cross=only_cross, rngs=rngs)
             for _ in range(n)]) if attention else None
-        self.upsamplers = nnx.List([Upsample(out_ch, rngs=rngs, dtype=dtype)]) if add_upsample else None
+        self.upsamplers = nnx.List([Upsample(out_ch, rngs=rngs)]) if add_upsample else None
 
     def __call__(self, x, skips, temb, text, num_image_frames=0, upsample_size=None):
         for j, resnet in enumerate(self.resnets):
@@ -118,12 +102,11 @@ class UpBlock3D(nnx.Module):
 class MidBlock3D(nnx.Module):
     """resnet -> transformer -> resnet at the lowest resolution."""
 
-    def __init__(self, ch: int, arch: UNetArch, *, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl="auto"):
+    def __init__(self, ch: int, arch: UNetArch, *, rngs: nnx.Rngs):
         kw = dict(temb_channels=arch.time_embed_dim, groups=arch.norm_num_groups, eps=arch.norm_eps,
-                  output_scale_factor=arch.mid_block_scale_factor, rngs=rngs, dtype=dtype)
+                  output_scale_factor=arch.mid_block_scale_factor, rngs=rngs)
         self.resnets = nnx.List([ResnetBlock3D(ch, ch, **kw), ResnetBlock3D(ch, ch, **kw)])
-        self.attentions = nnx.List([Transformer3DModel(ch, arch.heads[-1], arch, only_cross=False, rngs=rngs,
-                                                       dtype=dtype, attention_impl=attention_impl)])
+        self.attentions = nnx.List([Transformer3DModel(ch, arch.heads[-1], arch, only_cross=False, rngs=rngs)])
 
     def __call__(self, x, temb, text, num_image_frames=0):
         x = self.resnets[0](x, temb, num_image_frames)
@@ -134,13 +117,13 @@ class MidBlock3D(nnx.Module):
 class UNet3D(nnx.Module):
     """The LaVie denoiser (base, interpolation or VSR, chosen by `arch.stage` and its options). See module doc."""
 
-    def __init__(self, arch: UNetArch, *, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str | None = "auto"):
+    def __init__(self, arch: UNetArch, *, rngs: nnx.Rngs):
         self.arch = arch
-        self.dtype = dtype
+        self.dtype = jnp.float32
         c = arch.block_out_channels
         n = arch.num_levels
         temb = arch.time_embed_dim
-        kw = dict(rngs=rngs, dtype=dtype)
+        kw = dict(rngs=rngs)
         self.conv_in = Conv(arch.in_channels, c[0], **kw)
         self.time_embedding = TimestepEmbedding(c[0], temb, **kw)
         self.class_embedding = (Embed(arch.num_class_embeds, temb, axes=("classes", "time_embed"), **kw)
@@ -154,11 +137,10 @@ class UNet3D(nnx.Module):
         for i in range(n):
             in_ch, out_ch = out_ch, c[i]
             down.append(DownBlock3D(in_ch, out_ch, arch, attention=arch.down_has_attention[i], heads=arch.heads[i],
-                                    only_cross=arch.only_cross_attention[i], add_downsample=i < n - 1,
-                                    attention_impl=attention_impl, **kw))
+                                    only_cross=arch.only_cross_attention[i], add_downsample=i < n - 1, **kw))
             down_t.append(temporal_module(out_ch) if i in arch.down_temporal_idx else None)
         self.down_blocks = nnx.List(down)
-        self.mid_block = MidBlock3D(c[-1], arch, attention_impl=attention_impl, **kw)
+        self.mid_block = MidBlock3D(c[-1], arch, **kw)
         rc = tuple(reversed(c))
         up, up_t = [], []
         out_ch = rc[0]
@@ -166,7 +148,7 @@ class UNet3D(nnx.Module):
             prev_ch, out_ch, in_ch = out_ch, rc[i], rc[min(i + 1, n - 1)]
             up.append(UpBlock3D(in_ch, prev_ch, out_ch, arch, attention=arch.up_has_attention[i],
                                 heads=heads_up(arch)[i], only_cross=only_cross_up(arch)[i], add_upsample=i < n - 1,
-                                attention_impl=attention_impl, **kw))
+                                **kw))
             up_t.append(temporal_module(out_ch) if i in arch.up_temporal_idx else None)
         self.up_blocks = nnx.List(up)
         if arch.down_temporal_idx or arch.mid_temporal or arch.up_temporal_idx:
@@ -175,22 +157,10 @@ class UNet3D(nnx.Module):
             self.up_temporal_blocks = nnx.List(up_t)
         else:
             self.down_temporal_blocks = self.mid_temporal_block = self.up_temporal_blocks = None
-        self.conv_norm_out = GroupNorm(c[0], groups=arch.norm_num_groups, eps=arch.norm_eps, dtype=dtype)
+        self.conv_norm_out = GroupNorm(c[0], groups=arch.norm_num_groups, eps=arch.norm_eps)
         self.conv_out = Conv(c[0], arch.out_channels, **kw)
-        self.sharding_rules: tuple = ()
+        self.sharding_rules: tuple = ()  # execution options (module docstring)
         self.remat = "none"
-
-    def configure(self, *, sharding_rules=None, remat: str | None = None) -> "UNet3D":
-        """Set the execution options (module docstring); returns the module. They are static: programs traced
-        with other options are distinct."""
-        if sharding_rules is not None:
-            self.sharding_rules = tuple((str(name), tuple(t) if isinstance(t, list) else t)
-                                        for name, t in sharding_rules)
-        if remat is not None:
-            if remat not in REMAT_POLICIES:
-                raise ValueError(f"remat policy {remat!r}: choose one of {sorted(REMAT_POLICIES)}")
-            self.remat = remat
-        return self
 
     def _block(self, module: nnx.Module, *args, **kwargs):
         """`module(*args, **kwargs)`, rematerialised by the configured policy (keyword arguments are static)."""
@@ -260,20 +230,20 @@ class UNet3D(nnx.Module):
 
 
 def build_unet(config: UNetArch | Mapping[str, Any], *, stage: str | None = None, seed: int = 0,
-               dtype=jnp.float32, attention_impl: str | None = "auto") -> UNet3D:
-    """UNet3D from a `UNetArch` or a diffusers-style config dict (see `arch_from_config`), randomly initialised."""
+               options: ExecutionOptions | None = None) -> UNet3D:
+    """UNet3D from a `UNetArch` or a diffusers-style config dict (see `arch_from_config`), randomly initialised,
+    with execution `options` applied (`lavie_jax.models.options`; default: float32, 'auto' attention)."""
     arch = config if isinstance(config, UNetArch) else arch_from_config(config, stage)
-    return UNet3D(arch, rngs=nnx.Rngs(seed), dtype=dtype, attention_impl=attention_impl)
+    return configure(UNet3D(arch, rngs=nnx.Rngs(seed)), options or ExecutionOptions())
 
 
-def abstract_unet(config: UNetArch | Mapping[str, Any], *, stage: str | None = None, dtype=jnp.float32,
-                  attention_impl: str | None = "auto") -> UNet3D:
+def abstract_unet(config: UNetArch | Mapping[str, Any], *, stage: str | None = None,
+                  options: ExecutionOptions | None = None) -> UNet3D:
     """The same module with `jax.ShapeDtypeStruct` leaves: no memory is allocated (for shapes, counts, restores,
     and initialisation straight into shardings). The traced structure is cached per architecture."""
     arch = config if isinstance(config, UNetArch) else arch_from_config(config, stage)
-    dt = jnp.dtype(dtype)
-    return abstract_model(("unet", arch, dt.name, attention_impl),
-                          lambda: UNet3D(arch, rngs=nnx.Rngs(0), dtype=dt, attention_impl=attention_impl))
+    model = abstract_model(("unet", arch), lambda: UNet3D(arch, rngs=nnx.Rngs(0)))
+    return configure(model, options or ExecutionOptions())
 
 
 def count_params(model: nnx.Module) -> int:

@@ -27,6 +27,7 @@ from flax import nnx
 from lavie_jax.models.arch import ConfigError
 from lavie_jax.models.attention import dot_product_attention
 from lavie_jax.models.layers import Conv, Dense, GroupNorm
+from lavie_jax.models.options import ExecutionOptions, configure
 from lavie_jax.models.abstract import abstract_model
 from lavie_jax.models.resnet import Downsample, ResnetBlock3D, Upsample
 
@@ -177,12 +178,12 @@ class VAEAttention(nnx.Module):
     block still sees all keys, so the result is exact.
     """
 
-    def __init__(self, channels: int, *, groups: int, rngs: nnx.Rngs, max_logits: int = 2 ** 26, dtype=jnp.float32):
-        self.group_norm = GroupNorm(channels, groups=groups, eps=1e-6, per_frame=True, dtype=dtype)
-        self.to_q = Dense(channels, channels, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.to_k = Dense(channels, channels, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.to_v = Dense(channels, channels, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.to_out = Dense(channels, channels, axes=("heads", "embed"), rngs=rngs, dtype=dtype)
+    def __init__(self, channels: int, *, groups: int, rngs: nnx.Rngs, max_logits: int = 2 ** 26):
+        self.group_norm = GroupNorm(channels, groups=groups, eps=1e-6, per_frame=True)
+        self.to_q = Dense(channels, channels, axes=("embed", "heads"), rngs=rngs)
+        self.to_k = Dense(channels, channels, axes=("embed", "heads"), rngs=rngs)
+        self.to_v = Dense(channels, channels, axes=("embed", "heads"), rngs=rngs)
+        self.to_out = Dense(channels, channels, axes=("heads", "embed"), rngs=rngs)
         self.max_logits = max_logits
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -202,18 +203,18 @@ class VAEAttention(nnx.Module):
         return x + self.to_out(out.reshape(n, f, h, w, c)).astype(x.dtype)
 
 
-def _resnets(in_ch: int, out_ch: int, n: int, cfg: VAEConfig, rngs: nnx.Rngs, dtype) -> nnx.List:
+def _resnets(in_ch: int, out_ch: int, n: int, cfg: VAEConfig, rngs: nnx.Rngs) -> nnx.List:
     return nnx.List([ResnetBlock3D(in_ch if j == 0 else out_ch, out_ch, temb_channels=None, groups=cfg.norm_num_groups,
-                                   eps=1e-6, rngs=rngs, dtype=dtype) for j in range(n)])
+                                   eps=1e-6, rngs=rngs) for j in range(n)])
 
 
 class VAEMidBlock(nnx.Module):
     """resnet -> attention -> resnet at the lowest resolution (`[N, 1, h, w, C]`)."""
 
-    def __init__(self, ch: int, cfg: VAEConfig, *, rngs: nnx.Rngs, max_logits: int, dtype=jnp.float32):
-        self.resnets = _resnets(ch, ch, 2, cfg, rngs, dtype)
-        self.attentions = (nnx.List([VAEAttention(ch, groups=cfg.norm_num_groups, rngs=rngs, max_logits=max_logits,
-                                                  dtype=dtype)]) if cfg.mid_block_add_attention else None)
+    def __init__(self, ch: int, cfg: VAEConfig, *, rngs: nnx.Rngs, max_logits: int):
+        self.resnets = _resnets(ch, ch, 2, cfg, rngs)
+        self.attentions = (nnx.List([VAEAttention(ch, groups=cfg.norm_num_groups, rngs=rngs, max_logits=max_logits)])
+                           if cfg.mid_block_add_attention else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.resnets[0](x)
@@ -223,10 +224,9 @@ class VAEMidBlock(nnx.Module):
 
 
 class DownEncoderBlock(nnx.Module):
-    def __init__(self, in_ch: int, out_ch: int, cfg: VAEConfig, *, add_downsample: bool, rngs: nnx.Rngs,
-                 dtype=jnp.float32):
-        self.resnets = _resnets(in_ch, out_ch, cfg.layers_per_block, cfg, rngs, dtype)
-        self.downsamplers = nnx.List([Downsample(out_ch, padding=0, rngs=rngs, dtype=dtype)]) if add_downsample else None
+    def __init__(self, in_ch: int, out_ch: int, cfg: VAEConfig, *, add_downsample: bool, rngs: nnx.Rngs):
+        self.resnets = _resnets(in_ch, out_ch, cfg.layers_per_block, cfg, rngs)
+        self.downsamplers = nnx.List([Downsample(out_ch, padding=0, rngs=rngs)]) if add_downsample else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for resnet in self.resnets:
@@ -235,10 +235,9 @@ class DownEncoderBlock(nnx.Module):
 
 
 class UpDecoderBlock(nnx.Module):
-    def __init__(self, in_ch: int, out_ch: int, cfg: VAEConfig, *, add_upsample: bool, rngs: nnx.Rngs,
-                 dtype=jnp.float32):
-        self.resnets = _resnets(in_ch, out_ch, cfg.layers_per_block + 1, cfg, rngs, dtype)
-        self.upsamplers = nnx.List([Upsample(out_ch, rngs=rngs, dtype=dtype)]) if add_upsample else None
+    def __init__(self, in_ch: int, out_ch: int, cfg: VAEConfig, *, add_upsample: bool, rngs: nnx.Rngs):
+        self.resnets = _resnets(in_ch, out_ch, cfg.layers_per_block + 1, cfg, rngs)
+        self.upsamplers = nnx.List([Upsample(out_ch, rngs=rngs)]) if add_upsample else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for resnet in self.resnets:
@@ -249,15 +248,15 @@ class UpDecoderBlock(nnx.Module):
 class Encoder(nnx.Module):
     """`[N, 1, H, W, Cin] -> [N, 1, H/f, W/f, 2 * latent_channels]` (mean and log-variance, before quant_conv)."""
 
-    def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs, max_logits: int, dtype=jnp.float32):
+    def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs, max_logits: int):
         ch = cfg.block_out_channels
-        self.conv_in = Conv(cfg.in_channels, ch[0], rngs=rngs, dtype=dtype)
+        self.conv_in = Conv(cfg.in_channels, ch[0], rngs=rngs)
         self.down_blocks = nnx.List([
-            DownEncoderBlock(ch[max(i - 1, 0)], ch[i], cfg, add_downsample=i < len(ch) - 1, rngs=rngs, dtype=dtype)
+            DownEncoderBlock(ch[max(i - 1, 0)], ch[i], cfg, add_downsample=i < len(ch) - 1, rngs=rngs)
             for i in range(len(ch))])
-        self.mid_block = VAEMidBlock(ch[-1], cfg, rngs=rngs, max_logits=max_logits, dtype=dtype)
-        self.conv_norm_out = GroupNorm(ch[-1], groups=cfg.norm_num_groups, eps=1e-6, dtype=dtype)
-        self.conv_out = Conv(ch[-1], 2 * cfg.latent_channels, rngs=rngs, dtype=dtype)
+        self.mid_block = VAEMidBlock(ch[-1], cfg, rngs=rngs, max_logits=max_logits)
+        self.conv_norm_out = GroupNorm(ch[-1], groups=cfg.norm_num_groups, eps=1e-6)
+        self.conv_out = Conv(ch[-1], 2 * cfg.latent_channels, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.conv_in(x)
@@ -270,15 +269,15 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     """`[N, 1, h, w, latent_channels] -> [N, 1, h*f, w*f, Cout]`."""
 
-    def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs, max_logits: int, dtype=jnp.float32):
+    def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs, max_logits: int):
         ch = cfg.block_out_channels[::-1]
-        self.conv_in = Conv(cfg.latent_channels, ch[0], rngs=rngs, dtype=dtype)
-        self.mid_block = VAEMidBlock(ch[0], cfg, rngs=rngs, max_logits=max_logits, dtype=dtype)
+        self.conv_in = Conv(cfg.latent_channels, ch[0], rngs=rngs)
+        self.mid_block = VAEMidBlock(ch[0], cfg, rngs=rngs, max_logits=max_logits)
         self.up_blocks = nnx.List([
-            UpDecoderBlock(ch[max(i - 1, 0)], ch[i], cfg, add_upsample=i < len(ch) - 1, rngs=rngs, dtype=dtype)
+            UpDecoderBlock(ch[max(i - 1, 0)], ch[i], cfg, add_upsample=i < len(ch) - 1, rngs=rngs)
             for i in range(len(ch))])
-        self.conv_norm_out = GroupNorm(ch[-1], groups=cfg.norm_num_groups, eps=1e-6, dtype=dtype)
-        self.conv_out = Conv(ch[-1], cfg.out_channels, rngs=rngs, dtype=dtype)
+        self.conv_norm_out = GroupNorm(ch[-1], groups=cfg.norm_num_groups, eps=1e-6)
+        self.conv_out = Conv(ch[-1], cfg.out_channels, rngs=rngs)
 
     def __call__(self, z: jax.Array) -> jax.Array:
         x = self.mid_block(self.conv_in(z))
@@ -310,16 +309,15 @@ class AutoencoderKL(nnx.Module):
     `max_attention_logits` bounds the mid-block attention's logits per image (elements) by splitting the queries.
     """
 
-    def __init__(self, config: VAEConfig | Mapping[str, Any], *, rngs: nnx.Rngs, dtype=jnp.float32,
+    def __init__(self, config: VAEConfig | Mapping[str, Any], *, rngs: nnx.Rngs,
                  max_attention_logits: int = 2 ** 26):
         cfg = vae_config_from_dict(config)
         self.config = cfg
         lc = cfg.latent_channels
-        self.encoder = Encoder(cfg, rngs=rngs, max_logits=max_attention_logits, dtype=dtype)
-        self.decoder = Decoder(cfg, rngs=rngs, max_logits=max_attention_logits, dtype=dtype)
-        self.quant_conv = Conv(2 * lc, 2 * lc, kernel_size=1, rngs=rngs, dtype=dtype) if cfg.use_quant_conv else None
-        self.post_quant_conv = (Conv(lc, lc, kernel_size=1, rngs=rngs, dtype=dtype) if cfg.use_post_quant_conv
-                                else None)
+        self.encoder = Encoder(cfg, rngs=rngs, max_logits=max_attention_logits)
+        self.decoder = Decoder(cfg, rngs=rngs, max_logits=max_attention_logits)
+        self.quant_conv = Conv(2 * lc, 2 * lc, kernel_size=1, rngs=rngs) if cfg.use_quant_conv else None
+        self.post_quant_conv = Conv(lc, lc, kernel_size=1, rngs=rngs) if cfg.use_post_quant_conv else None
 
     @property
     def scaling_factor(self) -> float:
@@ -353,19 +351,22 @@ class AutoencoderKL(nnx.Module):
         return map_images(self._decode_images, z, frame_chunk)
 
 
-def build_vae(config: VAEConfig | Mapping[str, Any] | str, *, seed: int = 0, dtype=jnp.float32,
+def build_vae(config: VAEConfig | Mapping[str, Any] | str, *, seed: int = 0, options: ExecutionOptions | None = None,
               max_attention_logits: int = 2 ** 26) -> AutoencoderKL:
-    """AutoencoderKL from a config dict, a VAEConfig or a name in `VAE_CONFIGS` ('sd14', 'x4'), randomly initialised."""
+    """AutoencoderKL from a config dict, a VAEConfig or a name in `VAE_CONFIGS` ('sd14', 'x4'), randomly initialised,
+    with execution `options` applied (`lavie_jax.models.options`; default: float32)."""
     cfg = VAE_CONFIGS[config] if isinstance(config, str) else config
-    return AutoencoderKL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, max_attention_logits=max_attention_logits)
+    return configure(AutoencoderKL(cfg, rngs=nnx.Rngs(seed), max_attention_logits=max_attention_logits),
+                     options or ExecutionOptions())
 
 
-def abstract_vae(config: VAEConfig | Mapping[str, Any] | str, *, dtype=jnp.float32,
+def abstract_vae(config: VAEConfig | Mapping[str, Any] | str, *, options: ExecutionOptions | None = None,
                  max_attention_logits: int = 2 ** 26) -> AutoencoderKL:
     """The same module with `jax.ShapeDtypeStruct` leaves (no memory): for shapes, parameter counts and restores."""
     cfg = vae_config_from_dict(VAE_CONFIGS[config] if isinstance(config, str) else config)
-    return abstract_model(("vae", cfg, jnp.dtype(dtype).name, max_attention_logits),
-                          lambda: build_vae(cfg, dtype=dtype, max_attention_logits=max_attention_logits))
+    model = abstract_model(("vae", cfg, max_attention_logits),
+                           lambda: build_vae(cfg, max_attention_logits=max_attention_logits))
+    return configure(model, options or ExecutionOptions())
 
 
 _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}

@@ -35,7 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lavie_jax.stages import RequestError, get_stage
-from lavie_jax.io.checkpoints import Pipeline
+from lavie_jax.io.store import Pipeline
 from lavie_jax.parallel import BATCH_AXES, batch_sharding, make_mesh, place_state, to_global, to_host
 from lavie_jax.sampling import programs
 from lavie_jax.sampling.options import SampleOptions, sample_options

@@ -22,19 +22,16 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lavie_jax import parallel, stages
-from lavie_jax.io import checkpoints
+from lavie_jax.io import store
 from lavie_jax.models import UNet3D, abstract_unet, arch_from_config
 from lavie_jax.models.arch import UNetArch
-from lavie_jax.models.attention_kernels import AttentionImplError, check_attention_impl
+from lavie_jax.models.options import ExecutionOptions, ExecutionOptionsError
+from lavie_jax.models.options import from_config as options_from_config
 from lavie_jax.models.flops import peak_bf16_tflops, train_step_flops
-from lavie_jax.models.unet import REMAT_POLICIES
-from lavie_jax.sampling.pipeline import components
 from lavie_jax.io.text import tokenize
 from lavie_jax.train import optim
 from lavie_jax.train.step import Encoders, Objective, StageInputs, TrainState, stage_loss, train_step
 
-RANDOM = "random"
-DTYPES = ("float32", "bfloat16")
 
 
 class TrainConfigError(ValueError):
@@ -67,14 +64,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, 
         _fail("train.keep_every", f"expected an integer >= 0 (0 = off), got {t.keep_every!r}")
     if not isinstance(t.seed, int) or not 0 <= t.seed < 2 ** 31:
         _fail("train.seed", f"expected an integer in 0..2^31-1, got {t.seed!r}")
-    if t.compute_dtype not in DTYPES:
-        _fail("train.compute_dtype", f"{t.compute_dtype!r}: choose one of {DTYPES}")
-    try:
-        check_attention_impl(config.model.get("attention_impl"))
-    except AttentionImplError as e:
-        _fail("model.attention_impl", str(e))
-    if t.remat not in REMAT_POLICIES:
-        _fail("train.remat", f"{t.remat!r}: choose one of {sorted(REMAT_POLICIES)}")
+    execution_options(config)  # compute dtype, attention kernel (and its platform), remat, sharding rules
     if not isinstance(t.peak_tflops, (int, float)) or t.peak_tflops < 0:
         _fail("train.peak_tflops", f"expected a number >= 0 (0 = from the device kind), got {t.peak_tflops!r}")
     o = t.objective
@@ -156,55 +146,43 @@ def objective_from_config(config: ml_collections.ConfigDict, vae_scaling: float)
 
 # ------------------------------------------------------------------------------------------------ models
 
-def _init_directory(config: ml_collections.ConfigDict) -> Path | None:
-    """`train.init` checked without loading weights: a lavie-jax UNet or pipeline directory of this stage."""
+def _init_source(config: ml_collections.ConfigDict) -> store.Source | None:
+    """`train.init` checked without loading weights: a `lavie-convert` UNet or pipeline directory, or another
+    `lavie-train` run (fine-tuning from its EMA params), of this stage and architecture; None for a random UNet."""
     init = config.train.init
     if not init:
         return None
-    path = Path(init)
-    if not path.is_dir():
-        _fail("train.init", f"{init}: no such directory; pass a `lavie-convert` output directory, or '' for a "
-                            f"random UNet")
     try:
-        meta = checkpoints.read_metadata(path)
-        unet_meta = checkpoints.read_metadata(checkpoints.component_dir(path, "unet"))
-    except checkpoints.CheckpointError as e:
-        _fail("train.init", str(e))
-    stage = unet_meta.get("stage") or meta.get("stage")
-    if stage != config.stage:
-        _fail("train.init", f"{init} holds a {stage} UNet but the config is the {config.stage} stage; pass a "
-                            f"{config.stage} checkpoint (e.g. `lavie-convert sd --stage {config.stage}` or "
-                            f"`lavie-convert x4`), or configs/{stage}.py")
-    stored = arch_from_config(unet_meta["config"])
+        source = store.open_source(init, stage=config.stage, flag="train.init", kinds=("pipeline", "unet", "workdir"))
+        stored = store.stored_arch(source)
+    except store.SourceError as e:
+        raise TrainConfigError(f"config field {e}") from None
     wanted = arch_from_config(config.unet.to_dict(), config.stage)
     if stored != wanted:
         diff = [f.name for f in dataclasses.fields(UNetArch) if getattr(stored, f.name) != getattr(wanted, f.name)]
         _fail("train.init", f"{init} holds a UNet whose architecture differs from config.unet in {diff}; use the "
                             f"config that matches the checkpoint (e.g. the full configs/{config.stage}.py)")
-    return path
+    return source
 
 
-def _encoders_directory(config: ml_collections.ConfigDict, init: Path | None) -> Path | None:
-    """The pipeline directory of the frozen VAE / text encoder / tokenizer (None: random components)."""
+def _encoders_source(config: ml_collections.ConfigDict, init: store.Source | None) -> store.Source:
+    """Where the frozen VAE / text encoder / tokenizer come from: `train.encoders` (a pipeline directory or
+    'random'), else the `train.init` pipeline (or the encoders of the `train.init` run)."""
     enc = config.train.encoders
-    if enc == RANDOM:
-        return None
-    path = Path(enc) if enc else init
-    if path is None:
+    if not enc and init is None:
         _fail("train.encoders", "no VAE and text encoder: train.init is empty (a random UNet); pass a pipeline "
                                 "directory (e.g. a `lavie-convert sd|x4|pipeline` output) or 'random'")
     try:
-        meta = checkpoints.read_metadata(path)
-    except checkpoints.CheckpointError as e:
-        _fail("train.encoders" if enc else "train.init", str(e))
-    if meta.get("kind") != "pipeline":
-        field = "train.encoders" if enc else "train.init"
-        _fail(field, f"{path} holds a single {meta.get('kind')}; the VAE, text encoder and tokenizer come from a "
-                     f"pipeline directory: set train.encoders to one (or 'random')")
-    if meta.get("stage") not in (None, config.stage):
-        _fail("train.encoders", f"{path} is a {meta.get('stage')} pipeline; its VAE and text encoder do not fit the "
-                                f"{config.stage} stage")
-    return path
+        if enc:
+            return store.open_source(enc, stage=config.stage, flag="config field train.encoders",
+                                     kinds=("pipeline", store.RANDOM))
+        if init.kind == "unet":
+            raise store.SourceError(f"config field train.init {init} holds a single UNet; the VAE, text encoder and "
+                                    "tokenizer come from a pipeline directory: set train.encoders to one (or "
+                                    "'random')")
+        return init
+    except store.SourceError as e:
+        raise TrainConfigError(str(e)) from None
 
 
 def with_shardings(tree, shardings):
@@ -215,29 +193,26 @@ def with_shardings(tree, shardings):
 
 
 def build_unet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: parallel.Rules,
-               init: Path | None, *, abstract: bool = False) -> UNet3D:
-    """The UNet on `mesh`: restored from `train.init` straight into its shardings, or initialised there (one jitted
-    init whose outputs are laid out by the rules: no host copy of a full-size model). `abstract`: leaves are
-    `ShapeDtypeStruct`s carrying those shardings, nothing is read or allocated (memory planning)."""
-    t = config.train
-    dtype = jnp.dtype(t.compute_dtype)
-    impl = config.model.attention_impl
+               init: store.Source | None, *, abstract: bool = False) -> UNet3D:
+    """The UNet on `mesh`, with the run's execution options: restored from `train.init` straight into its
+    shardings, or initialised there (one jitted init whose outputs are laid out by the rules: no host copy of a
+    full-size model). `abstract`: leaves are `ShapeDtypeStruct`s carrying those shardings, nothing is read or
+    allocated (memory planning)."""
+    options = execution_options(config)
     arch = arch_from_config(config.unet.to_dict(), config.stage)
     if abstract or init is None:
-        unet = abstract_unet(arch, dtype=dtype, attention_impl=impl)
+        unet = abstract_unet(arch, options=options)
         state = nnx.state(unet, nnx.Param)
         shardings = parallel.state_shardings(state, mesh, rules)
         if abstract:
             nnx.update(unet, with_shardings(state, shardings))
         else:
-            make = jax.jit(lambda: nnx.state(UNet3D(arch, rngs=nnx.Rngs(t.seed), dtype=dtype, attention_impl=impl),
-                                             nnx.Param), out_shardings=shardings)
+            make = jax.jit(lambda: nnx.state(UNet3D(arch, rngs=nnx.Rngs(config.train.seed)), nnx.Param),
+                           out_shardings=shardings)
             # run once: the least optimised code is the fastest to build (thousands of small RNG ops)
             nnx.update(unet, make.lower().compile(compiler_options={"xla_backend_optimization_level": 0})())
-    else:
-        unet = checkpoints.load_unet(init, mesh=mesh, rules=rules, dtype=dtype, attention_impl=impl)
-    unet.configure(sharding_rules=rules, remat=t.remat)
-    return unet
+        return unet
+    return store.load_unet(init, mesh=mesh, rules=rules, options=options)
 
 
 @dataclasses.dataclass
@@ -248,15 +223,22 @@ class EncoderModels:
 
 
 def build_encoders(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: parallel.Rules,
-                   directory: Path | None, arch: UNetArch) -> EncoderModels:
-    """The frozen VAE, text encoder and tokenizer on `mesh`, from a pipeline directory or random ('random'): the
-    sampler's own loader (`sampling.pipeline.components`), so sampling a work directory gets the same ones."""
-    vae, text, tokenizer = components(config.sample, directory, width=arch.cross_attention_dim, seed=config.train.seed,
-                                      mesh=mesh, rules=rules, dtype=jnp.dtype(config.train.compute_dtype))
-    if directory is None:  # random components are drawn on the host
-        for model in (vae, text):
-            parallel.shard_module(model, mesh, rules)
+                   source: store.Source, arch: UNetArch) -> EncoderModels:
+    """The frozen VAE, text encoder and tokenizer on `mesh`, from a pipeline directory, a run's, or random: the one
+    loader (`lavie_jax.io.store`), so sampling a work directory gets the very same ones."""
+    vae, text, tokenizer = store.load_components(
+        source, random=store.RandomParts.from_config(config.sample), width=arch.cross_attention_dim,
+        seed=config.train.seed, mesh=mesh, rules=rules, options=execution_options(config))
     return EncoderModels(vae, text, tokenizer)
+
+
+def execution_options(config: ml_collections.ConfigDict) -> ExecutionOptions:
+    """The run's execution options (`train.compute_dtype`, `model.attention_impl`, `train.remat`, `sharding.rules`);
+    TrainConfigError names a bad field."""
+    try:
+        return options_from_config(config, training=True)
+    except ExecutionOptionsError as e:
+        raise TrainConfigError(f"config field {e}") from None
 
 
 def check_models(config: ml_collections.ConfigDict, arch: UNetArch, encoders: EncoderModels) -> None:
@@ -347,14 +329,12 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abs
     its source (e.g. a precomputed dataset) need not exist."""
     check_config(config, mesh, data=not synthetic_data)
     rules = tuple(tuple(r) for r in config.sharding.rules)
-    init = _init_directory(config)
-    enc_dir = _encoders_directory(config, init)
+    init = _init_source(config)
     arch = arch_from_config(config.unet.to_dict(), config.stage)
-    encoders = build_encoders(config, mesh, rules, enc_dir, arch)
+    encoders = build_encoders(config, mesh, rules, _encoders_source(config, init), arch)
     check_models(config, arch, encoders)
     try:  # on the abstract model: a rule that selects nothing fails before any weight is made
-        groups = optim.param_groups_from_config(abstract_unet(arch, dtype=jnp.dtype(config.train.compute_dtype)),
-                                                config.train)
+        groups = optim.param_groups_from_config(abstract_unet(arch), config.train)
     except optim.OptimConfigError as e:
         raise TrainConfigError(str(e)) from None
     unet = build_unet(config, mesh, rules, init, abstract=abstract)

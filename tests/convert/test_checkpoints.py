@@ -8,7 +8,8 @@ from flax import nnx
 
 from lavie_jax import parallel
 from lavie_jax.io.checkpoints import (CHECKPOINTS, CheckpointError, abstract_component, iter_stored_params,
-                                   load_component, load_unet, read_metadata, save_model, write_params)
+                                   load_component, read_metadata, save_model, write_params)
+from lavie_jax.io.store import load_unet
 from lavie_jax.convert.cli import Reporter, convert_lavie, main
 from lavie_jax.convert.export import export_checkpoint
 from lavie_jax.io.keycheck import KeyMismatchError
@@ -52,7 +53,7 @@ def test_vae_and_text_encoder_round_trip(tmp_path):
         assert back.config == model.config
         ref, got = export_state_dict(model), export_state_dict(back)
         assert sorted(ref) == sorted(got) and all(np.array_equal(ref[k], got[k]) for k in ref)
-    with pytest.raises(CheckpointError, match="holds a vae checkpoint, not a unet"):
+    with pytest.raises(CheckpointError, match="vae holds a single vae, not what is needed here: pass a pipeline"):
         load_unet(tmp_path / "vae")
 
 

@@ -4,7 +4,8 @@ initialised as the official code does, interpolation's conv_in widened with zero
 import numpy as np
 import pytest
 
-from lavie_jax.io.checkpoints import abstract_component, load_unet, read_metadata
+from lavie_jax.io.checkpoints import abstract_component, read_metadata
+from lavie_jax.io.store import load_unet
 from lavie_jax.convert.cli import main
 from lavie_jax.convert.inflate import detect_unet, fresh_temporal_params, is_temporal_key
 from lavie_jax.convert.state_dict import export_state_dict

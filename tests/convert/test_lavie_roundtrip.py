@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lavie_jax.io.checkpoints import load_unet, read_metadata
+from lavie_jax.io.checkpoints import read_metadata
+from lavie_jax.io.store import load_unet
 from lavie_jax.convert.cli import main
 from lavie_jax.convert.state_dict import export_state_dict
 from lavie_jax.models import arch_from_config

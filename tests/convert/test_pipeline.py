@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lavie_jax.io.checkpoints import CHECKPOINTS, load_pipeline, read_metadata
+from lavie_jax.io.checkpoints import CHECKPOINTS, read_metadata
+from lavie_jax.io.store import load_pipeline
 from lavie_jax.convert.cli import main
 from lavie_jax.convert.state_dict import export_state_dict
 from lavie_jax.models.clip import canonical_clip_state_dict

@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 from lavie_jax.io import video as video_io
-from lavie_jax.data import pipeline
 from tests.conftest import stage_config
 
 H, W = 32, 48  # test frame size

@@ -18,6 +18,7 @@ from lavie_jax.convert.state_dict import load_state_dict
 from lavie_jax.models import abstract_unet
 from lavie_jax.models import attention_kernels as ak
 from lavie_jax.models.attention import Attention
+from lavie_jax.models.options import ExecutionOptions, ExecutionOptionsError, configure
 from tests.models.tiny_configs import SD_LIKE, jit_apply, random_state_dict
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
@@ -95,12 +96,12 @@ def test_explicit_policies_fail_clearly(policy, platform, cap, dtype, head_dim, 
                                  has_bias=bias, capability=cap, pallas_available=pallas)
 
 
-def test_wrong_policy_fails_when_the_model_is_built():
-    """On this CPU: 'cudnn' and 'pallas' are refused when a layer is built, before anything is traced."""
+def test_wrong_policy_fails_when_the_model_is_configured():
+    """On this CPU: 'cudnn' and 'pallas' are refused when a model is configured, before anything is traced."""
     assert ak.check_attention_impl("auto") == "auto" and ak.check_attention_impl(None) == "xla"
     for policy, message in (("cudnn", "needs an NVIDIA GPU"), ("pallas", "needs a TPU"), ("fast", "choose one of")):
-        with pytest.raises(ak.AttentionImplError, match=message):
-            Attention(8, 2, rngs=nnx.Rngs(0), implementation=policy)
+        with pytest.raises(ExecutionOptionsError, match=f"attention_impl: .*{message}"):
+            configure(Attention(8, 2, rngs=nnx.Rngs(0)), attention_impl=policy)
 
 
 def _qkv(n, t, s, h, d, dtype=np.float32, seed=0):
@@ -188,8 +189,8 @@ def test_unet_auto_equals_xla_on_cpu():
     """The default policy builds and runs the UNet; on a CPU it is the XLA path, bit for bit."""
     config = dict(SD_LIKE, stage="base")
     auto, sd = random_state_dict(config, seed=3)
-    assert auto.down_blocks[0].attentions[0].transformer_blocks[0].attn1.implementation == "auto"
-    xla = abstract_unet(config, attention_impl="xla")
+    assert auto.down_blocks[0].attentions[0].transformer_blocks[0].attn1.attention_impl == "auto"
+    xla = abstract_unet(config, options=ExecutionOptions(attention_impl="xla"))
     load_state_dict(auto, sd)
     load_state_dict(xla, sd)
     rng = np.random.default_rng(4)
@@ -218,7 +219,7 @@ def test_unet_call_sites_on_a_gpu(monkeypatch):
         return ak.xla_attention(q, k, v, bias, scale)
 
     monkeypatch.setattr(ak, "run_attention", record)
-    model = abstract_unet(dict(SD_LIKE, stage="base"), dtype=BF16)
+    model = abstract_unet(dict(SD_LIKE, stage="base"), options=ExecutionOptions(dtype=BF16))
     x = jax.ShapeDtypeStruct((1, 4, 16, 16, 4), jnp.float32)
     text = jax.ShapeDtypeStruct((1, 77, SD_LIKE["cross_attention_dim"]), jnp.float32)
     nnx.eval_shape(lambda m, x, text: m(x, jnp.zeros((1,), jnp.int32), text), model, x, text)

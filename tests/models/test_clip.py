@@ -10,6 +10,7 @@ from lavie_jax.convert.state_dict import export_state_dict, load_state_dict
 from lavie_jax.models.arch import ConfigError
 from lavie_jax.models.clip import (SD14_TEXT_ENCODER, X4_TEXT_ENCODER, abstract_text_encoder, build_text_encoder,
                                    canonical_clip_state_dict, text_encoder_config_from_dict)
+from lavie_jax.models.options import ExecutionOptions
 from lavie_jax.models.unet import count_params
 from tests.models.tiny_configs import rel_err
 
@@ -90,8 +91,8 @@ def test_add_caption_sum_adds_the_summed_word_embeddings_to_every_token(eos):
 def test_bfloat16_compute_close():
     torch_model = _torch_clip(_tiny("quick_gelu", 2))
     sd = canonical_clip_state_dict({k: v.numpy() for k, v in torch_model.state_dict().items()})
-    f32, bf16 = build_text_encoder(_tiny("quick_gelu", 2)), build_text_encoder(_tiny("quick_gelu", 2),
-                                                                              dtype=jnp.bfloat16)
+    f32 = build_text_encoder(_tiny("quick_gelu", 2))
+    bf16 = build_text_encoder(_tiny("quick_gelu", 2), options=ExecutionOptions(dtype=jnp.bfloat16))
     load_state_dict(f32, sd)
     load_state_dict(bf16, sd)
     ids = jnp.asarray(_ids())

@@ -17,6 +17,7 @@ from flax import nnx
 
 from lavie_jax.convert.keymap import param_paths, torch_shapes
 from lavie_jax.models import abstract_unet, param_count
+from lavie_jax.models.options import ExecutionOptions
 from lavie_jax.stages import get_stage, official_unet_config
 from lavie_jax.stages.families import SD14_UNET, X4_UPSCALER_UNET
 
@@ -125,7 +126,7 @@ def test_full_size_forward_shapes(stage, frames, hw, cin, classes, abstract_mode
 
 
 def test_bfloat16_compute_keeps_float32_params():
-    model = abstract_unet(official_unet_config("base"), dtype=jnp.bfloat16)
+    model = abstract_unet(official_unet_config("base"), options=ExecutionOptions(dtype=jnp.bfloat16))
     dtypes = {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))}
     assert dtypes == {jnp.dtype(jnp.float32)}
     graphdef, state = nnx.split(model)

@@ -9,6 +9,7 @@ import torch
 from lavie_jax.convert.state_dict import load_state_dict
 from lavie_jax.io.keycheck import KeyMismatchError
 from lavie_jax.models.arch import ConfigError
+from lavie_jax.models.options import ExecutionOptions
 from lavie_jax.models.unet import count_params
 from lavie_jax.models.vae import (SD14_VAE, X4_VAE, DiagonalGaussian, abstract_vae,
                                   canonical_vae_state_dict, vae_config_from_dict)
@@ -85,7 +86,7 @@ def test_query_blocked_attention_is_exact():
 
 def test_bfloat16_compute_close():
     torch_model, f32 = _pair("f4")
-    bf16 = abstract_vae(dict(torch_model.config), dtype=jnp.bfloat16)
+    bf16 = abstract_vae(dict(torch_model.config), options=ExecutionOptions(dtype=jnp.bfloat16))
     load_state_dict(bf16, {k: v.numpy() for k, v in torch_model.state_dict().items()})
     z = jnp.asarray(np.random.RandomState(3).randn(1, 2, 4, 5, 4), jnp.float32)
     out = _decode(bf16, z)
