@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from lavie_jax import parallel
 from lavie_jax.io.safe_io import OutputPathError
 from lavie_jax.train import loop
 from lavie_jax.io.workdir import COMMIT_MARKER, ConfigMismatchError
@@ -255,3 +256,22 @@ def test_lavie_sample_reads_a_work_directory(uninterrupted, tmp_path):
     kernel = np.asarray(pipe.unet.conv_in.kernel[...])
     np.testing.assert_array_equal(kernel, raw["conv_in.kernel"])  # --params raw: the raw params
     assert pipe.metadata["step"] == STEPS
+
+
+def test_a_run_can_start_from_another_run(uninterrupted, train_data_dir):
+    """`train.init` = a work directory: the new run starts from its EMA params and trains with its encoders, both
+    read through the one model loader (`lavie_jax.io.store`)."""
+    from lavie_jax.io.workdir import read_params
+    from lavie_jax.train.setup import TrainConfigError, build_run
+
+    config = tiny_train_config("base", train_data_dir)
+    config.train.init, config.train.encoders = str(uninterrupted), ""
+    run = build_run(config, parallel.make_mesh((1, 1, 1, 1), devices=jax.devices()[:1]))
+    _, _, ema = read_params(uninterrupted, ema=True)
+    kernel = np.asarray(run.state.params["conv_in"]["kernel"][...])
+    np.testing.assert_array_equal(kernel, ema["conv_in.kernel"])
+    config.train.encoders = "random"  # the run trained with random components (seed 0): the very same ones
+    np.testing.assert_array_equal(build_run(config, run.mesh).encoders.null_text, run.encoders.null_text)
+    config.unet.block_out_channels = (32, 32)
+    with pytest.raises(TrainConfigError, match=r"train.init: .* differs from config.unet in \[.block_out_channels.\]"):
+        build_run(config, run.mesh)
