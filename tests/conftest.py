@@ -51,11 +51,11 @@ def rerun_with_fusion_emitters(request) -> bool:
 
 
 def stage_config(stage: str, variant: str | None = None):
-    """The packaged config of `stage` (`configs/STAGE.py`), the official size or `variant` ('tiny', 'demo')."""
-    import importlib
+    """The packaged config of `stage` (`configs/STAGE.py`), the official size or `variant` ('tiny', 'demo'), loaded
+    by name as `--config STAGE[:variant]` loads it (locked: fields can change, none can be added)."""
+    from lavie_jax.cli.config_flags import load_config
 
-    module = importlib.import_module(f"configs.{stage}")
-    return module.get_config(variant) if variant else module.get_config()
+    return load_config(f"{stage}:{variant}" if variant else stage)
 
 
 def child_env(devices: int = 1, **extra: str) -> dict[str, str]:
