@@ -80,7 +80,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Whole files per worker also compute each module-scoped fixture once and keep a file's shared programs in one
 # process. Every other file keeps its collection order.
 LONG_FILES = ("train/test_loop.py", "train/test_step.py", "sampling/test_sampler.py", "models/test_unet_behaviour.py",
-              "test_accelerator_bench.py", "models/test_vae.py")
+              "test_accelerator_bench.py", "models/test_vae.py", "test_packaging.py")  # test_packaging: ~80 s here
 TESTS = Path(__file__).resolve().parent
 
 
