@@ -13,11 +13,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP_RUN): setup.cfg pyproject.toml $(CONSTRAINTS) | $(PY)
+$(STAMP_RUN): setup.py setup.cfg pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e .
 	touch $@
 
-$(STAMP_TEST): setup.cfg pyproject.toml $(CONSTRAINTS) | $(PY)
+$(STAMP_TEST): setup.py setup.cfg pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
 	touch $@ $(STAMP_RUN)
 

@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -47,24 +45,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lavie_jax.runtime import startup
 
-from lavie_jax.runtime import startup  # noqa: E402
-
-from bench import common  # noqa: E402
-from bench.train_bench import bench_config, synthetic_batch  # noqa: E402
-from lavie_jax import parallel  # noqa: E402
-from lavie_jax.models import VAE_CONFIGS, abstract_unet, arch_from_config  # noqa: E402
-from lavie_jax.models.flops import (measure_matmul_tflops, peak_bf16_tflops, text_encoder_flops,  # noqa: E402
+from bench import common
+from bench.train_bench import bench_config, synthetic_batch
+from lavie_jax import parallel
+from lavie_jax.cli.config_flags import load_config
+from lavie_jax.models import VAE_CONFIGS, abstract_unet, arch_from_config
+from lavie_jax.models.flops import (measure_matmul_tflops, peak_bf16_tflops, text_encoder_flops,
                                     unet_forward_flops, vae_decode_flops)
-from lavie_jax.models.options import REMAT_POLICIES  # noqa: E402
-from lavie_jax.models.vae import vae_config_from_dict  # noqa: E402
-from lavie_jax.io.store import randomize  # noqa: E402
-from lavie_jax.models.options import ExecutionOptions  # noqa: E402
-from lavie_jax.sampling.pipeline import random_pipeline  # noqa: E402
-from lavie_jax.sampling.sampler import StageSampler  # noqa: E402
-from lavie_jax.stages import STAGES  # noqa: E402
-from lavie_jax.train.setup import build_run, latent_shape, num_image_frames  # noqa: E402
+from lavie_jax.io.store import randomize
+from lavie_jax.models.options import REMAT_POLICIES, ExecutionOptions
+from lavie_jax.models.vae import vae_config_from_dict
+from lavie_jax.sampling.pipeline import random_pipeline
+from lavie_jax.sampling.sampler import StageSampler
+from lavie_jax.stages import STAGES
+from lavie_jax.train.setup import build_run, latent_shape, num_image_frames
 
 REMAT_ORDER = ("none", "save_dots_and_attention", "save_dots", "save_attention", "full")  # fastest first (usually)
 PROMPT = "a panda taking a selfie, 2k, high quality"
@@ -94,7 +90,7 @@ class Job:
 
 
 def stage_config(stage: str, tiny: bool, dtype: str):
-    config = importlib.import_module(f"configs.{stage}").get_config("tiny" if tiny else None)
+    config = load_config(f"{stage}:tiny" if tiny else stage)
     config.model.dtype = dtype
     config.mesh.shape = (1, 1, 1, 1)
     return config

@@ -32,14 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lavie_jax.io.checkpoints import DEFAULT_GROUP_BYTES  # noqa: E402
-from lavie_jax.convert.export import write_safetensors  # noqa: E402
-from lavie_jax.convert.keymap import torch_shapes  # noqa: E402
-from lavie_jax.models import abstract_unet  # noqa: E402
-from lavie_jax.stages import STAGES, get_stage, official_unet_config  # noqa: E402
-from lavie_jax.models.embeddings import rotary_frequencies  # noqa: E402
+from lavie_jax.io.checkpoints import DEFAULT_GROUP_BYTES
+from lavie_jax.convert.export import write_safetensors
+from lavie_jax.convert.keymap import torch_shapes
+from lavie_jax.models import abstract_unet
+from lavie_jax.stages import STAGES, get_stage, official_unet_config
+from lavie_jax.models.embeddings import rotary_frequencies
 
 GB = 1e9
 

@@ -22,18 +22,16 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from bench.common import timed  # noqa: E402
-from lavie_jax.runtime import startup  # noqa: E402
-from lavie_jax.convert.state_dict import load_state_dict  # noqa: E402
-from lavie_jax.models import abstract_unet, arch_from_config  # noqa: E402
-from lavie_jax.stages import STAGES, get_stage, official_unet_config  # noqa: E402
-from lavie_jax.models.flops import measure_matmul_tflops, unet_forward_flops  # noqa: E402
+from bench.common import timed
+from lavie_jax.runtime import startup
+from lavie_jax.convert.state_dict import load_state_dict
+from lavie_jax.models import abstract_unet, arch_from_config
+from lavie_jax.stages import STAGES, get_stage, official_unet_config
+from lavie_jax.models.flops import measure_matmul_tflops, unet_forward_flops
 
 
 def _inputs(arch, stage: str, frames: int, size: int, seed: int = 0):

@@ -24,6 +24,7 @@ import ml_collections
 from PIL import Image
 
 from lavie_jax.io import video as video_io
+from lavie_jax.cli.config_flags import load_config
 from lavie_jax.data import builder_utils, moving_shapes, pipeline, sources
 
 HEIGHT, WIDTH = 320, 512
@@ -56,7 +57,7 @@ def _write_csv(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def base_config(root: Path, dataset: str, storage: str, images: str) -> ml_collections.ConfigDict:
-    data = pipeline.default_data_config("base")
+    data = load_config("base").data
     data.data_dir = str(root / "tfds")
     data.dataset = dataset
     data.global_batch_size = 4

@@ -20,22 +20,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lavie_jax.runtime import startup
 
-from lavie_jax.runtime import startup  # noqa: E402
-
-from bench.common import timed as _time  # noqa: E402
-from lavie_jax.sampling import programs  # noqa: E402
-from lavie_jax.sampling.pipeline import random_pipeline  # noqa: E402
-from lavie_jax.sampling.sampler import StageSampler  # noqa: E402
-from lavie_jax.stages import STAGES  # noqa: E402
+from bench.common import timed as _time
+from lavie_jax.cli.config_flags import load_config
+from lavie_jax.sampling import programs
+from lavie_jax.sampling.pipeline import random_pipeline
+from lavie_jax.sampling.sampler import StageSampler
+from lavie_jax.stages import STAGES
 
 # 'mid': official channels, small videos (full size runs minutes per step on CPU)
 MID_SAMPLE = {"base": {"num_frames": 4, "height": 128, "width": 128},
@@ -45,7 +42,7 @@ TINY_INPUT = {"interpolation": (4, 32, 48), "vsr": (4, 32, 48)}
 
 
 def bench_stage(stage: str, size: str, steps: int, repeats: int) -> dict:
-    config = __import__(f"configs.{stage}", fromlist=["get_config"]).get_config("tiny" if size == "tiny" else None)
+    config = load_config(f"{stage}:tiny" if size == "tiny" else stage)
     config.sample.steps = steps
     if size == "mid":
         config.sample.update(MID_SAMPLE[stage])

@@ -9,7 +9,7 @@ Columns:
   TFLOP/s/dev    achieved, per device
   MFU            against the device's measured matmul rate (a jitted n x n x n matmul in the compute dtype), and
                  against the vendor's dense bf16 peak where one is tabled (`models.flops.PEAK_BF16_TFLOPS`)
-Sizes: `tiny` = the CPU config (`configs/STAGE.py:tiny`) at its data sizes; `small` = the official full-size
+Sizes: `tiny` = the CPU config (`STAGE:tiny`) at its data sizes; `small` = the official full-size
 architecture on a small clip (CPU-sized); `full` = the training shape (base: 1 clip of 16 x 320 x 512 + 4 images;
 interpolation: 61 x 320 x 512; vsr: 8 frames of 320 x 320 patches): for an accelerator.
 `--latents` feeds precomputed latents and text embeddings (the UNet step alone, as `data.precompute` makes it
@@ -22,25 +22,21 @@ possible); the default feeds pixels and tokens (VAE and text encoder inside the 
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lavie_jax.runtime import startup
 
-from lavie_jax.runtime import startup  # noqa: E402
-
-from bench.common import compile_timed, memory_bytes, step_times  # noqa: E402
-from lavie_jax import parallel  # noqa: E402
-from lavie_jax.models.flops import measure_matmul_tflops, peak_bf16_tflops  # noqa: E402
-from lavie_jax.stages import STAGES, get_stage  # noqa: E402
-from lavie_jax.train.setup import build_run, latent_shape, num_image_frames  # noqa: E402
+from bench.common import compile_timed, memory_bytes, step_times
+from lavie_jax import parallel
+from lavie_jax.cli.config_flags import load_config
+from lavie_jax.models.flops import measure_matmul_tflops, peak_bf16_tflops
+from lavie_jax.stages import STAGES, get_stage
+from lavie_jax.train.setup import build_run, latent_shape, num_image_frames
 
 # (frames, height, width or VSR patch, images per clip) of the `small` and `full` sizes
 SHAPES = {
@@ -51,7 +47,7 @@ SHAPES = {
 
 def bench_config(stage: str, size: str, *, batch: int, latents: bool, attention: str | None, remat: str,
                  dtype: str | None):
-    config = importlib.import_module(f"configs.{stage}").get_config("tiny" if size == "tiny" else None)
+    config = load_config(f"{stage}:tiny" if size == "tiny" else stage)
     d, t = config.data, config.train
     if size != "tiny":
         frames, h, w, k = SHAPES[size][stage]

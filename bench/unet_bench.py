@@ -11,9 +11,7 @@ machine's measured float32 matmul peak (a jitted 2048^3 matmul, best of several 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import jax
@@ -21,17 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lavie_jax.runtime import startup
 
-from lavie_jax.runtime import startup  # noqa: E402
-
-from bench.common import call_times  # noqa: E402
-from configs.common import stage_config  # noqa: E402
-from lavie_jax.models import abstract_unet, arch_from_config, count_params  # noqa: E402
-from lavie_jax.models.flops import measure_matmul_tflops  # noqa: E402
-from lavie_jax.stages import STAGES  # noqa: E402
-
-TINY = {"base": "configs.base", "interpolation": "configs.interpolation", "vsr": "configs.vsr"}
+from bench.common import call_times
+from lavie_jax.cli.config_flags import load_config
+from lavie_jax.models import abstract_unet, arch_from_config, count_params
+from lavie_jax.models.flops import measure_matmul_tflops
+from lavie_jax.stages import STAGES
 
 
 def _random_state(model, seed: int = 0):
@@ -44,10 +38,9 @@ def _random_state(model, seed: int = 0):
 
 def bench_one(stage: str, size: str, repeats: int, peak: float) -> dict:
     if size == "tiny":
-        module = __import__(TINY[stage], fromlist=["get_config"])
-        unet_cfg, (b, f, h, w) = module.get_config("tiny").unet.to_dict(), (1, 4, 16, 16)
+        unet_cfg, (b, f, h, w) = load_config(f"{stage}:tiny").unet.to_dict(), (1, 4, 16, 16)
     else:
-        unet_cfg, (b, f, h, w) = stage_config(stage, "full", {}).unet.to_dict(), (1, 8, 32, 32)
+        unet_cfg, (b, f, h, w) = load_config(stage).unet.to_dict(), (1, 8, 32, 32)
     arch = arch_from_config(unet_cfg)
     graphdef, state = _random_state(abstract_unet(arch))
     rng = np.random.default_rng(1)

@@ -1,4 +1,4 @@
-"""Pieces shared by the stage configs (`configs/{base,interpolation,vsr}.py`).
+"""The values every stage config shares, and how a stage file puts its config together.
 
 A stage config is an ml_collections ConfigDict with sections:
   stage        'base' | 'interpolation' | 'vsr'
@@ -16,24 +16,54 @@ A stage config is an ml_collections ConfigDict with sections:
   train        training (`lavie-train`; see `train_config` below, field by field, and lavie_jax.train)
 Variants: the default (or 'full') is the official full-size architecture; 'tiny' is CPU sized (a few seconds per
 forward pass) and runs on the embedded moving_shapes data; 'demo' is what `make demo` trains and samples on a laptop
-CPU (`demo_stage_config` below: small UNets on precomputed latents of 32x32 moving_shapes clips, the demo's own
-autoencoder and text encoder from `outputs/demo/encoders`).
+CPU (configs/demo.py: small UNets on precomputed latents of 32x32 moving_shapes clips, the demo's own autoencoder
+and text encoder from `outputs/demo/encoders`).
+
+A stage file (base.py, interpolation.py, vsr.py) writes only its own values, as nested dicts over the shared ones
+below: `stage_config(STAGE, official)` is its full-size config, `make_tiny(config, tiny)` makes that the 'tiny'
+variant and `demo.make_demo(config, demo)` the 'demo' one. The released UNet architectures come from
+`lavie_jax.stages` (facts of the released models, not tunables).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 
-from lavie_jax.parallel import DEFAULT_RULES
-from lavie_jax.stages import get_stage, official_unet_config
-from lavie_jax.train.optim import TEMPORAL_ONLY_RULES, TRAIN_ALL_RULES, default_train_optim_config
+from lavie_jax.stages import official_unet_config
 
 VARIANTS = ("full", "tiny", "demo")
 
+# Logical axis -> mesh axes (lavie_jax.parallel): FSDP over an input dim of every kernel (model channels, text
+# features, the timestep MLP, class rows), tensor parallelism over attention heads / MLP / conv outputs; norms and
+# biases of the temporal position bias stay replicated. Activations `[B, F, H, W, C]`: batch over the batch axes
+# ('fsdp', 'data'), frames over 'context'. The library's table for calls without a config,
+# lavie_jax.parallel.DEFAULT_RULES, is the same (tests/test_configs.py keeps the two equal).
+SHARDING_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("embed", "fsdp"),
+    ("conv_in", "fsdp"),
+    ("cross_embed", "fsdp"),
+    ("time_embed", "fsdp"),
+    ("classes", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("conv_out", "tensor"),
+    ("norm", None),
+    ("activation_batch", ("fsdp", "data")),
+    ("activation_frames", "context"),
+)
 
-# Sampling defaults shared by the stages, then each stage's official values (spec section 4; comments say where
-# a value comes from when it is not in the stage's sample.yaml).
-SAMPLE_COMMON = {
+# Param groups (`train.param_groups.rules`, lavie_jax.train.optim): ordered (regex, group) rules over param paths,
+# the first re.search match wins; group 'frozen' = not trained. Every param trains (the VSR stage trains only its
+# inserted temporal layers: configs/vsr.py).
+TRAIN_ALL_RULES: tuple[tuple[str, str], ...] = ((".*", "unet"),)
+
+# Sampling defaults shared by the stages; each stage file adds its official values (spec section 4; comments say
+# where a value comes from when it is not in the stage's sample.yaml).
+SAMPLE = {
     "steps": 50,
     "beta_schedule": "linear",  # every LaVie denoiser overrides its scheduler's betas to linear 1e-4..0.02
     "beta_start": 1e-4,
@@ -61,69 +91,53 @@ SAMPLE_COMMON = {
     "text_encoder": "sd14",
     "tokenizer": "sd14",
 }
-SAMPLE_STAGE = {
-    "base": {"sampler": "ddpm", "guidance_scale": 7.5, "negative_prompt": "", "cond_first": False, "seed": 400,
-             "num_frames": 16, "height": 320, "width": 512, "fps": 8},  # seed 400: the README gallery
-    "interpolation": {"sampler": "ddim_respaced", "guidance_scale": 4.0, "negative_prompt": "None",
-                      "cond_first": True, "seed": 3418, "num_frames": 0,  # 0: 4K - 3 frames from K (61 from 16)
-                      "height": 320, "width": 512, "fps": 24, "prompt_suffix": ", 4k.", "underscore_prompts": True},
-    "vsr": {"sampler": "ddim", "prediction_type": "v_prediction", "guidance_scale": 5.0,
-            "negative_prompt": "blur, worst quality", "cond_first": False, "seed": 10, "chunk_frames": 8,
-            "noise_level": 50, "low_res_beta_schedule": "scaled_linear", "low_res_beta_start": 1e-4,
-            "low_res_beta_end": 0.02, "fps": 0,  # 0: the input video's frame rate
-            "underscore_prompts": True, "vae": "x4", "text_encoder": "x4", "tokenizer": "x4"},
-}
-SAMPLE_TINY = {
-    "base": {"steps": 4, "num_frames": 4, "height": 32, "width": 48, "vae": "tiny_f8", "text_encoder": "tiny"},
-    "interpolation": {"steps": 4, "height": 32, "width": 48, "vae": "tiny_f8", "text_encoder": "tiny"},
-    "vsr": {"steps": 4, "vae": "tiny_f4", "text_encoder": "tiny"},
-}
 
-
-def sample_config(stage: str, variant: str) -> ml_collections.ConfigDict:
-    """The `sample` section of `stage`: official procedure and defaults, CPU sized for 'tiny' and 'demo'."""
-    values = {**SAMPLE_COMMON, **SAMPLE_STAGE[stage], **{"tiny": SAMPLE_TINY, "demo": SAMPLE_DEMO}.get(
-        variant, {}).get(stage, {})}
-    return ml_collections.ConfigDict(values)
+# 'tiny' (CPU: exact float32, fast feedback) for every stage; the stage files add their sizes (UNet, clips, videos).
+TINY = {
+    "data": {"global_batch_size": 2, "patch_size": 64, "moving_shapes": {"num_videos": 16, "num_validation": 4}},
+    "sample": {"steps": 4, "text_encoder": "tiny"},
+    "train": {"compute_dtype": "float32", "num_steps": 200, "optimizer": {"lr": 1e-3, "warmup_steps": 20},
+              "ema": {"decay": 0.99}, "log_every": 10, "checkpoint_every": 50, "encoders": "random"},
+}
 
 
 def parse_variant(arg: str | None) -> str:
     variant = arg or "full"
     if variant not in VARIANTS:
-        raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS} (e.g. configs/base.py:tiny)")
+        raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS} (e.g. base:tiny)")
     return variant
 
 
-def stage_config(stage: str, variant: str, tiny_unet: dict, demo_unet: dict | None = None
-                 ) -> ml_collections.ConfigDict:
-    """The config of `stage`: official UNet for 'full', the official one with `tiny_unet` overrides for 'tiny' and
-    `demo_unet` overrides for 'demo'."""
+def merge(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    """Set `values` (nested dicts) in `config`, section by section; a copy, so no two configs share a list."""
+    config.update(copy.deepcopy(dict(values)))
+
+
+def stage_config(stage: str, official: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The full-size config of `stage`: the released UNet and the shared sections, with the stage's `official`
+    values (nested dicts per section) over them."""
     c = ml_collections.ConfigDict()
     c.stage = stage
-    unet = official_unet_config(stage)
-    if variant == "tiny":
-        unet.update(tiny_unet)
-    elif variant == "demo":
-        unet.update(demo_unet or {})
-    c.unet = unet
+    c.unet = official_unet_config(stage)
     c.model = ml_collections.ConfigDict({"dtype": "float32", "attention_impl": "auto"})  # see the docstring
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1, 1)})
-    c.sharding = ml_collections.ConfigDict({"rules": tuple(DEFAULT_RULES)})
+    c.sharding = ml_collections.ConfigDict({"rules": SHARDING_RULES})
     c.data = data_config(stage)
-    c.sample = sample_config(stage, variant)
-    c.train = train_config(stage, variant)
-    if variant == "tiny":
-        c.data.global_batch_size = 2
-        c.data.height, c.data.width = (0, 0) if stage == "vsr" else (64, 96)
-        c.data.patch_size = 64
-        c.data.moving_shapes.num_videos, c.data.moving_shapes.num_validation = 16, 4
-    if variant == "demo":
-        demo_data(c.data)
+    c.sample = ml_collections.ConfigDict(copy.deepcopy(SAMPLE))
+    c.train = train_config()
+    merge(c, official)
     return c
 
+
+def make_tiny(config: ml_collections.ConfigDict, tiny: Mapping[str, Any]) -> None:
+    """`config` (a full-size stage config) becomes its 'tiny' variant, in place: TINY, then the stage's `tiny`."""
+    merge(config, TINY)
+    merge(config, tiny)
+
+
 def data_config(stage: str) -> ml_collections.ConfigDict:
-    """The `data` section of a stage config: LaVie's clip shapes on the moving_shapes dataset."""
-    vsr = stage == "vsr"
+    """The shared `data` section: the moving_shapes dataset and LaVie's 320x512 clips, one frame after another, no
+    still images; each stage file sets its clip length and what differs."""
     return ml_collections.ConfigDict(
         {
             "stage": stage,
@@ -160,22 +174,17 @@ def data_config(stage: str) -> ml_collections.ConfigDict:
                 "table": "",
                 "validation_table": "",
                 "image_dir": "",
-                "storage": "encoded" if vsr else "decoded",
+                "storage": "decoded",
                 "height": 320,
                 "width": 512,
-                "min_size": 1024 if vsr else 0,
+                "min_size": 0,
                 "num_workers": 4,
             },
             "precomputed": {"name": ""},
-            "images": {
-                "source": "video_frames" if stage in ("base", "vsr") else "none",
-                "per_clip": 4 if stage == "base" else 0,
-                "ratio": 0.25 if vsr else 0.0,
-            },
-            "num_frames": {"base": 16, "interpolation": 61, "vsr": 8}[stage],
-            "frame_stride": 3 if stage == "base" else 1,
-            "height": 0 if vsr else 320,
-            "width": 0 if vsr else 512,
+            "images": {"source": "none", "per_clip": 0, "ratio": 0.0},
+            "frame_stride": 1,
+            "height": 320,
+            "width": 512,
             "resize_method": "bilinear",
             "key_frame_stride": 4,  # interpolation: one key frame every 4 (16 -> 61)
             "patch_size": 320,
@@ -196,13 +205,36 @@ def data_config(stage: str) -> ml_collections.ConfigDict:
     )
 
 
-def train_config(stage: str, variant: str) -> ml_collections.ConfigDict:
-    """The `train` section of `stage` (`lavie-train`). LaVie released no training code and its paper discloses no
+def train_config() -> ml_collections.ConfigDict:
+    """The `train` section every stage starts from (`lavie-train`; lavie_jax.train.optim checks the optimizer,
+    param_groups, ema and micro_batches fields). LaVie released no training code and its paper discloses no
     optimizer, learning rate, batch size or step count; where a value is not the paper's or the official code's, the
-    comment says so."""
-    t = default_train_optim_config()  # optimizer, param_groups, ema, micro_batches (lavie_jax.train.optim)
-    if stage == "vsr":  # the paper trains only the inserted temporal layers of the x4 upscaler
-        t.param_groups.rules = TEMPORAL_ONLY_RULES
+    comment says so. The code only hints: EMA decay 0.9999 (`update_ema`, the released checkpoints are EMA
+    weights), a linear warm-up over 5000 steps ("from U-ViT") or cosine schedule, and grad-norm clipping; the other
+    optimizer values are the usual Stable Diffusion fine-tuning ones."""
+    t = ml_collections.ConfigDict()
+    o = t.optimizer = ml_collections.ConfigDict()
+    o.lr = 1e-4  # peak learning rate (not disclosed by LaVie; 1e-4 is the common SD fine-tuning value)
+    o.warmup_steps = 5000  # linear warm-up: update t (0-based) uses lr * min(1, (t + 1) / warmup_steps); 0 = none
+    o.schedule = "constant"  # after warm-up: 'constant', or 'cosine' decay to final_lr_ratio * lr
+    o.decay_steps = 0  # cosine: steps of the decay after the warm-up (then the lr stays at the final value)
+    o.final_lr_ratio = 0.0  # cosine: final lr / peak lr, in [0, 1]
+    o.b1 = 0.9  # AdamW betas and eps: torch.optim.AdamW defaults (eps added outside the sqrt, as torch)
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.weight_decay = 0.0  # decoupled (AdamW) decay, scaled by each group's lr; 0 keeps pretrained weights unpulled
+    o.weight_decay_exclude = r"\.(bias|scale|embedding)$"  # paths never decayed: biases, norm scales, embeddings
+    o.clip_grad_norm = 1.0  # clip the global norm of the trained params' grads to this; 0 = off
+    g = t.param_groups = ml_collections.ConfigDict()
+    # ordered (regex, group) rules, first re.search match wins; group 'frozen' = not trained (no optimizer state,
+    # no EMA); any other name is a trained group. Every param must match a rule and every rule must select a param.
+    g.rules = TRAIN_ALL_RULES
+    g.lr_multipliers = ml_collections.ConfigDict()  # trained group -> lr multiplier (default 1.0): {'temporal': 10}
+    g.allow_unused_rules = False  # True: a rule selecting no param is allowed (one rule list for several stages)
+    e = t.ema = ml_collections.ConfigDict()
+    e.decay = 0.9999  # EMA of the trained params: ema = decay * ema + (1 - decay) * params; 0 = no EMA
+    e.warmup = False  # True: update t uses min(decay, (1 + t) / (10 + t)), so early EMA tracks the params closely
+    t.micro_batches = 1  # gradient accumulation: the global batch runs as this many sequential micro-batches
     # where the weights start: '' = random init; a `lavie-convert` output directory: SD-inflated (`lavie-convert
     # sd`), x4-inflated (`lavie-convert x4`) or an official LaVie checkpoint (`lavie-convert lavie|pipeline`)
     t.init = ""
@@ -217,7 +249,7 @@ def train_config(stage: str, variant: str) -> ml_collections.ConfigDict:
     t.remat = "none"
     t.vae_frame_chunk = 4  # frames per VAE encoder call inside the step (memory only)
     o = t.objective = ml_collections.ConfigDict()
-    o.prediction_type = "v_prediction" if stage == "vsr" else "epsilon"  # VSR: the x4 upscaler's v-prediction
+    o.prediction_type = "epsilon"  # the SD UNets' (vsr.py: the x4 upscaler's v-prediction)
     o.text_dropout = 0.1  # official code: captions dropped for classifier-free guidance with p = 0.1
     o.image_loss_weight = 1.0  # base: alpha in L = L_video + alpha * L_image (paper; value not disclosed)
     o.noise_level_max = 350  # vsr: low-res noise levels drawn from [0, this) (the x4 upscaler's max_noise_level)
@@ -227,118 +259,4 @@ def train_config(stage: str, variant: str) -> ml_collections.ConfigDict:
     t.keep_every = 0  # also keep every n-th step's checkpoint; 0 = none
     # per-device peak TFLOP/s for the MFU column; 0 = from the device kind (TPU v4/v5e/v5p/v6e, H100/H200, A100)
     t.peak_tflops = 0.0
-    if variant == "tiny":  # CPU: exact float32, fast feedback
-        t.compute_dtype = "float32"
-        t.num_steps = 200
-        t.optimizer.lr = 1e-3
-        t.optimizer.warmup_steps = 20
-        t.ema.decay = 0.99
-        t.log_every = 10
-        t.checkpoint_every = 50
-        t.encoders = "random"
-    if variant == "demo":
-        t.update(DEMO_TRAIN[stage].get("train", {}))
-        t.optimizer.update(DEMO_TRAIN[stage]["optimizer"])
-        t.optimizer.update(schedule="cosine", decay_steps=t.num_steps - t.optimizer.warmup_steps, final_lr_ratio=0.1)
-        t.objective.prediction_type = DEMO_PREDICTION
-        t.objective.update(DEMO_TRAIN[stage].get("objective", {}))
-        t.ema.decay = 0.99  # a horizon of ~100 steps: the runs are a few hundred steps long
-        t.param_groups.rules = TRAIN_ALL_RULES  # from scratch: every layer trains (VSR too)
-        t.compute_dtype = "float32"  # CPU: bfloat16 is emulated and slower
-        t.encoders = DEMO_ENCODERS
-        t.checkpoint_every, t.keep = t.num_steps, 1  # one checkpoint, at the end
     return t
-
-
-# ------------------------------------------------------------------------------------------------ demo
-# `make demo` (lavie_jax.demo) on a laptop-class CPU: every size below is chosen for the time budget, not for quality
-# (data, autoencoder, three trainings side by side and sampling within 15 minutes on 2 cores; README, The demo). The data
-# are 13-frame moving_shapes clips at 32x32 (base, interpolation) and 128x128 (VSR); one small f4 KL autoencoder
-# (DEMO_AUTOENCODER) serves all three stages; the text encoder is a randomly initialised 2-layer CLIP of width 64
-# with the real tokenizer, which adds the caption's summed token embeddings to every token (lavie_jax.models.clip).
-
-DEMO_DIR = "outputs/demo"
-DEMO_DATA_DIR = f"{DEMO_DIR}/data"
-DEMO_ENCODERS = f"{DEMO_DIR}/encoders"  # pipeline directory the demo writes: vae/, text_encoder/, tokenizer/
-DEMO_TEXT_WIDTH = 64  # text encoder width = every demo UNet's cross_attention_dim
-DEMO_VIDEOS = {"num_frames": 13, "fps": 12.0, "seed": 0, "num_validation": 0}
-DEMO_SOURCES = {  # the moving_shapes datasets the stages read (same videos, two resolutions)
-    "low": dict(DEMO_VIDEOS, num_videos=1024, height=32, width=32),
-    "high": dict(DEMO_VIDEOS, num_videos=256, height=128, width=128),
-}
-# per stage: pixel source, clip, batch (the demo precomputes latents + text embeddings of one clip per video and
-# trains on those: data.dataset='precomputed')
-DEMO_DATA = {
-    "base": {"source": "low", "num_frames": 4, "frame_stride": 4, "global_batch_size": 32,
-             # video only: with one still frame per clip beside the 4 key frames (LaVie's joint image-video
-             # training) the base read the direction word but moved the prompted way in 38% of the videos, without
-             # it in 100% (README, The demo); the stills' compute goes into 100 more steps
-             "images": {"source": "none", "per_clip": 0}},
-    "interpolation": {"source": "low", "num_frames": 5, "frame_stride": 1, "global_batch_size": 16},  # K=2 windows
-    # 32x32 patches (8x8 latents), for the 15 minutes; sampling runs on whole 128x128 frames (64x64 patches at batch
-    # 8 took the demo past 15 minutes)
-    "vsr": {"source": "high", "num_frames": 4, "frame_stride": 1, "global_batch_size": 16, "patch_size": 32,
-            "images": {"source": "none", "ratio": 0.0}},
-}
-DEMO_TRAIN = {  # lr: warm-up, then cosine decay to a tenth (short runs end converged, not noisy)
-    "base": {"train": {"num_steps": 600, "log_every": 25}, "optimizer": {"lr": 2e-3, "warmup_steps": 25}},
-    # interpolation and VSR train beside the base run (three processes sharing the cores). More VSR steps keep colour
-    # better (given the dataset's own videos: 70% of colours after 200 steps, all after 600) but cost time
-    "interpolation": {"train": {"num_steps": 200, "log_every": 25}, "optimizer": {"lr": 2e-3, "warmup_steps": 25}},
-    "vsr": {"train": {"num_steps": 250, "log_every": 25}, "optimizer": {"lr": 2e-3, "warmup_steps": 25},
-            "objective": {"noise_level_max": 100}},  # sampling noises the low-res input at level 50
-}
-# v-prediction for every demo stage (the official base and interpolation models predict epsilon): after a few hundred
-# steps an epsilon model's errors at high noise are amplified by 1 / sqrt(alpha_bar) (~150 at t = 999) and the
-# sampler drifts off the data; v-prediction's x_0 estimate stays bounded, so short runs sample cleanly.
-DEMO_PREDICTION = "v_prediction"
-SAMPLE_DEMO = {  # DDIM with few steps; interpolation follows its key frames and samples unguided
-    # guidance 3: over seeds 400, 1 and 2 the base kept 100/88/94% of the colours (5.0: 88/88/88%) and moved the
-    # prompted way in 100/88/94% of the videos (5.0: 100/81/88%); stronger guidance pushes orange to red, blue to cyan
-    "base": {"sampler": "ddim", "prediction_type": DEMO_PREDICTION, "steps": 20, "guidance_scale": 3.0,
-             # Stable Diffusion's betas (training uses the sample section's): the linear 1e-4..0.02 spends ~40% of
-             # the steps below SNR 0.02, where an 8x8 latent holds no layout; measured 2x the direction accuracy
-             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-             "num_frames": 4, "height": 32, "width": 32, "fps": 4, "formats": "mp4,gif"},
-    "interpolation": {"sampler": "ddim", "prediction_type": DEMO_PREDICTION, "steps": 10, "guidance_scale": 1.0,
-                      "height": 32, "width": 32, "fps": 12, "formats": "mp4,gif",
-                      # the demo's text encoder learnt spaced captions: no official underscores and ', 4k.' suffix
-                      "prompt_suffix": "", "underscore_prompts": False},
-    # VSR guided towards the caption, against the text it trained on when the caption was dropped ("None"; the
-    # official "blur, worst quality" means nothing to the demo's encoder). Colour after the cascade over VSR seeds
-    # 10, 1, 2: 81/81/81% unguided, 94/88/88% at 5.0, 94/94/94% at 7.5 (direction 94/94/100%): the low-res input
-    # leaves a shape between two palette colours, and the caption picks the right one
-    "vsr": {"steps": 10, "guidance_scale": 7.5, "negative_prompt": get_stage("vsr").dropped_text, "chunk_frames": 0,
-            "formats": "mp4,gif", "underscore_prompts": False},
-}
-# The autoencoder the demo trains (the same AutoencoderKL module, a small diffusers-style config) and its training.
-DEMO_AUTOENCODER = {
-    "vae": {"_class_name": "AutoencoderKL", "block_out_channels": [16, 32, 32], "layers_per_block": 1,
-            "norm_num_groups": 8, "latent_channels": 4, "in_channels": 3, "out_channels": 3,
-            "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
-            "mid_block_add_attention": False,  # convolutional only: the VSR stage decodes 128x128 frames
-            "scaling_factor": 1.0},  # replaced by 1 / std of the trained latents (as SD's 0.18215 was chosen)
-    "steps": 300, "batch_size": 32, "crop": 32, "lr": 2e-3, "warmup_steps": 20, "final_lr_ratio": 0.1,
-    "kl_weight": 1e-4, "log_every": 25,
-    "foreground_weight": 10.0,  # loss weight 1 + this x distance from the border colour: shapes are learnt first
-    "high_res_fraction": 0.25,  # of each batch: 32x32 crops of the 128x128 frames (what the VSR stage decodes)
-}
-
-
-def demo_data(d: ml_collections.ConfigDict) -> None:
-    """The `data` section of a 'demo' stage config, in place: precomputed latents named `demo_STAGE` under
-    DEMO_DATA_DIR, made by the demo from the moving_shapes source described in `d.moving_shapes`."""
-    spec = DEMO_DATA[d.stage]
-    d.data_dir = DEMO_DATA_DIR
-    d.moving_shapes.update(DEMO_SOURCES[spec["source"]])
-    d.update({k: v for k, v in spec.items() if k not in ("source", "images")})
-    d.images.update(spec.get("images", {}))
-    if d.stage != "vsr":
-        d.height = d.width = DEMO_SOURCES[spec["source"]]["height"]
-    d.dataset, d.precomputed.name = "precomputed", f"demo_{d.stage}"
-    d.read_threads, d.prefetch_buffer = 1, 64  # 2 cores: one reader thread keeps up with precomputed latents
-
-
-def demo_autoencoder_config() -> ml_collections.ConfigDict:
-    """The demo's autoencoder architecture (`vae`) and training settings."""
-    return ml_collections.ConfigDict(DEMO_AUTOENCODER)

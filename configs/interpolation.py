@@ -3,22 +3,53 @@
 Input channels: 4 noisy latents + 4 conditioning latents (the 16 key frames repeated, see the spec section 4.2).
 
 Run:
-  lavie-sample --config configs/interpolation.py:tiny --checkpoint random --prompt "a red circle moving left" --output res
-  make demo    # trains and samples configs/{base,interpolation,vsr}.py:demo (python -m lavie_jax.demo)
-  lavie-train --config configs/interpolation.py:demo --workdir outputs/demo/runs/interpolation
+  lavie-sample --config interpolation:tiny --checkpoint random --prompt "a red circle moving left" --output res
+  make demo    # trains and samples base:demo, interpolation:demo, vsr:demo (python -m lavie_jax.demo)
+  lavie-train --config interpolation:demo --workdir outputs/demo/runs/interpolation
   python -m bench.unet_bench --stages interpolation
-Variants: `configs/interpolation.py` (official full size), `configs/interpolation.py:tiny` (CPU sized),
-`configs/interpolation.py:demo` (what `make demo` trains: the tiny interpolation UNet, the official block layout
-without the base demo's temporal convolution modules, which the interpolation stage does not need (its key frames
-fix the motion) and which doubled its training time; 2 -> 5 frames in training, 4 -> 13 when sampling).
+Variants: `interpolation` (official full size), `interpolation:tiny` (CPU sized), `interpolation:demo` (what
+`make demo` trains: the tiny interpolation UNet, the official block layout without the base demo's temporal
+convolution modules, which the interpolation stage does not need (its key frames fix the motion) and which doubled
+its training time; 2 -> 5 frames in training, 4 -> 13 when sampling).
 """
 
 import ml_collections
 
-from configs.base import TINY_UNET
-from configs.common import parse_variant, stage_config
+from lavie_jax.configs import common, demo
+from lavie_jax.configs.base import TINY_UNET
+
+OFFICIAL = {
+    "data": {"num_frames": 61},  # 4K - 3 frames around K key frames, one every data.key_frame_stride
+    "sample": {"sampler": "ddim_respaced", "guidance_scale": 4.0, "negative_prompt": "None", "cond_first": True,
+               "seed": 3418, "num_frames": 0,  # 0: 4K - 3 frames from K (61 from 16)
+               "height": 320, "width": 512, "fps": 24, "prompt_suffix": ", 4k.", "underscore_prompts": True},
+}
+
+TINY = {
+    "unet": dict(TINY_UNET, in_channels=8),
+    "data": {"height": 64, "width": 96},
+    "sample": {"height": 32, "width": 48, "vae": "tiny_f8"},
+}
+
+LOW = demo.SOURCES["low"]
+DEMO = {
+    "unet": dict(TINY_UNET, in_channels=8),
+    "data": {"moving_shapes": LOW, "height": LOW["height"], "width": LOW["width"], "num_frames": 5,  # K=2 windows
+             "frame_stride": 1, "global_batch_size": 16},
+    # trains beside the base run (three processes sharing the cores)
+    "train": {"num_steps": 200},
+    # follows its key frames and samples unguided
+    "sample": {"steps": 10, "guidance_scale": 1.0, "height": 32, "width": 32, "fps": 12,
+               # the demo's text encoder learnt spaced captions: no official underscores and ', 4k.' suffix
+               "prompt_suffix": "", "underscore_prompts": False},
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tiny = dict(TINY_UNET, in_channels=8)
-    return stage_config("interpolation", parse_variant(arg), tiny, tiny)
+    variant = common.parse_variant(arg)
+    config = common.stage_config("interpolation", OFFICIAL)
+    if variant == "tiny":
+        common.make_tiny(config, TINY)
+    elif variant == "demo":
+        demo.make_demo(config, DEMO)
+    return config

@@ -51,11 +51,11 @@ def rerun_with_fusion_emitters(request) -> bool:
 
 
 def stage_config(stage: str, variant: str | None = None):
-    """The packaged config of `stage` (`configs/STAGE.py`), the official size or `variant` ('tiny', 'demo')."""
-    import importlib
+    """The packaged config of `stage` (`configs/STAGE.py`), the official size or `variant` ('tiny', 'demo'), loaded
+    by name as `--config STAGE[:variant]` loads it (locked: fields can change, none can be added)."""
+    from lavie_jax.cli.config_flags import load_config
 
-    module = importlib.import_module(f"configs.{stage}")
-    return module.get_config(variant) if variant else module.get_config()
+    return load_config(f"{stage}:{variant}" if variant else stage)
 
 
 def child_env(devices: int = 1, **extra: str) -> dict[str, str]:
@@ -80,7 +80,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Whole files per worker also compute each module-scoped fixture once and keep a file's shared programs in one
 # process. Every other file keeps its collection order.
 LONG_FILES = ("train/test_loop.py", "train/test_step.py", "sampling/test_sampler.py", "models/test_unet_behaviour.py",
-              "test_accelerator_bench.py", "models/test_vae.py")
+              "test_accelerator_bench.py", "models/test_vae.py", "test_packaging.py")  # test_packaging: ~80 s here
 TESTS = Path(__file__).resolve().parent
 
 

@@ -1,15 +1,19 @@
-"""`lavie_jax.cli.config_flags`: config files and `--config.a.b=value` overrides from a command line, and the one error
-class (with a message naming the flag, the problem and the fix) for everything that can go wrong."""
+"""`lavie_jax.cli.config_flags`: packaged configs by name, config files by path, `--config.a.b=value` overrides from a
+command line, and the one error class (with a message naming the flag, the problem and the fix) for everything that
+can go wrong."""
 
+import shutil
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from lavie_jax.cli.config_flags import ConfigArgError, load_config, parse_config_flags
+from lavie_jax.cli.config_flags import ConfigArgError, config_names, load_config, parse_config_flags
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = f"{ROOT}/configs/base.py:tiny"
+BASE = "base:tiny"
+PACKAGED = "packaged configs: base, demo, interpolation, vsr \\(e.g. --config base:tiny\\)"
 NAMES = ("config", "interpolation", "vsr")
 
 
@@ -35,7 +39,7 @@ def test_overrides_in_every_form_by_field_type():
 
 
 def test_stage_flags_keep_their_own_overrides_and_stop_at_double_dash():
-    configs, rest = parse(f"--config={BASE}", "--vsr", f"{ROOT}/configs/vsr.py:tiny", "--vsr.sample.steps=2",
+    configs, rest = parse(f"--config={BASE}", "--vsr", "vsr:tiny", "--vsr.sample.steps=2",
                           "--vsr-checkpoint", "random", "--", "--config.sample.steps=9")
     assert configs["config"].sample.steps == 4 and configs["vsr"].sample.steps == 2
     assert rest == ["prog", "--vsr-checkpoint", "random", "--", "--config.sample.steps=9"]
@@ -49,9 +53,31 @@ def test_load_config_is_reusable_without_a_command_line():
     config = load_config(BASE, {"sample.steps": "7", "data.seed": "3"})
     assert (config.sample.steps, config.data.seed, config.stage) == (7, 3, "base")
     assert load_config(f"{ROOT}/configs/vsr.py").stage == "vsr"
+    assert load_config("vsr").stage == "vsr"
 
 
-def test_config_files_import_their_package_from_any_working_directory(tmp_path, monkeypatch):
+def test_packaged_configs_by_name_equal_their_files():
+    assert config_names() == ("base", "demo", "interpolation", "vsr")
+    for stage in ("base", "interpolation", "vsr"):
+        for variant in ("", ":tiny", ":demo"):
+            by_name = load_config(f"{stage}{variant}")
+            assert by_name.to_dict() == load_config(f"{ROOT}/configs/{stage}.py{variant}").to_dict()
+            assert by_name.stage == stage
+    assert load_config("demo").text_width == load_config("base:demo").unet.cross_attention_dim
+
+
+def test_a_copy_of_a_packaged_config_loads_by_path_from_any_working_directory(tmp_path, monkeypatch):
+    """A config of one's own starts as a copy of a packaged one, which imports `lavie_jax.configs.common`; files are
+    run without touching sys.path, so a file importing a package of its own gets one error saying so."""
+    mine = tmp_path / "mine" / "my_base.py"
+    mine.parent.mkdir()
+    shutil.copy(ROOT / "configs" / "base.py", mine)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    path = list(sys.path)
+    assert load_config(f"{mine}:tiny").to_dict() == load_config("base:tiny").to_dict()
+    with pytest.raises(ConfigArgError, match=r"my_base.py:large: unknown config variant 'large'; choose one of"):
+        load_config(f"{mine}:large")
     package = tmp_path / "proj" / "cfgpkg_for_config_cli_test"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
@@ -61,21 +87,27 @@ def test_config_files_import_their_package_from_any_working_directory(tmp_path, 
         from cfgpkg_for_config_cli_test.shared import STEPS
 
         def get_config(arg=None):
-            if arg not in (None, "small"):
-                raise ValueError(f"unknown config variant {arg!r}; choose 'small'")
             return ml_collections.ConfigDict({"stage": "base", "sample": {"steps": STEPS}})
     """))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.path", list(__import__("sys").path))
-    assert load_config(str(package / "stage.py:small")).sample.steps == 11
-    with pytest.raises(ConfigArgError, match=r"stage.py:large: unknown config variant 'large'; choose 'small'"):
-        load_config(str(package / "stage.py:large"))
+    with pytest.raises(ConfigArgError, match=r"stage.py failed to load: ModuleNotFoundError: .*cfgpkg_for_config_cli_"
+                                             r"test.*sys.path unchanged: .*from lavie_jax.configs import common"):
+        load_config(str(package / "stage.py"))
+    assert sys.path == path
 
 
 @pytest.mark.parametrize("args, message", [
     (["--config", "configs/nope.py:tiny"],
      r"^--config configs/nope.py:tiny: no such file configs/nope.py; config files there: configs/base.py, "),
+    (["--config", "nope:tiny"],
+     rf"^--config nope:tiny: nope is neither a config file nor a packaged config; {PACKAGED}, or pass a config file"),
+    (["--config", "common"], rf"common is neither a config file nor a packaged config; {PACKAGED}"),
+    (["--config", "elsewhere/vsr.py:tiny"],
+     rf"no such file elsewhere/vsr.py; did you mean the packaged --config vsr:tiny\?; {PACKAGED}$"),
+    (["--config", "demo:tiny"], r"^--config demo:tiny: get_config\(\) of lavie_jax.configs.demo takes no variant .*"
+                                r"; drop ':tiny'$"),
     (["--config", f"{ROOT}/configs"], r"is a directory; pass a config file in it; config files there: .*base.py"),
+    (["--config", "base:huge"], r"^--config base:huge: unknown config variant 'huge'; choose one of \('full', 'tiny', "
+                                r"'demo'\) \(e\.g\. base:tiny\)$"),
     (["--config", f"{ROOT}/configs/common.py"], r"common.py defines no get_config\(\); pass a stage config file"),
     (["--config", f"{ROOT}/configs/base.py:huge"],
      r"base.py:huge: unknown config variant 'huge'; choose one of \('full', 'tiny', 'demo'\)"),

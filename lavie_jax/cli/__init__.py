@@ -1,2 +1,2 @@
-"""What every command shares: stage configs from the command line (`config_flags`: `--config FILE[:variant]` and
-`--config.a.b=value` overrides)."""
+"""What every command shares: stage configs from the command line (`config_flags`: `--config NAME[:variant]` for a
+packaged config, `--config FILE[:variant]` for a file, and `--config.a.b=value` overrides)."""

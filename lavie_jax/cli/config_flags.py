@@ -1,31 +1,40 @@
-"""Stage configs from the command line: `--config FILE[:variant]` plus `--config.a.b=value` overrides.
+"""Stage configs from the command line: `--config NAME[:variant]` or `--config FILE[:variant]`, plus
+`--config.a.b=value` overrides.
 
 The command-line tools (`lavie-sample`, `lavie-train`) share this one loader so every tool reports a bad config
 the same way: one `ConfigArgError` whose message names the flag, what is wrong and the fix, instead of a traceback.
+Public API:
 
-    configs, rest = parse_config_flags(sys.argv, ("config", "interpolation", "vsr"))
-    config = load_config("configs/base.py:tiny", [("sample.steps", "3")])
+    config = load_config("base:tiny", [("sample.steps", "3")])      # a packaged config by name, overrides, locked
+    config = load_config("my_configs/base.py:tiny")                  # a config file of your own, by path
+    config_names()                                                   # ('base', 'demo', 'interpolation', 'vsr')
+    configs, rest = parse_config_flags(sys.argv, ("config", "interpolation", "vsr"))   # what the CLIs call
 
-A config file is a Python file with `get_config(arg=None)`; the text after the first ':' is passed as `arg` (the
-variant). Config files may `import configs.common`: the folder above the config file's folder (and the working
-directory) is put on `sys.path` first. Override values are parsed by the type of the field they replace (int,
-float, bool, str, tuple, list, None), so `--config.sample.steps=abc` is refused before anything runs; unknown
-fields get a did-you-mean from the config's own keys. Override forms (as `ml_collections.config_flags` accepts):
-`--config.a.b=VALUE`, `--config.a.b VALUE`, `--config.flag` / `--noconfig.flag` for booleans, and a tuple field
-given several times (`--config.mesh.shape=2 --config.mesh.shape=4 ...`) collects the values.
+A config is a Python module with `get_config(arg=None)`; the text after the first ':' is passed as `arg` (the
+variant: 'tiny', 'demo'; none = the official size). The part before it is a config file when such a file exists,
+else the name of a packaged config: `configs/NAME.py` of the checkout, installed as `lavie_jax.configs.NAME`
+(`config_names()`; imported as that module). A file is run as a fresh module without touching `sys.path`: a copy of
+a packaged config imports the shared pieces as `from lavie_jax.configs import common`. Override values are parsed
+by the type of the field they replace (int, float, bool, str, tuple, list, None), so `--config.sample.steps=abc` is
+refused before anything runs; unknown fields get a did-you-mean from the config's own keys. Override forms (as
+`ml_collections.config_flags` accepts): `--config.a.b=VALUE`, `--config.a.b VALUE`, `--config.flag` /
+`--noconfig.flag` for booleans, and a tuple field given several times (`--config.mesh.shape=2
+--config.mesh.shape=4 ...`) collects the values.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import importlib
 import importlib.machinery
+import importlib.resources
 import importlib.util
-import os
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import ml_collections
@@ -33,16 +42,18 @@ import ml_collections
 _TRUE = ("true", "t", "yes", "y", "1")
 _FALSE = ("false", "f", "no", "n", "0")
 _NONE = ("none", "null")
+PACKAGE = "lavie_jax.configs"  # the packaged configs: top-level configs/ of the checkout (setup.py)
 
 
 class ConfigArgError(ValueError):
-    """A config file, variant or override given on the command line cannot be used; the message names the flag,
-    the problem and the fix."""
+    """A config (name or file), variant or override given on the command line cannot be used; the message names the
+    flag, the problem and the fix."""
 
 
 def load_config(spec: str, overrides: Sequence[tuple[str, str]] | Mapping[str, str] = (), *,
                 flag: str = "config") -> ml_collections.ConfigDict:
-    """`get_config(variant)` of the file `spec` = 'PATH[:variant]', with `overrides` applied and the result locked.
+    """`get_config(variant)` of `spec` = 'NAME[:variant]' (a packaged config, `config_names()`) or
+    'PATH[:variant]' (a config file), with `overrides` applied and the result locked.
 
     `overrides` are (dotted field path, value text) pairs in command-line order (a mapping is taken in its order);
     `flag` is the flag name used in messages (`--config`, `--vsr`). Raises ConfigArgError.
@@ -54,8 +65,9 @@ def load_config(spec: str, overrides: Sequence[tuple[str, str]] | Mapping[str, s
 
 def parse_config_flags(argv: Sequence[str], names: Sequence[str] = ("config",)
                        ) -> tuple[dict[str, ml_collections.ConfigDict | None], list[str]]:
-    """Take each `--NAME FILE[:variant]` and its `--NAME.field=value` overrides out of `argv` (program name first)
-    and load those configs; returns ({name: config, or None when not given}, the remaining argv for absl).
+    """Take each `--NAME SPEC` (a packaged config name or a config file, each with an optional `:variant`) and its
+    `--NAME.field=value` overrides out of `argv` (program name first) and load those configs; returns
+    ({name: config, or None when not given}, the remaining argv for absl).
 
     Scanning stops at '--' (the rest is positional). A repeated `--NAME` keeps its last value. Raises
     ConfigArgError, e.g. for an override whose `--NAME` is missing.
@@ -69,8 +81,8 @@ def parse_config_flags(argv: Sequence[str], names: Sequence[str] = ("config",)
             token = argv[i]
             if re.fullmatch(rf"--?{re.escape(name)}", token):
                 if i + 1 >= end or argv[i + 1].startswith("-"):
-                    raise ConfigArgError(f"--{name} needs a value: a config file, e.g. --{name} configs/STAGE.py or "
-                                         f"configs/STAGE.py:tiny")
+                    raise ConfigArgError(f"--{name} needs a value: a config file or a packaged config name, e.g. "
+                                         f"--{name} base:tiny or --{name} path/to/config.py:tiny")
                 specs[name] = argv[i + 1]
                 spent.update((i, i + 1))
             elif re.match(rf"--?{re.escape(name)}=", token):
@@ -87,6 +99,18 @@ def parse_config_flags(argv: Sequence[str], names: Sequence[str] = ("config",)
     return configs, [a for i, a in enumerate(argv) if i not in spent]
 
 
+def config_names() -> tuple[str, ...]:
+    """The packaged configs, by the name `--config NAME[:variant]` takes: the modules of lavie_jax.configs that
+    define get_config() (the stages, and the demo's settings)."""
+    found = []
+    for entry in importlib.resources.files(PACKAGE).iterdir():
+        name = entry.name.removesuffix(".py")
+        if entry.name.endswith(".py") and name.isidentifier() and not name.startswith("_") and \
+                b"def get_config" in entry.read_bytes():
+            found.append(name)
+    return tuple(sorted(found))
+
+
 def config_fields(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[str]:
     """Every dotted path of `config`: sections and leaf fields."""
     for key in config.keys():
@@ -101,63 +125,96 @@ def config_fields(config: ml_collections.ConfigDict, prefix: str = "") -> Iterat
 
 
 def _call_get_config(spec: str, flag: str) -> ml_collections.ConfigDict:
-    file, _, variant = spec.partition(":")
+    target, _, variant = spec.partition(":")
     has_variant = ":" in spec
-    if not file:
-        raise ConfigArgError(f"--{flag} is empty; pass a config file, e.g. --{flag} configs/base.py:tiny")
-    path = Path(file)
-    if not path.exists():
-        raise ConfigArgError(f"--{flag} {spec}: no such file {file}{_nearby_configs(path)}")
-    if path.is_dir():
-        raise ConfigArgError(f"--{flag} {spec}: {file} is a directory; pass a config file in it"
-                             f"{_nearby_configs(path / 'x.py')}")
-    module = _load_module(path, flag, spec)
+    if not target:
+        raise ConfigArgError(f"--{flag} is empty; pass a config file or a packaged config name, e.g. --{flag} "
+                             "base:tiny")
+    module, where = _config_module(target, flag, spec)
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
-        raise ConfigArgError(f"--{flag} {spec}: {file} defines no get_config(); pass a stage config file"
-                             f"{_nearby_configs(path)}")
+        raise ConfigArgError(f"--{flag} {spec}: {where} defines no get_config(); pass a stage config file"
+                             f"{_nearby_configs(Path(target))}{_packaged_hint(flag)}")
     try:
         config = get_config(variant) if has_variant else get_config()
     except ValueError as e:  # the stage configs refuse unknown variants with a ValueError naming the choices
         raise ConfigArgError(f"--{flag} {spec}: {e}") from e
     except TypeError as e:
         if has_variant:
-            raise ConfigArgError(f"--{flag} {spec}: get_config() of {file} takes no variant ({e}); drop "
+            raise ConfigArgError(f"--{flag} {spec}: get_config() of {where} takes no variant ({e}); drop "
                                  f"':{variant}'") from e
-        raise ConfigArgError(f"--{flag} {spec}: get_config() of {file} failed: TypeError: {e}") from e
+        raise ConfigArgError(f"--{flag} {spec}: get_config() of {where} failed: TypeError: {e}") from e
     except Exception as e:  # a broken config file: say which, and where the details are
-        raise ConfigArgError(f"--{flag} {spec}: get_config() of {file} failed: {type(e).__name__}: {e} (fix the "
+        raise ConfigArgError(f"--{flag} {spec}: get_config() of {where} failed: {type(e).__name__}: {e} (fix the "
                              f"file; --traceback shows where)") from e
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigArgError(f"--{flag} {spec}: get_config() of {file} returned {type(config).__name__}, not an "
+        raise ConfigArgError(f"--{flag} {spec}: get_config() of {where} returned {type(config).__name__}, not an "
                              f"ml_collections.ConfigDict")
     return config
 
 
-def _load_module(path: Path, flag: str, spec: str):
-    """Execute the config file as a fresh module, with its package root importable (`import configs.common`)."""
-    for root in (str(path.absolute().parent.parent), os.getcwd()):
-        if root not in sys.path:
-            sys.path.insert(0, root)
+def _config_module(target: str, flag: str, spec: str) -> tuple[ModuleType, str]:
+    """(module, how messages name it) of `target`: an existing file (run by path) wins over a packaged name, a
+    packaged name over a directory of that name (which cannot be a config)."""
+    path = Path(target)
+    if path.exists() and not path.is_dir():
+        return _load_file(path, flag, spec), target
+    if target in config_names():
+        name = f"{PACKAGE}.{target}"
+        return _run_loading(lambda: importlib.import_module(name), name, flag, spec), name
+    if path.is_dir():
+        raise ConfigArgError(f"--{flag} {spec}: {target} is a directory; pass a config file in it"
+                             f"{_nearby_configs(path / 'x.py')}{_packaged_hint(flag)}")
+    if path.suffix or len(path.parts) > 1:  # written as a path
+        stem = path.stem if path.stem in config_names() else ""
+        suggestion = f"; did you mean the packaged --{flag} {stem}{spec[len(target):]}?" if stem else ""
+        raise ConfigArgError(f"--{flag} {spec}: no such file {target}{_nearby_configs(path)}{suggestion}"
+                             f"{_packaged_hint(flag)}")
+    raise ConfigArgError(f"--{flag} {spec}: {target} is neither a config file nor a packaged config"
+                         f"{_packaged_hint(flag)}, or pass a config file (PATH.py[:variant])")
+
+
+def _packaged_hint(flag: str) -> str:
+    names = config_names()
+    example = "base:tiny" if "base" in names else (names[0] if names else "NAME")
+    return f"; packaged configs: {', '.join(names)} (e.g. --{flag} {example})"
+
+
+def _load_file(path: Path, flag: str, spec: str) -> ModuleType:
+    """Execute the config file as a fresh module (sys.path untouched: it imports what is installed)."""
     name = f"_lavie_config_{flag.replace('-', '_')}_{abs(hash(str(path.absolute())))}"
     # an explicit source loader: a config file need not end in .py
     loader = importlib.machinery.SourceFileLoader(name, str(path))
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
-    sys.modules[name] = module  # dataclasses and pickling look a module up by name while it runs
+
+    def run() -> ModuleType:
+        sys.modules[name] = module  # dataclasses and pickling look a module up by name while it runs
+        try:
+            loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        return module
+
+    return _run_loading(run, str(path), flag, spec)
+
+
+def _run_loading(load: Callable[[], ModuleType], where: str, flag: str, spec: str) -> ModuleType:
+    """`load()`, its failures as one ConfigArgError naming the config `where`."""
     try:
-        loader.exec_module(module)
+        return load()
     except OSError as e:
-        sys.modules.pop(name, None)
-        raise ConfigArgError(f"--{flag} {spec}: cannot read {path}: {e.strerror or e}") from e
+        raise ConfigArgError(f"--{flag} {spec}: cannot read {where}: {e.strerror or e}") from e
     except SyntaxError as e:
-        sys.modules.pop(name, None)
-        raise ConfigArgError(f"--{flag} {spec}: {path} is not a Python config file: {e.msg} at line {e.lineno}; "
-                             "pass a file with get_config(), e.g. configs/base.py") from e
+        raise ConfigArgError(f"--{flag} {spec}: {where} is not a Python config file: {e.msg} at line {e.lineno}; "
+                             "pass a file with get_config(), e.g. a copy of a packaged config") from e
+    except ModuleNotFoundError as e:
+        raise ConfigArgError(f"--{flag} {spec}: {where} failed to load: ModuleNotFoundError: {e} (config files run "
+                             "as they are, sys.path unchanged: import shared pieces from an installed package, e.g. "
+                             "`from lavie_jax.configs import common`, or set PYTHONPATH)") from e
     except Exception as e:
-        sys.modules.pop(name, None)
-        raise ConfigArgError(f"--{flag} {spec}: {path} failed to load: {type(e).__name__}: {e} (fix the file; "
+        raise ConfigArgError(f"--{flag} {spec}: {where} failed to load: {type(e).__name__}: {e} (fix the file; "
                              "--traceback shows where)") from e
-    return module
 
 
 def _nearby_configs(path: Path) -> str:
@@ -206,7 +263,8 @@ def _take_overrides(argv: list[str], end: int, name: str, config: ml_collections
         negated, path, has_value, text = match.group(1), match.group(2), match.group(3), match.group(4)
         if config is None:
             raise ConfigArgError(f"{argv[i]} overrides a field of --{name}, which is not given; add --{name} "
-                                 f"configs/STAGE.py[:variant] or drop the override")
+                                 f"NAME[:variant] (a packaged config such as base:tiny, or a config file) or drop the "
+                                 f"override")
         spent.add(i)
         if negated:
             if has_value or _field_type(config, path, name) is not bool:

@@ -1,7 +1,7 @@
 """Training data: tfds builders (moving_shapes, video_text, image_text), per-stage grain pipelines, precompute.
 
     from lavie_jax import data
-    it = data.make_iterator(config.data)           # config: a stage config (configs/STAGE.py)
+    it = data.make_iterator(config.data)           # config: a stage config (load_config("base:tiny"))
     batch = data.make_global_batch(next(it), mesh)  # batch split over the mesh's ('fsdp', 'data') axes
     from lavie_jax.data import precompute; precompute.precompute(config, encode_video, encode_text, name=...)
 

@@ -19,7 +19,7 @@ from lavie_jax.demo.console import say
 
 
 def builder(spec: dict[str, Any], data_dir: str | Path):
-    """The moving_shapes builder of one entry of `configs.common.DEMO_SOURCES`."""
+    """The moving_shapes builder of one of the `demo` config's `sources`."""
     return moving_shapes.builder(str(data_dir), **spec)
 
 

@@ -1,7 +1,7 @@
 """The demo's frozen components, made on the spot: no pretrained autoencoder or text encoder exists on a fresh
 machine, so the demo trains a small KL autoencoder on the dataset's frames and draws a small text encoder at random.
 
-- Autoencoder: the project's `AutoencoderKL` with a small config (`configs.common.DEMO_AUTOENCODER`: f4, no
+- Autoencoder: the project's `AutoencoderKL` with a small config (the `demo` config's `autoencoder`: f4, no
   attention), trained with L1 + L2 reconstruction and a small KL term on 32x32 frames of the low-res dataset and
   32x32 crops of the high-res one (whose frames the VSR stage decodes). Its `scaling_factor` is set afterwards to
   1 / std of the latents, as Stable Diffusion's 0.18215 was, so the diffusion models see unit-variance latents.

@@ -5,18 +5,19 @@ checkpoints, cascade sampling, and a check that the videos show what the prompts
     python -m lavie_jax.demo --output DIR
 
 Phases (each prints its progress and time; a phase whose results are on disk is skipped):
-  1. data          moving_shapes videos: 1024 at 32x32 and 256 at 128x128, 13 frames each (configs/common.py)
+  1. data          moving_shapes videos: 1024 at 32x32 and 256 at 128x128, 13 frames each (configs/demo.py)
   2. encoders      train a small KL autoencoder on their frames, draw a random tiny text encoder, write both with
                    the real CLIP tokenizer as the pipeline directory DIR/encoders (lavie_jax.demo.encoders)
   3. precompute    latents + text embeddings of one clip per video, per stage (DIR/data/precomputed_latents)
-  4. train         `lavie-train --config configs/STAGE.py:demo --workdir DIR/runs/STAGE` for base, interpolation
+  4. train         `lavie-train --config STAGE:demo --workdir DIR/runs/STAGE` for base, interpolation
                    and VSR, as three processes at once (`--jobs 1`: one after another); their lines are prefixed
                    with the stage. A rerun resumes from the checkpoints; a finished run is skipped
   5. sample        `lavie-sample` of the cascade for the fixed prompts (PROMPTS) into DIR/{base,interpolation,vsr}/
                    as PROMPT_WITH_UNDERSCORES.{mp4,gif,json}
   6. evaluate      colour / direction accuracy per stage from the decoded frames (lavie_jax.demo.evaluate): the
                    table, DIR/summary.json and DIR/overview.png
-Delete DIR (or DIR/runs/STAGE) to train again from scratch.
+Delete DIR (or DIR/runs/STAGE) to train again from scratch. The settings are packaged configs, loaded by name:
+`demo` (sources, autoencoder, text encoder width; configs/demo.py) and `STAGE:demo`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ PROMPTS = (
 )
 TARGETS = {"color": 0.9, "direction": 0.8}
 TIME_TARGET_S = 15 * 60
-REPO = Path(__file__).resolve().parents[2]  # configs/ sits beside the package (editable install)
 
 
 def _rel(path: str | Path) -> str:
@@ -69,11 +69,21 @@ class Demo:
         self.built = json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
         self.skipped: list[str] = []
         self.info: dict[str, Any] = {}
+        self._settings = None
+
+    @property
+    def settings(self):
+        """The packaged `demo` config: moving_shapes sources, autoencoder, text encoder width."""
+        if self._settings is None:
+            from lavie_jax.cli.config_flags import load_config
+
+            self._settings = load_config("demo")
+        return self._settings
 
     # -------------------------------------------------------------------------------------------- helpers
 
     def config_arg(self, stage: str) -> str:
-        return f"{_rel(REPO / 'configs' / f'{stage}.py')}:demo"
+        return f"{stage}:demo"
 
     def overrides(self) -> list[tuple[str, str]]:
         return [("data.data_dir", _rel(self.data_dir)), ("train.encoders", _rel(self.encoders_dir))]
@@ -95,13 +105,13 @@ class Demo:
     # -------------------------------------------------------------------------------------------- phases
 
     def data(self) -> None:
-        from configs.common import DEMO_SOURCES
         from lavie_jax.demo import data
         from lavie_jax.demo.console import warn
 
+        sources = self.settings.sources.to_dict()
         with self.clock.phase("data", "moving_shapes videos"):
-            skipped = all(data.is_prepared(spec, self.data_dir) for spec in DEMO_SOURCES.values())
-            self.sources = {name: data.prepare(spec, self.data_dir) for name, spec in DEMO_SOURCES.items()}
+            skipped = all(data.is_prepared(spec, self.data_dir) for spec in sources.values())
+            self.sources = {name: data.prepare(spec, self.data_dir) for name, spec in sources.items()}
             counts = data.caption_counts(self.sources["low"])
             missing = [p for p in PROMPTS if not counts[p]]
             if missing:
@@ -110,7 +120,6 @@ class Demo:
         self.done("data", skipped)
 
     def encoders(self) -> None:
-        from configs.common import DEMO_TEXT_WIDTH, demo_autoencoder_config
         from lavie_jax.io import checkpoints
         from lavie_jax.demo import data, encoders
         from lavie_jax.demo.console import say
@@ -121,14 +130,15 @@ class Demo:
             if skipped:
                 say(f"found {_rel(self.encoders_dir)}")
             else:
-                cfg = demo_autoencoder_config()
+                cfg = self.settings.autoencoder
                 low = data.read_frames(self.sources["low"], 512, seed=1)
                 high = data.read_frames(self.sources["high"], 64, seed=2)
                 say(f"training the autoencoder (block_out_channels {list(cfg.vae.block_out_channels)}, f4) on "
                     f"{len(low)} frames of 32x32 and 32x32 crops of {len(high)} frames of 128x128")
                 held_out = {"32x32": data.read_frames(self.sources["low"], 8, seed=3)[::2],
                             "128x128": data.read_frames(self.sources["high"], 4, seed=4)[::4]}
-                encoders.make_encoders(self.encoders_dir, cfg, low, high, held_out, DEMO_TEXT_WIDTH, log=say)
+                encoders.make_encoders(self.encoders_dir, cfg, low, high, held_out, self.settings.text_width,
+                                       log=say)
             self.vae = checkpoints.load_component(self.encoders_dir, "vae")
             self.text_encoder = checkpoints.load_component(self.encoders_dir, "text_encoder")
             self.tokenizer = load_tokenizer(self.encoders_dir / "tokenizer")
@@ -313,8 +323,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / "cache" / "jax"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     import absl.logging
 
     absl.logging.set_verbosity(absl.logging.WARNING)  # tfds / orbax info lines would drown the progress

@@ -47,7 +47,7 @@ def _command(run: Run) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONUNBUFFERED="1")  # lines as they come (the config file puts configs/ on sys.path)
+    return dict(os.environ, PYTHONUNBUFFERED="1")  # lines as they come
 
 
 def _pump(name: str, stream, tail: deque, lock: threading.Lock) -> None:

@@ -1,10 +1,10 @@
 """The `sample` section of a stage config, validated into a frozen `SampleOptions` (errors name the field).
 
-Field meanings and official defaults: `configs/common.py` (SAMPLE_COMMON, SAMPLE_STAGE), which follow the official
-sampling scripts of each stage (schedulers, guidance, negative prompts, seeds). The fields every stage has are
-`SampleOptions`' own; a stage's own fields (`Stage.sample_fields`: base's frame count and size, VSR's chunks and
-noise level, ...) are read as attributes too and checked by the stage (`Stage.check_sample`). Everything here is
-checked before any model runs.
+Field meanings and official defaults: the packaged configs (`configs/common.py` SAMPLE, shared, and each stage's
+`configs/STAGE.py` OFFICIAL), which follow the official sampling scripts of each stage (schedulers, guidance,
+negative prompts, seeds). The fields every stage has are `SampleOptions`' own; a stage's own fields
+(`Stage.sample_fields`: base's frame count and size, VSR's chunks and noise level, ...) are read as attributes too
+and checked by the stage (`Stage.check_sample`). Everything here is checked before any model runs.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def sample_options(stage: str | Stage, sample: Mapping[str, Any]) -> SampleOptio
     required = {f.name for f in dataclasses.fields(SampleOptions) if f.default is dataclasses.MISSING} - {"stage"}
     missing = sorted(required - set(values))
     if missing:
-        raise SampleConfigError(f"config section sample lacks {missing}; start from configs/{stage.name}.py")
+        raise SampleConfigError(f"config section sample lacks {missing}; start from the packaged config "
+                                f"{stage.name} (--config {stage.name})")
     formats = values["formats"]
     values["formats"] = tuple(f.strip() for f in formats.split(",")) if isinstance(formats, str) else tuple(formats)
     extra = tuple((k, values.pop(k, default)) for k, default in own.items())

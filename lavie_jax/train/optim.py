@@ -1,5 +1,6 @@
 """Optimizer pieces of lavie-train: param groups from regex rules, AdamW with per-group learning rates, EMA,
-gradient accumulation, and the `train` config section they read (`default_train_optim_config`).
+gradient accumulation, and the checks of the `train` config fields they read (`validate_train_optim_config`; the
+values and their meanings are the packaged configs', configs/common.py `train_config`).
 
 Params are any pytree whose key paths name them: an `nnx.State` split off the model (leaves `nnx.Variable`s, or raw
 arrays as `parallel.place_state` returns them), a nested dict, or a flat dict keyed by dotted paths. A param's path
@@ -38,12 +39,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-FROZEN = "frozen"
-# The first rule that re.search-es a param's path decides its group.
-TRAIN_ALL_RULES: tuple[tuple[str, str], ...] = ((".*", "unet"),)
-# Inserted temporal layers only (LaVie VSR): temporal attention + its norm (with the bucket bias), the transformers'
-# temporal conv resnets and the temporal modules; every pretrained spatial layer stays frozen.
-TEMPORAL_ONLY_RULES: tuple[tuple[str, str], ...] = (("temporal|attn_temp|norm_temp", "temporal"), (".*", FROZEN))
+FROZEN = "frozen"  # the group of params that do not train; the first rule that re.search-es a path decides its group
 
 
 class OptimConfigError(ValueError):
@@ -237,41 +233,6 @@ def param_groups_from_config(params: Any, train: Any, *, prefix: str = "train") 
 # ----------------------------------------------------------------------------------------------------- config
 
 
-def default_train_optim_config() -> ml_collections.ConfigDict:
-    """The optimizer part of a stage config's `train` section (the loop adds its own fields beside these).
-
-    LaVie's paper discloses no optimizer, learning rate, batch size or step count; its code only hints: EMA decay
-    0.9999 (`update_ema`, the released checkpoints are EMA weights), a linear warm-up over 5000 steps ("from U-ViT")
-    or cosine schedule, and grad-norm clipping. The other values are the usual Stable Diffusion fine-tuning ones.
-    Every param trains (`TRAIN_ALL_RULES`); the VSR config trains only the inserted temporal layers
-    (`TEMPORAL_ONLY_RULES`), as the paper says.
-    """
-    c = ml_collections.ConfigDict()
-    o = c.optimizer = ml_collections.ConfigDict()
-    o.lr = 1e-4  # peak learning rate (not disclosed by LaVie; 1e-4 is the common SD fine-tuning value)
-    o.warmup_steps = 5000  # linear warm-up: update t (0-based) uses lr * min(1, (t + 1) / warmup_steps); 0 = none
-    o.schedule = "constant"  # after warm-up: 'constant', or 'cosine' decay to final_lr_ratio * lr
-    o.decay_steps = 0  # cosine: steps of the decay after the warm-up (then the lr stays at the final value)
-    o.final_lr_ratio = 0.0  # cosine: final lr / peak lr, in [0, 1]
-    o.b1 = 0.9  # AdamW betas and eps: torch.optim.AdamW defaults (eps added outside the sqrt, as torch)
-    o.b2 = 0.999
-    o.eps = 1e-8
-    o.weight_decay = 0.0  # decoupled (AdamW) decay, scaled by each group's lr; 0 keeps pretrained weights unpulled
-    o.weight_decay_exclude = r"\.(bias|scale|embedding)$"  # paths never decayed: biases, norm scales, embeddings
-    o.clip_grad_norm = 1.0  # clip the global norm of the trained params' grads to this; 0 = off
-    g = c.param_groups = ml_collections.ConfigDict()
-    # ordered (regex, group) rules, first re.search match wins; group 'frozen' = not trained (no optimizer state,
-    # no EMA); any other name is a trained group. Every param must match a rule and every rule must select a param.
-    g.rules = TRAIN_ALL_RULES
-    g.lr_multipliers = ml_collections.ConfigDict()  # trained group -> lr multiplier (default 1.0): {'temporal': 10}
-    g.allow_unused_rules = False  # True: a rule selecting no param is allowed (one rule list for several stages)
-    e = c.ema = ml_collections.ConfigDict()
-    e.decay = 0.9999  # EMA of the trained params: ema = decay * ema + (1 - decay) * params; 0 = no EMA
-    e.warmup = False  # True: update t uses min(decay, (1 + t) / (10 + t)), so early EMA tracks the params closely
-    c.micro_batches = 1  # gradient accumulation: the global batch runs as this many sequential micro-batches
-    return c
-
-
 def _num(section: Any, name: str, prefix: str, *, kind: type = float) -> Any:
     if name not in section:
         raise OptimConfigError(f"{prefix}.{name} is missing")
@@ -288,11 +249,13 @@ def _check(ok: bool, field: str, rule: str, value: Any) -> None:
 
 
 def validate_train_optim_config(train: Any, *, prefix: str = "train") -> None:
-    """Check the fields of `default_train_optim_config` in `train`; errors name the field (`train.optimizer.lr`)."""
+    """Check the optimizer, param_groups, ema and micro_batches fields of a `train` section; errors name the field
+    (`train.optimizer.lr`). The fields, their defaults and meanings: the packaged configs (configs/common.py,
+    `train_config`)."""
     for section in ("optimizer", "param_groups", "ema"):
         if section not in train:
-            raise OptimConfigError(f"{prefix}.{section} is missing (see lavie_jax.train.optim."
-                                   "default_train_optim_config)")
+            raise OptimConfigError(f"{prefix}.{section} is missing (start from a packaged stage config, e.g. "
+                                   "`load_config('base')`: configs/common.py `train_config` lists the fields)")
     o, p = train.optimizer, f"{prefix}.optimizer"
     _check(_num(o, "lr", p) > 0, f"{p}.lr", "> 0", o.lr)
     _check(_num(o, "warmup_steps", p, kind=int) >= 0, f"{p}.warmup_steps", ">= 0", o.warmup_steps)

@@ -12,7 +12,6 @@ import jax
 import numpy as np
 import pytest
 
-from configs.common import DEMO_SOURCES, DEMO_TEXT_WIDTH
 from lavie_jax.cli.config_flags import load_config
 from lavie_jax.data import moving_shapes
 from lavie_jax.demo import evaluate, overview
@@ -24,6 +23,9 @@ from lavie_jax.parallel import make_mesh
 from lavie_jax.sampling.options import sample_options
 from lavie_jax.train.setup import TrainConfigError, check_config
 
+DEMO = load_config("demo")  # the demo's own settings (configs/demo.py)
+DEMO_SOURCES, DEMO_TEXT_WIDTH = DEMO.sources.to_dict(), DEMO.text_width
+
 
 def one_device():
     return make_mesh((1, 1, 1, 1), devices=jax.devices()[:1])
@@ -31,7 +33,7 @@ def one_device():
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_demo_configs_pass_the_trainer_and_sampler_checks(stage, tmp_path):
-    config = load_config(f"configs/{stage}.py:demo", [("data.data_dir", str(tmp_path))])
+    config = load_config(f"{stage}:demo", [("data.data_dir", str(tmp_path))])
     with pytest.raises(TrainConfigError, match=f"no precomputed dataset 'demo_{stage}'"):  # the demo makes it
         check_config(config, one_device())
     config.data = pixel_source(config)  # what the demo precomputes from: everything else passes
@@ -83,12 +85,12 @@ def test_overview_grid_and_table():
 def test_a_finished_run_of_another_config_is_refused_not_reused(tmp_path):
     from lavie_jax.demo.main import DemoError, _check_unchanged
 
-    config = load_config("configs/vsr.py:demo", [("data.data_dir", str(tmp_path))])
+    config = load_config("vsr:demo", [("data.data_dir", str(tmp_path))])
     run = tmp_path / "runs" / "vsr"
     run.mkdir(parents=True)
     (run / "config.json").write_text(config.to_json_best_effort(indent=1))
     _check_unchanged(run, config)  # the same config: reused
-    older = load_config("configs/vsr.py:demo", [("data.data_dir", str(tmp_path)), ("data.patch_size", "64")])
+    older = load_config("vsr:demo", [("data.data_dir", str(tmp_path)), ("data.patch_size", "64")])
     (run / "config.json").write_text(older.to_json_best_effort(indent=1))
     with pytest.raises(DemoError, match=r"(?s)different config.*data\.patch_size: 64 -> 32.*Delete"):
         _check_unchanged(run, config)

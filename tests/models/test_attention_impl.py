@@ -201,10 +201,10 @@ def test_unet_auto_equals_xla_on_cpu():
 
 
 def test_configs_default_to_auto():
-    from configs import base, interpolation, vsr
+    from tests.conftest import stage_config
 
-    for module in (base, interpolation, vsr):
-        assert module.get_config("tiny").model.attention_impl == "auto"
+    for stage in ("base", "interpolation", "vsr"):
+        assert stage_config(stage, "tiny").model.attention_impl == "auto"
 
 
 def test_unet_call_sites_on_a_gpu(monkeypatch):

@@ -7,13 +7,12 @@ program per mesh.
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import pytest
 
 from lavie_jax.parallel import make_mesh
 from lavie_jax.sampling.pipeline import random_pipeline
+from tests.conftest import stage_config
 
 STEPS = 3
 BASE_FRAMES, HEIGHT, WIDTH = 3, 16, 24  # base videos 3 x 16 x 24 (latents 3 x 2 x 3); interpolation makes 9 frames
@@ -26,7 +25,7 @@ TEST_SAMPLE = {
 
 def tiny_config(stage: str, **sample):
     """`configs/STAGE.py:tiny` with the test sizes and any `sample` overrides."""
-    config = importlib.import_module(f"configs.{stage}").get_config("tiny")
+    config = stage_config(stage, "tiny")
     config.sample.update({**TEST_SAMPLE[stage], **sample})
     return config
 

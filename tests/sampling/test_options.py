@@ -1,16 +1,15 @@
 """The stage configs' sampling defaults are the official procedures (spec section 4); bad values fail by name."""
 
-import importlib
-
 import numpy as np
 import pytest
 
 from lavie_jax.sampling.options import SampleConfigError, sample_options
 from lavie_jax.stages import get_stage
+from tests.conftest import stage_config
 
 
 def options(stage, variant=None, **overrides):
-    config = importlib.import_module(f"configs.{stage}").get_config(variant)
+    config = stage_config(stage, variant)
     config.sample.update(overrides)
     return sample_options(stage, config.sample)
 
@@ -58,7 +57,7 @@ def test_bad_values(stage, overrides, message):
 
 
 def test_fields_of_other_stages_are_refused():
-    config = importlib.import_module("configs.base").get_config()
+    config = stage_config("base")
     values = dict(config.sample.to_dict(), noise_level=50)
     with pytest.raises(SampleConfigError, match=r"\['noise_level'\] that the base stage does not use"):
         sample_options("base", values)

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
+
+from tests.conftest import stage_config
 
 FRAMES, HEIGHT, WIDTH, BATCH = 2, 32, 48, 8  # base clips 2 x 32 x 48 (+1 image), latents 4 x 6
 
@@ -14,7 +14,7 @@ FRAMES, HEIGHT, WIDTH, BATCH = 2, 32, 48, 8  # base clips 2 x 32 x 48 (+1 image)
 def tiny_train_config(stage: str, data_dir: str = "", **train):
     """`configs/STAGE.py:tiny` at test sizes: 8 examples per step, tiny clips, random encoders; `train` overrides
     fields of the train section (dotted keys allowed, e.g. `{'optimizer.lr': 1e-2}`)."""
-    c = importlib.import_module(f"configs.{stage}").get_config("tiny")
+    c = stage_config(stage, "tiny")
     c.mesh.shape = (-1, 1, 1, 1)
     d = c.data
     d.data_dir, d.global_batch_size, d.read_threads = data_dir, BATCH, 1

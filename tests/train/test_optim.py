@@ -19,8 +19,18 @@ from tests.models.tiny_configs import X4_LIKE
 TEMPORAL_RX = re.compile("temporal|attn_temp|norm_temp")
 
 
+def _default_train():
+    """The `train` section the stage configs start from (the official base config's: no stage changes it)."""
+    return stage_config("base").train
+
+
+def _temporal_only_rules():
+    """The VSR config's param-group rules: only the inserted temporal layers train."""
+    return stage_config("vsr").train.param_groups.rules
+
+
 def _train_config(**opt):
-    c = optim.default_train_optim_config()
+    c = _default_train()
     c.optimizer.update(opt)
     return c
 
@@ -43,7 +53,7 @@ def vsr_model(abstract_vsr):
 
 
 def test_temporal_only_is_one_rule_and_splits_the_model(vsr_model):
-    groups = optim.param_groups(vsr_model, optim.TEMPORAL_ONLY_RULES)
+    groups = optim.param_groups(vsr_model, _temporal_only_rules())
     paths = optim.param_paths(vsr_model)
     assert set(groups.assignment) == set(paths)
     for path, group in groups.assignment.items():
@@ -78,7 +88,7 @@ class _Block(nnx.Module):
 def test_optimizer_and_ema_on_a_split_off_state_of_variables():
     """The documented step: split by the groups, update the State of nnx.Variables as it is, merge back."""
     model = _Block(nnx.Rngs(0))
-    groups = optim.param_groups(model, optim.TEMPORAL_ONLY_RULES)
+    groups = optim.param_groups(model, _temporal_only_rules())
     assert groups.trainable_paths == ["attn_temp.bias", "attn_temp.kernel", "norm_temp.bias", "norm_temp.scale"]
     graphdef, trainable, frozen, rest = groups.split(model)
     tx, _ = optim.make_optimizer(_train_config(warmup_steps=0, weight_decay=0.1), groups)
@@ -152,7 +162,7 @@ def test_unused_rule_allowed_on_request(abstract_vsr):
     (None, "micro_batches", 0, r"train\.micro_batches must be >= 1"),
 ])
 def test_config_errors_name_the_field(section, field, value, match):
-    c = optim.default_train_optim_config()
+    c = _default_train()
     (c if section is None else c[section])[field] = value
     with pytest.raises(optim.OptimConfigError, match=match):
         optim.validate_train_optim_config(c)
@@ -162,9 +172,10 @@ def test_cosine_needs_decay_steps_and_vsr_default_rules():
     c = _train_config(schedule="cosine")
     with pytest.raises(optim.OptimConfigError, match=r"train\.optimizer\.decay_steps must be > 0"):
         optim.make_optimizer(c, None)
-    assert stage_config("vsr").train.param_groups.rules == optim.TEMPORAL_ONLY_RULES
-    assert stage_config("base").train.param_groups.rules == optim.TRAIN_ALL_RULES
-    assert optim.default_train_optim_config().param_groups.rules == optim.TRAIN_ALL_RULES
+    assert stage_config("vsr").train.param_groups.rules == \
+        (("temporal|attn_temp|norm_temp", "temporal"), (".*", optim.FROZEN))
+    assert stage_config("base").train.param_groups.rules == ((".*", "unet"),)
+    assert stage_config("interpolation").train.param_groups.rules == ((".*", "unet"),)
 
 
 # ----------------------------------------------------------------------------------------------------- optimizer
@@ -276,7 +287,7 @@ def test_ema_follows_its_formula_exactly():
     params = [rng.standard_normal((5, 7)).astype(np.float32) for _ in range(6)]
     ema = jit_ema = optim.init_ema({"w": jnp.asarray(params[0])})
     ref = params[0].copy()
-    decay_at = optim.make_ema_decay(optim.default_train_optim_config())
+    decay_at = optim.make_ema_decay(_default_train())
     for t, p in enumerate(params[1:]):
         d = np.float32(0.9999)
         assert np.float32(decay_at(t)) == d
@@ -287,7 +298,7 @@ def test_ema_follows_its_formula_exactly():
         np.testing.assert_allclose(np.asarray(jit_ema["w"]), ref, rtol=4e-7, atol=1e-7)
     assert ema["w"].dtype == jnp.float32
     # warm-up form through the same update: decay_t = min(0.9999, (1 + t) / (10 + t))
-    c = optim.default_train_optim_config()
+    c = _default_train()
     c.ema.warmup = True
     e = optim.ema_update({"w": jnp.asarray(params[0])}, {"w": jnp.asarray(params[1])}, optim.make_ema_decay(c)(0))
     d0 = np.float32(1) / np.float32(10)
@@ -295,7 +306,7 @@ def test_ema_follows_its_formula_exactly():
 
 
 def test_ema_warmup_decay():
-    c = optim.default_train_optim_config()
+    c = _default_train()
     c.ema.warmup = True
     decay_at = optim.make_ema_decay(c)
     for t in (0, 1, 10, 1000, 10**5, 10**6):

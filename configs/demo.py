@@ -1,0 +1,86 @@
+"""`make demo` (lavie_jax.demo): its settings (`get_config`, `--config demo`) and the 'demo' variant of the stage
+configs (`make_demo`), on a laptop-class CPU.
+
+Run:
+  make demo    # python -m lavie_jax.demo: trains base:demo, interpolation:demo and vsr:demo, samples the cascade
+  lavie-train --config base:demo --workdir outputs/demo/runs/base   # one stage by hand, after the demo's data phases
+
+Every size here and in the stage files' demo values is chosen for the time budget, not for quality (data,
+autoencoder, three trainings side by side and sampling within 15 minutes on 2 cores; README, The demo). The data are
+13-frame moving_shapes clips at 32x32 (base, interpolation) and 128x128 (VSR); one small f4 KL autoencoder
+(AUTOENCODER) serves all three stages; the text encoder is a randomly initialised 2-layer CLIP of width 64 with the
+real tokenizer, which adds the caption's summed token embeddings to every token (lavie_jax.models.clip).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from lavie_jax.configs import common
+
+DIR = "outputs/demo"
+DATA_DIR = f"{DIR}/data"
+ENCODERS = f"{DIR}/encoders"  # pipeline directory the demo writes: vae/, text_encoder/, tokenizer/
+TEXT_WIDTH = 64  # text encoder width = every demo UNet's cross_attention_dim
+VIDEOS = {"num_frames": 13, "fps": 12.0, "seed": 0, "num_validation": 0}
+SOURCES = {  # the moving_shapes datasets the stages read (same videos, two resolutions)
+    "low": dict(VIDEOS, num_videos=1024, height=32, width=32),
+    "high": dict(VIDEOS, num_videos=256, height=128, width=128),
+}
+# v-prediction for every demo stage (the official base and interpolation models predict epsilon): after a few hundred
+# steps an epsilon model's errors at high noise are amplified by 1 / sqrt(alpha_bar) (~150 at t = 999) and the
+# sampler drifts off the data; v-prediction's x_0 estimate stays bounded, so short runs sample cleanly.
+PREDICTION = "v_prediction"
+# The autoencoder the demo trains (the same AutoencoderKL module, a small diffusers-style config) and its training.
+AUTOENCODER = {
+    "vae": {"_class_name": "AutoencoderKL", "block_out_channels": [16, 32, 32], "layers_per_block": 1,
+            "norm_num_groups": 8, "latent_channels": 4, "in_channels": 3, "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+            "mid_block_add_attention": False,  # convolutional only: the VSR stage decodes 128x128 frames
+            "scaling_factor": 1.0},  # replaced by 1 / std of the trained latents (as SD's 0.18215 was chosen)
+    "steps": 300, "batch_size": 32, "crop": 32, "lr": 2e-3, "warmup_steps": 20, "final_lr_ratio": 0.1,
+    "kl_weight": 1e-4, "log_every": 25,
+    "foreground_weight": 10.0,  # loss weight 1 + this x distance from the border colour: shapes are learnt first
+    "high_res_fraction": 0.25,  # of each batch: 32x32 crops of the 128x128 frames (what the VSR stage decodes)
+}
+
+# The demo values every stage shares; each stage file adds its UNet, clips, batch, steps and sampling.
+STAGE_VALUES = {
+    # the demo precomputes latents + text embeddings of one clip per video (data.dataset='precomputed', named
+    # demo_STAGE) from the moving_shapes source in data.moving_shapes, and trains on those
+    "data": {"data_dir": DATA_DIR, "dataset": "precomputed",
+             "read_threads": 1, "prefetch_buffer": 64},  # 2 cores: one reader thread keeps up with precomputed latents
+    "sample": {"sampler": "ddim", "prediction_type": PREDICTION, "formats": "mp4,gif"},  # DDIM with few steps
+    "train": {
+        "log_every": 25,
+        # lr: warm-up, then cosine decay to a tenth (short runs end converged, not noisy)
+        "optimizer": {"lr": 2e-3, "warmup_steps": 25, "schedule": "cosine", "final_lr_ratio": 0.1},
+        "objective": {"prediction_type": PREDICTION},
+        "ema": {"decay": 0.99},  # a horizon of ~100 steps: the runs are a few hundred steps long
+        "param_groups": {"rules": common.TRAIN_ALL_RULES},  # from scratch: every layer trains (VSR too)
+        "compute_dtype": "float32",  # CPU: bfloat16 is emulated and slower
+        "encoders": ENCODERS,
+    },
+}
+
+
+def make_demo(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    """`config` (a full-size stage config) becomes its 'demo' variant, in place: STAGE_VALUES, then the stage's
+    `values`; the cosine decay runs to the last step, which is the one checkpoint (the run is short)."""
+    common.merge(config, STAGE_VALUES)
+    config.data.precomputed.name = f"demo_{config.stage}"
+    common.merge(config, values)
+    t = config.train
+    t.optimizer.decay_steps = t.num_steps - t.optimizer.warmup_steps
+    t.checkpoint_every, t.keep = t.num_steps, 1
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """What lavie_jax.demo reads besides the stage configs: the moving_shapes `sources` it builds, the `autoencoder`
+    it trains (`vae` architecture and training settings) and the `text_width` of the text encoder it draws."""
+    values = {"sources": SOURCES, "autoencoder": AUTOENCODER, "text_width": TEXT_WIDTH}
+    return ml_collections.ConfigDict(copy.deepcopy(values))
