@@ -123,7 +123,7 @@ def open_source(spec: str | os.PathLike | Source, *, stage: str | None = None, f
     if stage is not None and source.stage is not None and source.stage != stage:
         held = "is a {} training run" if source.kind == "workdir" else "holds a {} UNet"
         raise SourceError(f"{source.named} {held.format(source.stage)} but the config is the {stage} stage; pass "
-                          f"a {stage} checkpoint, or configs/{source.stage}.py")
+                          f"a {stage} checkpoint, or the {source.stage} config (`--config {source.stage}`)")
     return source
 
 

@@ -70,7 +70,7 @@ def check_pipeline(pipeline: Pipeline, stage: str) -> None:
     arch = pipeline.unet.arch
     if arch.stage != stage or pipeline.stage != stage:
         raise PipelineError(f"the pipeline's UNet is a {arch.stage} UNet but the config is the {stage} stage; use "
-                            f"a {stage} checkpoint or configs/{arch.stage}.py")
+                            f"a {stage} checkpoint or the {arch.stage} config (`--config {arch.stage}`)")
     latent = pipeline.vae.config.latent_channels
     if arch.out_channels != latent or latent != LATENT_CHANNELS:
         raise PipelineError(f"UNet predicts {arch.out_channels} channels and the VAE has {latent} latent channels; "

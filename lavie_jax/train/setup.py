@@ -161,7 +161,7 @@ def _init_source(config: ml_collections.ConfigDict) -> store.Source | None:
     if stored != wanted:
         diff = [f.name for f in dataclasses.fields(UNetArch) if getattr(stored, f.name) != getattr(wanted, f.name)]
         _fail("train.init", f"{init} holds a UNet whose architecture differs from config.unet in {diff}; use the "
-                            f"config that matches the checkpoint (e.g. the full configs/{config.stage}.py)")
+                            f"config that matches the checkpoint (e.g. the full-size `--config {config.stage}`)")
     return source
 
 
