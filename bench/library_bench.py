@@ -19,7 +19,7 @@ path's median and best, the median of its per-round time over the compiled handl
 CPU seconds a call used (all threads: less sensitive than wall time to other work on the cores), and its host time
 per call: the time until the call returns, before the result is ready (NNX's graph traversal shows there).
 
-  python -m bench.library_bench                         # 5-9 minutes on 2 shared cores, 11 GB peak memory
+  python -m bench.library_bench                         # 4-9 minutes on 2 shared cores, 11-12 GB peak memory
   python -m bench.library_bench --torch --skip-nnx-jit  # the handle and the official torch model, 9 GB
   python -m bench.library_bench --torch                 # all three: ~15 GB (more than a shared 24 GB host had)
   python -m bench.library_bench --jax-first --repeats 3

@@ -13,8 +13,8 @@ Why: `nnx.jit(lambda m, *a: m(*a))(model, ...)` pays twice on every call. It wal
 (split into a graph definition and state on the way in, merge and update on the way out: 0.1-0.26 s of host time
 per call for the full base UNet on a 2-core CPU), and its compiled program returns the module's whole state, so
 each call copies every param into new buffers (3.64 GB for the base UNet: ~2 CPU-seconds, and peak memory 3.6 GB
-higher). Measured with `bench/library_bench.py`: a 1 x 8 x 32 x 32 forward took 1.06-1.12x the handle's time
-(medians of interleaved calls) and 10% more CPU time; on an accelerator, where the forward takes far less, the
+higher). Measured with `bench/library_bench.py` on a shared 2-core CPU: a 1 x 8 x 32 x 32 forward took 1.06-1.29x
+the handle's time (medians of interleaved calls, three runs) and 10-25% more CPU time; on an accelerator, where the forward takes far less, the
 host walk weighs much more (not measured here). `CompiledModel` splits the module once (`nnx.split`) and jits
 `nnx.merge(graphdef, state).<method>(...)` with the graph definition closed over (static) and only the method's
 outputs returned: a call flattens the state's leaves and dispatches the program (10-18 ms host time for the
