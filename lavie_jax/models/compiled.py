@@ -9,16 +9,16 @@
     eps = fast(x, t, text, num_image_frames=2)   # keyword-only arguments are static: one compile per value
     decode = compiled(vae, "decode")             # another method: z [B, F, h, w, 4] -> pixels [B, F, 8h, 8w, 3]
 
-Why: `nnx.jit(lambda m, *a: m(*a))(model, ...)` pays twice on every call. It walks the module's object graph
-(split into a graph definition and state on the way in, merge and update on the way out: 0.1-0.26 s of host time
-per call for the full base UNet on a 2-core CPU), and its compiled program returns the module's whole state, so
-each call copies every param into new buffers (3.64 GB for the base UNet: ~2 CPU-seconds, and peak memory 3.6 GB
-higher). Measured with `bench/library_bench.py` on a shared 2-core CPU: a 1 x 8 x 32 x 32 forward took 1.06-1.29x
-the handle's time (medians of interleaved calls, three runs) and 10-25% more CPU time; on an accelerator, where the forward takes far less, the
-host walk weighs much more (not measured here). `CompiledModel` splits the module once (`nnx.split`) and jits
-`nnx.merge(graphdef, state).<method>(...)` with the graph definition closed over (static) and only the method's
-outputs returned: a call flattens the state's leaves and dispatches the program (10-18 ms host time for the
-base UNet). The results are bitwise those of `nnx.jit` (the same computation).
+Why: `nnx.jit(lambda m, *a: m(*a))(model, ...)` pays twice on every call. It walks the module's object graph (split
+into a graph definition and state on the way in, merge and update on the way out: 0.1-0.26 s of host time per call
+for the full base UNet on a 2-core CPU), and its compiled program returns the module's whole state, so each call
+copies every param into new buffers (3.64 GB for the base UNet; peak memory 3.6 GB higher): 2-4 CPU-seconds together.
+Measured with `bench/library_bench.py` on a shared 2-core CPU: a 1 x 8 x 32 x 32 forward took 1.06-1.29x the
+handle's time (medians of interleaved calls, three runs) and 10-25% more CPU time; on an accelerator, where the
+forward takes far less, the host walk weighs much more (not measured here). `CompiledModel` splits the module once
+(`nnx.split`) and jits `nnx.merge(graphdef, state).<method>(...)` with the graph definition closed over (static) and
+only the method's outputs returned: a call flattens the state's leaves and dispatches the program (10-18 ms host
+time for the base UNet). The results are bitwise those of `nnx.jit` (the same computation).
 
 Keeping up with the model. The handle's state holds the model's own `nnx.Variable` objects (`nnx.split` shares
 them), and `jax.jit` reads their current values at every call. So in-place changes of values are seen by the next
