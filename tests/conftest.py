@@ -5,8 +5,10 @@ the environment) and later runs: most of the suite's time is XLA compiling the s
 import os
 from pathlib import Path
 
-from lavie_jax.runtime import host_gc  # import nothing of jax
-from lavie_jax.runtime import xla_cpu
+USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")  # read before `import lavie_jax` adds its CPU option to it
+
+from lavie_jax.runtime import host_gc  # noqa: E402 - imports nothing of jax
+from lavie_jax.runtime import xla_cpu  # noqa: E402
 
 host_gc.configure()  # as the entry points do: tracing, a large part of the suite's time, runs ~40% faster
 
@@ -64,7 +66,8 @@ def child_env(devices: int = 1, **extra: str) -> dict[str, str]:
     return dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu", **extra)
 
 
-os.environ.setdefault("XLA_FLAGS", xla_flags(8))
+if USER_XLA_FLAGS is None:  # the suite's flags, unless the caller chose (a test's subprocess inherits them)
+    os.environ["XLA_FLAGS"] = xla_flags(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")

@@ -21,6 +21,12 @@ def test_a_users_own_value_wins():
     assert xla_cpu.configure(env, version=(0, 10)) == "--xla_cpu_experimental_ynn_fusion_type=dot"
 
 
+def test_reads_the_installed_jaxlib_version():
+    from importlib import metadata
+
+    assert xla_cpu.jaxlib_version() == tuple(int(v) for v in metadata.version("jaxlib").split(".")[:2])
+
+
 def test_untested_jaxlib_versions_get_nothing():
     """XLA aborts on a flag it does not know: outside the measured versions nothing is set."""
     for version in ((0, 9), (0, 11), (1, 0)):

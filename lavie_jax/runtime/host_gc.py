@@ -8,8 +8,10 @@ defaults and 2.1-2.3 s with `THRESHOLDS`; lowering took 1.2-1.7 s and 1.0 s. Rai
 nothing. Cyclic garbage is still collected, in larger batches.
 
 `configure()` is called first thing by `lavie-train`, `lavie-sample`, `lavie-convert`, `python -m lavie_jax.demo`,
-the benchmarks (all through `lavie_jax.runtime.startup`) and the test suite. A library user may call it too; it only changes
-this process's collector thresholds.
+the benchmarks (all through `lavie_jax.runtime.startup`) and the test suite, not by `import lavie_jax`: the
+thresholds are the whole process's choice (they speed up tracing only, and hold every library's cyclic garbage
+longer), so a library user opts in by calling it, or `startup.configure()`, at the top of the program (the argument
+is in `lavie_jax.runtime.startup`).
 """
 
 from __future__ import annotations

@@ -8,17 +8,17 @@ this model's 3x3 convolutions 1.3-4.7x slower than XLA's own kernels (72 vs 206 
 value. GPU and TPU backends ignore the option.
 
 The flag is experimental, and XLA aborts the process on a flag it does not know, so it is only set for the jaxlib
-versions where it was measured (`TESTED_JAXLIB`); elsewhere `configure()` does nothing. Call it first thing in a
-program, before anything touches a device (`lavie-train`, `lavie-sample`, `lavie-convert`, `python -m lavie_jax.demo`
-and the benchmarks do, through `lavie_jax.runtime.startup`; a library user on the CPU may too). A call after the CPU backend has
-started has no effect on that process, only on the processes it starts.
+versions where it was measured (`TESTED_JAXLIB`); elsewhere `configure()` does nothing. `import lavie_jax` calls it
+while no JAX backend has started (`lavie_jax.runtime.startup.on_import`); the commands and the benchmarks call it
+again first thing, through `startup.configure()`, and so may a library user whose program starts JAX before it
+imports lavie_jax: first thing, before anything touches a device. A call after the CPU backend has started has no
+effect on that process, only on the processes it starts.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
-from importlib import metadata
+from collections.abc import Mapping, MutableMapping
 
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 TESTED_JAXLIB = ((0, 10), (0, 11))  # [first, end) major.minor versions where YNN_OFF exists and was measured
@@ -27,9 +27,20 @@ TESTED_JAXLIB = ((0, 10), (0, 11))  # [first, end) major.minor versions where YN
 def jaxlib_version() -> tuple[int, int] | None:
     """(major, minor) of the installed jaxlib, or None when it cannot be read."""
     try:
-        major, minor = metadata.version("jaxlib").split(".")[:2]
+        # jaxlib's own version module (`import jax` imports it first anyway): ~7 ms, where importlib.metadata costs
+        # ~30 ms, and `import lavie_jax` asks this (runtime.startup.on_import)
+        from jaxlib.version import __version__ as version
+    except ImportError:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("jaxlib")
+        except metadata.PackageNotFoundError:
+            return None
+    try:
+        major, minor = str(version).split(".")[:2]
         return int(major), int(minor)
-    except (metadata.PackageNotFoundError, ValueError):
+    except ValueError:
         return None
 
 
@@ -45,13 +56,19 @@ def cpu_flags(version: tuple[int, int] | None = None) -> tuple[str, ...]:
     return (YNN_OFF,) if is_tested_jaxlib(version) else ()
 
 
-def configure(environ: MutableMapping[str, str] | None = None, version: tuple[int, int] | None = None) -> str:
-    """Append `cpu_flags()` to `environ['XLA_FLAGS']` (default: this process's environment), leaving any option the
-    user set alone. Returns the resulting XLA_FLAGS."""
-    environ = os.environ if environ is None else environ
-    current = environ.get("XLA_FLAGS", "")
+def missing_flags(environ: Mapping[str, str] | None = None, version: tuple[int, int] | None = None) -> list[str]:
+    """The entries of `cpu_flags(version)` whose option `environ['XLA_FLAGS']` (default: this process's
+    environment) does not set; an option the user set to any value is not missing."""
+    current = (os.environ if environ is None else environ).get("XLA_FLAGS", "")
     names = {f.split("=")[0] for f in current.split()}
-    added = [f for f in cpu_flags(version) if f.split("=")[0] not in names]
+    return [f for f in cpu_flags(version) if f.split("=")[0] not in names]
+
+
+def configure(environ: MutableMapping[str, str] | None = None, version: tuple[int, int] | None = None) -> str:
+    """Append `missing_flags()` to `environ['XLA_FLAGS']` (default: this process's environment), leaving any option
+    the user set alone. Returns the resulting XLA_FLAGS."""
+    environ = os.environ if environ is None else environ
+    added = missing_flags(environ, version)
     if added:
-        environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+        environ["XLA_FLAGS"] = " ".join([environ.get("XLA_FLAGS", ""), *added]).strip()
     return environ.get("XLA_FLAGS", "")
