@@ -196,7 +196,10 @@ def load_unet(source: Source | str | os.PathLike, *, mesh: jax.sharding.Mesh | N
               rules: Rules = DEFAULT_RULES, options: ExecutionOptions | None = None, ema: bool = True,
               arch: UNetArch | None = None, seed: int = 0) -> UNet3D:
     """The ready UNet3D of a source (module docstring). `ema`: a work directory's EMA params (else the raw ones);
-    `arch`: the architecture of random weights (`seed`), or, for a stored UNet, the one it must have."""
+    `arch`: the architecture of random weights (`seed`), or, for a stored UNet, the one it must have.
+
+    For repeated calls wrap it once: `fast = lavie_jax.models.compiled(unet)`; `fast(x, t, text)` runs the compiled
+    forward without NNX's per-call graph walk and param copy."""
     source = open_source(source, kinds=("pipeline", "unet", "workdir", RANDOM))
     if source.kind == RANDOM:
         if arch is None:

@@ -1,6 +1,6 @@
 """A model handle whose call is already compiled: the fast way to call a lavie-jax model from a program.
 
-    from lavie_jax.io.checkpoints import load_unet
+    from lavie_jax.io.store import load_unet
     from lavie_jax.models.compiled import compiled
 
     unet = load_unet(DIR)
