@@ -70,13 +70,16 @@ def test_settings_of_a_new_local_cache(tmp_path):
     assert values == {"jax_enable_compilation_cache": True, "jax_compilation_cache_dir": str(tmp_path / "new"),
                       "jax_persistent_cache_min_compile_time_secs": compile_cache.MIN_COMPILE_TIME_S,
                       "jax_persistent_cache_min_entry_size_bytes": -1,
+                      "jax_persistent_cache_enable_xla_caches": "none",
                       "jax_compilation_cache_max_size": compile_cache.MAX_BYTES}
     assert not (tmp_path / "new").exists()  # nothing is created before JAX compiles
+    on_gpu = settings(choose(str(tmp_path / "new"), environ=NO_ENV), platform="gpu", environ=NO_ENV)
+    assert "jax_persistent_cache_enable_xla_caches" not in on_gpu  # JAX's GPU autotuning cache stays on
 
 
 def test_the_environment_keeps_its_thresholds_and_size(tmp_path):
     env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES": "all"}
     values = settings(choose(None, default="/unused", environ=env), environ=env)
     assert values == {"jax_enable_compilation_cache": True, "jax_compilation_cache_dir": str(tmp_path)}
 
@@ -176,7 +179,7 @@ print(json.dumps({"hits": len(hits)}))
 """
 
 
-def test_a_second_process_loads_the_program_from_the_cache(tmp_path):
+def test_a_second_process_loads_the_program_from_the_cache_even_from_another_path(tmp_path):
     env = {k: v for k, v in child_env().items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny program compiles in milliseconds
     cache = tmp_path / "cache"
@@ -193,3 +196,5 @@ def test_a_second_process_loads_the_program_from_the_cache(tmp_path):
     assert all((cache / (name.removesuffix("-cache") + "-atime")).is_file() for name in entries)  # the size limit
     assert run() >= 1  # loaded, not compiled again
     assert sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache")) == entries
+    cache = cache.rename(tmp_path / "moved")  # a moved cache (a work directory moved, a bucket mounted elsewhere)
+    assert run() >= 1 and sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache")) == entries

@@ -45,7 +45,6 @@ from lavie_jax.stages import STAGES, get_stage, in_family
 from lavie_jax.io.safe_io import atomic_directory, check_input, check_output_directory
 
 PROG = "lavie-convert"
-USER_CACHE_HELP = "$LAVIE_JAX_CACHE_DIR, else $XDG_CACHE_HOME/lavie-jax/jax, else ~/.cache/lavie-jax/jax"
 CANONICAL = {"vae": canonical_vae_state_dict, "text_encoder": canonical_clip_state_dict}
 MAX_GROUP_MB = 1 << 16  # 64 GiB per group: beyond any host's memory, so a larger value is a typo
 MAX_SEED = 2 ** 31 - 1  # the new temporal layers' seed goes through jax as an int32
@@ -253,7 +252,7 @@ def convert_pipeline(checkpoint: str | Path, output: str | Path, *, stage: str, 
 
 def build_parser() -> command.ArgumentParser:
     parser = command.make_parser(PROG, __doc__)
-    command.add_common_flags(parser, cache_default=USER_CACHE_HELP)  # before or after the subcommand
+    command.add_common_flags(parser, cache_default=compile_cache.USER_DIR_HELP)  # before or after the subcommand
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="what to convert (COMMAND --help lists its flags)")
 
@@ -280,7 +279,7 @@ def build_parser() -> command.ArgumentParser:
                        default=DEFAULT_GROUP_BYTES >> 20,
                        help=f"MB converted and written per group, 1 to {MAX_GROUP_MB}: bounds memory "
                             "(default %(default)s)")
-        command.add_common_flags(p, cache_default=USER_CACHE_HELP, in_subcommand=True)
+        command.add_common_flags(p, cache_default=compile_cache.USER_DIR_HELP, in_subcommand=True)
         return p
 
     config_help = "diffusers-style UNet config JSON (default: the stage's official one)"

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lavie_jax.cli import command
-from lavie_jax.runtime import startup
+from lavie_jax.runtime import compile_cache, startup
 from lavie_jax.stages import STAGES, get_stage
 
 # Held-in prompts (captions of training videos): the first eight name every colour and every direction once, the
@@ -48,7 +48,6 @@ PROMPTS = (
 TARGETS = {"color": 0.9, "direction": 0.8}
 TIME_TARGET_S = 15 * 60
 PROG = "python -m lavie_jax.demo"
-USER_CACHE_HELP = "$LAVIE_JAX_CACHE_DIR, else $XDG_CACHE_HOME/lavie-jax/jax, else ~/.cache/lavie-jax/jax"
 REPO = Path(__file__).resolve().parents[2]  # configs/ sits beside the package (editable install)
 
 
@@ -309,7 +308,7 @@ def build_parser() -> command.ArgumentParser:
                    help="where everything goes (default: %(default)s)")
     p.add_argument("--jobs", type=command.bounded_int(1), default=len(STAGES), metavar="N",
                    help=f"lavie-train processes at a time (default: {len(STAGES)}, every stage at once)")
-    command.add_common_flags(p, cache_default=USER_CACHE_HELP)
+    command.add_common_flags(p, cache_default=compile_cache.USER_DIR_HELP)
     return p
 
 
@@ -321,8 +320,6 @@ def _cache_flags(directory: str | None) -> list[str]:
 def _run(argv: Sequence[str]) -> None:
     args = build_parser().parse_args(argv)
     out = Path(args.output)
-    from lavie_jax.runtime import compile_cache  # imports jax: after startup.configure()
-
     # compiled programs are kept for the next run (which then only samples), and shared with the lavie-train runs
     cache = compile_cache.configure(command.cache_choice(args, compile_cache.user_cache_dir()), prog=PROG)
     if str(REPO) not in sys.path:

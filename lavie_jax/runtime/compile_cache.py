@@ -18,10 +18,10 @@ warning line and the run goes on uncached.
 compile that finds a directory set, so call it before the first compile (and after `jax.distributed.initialize`:
 it asks for the process index); a later call changes nothing in a cache JAX already opened.
 
-Thresholds (`settings`). Only programs that took at least `MIN_COMPILE_TIME_S` to compile are written: on the CPU,
-loading an entry costs tens of ms (the object code is linked again), more than compiling the many tiny programs
-eager jax ops make (5-50 ms each). Measured on `lavie-sample --config configs/base.py:tiny`: 57 programs, 4 of them
-above 0.1 s and 7.5 s of the 8.0 s of compiling. No minimum entry size (-1): compile time is what the cache saves.
+Thresholds (`settings`). Only programs that took at least `MIN_COMPILE_TIME_S` to compile are written. Measured on
+`lavie-sample --config configs/base.py:tiny` (2-core CPU): of its 57 programs, 4 compile in over 0.1 s and take 7.5
+s of the 8.0 s of compiling; the other 53 (eager ops, ~7 ms each) load from the cache no faster than they compile
+(0.35 s for the 53), so writing them only grows the cache. No minimum entry size (-1): compile time is what counts.
 
 Several processes sharing a cache (read from jax 0.10's compiler.py / lru_cache.py and its persistent-cache guide):
 - In a `jax.distributed` run only process 0 writes entries; every process reads them. A cache speeds up the other
@@ -37,8 +37,14 @@ Several processes sharing a cache (read from jax 0.10's compiler.py / lru_cache.
   not on processes other than 0 (their reads would write access-time files), not for a directory the environment
   chose (its owner decides, through JAX_COMPILATION_CACHE_MAX_SIZE), and not for a directory holding entries
   written without a limit (they have no access-time file, on which JAX's eviction fails).
-- The cache key covers the program, the jaxlib version, XLA flags, devices and backend, so machines of another kind
-  do not load each other's programs.
+- The cache key covers the program, the jaxlib version, XLA flags, compile options, the platform and the devices;
+  on the CPU not the host's instruction set, so a CPU cache shared by different machine types may hold programs
+  one of them cannot load (JAX then warns and compiles again): keep CPU caches per machine type.
+- The key also covers the cache directory's own path on every platform: JAX turns on XLA's GPU autotuning cache
+  inside it and the option (a path) is part of the compile options. A copied or moved work directory, or the same
+  bucket mounted at another path, would then miss every entry. Off the GPU that cache does nothing, so it is turned
+  off there (`jax_persistent_cache_enable_xla_caches="none"`) and a cache serves from any path; on GPUs it stays
+  (autotuning results are worth more than moved directories).
 - The cache is trusted code: whoever can write the directory can run code in your process (JAX's warning). The
   defaults are in your own home or work directory.
 """
@@ -58,7 +64,9 @@ ENV_ENABLE = "JAX_ENABLE_COMPILATION_CACHE"
 ENV_MIN_COMPILE_TIME = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 ENV_MIN_ENTRY_SIZE = "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"
 ENV_MAX_SIZE = "JAX_COMPILATION_CACHE_MAX_SIZE"
+ENV_XLA_CACHES = "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES"
 USER_DIR_ENV = "LAVIE_JAX_CACHE_DIR"
+USER_DIR_HELP = "$LAVIE_JAX_CACHE_DIR, else $XDG_CACHE_HOME/lavie-jax/jax, else ~/.cache/lavie-jax/jax"
 WORKDIR_SUBDIR = "cache/jax"  # under a lavie-train work directory (lavie_jax.io.workdir.WORKDIRS lists `cache`)
 MIN_COMPILE_TIME_S = 0.1
 MAX_BYTES = 8 << 30  # of a local cache: a few dozen full-size accelerator programs
@@ -149,10 +157,11 @@ def _lockable(directory: str) -> bool:
     return all(n.removesuffix("-cache") + "-atime" in names for n in names if n.endswith("-cache"))
 
 
-def settings(choice: CacheChoice, *, process_index: int = 0, environ: Mapping[str, str] | None = None,
-             warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The `jax.config` values that apply `choice` in a process of index `process_index`. A directory that cannot
-    be written is reported through `warn` (one line) and turns the cache off."""
+def settings(choice: CacheChoice, *, process_index: int = 0, platform: str = "cpu",
+             environ: Mapping[str, str] | None = None, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The `jax.config` values that apply `choice` in a process of index `process_index` on `platform` (JAX's
+    default backend). A directory that cannot be written is reported through `warn` (one line) and turns the cache
+    off."""
     environ = os.environ if environ is None else environ
     directory = choice.directory
     if directory is None:
@@ -168,6 +177,8 @@ def settings(choice: CacheChoice, *, process_index: int = 0, environ: Mapping[st
         values["jax_persistent_cache_min_compile_time_secs"] = MIN_COMPILE_TIME_S
     if ENV_MIN_ENTRY_SIZE not in environ:
         values["jax_persistent_cache_min_entry_size_bytes"] = -1
+    if platform != "gpu" and ENV_XLA_CACHES not in environ:  # keys that do not depend on the cache's path
+        values["jax_persistent_cache_enable_xla_caches"] = "none"
     if choice.source != "environment" and ENV_MAX_SIZE not in environ and process_index == 0 \
             and _lockable(directory):
         values["jax_compilation_cache_max_size"] = MAX_BYTES
@@ -182,8 +193,9 @@ def configure(choice: CacheChoice, *, prog: str = "lavie-jax") -> str | None:
     def warn(message: str) -> None:
         print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
 
-    index = jax.process_index() if choice.directory is not None else 0
-    values = settings(choice, process_index=index, warn=warn)
+    on = choice.directory is not None
+    values = settings(choice, process_index=jax.process_index() if on else 0,
+                      platform=jax.default_backend() if on else "cpu", warn=warn)
     for name, value in values.items():
         jax.config.update(name, value)
     return values.get("jax_compilation_cache_dir")

@@ -71,7 +71,6 @@ MAX_SEED = 2 ** 32 - 1
 DTYPES = ("float32", "bfloat16")  # computation dtypes of the models (params stay float32)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 INTERRUPT_STATUS, TERMINATE_STATUS = command.INTERRUPT_STATUS, command.TERMINATE_STATUS  # 128 + SIGINT / SIGTERM
-USER_CACHE_HELP = "$LAVIE_JAX_CACHE_DIR, else $XDG_CACHE_HOME/lavie-jax/jax, else ~/.cache/lavie-jax/jax"
 REDELIVER_S = 1.0  # an interrupt not caught by then was swallowed (see `_interrupts`) and is sent again
 
 
@@ -121,7 +120,7 @@ def build_parser() -> command.ArgumentParser:
                          help="--distributed: number of processes")
     cluster.add_argument("--process-id", type=command.bounded_int(0), metavar="I",
                          help="--distributed: this process's index, 0..N-1")
-    command.add_common_flags(p, cache_default=USER_CACHE_HELP)
+    command.add_common_flags(p, cache_default=compile_cache.USER_DIR_HELP)
     return p
 
 
