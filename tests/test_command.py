@@ -98,7 +98,7 @@ def test_statuses_and_messages(error, status, line, capsys):
 
     for show in (False, True):
         assert command.run_main("prog", ["--traceback"] if show else [], body, user_errors=(Mine,),
-                                interrupted="nothing was kept") == status
+                                interrupted="nothing was kept", terminated=(Terminated,)) == status
         err = capsys.readouterr().err
         assert err.strip().splitlines()[-1] == line and ("Traceback (most recent call last)" in err) == show
 

@@ -27,7 +27,7 @@ import textwrap
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ContextManager, NoReturn
 
 from lavie_jax.runtime import compile_cache
 
@@ -308,24 +308,23 @@ def failure(error: BaseException, user_errors: tuple[type[BaseException], ...] =
 def run_main(prog: str, argv: Sequence[str], body: Callable[[], Any], *,
              user_errors: tuple[type[BaseException], ...] = (), user_status: int = USAGE_STATUS,
              handlers: Sequence[tuple[type[BaseException], Callable[[Any], tuple[str, int]]]] = (),
-             interrupted: str = "", signals: bool = True) -> int:
+             interrupted: str = "", guard: Callable[[], ContextManager[Any]] | None = None,
+             terminated: tuple[type[BaseException], ...] = ()) -> int:
     """Run `body` (a command's work, parsing included) and return the exit status, reporting any failure as the
     module docstring says. `handlers`: (exception type, error -> (message, status)) pairs checked first;
-    `interrupted`: what to add after 'interrupted (Ctrl-C); '; `signals`: SIGTERM is raised as an interrupt (off
-    for a command that handles signals itself)."""
-    from lavie_jax.io.safe_io import Terminated, terminate_as_interrupt
-
+    `interrupted`: what to add after 'interrupted (Ctrl-C); '; `guard`: a context `body` runs in (e.g.
+    lavie_jax.io.safe_io.terminate_as_interrupt, which raises SIGTERM as an interrupt); `terminated`: the interrupt
+    types that mean SIGTERM (143 rather than 130)."""
     show = wants_traceback(argv)
-    guard = terminate_as_interrupt() if signals else contextlib.nullcontext()
     try:
-        with guard:
+        with guard() if guard is not None else contextlib.nullcontext():
             body()
     except SystemExit as e:  # --help (0), or a command's own exit
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt as e:
-        terminated = isinstance(e, Terminated)
-        report(prog, interrupt_name(terminated) + (f"; {interrupted}" if interrupted else ""), show_traceback=show)
-        return interrupt_status(terminated)
+        is_term = isinstance(e, terminated)
+        report(prog, interrupt_name(is_term) + (f"; {interrupted}" if interrupted else ""), show_traceback=show)
+        return interrupt_status(is_term)
     except Exception as e:  # noqa: BLE001 - every failure becomes one paragraph and a status
         for kind, handle in handlers:
             if isinstance(e, kind):

@@ -42,7 +42,8 @@ from lavie_jax.models.arch import ConfigError, arch_from_config
 from lavie_jax.models.clip import canonical_clip_state_dict
 from lavie_jax.models.vae import canonical_vae_state_dict
 from lavie_jax.stages import STAGES, get_stage, in_family
-from lavie_jax.io.safe_io import atomic_directory, check_input, check_output_directory
+from lavie_jax.io.safe_io import (Terminated, atomic_directory, check_input, check_output_directory,
+                                  terminate_as_interrupt)
 
 PROG = "lavie-convert"
 CANONICAL = {"vae": canonical_vae_state_dict, "text_encoder": canonical_clip_state_dict}
@@ -375,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(args)
 
     status = command.run_main(PROG, argv, body, user_errors=CONVERSION_ERRORS, user_status=1,
-                              interrupted="no partial output was left behind")
+                              interrupted="no partial output was left behind", guard=terminate_as_interrupt,
+                              terminated=(Terminated,))
     if status == command.USAGE_STATUS:
         sys.exit(status)
     return status

@@ -19,7 +19,7 @@ from typing import Any
 
 from lavie_jax.cli import command
 from lavie_jax.data import builder_utils, image_text, moving_shapes, video_text
-from lavie_jax.io.safe_io import OutputPathError, check_location
+from lavie_jax.io.safe_io import OutputPathError, Terminated, check_location, terminate_as_interrupt
 
 PROG = "python -m lavie_jax.data.prepare"
 _DATASETS = {
@@ -103,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     conventions of every command: lavie_jax.cli.command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     return command.run_main(PROG, argv, lambda: _prepare(argv), user_errors=USER_ERRORS,
-                            interrupted="run the same command again to prepare the dataset from the start")
+                            interrupted="run the same command again to prepare the dataset from the start",
+                            guard=terminate_as_interrupt, terminated=(Terminated,))
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # The loop handles SIGTERM and the first Ctrl-C itself (it saves at the next step and exits 0): an interrupt
     # that reaches here is a second Ctrl-C.
-    return command.run_main(PROG, argv[1:], body, handlers=((Exception, _failure),), signals=False,
+    return command.run_main(PROG, argv[1:], body, handlers=((Exception, _failure),),
                             interrupted="stopped without saving; rerun the same command to resume from the last "
                                         "complete checkpoint")
 
