@@ -43,8 +43,8 @@ USER_ERRORS = (OutputPathError, FileNotFoundError, NotADirectoryError, IsADirect
 def _parser() -> command.ArgumentParser:
     parser = command.make_parser(PROG, __doc__)
     command.add_common_flags(parser, cache_default=None)  # no compiling here: no cache flags
-    sub = parser.add_subparsers(dest="dataset", required=True, help="the dataset to prepare (DATASET --help lists "
-                                "its settings)")
+    sub = parser.add_subparsers(dest="dataset", required=True,
+                                help="the dataset to prepare (NAME --help lists its settings)")
     for name, (_, config_cls, _) in _DATASETS.items():
         p = sub.add_parser(name, help=f"{name} (fields of {config_cls.__name__})",
                            description=f"{name}: the fields of {config_cls.__name__}")
