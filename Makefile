@@ -38,6 +38,7 @@ bench: $(STAMP_TEST)
 	$(PY) -m bench.convert_bench
 	$(PY) -m bench.sampling_bench
 	$(PY) -m bench.cpu_torch_bench
+	$(PY) -m bench.startup_bench
 
 # One table on one accelerator (~5 minutes with compiles; bench/accelerator_bench.py): matmul peak, the three UNet
 # forwards per attention policy, the base train step with the best remat policy, 50-step base sampling. Runs in the

@@ -37,9 +37,6 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def _setup(jax_first: bool) -> list[str]:
     """Import lavie_jax (after starting JAX if `jax_first`); the warnings the import gave."""
     if jax_first:

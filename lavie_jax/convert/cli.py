@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lavie_jax.runtime import startup
+from lavie_jax.cli import command
+from lavie_jax.runtime import compile_cache, startup
 from lavie_jax.io.checkpoints import (CHECKPOINTS, DEFAULT_GROUP_BYTES, PIPELINE_COMPONENTS, CheckpointError,
                                    abstract_component, write_component, write_metadata)
 from lavie_jax.convert.export import check_export_output, export_checkpoint
@@ -42,11 +42,16 @@ from lavie_jax.models.arch import ConfigError, arch_from_config
 from lavie_jax.models.clip import canonical_clip_state_dict
 from lavie_jax.models.vae import canonical_vae_state_dict
 from lavie_jax.stages import STAGES, get_stage, in_family
-from lavie_jax.io.safe_io import Terminated, atomic_directory, check_input, check_output_directory, terminate_as_interrupt
+from lavie_jax.io.safe_io import (Terminated, atomic_directory, check_input, check_output_directory,
+                                  terminate_as_interrupt)
 
+PROG = "lavie-convert"
 CANONICAL = {"vae": canonical_vae_state_dict, "text_encoder": canonical_clip_state_dict}
 MAX_GROUP_MB = 1 << 16  # 64 GiB per group: beyond any host's memory, so a larger value is a typo
 MAX_SEED = 2 ** 31 - 1  # the new temporal layers' seed goes through jax as an int32
+# a conversion that cannot be done as asked (one paragraph, exit status 1): inputs it cannot convert, outputs it
+# will not replace, a config it cannot use
+CONVERSION_ERRORS = (WeightFileError, KeyMismatchError, CheckpointError, ConfigError, ValueError)
 
 
 class Reporter:
@@ -246,63 +251,51 @@ def convert_pipeline(checkpoint: str | Path, output: str | Path, *, stage: str, 
     return Path(output)
 
 
-def _bounded_int(low: int, high: int, unit: str) -> Callable[[str], int]:
-    """An argparse `type` accepting whole numbers in [low, high]; argparse names the flag in its error."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number{unit}, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}{unit}, got {value}")
-        return value
-
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lavie-convert", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> command.ArgumentParser:
+    parser = command.make_parser(PROG, __doc__)
+    command.add_common_flags(parser, cache_default=compile_cache.USER_DIR_HELP)  # before or after the subcommand
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to convert (COMMAND --help lists its flags)")
 
     def add(name: str, help: str, *, stages: Sequence[str] = (), checkpoint: str | None = None,
             model_dir: bool = False, output_help: str = "output directory") -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+        p = sub.add_parser(name, help=help, description=help)
         if stages:
             p.add_argument("--stage", required=True, choices=stages)
         if checkpoint:
-            p.add_argument("--checkpoint", required=True, help=checkpoint)
+            p.add_argument("--checkpoint", required=True, metavar="PATH", help=checkpoint)
         if model_dir:
-            p.add_argument("--model-dir", required=True, help="folder with unet/, vae/, text_encoder/, tokenizer/")
-            p.add_argument("--seed", type=_bounded_int(0, MAX_SEED, ""), default=0,
+            p.add_argument("--model-dir", required=True, metavar="DIR",
+                           help="folder with unet/, vae/, text_encoder/, tokenizer/")
+            p.add_argument("--seed", type=command.bounded_int(0, MAX_SEED), default=0, metavar="N",
                            help="seed of the new temporal layers (0 to 2^31-1)")
         if name != "export":
-            p.add_argument("--trust-pickle", action="store_true", help="allow .pt/.bin pickles holding Python "
-                           "objects besides tensors (runs code from the file)")
-        p.add_argument("--output", required=True, help=output_help)
-        p.add_argument("--overwrite", action="store_true",
+            p.add_argument("--trust-pickle", action=command.BooleanFlag, help="allow .pt/.bin pickles holding "
+                           "Python objects besides tensors (runs code from the file)")
+        p.add_argument("--output", required=True, metavar="PATH", help=output_help)
+        p.add_argument("--overwrite", action=command.BooleanFlag,
                        help="replace an existing output lavie-convert wrote (anything else is never replaced)")
-        p.add_argument("--quiet", action="store_true", help="no progress output")
-        p.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
-        p.add_argument("--group-mb", type=_bounded_int(1, MAX_GROUP_MB, " (MB per group)"),
+        p.add_argument("--quiet", action=command.BooleanFlag, help="no progress output")
+        p.add_argument("--group-mb", type=command.bounded_int(1, MAX_GROUP_MB, " (MB per group)"), metavar="MB",
                        default=DEFAULT_GROUP_BYTES >> 20,
                        help=f"MB converted and written per group, 1 to {MAX_GROUP_MB}: bounds memory "
                             "(default %(default)s)")
+        command.add_common_flags(p, cache_default=compile_cache.USER_DIR_HELP, in_subcommand=True)
         return p
 
     config_help = "diffusers-style UNet config JSON (default: the stage's official one)"
     add("lavie", "official LaVie UNet checkpoint -> UNet directory", stages=STAGES,
-        checkpoint=".pt (bare or {'ema': ...}), .bin or .safetensors").add_argument("--unet-config", help=config_help)
+        checkpoint=".pt (bare or {'ema': ...}), .bin or .safetensors").add_argument("--unet-config", metavar="FILE",
+                                                                                  help=config_help)
     add("sd", "diffusers Stable Diffusion v1.x folder -> inflated base/interpolation pipeline",
         stages=tuple(s.name for s in in_family("sd")), model_dir=True)
     add("x4", "diffusers x4-upscaler folder -> inflated vsr pipeline", model_dir=True)
     p = add("pipeline", "LaVie checkpoint + SD / x4 folder -> sampling-ready pipeline directory", stages=STAGES,
             checkpoint="LaVie UNet checkpoint (.pt, .bin, .safetensors)")
-    p.add_argument("--sd-dir", help="Stable Diffusion v1.x folder (VAE, text encoder, tokenizer of base/interp)")
-    p.add_argument("--x4-dir", help="x4-upscaler folder (VAE, text encoder, tokenizer of vsr)")
-    p.add_argument("--unet-config", help=config_help)
+    p.add_argument("--sd-dir", metavar="DIR",
+                   help="Stable Diffusion v1.x folder (VAE, text encoder, tokenizer of base/interp)")
+    p.add_argument("--x4-dir", metavar="DIR", help="x4-upscaler folder (VAE, text encoder, tokenizer of vsr)")
+    p.add_argument("--unet-config", metavar="FILE", help=config_help)
     p = add("export", "lavie-jax directory -> official PyTorch names (.safetensors, .pt, .bin)",
             checkpoint="UNet, VAE, text-encoder or pipeline directory, or a lavie-train work directory",
             output_help="output file: .safetensors, .pt (a UNet as {'ema': state_dict}, as LaVie's scripts load) "
@@ -346,6 +339,7 @@ def check_paths(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     check_paths(args)
+    compile_cache.configure(command.cache_choice(args, compile_cache.user_cache_dir()), prog=PROG)
     report = Reporter(quiet=args.quiet)
     kw = dict(overwrite=args.overwrite, report=report, group_bytes=args.group_mb << 20)
     if args.command == "lavie":
@@ -365,31 +359,28 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit status (0 ok, 1 conversion error, 2 usage error, 130 Ctrl-C,
-    143 SIGTERM)."""
+    """Console entry point; returns the exit status: 0 ok, 1 the conversion failed (an input it cannot convert,
+    an output it will not replace, the machine), 130 Ctrl-C, 143 SIGTERM. A bad command line exits with status 2
+    (SystemExit, as argparse does). Messages follow lavie_jax.cli.command."""
     startup.configure()  # collector thresholds: building the abstract model ran ~0.4 s of full collections
-    args = build_parser().parse_args(argv)
-    try:
-        import absl.logging  # orbax logs routine warnings through absl
+    argv = list(sys.argv[1:] if argv is None else argv)
 
-        absl.logging.set_verbosity(absl.logging.ERROR)
-    except ImportError:
-        pass
-    try:
-        with terminate_as_interrupt():  # SIGTERM cleans up as Ctrl-C does
-            _run(args)
-    except (WeightFileError, KeyMismatchError, CheckpointError, ConfigError, OSError, ValueError) as e:
-        if args.traceback:
-            raise
-        print(f"lavie-convert {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except Terminated:
-        print("lavie-convert: terminated (SIGTERM); no partial output was left behind", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print("lavie-convert: interrupted; no partial output was left behind", file=sys.stderr)
-        return 128 + signal.SIGINT
-    return 0
+    def body() -> None:
+        args = build_parser().parse_args(argv)
+        try:
+            import absl.logging  # orbax logs routine warnings through absl
+
+            absl.logging.set_verbosity(absl.logging.ERROR)
+        except ImportError:
+            pass
+        _run(args)
+
+    status = command.run_main(PROG, argv, body, user_errors=CONVERSION_ERRORS, user_status=1,
+                              interrupted="no partial output was left behind", guard=terminate_as_interrupt,
+                              terminated=(Terminated,))
+    if status == command.USAGE_STATUS:
+        sys.exit(status)
+    return status
 
 
 if __name__ == "__main__":

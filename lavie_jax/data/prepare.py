@@ -12,13 +12,12 @@ the same settings in the training config's `data` section so the pipeline finds 
 
 from __future__ import annotations
 
-import argparse
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from lavie_jax.cli import command
 from lavie_jax.data import builder_utils, image_text, moving_shapes, video_text
 from lavie_jax.io.safe_io import OutputPathError, Terminated, check_location, terminate_as_interrupt
 
@@ -35,27 +34,26 @@ _POSITIVE = {"num_workers", "num_videos", "num_frames", "max_frames"}
 _POSITIVE_BY_DATASET = {"moving_shapes": {"height", "width", "fps"}}
 
 
-class UsageError(ValueError):
-    """A bad command line: the message names the flag and what it takes."""
+UsageError = command.UsageError  # a bad command line: the message names the flag and what it takes
+# bad input (one paragraph, exit status 2); ValueError: the builders' checks of settings and tables (a header,
+# every row skipped)
+USER_ERRORS = (OutputPathError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block + exit
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("--traceback", action="store_true", help="on an error, print the Python traceback too")
-    sub = parser.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
+def _parser() -> command.ArgumentParser:
+    parser = command.make_parser(PROG, __doc__)
+    command.add_common_flags(parser, cache_default=None)  # no compiling here: no cache flags
+    sub = parser.add_subparsers(dest="dataset", required=True,
+                                help="the dataset to prepare (NAME --help lists its settings)")
     for name, (_, config_cls, _) in _DATASETS.items():
-        p = sub.add_parser(name, help=f"{name} (fields of {config_cls.__name__})")
+        p = sub.add_parser(name, help=f"{name} (fields of {config_cls.__name__})",
+                           description=f"{name}: the fields of {config_cls.__name__}")
         p.add_argument("--data_dir", default=None, help="tfds data_dir (default: tfds' ~/tensorflow_datasets)")
-        p.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if name != "moving_shapes":
             p.add_argument("--name", default="webvid" if name == "video_text" else "laion", help="config name prefix")
         for field, default in builder_utils.config_params(config_cls(name="defaults")).items():
             p.add_argument(f"--{field}", type=type(default), default=default, help=f"default: {default!r}")
+        command.add_common_flags(p, cache_default=None, in_subcommand=True)
     return parser
 
 
@@ -84,9 +82,10 @@ def _check(dataset: str, args: dict[str, Any]) -> None:
         check_location(args["data_dir"], flag="--data_dir")
 
 
-def _prepare(argv: Sequence[str] | None) -> None:
+def _prepare(argv: Sequence[str]) -> None:
     args = vars(_parser().parse_args(argv))
-    args.pop("traceback", None)
+    for common in ("traceback", "flagfile"):
+        args.pop(common, None)
     dataset = args.pop("dataset")
     _check(dataset, args)
     make = _DATASETS[dataset][0]
@@ -100,33 +99,12 @@ def _prepare(argv: Sequence[str] | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Prepare one dataset; returns the exit status: 0 done, 2 bad input (one message on stderr saying what and
-    how to fix it; --traceback adds the traceback), 1 an unexpected failure, 130 / 143 interrupted."""
-    show_traceback = "--traceback" in (sys.argv[1:] if argv is None else argv)
-
-    def fail(message: str, status: int) -> int:
-        if show_traceback:
-            traceback.print_exc()
-        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-        return status
-
-    with terminate_as_interrupt():
-        try:
-            _prepare(argv)
-        except KeyboardInterrupt as e:
-            terminated = isinstance(e, Terminated)
-            return fail(f"{'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'}; run the same command "
-                        "again to prepare the dataset from the start", 143 if terminated else 130)
-        except (UsageError, OutputPathError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                PermissionError) as e:
-            return fail(f"error: {e}", 2)
-        except ValueError as e:  # the builders' checks of settings and tables (header, every row skipped)
-            return fail(f"error: {e}", 2)
-        except OSError as e:
-            return fail(f"error: {e} (--traceback shows where)", 1)
-        except Exception as e:
-            return fail(f"unexpected error: {type(e).__name__}: {e} (a bug if the inputs are fine: please report "
-                        "it with the output of --traceback)", 1)
-    return 0
+    how to fix it; --traceback adds the traceback), 1 an unexpected failure, 130 / 143 interrupted (the
+    conventions of every command: lavie_jax.cli.command)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return command.run_main(PROG, argv, lambda: _prepare(argv), user_errors=USER_ERRORS,
+                            interrupted="run the same command again to prepare the dataset from the start",
+                            guard=terminate_as_interrupt, terminated=(Terminated,))
 
 
 if __name__ == "__main__":

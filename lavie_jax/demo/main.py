@@ -17,12 +17,13 @@ Phases (each prints its progress and time; a phase whose results are on disk is 
   6. evaluate      colour / direction accuracy per stage from the decoded frames (lavie_jax.demo.evaluate): the
                    table, DIR/summary.json and DIR/overview.png
 Delete DIR (or DIR/runs/STAGE) to train again from scratch. The settings are packaged configs, loaded by name:
-`demo` (sources, autoencoder, text encoder width; configs/demo.py) and `STAGE:demo`.
+`demo` (sources, autoencoder, text encoder width; configs/demo.py) and `STAGE:demo`. Compiled programs are kept in
+the user cache (~/.cache/lavie-jax/jax; `--compile-cache DIR` elsewhere, `--no-compile-cache` off), shared by the
+demo and its lavie-train runs, so a second demo skips most compiling.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -31,7 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lavie_jax.runtime import startup
+from lavie_jax.cli import command
+from lavie_jax.runtime import compile_cache, startup
 from lavie_jax.stages import STAGES, get_stage
 
 # Held-in prompts (captions of training videos): the first eight name every colour and every direction once, the
@@ -46,6 +48,7 @@ PROMPTS = (
 )
 TARGETS = {"color": 0.9, "direction": 0.8}
 TIME_TARGET_S = 15 * 60
+PROG = "python -m lavie_jax.demo"
 
 
 def _rel(path: str | Path) -> str:
@@ -59,10 +62,11 @@ def _rel(path: str | Path) -> str:
 class Demo:
     """The phases of the module docstring over one output directory."""
 
-    def __init__(self, output: Path):
+    def __init__(self, output: Path, cache_flags: Sequence[str] = ()):
         from lavie_jax.demo.console import Clock
 
         self.out = output
+        self.cache_flags = list(cache_flags)  # the compilation cache of the lavie-train runs (the demo's own)
         self.data_dir, self.encoders_dir, self.runs = output / "data", output / "encoders", output / "runs"
         self.clock = Clock()
         self.timings_file = output / "timings.json"
@@ -186,7 +190,7 @@ class Demo:
                 say(f"{stage}: found {_rel(workdir)} at step {latest}")
                 continue
             argv = ["lavie-train", "--config", self.config_arg(stage), "--workdir", _rel(workdir),
-                    *(f"--config.{k}={v}" for k, v in self.overrides())]
+                    *(f"--config.{k}={v}" for k, v in self.overrides()), *self.cache_flags]
             runs.append(Run(stage, argv, f"{config.train.num_steps} steps of {config.data.global_batch_size} clips"))
         what = ", ".join(f"{r.name} ({r.what})" for r in runs) or "nothing left to train"
         with self.clock.phase("train", f"{what}; {min(jobs, max(len(runs), 1))} lavie-train process(es) at a time"):
@@ -208,7 +212,7 @@ class Demo:
                 "--interpolation", self.config_arg("interpolation"),
                 "--interpolation-checkpoint", _rel(self.runs / "interpolation"),
                 "--vsr", self.config_arg("vsr"), "--vsr-checkpoint", _rel(self.runs / "vsr"),
-                "--prompt-file", _rel(prompt_file), "--output", _rel(self.out), "--overwrite"]
+                "--prompt-file", _rel(prompt_file), "--output", _rel(self.out), "--overwrite", *self.cache_flags]
         with self.clock.phase("sample", f"the cascade for {len(PROMPTS)} prompts"):
             say(" ".join(shlex.quote(a) for a in argv))
             results = lavie_sample(argv)
@@ -308,44 +312,58 @@ def closing(summary: dict[str, Any], demo: Demo) -> None:
     say(f"  {'training runs':<14} {_rel(demo.runs)}/{{base,interpolation,vsr}} (checkpoints, metrics.jsonl, tb/)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lavie_jax.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--output", default="outputs/demo", help="where everything goes (default: outputs/demo)")
-    p.add_argument("--jobs", type=int, default=len(STAGES), metavar="N",
+def build_parser() -> command.ArgumentParser:
+    p = command.make_parser(PROG, __doc__)
+    p.add_argument("--output", default="outputs/demo", metavar="DIR",
+                   help="where everything goes (default: %(default)s)")
+    p.add_argument("--jobs", type=command.bounded_int(1), default=len(STAGES), metavar="N",
                    help=f"lavie-train processes at a time (default: {len(STAGES)}, every stage at once)")
-    args = p.parse_args(argv)
-    if args.jobs < 1:
-        p.error(f"--jobs must be at least 1, got {args.jobs}")
+    command.add_common_flags(p, cache_default=compile_cache.USER_DIR_HELP)
+    return p
+
+
+def _cache_flags(directory: str | None) -> list[str]:
+    """The compilation cache the demo uses, for its lavie-train runs: one cache for every process of the demo."""
+    return ["--compile-cache", directory] if directory else ["--no-compile-cache"]
+
+
+def _run(argv: Sequence[str]) -> None:
+    args = build_parser().parse_args(argv)
     out = Path(args.output)
-    # compiled programs are kept for the next run (which then only samples); before jax is imported
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / "cache" / "jax"))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-    startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
+    # compiled programs are kept for the next run (which then only samples), and shared with the lavie-train runs
+    cache = compile_cache.configure(command.cache_choice(args, compile_cache.user_cache_dir()), prog=PROG)
     import absl.logging
 
     absl.logging.set_verbosity(absl.logging.WARNING)  # tfds / orbax info lines would drown the progress
     from lavie_jax.demo.console import say
 
     say(f"lavie-jax demo: data, autoencoder, three stages trained with lavie-train, the cascade sampled with "
-        f"lavie-sample, checked from pixels; everything goes to {_rel(out)}/")
-    from lavie_jax.demo.parallel_runs import RunFailed
-
-    demo = Demo(out)
-    try:
-        demo.data()
-        demo.encoders()
-        demo.precompute()
-        demo.train(args.jobs)
-    except (DemoError, RunFailed) as e:
-        print(f"demo: error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:  # the training runs saved their checkpoints (parallel_runs); a rerun resumes
-        print("demo: interrupted; run it again to resume", file=sys.stderr, flush=True)
-        return 130
+        f"lavie-sample, checked from pixels; everything goes to {_rel(out)}/ (compiled programs: "
+        f"{cache or 'not kept'})")
+    demo = Demo(out, cache_flags=_cache_flags(cache))
+    demo.data()
+    demo.encoders()
+    demo.precompute()
+    demo.train(args.jobs)
     results = demo.sample()
     summary = demo.evaluate(results)
     closing(summary, demo)
-    return 0
 
+
+def _run_failed(error: BaseException) -> tuple[str, int]:
+    return f"error: {error}", 1  # a lavie-train run failed; its output's end is in the message
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lavie_jax.demo`; returns the exit status: 0 done, 2 something on disk the demo will not use
+    (DemoError: the message says what to delete) or a bad flag, 1 a training run failed or an unexpected error,
+    130 / 143 interrupted (the training runs save their checkpoints; a rerun resumes). Messages follow
+    lavie_jax.cli.command."""
+    from lavie_jax.demo.parallel_runs import RunFailed
+    from lavie_jax.io.safe_io import Terminated, terminate_as_interrupt
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
+    return command.run_main(PROG, argv, lambda: _run(argv), user_errors=(DemoError,),
+                            handlers=((RunFailed, _run_failed),), interrupted="run it again to resume",
+                            guard=terminate_as_interrupt, terminated=(Terminated,))

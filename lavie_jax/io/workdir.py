@@ -480,10 +480,11 @@ def check_config(stored_config_json: str | Mapping | None, new_config: Any, *,
 
 MARKER = "lavie_workdir.json"
 # Everything `lavie-train` writes at the top of a work directory; anything else there is the user's, and makes
-# `--overwrite` refuse to replace the directory (lavie_jax.io.safe_io).
+# `--overwrite` refuse to replace the directory (lavie_jax.io.safe_io). `cache/` holds the compiled programs
+# (lavie_jax.runtime.compile_cache, `cache/jax`).
 WORKDIRS = Ownership("lavie-train work directory", "lavie-train", MARKER, {"format": "lavie-jax"},
                      {"train": {CHECKPOINTS_DIR: None, INCOMPLETE_DIR: None, "metrics.jsonl": None, "tb": None,
-                                "samples": None, "config.json": None}})
+                                "samples": None, "config.json": None, "cache": None}})
 
 
 def is_workdir(path: str | os.PathLike) -> bool:

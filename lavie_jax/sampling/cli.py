@@ -20,32 +20,36 @@ there is a video to write. Ctrl-C (or SIGTERM) stops a run within a step: finish
 removed (exit status 130, or 143). On several hosts, run the same command on each with `--distributed`
 (launch/tpu.py, launch/slurm.py): the mesh spans all hosts and process 0 writes the files.
 
+Compiled programs are kept in a cache (`--compile-cache DIR`, default ~/.cache/lavie-jax/jax; off with
+`--no-compile-cache`), so a second run starts sampling in seconds; on several hosts pass a directory they all see
+(lavie_jax.runtime.compile_cache). `--flagfile FILE` reads more flags from a file, config overrides included.
+
 Exit status: 0 done, 2 bad input (one line on stderr says what and how to fix it; `--traceback` adds the
 traceback), 1 an unexpected failure, 130 / 143 interrupted.
 """
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import contextlib
 import os
-import re
 import shlex
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import ml_collections
-from absl import flags, logging
+from absl import logging
 
-from lavie_jax.runtime import startup
+from lavie_jax.cli import command
+from lavie_jax.runtime import compile_cache, startup
 from lavie_jax.io.checkpoints import CheckpointError
-from lavie_jax.cli.config_flags import ConfigArgError, parse_config_flags
+from lavie_jax.cli.config_flags import ConfigArgError
 from lavie_jax.io.keycheck import KeyMismatchError
 from lavie_jax.models.arch import ConfigError
 from lavie_jax.models.attention_kernels import AttentionImplError, check_attention_impl
@@ -66,53 +70,61 @@ STAGE_FLAGS = ("config", *LATER_STAGES)  # config-file flags, in cascade order
 MAX_SEED = 2 ** 32 - 1
 DTYPES = ("float32", "bfloat16")  # computation dtypes of the models (params stay float32)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-INTERRUPT_STATUS = 130  # 128 + SIGINT, what shells report for Ctrl-C
-TERMINATE_STATUS = 143  # 128 + SIGTERM
+INTERRUPT_STATUS, TERMINATE_STATUS = command.INTERRUPT_STATUS, command.TERMINATE_STATUS  # 128 + SIGINT / SIGTERM
 REDELIVER_S = 1.0  # an interrupt not caught by then was swallowed (see `_interrupts`) and is sent again
 
 
-def define_flags() -> flags.FlagValues:
-    """The command's flags on a fresh FlagValues, so the command can be parsed more than once in a process.
+def build_parser() -> command.ArgumentParser:
+    """The command's flags (a fresh parser, so the command can be parsed more than once in a process).
 
-    The config flags are listed here for `--help`; `parse_config_flags` takes them (and their `--NAME.field`
-    overrides) out of argv before absl parses the rest."""
-    fv = flags.FlagValues()
-    helps = {"config": "First stage: configs/STAGE.py[:variant]; override fields with --config.a.b=value.",
-             **{n: f"Then the {n} stage with this config (--{n}.a.b=value overrides)." for n in LATER_STAGES}}
-    for name in STAGE_FLAGS:
-        flags.DEFINE_string(name, None, helps[name], flag_values=fv)
-    flags.DEFINE_string("checkpoint", None, "Pipeline directory of the --config stage, a lavie-train work directory, "
-                        "or 'random'.", flag_values=fv)
-    flags.DEFINE_enum("params", "ema", ("ema", "raw"), "Which params of a lavie-train work directory to sample with: "
-                      "the EMA of the trained params, or the raw ones.", flag_values=fv)
+    The config flags are listed here for --help; `parse_config_flags` takes them (and their `--NAME.field`
+    overrides) out of argv before argparse parses the rest."""
+    p = command.make_parser(PROG, __doc__, positional_hint=" (a prompt goes in --prompt 'TEXT')")
+    stages = p.add_argument_group("stages", "A stage config is FILE[:variant]; override any field of it with "
+                                            "--NAME.a.b=value,\ne.g. --config.sample.steps=25 or "
+                                            "--vsr.sample.steps=10.")
+    stages.add_argument("--config", metavar="FILE[:variant]",
+                        help="the first stage: configs/STAGE.py[:variant]; override fields with --config.a.b=value "
+                             "(required)")
     for name in LATER_STAGES:
-        flags.DEFINE_string(f"{name}-checkpoint", None, f"Pipeline directory of the --{name} stage.", flag_values=fv)
-    flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).", flag_values=fv)
-    flags.DEFINE_string("prompt-file", None, "A UTF-8 text file with one prompt per line (blank lines skipped).",
-                        flag_values=fv)
-    flags.DEFINE_multi_string("input", [], "Input videos of an interpolation / vsr first stage (files or "
-                              "directories).", flag_values=fv)
-    flags.DEFINE_string("output", None, "Output directory.", flag_values=fv)
-    flags.DEFINE_integer("seed", None, "Seed for every stage (default: each stage config's sample.seed).",
-                         lower_bound=0, upper_bound=MAX_SEED, flag_values=fv)
-    flags.DEFINE_boolean("progress", True, "Show a progress bar over denoising steps.", flag_values=fv)
-    flags.DEFINE_boolean("distributed", False, "Join a multi-process run (one process per host, the same command "
-                         "on every host): the cluster is detected on Cloud TPU / SLURM / MPI, else pass "
-                         "--coordinator, --num-processes and --process-id.", flag_values=fv)
-    flags.DEFINE_string("coordinator", None, "--distributed: HOST:PORT of process 0.", flag_values=fv)
-    flags.DEFINE_integer("num-processes", None, "--distributed: number of processes.", lower_bound=1,
-                         flag_values=fv)
-    flags.DEFINE_integer("process-id", None, "--distributed: this process's index, 0..N-1.", lower_bound=0,
-                         flag_values=fv)
-    flags.DEFINE_boolean("overwrite", False, "Replace output files that already exist (default: refuse before "
-                         "sampling).", flag_values=fv)
-    flags.DEFINE_boolean("traceback", False, "On an error, print the Python traceback too.", flag_values=fv)
-    return fv
+        stages.add_argument(f"--{name}", metavar="FILE[:variant]",
+                            help=f"then the {name} stage with this config (--{name}.a.b=value overrides)")
+    stages.add_argument("--checkpoint", metavar="DIR", help="pipeline directory of the --config stage, a "
+                        "lavie-train work directory, or 'random' (required)")
+    stages.add_argument("--params", choices=("ema", "raw"), default="ema",
+                        help="which params of a lavie-train work directory to sample with: the EMA of the trained "
+                             "params, or the raw ones (default: %(default)s)")
+    for name in LATER_STAGES:
+        stages.add_argument(f"--{name}-checkpoint", metavar="DIR", help=f"pipeline directory of the --{name} stage")
+    io = p.add_argument_group("prompts, videos and output")
+    io.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
+    io.add_argument("--prompt-file", metavar="FILE",
+                    help="a UTF-8 text file with one prompt per line (blank lines skipped)")
+    io.add_argument("--input", action="append", default=[], metavar="PATH",
+                    help="input videos of an interpolation / vsr first stage: files or directories (repeatable)")
+    io.add_argument("--output", metavar="DIR", help="output directory (required)")
+    io.add_argument("--overwrite", action=command.BooleanFlag, default=False,
+                    help="replace output files that already exist (default: refuse before sampling)")
+    run = p.add_argument_group("sampling")
+    run.add_argument("--seed", type=command.bounded_int(0, MAX_SEED), metavar="N",
+                     help=f"seed for every stage, 0 to {MAX_SEED} (default: each stage config's sample.seed)")
+    run.add_argument("--progress", action=command.BooleanFlag, default=True,
+                     help="show a progress bar over denoising steps (default: on)")
+    cluster = p.add_argument_group("several hosts")
+    cluster.add_argument("--distributed", action=command.BooleanFlag, default=False,
+                         help="join a multi-process run (one process per host, the same command on every host): "
+                              "the cluster is detected on Cloud TPU / SLURM / MPI, else pass --coordinator, "
+                              "--num-processes and --process-id")
+    cluster.add_argument("--coordinator", metavar="HOST:PORT", help="--distributed: address of process 0")
+    cluster.add_argument("--num-processes", type=command.bounded_int(1), metavar="N",
+                         help="--distributed: number of processes")
+    cluster.add_argument("--process-id", type=command.bounded_int(0), metavar="I",
+                         help="--distributed: this process's index, 0..N-1")
+    command.add_common_flags(p, cache_default=compile_cache.USER_DIR_HELP)
+    return p
 
 
-class UsageError(ValueError):
-    """Bad or missing command-line flags."""
-
+UsageError = command.UsageError  # bad or missing command-line flags
 
 # user errors: reported in one line, without a traceback, exit status 2
 ERRORS = (UsageError, ConfigArgError, SampleConfigError, PipelineError, OutputError, OutputPathError, RequestError,
@@ -139,46 +151,16 @@ class RunInterrupted(KeyboardInterrupt):
                 f"before it ({where}); partial files were removed")
 
 
-def _interrupt_name(terminated: bool) -> str:
-    return "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+_interrupt_name = command.interrupt_name
 
 
 # ------------------------------------------------------------------------------------------------ flags
 
 
-def _parse(argv: Sequence[str]) -> tuple[flags.FlagValues, dict[str, ml_collections.ConfigDict | None]]:
-    """Configs (with overrides) and the other flags; UsageError / ConfigArgError on anything malformed."""
-    fv = define_flags()
-    try:  # --flagfile contents first, so config overrides may come from a flag file too
-        argv = fv.read_flags_from_files(list(argv), force_gnu=False)
-    except flags.Error as e:
-        raise UsageError(f"--flagfile: {re.sub(r'^ERROR:+ *', '', str(e))}") from e
-    configs, rest = parse_config_flags(argv, STAGE_FLAGS)
-    try:
-        leftover = fv(rest)
-    except flags.Error as e:
-        raise UsageError(_flag_error(fv, e)) from e
-    if leftover[1:]:
-        raise UsageError(f"unexpected argument {leftover[1]!r}: every value needs its flag (a prompt goes in "
-                         f"--prompt 'TEXT'); quote values that contain spaces. See {PROG} --help")
-    return fv, configs
-
-
-def _flag_error(fv: flags.FlagValues, error: flags.Error) -> str:
-    """absl's message about a flag, reworded to say what the flag takes."""
-    message = str(error)
-    match = re.match(r"flag --([\w-]+)=(.*?): ", message, re.DOTALL)
-    if match and match.group(1) in fv:
-        name, value = match.group(1), match.group(2)
-        kind = fv[name].flag_type()
-        if kind == "bool":
-            return f"--{name}={value}: expected true or false (or --{name} / --no{name})"
-        if kind == "int":
-            detail = message[match.end():]
-            if detail.startswith("invalid literal"):
-                return f"--{name} {value}: expected an integer"
-            return f"--{name} {value}: {detail}"  # a bound: absl says which
-    return f"{message.rstrip('. ')} (see {PROG} --help)"
+def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, ml_collections.ConfigDict | None]]:
+    """Configs (with overrides) and the other flags; UsageError / ConfigArgError on anything malformed. Flag files
+    are read first, so config overrides may come from a flag file too."""
+    return command.parse_with_configs(build_parser(), argv, STAGE_FLAGS)
 
 
 class _Stage(NamedTuple):
@@ -191,16 +173,16 @@ class _Stage(NamedTuple):
         return "--checkpoint" if self.flag == "config" else f"--{self.flag}-checkpoint"
 
 
-def _stage_configs(fv: flags.FlagValues, configs: dict[str, ml_collections.ConfigDict | None]) -> list[_Stage]:
+def _stage_configs(args: argparse.Namespace, configs: dict[str, ml_collections.ConfigDict | None]) -> list[_Stage]:
     """The stages in cascade order, validated: a stage config per flag, consecutive stages, a checkpoint each."""
     if configs["config"] is None:
         raise UsageError("--config is required: the first stage's config file, e.g. --config configs/base.py "
                          "(or configs/base.py:tiny)")
-    stages = [_Stage(configs["config"], fv.checkpoint, "config")]
+    stages = [_Stage(configs["config"], args.checkpoint, "config")]
     for name in LATER_STAGES:
         if configs[name] is not None:
-            stages.append(_Stage(configs[name], fv[f"{name}-checkpoint"].value, name))
-        elif fv[f"{name}-checkpoint"].value is not None:
+            stages.append(_Stage(configs[name], getattr(args, f"{name}_checkpoint"), name))
+        elif getattr(args, f"{name}_checkpoint") is not None:
             raise UsageError(f"--{name}-checkpoint given without --{name} CONFIG; add --{name} configs/{name}.py "
                              f"or drop --{name}-checkpoint")
     for s in stages:
@@ -228,10 +210,10 @@ def _stage_configs(fv: flags.FlagValues, configs: dict[str, ml_collections.Confi
     return stages
 
 
-def _cluster(fv: flags.FlagValues) -> tuple | None:
+def _cluster(args: argparse.Namespace) -> tuple | None:
     """(coordinator, num_processes, process_id) to join with --distributed (all None: detect), None without it."""
-    cluster = (fv.coordinator, fv["num-processes"].value, fv["process-id"].value)
-    if not fv.distributed:
+    cluster = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed:
         if any(v is not None for v in cluster):
             raise UsageError("--coordinator / --num-processes / --process-id need --distributed")
         return None
@@ -297,14 +279,14 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def _prompts(fv: flags.FlagValues) -> list[str]:
-    for i, prompt in enumerate(fv.prompt):
+def _prompts(args: argparse.Namespace) -> list[str]:
+    for i, prompt in enumerate(args.prompt):
         if not prompt.strip():
             raise UsageError(f"--prompt number {i + 1} is empty; pass the text of the video, e.g. --prompt 'a "
                              "corgi on the beach' (an unset shell variable gives an empty value)")
-    prompts = list(fv.prompt)
-    if fv["prompt-file"].value is not None:
-        prompts += read_prompt_file(fv["prompt-file"].value)
+    prompts = list(args.prompt)
+    if args.prompt_file is not None:
+        prompts += read_prompt_file(args.prompt_file)
     return prompts
 
 
@@ -348,31 +330,31 @@ class _Plan(NamedTuple):
     mesh: jax.sharding.Mesh
 
 
-def _plan(fv: flags.FlagValues, stages: list[_Stage]) -> _Plan:
+def _plan(args: argparse.Namespace, stages: list[_Stage]) -> _Plan:
     """Everything that can be checked on this host before a model is loaded: output paths, prompts or input
     videos, checkpoint directories, the mesh, and that no existing file would be replaced. Creates nothing."""
-    if not fv.output:
+    if not args.output:
         raise UsageError("--output DIR is required (created when the first video is written)")
-    output = check_output_dir(fv.output)
+    output = check_output_dir(args.output)
     for s in stages:
         _check_model_section(s.config, s.flag)
         _check_checkpoint(s.config, s.checkpoint, s.checkpoint_flag)
     first = stages[0].config.stage
     if not get_stage(first).takes_video:
-        if fv.input:
+        if args.input:
             raise UsageError(f"--input videos are for a first stage that refines a video ({', '.join(LATER_STAGES)}); "
                              f"{first} takes prompts (--prompt / --prompt-file)")
-        prompts = _prompts(fv)
+        prompts = _prompts(args)
         if not prompts:
             raise UsageError("no prompts: pass --prompt TEXT (repeatable) or --prompt-file FILE")
         groups = [(list(range(len(prompts))), prompts, None, None, None)]
     else:
-        if fv.prompt or fv["prompt-file"].value:
+        if args.prompt or args.prompt_file:
             raise UsageError(f"a {first} first stage reads its prompts from the --input videos' sidecars or file "
                              "names; drop --prompt / --prompt-file")
-        if not fv.input:
+        if not args.input:
             raise UsageError(f"a {first} first stage needs --input videos (files or directories)")
-        inputs = read_inputs(fv.input)
+        inputs = read_inputs(args.input)
         by_shape: dict[tuple, list[int]] = {}
         for i, v in enumerate(inputs):
             by_shape.setdefault((v.frames.shape, v.fps), []).append(i)
@@ -387,7 +369,7 @@ def _plan(fv: flags.FlagValues, stages: list[_Stage]) -> _Plan:
     if get_stage(first).takes_video:
         _check_inputs_survive(groups, directories, stems, formats)
     for n in names:
-        check_no_overwrite(directories[n], list(stems.values()), formats[n], fv.overwrite)
+        check_no_overwrite(directories[n], list(stems.values()), formats[n], args.overwrite)
     shape = tuple(stages[0].config.mesh.shape)
     try:
         mesh = make_mesh(shape)
@@ -522,15 +504,16 @@ def run(argv: Sequence[str]) -> list:
 
     Raises one of ERRORS on bad input, before any model is loaded, and RunInterrupted (a KeyboardInterrupt) when
     Ctrl-C / SIGTERM stops the sampling."""
-    fv, configs = _parse(argv)
-    stages = _stage_configs(fv, configs)
-    cluster = _cluster(fv)
+    args, configs = _parse(argv)
+    stages = _stage_configs(args, configs)
+    cluster = _cluster(args)
     if cluster is not None:
         _join(cluster)
+    compile_cache.configure(command.cache_choice(args, compile_cache.user_cache_dir()), prog=PROG)  # before compiling
     # hosts may differ (files, paths): every process learns whether any failed its checks, and all stop together
     plan, error = None, None
     try:
-        plan = _plan(fv, stages)
+        plan = _plan(args, stages)
     except ERRORS as e:
         error = e
     failed = failed_processes(error is not None)
@@ -540,7 +523,7 @@ def run(argv: Sequence[str]) -> list:
         raise UsageError(f"process(es) {failed} of {jax.process_count()} failed their checks before sampling (their "
                          "own error says why); every process stops")
 
-    ema = fv.params == "ema"
+    ema = args.params == "ema"
     cascade = Cascade([StageSampler(s.config, load_stage_pipeline(s.config, s.checkpoint, plan.mesh, ema=ema),
                                     plan.mesh) for s in stages])
     for indices, prompts, videos, fps, _ in plan.groups:
@@ -556,14 +539,14 @@ def run(argv: Sequence[str]) -> list:
             stems = [plan.stems[i] for i in indices]
             if len(cascade.samplers) == 1:
                 sampler = cascade.samplers[0]
-                results = [sampler.sample(prompts, videos, seed=fv.seed, fps=fps, indices=indices,
-                                          progress=fv.progress)]
+                results = [sampler.sample(prompts, videos, seed=args.seed, fps=fps, indices=indices,
+                                          progress=args.progress)]
                 write_result(results[0], plan.output, config=sampler.config, indices=indices, sources=sources,
-                             stems=stems, overwrite=fv.overwrite)
+                             stems=stems, overwrite=args.overwrite)
             else:
-                results = cascade.run(prompts, videos, seed=fv.seed, fps=fps, indices=indices,
-                                      output_dir=plan.output, sources=sources, stems=stems, overwrite=fv.overwrite,
-                                      progress=fv.progress)
+                results = cascade.run(prompts, videos, seed=args.seed, fps=fps, indices=indices,
+                                      output_dir=plan.output, sources=sources, stems=stems, overwrite=args.overwrite,
+                                      progress=args.progress)
             for result in results if writer else ():
                 for stem in stems:
                     print(f"wrote {plan.directories[result.stage] / stem}.{{{','.join(result.options.formats)},json}}",
@@ -580,22 +563,10 @@ def run(argv: Sequence[str]) -> list:
     return results
 
 
-def _wants_traceback(argv: Sequence[str]) -> bool:
-    """--traceback, looked up before parsing (a parse error should honour it too); the last one wins."""
-    wanted = False
-    for arg in argv[1:]:
-        if arg == "--":
-            break
-        if arg in ("--traceback", "-traceback", "--traceback=true", "--traceback=1"):
-            wanted = True
-        elif arg in ("--notraceback", "--traceback=false", "--traceback=0"):
-            wanted = False
-    return wanted
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (`lavie-sample`): every failure is one line on stderr (see the module docstring for the
-    exit statuses); SIGTERM is handled as Ctrl-C.
+    exit statuses, and lavie_jax.cli.command for the conventions every command shares); SIGTERM is handled as
+    Ctrl-C. Returns after --help; exits (SystemExit) with the status otherwise, unless the run succeeded.
 
     As the command (`argv` None), an interrupted run leaves with `os._exit` once its message is out: tearing down
     a JAX runtime that was interrupted mid-step now and then crashes the interpreter on its way out (SIGSEGV after
@@ -604,17 +575,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     console = argv is None
     argv = list(sys.argv if argv is None else argv)
     startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__)
-        print(define_flags().get_help())
-        return
-    show_traceback = _wants_traceback(argv)
+    show_traceback = command.wants_traceback(argv[1:])
     logging.set_verbosity(logging.WARNING)  # absl's INFO lines (backend probing) would drown the progress bar
 
     def fail(message: str, status: int, interrupted: bool = False) -> None:
-        if show_traceback:
-            traceback.print_exc()
-        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+        command.report(PROG, message, show_traceback=show_traceback)
         if interrupted and console:
             sys.stdout.flush()
             os._exit(status)
@@ -623,6 +588,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     with _interrupts():
         try:
             run(argv)
+        except SystemExit as e:  # --help printed the flags
+            if e.code:
+                raise
         except RunInterrupted as e:
             _caught()
             _settle()
@@ -632,14 +600,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             _settle()
             terminated = isinstance(e, Terminated)
             fail(f"{_interrupt_name(terminated)} before sampling began; nothing was written",
-                 TERMINATE_STATUS if terminated else INTERRUPT_STATUS, interrupted=True)
-        except ERRORS as e:
-            fail(f"error: {e}", 2)
-        except OSError as e:  # the machine, not the input: disk full, a path that vanished while writing
-            fail(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''} (--traceback shows where)", 1)
-        except Exception as e:
-            fail(f"unexpected error: {type(e).__name__}: {e} (a bug if the inputs are fine: please report it with "
-                 "the output of --traceback)", 1)
+                 command.interrupt_status(terminated), interrupted=True)
+        except Exception as e:  # noqa: BLE001 - one line and a status (ERRORS: bad input, 2)
+            fail(*command.failure(e, ERRORS))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ second Ctrl-C exits at once. On several hosts run the same command on each with 
 (launch/tpu.py, launch/slurm.py): the cluster is detected on Cloud TPU, SLURM and Open MPI, else pass
 --coordinator, --num-processes and --process-id.
 
+Compiled programs are kept in `WORKDIR/cache/jax`, so a resumed or repeated run skips most of its start
+(`--compile-cache DIR` keeps them elsewhere, on storage every host sees; `--no-compile-cache` turns this off;
+lavie_jax.runtime.compile_cache). `--flagfile FILE` reads more flags, config overrides included, from a file.
+
 Exit status: 0 done (or stopped and saved), 2 bad input (one paragraph on stderr names the field or flag and the
 fix; `--traceback` adds the traceback), 3 a NaN / infinite loss (the last good checkpoint is kept), 1 an
 unexpected failure.
@@ -21,18 +25,21 @@ unexpected failure.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
-from lavie_jax.runtime import startup
-from lavie_jax.cli.config_flags import ConfigArgError, parse_config_flags
+from lavie_jax.cli import command
+from lavie_jax.runtime import compile_cache, startup
 
-# errors that mean "bad input": one paragraph, exit status 2 (imported lazily with jax, see `_user_errors`)
+PROG = "lavie-train"
+UsageError = command.UsageError  # bad or missing command-line flags
+NONFINITE_STATUS = 3
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "bad input": one paragraph, exit status 2 (imported lazily: they bring jax)."""
+    from lavie_jax.cli.config_flags import ConfigArgError
     from lavie_jax.io.checkpoints import CheckpointError
     from lavie_jax.io.keycheck import KeyMismatchError
     from lavie_jax.models.arch import ConfigError
@@ -44,31 +51,33 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             KeyMismatchError, FileNotFoundError)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lavie-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--config", metavar="FILE[:variant]", help="stage config, e.g. configs/base.py:tiny (required)")
-    p.add_argument("--workdir", required=True, help="work directory: checkpoints, metrics, TensorBoard")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing work directory of lavie-train instead of resuming it")
-    p.add_argument("--distributed", action="store_true", help="join a multi-process run (jax.distributed)")
-    p.add_argument("--coordinator", help="--distributed: address:port of process 0")
-    p.add_argument("--num-processes", type=int, help="--distributed: number of processes")
-    p.add_argument("--process-id", type=int, help="--distributed: this process's index")
-    p.add_argument("--quiet", action="store_true", help="no progress lines (metrics.jsonl and tb/ are written)")
-    p.add_argument("--traceback", action="store_true", help="on an error, print the Python traceback too")
+def build_parser() -> command.ArgumentParser:
+    p = command.make_parser(PROG, __doc__)
+    run = p.add_argument_group("the run")
+    run.add_argument("--config", metavar="FILE[:variant]",
+                     help="stage config, e.g. configs/base.py:tiny (required); override any field with "
+                          "--config.a.b=value, e.g. --config.train.num_steps=100")
+    run.add_argument("--workdir", metavar="DIR", required=True,
+                     help="work directory (local or gs://): checkpoints, metrics, TensorBoard, compiled programs")
+    run.add_argument("--overwrite", action=command.BooleanFlag, default=False,
+                     help="replace an existing work directory of lavie-train instead of resuming it")
+    run.add_argument("--quiet", action=command.BooleanFlag, default=False,
+                     help="no progress lines (metrics.jsonl and tb/ are written)")
+    cluster = p.add_argument_group("several hosts")
+    cluster.add_argument("--distributed", action=command.BooleanFlag, default=False,
+                         help="join a multi-process run (jax.distributed; the same command on every host)")
+    cluster.add_argument("--coordinator", metavar="HOST:PORT", help="--distributed: address of process 0")
+    cluster.add_argument("--num-processes", type=command.bounded_int(1), metavar="N",
+                         help="--distributed: number of processes")
+    cluster.add_argument("--process-id", type=command.bounded_int(0), metavar="I",
+                         help="--distributed: this process's index, 0..N-1")
+    command.add_common_flags(p, cache_default=f"WORKDIR/{compile_cache.WORKDIR_SUBDIR}")
     return p
-
-
-class UsageError(ValueError):
-    """Bad or missing command-line flags."""
 
 
 def run(argv: Sequence[str]):
     """Parse `argv` (program name first) and train; returns the TrainResult."""
-    configs, rest = parse_config_flags(argv, ("config",))
-    args = build_parser().parse_args(rest[1:])
+    args, configs = command.parse_with_configs(build_parser(), argv, ("config",))
     config = configs["config"]
     if config is None:
         raise UsageError("--config is required: a stage config such as configs/base.py or configs/base.py:tiny")
@@ -84,40 +93,45 @@ def run(argv: Sequence[str]):
         raise UsageError("--coordinator / --num-processes / --process-id need --distributed")
     from lavie_jax.train.loop import train
 
-    return train(config, args.workdir, overwrite=args.overwrite, console=not args.quiet)
+    # The default cache lives in the work directory, which must exist (and be ours) first: it is turned on once
+    # the work directory is prepared, before the first program of the run compiles.
+    choice = command.cache_choice(args, compile_cache.workdir_cache_dir(args.workdir))
+    if choice.source != "default":
+        compile_cache.configure(choice, prog=PROG)
+        on_workdir = None
+    else:
+        def on_workdir(path: Path) -> None:
+            compile_cache.configure(command.cache_choice(args, compile_cache.workdir_cache_dir(path)), prog=PROG)
+
+    return train(config, args.workdir, overwrite=args.overwrite, console=not args.quiet, on_workdir=on_workdir)
+
+
+def _failure(error: BaseException) -> tuple[str, int]:
+    """(message, status) of a failed run: a non-finite loss stops with 3, the rest as every command reports."""
+    from lavie_jax.train.loop import NonFiniteLossError  # with jax: not needed for --help or a bad flag
+
+    if isinstance(error, NonFiniteLossError):
+        return f"stopped: {error}", NONFINITE_STATUS
+    return command.failure(error, _user_errors())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit status (module docstring)."""
+    """Console entry point; returns the exit status (module docstring; lavie_jax.cli.command for the conventions
+    every command shares)."""
     argv = list(sys.argv if argv is None else argv)
-    show_traceback = "--traceback" in argv
     startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds
-    try:
+
+    def body() -> None:
         import absl.logging  # orbax and tfds log routine lines through absl
 
         absl.logging.set_verbosity(absl.logging.WARNING)
         run(argv)
-    except SystemExit as e:  # argparse: usage errors exit 2 after printing, --help exits 0
-        return int(e.code or 0)
-    except Exception as e:  # noqa: BLE001 - sorted below: user errors in one paragraph, the rest with details
-        from lavie_jax.train.loop import NonFiniteLossError
 
-        if show_traceback:
-            traceback.print_exc()
-        if isinstance(e, NonFiniteLossError):
-            print(f"lavie-train: stopped: {e}", file=sys.stderr)
-            return 3
-        if isinstance(e, (UsageError, *_user_errors())):
-            print(f"lavie-train: error: {e}", file=sys.stderr)
-            return 2
-        if not show_traceback:
-            traceback.print_exc()
-        return 1
-    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves at the next step and exits 0)
-        print("lavie-train: interrupted without saving; rerun the same command to resume from the last complete "
-              "checkpoint", file=sys.stderr)
-        return 130
-    return 0
+    # The loop handles SIGTERM and the first Ctrl-C itself (it saves at the next step and exits 0): an interrupt
+    # that reaches here is a second Ctrl-C.
+    return command.run_main(PROG, argv[1:], body, handlers=((Exception, _failure),),
+                            interrupted="stopped without saving; rerun the same command to resume from the last "
+                                        "complete checkpoint")
 
 
 if __name__ == "__main__":

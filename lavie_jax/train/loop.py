@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,12 +121,17 @@ def _finite(metrics: Mapping[str, Any]) -> bool:
 # ------------------------------------------------------------------------------------------------ the loop
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, overwrite: bool = False,
-          console: bool = True, devices: Sequence[jax.Device] | None = None) -> TrainResult:
+          console: bool = True, devices: Sequence[jax.Device] | None = None,
+          on_workdir: Callable[[Path], None] | None = None) -> TrainResult:
     """Train `config.stage` in `workdir` until `config.train.num_steps` (see the module docstring). The mesh
-    (`config.mesh.shape`) spans all devices, or `devices` (e.g. one device of several, in tests)."""
+    (`config.mesh.shape`) spans all devices, or `devices` (e.g. one device of several, in tests). `on_workdir` is
+    called with the prepared work directory before the run's programs compile (lavie-train turns on the
+    compilation cache it keeps there)."""
     t = config.train
     mesh = parallel.make_mesh(config.mesh.shape, devices)
     path = prepare_workdir(workdir, config, overwrite)
+    if on_workdir is not None:
+        on_workdir(path)
     _say(f"{config.stage} stage on {jax.device_count()} device(s) ({jax.devices()[0].device_kind}), mesh "
          f"{dict(mesh.shape)}, {jax.process_count()} process(es); work directory {path}")
     ckpt = workdirs.TrainCheckpointer(path, save_every=t.checkpoint_every, keep=t.keep, keep_every=t.keep_every,

@@ -1,0 +1,186 @@
+"""Startup benchmark: time to the first training step and to the first video, with an empty compilation cache
+(cold) and with the cache a previous run left (warm), for the CPU-sized configs.
+
+Each row runs the real command in a fresh process, as a user would, and times it from the process start to the
+line that marks the first result:
+  train (fresh workdir)  `lavie-train --config configs/base.py:tiny` into a new work directory, 2 steps, the cache
+                         in a directory of its own (`--compile-cache`): until the line `step 1/2` (printed once
+                         step 1 is done and step 2 dispatched)
+  train (resume)         a run preempted (SIGTERM) after its first step, resumed by the same command with its
+                         default cache, WORKDIR/cache/jax (cold: that directory deleted first): until the first
+                         step line after the resume
+  sample (random)        `lavie-sample --config configs/base.py:tiny --checkpoint random`, one prompt: until the
+                         `wrote ...` line of the video
+  imports                `import` of the modules the commands load (no compiling: the part a cache cannot save)
+Warm/cold is the fraction of the cold start that remains (the median over the cold/warm pairs, each pair run back
+to back); programs: the cache entries the warm run found. `--repeats N` runs every row N times (cold and warm
+interleaved) and reports the medians: the machine is shared, single runs are noisy. Nothing here is part of the
+tests; everything is written under a temporary directory (or `--keep DIR`).
+
+  python -m bench.startup_bench                  # ~5 minutes on 2 CPU cores
+  python -m bench.startup_bench --repeats 3 --rows sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DATA = ["--config.data.read_threads=1"]
+ROWS = ("train", "resume", "sample", "imports")
+RESUME_STEPS = 4  # the preempted run stops after step 1 or 2 (the step after the signal), the resumed one goes on
+
+
+def _env() -> dict[str, str]:
+    """This environment without any compilation-cache settings: each command picks its own (the flags below)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "LAVIE_JAX_CACHE"))}
+
+
+def timed_run(argv: list[str], marker: str, log: Path) -> tuple[float, float]:
+    """(seconds to the first output line matching `marker`, seconds to exit) of one process; its output goes to
+    `log`."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = None
+    with open(log, "w") as out:
+        for line in proc.stdout:
+            out.write(line)
+            if first is None and re.search(marker, line):
+                first = time.perf_counter() - start
+    proc.wait()
+    total = time.perf_counter() - start
+    if proc.returncode != 0 or first is None:
+        raise RuntimeError(f"{' '.join(argv)} exited with {proc.returncode} (marker {marker!r} "
+                           f"{'not ' if first is None else ''}seen); see {log}")
+    return first, total
+
+
+def preempt(argv: list[str], log: Path) -> None:
+    """Run a training command and SIGTERM it once its first step is logged, as a preemption would: it saves at the
+    next step boundary and exits 0, leaving a work directory to resume."""
+    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 1/"):
+            proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    log.write_text("".join(lines))
+    if proc.returncode != 0 or not any("saved checkpoint at step" in line for line in lines):
+        raise RuntimeError(f"the preempted run did not save and exit 0 ({proc.returncode}); see {log}")
+
+
+def _entries(cache: Path) -> int:
+    return len(list(cache.glob("*-cache"))) if cache.is_dir() else 0
+
+
+def train_argv(workdir: Path, data: Path, steps: int, *cache: str) -> list[str]:
+    return [str(BIN / "lavie-train"), "--config", "configs/base.py:tiny", "--workdir", str(workdir),
+            f"--config.data.data_dir={data}", f"--config.train.num_steps={steps}", "--config.train.log_every=1",
+            f"--config.train.checkpoint_every={steps}", *DATA, *cache]
+
+
+def sample_argv(out: Path, cache: Path) -> list[str]:
+    return [str(BIN / "lavie-sample"), "--config", "configs/base.py:tiny", "--checkpoint", "random", "--prompt",
+            "a red circle moving left", "--output", str(out), "--overwrite", "--noprogress", "--compile-cache",
+            str(cache)]
+
+
+def bench(rows: list[str], repeats: int, work: Path) -> dict[str, dict[str, list[float]]]:
+    data = work / "tfds"
+    results: dict[str, dict[str, list[float]]] = {}
+
+    def record(row: str, kind: str, first: float, total: float, entries: int) -> None:
+        r = results.setdefault(row, {})
+        r.setdefault(kind, []).append(first)
+        r.setdefault(f"{kind} total", []).append(total)
+        r.setdefault(f"{kind} entries", []).append(entries)
+        print(f"  {row:<8} {kind}: {first:6.1f} s to the first result, {total:6.1f} s in all, {entries} cached "
+              "programs", flush=True)
+
+    if {"train", "resume"} & set(rows):  # the dataset (tfds prepares it on first use) and a run to resume
+        print("setup: base:tiny preempted after its first step (prepares the data, leaves a run to resume)",
+              flush=True)
+        preempt(train_argv(work / "preempted", data, RESUME_STEPS), work / "setup.log")
+    for i in range(repeats):
+        for row in rows:
+            if row == "train":
+                cache = work / f"train-cache-{i}"
+                for kind in ("cold", "warm"):
+                    first, total = timed_run(train_argv(work / f"run-{i}-{kind}", data, 2, "--compile-cache",
+                                                           str(cache)), r"^step 1/2", work / f"train-{i}-{kind}.log")
+                    record(row, kind, first, total, _entries(cache))
+            elif row == "resume":
+                for kind in ("cold", "warm"):
+                    workdir = work / f"resume-{i}-{kind}"
+                    shutil.copytree(work / "preempted", workdir)
+                    if kind == "cold":
+                        shutil.rmtree(workdir / "cache")
+                    first, total = timed_run(train_argv(workdir, data, RESUME_STEPS), r"^step \d+/",
+                                             work / f"resume-{i}-{kind}.log")
+                    record(row, kind, first, total, _entries(workdir / "cache" / "jax"))
+            elif row == "sample":
+                cache = work / f"sample-cache-{i}"
+                for kind in ("cold", "warm"):
+                    first, total = timed_run(sample_argv(work / "videos", cache), r"^wrote ",
+                                                work / f"sample-{i}-{kind}.log")
+                    record(row, kind, first, total, _entries(cache))
+            else:
+                code = "import lavie_jax.sampling.cli, lavie_jax.train.loop"
+                first, total = timed_run([sys.executable, "-c", f"{code}; print('imported')"], r"^imported",
+                                            work / f"imports-{i}.log")
+                record(row, "cold", first, total, 0)
+    return results
+
+
+def table(results: dict[str, dict[str, list[float]]]) -> str:
+    names = {"train": "lavie-train base:tiny, fresh workdir (first step)",
+             "resume": "lavie-train base:tiny, resume (first step)",
+             "sample": "lavie-sample base:tiny random (first video)",
+             "imports": "python + imports only (not cacheable)"}
+    lines = [f"{'':<52}{'cold s':>8}{'warm s':>8}{'warm/cold':>11}{'(each run)':>22}{'programs':>10}"]
+    for row, r in results.items():
+        cold = statistics.median(r["cold"])
+        if "warm" not in r:
+            lines.append(f"{names[row]:<52}{cold:>8.1f}")
+            continue
+        # the ratio of each cold/warm pair (run back to back, under about the same load), then their median
+        ratios = [w / c for w, c in zip(r["warm"], r["cold"])]
+        lines.append(f"{names[row]:<52}{cold:>8.1f}{statistics.median(r['warm']):>8.1f}"
+                     f"{statistics.median(ratios):>11.2f}{' '.join(f'{x:.2f}' for x in ratios):>22}"
+                     f"{int(statistics.median(r['warm entries'])):>10}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--keep", metavar="DIR", help="work here and keep the logs (default: a temporary directory)")
+    args = parser.parse_args()
+    if args.keep:
+        work = Path(args.keep)
+        work.mkdir(parents=True, exist_ok=False)
+        results = bench(args.rows, args.repeats, work)
+    else:
+        with tempfile.TemporaryDirectory(prefix="startup_bench-") as tmp:
+            results = bench(args.rows, args.repeats, Path(tmp))
+    print(f"\n{os.cpu_count()} CPU(s), load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; median of "
+          f"{args.repeats} run(s)")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
