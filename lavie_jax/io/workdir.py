@@ -20,8 +20,8 @@ A step is *complete* (the only kind `latest_step` and `all_steps` report) when:
   3. every item is there and its metadata loads: the state's tree metadata (which also opens the OCDBT manifest)
      and each JSON item, whose `meta.step` must name the directory's step. Failures warn, naming the step.
 A writer (`TrainCheckpointer(...)`) moves step directories failing (2) or (3) aside into
-`WORKDIR/checkpoints.incomplete/` before orbax sees them (orbax itself deletes its temporary directories), so the
-run can save that step number again; older complete steps stay where they are.
+`WORKDIR/checkpoints.incomplete/` before orbax sees them, and deletes orbax's temporary directories of interrupted
+saves, so the run can save that step number again; older complete steps stay where they are.
 
 Only public orbax API is used (`CheckpointManager`, `args.*`, the Standard/Json handlers, `__version__`).
 """
@@ -32,13 +32,12 @@ import base64
 import contextlib
 import dataclasses
 import datetime
-import fnmatch
 import importlib.metadata
 import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,26 +47,20 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from lavie_jax.io.run_config import (  # noqa: F401 - re-exported: the config checks of a resumed run
+    RESUMABLE_FIELDS, ConfigMismatchError, check_config, config_changes, config_dict)
 from lavie_jax.io.safe_io import Ownership
 
 ITEMS = ("state", "data", "config", "meta")
 CHECKPOINTS_DIR = "checkpoints"
 INCOMPLETE_DIR = "checkpoints.incomplete"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's temporary step directories: <step>.orbax-checkpoint-tmp[-*]
 COMMIT_MARKER = "commit_success.txt"  # orbax's atomicity_types.COMMIT_SUCCESS_FILE; a stable on-disk name
 FORMAT_VERSION = 1
 
 
 class IncompleteCheckpointWarning(UserWarning):
     """A step directory that looks saved but is not complete (never resumed from)."""
-
-
-class ConfigMismatchError(ValueError):
-    """A rerun's config differs from the stored one in fields that change the run; `differences` lists them, one
-    'field: old -> new' each."""
-
-    def __init__(self, message: str, differences: list[str] | tuple[str, ...] = ()):
-        super().__init__(message)
-        self.differences = list(differences)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,19 +106,6 @@ def _broadcast_int(value: int) -> int:
     if not _multi():
         return value
     return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
-
-
-def _config_dict(config: Any) -> dict:
-    """A config as plain JSON data: ConfigDict (`to_json_best_effort`), Mapping, JSON text or None."""
-    if config is None:
-        return {}
-    if hasattr(config, "to_json_best_effort"):
-        return json.loads(config.to_json_best_effort())
-    if isinstance(config, (str, bytes)):
-        return json.loads(config)
-    if isinstance(config, Mapping):
-        return json.loads(json.dumps(config, default=str))
-    raise TypeError(f"config must be a ConfigDict, a mapping or JSON text, got {type(config).__name__}")
 
 
 # ------------------------------------------------------------------------------------------- data states
@@ -223,7 +203,7 @@ class TrainCheckpointer:
         self.workdir = _absolute(epath.Path(workdir))
         self.directory = self.workdir / CHECKPOINTS_DIR
         self.save_every, self.keep, self.keep_every = save_every, keep, keep_every
-        self._config = _config_dict(config)
+        self._config = config_dict(config)
         self._verified: set[int] = set()  # steps whose items were checked; a committed step never changes
         if read_only and overwrite:
             raise ValueError("a read-only checkpointer cannot overwrite")
@@ -238,7 +218,7 @@ class TrainCheckpointer:
             keep_period=keep_every or None,
             save_interval_steps=0 if read_only else max(save_every, 1),  # unused: we decide when (`should_save`)
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=not read_only,  # orbax removes its interrupted `<step>.orbax-checkpoint-tmp*`
+            cleanup_tmp_directories=False,  # `_set_aside_incomplete` removes interrupted saves' temporaries
             create=not read_only,
             read_only=read_only,
         )
@@ -304,20 +284,32 @@ class TrainCheckpointer:
                           IncompleteCheckpointWarning, stacklevel=3)
 
     def _set_aside_incomplete(self) -> None:
+        """Move incomplete steps aside and remove orbax's temporary directories of interrupted saves (done here,
+        not by orbax's own background clean-up, which a process exiting early would cut short with an error)."""
+        if self.directory.exists():
+            for entry in self.directory.iterdir():
+                if TMP_SUFFIX in entry.name and entry.name.split(".")[0].isdigit():
+                    entry.rmtree(missing_ok=True) if entry.is_dir() else entry.unlink(missing_ok=True)
         _, bad = self._scan()
-        if not bad:
-            return
+        for step, reason in sorted(bad.items()):
+            self._warn({step: reason}, self._move_aside(step))
+
+    def _move_aside(self, step: int) -> str:
+        """Move step directory `step` into `WORKDIR/checkpoints.incomplete/`; returns what was done, for a warning.
+        Where directories cannot be renamed (object stores) it is deleted instead: it is never resumed from."""
         aside = self.workdir / INCOMPLETE_DIR
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        for step, reason in sorted(bad.items()):
-            try:
-                aside.mkdir(parents=True, exist_ok=True)
-                (self.directory / str(step)).rename(aside / f"{step}.{stamp}")
-                action = f"moved to {aside} (never resumed from; delete it when not needed)"
-            except Exception as e:  # noqa: BLE001 - object stores may not rename directories; there orbax
-                # itself takes a step without its marker for a temporary one and removes it
-                action = f"left in place: it could not be moved aside ({e})"
-            self._warn({step: reason}, action)
+        path = self.directory / str(step)
+        try:
+            aside.mkdir(parents=True, exist_ok=True)
+            target, n = aside / f"{step}.{stamp}", 1
+            while target.exists():  # the same step set aside twice within a second
+                target, n = aside / f"{step}.{stamp}.{n}", n + 1
+            path.rename(target)
+            return f"moved to {aside} (never resumed from; delete it when not needed)"
+        except Exception as e:  # noqa: BLE001 - object stores may not rename directories
+            path.rmtree(missing_ok=True)
+            return f"deleted: it could not be moved aside ({e})"
 
     def all_steps(self) -> list[int]:
         """Complete steps on disk, ascending (this process's view; `latest_step` is the agreed one)."""
@@ -424,58 +416,6 @@ class TrainCheckpointer:
         return _decode_data_state(data["states"][jax.process_index()])
 
 
-# ------------------------------------------------------------------------------------------- config checks
-
-# Fields (fnmatch patterns over dotted paths) a resumed run may change: when to stop, log, evaluate or save, how
-# the same computation is laid out (mesh, sharding rules, kernels) and how data are read (not which data).
-RESUMABLE_FIELDS: tuple[str, ...] = (
-    "train.num_steps", "train.*_every", "train.keep", "train.log_*", "train.checkpoint.*", "train.profile*",
-    "logging.*", "wandb.*", "sample.*", "mesh.*", "sharding.*", "model.attention_impl",
-    "data.data_dir", "data.prepare", "data.read_threads", "data.prefetch_buffer",
-    "data.video_text.num_workers", "data.image_text.num_workers",
-)
-_MISSING = "<missing>"
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping) and tree:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def check_config(stored_config_json: str | Mapping | None, new_config: Any, *,
-                 may_change: Iterable[str] = RESUMABLE_FIELDS, where: str = "") -> list[str]:
-    """Whether a rerun with `new_config` continues the run stored with `stored_config_json`.
-
-    Returns the differing fields that `may_change` allows (sorted, for the log); raises ConfigMismatchError
-    listing every other differing field (old -> new). An empty or missing stored config checks nothing.
-    `new_config`: ConfigDict, mapping or JSON text; tuples and lists compare equal, as JSON stores them."""
-    stored_tree = _config_dict(stored_config_json) if stored_config_json else {}
-    if not stored_tree:
-        return []
-    stored, new = _flatten(stored_tree), _flatten(_config_dict(new_config))
-    patterns = tuple(may_change)
-    allowed, errors = [], []
-    for field in sorted(set(stored) | set(new)):
-        old, value = stored.get(field, _MISSING), new.get(field, _MISSING)
-        if old == value:
-            continue
-        if any(fnmatch.fnmatchcase(field, p) for p in patterns):
-            allowed.append(field)
-        else:
-            errors.append(f"{field}: {json.dumps(old)} -> {json.dumps(value)}")
-    if errors:
-        place = f" in {where}" if where else ""
-        raise ConfigMismatchError(
-            f"the config differs from the one stored with the checkpoints{place} in fields a resumed run may not "
-            "change:\n" + "\n".join(f"  {e}" for e in errors) + "\nRerun with the stored values, start over with "
-            "--overwrite (deletes the checkpoints), or use a new work directory.", errors)
-    return allowed
-
-
 # ------------------------------------------------------------------------------------------- work directories
 
 MARKER = "lavie_workdir.json"
@@ -484,7 +424,7 @@ MARKER = "lavie_workdir.json"
 # (lavie_jax.runtime.compile_cache, `cache/jax`).
 WORKDIRS = Ownership("lavie-train work directory", "lavie-train", MARKER, {"format": "lavie-jax"},
                      {"train": {CHECKPOINTS_DIR: None, INCOMPLETE_DIR: None, "metrics.jsonl": None, "tb": None,
-                                "samples": None, "config.json": None, "cache": None}})
+                                "samples": None, "config.json": None, "config.json.tmp": None, "cache": None}})
 
 
 def is_workdir(path: str | os.PathLike) -> bool:

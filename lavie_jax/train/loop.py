@@ -35,9 +35,10 @@ from lavie_jax.data.pipeline import make_iterator
 from lavie_jax.io.text import tokenize
 from lavie_jax.train.metrics import MetricsWriter
 from lavie_jax.train.preemption import PreemptionHandler
-from lavie_jax.train.setup import Run, TrainConfigError, build_run, peak_tflops
+from lavie_jax.train.setup import Run, TrainConfigError, build_run, check_run, peak_tflops
 
 CONFIG_FILE = "config.json"
+CONFIG_TMP = CONFIG_FILE + ".tmp"
 METRIC_ORDER = ("loss", "video_loss", "image_loss", "grad_norm", "lr")  # the order of a logged line
 
 
@@ -60,23 +61,41 @@ def _say(message: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ work directory
 
-def prepare_workdir(path: str | os.PathLike, config: ml_collections.ConfigDict, overwrite: bool) -> Path:
-    """Make `path` this run's work directory (process 0 writes; every process returns after it did).
-
-    A missing or empty directory becomes a new work directory; one of ours is resumed if its stored config is this
-    run's (`workdir.check_config`), or replaced with `overwrite`; anything else is refused, nothing touched."""
-    path = safe_io.absolute(path)
-    error = None
-    if jax.process_index() == 0:
-        try:
-            _prepare_on_primary(path, config, overwrite)
-        except (safe_io.OutputPathError, workdirs.ConfigMismatchError, TrainConfigError) as e:
-            error = e
+def _agreed(fn: Callable[[], Any], what: str) -> Any:
+    """`fn()` on every process; if it raised on any, every process raises (its own error, or one naming the
+    processes that failed), so no process goes on to wait for the others in a collective."""
+    error, result = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after every process knows
+        error = e
     failed = parallel.failed_processes(error is not None)
     if error is not None:
         raise error
     if failed:
-        raise TrainConfigError(f"process 0 could not prepare --workdir {path} (its error says why)")
+        raise TrainConfigError(f"process(es) {failed} {what} (their errors say why)")
+    return result
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The run's mesh (`mesh.shape` over all devices, or `devices`); a shape that does not fit is a
+    TrainConfigError naming the field."""
+    try:
+        return parallel.make_mesh(config.mesh.shape, devices)
+    except ValueError as e:
+        raise TrainConfigError(f"config field {e}; -1 takes the remaining devices, e.g. "
+                               "--config.mesh.shape=(-1,1,1,1)") from None
+
+
+def prepare_workdir(path: str | os.PathLike, config: ml_collections.ConfigDict, overwrite: bool) -> Path:
+    """Make `path` this run's work directory (process 0 writes; every process returns after it did).
+
+    A missing or empty directory becomes a new work directory; one of ours is resumed if its stored config is this
+    run's up to the fields a resumed run may change (`lavie_jax.io.run_config`; one without a checkpoint takes this
+    run's config), or replaced with `overwrite`; anything else is refused, nothing touched."""
+    path = safe_io.absolute(path)
+    _agreed(lambda: _prepare_on_primary(path, config, overwrite) if jax.process_index() == 0 else None,
+            f"could not prepare --workdir {path}")
     return path
 
 
@@ -89,16 +108,40 @@ def _prepare_on_primary(path: Path, config: ml_collections.ConfigDict, overwrite
                                           "lavie-train never writes into or replaces other directories: choose a new "
                                           "or empty --workdir")
         if not overwrite:
-            stored = path / CONFIG_FILE
-            if stored.is_file():
-                changed = workdirs.check_config(stored.read_text(), config, where=f"--workdir {path}")
-                if changed:
-                    _say(f"resuming with changed settings: {', '.join(changed)}")
+            _resume_config(path, config)
             return
     safe_io.check_output_directory(path, workdirs.WORKDIRS, overwrite=overwrite, flag="--workdir")
     with safe_io.atomic_directory(path, workdirs.WORKDIRS, overwrite=overwrite, flag="--workdir") as tmp:
         workdirs.WORKDIRS.write_marker(tmp, "train", stage=config.stage)
-        (tmp / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + "\n")
+        (tmp / CONFIG_FILE).write_text(_config_text(config))
+
+
+def _config_text(config: ml_collections.ConfigDict) -> str:
+    return config.to_json_best_effort(indent=1) + "\n"
+
+
+def _has_checkpoints(path: Path) -> bool:
+    """Whether the work directory holds a checkpoint step (complete or not; orbax's temporaries do not count)."""
+    directory = path / workdirs.CHECKPOINTS_DIR
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _resume_config(path: Path, config: ml_collections.ConfigDict) -> None:
+    """Check this run's config against the stored one and store it (changes in resumable fields are said)."""
+    stored = path / CONFIG_FILE
+    if stored.is_file() and _has_checkpoints(path):
+        changed = workdirs.check_config(stored.read_text(), config, where=f"--workdir {path}")
+        if not changed:
+            return
+        changes = workdirs.config_changes(stored.read_text(), config)
+        _say("resuming with changed settings: " + "; ".join(f"{f}: {changes[f]}" for f in changed))
+    elif stored.is_file():
+        if not workdirs.config_changes(stored.read_text(), config):
+            return
+        _say(f"{path} holds no checkpoint yet: this run's config replaces its {CONFIG_FILE}")
+    tmp = path / CONFIG_TMP  # listed in the work directory's layout: a torn write never makes it foreign
+    tmp.write_text(_config_text(config))
+    os.replace(tmp, stored)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -128,7 +171,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, over
     called with the prepared work directory before the run's programs compile (lavie-train turns on the
     compilation cache it keeps there)."""
     t = config.train
-    mesh = parallel.make_mesh(config.mesh.shape, devices)
+    mesh = make_mesh(config, devices)
+    checked = _agreed(lambda: check_run(config, mesh), "found a bad setting")  # before anything is written
     path = prepare_workdir(workdir, config, overwrite)
     if on_workdir is not None:
         on_workdir(path)
@@ -140,7 +184,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, over
         # a resumed run restores every leaf of the state: it is built abstractly (no random init or `train.init`
         # read, which for a full-size UNet is a compile and seconds of device time thrown away)
         latest = ckpt.latest_step()
-        run = build_run(config, mesh, abstract=latest is not None)
+        run = build_run(config, mesh, abstract=latest is not None, checked=checked)
         _say(f"params: {run.groups.summary()}")
         return _loop(run, config, path, ckpt, latest, console)
     finally:
@@ -170,6 +214,11 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
     if start >= t.num_steps:
         _say(f"already at step {start} of train.num_steps={t.num_steps}: nothing to do")
         return TrainResult(start, None, resumed, {})
+    d = config.data
+    if d.data_dir and d.prepare and not os.path.exists(d.data_dir):  # check_run refused what must exist
+        _say(f"data.data_dir {d.data_dir} does not exist: the {d.dataset} dataset is built there now" +
+             (" (procedural: generated, nothing is read or downloaded)" if d.dataset == "moving_shapes" else
+              " from the files named by the data section"))
     iterator = make_iterator(config.data, tokenize=_tokenizer_fn(run))
     if data_state is not None:
         iterator.set_state(data_state)

@@ -1,0 +1,53 @@
+"""`lavie-train` as a user meets it before the first step: a rejected config leaves nothing behind, a mesh that
+does not fit is one paragraph, a work directory without checkpoints takes a corrected config, and one with
+checkpoints accepts only the changes a resumed run may make. No model is built or compiled here."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lavie_jax.io.workdir import ConfigMismatchError
+from lavie_jax.train import loop
+from tests.train.conftest import tiny_train_config
+
+
+def _train(argv: list[str], capsys) -> tuple[int, str]:
+    from lavie_jax.train import cli
+
+    status = cli.main(["lavie-train", "--config", "base:tiny", *argv])
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.data.global_batch_size=3", r"data.global_batch_size: each micro-batch \(3 / 1 = 3 examples\) must "
+                                          r"split over the 8 batch devices"),
+    ("--config.train.num_steps=-5", "train.num_steps: expected a positive integer, got -5"),
+    ("--config.mesh.shape=(16,1,1,1)", r"mesh.shape \[16, 1, 1, 1\] needs 16 devices but 8 are available; -1 takes "
+                                       "the remaining devices"),
+])
+def test_a_rejected_config_is_one_paragraph_and_writes_nothing(override, message, tmp_path, capsys):
+    status, err = _train(["--workdir", str(tmp_path / "run"), override], capsys)
+    assert status == 2 and re.match(f"lavie-train: error: config field {message}", err), err
+    assert len(err.strip().splitlines()) == 1, err  # no traceback, no orbax thread failing at exit
+    assert not (tmp_path / "run").exists()  # so the corrected rerun is not refused as "the config differs"
+
+
+def test_config_changes_before_and_after_the_first_checkpoint(tmp_path, capsys):
+    path = tmp_path / "run"
+    loop.prepare_workdir(path, tiny_train_config("base", num_steps=4), overwrite=False)
+    # no checkpoint yet (say the first run failed before saving): a corrected config simply replaces the stored one
+    corrected = tiny_train_config("base", num_steps=4, seed=5)
+    loop.prepare_workdir(path, corrected, overwrite=False)
+    assert json.loads((path / "config.json").read_text())["train"]["seed"] == 5
+    assert "holds no checkpoint yet" in capsys.readouterr().out
+    (path / "checkpoints" / "2").mkdir(parents=True)
+    with pytest.raises(ConfigMismatchError, match=r"train.seed: 5 -> 6"):
+        loop.prepare_workdir(path, tiny_train_config("base", num_steps=4, seed=6), overwrite=False)
+    resumed = tiny_train_config("base", num_steps=10, seed=5)
+    loop.prepare_workdir(path, resumed, overwrite=False)
+    assert "resuming with changed settings: train.num_steps: 4 -> 10" in capsys.readouterr().out
+    assert json.loads((path / "config.json").read_text())["train"]["num_steps"] == 10
+    assert sorted(p.name for p in path.iterdir()) == ["checkpoints", "config.json", "lavie_workdir.json"]
