@@ -50,6 +50,7 @@ from jax.experimental import multihost_utils
 from lavie_jax.io.run_config import (  # noqa: F401 - re-exported: the config checks of a resumed run
     RESUMABLE_FIELDS, ConfigMismatchError, check_config, config_changes, config_dict)
 from lavie_jax.io.safe_io import Ownership
+from lavie_jax.io.workdir_lock import LOCK_FILE
 
 ITEMS = ("state", "data", "config", "meta")
 CHECKPOINTS_DIR = "checkpoints"
@@ -421,10 +422,21 @@ class TrainCheckpointer:
 MARKER = "lavie_workdir.json"
 # Everything `lavie-train` writes at the top of a work directory; anything else there is the user's, and makes
 # `--overwrite` refuse to replace the directory (lavie_jax.io.safe_io). `cache/` holds the compiled programs
-# (lavie_jax.runtime.compile_cache, `cache/jax`).
+# (lavie_jax.runtime.compile_cache, `cache/jax`); `lavie-train.lock` is held by the running trainer
+# (lavie_jax.io.workdir_lock).
 WORKDIRS = Ownership("lavie-train work directory", "lavie-train", MARKER, {"format": "lavie-jax"},
                      {"train": {CHECKPOINTS_DIR: None, INCOMPLETE_DIR: None, "metrics.jsonl": None, "tb": None,
-                                "samples": None, "config.json": None, "config.json.tmp": None, "cache": None}})
+                                "samples": None, "config.json": None, "config.json.tmp": None, "cache": None,
+                                LOCK_FILE: None}})
+
+
+def committed_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps in `WORKDIR/checkpoints/` that carry orbax's commit marker, ascending: a quick look for messages
+    (no item is read; `TrainCheckpointer.latest_step` is the thorough one)."""
+    directory = Path(workdir) / CHECKPOINTS_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / COMMIT_MARKER).exists())
 
 
 def is_workdir(path: str | os.PathLike) -> bool:

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lavie_jax.cli import command
+from lavie_jax.io import safe_io
 from lavie_jax.runtime import compile_cache, startup
 
 PROG = "lavie-train"
@@ -127,11 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         absl.logging.set_verbosity(absl.logging.WARNING)
         run(argv)
 
-    # The loop handles SIGTERM and the first Ctrl-C itself (it saves at the next step and exits 0): an interrupt
-    # that reaches here is a second Ctrl-C.
+    # The loop handles SIGTERM and the first Ctrl-C itself (it saves at the next step and exits 0). Before and
+    # after it, SIGTERM is an interrupt like Ctrl-C (exit 143 rather than a silent death), whose note says what a
+    # rerun does (lavie_jax.train.loop.train).
     return command.run_main(PROG, argv[1:], body, handlers=((Exception, _failure),),
                             interrupted="stopped without saving; rerun the same command to resume from the last "
-                                        "complete checkpoint")
+                                        "complete checkpoint",
+                            guard=safe_io.terminate_as_interrupt, terminated=(safe_io.Terminated,))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ checked; a logged line holds the mean of each loss and of the grad norm over the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -30,6 +31,7 @@ import numpy as np
 from lavie_jax import parallel
 from lavie_jax.io import safe_io
 from lavie_jax.io import workdir as workdirs
+from lavie_jax.io.workdir_lock import WorkdirLock
 from lavie_jax.data import distributed as data_distributed
 from lavie_jax.data.pipeline import make_iterator
 from lavie_jax.io.text import tokenize
@@ -87,33 +89,73 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
                                "--config.mesh.shape=(-1,1,1,1)") from None
 
 
-def prepare_workdir(path: str | os.PathLike, config: ml_collections.ConfigDict, overwrite: bool) -> Path:
-    """Make `path` this run's work directory (process 0 writes; every process returns after it did).
+def prepare_workdir(path: str | os.PathLike, config: ml_collections.ConfigDict, overwrite: bool
+                    ) -> tuple[Path, WorkdirLock | None]:
+    """Make `path` this run's work directory and take its lock (process 0 writes and holds the lock, returned
+    to it, None elsewhere; every process returns after it did). Release the lock when the run ends.
 
     A missing or empty directory becomes a new work directory; one of ours is resumed if its stored config is this
     run's up to the fields a resumed run may change (`lavie_jax.io.run_config`; one without a checkpoint takes this
-    run's config), or replaced with `overwrite`; anything else is refused, nothing touched."""
+    run's config), or replaced with `overwrite`; anything else is refused, nothing touched. A work directory in use
+    by another trainer is refused before anything is read or written (`lavie_jax.io.workdir_lock`)."""
     path = safe_io.absolute(path)
-    _agreed(lambda: _prepare_on_primary(path, config, overwrite) if jax.process_index() == 0 else None,
-            f"could not prepare --workdir {path}")
-    return path
+    lock = _agreed(lambda: _prepare_on_primary(path, config, overwrite) if jax.process_index() == 0 else None,
+                   f"could not prepare --workdir {path}")
+    return path, lock
 
 
-def _prepare_on_primary(path: Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
-    exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
-    if exists:
-        reason = workdirs.WORKDIRS.why_not(path)
-        if reason is not None:
-            raise safe_io.OutputPathError(f"--workdir {path} is not a lavie-train work directory ({reason}); "
-                                          "lavie-train never writes into or replaces other directories: choose a new "
-                                          "or empty --workdir")
-        if not overwrite:
-            _resume_config(path, config)
-            return
+def _prepare_on_primary(path: Path, config: ml_collections.ConfigDict, overwrite: bool) -> WorkdirLock:
+    for attempt in range(2):
+        exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
+        if exists:
+            reason = workdirs.WORKDIRS.why_not(path)
+            if reason is not None:
+                raise safe_io.OutputPathError(f"--workdir {path} is not a lavie-train work directory ({reason}); "
+                                              "lavie-train never writes into or replaces other directories: choose a "
+                                              "new or empty --workdir")
+            lock = WorkdirLock.acquire(path)  # a second trainer stops here, before reading or writing anything
+            if not overwrite:
+                with _released_on_error(lock):
+                    _resume_config(path, config)
+                return lock
+        else:
+            lock = None
+        try:
+            return _create(path, config, overwrite)
+        except safe_io.OutputPathError:
+            if exists or attempt or not path.exists():
+                raise
+            # another trainer created it meanwhile: go the way of an existing work directory (its lock refuses)
+        finally:
+            if lock is not None:  # the replaced directory's lock: that directory is gone
+                lock.release()
+    raise AssertionError("unreachable")
+
+
+def _create(path: Path, config: ml_collections.ConfigDict, overwrite: bool) -> WorkdirLock:
+    """A new work directory at `path` (replacing ours with `overwrite`); it appears with its lock held."""
     safe_io.check_output_directory(path, workdirs.WORKDIRS, overwrite=overwrite, flag="--workdir")
-    with safe_io.atomic_directory(path, workdirs.WORKDIRS, overwrite=overwrite, flag="--workdir") as tmp:
-        workdirs.WORKDIRS.write_marker(tmp, "train", stage=config.stage)
-        (tmp / CONFIG_FILE).write_text(_config_text(config))
+    lock = None
+    try:
+        with safe_io.atomic_directory(path, workdirs.WORKDIRS, overwrite=overwrite, flag="--workdir") as tmp:
+            workdirs.WORKDIRS.write_marker(tmp, "train", stage=config.stage)
+            (tmp / CONFIG_FILE).write_text(_config_text(config))
+            lock = WorkdirLock.acquire(tmp)
+        lock.moved_to(path)
+        return lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+@contextlib.contextmanager
+def _released_on_error(lock: WorkdirLock):
+    try:
+        yield
+    except BaseException:
+        lock.release()
+        raise
 
 
 def _config_text(config: ml_collections.ConfigDict) -> str:
@@ -170,25 +212,40 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, over
     (`config.mesh.shape`) spans all devices, or `devices` (e.g. one device of several, in tests). `on_workdir` is
     called with the prepared work directory before the run's programs compile (lavie-train turns on the
     compilation cache it keeps there)."""
+    try:
+        return _train(config, workdir, overwrite, console, devices, on_workdir)
+    except KeyboardInterrupt as e:  # Ctrl-C twice, or SIGTERM outside the loop (lavie-train's guard): say what is kept
+        steps = workdirs.committed_steps(safe_io.absolute(workdir))
+        e.add_note(f"the last checkpoint is step {steps[-1]}: rerun the same command to resume from it" if steps else
+                   "nothing was saved: rerun the same command to start from the beginning")
+        raise
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, overwrite: bool, console: bool,
+           devices: Sequence[jax.Device] | None, on_workdir: Callable[[Path], None] | None) -> TrainResult:
     t = config.train
     mesh = make_mesh(config, devices)
     checked = _agreed(lambda: check_run(config, mesh), "found a bad setting")  # before anything is written
-    path = prepare_workdir(workdir, config, overwrite)
-    if on_workdir is not None:
-        on_workdir(path)
-    _say(f"{config.stage} stage on {jax.device_count()} device(s) ({jax.devices()[0].device_kind}), mesh "
-         f"{dict(mesh.shape)}, {jax.process_count()} process(es); work directory {path}")
-    ckpt = workdirs.TrainCheckpointer(path, save_every=t.checkpoint_every, keep=t.keep, keep_every=t.keep_every,
-                                      config=config)
+    path, lock = prepare_workdir(workdir, config, overwrite)
     try:
-        # a resumed run restores every leaf of the state: it is built abstractly (no random init or `train.init`
-        # read, which for a full-size UNet is a compile and seconds of device time thrown away)
-        latest = ckpt.latest_step()
-        run = build_run(config, mesh, abstract=latest is not None, checked=checked)
-        _say(f"params: {run.groups.summary()}")
-        return _loop(run, config, path, ckpt, latest, console)
+        if on_workdir is not None:
+            on_workdir(path)
+        _say(f"{config.stage} stage on {jax.device_count()} device(s) ({jax.devices()[0].device_kind}), mesh "
+             f"{dict(mesh.shape)}, {jax.process_count()} process(es); work directory {path}")
+        ckpt = workdirs.TrainCheckpointer(path, save_every=t.checkpoint_every, keep=t.keep,
+                                          keep_every=t.keep_every, config=config)
+        try:
+            # a resumed run restores every leaf of the state: it is built abstractly (no random init or
+            # `train.init` read, which for a full-size UNet is a compile and seconds of device time thrown away)
+            latest = ckpt.latest_step()
+            run = build_run(config, mesh, abstract=latest is not None, checked=checked)
+            _say(f"params: {run.groups.summary()}")
+            return _loop(run, config, path, ckpt, latest, console)
+        finally:
+            ckpt.close()
     finally:
-        ckpt.close()
+        if lock is not None:
+            lock.release()
 
 
 def _restore(run: Run, ckpt: workdirs.TrainCheckpointer, config: ml_collections.ConfigDict, latest: int | None

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from lavie_jax.io.workdir import ConfigMismatchError
 from lavie_jax.train import loop
 from tests.train.conftest import tiny_train_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _train(argv: list[str], capsys) -> tuple[int, str]:
@@ -37,17 +40,52 @@ def test_a_rejected_config_is_one_paragraph_and_writes_nothing(override, message
 
 def test_config_changes_before_and_after_the_first_checkpoint(tmp_path, capsys):
     path = tmp_path / "run"
-    loop.prepare_workdir(path, tiny_train_config("base", num_steps=4), overwrite=False)
+
+    def prepare(config):
+        loop.prepare_workdir(path, config, overwrite=False)[1].release()
+
+    prepare(tiny_train_config("base", num_steps=4))
     # no checkpoint yet (say the first run failed before saving): a corrected config simply replaces the stored one
-    corrected = tiny_train_config("base", num_steps=4, seed=5)
-    loop.prepare_workdir(path, corrected, overwrite=False)
+    prepare(tiny_train_config("base", num_steps=4, seed=5))
     assert json.loads((path / "config.json").read_text())["train"]["seed"] == 5
     assert "holds no checkpoint yet" in capsys.readouterr().out
     (path / "checkpoints" / "2").mkdir(parents=True)
     with pytest.raises(ConfigMismatchError, match=r"train.seed: 5 -> 6"):
-        loop.prepare_workdir(path, tiny_train_config("base", num_steps=4, seed=6), overwrite=False)
-    resumed = tiny_train_config("base", num_steps=10, seed=5)
-    loop.prepare_workdir(path, resumed, overwrite=False)
+        prepare(tiny_train_config("base", num_steps=4, seed=6))
+    prepare(tiny_train_config("base", num_steps=10, seed=5))
     assert "resuming with changed settings: train.num_steps: 4 -> 10" in capsys.readouterr().out
     assert json.loads((path / "config.json").read_text())["train"]["num_steps"] == 10
     assert sorted(p.name for p in path.iterdir()) == ["checkpoints", "config.json", "lavie_workdir.json"]
+
+
+def test_a_second_trainer_is_refused_and_sigterm_before_the_first_step_says_what_a_rerun_does(tmp_path):
+    """Two real `lavie-train` processes on one work directory: the second is refused at once, naming the first;
+    SIGTERM then stops the first before its first step, saying that nothing was saved."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import child_env
+
+    argv = [sys.executable, "-m", "lavie_jax.train.cli", "--config", "base:tiny", "--workdir", str(tmp_path / "run"),
+            f"--config.data.data_dir={tmp_path / 'data'}"]
+    first = subprocess.Popen(argv, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert first.stdout.readline().startswith("[lavie-train] base stage on")  # it holds the work directory
+        first.send_signal(signal.SIGSTOP)  # it stays before its first step while the second one starts
+        second = subprocess.run(argv, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        assert re.fullmatch(rf"lavie-train: error: --workdir \S+ is in use by another lavie-train: pid {first.pid} on "
+                            rf"host {re.escape(socket.gethostname())} \(started .*\)\. Two trainers .*\n",
+                            second.stderr), second.stderr
+        first.send_signal(signal.SIGTERM)
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 143
+    assert err.strip().splitlines()[-1] == ("lavie-train: terminated (SIGTERM); nothing was saved: rerun the same "
+                                            "command to start from the beginning"), err
+    assert not (tmp_path / "run" / "lavie-train.lock").exists()  # released on the way out
