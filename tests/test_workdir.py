@@ -22,8 +22,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from lavie_jax.io.workdir import (
-    COMMIT_MARKER, INCOMPLETE_DIR, ConfigMismatchError, IncompleteCheckpointWarning, TrainCheckpointer,
-    check_config)
+    COMMIT_MARKER, INCOMPLETE_DIR, ConfigMismatchError, IncompleteCheckpointWarning, StateMismatchError,
+    TrainCheckpointer, check_config)
 
 REPO = Path(__file__).resolve().parents[1]
 AUTO = jax.sharding.AxisType.Auto
@@ -197,6 +197,51 @@ def test_step_corrupted_after_start_is_skipped_with_a_warning(tmp_path):
     (tmp_path / "checkpoints" / "30" / COMMIT_MARKER).unlink()
     with pytest.warns(IncompleteCheckpointWarning, match="step 30"):
         assert ckpt.latest_step() == 20
+
+
+def _largest_data_file(step_dir: Path) -> Path:
+    """The OCDBT data file holding a step's big array (the other files hold b-tree nodes)."""
+    return max((step_dir / "state").glob("ocdbt.process_*/d/*"), key=lambda f: f.stat().st_size)
+
+
+def _garble(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 16] = bytes(range(16))  # tensorstore reads this back without an error
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {"truncated": lambda f: os.truncate(f, f.stat().st_size // 2), "garbled": _garble}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_step_is_moved_aside_and_the_one_before_it_restored(tmp_path, damage):
+    """Damage that only reading the data shows (the completeness check reads metadata): a truncated data file
+    fails to read, a garbled one reads back other values (caught by the fingerprint saved with the step)."""
+    def state(step):
+        return {"w": jnp.arange(2.0 ** 20) + step, "step": jnp.int32(step)}
+
+    with TrainCheckpointer(tmp_path, save_every=1, keep=5) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, state(step))
+    DAMAGE[damage](_largest_data_file(tmp_path / "checkpoints" / "2"))
+    ckpt = TrainCheckpointer(tmp_path, save_every=1, keep=5)
+    assert ckpt.latest_step() == 2  # its metadata are fine
+    with pytest.warns(IncompleteCheckpointWarning, match="step 2 .* is damaged: .*moved to .*the step before it"):
+        restored = ckpt.restore_latest(state(0))
+    assert restored.step == 1 and ckpt.all_steps() == [1]
+    assert_bitwise_equal(restored.state, state(1))
+    assert [p.name.split(".")[0] for p in (tmp_path / INCOMPLETE_DIR).iterdir()] == ["2"]
+    assert ckpt.save(2, state(2), force=True)  # the run redoes step 2
+    ckpt.close()
+
+
+def test_a_state_of_another_structure_is_refused_without_moving_anything(tmp_path):
+    _save_steps(tmp_path, (10,))
+    ckpt = TrainCheckpointer(tmp_path, save_every=10)
+    with pytest.raises(StateMismatchError, match=r"step 10 .*another structure.*missing v; w has shape \(8,\), "
+                                                 r"not \(4,\)"):
+        ckpt.restore_latest({"w": jnp.zeros((4,)), "v": jnp.zeros((2,))})
+    assert ckpt.all_steps() == [10]
 
 
 def test_steps_written_before_orbax_wrote_markers_need_none(tmp_path):

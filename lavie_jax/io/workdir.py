@@ -47,9 +47,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from lavie_jax.parallel import gather_text
 from lavie_jax.io.run_config import (  # noqa: F401 - re-exported: the config checks of a resumed run
     RESUMABLE_FIELDS, ConfigMismatchError, check_config, config_changes, config_dict)
+from lavie_jax.io.readback import (  # noqa: F401 - DamagedCheckpointError, StateMismatchError re-exported
+    DamagedCheckpointError, StateMismatchError, agreed_read, check_fits)
 from lavie_jax.io.safe_io import Ownership
+from lavie_jax.io.state_scan import StateScan, scan_state
 from lavie_jax.io.workdir_lock import LOCK_FILE
 
 ITEMS = ("state", "data", "config", "meta")
@@ -136,18 +140,6 @@ def _decode_data_state(item: Mapping) -> Any:
     if fmt == "bytes-base64":
         return base64.b64decode(item["value"])
     raise ValueError(f"unknown data-state format {fmt!r} in checkpoint")
-
-
-def _gather_text(text: str) -> list[str]:
-    """Every process's `text`, in process order (two small collectives when there are several processes)."""
-    if not _multi():
-        return [text]
-    data = np.frombuffer(text.encode("utf-8"), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.asarray(len(data), np.int64))).reshape(-1)
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[: len(data)] = data
-    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
-    return [bytes(row[:n]).decode("utf-8") for row, n in zip(rows, lengths)]
 
 
 # ------------------------------------------------------------------------------------------- the manager
@@ -279,9 +271,9 @@ class TrainCheckpointer:
                 bad[step] = reason
         return sorted(complete), bad
 
-    def _warn(self, bad: Mapping[int, str], action: str) -> None:
+    def _warn(self, bad: Mapping[int, str], action: str, what: str = "incomplete") -> None:
         for step, reason in sorted(bad.items()):
-            warnings.warn(f"checkpoint step {step} in {self.directory} is incomplete: {reason}; {action}",
+            warnings.warn(f"checkpoint step {step} in {self.directory} is {what}: {reason}; {action}",
                           IncompleteCheckpointWarning, stacklevel=3)
 
     def _set_aside_incomplete(self) -> None:
@@ -335,23 +327,27 @@ class TrainCheckpointer:
         return self.save_every > 0 and step % self.save_every == 0
 
     def save(self, step: int, state: Any, data_state: Any | Callable[[], Any] = None, *,
-             force: bool = False) -> bool:
+             force: bool = False, scan: StateScan | None = None) -> bool:
         """Start saving `state` (pytree of arrays) and the data-iterator state at `step`, if `force` or due.
 
-        `data_state` may be a callable (e.g. `iterator.get_state`), called only when saving. Returns whether a
-        save started; False too when `step` is already saved. A previous save still writing is waited for."""
+        `data_state` may be a callable (e.g. `iterator.get_state`), called only when saving. `scan`: the state's
+        `scan_state` if the caller made it already (its fingerprints are stored, for `restore` to check). Returns
+        whether a save started; False too when `step` is already saved. A previous save still writing is waited
+        for."""
         if not (force or self.should_save(step)):
             return False
         if step in self._manager.all_steps():  # orbax's view: includes a save of `step` still in flight
             return False
+        scan = scan or scan_state(state)
         local = data_state() if callable(data_state) else data_state
-        states = [json.loads(s) for s in _gather_text(json.dumps(_encode_data_state(local)))]
+        states = [json.loads(s) for s in gather_text(json.dumps(_encode_data_state(local)))]
         now = time.time()
         meta = {"format_version": FORMAT_VERSION, "step": int(step), "time": now,
                 "time_utc": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
                 "lavie_jax_version": _version(), "jax_version": jax.__version__,
                 "orbax_version": getattr(ocp, "__version__", "unknown"),
-                "process_count": jax.process_count(), "device_count": jax.device_count()}
+                "process_count": jax.process_count(), "device_count": jax.device_count(),
+                "fingerprints": scan.fingerprints}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave({"process_count": jax.process_count(), "states": states}),
@@ -394,7 +390,9 @@ class TrainCheckpointer:
 
         `abstract_state`: the state's pytree with `jax.ShapeDtypeStruct` leaves that carry `.sharding` (e.g. from
         `jax.eval_shape` / `nnx.eval_shape` plus the run's shardings), or concrete arrays (their shardings are
-        used). The mesh may differ from the one that saved the step."""
+        used). The mesh may differ from the one that saved the step. Raises `StateMismatchError` (nothing read) if
+        the step holds a state of another structure, `DamagedCheckpointError` if its files cannot be read or what
+        they give back is not what was saved (the fingerprints of its `meta` item)."""
         step = self._step_or_latest(step)
         target = jax.tree.map(_as_abstract, abstract_state)
         missing = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(target)
@@ -402,11 +400,43 @@ class TrainCheckpointer:
         if missing:
             raise ValueError(f"abstract_state leaves need a sharding to restore onto; missing at {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}")
-        r = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        r = agreed_read(step, lambda: self._read(step, target))
+        expected = r.meta.get("fingerprints") if isinstance(r.meta, Mapping) else None
+        if expected:
+            found = scan_state(r.state).fingerprints
+            bad = sorted(g for g in expected if g in found and found[g] != expected[g])
+            if bad:
+                raise DamagedCheckpointError(step, f"what its files give back differs from what was saved in "
+                                                   f"{', '.join(bad)} (fingerprint)")
         return Restored(step=step, state=r.state, data_state=self._local_data_state(r.data, step),
                         config=dict(r.config), metadata=dict(r.meta))
+
+    def _read(self, step: int, target: Any) -> Any:
+        check_fits(self.directory / str(step) / "state", step, target)
+        return self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+
+    def restore_latest(self, abstract_state: Any) -> Restored | None:
+        """Restore the newest complete step that reads back intact (`restore`), or None if there is none.
+
+        A damaged step is moved aside into `WORKDIR/checkpoints.incomplete/` with an IncompleteCheckpointWarning,
+        as an incomplete one is, and the step before it is tried. A read-only checkpointer moves nothing (and
+        raises the damage)."""
+        while True:
+            step = self.latest_step()
+            if step is None:
+                return None
+            try:
+                return self.restore(step, abstract_state)
+            except DamagedCheckpointError as e:
+                if self.read_only:
+                    raise
+                if jax.process_index() == 0:
+                    self._warn({step: e.reason}, self._move_aside(step) + "; trying the step before it", "damaged")
+                _barrier(f"damaged_{step}")
+                self._manager.reload()
+                self._verified.discard(step)
 
     def _local_data_state(self, data: Mapping, step: int) -> Any:
         saved = data.get("process_count")
@@ -442,46 +472,3 @@ def committed_steps(workdir: str | os.PathLike) -> list[int]:
 def is_workdir(path: str | os.PathLike) -> bool:
     """Whether `path` is a directory `lavie-train` made (it holds the marker)."""
     return (Path(path) / MARKER).is_file()
-
-
-def read_params(workdir: str | os.PathLike, *, ema: bool = True, step: int | None = None
-                ) -> tuple[int, dict, dict[str, np.ndarray]]:
-    """`(step, run config, params)` of a training work directory, read-only: the UNet's params as host float32
-    numpy arrays keyed by dotted param path, the frozen ones merged with the trained ones (their EMA when `ema` and
-    the run keeps one). `step` None is the latest complete step. Nothing in the directory is changed."""
-    ckpt = TrainCheckpointer(workdir, save_every=0, read_only=True)
-    try:
-        step = ckpt._step_or_latest(step)
-        config = ckpt.stored_config(step)
-        path = ckpt.directory / str(step) / "state"
-        handler = ocp.PyTreeCheckpointHandler()
-        try:
-            tree = handler.metadata(path).tree
-            wanted = {"frozen"} | ({"ema"} if ema and _has_leaves(tree.get("ema")) else {"params"})
-            target = {k: jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree[k]) for k in wanted if k in tree}
-            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-            restored = handler.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                                          partial_restore=True))
-        finally:
-            handler.close()
-    finally:
-        ckpt.close()
-    params: dict[str, np.ndarray] = {}
-    for part in restored.values():
-        for keypath, value in jax.tree_util.tree_leaves_with_path(part):
-            names = [_key_name(k) for k in keypath]
-            if names[-1] == "value":  # an nnx.Variable's array: the param path is the Variable's
-                names = names[:-1]
-            params[".".join(names)] = np.asarray(value, np.float32)
-    return step, config, params
-
-
-def _has_leaves(tree: Any) -> bool:
-    return tree is not None and len(jax.tree.leaves(tree)) > 0
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)

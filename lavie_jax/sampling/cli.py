@@ -49,6 +49,7 @@ from absl import logging
 from lavie_jax.cli import command
 from lavie_jax.runtime import compile_cache, startup
 from lavie_jax.io.checkpoints import CheckpointError
+from lavie_jax.io.readback import DamagedCheckpointError
 from lavie_jax.cli.config_flags import ConfigArgError
 from lavie_jax.io.keycheck import KeyMismatchError
 from lavie_jax.models.arch import ConfigError
@@ -128,7 +129,7 @@ UsageError = command.UsageError  # bad or missing command-line flags
 
 # user errors: reported in one line, without a traceback, exit status 2
 ERRORS = (UsageError, ConfigArgError, SampleConfigError, PipelineError, OutputError, OutputPathError, RequestError,
-          CheckpointError, ConfigError, KeyMismatchError, VideoReadError, FileNotFoundError)
+          CheckpointError, ConfigError, KeyMismatchError, VideoReadError, FileNotFoundError, DamagedCheckpointError)
 
 
 class RunInterrupted(KeyboardInterrupt):

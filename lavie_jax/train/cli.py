@@ -46,10 +46,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lavie_jax.models.arch import ConfigError
     from lavie_jax.io.safe_io import OutputPathError
     from lavie_jax.train.setup import TrainConfigError
-    from lavie_jax.io.workdir import ConfigMismatchError
+    from lavie_jax.io.workdir import ConfigMismatchError, DamagedCheckpointError, StateMismatchError
 
     return (ConfigArgError, TrainConfigError, ConfigMismatchError, OutputPathError, CheckpointError, ConfigError,
-            KeyMismatchError, FileNotFoundError)
+            KeyMismatchError, FileNotFoundError, DamagedCheckpointError, StateMismatchError)
 
 
 def build_parser() -> command.ArgumentParser:

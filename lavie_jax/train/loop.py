@@ -240,7 +240,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, overwr
             latest = ckpt.latest_step()
             run = build_run(config, mesh, abstract=latest is not None, checked=checked)
             _say(f"params: {run.groups.summary()}")
-            return _loop(run, config, path, ckpt, latest, console)
+            restored = _restore(run, ckpt, config) if latest is not None else None
+            if latest is not None and restored is None:  # every step was damaged (each one said so)
+                _say("no checkpoint could be restored: starting from the beginning")
+                run = build_run(config, mesh, checked=checked)
+            return _loop(run, config, path, ckpt, restored, console)
         finally:
             ckpt.close()
     finally:
@@ -248,23 +252,23 @@ def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, overwr
             lock.release()
 
 
-def _restore(run: Run, ckpt: workdirs.TrainCheckpointer, config: ml_collections.ConfigDict, latest: int | None
-             ) -> tuple[Any, int | None, Any]:
-    """(state, step resumed from or None, data-iterator state) of checkpoint step `latest` (the latest complete
-    one), if any."""
-    if latest is None:
-        return run.state, None, None
-    workdirs.check_config(ckpt.stored_config(latest), config)
+def _restore(run: Run, ckpt: workdirs.TrainCheckpointer, config: ml_collections.ConfigDict
+             ) -> workdirs.Restored | None:
+    """The newest checkpoint that reads back intact (a damaged one is moved aside, with a warning, for the one
+    before it), onto the run's shardings; None if none does."""
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), run.state,
                             run.state_shardings)
-    restored = ckpt.restore(latest, abstract)
-    return restored.state, latest, restored.data_state
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+        workdirs.check_config(restored.config, config)
+    return restored
 
 
 def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdirs.TrainCheckpointer,
-          latest: int | None, console: bool) -> TrainResult:
+          restored: workdirs.Restored | None, console: bool) -> TrainResult:
     t = config.train
-    state, resumed, data_state = _restore(run, ckpt, config, latest)
+    state, resumed, data_state = ((restored.state, restored.step, restored.data_state) if restored is not None
+                                  else (run.state, None, None))
     start = int(jax.device_get(state.step))
     if resumed is not None:
         _say(f"resumed from step {resumed} ({path / workdirs.CHECKPOINTS_DIR / str(resumed)})")

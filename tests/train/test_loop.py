@@ -144,7 +144,7 @@ def test_export_loads_into_the_official_layout_and_samples(uninterrupted, tmp_pa
     from lavie_jax.convert.state_dict import load_state_dict
     from safetensors.numpy import load_file
     from lavie_jax.models import abstract_unet, arch_from_config
-    from lavie_jax.io.workdir import read_params
+    from lavie_jax.io.run_params import read_params
     from tests.models.tiny_configs import jit_apply
     from tests.models.torch_reference import UNet3DReference
 
@@ -242,7 +242,7 @@ def test_lavie_sample_reads_a_work_directory(uninterrupted, tmp_path):
     """`lavie-sample --checkpoint RUN` samples with the run's EMA UNet and the components it trained with."""
     from lavie_jax.sampling import cli
     from lavie_jax.sampling.pipeline import load_stage_pipeline
-    from lavie_jax.io.workdir import read_params
+    from lavie_jax.io.run_params import read_params
 
     out = tmp_path / "res"
     argv = ["lavie-sample", "--config", "configs/base.py:tiny", "--checkpoint", str(uninterrupted), "--prompt",
@@ -261,7 +261,7 @@ def test_lavie_sample_reads_a_work_directory(uninterrupted, tmp_path):
 def test_a_run_can_start_from_another_run(uninterrupted, train_data_dir):
     """`train.init` = a work directory: the new run starts from its EMA params and trains with its encoders, both
     read through the one model loader (`lavie_jax.io.store`)."""
-    from lavie_jax.io.workdir import read_params
+    from lavie_jax.io.run_params import read_params
     from lavie_jax.train.setup import TrainConfigError, build_run
 
     config = tiny_train_config("base", train_data_dir)
