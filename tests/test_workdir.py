@@ -244,6 +244,41 @@ def test_a_state_of_another_structure_is_refused_without_moving_anything(tmp_pat
     assert ckpt.all_steps() == [10]
 
 
+def test_no_room_for_a_checkpoint_refuses_it_and_a_failed_background_write_stops_at_the_next_poll(tmp_path,
+                                                                                                    monkeypatch):
+    import errno
+    import time
+
+    import orbax.checkpoint as ocp
+
+    from lavie_jax.io import save_failures
+
+    state = {"w": jax.random.normal(jax.random.key(0), (1 << 16,))}  # 0.25 MB that do not compress
+    ckpt = TrainCheckpointer(tmp_path, save_every=1, keep=5)
+    assert ckpt.save(1, state)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(save_failures.shutil, "disk_usage", lambda _: usage._replace(free=100_000))
+    with pytest.raises(save_failures.CheckpointSaveError, match=r"could not save checkpoint step 2 in \S+: not enough "
+                       r"free space \(a checkpoint needs about 0.\d MB; 0.1 MB is free there\); .* the last complete "
+                       r"checkpoint, step 1, is kept"):
+        ckpt.save(2, state)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]  # nothing written
+    monkeypatch.undo()
+
+    async def full(self, item, directory):  # the disk fills while orbax writes in the background
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "metadata"))
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", full)
+    assert ckpt.save(2, state)
+    with pytest.raises(save_failures.CheckpointSaveError, match=r"step 2 in \S+: No space left on device: .* is "
+                                                                r"free there\); .*step 1, is kept"):
+        for _ in range(600):
+            ckpt.poll()  # what the loop calls every step
+            time.sleep(0.05)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]  # no half-written step left
+    ckpt.close()  # said once: closing does not raise it again
+
+
 def test_steps_written_before_orbax_wrote_markers_need_none(tmp_path):
     _save_steps(tmp_path)
     step = tmp_path / "checkpoints" / "30"
@@ -286,13 +321,20 @@ def test_check_config_allows_resumable_fields_only():
     new = ml_collections.ConfigDict(CONFIG)
     assert check_config(CONFIG, new) == []
     new.train.num_steps, new.train.log_every, new.mesh.shape = 200, 5, (2, 4)
-    assert check_config(CONFIG, new) == ["mesh.shape", "train.log_every", "train.num_steps"]
-    new.train.optimizer.lr = 2e-4
+    new.train.optimizer.lr = 2e-5  # the advice after a diverged run: a lower learning rate resumes
+    assert check_config(CONFIG, new) == ["mesh.shape", "train.log_every", "train.num_steps", "train.optimizer.lr"]
+    new.train.micro_batches = 2
     new.seed = 3
     with pytest.raises(ConfigMismatchError) as e:
         check_config(CONFIG, new.to_json_best_effort(), where="/w")
     message = str(e.value)
-    assert "train.optimizer.lr: 0.0001 -> 0.0002" in message and 'seed: "<missing>" -> 3' in message
-    assert "train.num_steps" not in message and "--overwrite" in message and "/w" in message
+    assert 'train.micro_batches: "<missing>" -> 2' in message and 'seed: "<missing>" -> 3' in message
+    assert "train.num_steps" not in message and "train.optimizer.lr" not in message
+    assert "--overwrite" in message and "/w" in message
     assert check_config(None, new) == [] and check_config("{}", new) == []
     assert check_config(CONFIG, {**CONFIG, "extra": 1}, may_change=("extra",)) == ["extra"]
+    clipped = {"train": {"optimizer": {"clip_grad_norm": 1.0}}}
+    stronger = {"train": {"optimizer": {"clip_grad_norm": 0.5}}}
+    assert check_config(clipped, stronger) == ["train.optimizer.clip_grad_norm"]
+    with pytest.raises(ConfigMismatchError, match=r"clip_grad_norm: 1.0 -> 0.0 \(clipping may not be turned on or off"):
+        check_config(clipped, {"train": {"optimizer": {"clip_grad_norm": 0.0}}})

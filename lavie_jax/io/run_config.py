@@ -4,9 +4,16 @@ A work directory stores the config of its run (`config.json`, and each checkpoin
 `lavie-train` on it with a config that differs is checked field by field (dotted paths such as
 `train.optimizer.lr`) against `RESUMABLE_FIELDS`:
 
-- allowed: the fields listed there (fnmatch patterns); the run says which changed, old -> new, and goes on;
+- allowed: the fields listed there (fnmatch patterns); the run says which changed, old -> new, and goes on:
+    train.num_steps, train.*_every (log, checkpoint, keep), train.keep, train.log_*, train.checkpoint.*,
+    train.profile*, train.optimizer.* (learning rate, schedule, warm-up, betas, eps, weight decay, clipping),
+    logging.*, wandb.*, sample.*, mesh.*, sharding.*, model.attention_impl, data.data_dir, data.prepare,
+    data.read_threads, data.prefetch_buffer, data.video_text.num_workers, data.image_text.num_workers;
+  except where `RESUMABLE_IF` says otherwise: train.optimizer.clip_grad_norm may change but not between 0 (off)
+  and a positive value, which changes the optimizer state's structure;
 - refused: any other difference (`ConfigMismatchError` lists each as 'field: old -> new'): rerun with the stored
-  values, start over with `--overwrite`, or use a new work directory.
+  values, start over with `--overwrite`, or use a new work directory. What the model is, what it learns from
+  (data, objective, param groups, seed, EMA) and how the data are batched are never changed mid-run.
 
 A work directory that holds no checkpoint yet has nothing to continue: a rerun's config simply replaces the
 stored one (lavie_jax.train.loop).
@@ -16,7 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 _MISSING = "<missing>"
@@ -32,13 +39,22 @@ class ConfigMismatchError(ValueError):
 
 
 # Fields (fnmatch patterns over dotted paths) a resumed run may change: when to stop, log, evaluate or save, how
-# the same computation is laid out (mesh, sharding rules, kernels) and how data are read (not which data).
+# the same computation is laid out (mesh, sharding rules, kernels), how data are read (not which data), and the
+# optimizer's settings (the advice after a diverged run: a lower learning rate, a longer warm-up, stronger
+# clipping; the optimizer state keeps its shape, see RESUMABLE_IF).
 RESUMABLE_FIELDS: tuple[str, ...] = (
     "train.num_steps", "train.*_every", "train.keep", "train.log_*", "train.checkpoint.*", "train.profile*",
     "logging.*", "wandb.*", "sample.*", "mesh.*", "sharding.*", "model.attention_impl",
     "data.data_dir", "data.prepare", "data.read_threads", "data.prefetch_buffer",
     "data.video_text.num_workers", "data.image_text.num_workers",
+    "train.optimizer.*",
 )
+# Resumable fields whose change is refused in some cases: field -> (whether old -> new may change, why not).
+RESUMABLE_IF: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
+    "train.optimizer.clip_grad_norm": (
+        lambda old, new: (old > 0) == (new > 0),
+        "clipping may not be turned on or off on resume: it adds or removes a part of the optimizer state"),
+}
 
 
 def config_dict(config: Any) -> dict:
@@ -70,6 +86,13 @@ def config_changes(stored_config: Any, new_config: Any) -> dict[str, str]:
             for f in sorted(set(stored) | set(new)) if stored.get(f, _MISSING) != new.get(f, _MISSING)}
 
 
+def _holds(condition: Callable[[Any, Any], bool], old: Any, new: Any) -> bool:
+    try:
+        return bool(condition(old, new))
+    except TypeError:  # a missing or mistyped value: the config checks name it
+        return True
+
+
 def check_config(stored_config_json: str | Mapping | None, new_config: Any, *,
                  may_change: Iterable[str] = RESUMABLE_FIELDS, where: str = "") -> list[str]:
     """Whether a rerun with `new_config` continues the run stored with `stored_config_json`.
@@ -81,12 +104,16 @@ def check_config(stored_config_json: str | Mapping | None, new_config: Any, *,
     if not stored_tree:
         return []
     patterns = tuple(may_change)
+    stored, new = _flatten(stored_tree), _flatten(config_dict(new_config))
     allowed, errors = [], []
     for field, change in config_changes(stored_tree, new_config).items():
-        if any(fnmatch.fnmatchcase(field, p) for p in patterns):
-            allowed.append(field)
-        else:
+        condition, why = RESUMABLE_IF.get(field, (None, ""))
+        if not any(fnmatch.fnmatchcase(field, p) for p in patterns):
             errors.append(f"{field}: {change}")
+        elif condition is not None and not _holds(condition, stored.get(field), new.get(field)):
+            errors.append(f"{field}: {change} ({why})")
+        else:
+            allowed.append(field)
     if errors:
         place = f" in {where}" if where else ""
         raise ConfigMismatchError(

@@ -47,11 +47,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from lavie_jax.parallel import gather_text
+from lavie_jax.parallel import failed_processes, gather_text
 from lavie_jax.io.run_config import (  # noqa: F401 - re-exported: the config checks of a resumed run
     RESUMABLE_FIELDS, ConfigMismatchError, check_config, config_changes, config_dict)
 from lavie_jax.io.readback import (  # noqa: F401 - DamagedCheckpointError, StateMismatchError re-exported
     DamagedCheckpointError, StateMismatchError, agreed_read, check_fits)
+from lavie_jax.io import save_failures
 from lavie_jax.io.safe_io import Ownership
 from lavie_jax.io.state_scan import StateScan, scan_state
 from lavie_jax.io.workdir_lock import LOCK_FILE
@@ -77,6 +78,7 @@ class Restored:
     data_state: Any  # this process's iterator state as saved (dict, bytes, ...); None if none or process count differs
     config: dict  # the stored run config
     metadata: dict  # the step's `meta` item
+    scan: StateScan | None = None  # the restored state's scan, when the step had fingerprints to check
 
 
 # Since 0.12.3 orbax writes the commit marker on every committed step on every backend (see the module docstring).
@@ -198,6 +200,10 @@ class TrainCheckpointer:
         self.save_every, self.keep, self.keep_every = save_every, keep, keep_every
         self._config = config_dict(config)
         self._verified: set[int] = set()  # steps whose items were checked; a committed step never changes
+        self._pending: int | None = None  # the step of the save in flight
+        self._failure: save_failures.CheckpointSaveError | None = None  # a failed save, raised once
+        self._needed = 0  # the room the last save was checked for
+        save_failures.quiet_orbax_save_errors()
         if read_only and overwrite:
             raise ValueError("a read-only checkpointer cannot overwrite")
         self.read_only = read_only
@@ -333,11 +339,14 @@ class TrainCheckpointer:
         `data_state` may be a callable (e.g. `iterator.get_state`), called only when saving. `scan`: the state's
         `scan_state` if the caller made it already (its fingerprints are stored, for `restore` to check). Returns
         whether a save started; False too when `step` is already saved. A previous save still writing is waited
-        for."""
+        for. CheckpointSaveError (lavie_jax.io.save_failures) if the previous save failed, if there is not room
+        for this one (nothing is written then), or if it fails to start."""
         if not (force or self.should_save(step)):
             return False
+        self._finish_pending()
         if step in self._manager.all_steps():  # orbax's view: includes a save of `step` still in flight
             return False
+        self._check_space(step, state)
         scan = scan or scan_state(state)
         local = data_state() if callable(data_state) else data_state
         states = [json.loads(s) for s in gather_text(json.dumps(_encode_data_state(local)))]
@@ -354,17 +363,70 @@ class TrainCheckpointer:
             config=ocp.args.JsonSave(self._config),
             meta=ocp.args.JsonSave(meta),
         )
-        return bool(self._manager.save(step, args=args, force=True))
+        try:
+            started = bool(self._manager.save(step, args=args, force=True))
+        except Exception as e:  # noqa: BLE001 - e.g. no room for its temporary directory
+            raise self._failed(step, e) from e
+        self._pending = step if started else None
+        return started
+
+    def _check_space(self, step: int, state: Any) -> None:
+        """CheckpointSaveError, on every process, unless the checkpoints' file system has room for this step."""
+        if not save_failures.local(self.directory):
+            return
+        latest = committed_steps(self.workdir)
+        needed = save_failures.needed_bytes(state, self.directory / str(latest[-1]) if latest else None)
+        free = save_failures.free_bytes(self.directory)
+        if failed_processes(free is not None and free < needed):
+            raise save_failures.CheckpointSaveError(save_failures.message(
+                step, self.directory, "not enough free space", latest[-1] if latest else None, needed, free))
+        self._needed = needed
+
+    def poll(self) -> None:
+        """Raise CheckpointSaveError if the save in flight failed; call it every step (it only reads a flag until
+        the save is over), so no step trains past a failed save for long."""
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        """Wait for the save in flight; CheckpointSaveError (its leftovers removed) if it failed."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - whatever the background write raised
+            self._failure = self._failed(step, e)
+            raise self._failure from e
+
+    def _failed(self, step: int, error: BaseException) -> save_failures.CheckpointSaveError:
+        """The error of a failed save of `step`, after removing what it left (its temporary directory)."""
+        save_failures.wait_for_writers(self._manager)  # orbax raised the first failure, not waiting for the rest
+        for entry in (self.directory.iterdir() if self.directory.exists() else ()):
+            if entry.name.startswith(f"{step}{TMP_SUFFIX}") or (entry.name == str(step)
+                                                                  and not (entry / COMMIT_MARKER).exists()):
+                save_failures.remove(entry)
+        latest = [s for s in committed_steps(self.workdir) if s != step]
+        free = save_failures.free_bytes(self.directory)
+        needed = self._needed if save_failures.is_no_space(error) else None
+        return save_failures.CheckpointSaveError(save_failures.message(
+            step, self.directory, save_failures.cause_of(error), latest[-1] if latest else None, needed, free))
 
     def wait(self) -> None:
-        """Block until every started save is committed (raises what a background save raised)."""
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        """Block until every started save is committed; CheckpointSaveError if one failed."""
+        self._finish_pending()
+        if self._failure is None:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
 
     def close(self) -> None:
-        """Wait for saves, then release orbax's resources."""
-        self.wait()
-        self._manager.close()
+        """Wait for saves, then release orbax's resources (after a failed save too: its error was raised once)."""
+        try:
+            self.wait()
+        finally:
+            with contextlib.suppress(Exception) if self._failure is not None else contextlib.nullcontext():
+                self._manager.close()
 
     def __enter__(self) -> TrainCheckpointer:
         return self
@@ -402,14 +464,14 @@ class TrainCheckpointer:
                              f"{' ...' if len(missing) > 5 else ''}")
         r = agreed_read(step, lambda: self._read(step, target))
         expected = r.meta.get("fingerprints") if isinstance(r.meta, Mapping) else None
+        scan = scan_state(r.state) if expected else None
         if expected:
-            found = scan_state(r.state).fingerprints
-            bad = sorted(g for g in expected if g in found and found[g] != expected[g])
+            bad = sorted(g for g in expected if g in scan.fingerprints and scan.fingerprints[g] != expected[g])
             if bad:
                 raise DamagedCheckpointError(step, f"what its files give back differs from what was saved in "
                                                    f"{', '.join(bad)} (fingerprint)")
         return Restored(step=step, state=r.state, data_state=self._local_data_state(r.data, step),
-                        config=dict(r.config), metadata=dict(r.meta))
+                        config=dict(r.config), metadata=dict(r.meta), scan=scan)
 
     def _read(self, step: int, target: Any) -> Any:
         check_fits(self.directory / str(step) / "state", step, target)

@@ -109,10 +109,13 @@ def run(argv: Sequence[str]):
 
 def _failure(error: BaseException) -> tuple[str, int]:
     """(message, status) of a failed run: a non-finite loss stops with 3, the rest as every command reports."""
-    from lavie_jax.train.loop import NonFiniteLossError  # with jax: not needed for --help or a bad flag
+    from lavie_jax.io.save_failures import CheckpointSaveError  # with jax: not needed for --help or a bad flag
+    from lavie_jax.train.loop import NonFiniteLossError
 
     if isinstance(error, NonFiniteLossError):
         return f"stopped: {error}", NONFINITE_STATUS
+    if isinstance(error, CheckpointSaveError):  # the machine (a full disk): status 1, said in full
+        return f"error: {error}", 1
     return command.failure(error, _user_errors())
 
 

@@ -35,6 +35,8 @@ from lavie_jax.io.workdir_lock import WorkdirLock
 from lavie_jax.data import distributed as data_distributed
 from lavie_jax.data.pipeline import make_iterator
 from lavie_jax.io.text import tokenize
+from lavie_jax.io.state_scan import scan_state
+from lavie_jax.train import health
 from lavie_jax.train.metrics import MetricsWriter
 from lavie_jax.train.preemption import PreemptionHandler
 from lavie_jax.train.setup import Run, TrainConfigError, build_run, check_run, peak_tflops
@@ -293,6 +295,8 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
     window: dict[str, list[float]] = {}  # each metric's values since the last logged line
     pending: tuple[int, Any] | None = None  # (step after the update, metrics on device) not yet checked
     good = start  # the last step known to have a finite loss
+    scan = restored.scan if restored is not None and restored.scan is not None else scan_state(state)
+    reference = scan.max_abs.get("params", 0.0)  # of the last good state: a save checks its params against it
     stopped = None
     with writer, PreemptionHandler(sigint=True) as preemption, jax.set_mesh(run.mesh):
         step = start
@@ -300,6 +304,7 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
             batch = _device_batch(next(iterator), run)
             state, metrics = run.step_fn(state, run.encoders, run.tables, batch)
             step += 1
+            ckpt.poll()  # a save that failed in the background stops the run here (a flag read while it writes)
             if pending is not None:  # the previous step's metrics, read while this step runs
                 last = _check_and_log(pending, writer, t, good, ckpt, window)
                 good = pending[0]
@@ -307,7 +312,7 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
             if ckpt.should_save(step) or step == t.num_steps or preemption.should_stop(step):
                 last = _check_and_log(pending, writer, t, good, ckpt, window, force=True)
                 good, pending = step, None
-                ckpt.save(step, state, iterator.get_state, force=True)
+                reference = _save(ckpt, step, state, iterator, reference, config)
                 if preemption.should_stop(step) and step < t.num_steps:
                     stopped = preemption.reason
                     ckpt.wait()
@@ -322,6 +327,32 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
     return TrainResult(step, stopped, resumed, last)
 
 
+def _save(ckpt: workdirs.TrainCheckpointer, step: int, state: Any, iterator: Any, reference: float,
+          config: ml_collections.ConfigDict) -> float:
+    """Save `step` if the state is fit to be (lavie_jax.train.health), else stop naming the last good checkpoint;
+    returns the saved params' largest magnitude (the next save's reference)."""
+    scan = scan_state(state)  # every process: it gathers their partial sums
+    problem = health.unfit(scan, reference)
+    if problem:
+        raise NonFiniteLossError(f"step {step}: {problem}; the run stopped without saving it. "
+                                 f"{_advice(ckpt, config.train)}")
+    ckpt.save(step, state, iterator.get_state, force=True, scan=scan)
+    return scan.max_abs.get("params", 0.0)
+
+
+def _advice(ckpt: workdirs.TrainCheckpointer, t: ml_collections.ConfigDict) -> str:
+    """What to do after a diverged step: which checkpoint a rerun resumes from, and a lower learning rate."""
+    ckpt.wait()
+    latest = ckpt.latest_step()
+    lr = t.optimizer.lr / 10 if t.optimizer.lr <= 1e-2 else 1e-4  # a tenth, or a usual Adam lr for an absurd one
+    lower = f"lower train.optimizer.lr (e.g. --config.train.optimizer.lr={lr:g}) or check the data"
+    if latest is None:
+        return f"No checkpoint was saved: {lower}, then rerun to start from the beginning."
+    return (f"The last good checkpoint is step {latest} (its params, optimizer state and EMA were checked when "
+            f"saved): {lower}, then rerun to resume from it (the optimizer settings, train.optimizer.*, may change "
+            "on resume).")
+
+
 def _check_and_log(pending: tuple[int, Any], writer: MetricsWriter, t: ml_collections.ConfigDict, good: int,
                    ckpt: workdirs.TrainCheckpointer, window: dict[str, list[float]], force: bool = False
                    ) -> dict[str, float]:
@@ -332,12 +363,9 @@ def _check_and_log(pending: tuple[int, Any], writer: MetricsWriter, t: ml_collec
     host = {k: float(values[k]) for k in sorted(values, key=lambda k: (METRIC_ORDER.index(k) if k in METRIC_ORDER
                                                                         else len(METRIC_ORDER), k))}
     if not _finite(host):
-        ckpt.wait()
         bad = ", ".join(f"{k}={v}" for k, v in host.items() if not math.isfinite(v))
-        latest = ckpt.latest_step()
-        raise NonFiniteLossError(f"step {step}: {bad}; the run stopped without saving it. The last good checkpoint "
-                                 f"is step {latest} (the loss was finite through step {good}); lower "
-                                 f"train.optimizer.lr or check the data, then rerun to resume from it")
+        raise NonFiniteLossError(f"step {step}: {bad}; the run stopped without saving it (the loss was finite "
+                                 f"through step {good}). {_advice(ckpt, t)}")
     for k, v in host.items():
         window.setdefault(k, []).append(v)
     if step % t.log_every == 0 or force:

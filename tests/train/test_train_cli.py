@@ -55,6 +55,9 @@ def test_config_changes_before_and_after_the_first_checkpoint(tmp_path, capsys):
     prepare(tiny_train_config("base", num_steps=10, seed=5))
     assert "resuming with changed settings: train.num_steps: 4 -> 10" in capsys.readouterr().out
     assert json.loads((path / "config.json").read_text())["train"]["num_steps"] == 10
+    # what a run that diverged advises: a lower learning rate (any optimizer setting) resumes
+    prepare(tiny_train_config("base", num_steps=10, seed=5, **{"optimizer.lr": 1e-4}))
+    assert "resuming with changed settings: train.optimizer.lr: 0.001 -> 0.0001" in capsys.readouterr().out
     assert sorted(p.name for p in path.iterdir()) == ["checkpoints", "config.json", "lavie_workdir.json"]
 
 
