@@ -52,7 +52,8 @@ from lavie_jax.io.checkpoints import CheckpointError
 from lavie_jax.cli.config_flags import ConfigArgError
 from lavie_jax.io.keycheck import KeyMismatchError
 from lavie_jax.models.arch import ConfigError
-from lavie_jax.models.attention_kernels import AttentionImplError, check_attention_impl
+from lavie_jax.models.options import ExecutionOptionsError
+from lavie_jax.models.options import from_config as options_from_config
 from lavie_jax.parallel import failed_processes, initialize_distributed, make_mesh
 from lavie_jax.io.safe_io import OutputPathError, Terminated, terminate_as_interrupt
 from lavie_jax.sampling.cascade import Cascade
@@ -68,7 +69,6 @@ PROG = "lavie-sample"
 LATER_STAGES = tuple(s.name for s in REGISTRY.values() if s.rank > 0)  # stages that refine the one before's video
 STAGE_FLAGS = ("config", *LATER_STAGES)  # config-file flags, in cascade order
 MAX_SEED = 2 ** 32 - 1
-DTYPES = ("float32", "bfloat16")  # computation dtypes of the models (params stay float32)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 INTERRUPT_STATUS, TERMINATE_STATUS = command.INTERRUPT_STATUS, command.TERMINATE_STATUS  # 128 + SIGINT / SIGTERM
 REDELIVER_S = 1.0  # an interrupt not caught by then was swallowed (see `_interrupts`) and is sent again
@@ -310,15 +310,12 @@ def _check_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, flag: str
 
 
 def _check_model_section(cfg: ml_collections.ConfigDict, flag: str) -> None:
-    """The `model` fields the pipeline hands to jax unchecked (a bad one would only fail inside compiled code)."""
-    model = cfg.get("model") or {}
-    dtype, impl = model.get("dtype"), model.get("attention_impl")
-    if dtype not in DTYPES:
-        raise UsageError(f"--{flag}.model.dtype={dtype}: choose one of {DTYPES} (the computation dtype)")
+    """The execution options the models will be configured with (`model.dtype`, `model.attention_impl` and its
+    platform, `sharding.rules`), before anything loads: a bad one would only fail inside compiled code."""
     try:
-        check_attention_impl(impl)  # the name, and the platform it needs
-    except AttentionImplError as e:
-        raise UsageError(f"--{flag}.model.{e}") from None
+        options_from_config(cfg)
+    except ExecutionOptionsError as e:
+        raise UsageError(f"--{flag}.{e}") from None
 
 
 class _Plan(NamedTuple):

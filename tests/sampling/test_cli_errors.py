@@ -66,7 +66,7 @@ CASES = [
     ("override-value", lambda f: base(*RANDOM, "--prompt", "a", "--config.sample.sampler=pndm"),
      r"sample.sampler: 'pndm' is not one of"),
     ("model-dtype", lambda f: base(*RANDOM, "--prompt", "a", "--config.model.dtype=float16"),
-     r"--config.model.dtype=float16: choose one of \('float32', 'bfloat16'\)"),
+     r"--config.model.dtype: 'float16': choose one of \('float32', 'bfloat16'\)"),
     ("mesh", lambda f: base(*RANDOM, "--prompt", "a", "--config.mesh.shape=(16,1,1,1)"),
      r"--config.mesh.shape=\(16, 1, 1, 1\): .*needs 16 devices but 8 are available; -1 takes the remaining"),
     # stage order
