@@ -72,11 +72,11 @@ CASES = [
     # stage order
     ("stage-wrong-flag", lambda f: base(*RANDOM, "--prompt", "a", "--interpolation", f"{ROOT}/configs/vsr.py:tiny",
                                         "--interpolation-checkpoint", "random"),
-     r"--interpolation was given a vsr config; pass configs/interpolation.py"),
+     r"--interpolation was given a vsr config; pass --interpolation interpolation"),
     ("stage-order", lambda f: stage("interpolation", *RANDOM, *INTERP, "--input", str(f["dir"])), r"must come after"),
     ("stage-skipped", lambda f: base(*RANDOM, "--prompt", "a", "--vsr", f"{ROOT}/configs/vsr.py:tiny",
                                      "--vsr-checkpoint", "random"),
-     r"skip interpolation: a cascade runs consecutive stages; add --interpolation configs/interpolation.py"),
+     r"skip interpolation: a cascade runs consecutive stages; add --interpolation interpolation"),
     ("stage-checkpoint-alone", lambda f: base(*RANDOM, "--prompt", "a", "--vsr-checkpoint", "random"),
      r"--vsr-checkpoint given without --vsr CONFIG"),
     ("stage-no-checkpoint", lambda f: base(*RANDOM, "--prompt", "a", "--interpolation",
