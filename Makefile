@@ -39,14 +39,25 @@ bench: $(STAMP_TEST)
 	$(PY) -m bench.sampling_bench
 	$(PY) -m bench.cpu_torch_bench
 	$(PY) -m bench.startup_bench
+	$(PY) -m bench.library_bench
 
 # One table on one accelerator (~5 minutes with compiles; bench/accelerator_bench.py): matmul peak, the three UNet
-# forwards per attention policy, the base train step with the best remat policy, 50-step base sampling. Runs in the
-# current environment, which needs lavie-jax with its accelerator extra (pip install -e '.[cuda]' or '.[tpu]'); on
-# a CPU it runs the tiny configs. Extra flags: make bench-gpu BENCH_ARGS='--remat-sweep --json bench.json'
-BENCH_PYTHON ?= $(PYTHON)
-bench-gpu:
-	$(BENCH_PYTHON) -m bench.accelerator_bench $(BENCH_ARGS)
+# forwards per attention policy, the base train step with the best remat policy, 50-step base sampling. Installs
+# lavie-jax with the accelerator extra it finds here (cuda where an NVIDIA GPU answers, tpu on a TPU VM); on a machine
+# with neither it says so and runs the CPU-sized rows. BENCH_PYTHON=python3 runs in an environment of your own
+# instead (one that already has jax for the accelerator), installing nothing. Extra flags:
+# make bench-gpu BENCH_ARGS='--remat-sweep --json bench.json'
+ACCEL := $(shell if nvidia-smi -L >/dev/null 2>&1; then echo cuda; elif ls /dev/accel0 /dev/vfio/0 >/dev/null 2>&1; then echo tpu; fi)
+STAMP_ACCEL := $(VENV)/.stamp-$(ACCEL)
+BENCH_PYTHON ?=
+
+$(STAMP_ACCEL): setup.py setup.cfg pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[$(ACCEL)]'
+	touch $@ $(STAMP_RUN)
+
+bench-gpu: $(if $(BENCH_PYTHON),,$(if $(ACCEL),$(STAMP_ACCEL),$(STAMP_RUN)))
+	@$(if $(or $(BENCH_PYTHON),$(ACCEL)),true,echo "bench-gpu: no NVIDIA GPU or TPU here: running the CPU-sized rows (on an accelerator machine this target installs lavie-jax[cuda] or [tpu])")
+	$(or $(BENCH_PYTHON),$(PY)) -m bench.accelerator_bench $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,6 +12,12 @@ line that marks the first result:
   sample (random)        `lavie-sample --config configs/base.py:tiny --checkpoint random`, one prompt: until the
                          `wrote ...` line of the video
   imports                `import` of the modules the commands load (no compiling: the part a cache cannot save)
+With `--demo DIR` (the output folder of a finished `make demo`, default outputs/demo) the rows run the demo's own
+configs over its data, encoders and trained runs instead:
+  train (fresh workdir)  `lavie-train --config base:demo` (its precomputed data and encoders), 2 steps, until `step 1/2`
+  sample (cascade)       `lavie-sample` of the demo's cascade (base:demo -> interpolation:demo -> vsr:demo, its three
+                         runs' checkpoints) for one prompt: until the process ends (the cascade's first video is
+                         its last file)
 Warm/cold is the fraction of the cold start that remains (the median over the cold/warm pairs, each pair run back
 to back); programs: the cache entries the warm run found. `--repeats N` runs every row N times (cold and warm
 interleaved) and reports the medians: the machine is shared, single runs are noisy. Nothing here is part of the
@@ -19,6 +25,7 @@ tests; everything is written under a temporary directory (or `--keep DIR`).
 
   python -m bench.startup_bench                  # ~5 minutes on 2 CPU cores
   python -m bench.startup_bench --repeats 3 --rows sample
+  python -m bench.startup_bench --demo             # the demo's configs, after `make demo`
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DATA = ["--config.data.read_threads=1"]
 ROWS = ("train", "resume", "sample", "imports")
+DEMO_ROWS = ("train", "sample", "imports")
 RESUME_STEPS = 4  # the preempted run stops after step 1 or 2 (the step after the signal), the resumed one goes on
 
 
@@ -98,6 +106,50 @@ def sample_argv(out: Path, cache: Path) -> list[str]:
             str(cache)]
 
 
+def demo_train_argv(demo: Path, workdir: Path, cache: Path) -> list[str]:
+    return [str(BIN / "lavie-train"), "--config", "base:demo", "--workdir", str(workdir),
+            f"--config.data.data_dir={demo / 'data'}", f"--config.train.encoders={demo / 'encoders'}",
+            "--config.train.num_steps=2", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
+            "--compile-cache", str(cache)]
+
+
+def demo_sample_argv(demo: Path, out: Path, cache: Path) -> list[str]:
+    runs = demo / "runs"
+    return [str(BIN / "lavie-sample"), "--config", "base:demo", "--checkpoint", str(runs / "base"),
+            "--interpolation", "interpolation:demo", "--interpolation-checkpoint", str(runs / "interpolation"),
+            "--vsr", "vsr:demo", "--vsr-checkpoint", str(runs / "vsr"), "--prompt", "a red circle moving left",
+            "--output", str(out), "--overwrite", "--noprogress", "--compile-cache", str(cache)]
+
+
+def bench_demo(demo: Path, rows: list[str], repeats: int, work: Path) -> dict[str, dict[str, list[float]]]:
+    """The rows of the module docstring's `--demo` list, cold and warm, `repeats` times."""
+    if not (demo / "runs" / "vsr").is_dir():
+        raise SystemExit(f"--demo {demo}: no finished demo there (runs/base, runs/interpolation, runs/vsr); run "
+                         "`make demo` first")
+    results: dict[str, dict[str, list[float]]] = {}
+    for i in range(repeats):
+        for row in rows:
+            cache = work / f"{row}-cache-{i}"
+            for kind in ("cold", "warm"):
+                if row == "train":
+                    argv, marker = demo_train_argv(demo, work / f"run-{i}-{kind}", cache), r"^step 1/2"
+                elif row == "sample":
+                    argv, marker = demo_sample_argv(demo, work / "videos", cache), r"^wrote "
+                else:
+                    code = "import lavie_jax.sampling.cli, lavie_jax.train.loop"
+                    argv, marker = [sys.executable, "-c", f"{code}; print('imported')"], r"^imported"
+                first, total = timed_run(argv, marker, work / f"{row}-{i}-{kind}.log")
+                r = results.setdefault(row, {})
+                first = total if row == "sample" else first  # the cascade's files are written at its end
+                for key, value in ((kind, first), (f"{kind} total", total), (f"{kind} entries", _entries(cache))):
+                    r.setdefault(key, []).append(value)
+                print(f"  {row:<8} {kind}: {first:6.1f} s to the first result, {_entries(cache)} cached programs",
+                      flush=True)
+                if row == "imports":
+                    break
+    return results
+
+
 def bench(rows: list[str], repeats: int, work: Path) -> dict[str, dict[str, list[float]]]:
     data = work / "tfds"
     results: dict[str, dict[str, list[float]]] = {}
@@ -145,11 +197,14 @@ def bench(rows: list[str], repeats: int, work: Path) -> dict[str, dict[str, list
     return results
 
 
-def table(results: dict[str, dict[str, list[float]]]) -> str:
+def table(results: dict[str, dict[str, list[float]]], demo: bool = False) -> str:
     names = {"train": "lavie-train base:tiny, fresh workdir (first step)",
              "resume": "lavie-train base:tiny, resume (first step)",
              "sample": "lavie-sample base:tiny random (first video)",
              "imports": "python + imports only (not cacheable)"}
+    if demo:
+        names.update(train="lavie-train base:demo, fresh workdir (first step)",
+                     sample="lavie-sample, the demo's cascade (first video)")
     lines = [f"{'':<52}{'cold s':>8}{'warm s':>8}{'warm/cold':>11}{'(each run)':>22}{'programs':>10}"]
     for row, r in results.items():
         cold = statistics.median(r["cold"])
@@ -166,20 +221,30 @@ def table(results: dict[str, dict[str, list[float]]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=None,
+                        help=f"default: {' '.join(ROWS)} ({' '.join(DEMO_ROWS)} with --demo)")
+    parser.add_argument("--demo", nargs="?", const="outputs/demo", metavar="DIR",
+                        help="the demo's configs, data and runs (a finished `make demo` in DIR, default outputs/demo)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--keep", metavar="DIR", help="work here and keep the logs (default: a temporary directory)")
     args = parser.parse_args()
+    rows = args.rows or list(DEMO_ROWS if args.demo else ROWS)
+
+    def run(work: Path) -> dict[str, dict[str, list[float]]]:
+        if args.demo:
+            return bench_demo(Path(args.demo).resolve(), [r for r in rows if r in DEMO_ROWS], args.repeats, work)
+        return bench(rows, args.repeats, work)
+
     if args.keep:
         work = Path(args.keep)
         work.mkdir(parents=True, exist_ok=False)
-        results = bench(args.rows, args.repeats, work)
+        results = run(work)
     else:
         with tempfile.TemporaryDirectory(prefix="startup_bench-") as tmp:
-            results = bench(args.rows, args.repeats, Path(tmp))
+            results = run(Path(tmp))
     print(f"\n{os.cpu_count()} CPU(s), load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; median of "
           f"{args.repeats} run(s)")
-    print(table(results))
+    print(table(results, demo=bool(args.demo)))
 
 
 if __name__ == "__main__":

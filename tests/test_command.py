@@ -144,7 +144,7 @@ def test_help(prog, capsys):
     assert out.startswith(f"usage: {prog} ") and "flags of every lavie-jax command:" in out
     assert re.search(r"^  --traceback, --no-traceback$", out, re.M) and "--flagfile FILE" in out
     if prog in ("lavie-sample", "lavie-train"):  # the stage configs and how to override their fields
-        assert re.search(r"^  --config FILE\[:variant\]$", out, re.M) and "--config.a.b=value" in out
+        assert re.search(r"^  --config NAME\[:variant\]$", out, re.M) and "--config.a.b=value" in out
     if prog != "python -m lavie_jax.data.prepare":  # it compiles nothing
         assert "--compile-cache DIR" in out and "--no-compile-cache" in out
 

@@ -27,6 +27,7 @@ are applied to every model. Errors are `SourceError`s naming the flag or config 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -237,7 +238,9 @@ def load_components(source: Source | str | os.PathLike, *, random: RandomParts |
                     options: ExecutionOptions | None = None) -> tuple[AutoencoderKL, CLIPTextEncoder, Any]:
     """(VAE, text encoder, tokenizer) of a source (module docstring). Random components are named by `random`, with
     a text width of `width` for the 'tiny' encoder (the UNet's cross-attention width), drawn from `seed` + 1 and
-    `seed` + 2. A work directory's are those its run trained with, from the run's own config and seed."""
+    `seed` + 2. A work directory's are those its run trained with, from the run's own config and seed. A pipeline
+    directory's are loaded once per process for the same mesh, rules and options and then shared: treat them as
+    read-only."""
     from lavie_jax.io.text import load_tokenizer  # transformers only when a tokenizer is needed
 
     source = open_source(source, kinds=("pipeline", "workdir", RANDOM))
@@ -251,11 +254,20 @@ def load_components(source: Source | str | os.PathLike, *, random: RandomParts |
         if mesh is not None:
             vae, text = shard_module(vae, mesh, rules), shard_module(text, mesh, rules)
         return vae, text, load_tokenizer(flavor=random.tokenizer)
+    return _pipeline_components(source.path.resolve(), (source.path / checkpoints.METADATA_FILE).stat().st_mtime_ns,
+                                mesh, tuple(map(tuple, rules)), options)
+
+
+@functools.lru_cache(maxsize=2)
+def _pipeline_components(path: Path, stamp: int, mesh, rules, options) -> tuple:
+    """The components of a pipeline directory, loaded once per process for the same placement and options (a
+    cascade's stages often share them, e.g. the demo's three): the models are read-only to their users."""
+    from lavie_jax.io.text import load_tokenizer
+
     kw = dict(mesh=mesh, rules=rules, options=options)
-    meta = checkpoints.read_metadata(source.path)
-    return (checkpoints.load_component(source.path, "vae", **kw),
-            checkpoints.load_component(source.path, "text_encoder", **kw),
-            load_tokenizer(source.path / meta["components"]["tokenizer"]))
+    meta = checkpoints.read_metadata(path)
+    return (checkpoints.load_component(path, "vae", **kw), checkpoints.load_component(path, "text_encoder", **kw),
+            load_tokenizer(path / meta["components"]["tokenizer"]))
 
 
 def _random_components(parts: RandomParts, width: int, options, flag: str):

@@ -1,13 +1,14 @@
 """`lavie-sample`: prompts in, videos out, for one stage or a run of the cascade.
 
-  lavie-sample --config configs/base.py --checkpoint ckpt/base --prompt "a panda taking a selfie" --output res
-  lavie-sample --config configs/base.py:tiny --checkpoint random --prompt-file prompts.txt --output res \\
+  lavie-sample --config base --checkpoint ckpt/base --prompt "a panda taking a selfie" --output res
+  lavie-sample --config base:tiny --checkpoint random --prompt-file prompts.txt --output res \\
       --config.sample.steps=25 --seed 3
-  lavie-sample --config configs/base.py --checkpoint ckpt/base --prompt "a corgi" --output res \\
-      --interpolation configs/interpolation.py --interpolation-checkpoint ckpt/interpolation \\
-      --vsr configs/vsr.py --vsr-checkpoint ckpt/vsr                  # cascade: res/base, res/interpolation, res/vsr
-  lavie-sample --config configs/vsr.py --checkpoint ckpt/vsr --input res/base --output res/vsr
+  lavie-sample --config base --checkpoint ckpt/base --prompt "a corgi" --output res \\
+      --interpolation interpolation --interpolation-checkpoint ckpt/interpolation \\
+      --vsr vsr --vsr-checkpoint ckpt/vsr                    # cascade: res/base, res/interpolation, res/vsr
+  lavie-sample --config vsr --checkpoint ckpt/vsr --input res/base --output res/vsr
 
+A stage config is a packaged config by name (`base`, `base:tiny`, ...) or a config file (`FILE.py[:variant]`).
 `--config` is the first stage; `--interpolation` / `--vsr` add the later stages (each with its own
 `--STAGE.sample.steps=...` style overrides and `--STAGE-checkpoint`). A base first stage takes prompts
 (`--prompt`, repeatable, and/or `--prompt-file`, UTF-8, one per line); an interpolation or vsr first stage takes
@@ -53,13 +54,15 @@ from lavie_jax.io.readback import DamagedCheckpointError
 from lavie_jax.cli.config_flags import ConfigArgError
 from lavie_jax.io.keycheck import KeyMismatchError
 from lavie_jax.models.arch import ConfigError
-from lavie_jax.models.attention_kernels import AttentionImplError, check_attention_impl
+from lavie_jax.models.options import ExecutionOptionsError
+from lavie_jax.models.options import from_config as options_from_config
 from lavie_jax.parallel import failed_processes, initialize_distributed, make_mesh
 from lavie_jax.io.safe_io import OutputPathError, Terminated, terminate_as_interrupt
 from lavie_jax.sampling.cascade import Cascade
 from lavie_jax.sampling.options import SampleConfigError, sample_options
 from lavie_jax.sampling.outputs import (OutputError, check_no_overwrite, check_output_dir, read_inputs, unique_stems,
                                         write_result)
+from lavie_jax.io.store import Source
 from lavie_jax.sampling.pipeline import RANDOM, PipelineError, check_checkpoint, load_stage_pipeline
 from lavie_jax.sampling.sampler import StageSampler
 from lavie_jax.stages import REGISTRY, STAGES, RequestError, get_stage
@@ -69,7 +72,6 @@ PROG = "lavie-sample"
 LATER_STAGES = tuple(s.name for s in REGISTRY.values() if s.rank > 0)  # stages that refine the one before's video
 STAGE_FLAGS = ("config", *LATER_STAGES)  # config-file flags, in cascade order
 MAX_SEED = 2 ** 32 - 1
-DTYPES = ("float32", "bfloat16")  # computation dtypes of the models (params stay float32)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 INTERRUPT_STATUS, TERMINATE_STATUS = command.INTERRUPT_STATUS, command.TERMINATE_STATUS  # 128 + SIGINT / SIGTERM
 REDELIVER_S = 1.0  # an interrupt not caught by then was swallowed (see `_interrupts`) and is sent again
@@ -81,14 +83,15 @@ def build_parser() -> command.ArgumentParser:
     The config flags are listed here for --help; `parse_config_flags` takes them (and their `--NAME.field`
     overrides) out of argv before argparse parses the rest."""
     p = command.make_parser(PROG, __doc__, positional_hint=" (a prompt goes in --prompt 'TEXT')")
-    stages = p.add_argument_group("stages", "A stage config is FILE[:variant]; override any field of it with "
+    stages = p.add_argument_group("stages", "A stage config is NAME[:variant] or FILE[:variant]; override any field "
+                                            "of it with "
                                             "--NAME.a.b=value,\ne.g. --config.sample.steps=25 or "
                                             "--vsr.sample.steps=10.")
-    stages.add_argument("--config", metavar="FILE[:variant]",
-                        help="the first stage: configs/STAGE.py[:variant]; override fields with --config.a.b=value "
-                             "(required)")
+    stages.add_argument("--config", metavar="NAME[:variant]",
+                        help="the first stage: a stage config, e.g. base or base:tiny; override fields with "
+                             "--config.a.b=value (required)")
     for name in LATER_STAGES:
-        stages.add_argument(f"--{name}", metavar="FILE[:variant]",
+        stages.add_argument(f"--{name}", metavar="NAME[:variant]",
                             help=f"then the {name} stage with this config (--{name}.a.b=value overrides)")
     stages.add_argument("--checkpoint", metavar="DIR", help="pipeline directory of the --config stage, a "
                         "lavie-train work directory, or 'random' (required)")
@@ -177,22 +180,21 @@ class _Stage(NamedTuple):
 def _stage_configs(args: argparse.Namespace, configs: dict[str, ml_collections.ConfigDict | None]) -> list[_Stage]:
     """The stages in cascade order, validated: a stage config per flag, consecutive stages, a checkpoint each."""
     if configs["config"] is None:
-        raise UsageError("--config is required: the first stage's config file, e.g. --config configs/base.py "
-                         "(or configs/base.py:tiny)")
+        raise UsageError("--config is required: the first stage's config, e.g. --config base (or base:tiny)")
     stages = [_Stage(configs["config"], args.checkpoint, "config")]
     for name in LATER_STAGES:
         if configs[name] is not None:
             stages.append(_Stage(configs[name], getattr(args, f"{name}_checkpoint"), name))
         elif getattr(args, f"{name}_checkpoint") is not None:
-            raise UsageError(f"--{name}-checkpoint given without --{name} CONFIG; add --{name} configs/{name}.py "
-                             f"or drop --{name}-checkpoint")
+            raise UsageError(f"--{name}-checkpoint given without --{name} CONFIG; add --{name} {name} (the packaged "
+                             f"config) or drop --{name}-checkpoint")
     for s in stages:
         stage = s.config.get("stage")
         if stage not in STAGES:
             raise UsageError(f"--{s.flag}: config field stage is {stage!r}, not one of {STAGES}; pass a stage config "
-                             "such as configs/base.py")
+                             "such as base (or base:tiny)")
         if s.flag != "config" and stage != s.flag:
-            raise UsageError(f"--{s.flag} was given a {stage} config; pass configs/{s.flag}.py (the --{s.flag} flag "
+            raise UsageError(f"--{s.flag} was given a {stage} config; pass --{s.flag} {s.flag} (the --{s.flag} flag "
                              f"adds the {s.flag} stage)")
     names = [s.config.stage for s in stages]
     order = [get_stage(n).rank for n in names]
@@ -202,8 +204,8 @@ def _stage_configs(args: argparse.Namespace, configs: dict[str, ml_collections.C
     if order != list(range(order[0], order[0] + len(order))):
         skipped = [s.name for s in REGISTRY.values() if order[0] < s.rank < order[-1] and s.name not in names]
         raise UsageError(f"stages {names} skip {' and '.join(skipped)}: a cascade runs consecutive stages; add "
-                         f"--{skipped[0]} configs/{skipped[0]}.py --{skipped[0]}-checkpoint DIR, or run the "
-                         f"{names[-1]} stage on its own with --config configs/{names[-1]}.py --input OUTPUT_DIR")
+                         f"--{skipped[0]} {skipped[0]} --{skipped[0]}-checkpoint DIR, or run the {names[-1]} stage "
+                         f"on its own with --config {names[-1]} --input OUTPUT_DIR")
     for s in stages:
         if not s.checkpoint:
             raise UsageError(f"{s.checkpoint_flag} is required for the {s.config.stage} stage (a pipeline directory "
@@ -291,8 +293,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _check_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, flag: str) -> None:
-    """`check_checkpoint` with messages that name the stage's own flag."""
+def _check_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, flag: str) -> Source:
+    """`check_checkpoint` with messages that name the stage's own flag; the checked source (loading it later does not
+    check it again)."""
     path = Path(checkpoint)
     if checkpoint != RANDOM and path.is_file():
         if path.suffix.lower() in TORCH_SUFFIXES:
@@ -301,7 +304,7 @@ def _check_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, flag: str
         raise UsageError(f"{flag} {checkpoint} is a file; pass the pipeline directory written by lavie-convert, "
                          f"or 'random' for random weights")
     try:
-        check_checkpoint(cfg, checkpoint)
+        return check_checkpoint(cfg, checkpoint)
     except (PipelineError, CheckpointError) as e:
         message = str(e)
         # check_checkpoint names --checkpoint; a later stage's directory comes from its own flag
@@ -311,19 +314,17 @@ def _check_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, flag: str
 
 
 def _check_model_section(cfg: ml_collections.ConfigDict, flag: str) -> None:
-    """The `model` fields the pipeline hands to jax unchecked (a bad one would only fail inside compiled code)."""
-    model = cfg.get("model") or {}
-    dtype, impl = model.get("dtype"), model.get("attention_impl")
-    if dtype not in DTYPES:
-        raise UsageError(f"--{flag}.model.dtype={dtype}: choose one of {DTYPES} (the computation dtype)")
+    """The execution options the models will be configured with (`model.dtype`, `model.attention_impl` and its
+    platform, `sharding.rules`), before anything loads: a bad one would only fail inside compiled code."""
     try:
-        check_attention_impl(impl)  # the name, and the platform it needs
-    except AttentionImplError as e:
-        raise UsageError(f"--{flag}.model.{e}") from None
+        options_from_config(cfg)
+    except ExecutionOptionsError as e:
+        raise UsageError(f"--{flag}.{e}") from None
 
 
 class _Plan(NamedTuple):
     output: Path
+    sources: list[Source]  # each stage's checked model source, in cascade order
     groups: list[tuple]  # (indices, prompts, videos, fps, sources): one request per input shape and frame rate
     stems: dict[int, str]  # prompt index -> file stem, over the whole run
     directories: dict[str, Path]  # stage -> output directory
@@ -337,9 +338,10 @@ def _plan(args: argparse.Namespace, stages: list[_Stage]) -> _Plan:
     if not args.output:
         raise UsageError("--output DIR is required (created when the first video is written)")
     output = check_output_dir(args.output)
+    sources = []
     for s in stages:
         _check_model_section(s.config, s.flag)
-        _check_checkpoint(s.config, s.checkpoint, s.checkpoint_flag)
+        sources.append(_check_checkpoint(s.config, s.checkpoint, s.checkpoint_flag))
     first = stages[0].config.stage
     if not get_stage(first).takes_video:
         if args.input:
@@ -377,7 +379,7 @@ def _plan(args: argparse.Namespace, stages: list[_Stage]) -> _Plan:
     except ValueError as e:
         raise UsageError(f"--config.mesh.shape={shape}: {e}; -1 takes the remaining devices, e.g. "
                          "--config.mesh.shape=(-1,1,1,1)") from e
-    return _Plan(output, groups, stems, directories, formats, mesh)
+    return _Plan(output, sources, groups, stems, directories, formats, mesh)
 
 
 def _check_inputs_survive(groups: list[tuple], directories: dict[str, Path], stems: dict[int, str],
@@ -525,8 +527,8 @@ def run(argv: Sequence[str]) -> list:
                          "own error says why); every process stops")
 
     ema = args.params == "ema"
-    cascade = Cascade([StageSampler(s.config, load_stage_pipeline(s.config, s.checkpoint, plan.mesh, ema=ema),
-                                    plan.mesh) for s in stages])
+    cascade = Cascade([StageSampler(s.config, load_stage_pipeline(s.config, source, plan.mesh, ema=ema), plan.mesh)
+                       for s, source in zip(stages, plan.sources)])
     for indices, prompts, videos, fps, _ in plan.groups:
         cascade.check(prompts, videos, fps)
     before = _before(plan)

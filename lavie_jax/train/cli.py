@@ -1,11 +1,12 @@
 """`lavie-train`: train one stage of the cascade in a work directory; rerun the same command to resume.
 
-  lavie-train --config configs/base.py:tiny --workdir runs/base-tiny
-  lavie-train --config configs/base.py --workdir gs://bucket/runs/base --config.train.init=ckpt/base-init \\
+  lavie-train --config base:tiny --workdir runs/base-tiny
+  lavie-train --config base --workdir gs://bucket/runs/base --config.train.init=ckpt/base-init \\
       --config.data.dataset=video_text --config.mesh.shape=-1 --config.mesh.shape=8 ...
-  lavie-train --config configs/vsr.py --workdir runs/vsr --config.train.init=ckpt/vsr-init --distributed
+  lavie-train --config vsr --workdir runs/vsr --config.train.init=ckpt/vsr-init --distributed
 
-`--config FILE[:variant]` is a stage config (configs/base.py, interpolation.py, vsr.py; `:tiny` is CPU sized) and
+`--config` is a stage config by name (base, interpolation, vsr; `:tiny` is CPU sized, `:demo` the demo's) or a
+config file (`FILE.py[:variant]`), and
 `--config.a.b=value` overrides any field (its `train` section documents each one). The work directory gets
 `checkpoints/` (orbax), `metrics.jsonl`, `tb/` (TensorBoard) and `config.json`; a rerun resumes from the latest
 complete checkpoint, and a rerun with a config that changes the run is refused unless `--overwrite` (which only
@@ -55,8 +56,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def build_parser() -> command.ArgumentParser:
     p = command.make_parser(PROG, __doc__)
     run = p.add_argument_group("the run")
-    run.add_argument("--config", metavar="FILE[:variant]",
-                     help="stage config, e.g. configs/base.py:tiny (required); override any field with "
+    run.add_argument("--config", metavar="NAME[:variant]",
+                     help="stage config, e.g. base or base:tiny (required); override any field with "
                           "--config.a.b=value, e.g. --config.train.num_steps=100")
     run.add_argument("--workdir", metavar="DIR", required=True,
                      help="work directory (local or gs://): checkpoints, metrics, TensorBoard, compiled programs")
@@ -81,7 +82,7 @@ def run(argv: Sequence[str]):
     args, configs = command.parse_with_configs(build_parser(), argv, ("config",))
     config = configs["config"]
     if config is None:
-        raise UsageError("--config is required: a stage config such as configs/base.py or configs/base.py:tiny")
+        raise UsageError("--config is required: a stage config such as base or base:tiny")
     cluster = (args.coordinator, args.num_processes, args.process_id)
     from lavie_jax import parallel  # jax starts here: after the flags are known to be good
 
