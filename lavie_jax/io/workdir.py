@@ -502,10 +502,14 @@ class TrainCheckpointer:
 
     def _local_data_state(self, data: Mapping, step: int) -> Any:
         saved = data.get("process_count")
-        if saved != jax.process_count():
-            warnings.warn(f"step {step} was saved by {saved} processes, this run has {jax.process_count()}: the data "
-                          "iterators cannot resume their positions (they start over)", stacklevel=3)
-            return None
+        if saved != jax.process_count():  # the same global batch on another process count, where it can be said
+            from lavie_jax.data.distributed import moved_state  # grain: not for a sampler reading a run
+
+            moved = moved_state([_decode_data_state(s) for s in data["states"]], jax.process_count())
+            if moved is None:
+                warnings.warn(f"step {step} was saved by {saved} processes, this run has {jax.process_count()}: the "
+                              "data iterators cannot resume their positions (they start over)", stacklevel=3)
+            return moved
         return _decode_data_state(data["states"][jax.process_index()])
 
 
