@@ -104,6 +104,11 @@ def check_data(config: ml_collections.ConfigDict) -> None:
         check_pipeline(d)
     except ValueError as e:
         raise TrainConfigError(f"config field {str(e)}" if str(e).startswith("data.") else str(e)) from None
+    for field, required in _source_fields(d):
+        section, name = field.split(".")
+        if required and not d[section][name]:  # the table a dataset is built from also names its prepared copy
+            _fail(f"data.{field}", f"is empty: the {section} dataset is built from this table (CSV or parquet), and "
+                                   f"its prepared copy is found by it; set --config.data.{field}=PATH")
     if d.data_dir and not Path(d.data_dir).exists() and (not d.prepare or d.dataset == "precomputed"):
         _fail("data.data_dir", f"{d.data_dir} does not exist; fix the path, or set data.prepare=True to build "
                                f"{d.dataset} there")

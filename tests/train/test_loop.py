@@ -139,7 +139,7 @@ def _saved(workdir: Path) -> list[str]:
 
 
 def test_a_diverged_state_or_a_full_disk_stops_at_the_save_and_a_damaged_checkpoint_is_not_resumed(
-        train_data_dir, tmp_path, monkeypatch):
+        train_data_dir, tmp_path, monkeypatch, capsys):
     """The loop checks a state before saving it (lavie_jax.train.health), stops at a save there is no room for
     (lavie_jax.io.save_failures), never trains past either, and resumes from the newest checkpoint that reads back
     (from the beginning when none does)."""
@@ -176,12 +176,16 @@ def test_a_diverged_state_or_a_full_disk_stops_at_the_save_and_a_damaged_checkpo
     data = max(state.glob("ocdbt.process_*/d/*"), key=lambda f: f.stat().st_size)
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     config.train.num_steps = 2
+    config.data.data_dir = str(tmp_path / "new" / "data")  # may change on resume; moving_shapes is generated there
+    capsys.readouterr()
     with pytest.warns(UserWarning, match="step 2 .* is damaged"):
         loop.train(config, workdir, devices=jax.devices()[:1], console=False)
     assert _saved(workdir) == ["2"] and _losses(workdir) == {1: first[1], 2: first[2]}  # the same two steps again
+    assert (f"data.data_dir {config.data.data_dir} does not exist: the moving_shapes dataset is built there now "
+            "(procedural: generated, nothing is read or downloaded)") in capsys.readouterr().out
 
 
-def test_export_loads_into_the_official_layout_and_samples(uninterrupted, tmp_path):
+def test_export_loads_into_the_official_layout_and_samples(uninterrupted, tmp_path, capsys):
     """The trained UNet exported to official keys gives, loaded back through the official-layout loader and in the
     torch reference of the official code, the output of the trained params; and lavie-sample reads the workdir."""
     import torch
@@ -196,7 +200,12 @@ def test_export_loads_into_the_official_layout_and_samples(uninterrupted, tmp_pa
 
     info = export_checkpoint(uninterrupted, tmp_path / "base.safetensors")
     step, config, params = read_params(uninterrupted)
-    assert info["tensors"] > 0 and step == STEPS
+    assert info["tensors"] > 0 and step == STEPS and (info["step"], info["params"]) == (STEPS, "ema")
+    from lavie_jax.convert.cli import main  # the command says which step it exported
+
+    assert main(["export", "--checkpoint", str(uninterrupted), "--output", str(tmp_path / "raw.pt"), "--params",
+                 "raw"]) == 0
+    assert f"(step {STEPS}, the run's latest complete checkpoint; its raw params): " in capsys.readouterr().err
     arch = arch_from_config(config["unet"], "base")
     state = load_file(str(tmp_path / "base.safetensors"))
     model = abstract_unet(arch)
@@ -219,30 +228,12 @@ def test_export_loads_into_the_official_layout_and_samples(uninterrupted, tmp_pa
     assert rel_err(ours, theirs) <= 1e-5
 
 
-class _JoinedShards:
-    """What a run over `count` processes feeds its global batches with: each process's shard of the data, in
-    process order (`make_global_batch` concatenates the processes' local batches so)."""
-
-    def __init__(self, make_iterator, data, count: int, **kwargs):
-        self.its = [make_iterator(data, process_index=i, process_count=count, **kwargs) for i in range(count)]
-
-    def __next__(self):
-        parts = [next(it) for it in self.its]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def get_state(self):
-        return {"shards": [it.get_state() for it in self.its]}
-
-    def set_state(self, state):
-        for it, s in zip(self.its, state["shards"]):
-            it.set_state(s)
-
-
 @pytest.mark.slow
-def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
+def test_two_processes_train_like_one(train_data_dir, tmp_path):
     """Two jax.distributed processes (one CPU device each, through the launchers' entry point) on a data = 2 mesh,
-    starting from a saved UNet (`train.init`, read onto the two-process mesh), saving a checkpoint, stopping, and
-    resuming from it, reach the losses of one process on one device fed the same global batches and weights.
+    starting from a saved UNet (`train.init`, read onto the two-process mesh), reach the losses of one process on
+    one device: each process reads its part of the same global batches. A run stopped on two processes and resumed
+    on one (and the other way round) goes on with the data it would have seen.
     (The one-process run is test_step's tiny base config: its step program is in the persistent compilation cache
     when that module ran first, and the other way round. The second process never finds the first one's programs
     in that cache, whose keys differ per process on the CPU; starting from saved weights spares both processes the
@@ -255,8 +246,6 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
     config = tiny_train_config("base", train_data_dir)  # 4 steps of 8 examples, a checkpoint every 2
     config.train.init = str(tmp_path / "init")
     save_model(random_pipeline(config).unet, config.train.init)  # weights drawn on the host
-    real = loop.make_iterator
-    monkeypatch.setattr(loop, "make_iterator", lambda data, **kw: _JoinedShards(real, data, 2, **kw))
     loop.train(config, tmp_path / "one", devices=jax.devices()[:1], console=False)
 
     workdir = tmp_path / "two"
@@ -276,8 +265,10 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
         assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
         return outputs
 
-    assert "2 process(es)" in two_processes(2)[0]  # saves step 2 (each process its shards)
-    assert "resumed from step 2" in two_processes(4)[0]  # both restore it and go on
+    assert "2 process(es)" in two_processes(2)[0]  # saves step 2 (each process its part of the global batch)
+    config.train.num_steps = 3  # one process goes on from step 2 (the data position moved from two processes)
+    assert loop.train(config, workdir, devices=jax.devices()[:1], console=False).resumed_from == 2
+    assert "resumed from step 3" in two_processes(4)[0]  # both restore it (saved by one) and go on
     two, one = _losses(workdir), _losses(tmp_path / "one")
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
     for step in one:
@@ -285,13 +276,14 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
 
 
 def test_lavie_sample_reads_a_work_directory(uninterrupted, tmp_path):
-    """`lavie-sample --checkpoint RUN` samples with the run's EMA UNet and the components it trained with."""
+    """`lavie-sample --checkpoint RUN` samples with the run's EMA UNet and the components it trained with, and with
+    the config the run stored when --config is left out."""
     from lavie_jax.sampling import cli
     from lavie_jax.sampling.pipeline import load_stage_pipeline
     from lavie_jax.io.run_params import read_params
 
     out = tmp_path / "res"
-    argv = ["lavie-sample", "--config", "configs/base.py:tiny", "--checkpoint", str(uninterrupted), "--prompt",
+    argv = ["lavie-sample", "--checkpoint", str(uninterrupted), "--prompt",
             "a red circle moving left", "--output", str(out), "--config.sample.steps=2",
             "--config.sample.num_frames=2", "--config.sample.height=32", "--config.sample.width=48", "--noprogress"]
     (result,) = cli.run(argv)

@@ -15,6 +15,7 @@ from lavie_jax.train import loop
 from tests.train.conftest import tiny_train_config
 
 REPO = Path(__file__).resolve().parents[2]
+VIDEO_TEXT = "--config.data.global_batch_size=8 --config.data.dataset=video_text"  # 8 devices here
 
 
 def _train(argv: list[str], capsys) -> tuple[int, str]:
@@ -30,12 +31,34 @@ def _train(argv: list[str], capsys) -> tuple[int, str]:
     ("--config.train.num_steps=-5", "train.num_steps: expected a positive integer, got -5"),
     ("--config.mesh.shape=(16,1,1,1)", r"mesh.shape \[16, 1, 1, 1\] needs 16 devices but 8 are available; -1 takes "
                                        "the remaining devices"),
+    # a dataset built from files must be given them (moving_shapes, procedural, is generated where data_dir says)
+    (f"{VIDEO_TEXT}", r"data.video_text.csv: is empty: the video_text dataset is built from this table \(CSV or "
+                      r"parquet\), and its prepared copy is found by it; set --config.data.video_text.csv=PATH"),
+    (f"{VIDEO_TEXT} --config.data.video_text.csv=TMP/webvid.csv --config.data.data_dir=TMP/data",
+     r"data.video_text.csv: TMP/webvid.csv does not exist, and data.data_dir=TMP/data does not exist either"),
 ])
 def test_a_rejected_config_is_one_paragraph_and_writes_nothing(override, message, tmp_path, capsys):
-    status, err = _train(["--workdir", str(tmp_path / "run"), override], capsys)
+    status, err = _train(["--workdir", str(tmp_path / "run"), *override.replace("TMP", str(tmp_path)).split()],
+                         capsys)
+    message = message.replace("TMP", re.escape(str(tmp_path)))
     assert status == 2 and re.match(f"lavie-train: error: config field {message}", err), err
     assert len(err.strip().splitlines()) == 1, err  # no traceback, no orbax thread failing at exit
     assert not (tmp_path / "run").exists()  # so the corrected rerun is not refused as "the config differs"
+
+
+def test_a_config_error_is_one_line_when_the_process_exits(tmp_path):
+    """A real process: nothing left running in the background (orbax's threads once failed at interpreter shutdown
+    with a second traceback after the message)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import child_env
+
+    out = subprocess.run([sys.executable, "-m", "lavie_jax.train.cli", "--config", "base:tiny", "--workdir",
+                          str(tmp_path / "run"), "--config.train.num_steps=-5"], cwd=REPO, env=child_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == "lavie-train: error: config field train.num_steps: expected a positive integer, got -5\n"
 
 
 def test_config_changes_before_and_after_the_first_checkpoint(tmp_path, capsys):
