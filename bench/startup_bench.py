@@ -18,8 +18,11 @@ configs over its data, encoders and trained runs instead:
   sample (cascade)       `lavie-sample` of the demo's cascade (base:demo -> interpolation:demo -> vsr:demo, its three
                          runs' checkpoints) for one prompt: until the process ends (the cascade's first video is
                          its last file)
+  compute                the same request run a second time in the same process: the cascade's own work (the
+                         denoising and decoding of its three stages), which no cache can save
 Warm/cold is the fraction of the cold start that remains (the median over the cold/warm pairs, each pair run back
-to back); programs: the cache entries the warm run found. `--repeats N` runs every row N times (cold and warm
+to back); programs: the cache entries the warm run found (JAX's compiled programs and the program cache's whole
+ones, lavie_jax.runtime.program_cache). `--repeats N` runs every row N times (cold and warm
 interleaved) and reports the medians: the machine is shared, single runs are noisy. Nothing here is part of the
 tests; everything is written under a temporary directory (or `--keep DIR`).
 
@@ -91,7 +94,31 @@ def preempt(argv: list[str], log: Path) -> None:
 
 
 def _entries(cache: Path) -> int:
-    return len(list(cache.glob("*-cache"))) if cache.is_dir() else 0
+    """Entries of a compilation cache: JAX's (`*-cache`) and whole programs (`programs/*.bin`, the program cache)."""
+    return len(list(cache.glob("*-cache")) + list(cache.glob("programs/*.bin"))) if cache.is_dir() else 0
+
+
+SECOND_RUN = """
+import sys, time
+from lavie_jax.sampling import cascade, cli
+first = cascade.Cascade.run
+def twice(self, *args, **kwargs):
+    first(self, *args, **kwargs)
+    start = time.perf_counter()
+    out = first(self, *args, **kwargs)
+    print(f"compute {time.perf_counter() - start:.3f}", flush=True)
+    return out
+cascade.Cascade.run = twice
+sys.argv = ["lavie-sample", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def compute_only(argv: list[str], log: Path) -> float:
+    """Seconds of the cascade's own work: a second request of the same shape in the same process (every program
+    compiled and loaded, every weight in memory), which no cache can shorten."""
+    _, _ = timed_run([sys.executable, "-c", SECOND_RUN, *argv[1:]], r"^compute ", log)
+    return float(re.search(r"^compute ([\d.]+)", log.read_text(), re.MULTILINE).group(1))
 
 
 def train_argv(workdir: Path, data: Path, steps: int, *cache: str) -> list[str]:
@@ -147,6 +174,11 @@ def bench_demo(demo: Path, rows: list[str], repeats: int, work: Path) -> dict[st
                       flush=True)
                 if row == "imports":
                     break
+            if row == "sample":
+                seconds = compute_only(demo_sample_argv(demo, work / "videos", work / f"{row}-cache-{i}"),
+                                       work / f"compute-{i}.log")
+                results.setdefault("compute", {}).setdefault("cold", []).append(seconds)
+                print(f"  compute : {seconds:6.1f} s (the cascade's own work, no start)", flush=True)
     return results
 
 
@@ -201,7 +233,8 @@ def table(results: dict[str, dict[str, list[float]]], demo: bool = False) -> str
     names = {"train": "lavie-train base:tiny, fresh workdir (first step)",
              "resume": "lavie-train base:tiny, resume (first step)",
              "sample": "lavie-sample base:tiny random (first video)",
-             "imports": "python + imports only (not cacheable)"}
+             "imports": "python + imports only (not cacheable)",
+             "compute": "  of which the cascade's own work (not cacheable)"}
     if demo:
         names.update(train="lavie-train base:demo, fresh workdir (first step)",
                      sample="lavie-sample, the demo's cascade (first video)")

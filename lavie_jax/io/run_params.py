@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lavie_jax.io import tree_metadata
 from lavie_jax.io.state_scan import scan_state
 from lavie_jax.io.workdir import DamagedCheckpointError, IncompleteCheckpointWarning, TrainCheckpointer
 
@@ -49,9 +50,8 @@ def _read(ckpt: TrainCheckpointer, step: int, ema: bool) -> dict[str, np.ndarray
     path = ckpt.directory / str(step) / "state"
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        tree = handler.metadata(path).tree
-        wanted = {"frozen"} | ({"ema"} if ema and _has_leaves(tree.get("ema")) else {"params"})
-        target = {k: jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree[k]) for k in wanted if k in tree}
+        target = _params_target(handler, path, ema)
+        # read as saved (no dtype cast): the fingerprints below were taken of the saved arrays
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
         restored = handler.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                                                       partial_restore=True))
@@ -76,6 +76,19 @@ def _read(ckpt: TrainCheckpointer, step: int, ema: bool) -> dict[str, np.ndarray
                 names = names[:-1]
             params[".".join(names)] = np.asarray(value, np.float32)
     return params
+
+
+def _params_target(handler: ocp.PyTreeCheckpointHandler, path: Any, ema: bool) -> dict:
+    """Placeholders of the parts of a train state that make the UNet's params: `frozen` and `ema` (when wanted and
+    kept) or `params`. Shapes from the tree metadata file when it has them (milliseconds), else from orbax's
+    metadata read (about a millisecond an array); they give the structure, the read keeps the saved dtypes."""
+    shapes = tree_metadata.array_shapes(path, ("frozen", "ema", "params"))
+    if shapes is not None:
+        wanted = {"frozen"} | ({"ema"} if ema and any(k[0] == "ema" for k in shapes) else {"params"})
+        return tree_metadata.nest({k: np.empty(s, np.float32) for k, s in shapes.items() if k[0] in wanted})
+    tree = handler.metadata(path).tree
+    wanted = {"frozen"} | ({"ema"} if ema and _has_leaves(tree.get("ema")) else {"params"})
+    return {k: jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree[k]) for k in wanted if k in tree}
 
 
 def _has_leaves(tree: Any) -> bool:

@@ -227,8 +227,12 @@ def _workdir_unet(source: Source, mesh, rules: Rules, options, ema: bool) -> UNe
     names = {".".join(map(str, p)): p for p in flat}
     check_keys({n: tuple(flat[p].shape) for n, p in names.items()}, {n: v.shape for n, v in params.items()},
                what=f"training checkpoint {source.path} (step {step})")
-    for name, path in names.items():
-        flat[path].set_value(jnp.asarray(params.pop(name)))
+    paths = list(names.values())
+    values = [params.pop(name) for name in names]
+    if mesh is None:
+        values = jax.device_put(values)  # one batched transfer; with a mesh, shard_module places them
+    for path, value in zip(paths, values):
+        flat[path].set_value(value)
     nnx.update(unet, state)
     return shard_module(unet, mesh, rules) if mesh is not None else unet
 

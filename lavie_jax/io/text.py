@@ -28,6 +28,7 @@ from flax import nnx
 from transformers import CLIPTokenizer
 
 from lavie_jax.models.clip import CLIPTextEncoder
+from lavie_jax.runtime.program_cache import program
 
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -137,8 +138,8 @@ class PromptEmbeddings(NamedTuple):
     uncond: jax.Array | None  # [N, 77, D] for the negative prompts, None when none were given
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _last_hidden_state(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
+@program(static_argnames=("graphdef",))
+def _last_hidden_state(state: nnx.State, ids: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
     return nnx.merge(graphdef, state)(ids).last_hidden_state
 
 
@@ -171,7 +172,7 @@ def encode_prompts(text_encoder: CLIPTextEncoder, tokenizer: CLIPTokenizer, prom
     step = batch_size or len(ids)
     pad = -len(ids) % step
     padded = np.concatenate([ids, np.repeat(ids[-1:], pad, axis=0)]) if pad else ids
-    out = jnp.concatenate([_last_hidden_state(graphdef, state, put(padded[i:i + step]))
+    out = jnp.concatenate([_last_hidden_state(state, put(padded[i:i + step]), graphdef=graphdef)
                            for i in range(0, len(padded), step)])[:len(ids)]
     n = len(items)
     return PromptEmbeddings(cond=out[:n], uncond=out[n:] if negative_prompts is not None else None)

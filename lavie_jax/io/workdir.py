@@ -53,6 +53,7 @@ from lavie_jax.io.run_config import (  # noqa: F401 - re-exported: the config ch
 from lavie_jax.io.readback import (  # noqa: F401 - DamagedCheckpointError, StateMismatchError re-exported
     DamagedCheckpointError, StateMismatchError, agreed_read, check_fits)
 from lavie_jax.io import save_failures
+from lavie_jax.io import tree_metadata
 from lavie_jax.io.safe_io import Ownership
 from lavie_jax.io.state_scan import StateScan, scan_state
 from lavie_jax.io.workdir_lock import LOCK_FILE
@@ -242,14 +243,11 @@ class TrainCheckpointer:
         for item in ITEMS:
             if not (path / item).is_dir():
                 return f"item {item!r} is missing"
-        handler = ocp.StandardCheckpointHandler()
         try:
-            handler.metadata(path / "state")  # tree metadata + the OCDBT manifest
+            tree_metadata.check_readable(path / "state")  # tree metadata + the OCDBT manifest
             items = {name: ocp.JsonCheckpointHandler().restore(path / name) for name in ("data", "config", "meta")}
         except Exception as e:  # noqa: BLE001 - whatever fails to read back makes the step not resumable
             return f"its items' metadata do not load ({type(e).__name__}: {str(e)[:200]})"
-        finally:
-            handler.close()
         saved_step = items["meta"].get("step") if isinstance(items["meta"], Mapping) else None
         if saved_step != step:
             return f"its meta item names step {saved_step!r}"
@@ -538,3 +536,11 @@ def committed_steps(workdir: str | os.PathLike) -> list[int]:
 def is_workdir(path: str | os.PathLike) -> bool:
     """Whether `path` is a directory `lavie-train` made (it holds the marker)."""
     return (Path(path) / MARKER).is_file()
+
+
+def read_params(workdir: str | os.PathLike, *, ema: bool = True, step: int | None = None
+                ) -> tuple[int, dict, dict[str, np.ndarray]]:
+    """`lavie_jax.io.run_params.read_params` (kept here for its callers): the UNet params of a work directory."""
+    from lavie_jax.io.run_params import read_params as read  # it reads through this module's checkpointer
+
+    return read(workdir, ema=ema, step=step)

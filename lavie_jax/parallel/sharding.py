@@ -104,7 +104,10 @@ def place_state(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> n
     """The values of `state`'s variables as arrays on `mesh`, each laid out by the rules (`to_global`: also across
     processes). Arrays already placed that way are not copied."""
     values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return jax.tree.map(to_global, values, state_shardings(state, mesh, rules))
+    shardings = state_shardings(state, mesh, rules)
+    if all(s.is_fully_addressable for s in jax.tree.leaves(shardings)):
+        return jax.device_put(values, shardings)  # one batched transfer of the whole tree
+    return jax.tree.map(to_global, values, shardings)
 
 
 def shard_module(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:

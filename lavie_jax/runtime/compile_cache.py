@@ -59,6 +59,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lavie_jax.runtime import program_cache
+
 ENV_DIR = "JAX_COMPILATION_CACHE_DIR"
 ENV_ENABLE = "JAX_ENABLE_COMPILATION_CACHE"
 ENV_MIN_COMPILE_TIME = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
@@ -198,4 +200,6 @@ def configure(choice: CacheChoice, *, prog: str = "lavie-jax") -> str | None:
                       platform=jax.default_backend() if on else "cpu", warn=warn)
     for name, value in values.items():
         jax.config.update(name, value)
-    return values.get("jax_compilation_cache_dir")
+    directory = values.get("jax_compilation_cache_dir")
+    program_cache.configure(f"{directory.rstrip('/')}/{program_cache.SUBDIR}" if directory else None)
+    return directory

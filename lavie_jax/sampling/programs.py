@@ -1,7 +1,7 @@
 """The compiled programs of a sampling request: the stage's conditioning, the denoising steps, VAE decoding.
 
 Each is one `jax.jit` with the model graph and every shape-deciding option static, so a request of the same
-shape reuses the compiled program. The denoising loop runs `steps_per_call` steps per call (`lax.scan` inside
+shape reuses the compiled program (and the next process loads it whole: `program`, lavie_jax.runtime.program_cache). The denoising loop runs `steps_per_call` steps per call (`lax.scan` inside
 `denoise_steps`, see `lavie_jax.diffusion.sample_loop`): the latents stay on the mesh between calls, and control
 returns to Python every few steps, so progress is reported and Ctrl-C / SIGTERM land within a call.
 
@@ -16,7 +16,6 @@ batch split over devices keeps each pair on one device and the guidance combine 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lavie_jax.diffusion import SamplerSpec, classifier_free_guidance, sample_loop
+from lavie_jax.runtime.program_cache import program
 from lavie_jax.stages import Stage
 
 LATENT_STREAM, STEP_STREAM = 0, 1
@@ -75,14 +75,14 @@ def guided_model(graphdef: nnx.GraphDef, state: nnx.State, stage: Stage, text: j
     return model
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "latent_shape"))
+@program(static_argnames=("spec", "latent_shape"))
 def initial_latents(seed_ids: jax.Array, row_ids: jax.Array, *, spec: SamplerSpec,
                     latent_shape: tuple[int, ...]) -> jax.Array:
     """The starting noise of N rows `[N, *latent_shape]`, already scaled by the sampler's `init_noise_sigma`."""
     return row_normal(row_keys(seed_ids, row_ids), (LATENT_STREAM,), latent_shape) * spec.init_noise_sigma
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "stage", "cond_first", "num_steps"))
+@program(static_argnames=("graphdef", "spec", "stage", "cond_first", "num_steps"))
 def denoise_steps(state: nnx.State, tables: dict, x: jax.Array, start: jax.Array, text: jax.Array,
                   seed_ids: jax.Array, row_ids: jax.Array, cond: jax.Array | None, labels: jax.Array | None,
                   guidance: jax.Array, *, graphdef: nnx.GraphDef, spec: SamplerSpec, stage: Stage, cond_first: bool,
@@ -96,7 +96,7 @@ def denoise_steps(state: nnx.State, tables: dict, x: jax.Array, start: jax.Array
                        lambda i: row_normal(keys, (STEP_STREAM, i), x.shape[1:]), start=start, num_steps=num_steps)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "stage", "cond_first"))
+@program(static_argnames=("graphdef", "stage", "cond_first"))
 def guided_model_call(state: nnx.State, x: jax.Array, t: jax.Array, text: jax.Array, cond: jax.Array | None,
                       labels: jax.Array | None, guidance: jax.Array, *, graphdef: nnx.GraphDef, stage: Stage,
                       cond_first: bool) -> jax.Array:
@@ -104,7 +104,7 @@ def guided_model_call(state: nnx.State, x: jax.Array, t: jax.Array, text: jax.Ar
     return guided_model(graphdef, state, stage, text, cond, labels, guidance, cond_first)(x, t)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "stage"))
+@program(static_argnames=("graphdef", "chunk", "stage"))
 def decode(state: nnx.State, latents: jax.Array, *, graphdef: nnx.GraphDef, chunk: int, stage: Stage) -> jax.Array:
     """Scaled latents `[N, F, h, w, 4]` -> uint8 frames `[N, F, h * f, w * f, 3]` by the stage's pixel rule,
     `chunk` frames per VAE call."""
@@ -113,7 +113,7 @@ def decode(state: nnx.State, latents: jax.Array, *, graphdef: nnx.GraphDef, chun
     return stage.to_uint8(pixels)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "stage", "settings"))
+@program(static_argnames=("graphdef", "chunk", "stage", "settings"))
 def condition(state: nnx.State, frames: jax.Array, seed_ids: jax.Array, row_ids: jax.Array, *,
               graphdef: nnx.GraphDef, chunk: int, stage: Stage, settings: tuple
               ) -> tuple[jax.Array | None, jax.Array | None]:
@@ -137,7 +137,7 @@ def condition(state: nnx.State, frames: jax.Array, seed_ids: jax.Array, row_ids:
     return stage.sample_condition(frames, encode, normal, settings)
 
 
-@functools.partial(jax.jit, static_argnames=("sharding",))
+@program(static_argnames=("sharding",))
 def take_rows(values: jax.Array, rows: jax.Array, *, sharding: jax.sharding.Sharding) -> jax.Array:
     """`values[rows]` laid out by `sharding`, on the devices: a batch's text rows gathered from a request's
     embeddings `[B, ...]` (no trip through the host)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -29,6 +30,7 @@ from lavie_jax.models.options import ExecutionOptions, ExecutionOptionsError
 from lavie_jax.models.options import from_config as options_from_config
 from lavie_jax.models.flops import peak_bf16_tflops, train_step_flops
 from lavie_jax.io.text import tokenize
+from lavie_jax.runtime import program_cache
 from lavie_jax.train import optim
 from lavie_jax.train.step import Encoders, Objective, StageInputs, TrainState, stage_loss, train_step
 
@@ -371,6 +373,13 @@ def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, syn
     return Checked(init, encoders, arch, groups)
 
 
+def _step_key(config: ml_collections.ConfigDict, *graphdefs: nnx.GraphDef) -> str:
+    """Everything the train step captures, as text: the whole run config and the model graphs (their reprs list
+    every module, static attribute and variable); any change is another program."""
+    graphs = [hashlib.sha256(repr(g).encode()).hexdigest() for g in graphdefs]
+    return json.dumps([config.to_json_best_effort(sort_keys=True), graphs])
+
+
 def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abstract: bool = False,
               compiler_options: dict | None = None, synthetic_data: bool = False, checked: Checked | None = None
               ) -> Run:
@@ -435,10 +444,13 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abs
     step = functools.partial(train_step, objective=objective, loss_fn=stage_loss(objective, graphdef, inputs), tx=tx,
                              lr_at=lr_at, ema_decay_at=ema_decay_at)
     batch_sh = parallel.batch_sharding(mesh)
-    # keep_unused: every argument stays in the program (its memory analysis then accounts for all of them)
-    step_fn = jax.jit(step, in_shardings=(shardings, enc_sh, replicated, batch_sh),
-                      out_shardings=(shardings, replicated), donate_argnums=0, keep_unused=True,
-                      compiler_options=compiler_options)
+    # keep_unused: every argument stays in the program (its memory analysis then accounts for all of them). The
+    # step closes over what the config and the model graphs make (objective, optimizer, schedules, losses): they
+    # are its key in the program cache, so a resumed or repeated run loads the compiled step without tracing it.
+    step_fn = program_cache.Program(step, key=_step_key(config, graphdef, vae_gd, text_gd),
+                                    in_shardings=(shardings, enc_sh, replicated, batch_sh),
+                                    out_shardings=(shardings, replicated), donate_argnums=0, keep_unused=True,
+                                    compiler_options=compiler_options)
     return Run(config=config, mesh=mesh, objective=objective, graphdef=graphdef, groups=groups, state=state,
                state_shardings=shardings, encoders=enc, tables=tables, step_fn=step_fn,
                tokenizer=encoders.tokenizer, batch_sharding=batch_sh,

@@ -294,6 +294,18 @@ def test_lavie_sample_reads_a_work_directory(uninterrupted, tmp_path):
     kernel = np.asarray(pipe.unet.conv_in.kernel[...])
     np.testing.assert_array_equal(kernel, raw["conv_in.kernel"])  # --params raw: the raw params
     assert pipe.metadata["step"] == STEPS
+    # the shapes read from the tree metadata file give what orbax's own metadata read gives
+    from lavie_jax.io import tree_metadata
+
+    _, _, ema = read_params(uninterrupted, ema=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tree_metadata, "array_shapes", lambda *_: None)
+        slow = {ema_: read_params(uninterrupted, ema=ema_)[2] for ema_ in (True, False)}
+    for fast, reference in ((ema, slow[True]), (raw, slow[False])):
+        assert fast.keys() == reference.keys() and len(fast) > 100
+        for name, value in fast.items():
+            np.testing.assert_array_equal(value, reference[name])
+    assert any(not np.array_equal(ema[n], raw[n]) for n in ema)  # EMA and raw params really are both read
 
 
 def test_a_run_can_start_from_another_run(uninterrupted, train_data_dir):

@@ -1,0 +1,305 @@
+"""Compiled programs kept on disk whole, so a warm start skips tracing and lowering too, not only XLA's compile.
+
+JAX's persistent cache (lavie_jax.runtime.compile_cache) saves the XLA compile, but to find its entry JAX first
+traces the Python function and lowers it to StableHLO: the lowered module is its key. On the demo's cascade that
+is about 3 s of a 15 s warm `lavie-sample` on 2 CPU cores (the UNet's trace alone ~0.5 s a stage); for a
+full-size train step on an accelerator, tens of seconds. A `Program` (a `jax.jit` with this cache in front) keeps
+each compiled executable (`jax.experimental.serialize_executable`) under a key computed without tracing:
+
+- the code: a hash of every lavie_jax source file (any edit misses) and the jax, jaxlib and flax versions;
+- the platform: backend, device kinds and ids, process index and count, XLA flags, the jax config values;
+- the program: the function's module and name, its static arguments (type and repr: an NNX GraphDef's repr lists
+  every module type, static attribute and variable), and each dynamic argument's tree structure, shape, dtype,
+  weak type and sharding.
+
+A function with captured values (a closure, a `functools.partial`) is cached on disk only with an explicit `key`
+that covers them (the train step's: its run config and model graphs). A static argument whose repr shows no
+stable identity (`at 0x...`) or whose type is not from lavie_jax, flax, jax,
+numpy or the builtins makes the program uncacheable on disk: it runs as a plain `jax.jit`. A missing, unreadable
+or mismatching entry is compiled again (through JAX's cache, which still saves the XLA compile) and rewritten.
+Entries are written atomically (temporary file + rename), each process under its own key, so runs sharing the
+directory never read a partial entry; past `MAX_BYTES` the least recently written entries are removed.
+
+Where: `programs/` inside the compilation cache directory, so it is on exactly when that cache is (`configure`,
+called by `compile_cache.configure`), local directories only. Like JAX's cache it holds machine code: use only
+directories you trust. `LAVIE_JAX_PROGRAM_CACHE=0` turns this layer off (JAX's cache stays).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import pickle
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+SUBDIR = "programs"
+ENV_OFF = "LAVIE_JAX_PROGRAM_CACHE"
+MAX_BYTES = 4 << 30
+MIN_BUILD_S = 0.05  # programs that trace, lower and compile faster than this are not written (eager-sized ops)
+MIN_COMPILE_S = 0.005  # a compile faster than this reused an executable (see Program._build)
+_TRUSTED_ROOTS = ("lavie_jax", "flax", "jax", "jaxlib", "numpy", "builtins", "ml_dtypes")
+_FORMAT = 2
+
+_directory: Path | None = None
+_stats = {"loaded": 0, "written": 0, "compiled": 0}
+
+
+def configure(directory: str | os.PathLike | None) -> Path | None:
+    """Keep programs in `directory` (None, a remote URL or `LAVIE_JAX_PROGRAM_CACHE=0`: off); returns the folder
+    in use."""
+    global _directory
+    off = os.environ.get(ENV_OFF, "").strip().lower() in ("0", "false", "no", "off")
+    if directory is None or off or "://" in str(directory).removeprefix("file://"):
+        _directory = None
+    else:
+        _directory = Path(str(directory).removeprefix("file://")).expanduser().absolute()
+    return _directory
+
+
+def directory() -> Path | None:
+    """The folder programs are kept in, or None when the cache is off."""
+    return _directory
+
+
+def stats() -> dict[str, int]:
+    """Programs this process loaded from, wrote to and compiled past the cache (for benchmarks and tests)."""
+    return dict(_stats)
+
+
+@functools.cache
+def _code_key() -> str:
+    """The library's source files and the versions that compile them (computed once per process)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    for dist in ("jax", "jaxlib", "flax"):
+        try:
+            digest.update(f"{dist}={importlib.metadata.version(dist)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{dist}=?".encode())
+    return digest.hexdigest()
+
+
+def _platform_key() -> list:
+    config = {k: repr(v) for k, v in sorted(jax.config.values.items())
+              if "cache" not in k and "log" not in k and not k.startswith("jax_platforms")}
+    devices = [(d.id, d.platform, d.device_kind, d.process_index) for d in jax.devices()]
+    return [jax.default_backend(), devices, jax.process_index(), jax.process_count(),
+            os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""), config]
+
+
+def _trusted(value: Any) -> bool:
+    return type(value).__module__.split(".")[0] in _TRUSTED_ROOTS
+
+
+def _static_text(value: Any) -> str | None:
+    """A stable text of a static argument, or None if it has none (see the module docstring)."""
+    if not _trusted(value):
+        return None
+    text = f"{type(value).__module__}.{type(value).__qualname__}={value!r}"
+    return None if " at 0x" in text else text
+
+
+def _leaf_key(leaf: Any) -> tuple:
+    """What a compiled program fixes about one dynamic argument (hashable; the in-memory key)."""
+    if isinstance(leaf, jax.Array):
+        return ("array", leaf.shape, str(leaf.dtype), getattr(leaf, "weak_type", False),
+                leaf.sharding if getattr(leaf, "committed", True) else None)
+    if isinstance(leaf, (np.ndarray, np.generic)):
+        return ("numpy", leaf.shape, str(leaf.dtype))
+    return ("python", type(leaf).__name__)
+
+
+def _leaf_text(key: tuple) -> str:
+    if key[0] != "array" or key[4] is None:
+        return repr(key)
+    sharding = key[4]
+    ids = sorted(d.id for d in sharding.device_set)
+    return repr(key[:4] + (repr(sharding), ids))
+
+
+class Program:
+    """`jax.jit(fn, static_argnames=..., **jit_kwargs)` whose compiled executables are kept in the program cache
+    (module docstring). Called like the jitted function; static arguments are passed by keyword. With the cache
+    off it is the jitted function (one attribute lookup more)."""
+
+    def __init__(self, fn: Callable, *, static_argnames: Iterable[str] = (), key: str | None = None,
+                 **jit_kwargs: Any):
+        self.static_argnames = frozenset(static_argnames)
+        self.jitted = jax.jit(fn, static_argnames=tuple(self.static_argnames), **jit_kwargs)
+        base = fn.func if isinstance(fn, functools.partial) else fn
+        self.name = f"{base.__module__}.{base.__qualname__}"
+        # What the disk key cannot see in `fn` itself: a closure's or a partial's captured values are covered only
+        # by an explicit `key` (a text that changes whenever they do); without one such a program stays in memory.
+        captured = isinstance(fn, functools.partial) or bool(getattr(fn, "__closure__", None))
+        jit_text = repr(sorted(jit_kwargs.items()))
+        self._key = None if (captured and key is None) or " at 0x" in jit_text else [key, jit_text]
+        self._memory: dict[tuple, Any] = {}  # in-memory key -> Compiled, or None (runs as `jitted`)
+        self._keep: dict[int, Any] = {}  # static values by id (kept alive, so their ids stay theirs)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _directory is None:
+            return self.jitted(*args, **kwargs)
+        static = {k: v for k, v in kwargs.items() if k in self.static_argnames}
+        dynamic = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
+        leaves, tree = jax.tree.flatten((args, dynamic))
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):  # called inside another trace: inline it
+            return self.jitted(*args, **kwargs)
+        for value in static.values():
+            self._keep.setdefault(id(value), value)
+        key = (tree, tuple(_leaf_key(x) for x in leaves), tuple(sorted((k, id(v)) for k, v in static.items())))
+        if key not in self._memory:
+            self._memory[key] = self._build(key, args, kwargs, static)
+        compiled = self._memory[key]
+        return self.jitted(*args, **kwargs) if compiled is None else compiled(*args, **dynamic)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        return self.jitted.lower(*args, **kwargs)
+
+    def _cache_size(self) -> int:
+        """Programs held in this process (jax.jit's count, plus the cache's in-memory executables)."""
+        return self.jitted._cache_size() + sum(c is not None for c in self._memory.values())
+
+    def __getattr__(self, name: str) -> Any:  # the rest of jax.jit's interface (eval_shape, trace, ...)
+        if name == "jitted":  # not set yet (during __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.jitted, name)
+
+    def _disk_key(self, key: tuple, static: dict) -> str | None:
+        texts = {k: _static_text(v) for k, v in static.items()}
+        tree_text = str(key[0])
+        if self._key is None or any(t is None for t in texts.values()) or " at 0x" in tree_text:
+            return None
+        parts = [_FORMAT, _code_key(), _platform_key(), self.name, self._key, sorted(texts.items()), tree_text,
+                 [_leaf_text(k) for k in key[1]]]
+        return hashlib.sha256(json.dumps(parts, default=repr).encode()).hexdigest()
+
+    def _build(self, key: tuple, args: tuple, kwargs: dict, static: dict) -> Any:
+        digest = self._disk_key(key, static)
+        if digest is None:
+            return None
+        path = _directory / f"{self.name.rsplit('.', 1)[-1]}-{digest[:40]}.bin"
+        compiled = _load(path, key[0])
+        if compiled is not None:
+            _stats["loaded"] += 1
+            return compiled
+        start = time.perf_counter()
+        lowered = self.jitted.lower(*args, **kwargs)
+        compile_start = time.perf_counter()
+        with _counting_jax_cache_hits() as hits:
+            compiled = lowered.compile()
+        end = time.perf_counter()
+        _stats["compiled"] += 1
+        # An executable JAX loaded from its persistent cache serializes without its kernels on XLA:CPU (a later
+        # process fails with 'Function ... not found'). Only fresh compiles are written: no persistent-cache hit,
+        # and not one of JAX's in-process reuses of an executable (they take no time; a fresh one takes some).
+        if not hits and end - compile_start >= MIN_COMPILE_S and end - start >= MIN_BUILD_S:
+            _store(path, compiled)
+        return compiled
+
+
+_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_local = threading.local()
+
+
+def _on_event(event: str, **_: Any) -> None:
+    if event == _HIT_EVENT and getattr(_local, "hits", None) is not None:
+        _local.hits.append(event)
+
+
+@functools.cache
+def _listen() -> None:
+    jax.monitoring.register_event_listener(_on_event)
+
+
+@contextlib.contextmanager
+def _counting_jax_cache_hits() -> Iterator[list]:
+    """The JAX persistent-cache hits of the compiles this thread runs inside the block (a list, filled as they
+    happen)."""
+    _listen()
+    _local.hits = hits = []
+    try:
+        yield hits
+    finally:
+        _local.hits = None
+
+
+def program(fn: Callable | None = None, *, static_argnames: Iterable[str] = (), **jit_kwargs: Any) -> Any:
+    """Decorator form of `Program`: `@program(static_argnames=("graphdef",))` in place of
+    `@functools.partial(jax.jit, static_argnames=...)`."""
+    if fn is None:
+        return lambda f: Program(f, static_argnames=static_argnames, **jit_kwargs)
+    return Program(fn, static_argnames=static_argnames, **jit_kwargs)
+
+
+def _load(path: Path, tree: Any) -> Any:
+    """The Compiled stored at `path`, or None (missing, unreadable, another tree, another jaxlib)."""
+    from jax.experimental import serialize_executable
+
+    try:
+        with open(path, "rb") as f:
+            fmt, payload, in_tree, out_tree, device_ids = pickle.load(f)  # our own cache: trusted (docstring)
+        if fmt != _FORMAT or in_tree != tree:
+            return None
+        by_id = {d.id: d for d in jax.devices()}
+        compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                             execution_devices=[by_id[i] for i in device_ids])
+        os.utime(path)  # recently used: the last to be evicted
+        return compiled
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign entry is compiled again and rewritten
+        print(f"lavie-jax: program cache entry {path.name} not used ({type(e).__name__}: {str(e)[:120]}); "
+              "compiling it again", file=sys.stderr)
+        return None
+
+
+def _store(path: Path, compiled: Any) -> None:
+    """Write `compiled` at `path` atomically; a program that cannot be serialized or a directory that cannot be
+    written is skipped (the run goes on; the next one compiles it again)."""
+    from jax.experimental import serialize_executable
+
+    try:
+        payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+        # the devices it runs on, in its order (the loader otherwise assumes all of them)
+        device_ids = [d.id for d in compiled._executable._unloaded_executable.device_list]
+        data = pickle.dumps((_FORMAT, payload, in_tree, out_tree, device_ids))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _stats["written"] += 1
+        _evict(path.parent)
+    except Exception:  # noqa: BLE001 - not serializable (closed-over constants, ...) or not writable: uncached
+        return
+
+
+def _evict(folder: Path, limit: int = MAX_BYTES) -> None:
+    entries = sorted((p.stat().st_mtime, p.stat().st_size, p) for p in folder.glob("*.bin"))
+    total = sum(size for _, size, _ in entries)
+    for _, size, p in entries:
+        if total <= limit:
+            break
+        p.unlink(missing_ok=True)
+        total -= size

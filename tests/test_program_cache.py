@@ -1,0 +1,164 @@
+"""The program cache (lavie_jax.runtime.program_cache): compiled executables kept whole on disk, loaded by a later
+process without tracing; any change of code, static argument, shape, dtype or sharding is another entry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lavie_jax.runtime import program_cache
+from lavie_jax.runtime.program_cache import Program
+from tests.conftest import child_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fn(x, y, *, scale):
+    return jnp.tanh(x @ y.T) * scale + x.sum()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(program_cache, "MIN_BUILD_S", 0.0)  # the tiny programs here build in milliseconds
+    monkeypatch.setattr(program_cache, "MIN_COMPILE_S", 0.0)
+    monkeypatch.setattr(program_cache, "_stats", {"loaded": 0, "written": 0, "compiled": 0})
+    folder = program_cache.configure(tmp_path / "programs")
+    yield folder
+    program_cache.configure(None)
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.bin")) if folder.exists() else []
+
+
+def test_an_entry_is_written_once_and_loaded_by_a_new_program_with_the_same_result(cache):
+    x, y = jnp.arange(12.0).reshape(3, 4), jnp.ones((5, 4))
+    expected = jax.jit(_fn, static_argnames="scale")(x, y, scale=2.0)
+    first = Program(_fn, static_argnames=("scale",))
+    np.testing.assert_array_equal(first(x, y, scale=2.0), expected)
+    np.testing.assert_array_equal(first(x, y, scale=2.0), expected)  # the in-memory entry: no second build
+    assert program_cache.stats() == {"loaded": 0, "written": 1, "compiled": 1} and len(_entries(cache)) == 1
+    second = Program(_fn, static_argnames=("scale",))  # what the next process builds
+    np.testing.assert_array_equal(second(x, y, scale=2.0), expected)
+    assert program_cache.stats() == {"loaded": 1, "written": 1, "compiled": 1} and len(_entries(cache)) == 1
+
+
+def test_static_value_shape_dtype_sharding_and_code_each_make_another_entry(cache, monkeypatch):
+    prog = Program(_fn, static_argnames=("scale",))
+    x, y = jnp.ones((3, 4)), jnp.ones((5, 4))
+    prog(x, y, scale=2.0)
+    prog(x, y, scale=3.0)  # static value
+    prog(jnp.ones((2, 4)), y, scale=2.0)  # shape
+    prog(x.astype(jnp.bfloat16), y, scale=2.0)  # dtype
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    prog(jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("data"))), y, scale=2.0)
+    prog(jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P())), y, scale=2.0)  # sharding
+    assert len(_entries(cache)) == 6
+    monkeypatch.setattr(program_cache, "_code_key", lambda: "edited source")
+    Program(_fn, static_argnames=("scale",))(x, y, scale=2.0)  # the library's code changed: not the old entry
+    assert len(_entries(cache)) == 7 and program_cache.stats()["loaded"] == 0
+
+
+def test_a_static_argument_without_a_stable_identity_runs_uncached(cache):
+    class Opaque:  # a test-module type with the default repr (`at 0x...`): nothing on disk may stand for it
+        def __hash__(self):
+            return 0
+
+        def __eq__(self, other):
+            return isinstance(other, Opaque)
+
+    def double(x, *, tag):
+        return x * 2
+
+    prog = Program(double, static_argnames=("tag",))
+    assert float(prog(jnp.ones(()), tag=Opaque())) == 2.0
+    assert _entries(cache) == [] and program_cache.stats()["compiled"] == 0
+
+
+def test_a_damaged_entry_is_compiled_again_and_rewritten(cache, capsys):
+    x, y = jnp.ones((3, 4)), jnp.ones((5, 4))
+    Program(_fn, static_argnames=("scale",))(x, y, scale=2.0)
+    [name] = _entries(cache)
+    (cache / name).write_bytes(b"not a program")
+    out = Program(_fn, static_argnames=("scale",))(x, y, scale=2.0)
+    np.testing.assert_array_equal(out, _fn(x, y, scale=2.0))
+    assert f"program cache entry {name} not used" in capsys.readouterr().err
+    assert program_cache.stats()["written"] == 2
+    Program(_fn, static_argnames=("scale",))(x, y, scale=2.0)
+    assert program_cache.stats()["loaded"] == 1  # the rewritten entry loads
+
+
+def test_inside_another_trace_the_program_is_inlined(cache):
+    prog = Program(_fn, static_argnames=("scale",))
+    outer = jax.jit(lambda x: prog(x, x, scale=1.0).sum())
+    assert np.isfinite(float(outer(jnp.ones((2, 2)))))
+    assert _entries(cache) == []
+
+
+def test_off_without_a_directory_for_remote_ones_and_by_the_environment(tmp_path, monkeypatch):
+    assert program_cache.configure(None) is None
+    assert program_cache.configure("gs://bucket/cache/programs") is None
+    monkeypatch.setenv(program_cache.ENV_OFF, "0")
+    assert program_cache.configure(tmp_path) is None
+    prog = Program(_fn, static_argnames=("scale",))
+    assert prog(jnp.ones((1, 2)), jnp.ones((1, 2)), scale=1.0).shape == (1, 1)
+    assert not any(tmp_path.iterdir())
+
+
+CHILD = """
+import json, sys
+import jax, jax.numpy as jnp
+from lavie_jax.runtime import compile_cache, program_cache
+program_cache.MIN_BUILD_S = 0.0
+compile_cache.configure(compile_cache.choose(sys.argv[1]), prog="child")
+traced = []
+def f(key, x, *, n):  # random bits: the kernels XLA:CPU left out of an executable re-serialized from its cache
+    traced.append(1)
+    return (jax.random.normal(key, x.shape) @ x.T).sum() * n
+out = program_cache.Program(f, static_argnames=("n",))(jax.random.key(0), jnp.ones((64, 64)), n=3)
+print(json.dumps({"out": float(out), "traced": len(traced), **program_cache.stats()}))
+"""
+
+
+def test_the_compilation_cache_turns_it_on_and_a_second_process_does_not_trace(tmp_path):
+    env = {k: v for k, v in child_env().items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+
+    def run() -> dict:
+        out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "cache")], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    programs = tmp_path / "cache" / program_cache.SUBDIR
+    first, second = run(), run()
+    assert (first["traced"], first["written"]) == (1, 1)
+    assert (second["traced"], second["loaded"], second["compiled"]) == (0, 1, 0)
+    assert second["out"] == first["out"]
+    assert len(list(programs.glob("*.bin"))) == 1
+    # JAX's cache still holds the program: what it loads is used but not written (it would not run when loaded)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    for entry in programs.glob("*.bin"):
+        entry.unlink()
+    assert run()["written"] == 1  # both caches fill from a fresh compile
+    for entry in programs.glob("*.bin"):
+        entry.unlink()
+    third, fourth = run(), run()
+    assert (third["traced"], third["compiled"], third["written"]) == (1, 1, 0)
+    assert (fourth["loaded"], fourth["out"]) == (0, first["out"])
+
+
+def test_captured_values_need_an_explicit_key(cache):
+    scale = 3.0
+    closure = Program(lambda x: x * scale)
+    assert float(closure(jnp.ones(()))) == 3.0 and _entries(cache) == []  # what it captured is not in any key
+    keyed = Program(lambda x: x * scale, key="scale=3")
+    assert float(keyed(jnp.ones(()))) == 3.0 and len(_entries(cache)) == 1
