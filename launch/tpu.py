@@ -114,9 +114,10 @@ class Launcher:
             raise SystemExit(f"the command must start with one of {PROGRAMS}, got {command[:1]}")
         args = [*command[1:], *([] if "--distributed" in command else ["--distributed"])]
         wrapper = f".venv/bin/{command[0]} {shlex.join(args)} & echo $! > {PID}; wait $!; echo $? > {STATUS}"
-        # the log is created here, not by the detached shell: `follow` may start tailing before that one runs
-        return (f"cd {REMOTE_DIR} && rm -f {STATUS} && : > {LOG} && nohup sh -c {shlex.quote(wrapper)} > {LOG} "
-                f"2>&1 < /dev/null & echo $! > {WRAPPER_PID}")
+        # only the wrapper goes to the background (braces: `&` would take the whole && list): the log exists and
+        # the old status is gone before `follow` starts
+        return (f"cd {REMOTE_DIR} && rm -f {STATUS} && : > {LOG} && {{ nohup sh -c {shlex.quote(wrapper)} > {LOG} "
+                f"2>&1 < /dev/null & echo $! > {WRAPPER_PID}; }}")
 
     def start(self, command: list[str]) -> None:
         line = self.remote_command(command)

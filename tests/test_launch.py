@@ -34,10 +34,10 @@ def test_tpu_v5p_32_slice():
         f"~/lavie-jax.tar.gz -C ~/lavie-jax && cd ~/lavie-jax && python3 -m venv .venv && .venv/bin/pip install -q "
         f"-e . {q}jax[tpu]==0.10.2{q}' {z}",
         f"+ gcloud compute tpus tpu-vm ssh lavie --worker=all --command 'cd ~/lavie-jax && rm -f ~/lavie-run.status && "
-        f": > ~/lavie-run.log && nohup sh -c {q}.venv/bin/lavie-train --config configs/base.py --workdir "
+        f": > ~/lavie-run.log && {{ nohup sh -c {q}.venv/bin/lavie-train --config configs/base.py --workdir "
         f"gs://b/runs/base --distributed & "
         f"echo $! > ~/lavie-run.pid; wait $!; echo $? > ~/lavie-run.status{q} > ~/lavie-run.log 2>&1 < /dev/null & "
-        f"echo $! > ~/lavie-run.wrapper.pid' {z}",
+        f"echo $! > ~/lavie-run.wrapper.pid; }}' {z}",
         f"+ gcloud compute tpus tpu-vm ssh lavie --worker=0 --command 'tail -n +1 --pid=$(cat ~/lavie-run.wrapper.pid) "
         f"-f ~/lavie-run.log; if [ -f ~/lavie-run.status ]; then exit $(cat ~/lavie-run.status); fi; echo {q}launch/"
         f"tpu.py: the program left no exit status (its worker shell was killed){q} >&2; exit 1' {z}",
