@@ -74,6 +74,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -93,3 +94,14 @@ def pytest_collection_modifyitems(config, items):
         return LONG_FILES.index(path) if path in LONG_FILES else len(LONG_FILES)
 
     items.sort(key=rank)  # stable: tests keep their order within a file
+
+
+@pytest.fixture(autouse=True)
+def _program_cache_off_after_each_test():
+    """A command run in-process (`cli.run`) turns the program cache on for the whole process
+    (lavie_jax.runtime.program_cache): off again after the test, so no later test, whose code may be monkeypatched,
+    is served a program compiled without its patch."""
+    from lavie_jax.runtime import program_cache
+
+    yield
+    program_cache.configure(None)

@@ -53,7 +53,14 @@ def test_an_entry_is_written_once_and_loaded_by_a_new_program_with_the_same_resu
 
 
 def test_static_value_shape_dtype_sharding_and_code_each_make_another_entry(cache, monkeypatch):
-    prog = Program(_fn, static_argnames=("scale",))
+    program = Program(_fn, static_argnames=("scale",))
+    reference = jax.jit(_fn, static_argnames="scale")
+
+    def prog(x, y, *, scale):  # each call after the first tries the last executable first (it checks its inputs)
+        out = program(x, y, scale=scale)
+        assert out.sharding == reference(x, y, scale=scale).sharding
+        np.testing.assert_array_equal(out, reference(x, y, scale=scale))
+
     x, y = jnp.ones((3, 4)), jnp.ones((5, 4))
     prog(x, y, scale=2.0)
     prog(x, y, scale=3.0)  # static value
@@ -62,7 +69,9 @@ def test_static_value_shape_dtype_sharding_and_code_each_make_another_entry(cach
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     prog(jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("data"))), y, scale=2.0)
     prog(jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P())), y, scale=2.0)  # sharding
-    assert len(_entries(cache)) == 6
+    held = program._cache_size()
+    prog(jnp.ones((2, 4)), y, scale=2.0)  # back to an earlier one: its executable again, nothing new
+    assert len(_entries(cache)) == 6 and program._cache_size() == held
     monkeypatch.setattr(program_cache, "_code_key", lambda: "edited source")
     Program(_fn, static_argnames=("scale",))(x, y, scale=2.0)  # the library's code changed: not the old entry
     assert len(_entries(cache)) == 7 and program_cache.stats()["loaded"] == 0
@@ -131,6 +140,7 @@ print(json.dumps({"out": float(out), "traced": len(traced), **program_cache.stat
 
 def test_the_compilation_cache_turns_it_on_and_a_second_process_does_not_trace(tmp_path):
     env = {k: v for k, v in child_env().items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1000"  # JAX's own cache stays empty at first
 
     def run() -> dict:
         out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "cache")], cwd=ROOT, env=env,

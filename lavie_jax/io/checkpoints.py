@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from lavie_jax.io.keycheck import check_keys
+from lavie_jax.io.tree_metadata import nest
 from lavie_jax.models.options import ExecutionOptions
 from lavie_jax.models.arch import arch_from_config
 from lavie_jax.models.clip import CLIPTextEncoder, abstract_text_encoder
@@ -126,16 +127,6 @@ def _key(path: Iterable[Any]) -> KeyPath:
     return tuple(str(p) for p in path)
 
 
-def _nest(flat: Mapping[KeyPath, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
-    return tree
-
-
 def _flatten(tree: Mapping[str, Any], prefix: KeyPath = ()) -> dict[KeyPath, Any]:
     out = {}
     for k, v in tree.items():
@@ -199,7 +190,7 @@ def write_params(directory: str | os.PathLike, leaves: Iterable[tuple[Iterable[A
         nonlocal group, pending
         land()
         with context, _uninterrupted():  # a signal waits until the write is recorded as in flight
-            in_flight.append((ocp.partial.save_async(directory, _nest(group)), count, size))
+            in_flight.append((ocp.partial.save_async(directory, nest(group)), count, size))
         group, pending = {}, 0
 
     with _gc_frozen():
@@ -268,7 +259,7 @@ def load_params(directory: str | os.PathLike, model: nnx.Module, *, mesh: jax.sh
                   for p, v in flat.items()}
     else:  # numpy placeholders make orbax restore numpy arrays; np.empty only reserves address space
         target = {_key(p): np.empty(tuple(v.shape), np.float32) for p, v in flat.items()}
-    restored = _flatten(_orbax().load(directory / PARAMS_DIR, _nest(target)))
+    restored = _flatten(_orbax().load(directory / PARAMS_DIR, nest(target)))
     del target
     for path, var in flat.items():
         var.set_value(jnp.asarray(restored.pop(_key(path))))  # pop: each host copy is freed once on device
@@ -301,7 +292,7 @@ def iter_stored_params(directory: str | os.PathLike, *, group_bytes: int = DEFAU
         context = ocp.Context()
         context.pytree.loading.partial_load = True
         with context:
-            return _flatten(ocp.load(params, _nest(target)))
+            return _flatten(ocp.load(params, nest(target)))
 
     with _gc_frozen(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lavie-load") as pool:
         pending = pool.submit(load, groups[0]) if groups else None

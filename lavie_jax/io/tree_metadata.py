@@ -20,7 +20,6 @@ import os
 from collections.abc import Collection, Mapping
 from typing import Any
 
-import orbax.checkpoint as ocp
 from etils import epath
 
 TREE_FILE = "_METADATA"  # orbax's PYTREE_METADATA_FILE
@@ -82,6 +81,8 @@ def check_readable(directory: str | os.PathLike) -> None:
     read_tree(directory)
     local = "://" not in str(directory)
     if not (local and (directory / MANIFEST_FILE).exists()):
+        import orbax.checkpoint as ocp
+
         handler = ocp.PyTreeCheckpointHandler()
         try:
             handler.metadata(directory)
