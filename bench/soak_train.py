@@ -3,7 +3,7 @@ moments (SIGKILL and SIGTERM, some of them while a checkpoint is being written) 
 checkpoint is damaged now and then, rerunning the same command after each; at the end the loss of every step must
 equal, bit for bit, the loss of the same step in an uninterrupted run.
 
-    python -m bench.soak_train                          # 240 steps, 30 kills: about 25 min on 2 CPU cores
+    python -m bench.soak_train                          # 240 steps, up to 40 kills: about 25 min on 2 CPU cores
     python -m bench.soak_train --steps 40 --kills 6     # a short one
 
 Not part of `make test`. Each run's output goes to OUT/logs/; the summary (kills by kind, damages and how each was
@@ -11,7 +11,8 @@ met, whether the losses match) is printed and written to OUT/summary.json. Exit 
 
 Damage: a random file of a random complete checkpoint is truncated to a random shorter length (as `truncate -s`
 does), or, for a file of the saved arrays, 64 of its bytes are overwritten. The run must move a damaged step aside
-when it next reads it and resume from the step before it (or start over). Each damage's outcome is counted: moved
+when it next reads it and resume from the step before it (or start over). Most damages hit the newest checkpoint,
+the one the next run resumes from. Each damage's outcome is counted: moved
 aside; read back intact (the run resumed from it and its arrays matched the fingerprints saved with them: the
 bytes lost were ones the read did not need); or never read again (the run had moved past that step).
 """
@@ -69,11 +70,12 @@ def _committed(workdir: Path) -> list[Path]:
 
 
 def _damage(workdir: Path, rng: random.Random) -> dict | None:
-    """Damage one file of a random complete checkpoint; what was done, or None if there is none."""
+    """Damage one file of a complete checkpoint (mostly the newest, which the next run resumes from; else a random
+    one); what was done, or None if there is none."""
     steps = _committed(workdir)
     if not steps:
         return None
-    step = rng.choice(steps)
+    step = steps[-1] if rng.random() < 0.7 else rng.choice(steps)
     files = [p for p in step.rglob("*") if p.is_file() and p.stat().st_size > 0]
     target = rng.choice(files)
     size = target.stat().st_size
@@ -98,7 +100,7 @@ def _run_once(cmd: list[str], workdir: Path, log: Path, kill: str | None, rng: r
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         sent, at_step = None, None
         if kill is not None:
-            after = rng.randint(1, 2 * a.checkpoint_every)  # new steps this run trains before the signal
+            after = rng.randint(1, a.checkpoint_every + 4)  # new steps this run trains before the signal
             during_save = kill.endswith("during a save")
             while proc.poll() is None:
                 step = _last_step(workdir)
@@ -124,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=240)
     p.add_argument("--checkpoint-every", type=int, default=8)
     p.add_argument("--keep", type=int, default=3)
-    p.add_argument("--kills", type=int, default=30, help="runs stopped by a signal before one may finish")
-    p.add_argument("--damage", type=float, default=0.35, help="chance of damaging a checkpoint after each run")
+    p.add_argument("--kills", type=int, default=40, help="runs stopped by a signal before one may finish")
+    p.add_argument("--damage", type=float, default=0.4, help="chance of damaging a checkpoint after each run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("outputs/soak"))
     a = p.parse_args(argv)
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         runs += 1
         kill = rng.choice(KILLS) if len(kills) < a.kills else None
+        events["half-written saves removed"] += _saving(soak)  # a kill during a save left orbax's temporary
         r = _run_once(cmd, soak, logs / f"run{runs:03d}.log", kill, rng, a)
         for d in damages:  # how the runs met each damage: moved aside, or read back intact (bytes it did not need)
             if d["outcome"] == "never read again":
