@@ -80,6 +80,7 @@ class Restored:
     config: dict  # the stored run config
     metadata: dict  # the step's `meta` item
     scan: StateScan | None = None  # the restored state's scan, when the step had fingerprints to check
+    saved_data_states: list | None = None  # every process's, when the step was saved by another process count
 
 
 # Since 0.12.3 orbax writes the commit marker on every committed step on every backend (see the module docstring).
@@ -468,8 +469,9 @@ class TrainCheckpointer:
             if bad:
                 raise DamagedCheckpointError(step, f"what its files give back differs from what was saved in "
                                                    f"{', '.join(bad)} (fingerprint)")
-        return Restored(step=step, state=r.state, data_state=self._local_data_state(r.data, step),
-                        config=dict(r.config), metadata=dict(r.meta), scan=scan)
+        data_state, saved_data_states = self._local_data_state(r.data)
+        return Restored(step=step, state=r.state, data_state=data_state, config=dict(r.config),
+                        metadata=dict(r.meta), scan=scan, saved_data_states=saved_data_states)
 
     def _read(self, step: int, target: Any) -> Any:
         check_fits(self.directory / str(step) / "state", step, target)
@@ -498,17 +500,13 @@ class TrainCheckpointer:
                 self._manager.reload()
                 self._verified.discard(step)
 
-    def _local_data_state(self, data: Mapping, step: int) -> Any:
-        saved = data.get("process_count")
-        if saved != jax.process_count():  # the same global batch on another process count, where it can be said
-            from lavie_jax.data.distributed import moved_state  # grain: not for a sampler reading a run
-
-            moved = moved_state([_decode_data_state(s) for s in data["states"]], jax.process_count())
-            if moved is None:
-                warnings.warn(f"step {step} was saved by {saved} processes, this run has {jax.process_count()}: the "
-                              "data iterators cannot resume their positions (they start over)", stacklevel=3)
-            return moved
-        return _decode_data_state(data["states"][jax.process_index()])
+    def _local_data_state(self, data: Mapping) -> tuple[Any, list | None]:
+        """(this process's iterator state as saved, None); (None, every process's) when another number of
+        processes saved them: whether a position carries over is the data pipeline's to say (lavie_jax.train)."""
+        states = [_decode_data_state(s) for s in data["states"]]
+        if data.get("process_count") != jax.process_count():
+            return None, states
+        return states[jax.process_index()], None
 
 
 # ------------------------------------------------------------------------------------------- work directories

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,8 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
     t = config.train
     state, resumed, data_state = ((restored.state, restored.step, restored.data_state) if restored is not None
                                   else (run.state, None, None))
+    if restored is not None and restored.saved_data_states is not None:
+        data_state = _moved_data_state(restored)
     start = int(jax.device_get(state.step))
     if resumed is not None:
         _say(f"resumed from step {resumed} ({path / workdirs.CHECKPOINTS_DIR / str(resumed)})")
@@ -325,6 +328,20 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
         _say(f"finished: step {step}, checkpoint in {path / workdirs.CHECKPOINTS_DIR / str(step)}; sample with "
              f"`lavie-sample --checkpoint {path}`")
     return TrainResult(step, stopped, resumed, last)
+
+
+def _moved_data_state(restored: workdirs.Restored) -> Any:
+    """The data position of a run resumed on another number of processes: the same global batch where the saved
+    states tell it (lavie_jax.data.distributed.moved_state), else None (the iterators start over, with a warning)."""
+    saved, count = len(restored.saved_data_states), jax.process_count()
+    moved = data_distributed.moved_state(restored.saved_data_states, count)
+    if moved is None:
+        warnings.warn(f"step {restored.step} was saved by {saved} processes, this run has {count}: the data "
+                      "iterators cannot resume their positions (they start over)", stacklevel=3)
+    else:
+        _say(f"step {restored.step} was saved by {saved} process(es), this run has {count}: the data go on at the "
+             "same global batch")
+    return moved
 
 
 def _save(ckpt: workdirs.TrainCheckpointer, step: int, state: Any, iterator: Any, reference: float,

@@ -229,7 +229,7 @@ def test_export_loads_into_the_official_layout_and_samples(uninterrupted, tmp_pa
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(train_data_dir, tmp_path):
+def test_two_processes_train_like_one(train_data_dir, tmp_path, capsys):
     """Two jax.distributed processes (one CPU device each, through the launchers' entry point) on a data = 2 mesh,
     starting from a saved UNet (`train.init`, read onto the two-process mesh), reach the losses of one process on
     one device: each process reads its part of the same global batches. A run stopped on two processes and resumed
@@ -268,6 +268,8 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path):
     assert "2 process(es)" in two_processes(2)[0]  # saves step 2 (each process its part of the global batch)
     config.train.num_steps = 3  # one process goes on from step 2 (the data position moved from two processes)
     assert loop.train(config, workdir, devices=jax.devices()[:1], console=False).resumed_from == 2
+    assert "step 2 was saved by 2 process(es), this run has 1: the data go on at the same global batch" in \
+        capsys.readouterr().out
     assert "resumed from step 3" in two_processes(4)[0]  # both restore it (saved by one) and go on
     two, one = _losses(workdir), _losses(tmp_path / "one")
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
@@ -325,3 +327,18 @@ def test_a_run_can_start_from_another_run(uninterrupted, train_data_dir):
     config.unet.block_out_channels = (32, 32)
     with pytest.raises(TrainConfigError, match=r"train.init: .* differs from config.unet in \[.block_out_channels.\]"):
         build_run(config, run.mesh)
+
+
+def test_a_data_position_saved_by_another_process_count_carries_over_or_starts_over(capsys):
+    """(One process here.) Positions in the global stream move to this process count; grain worker states cannot,
+    and the iterators start over with a warning."""
+    from lavie_jax.io.workdir import Restored
+
+    def restored(states):
+        return Restored(step=6, state=None, data_state=None, config={}, metadata={}, saved_data_states=states)
+
+    assert loop._moved_data_state(restored([{"next_index": 6}] * 2)) == {"next_index": 12}
+    assert "step 6 was saved by 2 process(es), this run has 1: the data go on" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="step 6 was saved by 2 processes, this run has 1: the data iterators cannot "
+                                         r"resume their positions \(they start over\)"):
+        assert loop._moved_data_state(restored([{"next_index": 3, "workers": [0, 1]}] * 2)) is None
