@@ -20,6 +20,7 @@ which `lavie_jax.parallel.initialize_distributed` passes to jax.distributed.init
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
@@ -30,6 +31,39 @@ from command_line import split_command  # launch/ is on sys.path: the script's o
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = ("lavie-train", "lavie-sample")
+
+
+# What an #SBATCH line may hold: sbatch reads those lines itself (not a shell), so a value with a space or a quote
+# would be cut or misread there; values are checked instead of quoted.
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_WORDS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*(,[A-Za-z0-9][A-Za-z0-9._+-]*)*")  # a partition list
+# SLURM's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or UNLIMITED / infinite
+_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|unlimited|infinite|INFINITE")
+
+
+def _checked(pattern: re.Pattern, what: str, example: str):
+    def parse(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what} (e.g. {example})")
+        return value
+    return parse
+
+
+def _path(value: str) -> str:
+    if re.search(r"[\s'\"\\%]", value) or not value:
+        raise argparse.ArgumentTypeError(f"{value!r}: an #SBATCH --output path may not hold spaces, quotes, "
+                                         "backslashes or %; pick a plain path, e.g. /shared/logs")
+    return value
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
+    return n
 
 
 def program_argv(command: list[str], venv: str) -> list[str]:
@@ -67,18 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    word = "a SLURM name: letters, digits and . _ + - (no spaces)"
     p.add_argument("mode", choices=("sbatch", "srun"))
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--cpus-per-task", type=int, default=16)
-    p.add_argument("--time", default="24:00:00")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--job-name", default="lavie")
+    p.add_argument("--nodes", type=_positive, default=1)
+    p.add_argument("--gpus-per-node", type=_positive, default=8)
+    p.add_argument("--cpus-per-task", type=_positive, default=16)
+    p.add_argument("--time", default="24:00:00", type=_checked(_TIME, "a SLURM time limit: minutes, M:S, H:M:S, "
+                                                                    "D-H, D-H:M, D-H:M:S or UNLIMITED", "24:00:00"))
+    p.add_argument("--partition", type=_checked(_WORDS, f"{word}, or a comma-separated list", "gpu"))
+    p.add_argument("--account", type=_checked(_WORD, word, "my-project"))
+    p.add_argument("--job-name", default="lavie", type=_checked(_WORD, word, "lavie-base"))
     p.add_argument("--requeue", action="store_true", help="requeue after preemption / the time limit")
     p.add_argument("--repo", default=str(REPO), help="the checkout on the shared file system")
     p.add_argument("--venv", default=str(REPO / ".venv"), help="virtualenv with lavie-jax installed")
-    p.add_argument("--log-dir", default=str(REPO / "logs"))
+    p.add_argument("--log-dir", default=str(REPO / "logs"), type=_path)
     p.add_argument("--dry-run", action="store_true", help="print instead of submitting / running")
     return p
 
@@ -86,8 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, out=sys.stdout) -> int:
     argv, command = split_command(argv)
     args = build_parser().parse_args(argv)
-    if args.nodes < 1 or args.gpus_per_node < 1:
-        raise SystemExit("--nodes and --gpus-per-node must be >= 1")
     if args.mode == "srun":
         cmd = srun_command(args, command)
         print("+ " + shlex.join(cmd), file=out, flush=True)

@@ -16,8 +16,9 @@ What a run does, in order:
   3. start the command on all workers of all slices, with `--distributed` appended (each process joins the run:
      jax.distributed.initialize detects the TPU workers, and the slices on multislice), detached, logging to
      ~/lavie-run.log on each worker (its pid in ~/lavie-run.pid);
-  4. stream worker 0's log until the command ends; Ctrl-C here stops cleanly: SIGTERM to every worker, which saves a
-     checkpoint at the next step and exits 0 (lavie-train's preemption path); rerunning resumes.
+  4. stream worker 0's log until the command ends, and exit with its exit status; Ctrl-C here stops cleanly: SIGTERM
+     to every worker, which saves a checkpoint at the next step and exits 0 (lavie-train's preemption path);
+     rerunning resumes.
 Only the Python standard library and the `gcloud` CLI are needed here.
 """
 
@@ -34,7 +35,8 @@ from command_line import split_command  # launch/ is on sys.path: the script's o
 
 REPO = Path(__file__).resolve().parents[1]
 REMOTE_DIR = "~/lavie-jax"
-LOG, PID = "~/lavie-run.log", "~/lavie-run.pid"
+LOG, PID = "~/lavie-run.log", "~/lavie-run.pid"  # the program's output and pid (what --stop signals)
+WRAPPER_PID, STATUS = "~/lavie-run.wrapper.pid", "~/lavie-run.status"  # the shell that records its exit status
 TARBALL = "/tmp/lavie-jax.tar.gz"
 DEFAULT_VERSION = "tpu-ubuntu2204-base"
 JAX_TPU = "jax[tpu]==0.10.2"  # the jax the package is pinned to, with libtpu
@@ -106,27 +108,42 @@ class Launcher:
             self.ssh(node, install)
 
     def remote_command(self, command: list[str]) -> str:
-        """The shell line each worker runs: the command with --distributed, detached, logging to LOG."""
+        """The shell line each worker runs: the command with --distributed, detached, logging to LOG; a wrapper
+        shell writes its exit status to STATUS (what `follow` exits with)."""
         if not command or command[0] not in PROGRAMS:
             raise SystemExit(f"the command must start with one of {PROGRAMS}, got {command[:1]}")
         args = [*command[1:], *([] if "--distributed" in command else ["--distributed"])]
-        return (f"cd {REMOTE_DIR} && nohup .venv/bin/{command[0]} {shlex.join(args)} > {LOG} 2>&1 < /dev/null & "
-                f"echo $! > {PID}")
+        wrapper = f".venv/bin/{command[0]} {shlex.join(args)} & echo $! > {PID}; wait $!; echo $? > {STATUS}"
+        # only the wrapper goes to the background (braces: `&` would take the whole && list): the log exists and
+        # the old status is gone before `follow` starts
+        return (f"cd {REMOTE_DIR} && rm -f {STATUS} && : > {LOG} && {{ nohup sh -c {shlex.quote(wrapper)} > {LOG} "
+                f"2>&1 < /dev/null & echo $! > {WRAPPER_PID}; }}")
 
     def start(self, command: list[str]) -> None:
         line = self.remote_command(command)
         for node in self.nodes:
             self.ssh(node, line)
 
-    def follow(self) -> int:
-        """Stream worker 0's log until its program exits; Ctrl-C stops every worker cleanly."""
-        tail = f"tail -n +1 --pid=$(cat {PID}) -f {LOG}"
+    def follow(self, program: str = "the program") -> int:
+        """Stream worker 0's log until its program exits, and return the program's exit status (`tail --pid` itself
+        returns 0; a status that was never written, the worker's shell killed too, is 1). Ctrl-C stops every worker
+        cleanly."""
         try:
-            return self.ssh(self.nodes[0], tail, worker="0", check=False).returncode
+            status = self.ssh(self.nodes[0], self.follow_command(), worker="0", check=False).returncode
+            if status:
+                print(f"launch/tpu.py: {program} exited with status {status} on worker 0 (its log: {LOG})",
+                      file=self.out)
+            return status
         except KeyboardInterrupt:
             print("stopping: SIGTERM to every worker (each saves a checkpoint and exits)", file=self.out)
             self.stop()
             return 130
+
+    @staticmethod
+    def follow_command() -> str:
+        """The shell line that streams a worker's log and exits with its program's status."""
+        return (f"tail -n +1 --pid=$(cat {WRAPPER_PID}) -f {LOG}; if [ -f {STATUS} ]; then exit $(cat {STATUS}); "
+                f"fi; echo 'launch/tpu.py: the program left no exit status (its worker shell was killed)' >&2; exit 1")
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -177,7 +194,7 @@ def main(argv: list[str] | None = None, out=sys.stdout) -> int:
     if not args.no_setup:
         launcher.setup()
     launcher.start(command)
-    return launcher.follow()
+    return launcher.follow(command[0])
 
 
 if __name__ == "__main__":

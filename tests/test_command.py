@@ -82,6 +82,11 @@ class Mine(ValueError):
     pass
 
 
+def _noted(error: BaseException, note: str) -> BaseException:
+    error.add_note(note)  # a command's own word on what an interrupt kept replaces run_main's `interrupted`
+    return error
+
+
 @pytest.mark.parametrize("error, status, line", [
     (command.UsageError("--x 1: too big"), 2, "prog: error: --x 1: too big"),
     (Mine("the input is wrong; fix it"), 2, "prog: error: the input is wrong; fix it"),
@@ -91,6 +96,7 @@ class Mine(ValueError):
                                 "report it with the output of --traceback)"),
     (KeyboardInterrupt(), 130, "prog: interrupted (Ctrl-C); nothing was kept"),
     (Terminated(), 143, "prog: terminated (SIGTERM); nothing was kept"),
+    (_noted(Terminated(), "checkpoint 4 is kept"), 143, "prog: terminated (SIGTERM); checkpoint 4 is kept"),
 ])
 def test_statuses_and_messages(error, status, line, capsys):
     def body():

@@ -156,3 +156,33 @@ def test_broken_config_files(tmp_path):
     for name, message in cases.items():
         with pytest.raises(ConfigArgError, match=message):
             load_config(str(tmp_path / name))
+
+
+def test_a_lavie_train_work_directory_gives_the_config_its_run_stored(tmp_path):
+    """`--config RUN` (what lavie-sample takes when --checkpoint RUN comes without --config): the stored config,
+    typed as the packaged one (tuples stay tuples), overrides applied; a variant or an unreadable config refused."""
+    trained = load_config(BASE, [("train.num_steps", "7"), ("mesh.shape", "(1,1,1,1)"), ("sample.steps", "4")])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "lavie_workdir.json").write_text("{}")
+    (run / "config.json").write_text(trained.to_json_best_effort())
+    configs, _ = parse("--config", str(run), "--config.sample.steps=2")
+    c = configs["config"]
+    assert c.sample.steps == 2 and c.train.num_steps == 7 and c.mesh.shape == (1, 1, 1, 1)
+    c.sample.steps = 4
+    assert c.to_dict() == trained.to_dict()  # values and their types
+    with pytest.raises(AttributeError):
+        c.sample.stepz = 1  # locked as any config
+    with pytest.raises(ConfigArgError, match=r"work directory's config has no variants; drop ':tiny'"):
+        parse("--config", f"{run}:tiny")
+    (run / "config.json").write_text('{"stage": "nope"}')
+    with pytest.raises(ConfigArgError, match=r"names no stage config \(stage='nope'\); pass the config it was "
+                                             r"trained with, --config NAME\[:variant\]"):
+        parse("--config", str(run))
+    (run / "config.json").unlink()
+    with pytest.raises(ConfigArgError, match=r"cannot read the run's config .*config.json"):
+        parse("--config", str(run))
+    plain = tmp_path / "plain"  # not a work directory: a directory is still no config
+    plain.mkdir()
+    with pytest.raises(ConfigArgError, match="is a directory; pass a config file in it"):
+        parse("--config", str(plain))

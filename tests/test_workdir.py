@@ -22,8 +22,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from lavie_jax.io.workdir import (
-    COMMIT_MARKER, INCOMPLETE_DIR, ConfigMismatchError, IncompleteCheckpointWarning, TrainCheckpointer,
-    check_config)
+    COMMIT_MARKER, INCOMPLETE_DIR, ConfigMismatchError, IncompleteCheckpointWarning, StateMismatchError,
+    TrainCheckpointer, check_config)
 
 REPO = Path(__file__).resolve().parents[1]
 AUTO = jax.sharding.AxisType.Auto
@@ -199,6 +199,86 @@ def test_step_corrupted_after_start_is_skipped_with_a_warning(tmp_path):
         assert ckpt.latest_step() == 20
 
 
+def _largest_data_file(step_dir: Path) -> Path:
+    """The OCDBT data file holding a step's big array (the other files hold b-tree nodes)."""
+    return max((step_dir / "state").glob("ocdbt.process_*/d/*"), key=lambda f: f.stat().st_size)
+
+
+def _garble(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 16] = bytes(range(16))  # tensorstore reads this back without an error
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {"truncated": lambda f: os.truncate(f, f.stat().st_size // 2), "garbled": _garble}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_step_is_moved_aside_and_the_one_before_it_restored(tmp_path, damage):
+    """Damage that only reading the data shows (the completeness check reads metadata): a truncated data file
+    fails to read, a garbled one reads back other values (caught by the fingerprint saved with the step)."""
+    def state(step):
+        return {"w": jnp.arange(2.0 ** 20) + step, "step": jnp.int32(step)}
+
+    with TrainCheckpointer(tmp_path, save_every=1, keep=5) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, state(step))
+    DAMAGE[damage](_largest_data_file(tmp_path / "checkpoints" / "2"))
+    ckpt = TrainCheckpointer(tmp_path, save_every=1, keep=5)
+    assert ckpt.latest_step() == 2  # its metadata are fine
+    with pytest.warns(IncompleteCheckpointWarning, match="step 2 .* is damaged: .*moved to .*the step before it"):
+        restored = ckpt.restore_latest(state(0))
+    assert restored.step == 1 and ckpt.all_steps() == [1]
+    assert_bitwise_equal(restored.state, state(1))
+    assert [p.name.split(".")[0] for p in (tmp_path / INCOMPLETE_DIR).iterdir()] == ["2"]
+    assert ckpt.save(2, state(2), force=True)  # the run redoes step 2
+    ckpt.close()
+
+
+def test_a_state_of_another_structure_is_refused_without_moving_anything(tmp_path):
+    _save_steps(tmp_path, (10,))
+    ckpt = TrainCheckpointer(tmp_path, save_every=10)
+    with pytest.raises(StateMismatchError, match=r"step 10 .*another structure.*missing v; w has shape \(8,\), "
+                                                 r"not \(4,\)"):
+        ckpt.restore_latest({"w": jnp.zeros((4,)), "v": jnp.zeros((2,))})
+    assert ckpt.all_steps() == [10]
+
+
+def test_no_room_for_a_checkpoint_refuses_it_and_a_failed_background_write_stops_at_the_next_poll(tmp_path,
+                                                                                                    monkeypatch):
+    import errno
+    import time
+
+    import orbax.checkpoint as ocp
+
+    from lavie_jax.io import save_failures
+
+    state = {"w": jax.random.normal(jax.random.key(0), (1 << 16,))}  # 0.25 MB that do not compress
+    ckpt = TrainCheckpointer(tmp_path, save_every=1, keep=5)
+    assert ckpt.save(1, state)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(save_failures.shutil, "disk_usage", lambda _: usage._replace(free=100_000))
+    with pytest.raises(save_failures.CheckpointSaveError, match=r"could not save checkpoint step 2 in \S+: not enough "
+                       r"free space \(a checkpoint needs about 0.\d MB; 0.1 MB is free there\); .* the last complete "
+                       r"checkpoint, step 1, is kept"):
+        ckpt.save(2, state)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]  # nothing written
+    monkeypatch.undo()
+
+    async def full(self, item, directory):  # the disk fills while orbax writes in the background
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "metadata"))
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", full)
+    assert ckpt.save(2, state)
+    with pytest.raises(save_failures.CheckpointSaveError, match=r"step 2 in \S+: No space left on device: .* is "
+                                                                r"free there\); .*step 1, is kept"):
+        for _ in range(600):
+            ckpt.poll()  # what the loop calls every step
+            time.sleep(0.05)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]  # no half-written step left
+    ckpt.close()  # said once: closing does not raise it again
+
+
 def test_steps_written_before_orbax_wrote_markers_need_none(tmp_path):
     _save_steps(tmp_path)
     step = tmp_path / "checkpoints" / "30"
@@ -241,13 +321,20 @@ def test_check_config_allows_resumable_fields_only():
     new = ml_collections.ConfigDict(CONFIG)
     assert check_config(CONFIG, new) == []
     new.train.num_steps, new.train.log_every, new.mesh.shape = 200, 5, (2, 4)
-    assert check_config(CONFIG, new) == ["mesh.shape", "train.log_every", "train.num_steps"]
-    new.train.optimizer.lr = 2e-4
+    new.train.optimizer.lr = 2e-5  # the advice after a diverged run: a lower learning rate resumes
+    assert check_config(CONFIG, new) == ["mesh.shape", "train.log_every", "train.num_steps", "train.optimizer.lr"]
+    new.train.micro_batches = 2
     new.seed = 3
     with pytest.raises(ConfigMismatchError) as e:
         check_config(CONFIG, new.to_json_best_effort(), where="/w")
     message = str(e.value)
-    assert "train.optimizer.lr: 0.0001 -> 0.0002" in message and 'seed: "<missing>" -> 3' in message
-    assert "train.num_steps" not in message and "--overwrite" in message and "/w" in message
+    assert 'train.micro_batches: "<missing>" -> 2' in message and 'seed: "<missing>" -> 3' in message
+    assert "train.num_steps" not in message and "train.optimizer.lr" not in message
+    assert "--overwrite" in message and "/w" in message
     assert check_config(None, new) == [] and check_config("{}", new) == []
     assert check_config(CONFIG, {**CONFIG, "extra": 1}, may_change=("extra",)) == ["extra"]
+    clipped = {"train": {"optimizer": {"clip_grad_norm": 1.0}}}
+    stronger = {"train": {"optimizer": {"clip_grad_norm": 0.5}}}
+    assert check_config(clipped, stronger) == ["train.optimizer.clip_grad_norm"]
+    with pytest.raises(ConfigMismatchError, match=r"clip_grad_norm: 1.0 -> 0.0 \(clipping may not be turned on or off"):
+        check_config(clipped, {"train": {"optimizer": {"clip_grad_norm": 0.0}}})

@@ -312,7 +312,8 @@ def run_main(prog: str, argv: Sequence[str], body: Callable[[], Any], *,
              terminated: tuple[type[BaseException], ...] = ()) -> int:
     """Run `body` (a command's work, parsing included) and return the exit status, reporting any failure as the
     module docstring says. `handlers`: (exception type, error -> (message, status)) pairs checked first;
-    `interrupted`: what to add after 'interrupted (Ctrl-C); '; `guard`: a context `body` runs in (e.g.
+    `interrupted`: what to add after 'interrupted (Ctrl-C); ' (a note the command added to the interrupt, e.g.
+    which checkpoint a rerun resumes from, is said instead); `guard`: a context `body` runs in (e.g.
     lavie_jax.io.safe_io.terminate_as_interrupt, which raises SIGTERM as an interrupt); `terminated`: the interrupt
     types that mean SIGTERM (143 rather than 130)."""
     show = wants_traceback(argv)
@@ -323,7 +324,8 @@ def run_main(prog: str, argv: Sequence[str], body: Callable[[], Any], *,
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt as e:
         is_term = isinstance(e, terminated)
-        report(prog, interrupt_name(is_term) + (f"; {interrupted}" if interrupted else ""), show_traceback=show)
+        said = (getattr(e, "__notes__", None) or [interrupted])[-1]  # the command's own word on what was kept
+        report(prog, interrupt_name(is_term) + (f"; {said}" if said else ""), show_traceback=show)
         return interrupt_status(is_term)
     except Exception as e:  # noqa: BLE001 - every failure becomes one paragraph and a status
         for kind, handle in handlers:

@@ -10,7 +10,8 @@ Public API:
     config_names()                                                   # ('base', 'demo', 'interpolation', 'vsr')
     configs, rest = parse_config_flags(sys.argv, ("config", "interpolation", "vsr"))   # what the CLIs call
 
-A config is a Python module with `get_config(arg=None)`; the text after the first ':' is passed as `arg` (the
+A config is a Python module with `get_config(arg=None)`, or a `lavie-train` work directory: the config its run
+stored (`--config RUN`; `lavie-sample --checkpoint RUN` without `--config` takes it so). the text after the first ':' is passed as `arg` (the
 variant: 'tiny', 'demo'; none = the official size). The part before it is a config file when such a file exists,
 else the name of a packaged config: `configs/NAME.py` of the checkout, installed as `lavie_jax.configs.NAME`
 (`config_names()`; imported as that module). A file is run as a fresh module without touching `sys.path`: a copy of
@@ -30,6 +31,7 @@ import importlib
 import importlib.machinery
 import importlib.resources
 import importlib.util
+import json
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -130,6 +132,11 @@ def _call_get_config(spec: str, flag: str) -> ml_collections.ConfigDict:
     if not target:
         raise ConfigArgError(f"--{flag} is empty; pass a config file or a packaged config name, e.g. --{flag} "
                              "base:tiny")
+    if is_run(Path(target)):
+        if has_variant:
+            raise ConfigArgError(f"--{flag} {spec}: a lavie-train work directory's config has no variants; drop "
+                                 f"':{variant}'")
+        return run_config(Path(target), flag)
     module, where = _config_module(target, flag, spec)
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
@@ -151,6 +158,49 @@ def _call_get_config(spec: str, flag: str) -> ml_collections.ConfigDict:
         raise ConfigArgError(f"--{flag} {spec}: get_config() of {where} returned {type(config).__name__}, not an "
                              f"ml_collections.ConfigDict")
     return config
+
+
+RUN_MARKER, RUN_CONFIG = "lavie_workdir.json", "config.json"  # lavie_jax.io.workdir.MARKER, train.loop.CONFIG_FILE
+
+
+def is_run(path: Path) -> bool:
+    """Whether `path` is a lavie-train work directory."""
+    return path.is_dir() and (path / RUN_MARKER).is_file()
+
+
+def run_config(workdir: Path, flag: str = "config") -> ml_collections.ConfigDict:
+    """The config a lavie-train run stored (`WORKDIR/config.json`: the latest run's, resumable changes included),
+    typed by its stage's packaged config (JSON turned tuples into lists), unlocked until overrides are applied."""
+    try:
+        stored = json.loads((workdir / RUN_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigArgError(f"--{flag} {workdir}: cannot read the run's config {workdir / RUN_CONFIG}: "
+                             f"{getattr(e, 'strerror', None) or e}; pass the config it was trained with, "
+                             f"--{flag} NAME[:variant]") from e
+    stage = stored.get("stage") if isinstance(stored, dict) else None
+    if stage not in config_names():
+        raise ConfigArgError(f"--{flag} {workdir}: its {RUN_CONFIG} names no stage config (stage={stage!r}); pass "
+                             f"the config it was trained with, --{flag} NAME[:variant]")
+    config = _call_get_config(stage, flag)
+    _overlay(config, stored)
+    return config
+
+
+def _overlay(section: ml_collections.ConfigDict, stored: Mapping[str, Any]) -> None:
+    """Set `stored`'s values into `section`, lists back to tuples unless the field holds a list."""
+    for key, value in stored.items():
+        current = section.get(key)
+        if isinstance(value, dict) and isinstance(current, ml_collections.ConfigDict):
+            _overlay(current, value)
+            continue
+        if isinstance(value, list) and not isinstance(current, list):
+            value = _tuples(value)
+        with section.ignore_type():
+            section[key] = value
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _config_module(target: str, flag: str, spec: str) -> tuple[ModuleType, str]:

@@ -353,15 +353,25 @@ def _run(args: argparse.Namespace) -> None:
         convert_pipeline(args.checkpoint, args.output, stage=args.stage, sd_dir=args.sd_dir, x4_dir=args.x4_dir,
                          unet_config=args.unet_config, trust_pickle=args.trust_pickle, **kw)
     else:
-        info = export_checkpoint(args.checkpoint, args.output, component=args.component, overwrite=args.overwrite,
+        from lavie_jax.io import store
+
+        try:  # a --checkpoint export cannot read (a run without a checkpoint yet, not a checkpoint) is bad input
+            source = store.open_source(args.checkpoint, flag="--checkpoint",
+                                       kinds=("pipeline", "unet", "workdir", "vae", "text_encoder"))
+        except store.SourceError as e:
+            raise command.UsageError(str(e)) from None
+        info = export_checkpoint(source, args.output, component=args.component, overwrite=args.overwrite,
                                  group_bytes=args.group_mb << 20, ema=args.params == "ema", meter=report.meter)
-        report.say(f"wrote {info['output']}: {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB")
+        what = "" if info.get("step") is None else (f" (step {info['step']}, the run's latest complete checkpoint; "
+                                                     f"its {'EMA' if info['params'] == 'ema' else 'raw'} params)")
+        report.say(f"wrote {info['output']}{what}: {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status: 0 ok, 1 the conversion failed (an input it cannot convert,
-    an output it will not replace, the machine), 130 Ctrl-C, 143 SIGTERM. A bad command line exits with status 2
-    (SystemExit, as argparse does). Messages follow lavie_jax.cli.command."""
+    an output it will not replace, the machine), 130 Ctrl-C, 143 SIGTERM. A bad command line, and an export
+    --checkpoint that holds nothing to export, exit with status 2 (SystemExit, as argparse does). Messages follow
+    lavie_jax.cli.command."""
     startup.configure()  # collector thresholds: building the abstract model ran ~0.4 s of full collections
     argv = list(sys.argv[1:] if argv is None else argv)
 

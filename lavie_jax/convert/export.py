@@ -199,7 +199,7 @@ def _official_layout(model: Any, kind: str) -> tuple[dict, list[Entry], dict[str
     return names, entries, extra
 
 
-def torch_state_stream(checkpoint: str | os.PathLike, *, component: str = "unet", ema: bool = True,
+def torch_state_stream(checkpoint: str | os.PathLike | store.Source, *, component: str = "unet", ema: bool = True,
                        group_bytes: int = DEFAULT_GROUP_BYTES
                        ) -> tuple[list[Entry], Iterator[tuple[str, np.ndarray]], dict[str, Any]]:
     """(entries, lazy `(key, array)` stream in entry order, metadata) of one stored model under the official names:
@@ -208,7 +208,8 @@ def torch_state_stream(checkpoint: str | os.PathLike, *, component: str = "unet"
     model, params, meta = store.stored_params(checkpoint, component=component, ema=ema, group_bytes=group_bytes)
     kind = meta["kind"]
     if kind == "text_encoder" and model.config.add_caption_sum:
-        raise CheckpointError(f"{checkpoint}: this text encoder adds its caption's summed token embeddings to "
+        raise CheckpointError(f"{getattr(checkpoint, 'path', checkpoint)}: this text encoder adds its caption's "
+                              "summed token embeddings to "
                               "every token (add_caption_sum, e.g. the demo's random encoder); transformers' "
                               "CLIPTextModel has no such option, so the exported weights would give other embeddings "
                               "there. Export a plain CLIP text encoder instead")
@@ -224,7 +225,8 @@ def torch_state_stream(checkpoint: str | os.PathLike, *, component: str = "unet"
     return entries, stream(), meta
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, *, component: str = "unet",
+def export_checkpoint(checkpoint: str | os.PathLike | store.Source, output: str | os.PathLike, *,
+                      component: str = "unet",
                       group_bytes: int = DEFAULT_GROUP_BYTES, overwrite: bool = False, ema: bool = True,
                       meter: Callable[[str, int, int], Callable[[int, int], None]] | None = None) -> dict[str, Any]:
     """Export one component (default: the UNet) of a component or pipeline directory, or the UNet of a
@@ -232,13 +234,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
 
     `.safetensors` and `.bin` hold the bare state dict, a UNet's `.pt` `{'ema': state_dict}`. `meter(label, tensors,
     bytes)` may return a `(tensors done, bytes done)` progress callback. Returns {"output", "tensors", "bytes",
-    "kind", "stage"}.
+    "kind", "stage", "step", "params"} (the last two: the step and 'ema' / 'raw' of a work directory, else None).
     """
     output = check_export_output(output, overwrite=overwrite)
     entries, stream, meta = torch_state_stream(checkpoint, component=component, ema=ema, group_bytes=group_bytes)
     total = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in entries)
     progress = meter("export", len(entries), total) if meter is not None else None
-    info = {"output": str(output), "tensors": len(entries), "kind": meta["kind"], "stage": meta.get("stage")}
+    info = {"output": str(output), "tensors": len(entries), "kind": meta["kind"], "stage": meta.get("stage"),
+            "step": meta.get("step"), "params": meta.get("params")}  # step and params: a work directory's
     tags = {"lavie_kind": meta["kind"], "lavie_stage": str(meta.get("stage"))}
     if output.suffix == ".safetensors":
         with atomic_file(output, EXPORTS, overwrite=overwrite) as tmp:

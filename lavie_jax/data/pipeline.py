@@ -1,15 +1,18 @@
 """The grain input pipeline of every stage, configured by the `data` section of a stage config.
 
     data = load_config('base').data                    # moving_shapes, prepared on first use
-    it = make_iterator(data)                           # this process's shard (jax.process_index/count)
+    it = make_iterator(data)                           # this process's part of each global batch
     batch = next(it)                                   # {'video': [B_local, 16, 320, 512, 3] in [-1, 1], ...}
     arrays = distributed.make_global_batch(batch, mesh)  # batch over parallel.BATCH_AXES
     state = it.get_state(); ...; it.set_state(state)   # exact resume (grain.checkpoint.CheckpointSave/Restore)
 
-The stream: records of this process's contiguous shard -> shuffled per epoch (seeded) -> repeated -> one random
-example per record (examples.py: clip start, crops, images, all seeded by position) -> optional tokens -> batches of
-global_batch_size / process_count, read by `read_threads` threads (and `worker_count` processes). Captions stay
-strings; caption dropout for classifier-free guidance belongs to the training step.
+The stream: all records -> shuffled per epoch (seeded) -> repeated -> one random example per record (examples.py:
+clip start, crops, images, all seeded by position in the stream) -> optional tokens -> this process's part of each
+global batch (distributed.GlobalBatchPart) -> batches of global_batch_size / process_count, read by `read_threads`
+threads (and `worker_count` processes). The global batches are thus the same on any number of processes (a run
+resumed on another number of hosts sees the data it would have seen). Captions stay strings; caption dropout for
+classifier-free guidance belongs to the training step. `make_dataset(..., shards=True)` splits one pass between
+processes instead (precompute): each process reads a contiguous shard of the records.
 
 Fields of `data` (all read here or by sources.py):
   stage                 the stage the examples are for (`lavie_jax.stages`): it says which examples to make
@@ -48,7 +51,8 @@ Fields of `data` (all read here or by sources.py):
   seed                  seed of the shuffle and of every random choice (clip start, crops, images).
   shuffle               reshuffle the shard's records every epoch.
   num_epochs            0 = repeat forever; n > 0 = n passes over the shard.
-  shard_drop_remainder  equal shards (drop up to process_count - 1 records) so every process yields as many batches.
+  shard_drop_remainder  shards=True: equal shards (drop up to process_count - 1 records) so every process yields as
+                        many batches (without shards, drop_remainder keeps whole global batches only).
   drop_remainder        drop a last partial batch.
   output_dtype          pixel arrays: 'float32' / 'bfloat16' in [-1, 1], or 'uint8'.
   read_threads          grain reader threads per process.
@@ -96,20 +100,22 @@ def _clip(data: ml_collections.ConfigDict) -> examples.ClipSpec:
 
 
 def _image_draw(
-    data: ml_collections.ConfigDict, primary: grain.MapDataset, shard: grain.sharding.ShardOptions
+    data: ml_collections.ConfigDict, primary: grain.MapDataset, shard: grain.sharding.ShardOptions | None
 ) -> examples.ImageDraw | None:
     if data.images.source == "none" or not get_stage(data.stage).images_wanted(data):
         return None
     if data.images.source == "video_frames":
         return examples.ImageDraw(primary, "video_frames", sources.video_reader(data))
-    images = distributed.shard(sources.open_images(data, data.split), shard)
+    images = sources.open_images(data, data.split)
+    images = distributed.shard(images, shard) if shard is not None else images
     return examples.ImageDraw(images, "image_text", sources.video_reader(data))
 
 
 def example_maker(
-    data: ml_collections.ConfigDict, primary: grain.MapDataset, shard: grain.sharding.ShardOptions
+    data: ml_collections.ConfigDict, primary: grain.MapDataset, shard: grain.sharding.ShardOptions | None = None
 ) -> Callable:
-    """The stage's `(record, rng) -> example` function over this process's shard `primary`."""
+    """The stage's `(record, rng) -> example` function over `primary` (the whole dataset, or this process's shard
+    of it, `shard`, whose image dataset is sharded alike)."""
     stage = get_stage(data.stage)
     if data.dataset == "precomputed":
         images = stage.image_frames(data) if data.images.source == "video_frames" else 0
@@ -141,27 +147,35 @@ def make_dataset(
     process_count: int | None = None,
     batch_size: int | None = None,
     tokenize: Callable[[str], np.ndarray] | None = None,
+    shards: bool = False,
 ) -> grain.IterDataset:
-    """This process's stream of local batches (dicts of numpy arrays `[B_local, ...]`, captions as str arrays).
+    """This process's stream of local batches (dicts of numpy arrays `[B_local, ...]`, captions as str arrays): its
+    part of each global batch (the module docstring), or with `shards` its contiguous shard of the records.
 
     Args:
       data: the data config (fields in the module docstring).
       process_index, process_count: simulate a process of a multi-host run; None uses jax's.
       batch_size: local batch size; default data.global_batch_size / process_count.
       tokenize: optional caption tokenizer str -> int [L]; adds `tokens` [B, L] (and `image_tokens` [B, K, L]).
+      shards: one pass split between processes (precompute) rather than global batches.
     """
     check_config(data)
     shard = distributed.shard_options(process_index, process_count, data.shard_drop_remainder)
     if batch_size is None:
         batch_size = distributed.local_batch_size(data.global_batch_size, shard.shard_count)
-    primary = distributed.shard(sources.open_primary(data, data.split), shard)
-    maker = example_maker(data, primary, shard)
+    primary = sources.open_primary(data, data.split)
+    if shards:
+        primary = distributed.shard(primary, shard)
+    maker = example_maker(data, primary, shard if shards else None)
     ds = primary.seed(data.seed)
     if data.shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(data.num_epochs or None).random_map(maker)
     if tokenize is not None:
         ds = ds.map(examples.AddTokens(tokenize))
+    if not shards:  # the same global batches on any number of processes
+        ds = distributed.GlobalBatchPart(ds, shard.shard_index, shard.shard_count, batch_size,
+                                         whole_batches=data.drop_remainder)
     read = grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch_buffer)
     ds = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=data.drop_remainder)
     if data.worker_count > 0:

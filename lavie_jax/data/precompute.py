@@ -144,7 +144,8 @@ def precompute(
     src.images.per_clip = 0  # base image latents come from the stored clips' frames
     batches = iter(
         pipeline.make_dataset(
-            src, process_index=shard.shard_index, process_count=shard.shard_count, batch_size=batch_size
+            src, process_index=shard.shard_index, process_count=shard.shard_count, batch_size=batch_size,
+            shards=True,
         )
     )
     records = _records(src, batches, encode_video, encode_text, store_dtype)

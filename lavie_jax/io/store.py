@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from lavie_jax.io import checkpoints, workdir as workdirs
+from lavie_jax.io import checkpoints, run_params, workdir as workdirs
 from lavie_jax.io.checkpoints import CheckpointError
 from lavie_jax.io.keycheck import check_keys
 from lavie_jax.models import VAE_CONFIGS, AutoencoderKL, CLIPTextEncoder, UNet3D, abstract_text_encoder, abstract_vae
@@ -220,7 +220,7 @@ def _arch_diff(a: UNetArch, b: UNetArch) -> list[str]:
 
 
 def _workdir_unet(source: Source, mesh, rules: Rules, options, ema: bool) -> UNet3D:
-    step, stored, params = workdirs.read_params(source.path, ema=ema, step=source.step)
+    step, stored, params = run_params.read_params(source.path, ema=ema, step=source.step)
     unet = abstract_unet(arch_from_config(stored["unet"], stored.get("stage")), options=options)
     state = nnx.state(unet, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
@@ -351,7 +351,7 @@ def stored_params(source: Source | str | os.PathLike, *, component: str = "unet"
         if component != "unet":
             raise SourceError(f"{source.path} is a lavie-train work directory: it holds a trained UNet only; its "
                               "VAE and text encoder are those of the pipeline directory it trained with")
-        step, config, params = workdirs.read_params(source.path, ema=ema, step=source.step)
+        step, config, params = run_params.read_params(source.path, ema=ema, step=source.step)
         model = abstract_unet(arch_from_config(config["unet"], config.get("stage")))
         expected = {".".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model,
                                                                                                   nnx.Param))}

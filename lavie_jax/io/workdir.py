@@ -20,8 +20,8 @@ A step is *complete* (the only kind `latest_step` and `all_steps` report) when:
   3. every item is there and its metadata loads: the state's tree metadata (which also opens the OCDBT manifest)
      and each JSON item, whose `meta.step` must name the directory's step. Failures warn, naming the step.
 A writer (`TrainCheckpointer(...)`) moves step directories failing (2) or (3) aside into
-`WORKDIR/checkpoints.incomplete/` before orbax sees them (orbax itself deletes its temporary directories), so the
-run can save that step number again; older complete steps stay where they are.
+`WORKDIR/checkpoints.incomplete/` before orbax sees them, and deletes orbax's temporary directories of interrupted
+saves, so the run can save that step number again; older complete steps stay where they are.
 
 Only public orbax API is used (`CheckpointManager`, `args.*`, the Standard/Json handlers, `__version__`).
 """
@@ -32,13 +32,12 @@ import base64
 import contextlib
 import dataclasses
 import datetime
-import fnmatch
 import importlib.metadata
 import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,27 +47,27 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from lavie_jax.parallel import failed_processes, gather_text
+from lavie_jax.io.run_config import (  # noqa: F401 - re-exported: the config checks of a resumed run
+    RESUMABLE_FIELDS, ConfigMismatchError, check_config, config_changes, config_dict)
+from lavie_jax.io.readback import (  # noqa: F401 - DamagedCheckpointError, StateMismatchError re-exported
+    DamagedCheckpointError, StateMismatchError, agreed_read, check_fits)
+from lavie_jax.io import save_failures
 from lavie_jax.io import tree_metadata
 from lavie_jax.io.safe_io import Ownership
+from lavie_jax.io.state_scan import StateScan, scan_state
+from lavie_jax.io.workdir_lock import LOCK_FILE
 
 ITEMS = ("state", "data", "config", "meta")
 CHECKPOINTS_DIR = "checkpoints"
 INCOMPLETE_DIR = "checkpoints.incomplete"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's temporary step directories: <step>.orbax-checkpoint-tmp[-*]
 COMMIT_MARKER = "commit_success.txt"  # orbax's atomicity_types.COMMIT_SUCCESS_FILE; a stable on-disk name
 FORMAT_VERSION = 1
 
 
 class IncompleteCheckpointWarning(UserWarning):
     """A step directory that looks saved but is not complete (never resumed from)."""
-
-
-class ConfigMismatchError(ValueError):
-    """A rerun's config differs from the stored one in fields that change the run; `differences` lists them, one
-    'field: old -> new' each."""
-
-    def __init__(self, message: str, differences: list[str] | tuple[str, ...] = ()):
-        super().__init__(message)
-        self.differences = list(differences)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +79,8 @@ class Restored:
     data_state: Any  # this process's iterator state as saved (dict, bytes, ...); None if none or process count differs
     config: dict  # the stored run config
     metadata: dict  # the step's `meta` item
+    scan: StateScan | None = None  # the restored state's scan, when the step had fingerprints to check
+    saved_data_states: list | None = None  # every process's, when the step was saved by another process count
 
 
 # Since 0.12.3 orbax writes the commit marker on every committed step on every backend (see the module docstring).
@@ -116,19 +117,6 @@ def _broadcast_int(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
 
 
-def _config_dict(config: Any) -> dict:
-    """A config as plain JSON data: ConfigDict (`to_json_best_effort`), Mapping, JSON text or None."""
-    if config is None:
-        return {}
-    if hasattr(config, "to_json_best_effort"):
-        return json.loads(config.to_json_best_effort())
-    if isinstance(config, (str, bytes)):
-        return json.loads(config)
-    if isinstance(config, Mapping):
-        return json.loads(json.dumps(config, default=str))
-    raise TypeError(f"config must be a ConfigDict, a mapping or JSON text, got {type(config).__name__}")
-
-
 # ------------------------------------------------------------------------------------------- data states
 
 def _encode_data_state(state: Any) -> dict:
@@ -156,18 +144,6 @@ def _decode_data_state(item: Mapping) -> Any:
     if fmt == "bytes-base64":
         return base64.b64decode(item["value"])
     raise ValueError(f"unknown data-state format {fmt!r} in checkpoint")
-
-
-def _gather_text(text: str) -> list[str]:
-    """Every process's `text`, in process order (two small collectives when there are several processes)."""
-    if not _multi():
-        return [text]
-    data = np.frombuffer(text.encode("utf-8"), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.asarray(len(data), np.int64))).reshape(-1)
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[: len(data)] = data
-    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
-    return [bytes(row[:n]).decode("utf-8") for row, n in zip(rows, lengths)]
 
 
 # ------------------------------------------------------------------------------------------- the manager
@@ -224,8 +200,12 @@ class TrainCheckpointer:
         self.workdir = _absolute(epath.Path(workdir))
         self.directory = self.workdir / CHECKPOINTS_DIR
         self.save_every, self.keep, self.keep_every = save_every, keep, keep_every
-        self._config = _config_dict(config)
+        self._config = config_dict(config)
         self._verified: set[int] = set()  # steps whose items were checked; a committed step never changes
+        self._pending: int | None = None  # the step of the save in flight
+        self._failure: save_failures.CheckpointSaveError | None = None  # a failed save, raised once
+        self._needed = 0  # the room the last save was checked for
+        save_failures.quiet_orbax_save_errors()
         if read_only and overwrite:
             raise ValueError("a read-only checkpointer cannot overwrite")
         self.read_only = read_only
@@ -239,7 +219,7 @@ class TrainCheckpointer:
             keep_period=keep_every or None,
             save_interval_steps=0 if read_only else max(save_every, 1),  # unused: we decide when (`should_save`)
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=not read_only,  # orbax removes its interrupted `<step>.orbax-checkpoint-tmp*`
+            cleanup_tmp_directories=False,  # `_set_aside_incomplete` removes interrupted saves' temporaries
             create=not read_only,
             read_only=read_only,
         )
@@ -296,26 +276,38 @@ class TrainCheckpointer:
                 bad[step] = reason
         return sorted(complete), bad
 
-    def _warn(self, bad: Mapping[int, str], action: str) -> None:
+    def _warn(self, bad: Mapping[int, str], action: str, what: str = "incomplete") -> None:
         for step, reason in sorted(bad.items()):
-            warnings.warn(f"checkpoint step {step} in {self.directory} is incomplete: {reason}; {action}",
+            warnings.warn(f"checkpoint step {step} in {self.directory} is {what}: {reason}; {action}",
                           IncompleteCheckpointWarning, stacklevel=3)
 
     def _set_aside_incomplete(self) -> None:
+        """Move incomplete steps aside and remove orbax's temporary directories of interrupted saves (done here,
+        not by orbax's own background clean-up, which a process exiting early would cut short with an error)."""
+        if self.directory.exists():
+            for entry in self.directory.iterdir():
+                if TMP_SUFFIX in entry.name and entry.name.split(".")[0].isdigit():
+                    entry.rmtree(missing_ok=True) if entry.is_dir() else entry.unlink(missing_ok=True)
         _, bad = self._scan()
-        if not bad:
-            return
+        for step, reason in sorted(bad.items()):
+            self._warn({step: reason}, self._move_aside(step))
+
+    def _move_aside(self, step: int) -> str:
+        """Move step directory `step` into `WORKDIR/checkpoints.incomplete/`; returns what was done, for a warning.
+        Where directories cannot be renamed (object stores) it is deleted instead: it is never resumed from."""
         aside = self.workdir / INCOMPLETE_DIR
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        for step, reason in sorted(bad.items()):
-            try:
-                aside.mkdir(parents=True, exist_ok=True)
-                (self.directory / str(step)).rename(aside / f"{step}.{stamp}")
-                action = f"moved to {aside} (never resumed from; delete it when not needed)"
-            except Exception as e:  # noqa: BLE001 - object stores may not rename directories; there orbax
-                # itself takes a step without its marker for a temporary one and removes it
-                action = f"left in place: it could not be moved aside ({e})"
-            self._warn({step: reason}, action)
+        path = self.directory / str(step)
+        try:
+            aside.mkdir(parents=True, exist_ok=True)
+            target, n = aside / f"{step}.{stamp}", 1
+            while target.exists():  # the same step set aside twice within a second
+                target, n = aside / f"{step}.{stamp}.{n}", n + 1
+            path.rename(target)
+            return f"moved to {aside} (never resumed from; delete it when not needed)"
+        except Exception as e:  # noqa: BLE001 - object stores may not rename directories
+            path.rmtree(missing_ok=True)
+            return f"deleted: it could not be moved aside ({e})"
 
     def all_steps(self) -> list[int]:
         """Complete steps on disk, ascending (this process's view; `latest_step` is the agreed one)."""
@@ -340,40 +332,100 @@ class TrainCheckpointer:
         return self.save_every > 0 and step % self.save_every == 0
 
     def save(self, step: int, state: Any, data_state: Any | Callable[[], Any] = None, *,
-             force: bool = False) -> bool:
+             force: bool = False, scan: StateScan | None = None) -> bool:
         """Start saving `state` (pytree of arrays) and the data-iterator state at `step`, if `force` or due.
 
-        `data_state` may be a callable (e.g. `iterator.get_state`), called only when saving. Returns whether a
-        save started; False too when `step` is already saved. A previous save still writing is waited for."""
+        `data_state` may be a callable (e.g. `iterator.get_state`), called only when saving. `scan`: the state's
+        `scan_state` if the caller made it already (its fingerprints are stored, for `restore` to check). Returns
+        whether a save started; False too when `step` is already saved. A previous save still writing is waited
+        for. CheckpointSaveError (lavie_jax.io.save_failures) if the previous save failed, if there is not room
+        for this one (nothing is written then), or if it fails to start."""
         if not (force or self.should_save(step)):
             return False
+        self._finish_pending()
         if step in self._manager.all_steps():  # orbax's view: includes a save of `step` still in flight
             return False
+        self._check_space(step, state)
+        scan = scan or scan_state(state)
         local = data_state() if callable(data_state) else data_state
-        states = [json.loads(s) for s in _gather_text(json.dumps(_encode_data_state(local)))]
+        states = [json.loads(s) for s in gather_text(json.dumps(_encode_data_state(local)))]
         now = time.time()
         meta = {"format_version": FORMAT_VERSION, "step": int(step), "time": now,
                 "time_utc": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
                 "lavie_jax_version": _version(), "jax_version": jax.__version__,
                 "orbax_version": getattr(ocp, "__version__", "unknown"),
-                "process_count": jax.process_count(), "device_count": jax.device_count()}
+                "process_count": jax.process_count(), "device_count": jax.device_count(),
+                "fingerprints": scan.fingerprints}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave({"process_count": jax.process_count(), "states": states}),
             config=ocp.args.JsonSave(self._config),
             meta=ocp.args.JsonSave(meta),
         )
-        return bool(self._manager.save(step, args=args, force=True))
+        try:
+            started = bool(self._manager.save(step, args=args, force=True))
+        except Exception as e:  # noqa: BLE001 - e.g. no room for its temporary directory
+            raise self._failed(step, e) from e
+        self._pending = step if started else None
+        return started
+
+    def _check_space(self, step: int, state: Any) -> None:
+        """CheckpointSaveError, on every process, unless the checkpoints' file system has room for this step."""
+        if not save_failures.local(self.directory):
+            return
+        latest = committed_steps(self.workdir)
+        needed = save_failures.needed_bytes(state, self.directory / str(latest[-1]) if latest else None)
+        free = save_failures.free_bytes(self.directory)
+        if failed_processes(free is not None and free < needed):
+            raise save_failures.CheckpointSaveError(save_failures.message(
+                step, self.directory, "not enough free space", latest[-1] if latest else None, needed, free))
+        self._needed = needed
+
+    def poll(self) -> None:
+        """Raise CheckpointSaveError if the save in flight failed; call it every step (it only reads a flag until
+        the save is over), so no step trains past a failed save for long."""
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        """Wait for the save in flight; CheckpointSaveError (its leftovers removed) if it failed."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - whatever the background write raised
+            self._failure = self._failed(step, e)
+            raise self._failure from e
+
+    def _failed(self, step: int, error: BaseException) -> save_failures.CheckpointSaveError:
+        """The error of a failed save of `step`, after removing what it left (its temporary directory)."""
+        save_failures.wait_for_writers(self._manager)  # orbax raised the first failure, not waiting for the rest
+        for entry in (self.directory.iterdir() if self.directory.exists() else ()):
+            if entry.name.startswith(f"{step}{TMP_SUFFIX}") or (entry.name == str(step)
+                                                                  and not (entry / COMMIT_MARKER).exists()):
+                save_failures.remove(entry)
+        latest = [s for s in committed_steps(self.workdir) if s != step]
+        free = save_failures.free_bytes(self.directory)
+        needed = self._needed if save_failures.is_no_space(error) else None
+        return save_failures.CheckpointSaveError(save_failures.message(
+            step, self.directory, save_failures.cause_of(error), latest[-1] if latest else None, needed, free))
 
     def wait(self) -> None:
-        """Block until every started save is committed (raises what a background save raised)."""
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        """Block until every started save is committed; CheckpointSaveError if one failed."""
+        self._finish_pending()
+        if self._failure is None:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
 
     def close(self) -> None:
-        """Wait for saves, then release orbax's resources."""
-        self.wait()
-        self._manager.close()
+        """Wait for saves, then release orbax's resources (after a failed save too: its error was raised once)."""
+        try:
+            self.wait()
+        finally:
+            with contextlib.suppress(Exception) if self._failure is not None else contextlib.nullcontext():
+                self._manager.close()
 
     def __enter__(self) -> TrainCheckpointer:
         return self
@@ -399,7 +451,9 @@ class TrainCheckpointer:
 
         `abstract_state`: the state's pytree with `jax.ShapeDtypeStruct` leaves that carry `.sharding` (e.g. from
         `jax.eval_shape` / `nnx.eval_shape` plus the run's shardings), or concrete arrays (their shardings are
-        used). The mesh may differ from the one that saved the step."""
+        used). The mesh may differ from the one that saved the step. Raises `StateMismatchError` (nothing read) if
+        the step holds a state of another structure, `DamagedCheckpointError` if its files cannot be read or what
+        they give back is not what was saved (the fingerprints of its `meta` item)."""
         step = self._step_or_latest(step)
         target = jax.tree.map(_as_abstract, abstract_state)
         missing = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(target)
@@ -407,71 +461,52 @@ class TrainCheckpointer:
         if missing:
             raise ValueError(f"abstract_state leaves need a sharding to restore onto; missing at {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}")
-        r = self._manager.restore(step, args=ocp.args.Composite(
+        r = agreed_read(step, lambda: self._read(step, target))
+        expected = r.meta.get("fingerprints") if isinstance(r.meta, Mapping) else None
+        scan = scan_state(r.state) if expected else None
+        if expected:
+            bad = sorted(g for g in expected if g in scan.fingerprints and scan.fingerprints[g] != expected[g])
+            if bad:
+                raise DamagedCheckpointError(step, f"what its files give back differs from what was saved in "
+                                                   f"{', '.join(bad)} (fingerprint)")
+        data_state, saved_data_states = self._local_data_state(r.data)
+        return Restored(step=step, state=r.state, data_state=data_state, config=dict(r.config),
+                        metadata=dict(r.meta), scan=scan, saved_data_states=saved_data_states)
+
+    def _read(self, step: int, target: Any) -> Any:
+        check_fits(self.directory / str(step) / "state", step, target)
+        return self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-        return Restored(step=step, state=r.state, data_state=self._local_data_state(r.data, step),
-                        config=dict(r.config), metadata=dict(r.meta))
 
-    def _local_data_state(self, data: Mapping, step: int) -> Any:
-        saved = data.get("process_count")
-        if saved != jax.process_count():
-            warnings.warn(f"step {step} was saved by {saved} processes, this run has {jax.process_count()}: the data "
-                          "iterators cannot resume their positions (they start over)", stacklevel=3)
-            return None
-        return _decode_data_state(data["states"][jax.process_index()])
+    def restore_latest(self, abstract_state: Any) -> Restored | None:
+        """Restore the newest complete step that reads back intact (`restore`), or None if there is none.
 
+        A damaged step is moved aside into `WORKDIR/checkpoints.incomplete/` with an IncompleteCheckpointWarning,
+        as an incomplete one is, and the step before it is tried. A read-only checkpointer moves nothing (and
+        raises the damage)."""
+        while True:
+            step = self.latest_step()
+            if step is None:
+                return None
+            try:
+                return self.restore(step, abstract_state)
+            except DamagedCheckpointError as e:
+                if self.read_only:
+                    raise
+                if jax.process_index() == 0:
+                    self._warn({step: e.reason}, self._move_aside(step) + "; trying the step before it", "damaged")
+                _barrier(f"damaged_{step}")
+                self._manager.reload()
+                self._verified.discard(step)
 
-# ------------------------------------------------------------------------------------------- config checks
-
-# Fields (fnmatch patterns over dotted paths) a resumed run may change: when to stop, log, evaluate or save, how
-# the same computation is laid out (mesh, sharding rules, kernels) and how data are read (not which data).
-RESUMABLE_FIELDS: tuple[str, ...] = (
-    "train.num_steps", "train.*_every", "train.keep", "train.log_*", "train.checkpoint.*", "train.profile*",
-    "logging.*", "wandb.*", "sample.*", "mesh.*", "sharding.*", "model.attention_impl",
-    "data.data_dir", "data.prepare", "data.read_threads", "data.prefetch_buffer",
-    "data.video_text.num_workers", "data.image_text.num_workers",
-)
-_MISSING = "<missing>"
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping) and tree:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def check_config(stored_config_json: str | Mapping | None, new_config: Any, *,
-                 may_change: Iterable[str] = RESUMABLE_FIELDS, where: str = "") -> list[str]:
-    """Whether a rerun with `new_config` continues the run stored with `stored_config_json`.
-
-    Returns the differing fields that `may_change` allows (sorted, for the log); raises ConfigMismatchError
-    listing every other differing field (old -> new). An empty or missing stored config checks nothing.
-    `new_config`: ConfigDict, mapping or JSON text; tuples and lists compare equal, as JSON stores them."""
-    stored_tree = _config_dict(stored_config_json) if stored_config_json else {}
-    if not stored_tree:
-        return []
-    stored, new = _flatten(stored_tree), _flatten(_config_dict(new_config))
-    patterns = tuple(may_change)
-    allowed, errors = [], []
-    for field in sorted(set(stored) | set(new)):
-        old, value = stored.get(field, _MISSING), new.get(field, _MISSING)
-        if old == value:
-            continue
-        if any(fnmatch.fnmatchcase(field, p) for p in patterns):
-            allowed.append(field)
-        else:
-            errors.append(f"{field}: {json.dumps(old)} -> {json.dumps(value)}")
-    if errors:
-        place = f" in {where}" if where else ""
-        raise ConfigMismatchError(
-            f"the config differs from the one stored with the checkpoints{place} in fields a resumed run may not "
-            "change:\n" + "\n".join(f"  {e}" for e in errors) + "\nRerun with the stored values, start over with "
-            "--overwrite (deletes the checkpoints), or use a new work directory.", errors)
-    return allowed
+    def _local_data_state(self, data: Mapping) -> tuple[Any, list | None]:
+        """(this process's iterator state as saved, None); (None, every process's) when another number of
+        processes saved them: whether a position carries over is the data pipeline's to say (lavie_jax.train)."""
+        states = [_decode_data_state(s) for s in data["states"]]
+        if data.get("process_count") != jax.process_count():
+            return None, states
+        return states[jax.process_index()], None
 
 
 # ------------------------------------------------------------------------------------------- work directories
@@ -479,10 +514,21 @@ def check_config(stored_config_json: str | Mapping | None, new_config: Any, *,
 MARKER = "lavie_workdir.json"
 # Everything `lavie-train` writes at the top of a work directory; anything else there is the user's, and makes
 # `--overwrite` refuse to replace the directory (lavie_jax.io.safe_io). `cache/` holds the compiled programs
-# (lavie_jax.runtime.compile_cache, `cache/jax`).
+# (lavie_jax.runtime.compile_cache, `cache/jax`); `lavie-train.lock` is held by the running trainer
+# (lavie_jax.io.workdir_lock).
 WORKDIRS = Ownership("lavie-train work directory", "lavie-train", MARKER, {"format": "lavie-jax"},
                      {"train": {CHECKPOINTS_DIR: None, INCOMPLETE_DIR: None, "metrics.jsonl": None, "tb": None,
-                                "samples": None, "config.json": None, "cache": None}})
+                                "samples": None, "config.json": None, "config.json.tmp": None, "cache": None,
+                                LOCK_FILE: None}})
+
+
+def committed_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps in `WORKDIR/checkpoints/` that carry orbax's commit marker, ascending: a quick look for messages
+    (no item is read; `TrainCheckpointer.latest_step` is the thorough one)."""
+    directory = Path(workdir) / CHECKPOINTS_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / COMMIT_MARKER).exists())
 
 
 def is_workdir(path: str | os.PathLike) -> bool:
@@ -492,54 +538,7 @@ def is_workdir(path: str | os.PathLike) -> bool:
 
 def read_params(workdir: str | os.PathLike, *, ema: bool = True, step: int | None = None
                 ) -> tuple[int, dict, dict[str, np.ndarray]]:
-    """`(step, run config, params)` of a training work directory, read-only: the UNet's params as host float32
-    numpy arrays keyed by dotted param path, the frozen ones merged with the trained ones (their EMA when `ema` and
-    the run keeps one). `step` None is the latest complete step. Nothing in the directory is changed."""
-    ckpt = TrainCheckpointer(workdir, save_every=0, read_only=True)
-    try:
-        step = ckpt._step_or_latest(step)
-        config = ckpt.stored_config(step)
-        path = ckpt.directory / str(step) / "state"
-        handler = ocp.PyTreeCheckpointHandler()
-        try:
-            target = _params_target(handler, path, ema)
-            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32),
-                                        target)
-            restored = handler.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                                          partial_restore=True))
-        finally:
-            handler.close()
-    finally:
-        ckpt.close()
-    params: dict[str, np.ndarray] = {}
-    for part in restored.values():
-        for keypath, value in jax.tree_util.tree_leaves_with_path(part):
-            names = [_key_name(k) for k in keypath]
-            if names[-1] == "value":  # an nnx.Variable's array: the param path is the Variable's
-                names = names[:-1]
-            params[".".join(names)] = np.asarray(value, np.float32)
-    return step, config, params
+    """`lavie_jax.io.run_params.read_params` (kept here for its callers): the UNet params of a work directory."""
+    from lavie_jax.io.run_params import read_params as read  # it reads through this module's checkpointer
 
-
-def _params_target(handler: ocp.PyTreeCheckpointHandler, path: epath.Path, ema: bool) -> dict:
-    """Float32 numpy placeholders of the parts of a train state that make the UNet's params: `frozen` and `ema`
-    (when wanted and kept) or `params`. Shapes from the tree metadata file when it has them (milliseconds),
-    else from orbax's metadata read (about a millisecond an array)."""
-    shapes = tree_metadata.array_shapes(path, ("frozen", "ema", "params"))
-    if shapes is not None:
-        wanted = {"frozen"} | ({"ema"} if ema and any(k[0] == "ema" for k in shapes) else {"params"})
-        return tree_metadata.nest({k: np.empty(s, np.float32) for k, s in shapes.items() if k[0] in wanted})
-    tree = handler.metadata(path).tree
-    wanted = {"frozen"} | ({"ema"} if ema and _has_leaves(tree.get("ema")) else {"params"})
-    return {k: jax.tree.map(lambda m: np.empty(m.shape, np.float32), tree[k]) for k in wanted if k in tree}
-
-
-def _has_leaves(tree: Any) -> bool:
-    return tree is not None and len(jax.tree.leaves(tree)) > 0
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+    return read(workdir, ema=ema, step=step)

@@ -14,12 +14,12 @@ frames of every video activation (`activation_frames`), so one long clip's activ
 gathers what temporal layers and frame-pooled norms need).
 """
 
-from lavie_jax.parallel.mesh import (BATCH_AXES, MESH_AXES, failed_processes, initialize_distributed, make_mesh,
-                                     mesh_shape)
+from lavie_jax.parallel.mesh import (BATCH_AXES, MESH_AXES, failed_processes, gather_text, initialize_distributed,
+                                     make_mesh, mesh_shape)
 from lavie_jax.parallel.sharding import (ACTIVATION_VIDEO, DEFAULT_RULES, Rules, batch_sharding, constrain,
                                          logical_to_spec, place_state, shard_module, state_shardings, to_global,
                                          to_host)
 
 __all__ = ["ACTIVATION_VIDEO", "BATCH_AXES", "DEFAULT_RULES", "MESH_AXES", "Rules", "batch_sharding", "constrain",
-           "failed_processes", "initialize_distributed", "logical_to_spec", "make_mesh", "mesh_shape", "place_state",
-           "shard_module", "state_shardings", "to_global", "to_host"]
+           "failed_processes", "gather_text", "initialize_distributed", "logical_to_spec", "make_mesh", "mesh_shape",
+           "place_state", "shard_module", "state_shardings", "to_global", "to_host"]

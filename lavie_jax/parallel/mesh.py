@@ -70,3 +70,15 @@ def failed_processes(failed: bool) -> list[int]:
         return [0] if failed else []
     flags = multihost_utils.process_allgather(np.array([failed]))
     return [int(i) for i in np.flatnonzero(np.asarray(flags).reshape(-1))]
+
+
+def gather_text(text: str) -> list[str]:
+    """Every process's `text`, in process order (two small collectives when there are several processes)."""
+    if jax.process_count() == 1:
+        return [text]
+    data = np.frombuffer(text.encode("utf-8"), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray(len(data), np.int64))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(data)] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [bytes(row[:n]).decode("utf-8") for row, n in zip(rows, lengths)]

@@ -14,7 +14,8 @@ A stage config is a packaged config by name (`base`, `base:tiny`, ...) or a conf
 (`--prompt`, repeatable, and/or `--prompt-file`, UTF-8, one per line); an interpolation or vsr first stage takes
 `--input` videos (files or directories) and reads each prompt back from its sidecar or file name, as the official
 stages do. `--checkpoint random` samples with random weights (architecture from the config: a smoke test, noise
-videos); a `lavie-train` work directory samples its latest checkpoint (EMA params, or `--params raw`). A single
+videos); a `lavie-train` work directory samples its latest checkpoint (EMA params, or `--params raw`), with the
+config the run stored when `--config` is left out (`--config.FIELD=...` overrides still apply). A single
 stage writes into `--output`; a cascade into `--output/STAGE/`; existing files are refused unless
 `--overwrite`. Every input, flag and output path is checked before any model runs, and nothing is created until
 there is a video to write. Ctrl-C (or SIGTERM) stops a run within a step: finished videos stay, partial files are
@@ -35,6 +36,7 @@ import argparse
 import codecs
 import contextlib
 import os
+import re
 import shlex
 import signal
 import sys
@@ -50,7 +52,8 @@ from absl import logging
 from lavie_jax.cli import command
 from lavie_jax.runtime import compile_cache, startup
 from lavie_jax.io.checkpoints import CheckpointError
-from lavie_jax.cli.config_flags import ConfigArgError
+from lavie_jax.io.readback import DamagedCheckpointError
+from lavie_jax.cli.config_flags import ConfigArgError, is_run
 from lavie_jax.io.keycheck import KeyMismatchError
 from lavie_jax.models.arch import ConfigError
 from lavie_jax.models.options import ExecutionOptionsError
@@ -88,7 +91,8 @@ def build_parser() -> command.ArgumentParser:
                                             "--vsr.sample.steps=10.")
     stages.add_argument("--config", metavar="NAME[:variant]",
                         help="the first stage: a stage config, e.g. base or base:tiny; override fields with "
-                             "--config.a.b=value (required)")
+                             "--config.a.b=value (required, unless --checkpoint is a lavie-train work directory: "
+                             "then its stored config)")
     for name in LATER_STAGES:
         stages.add_argument(f"--{name}", metavar="NAME[:variant]",
                             help=f"then the {name} stage with this config (--{name}.a.b=value overrides)")
@@ -131,7 +135,7 @@ UsageError = command.UsageError  # bad or missing command-line flags
 
 # user errors: reported in one line, without a traceback, exit status 2
 ERRORS = (UsageError, ConfigArgError, SampleConfigError, PipelineError, OutputError, OutputPathError, RequestError,
-          CheckpointError, ConfigError, KeyMismatchError, VideoReadError, FileNotFoundError)
+          CheckpointError, ConfigError, KeyMismatchError, VideoReadError, FileNotFoundError, DamagedCheckpointError)
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -163,7 +167,23 @@ _interrupt_name = command.interrupt_name
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, ml_collections.ConfigDict | None]]:
     """Configs (with overrides) and the other flags; UsageError / ConfigArgError on anything malformed. Flag files
     are read first, so config overrides may come from a flag file too."""
-    return command.parse_with_configs(build_parser(), argv, STAGE_FLAGS)
+    return command.parse_with_configs(build_parser(), _run_config_default(command.expand_flagfiles(argv)),
+                                      STAGE_FLAGS)
+
+
+def _run_config_default(argv: list[str]) -> list[str]:
+    """`argv`, given `--config RUN` when it has no --config but a `--checkpoint RUN` that is a lavie-train work
+    directory: the run samples with the config it stored (`--config.FIELD=...` overrides still apply)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = argv[1:end]
+    if any(re.fullmatch(r"--?config(=.*)?", a) for a in flags):
+        return argv
+    for i, a in enumerate(flags):
+        run = a.split("=", 1)[1] if a.startswith("--checkpoint=") else \
+            flags[i + 1] if a == "--checkpoint" and i + 1 < len(flags) else None
+        if run is not None and is_run(Path(run)):
+            return [argv[0], "--config", run, *argv[1:]]
+    return argv
 
 
 class _Stage(NamedTuple):
@@ -179,7 +199,8 @@ class _Stage(NamedTuple):
 def _stage_configs(args: argparse.Namespace, configs: dict[str, ml_collections.ConfigDict | None]) -> list[_Stage]:
     """The stages in cascade order, validated: a stage config per flag, consecutive stages, a checkpoint each."""
     if configs["config"] is None:
-        raise UsageError("--config is required: the first stage's config, e.g. --config base (or base:tiny)")
+        raise UsageError("--config is required: the first stage's config, e.g. --config base (or base:tiny); it may be "
+                         "left out when --checkpoint is a lavie-train work directory (its stored config is used)")
     stages = [_Stage(configs["config"], args.checkpoint, "config")]
     for name in LATER_STAGES:
         if configs[name] is not None:

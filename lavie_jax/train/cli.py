@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lavie_jax.cli import command
+from lavie_jax.io import safe_io
 from lavie_jax.runtime import compile_cache, startup
 
 PROG = "lavie-train"
@@ -46,10 +47,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lavie_jax.models.arch import ConfigError
     from lavie_jax.io.safe_io import OutputPathError
     from lavie_jax.train.setup import TrainConfigError
-    from lavie_jax.io.workdir import ConfigMismatchError
+    from lavie_jax.io.workdir import ConfigMismatchError, DamagedCheckpointError, StateMismatchError
 
     return (ConfigArgError, TrainConfigError, ConfigMismatchError, OutputPathError, CheckpointError, ConfigError,
-            KeyMismatchError, FileNotFoundError)
+            KeyMismatchError, FileNotFoundError, DamagedCheckpointError, StateMismatchError)
 
 
 def build_parser() -> command.ArgumentParser:
@@ -109,10 +110,13 @@ def run(argv: Sequence[str]):
 
 def _failure(error: BaseException) -> tuple[str, int]:
     """(message, status) of a failed run: a non-finite loss stops with 3, the rest as every command reports."""
-    from lavie_jax.train.loop import NonFiniteLossError  # with jax: not needed for --help or a bad flag
+    from lavie_jax.io.save_failures import CheckpointSaveError  # with jax: not needed for --help or a bad flag
+    from lavie_jax.train.loop import NonFiniteLossError
 
     if isinstance(error, NonFiniteLossError):
         return f"stopped: {error}", NONFINITE_STATUS
+    if isinstance(error, CheckpointSaveError):  # the machine (a full disk): status 1, said in full
+        return f"error: {error}", 1
     return command.failure(error, _user_errors())
 
 
@@ -128,11 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         absl.logging.set_verbosity(absl.logging.WARNING)
         run(argv)
 
-    # The loop handles SIGTERM and the first Ctrl-C itself (it saves at the next step and exits 0): an interrupt
-    # that reaches here is a second Ctrl-C.
+    # The loop handles SIGTERM and the first Ctrl-C itself (it saves at the next step and exits 0). Before and
+    # after it, SIGTERM is an interrupt like Ctrl-C (exit 143 rather than a silent death), whose note says what a
+    # rerun does (lavie_jax.train.loop.train).
     return command.run_main(PROG, argv[1:], body, handlers=((Exception, _failure),),
                             interrupted="stopped without saving; rerun the same command to resume from the last "
-                                        "complete checkpoint")
+                                        "complete checkpoint",
+                            guard=safe_io.terminate_as_interrupt, terminated=(safe_io.Terminated,))
 
 
 if __name__ == "__main__":

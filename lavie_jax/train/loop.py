@@ -16,9 +16,11 @@ checked; a logged line holds the mean of each loss and of the grad norm over the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,14 +32,18 @@ import numpy as np
 from lavie_jax import parallel
 from lavie_jax.io import safe_io
 from lavie_jax.io import workdir as workdirs
+from lavie_jax.io.workdir_lock import WorkdirLock
 from lavie_jax.data import distributed as data_distributed
 from lavie_jax.data.pipeline import make_iterator
 from lavie_jax.io.text import tokenize
+from lavie_jax.io.state_scan import scan_state
+from lavie_jax.train import health
 from lavie_jax.train.metrics import MetricsWriter
 from lavie_jax.train.preemption import PreemptionHandler
-from lavie_jax.train.setup import Run, TrainConfigError, build_run, peak_tflops
+from lavie_jax.train.setup import Run, TrainConfigError, build_run, check_run, peak_tflops
 
 CONFIG_FILE = "config.json"
+CONFIG_TMP = CONFIG_FILE + ".tmp"
 METRIC_ORDER = ("loss", "video_loss", "image_loss", "grad_norm", "lr")  # the order of a logged line
 
 
@@ -60,45 +66,127 @@ def _say(message: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ work directory
 
-def prepare_workdir(path: str | os.PathLike, config: ml_collections.ConfigDict, overwrite: bool) -> Path:
-    """Make `path` this run's work directory (process 0 writes; every process returns after it did).
-
-    A missing or empty directory becomes a new work directory; one of ours is resumed if its stored config is this
-    run's (`workdir.check_config`), or replaced with `overwrite`; anything else is refused, nothing touched."""
-    path = safe_io.absolute(path)
-    error = None
-    if jax.process_index() == 0:
-        try:
-            _prepare_on_primary(path, config, overwrite)
-        except (safe_io.OutputPathError, workdirs.ConfigMismatchError, TrainConfigError) as e:
-            error = e
+def _agreed(fn: Callable[[], Any], what: str) -> Any:
+    """`fn()` on every process; if it raised on any, every process raises (its own error, or one naming the
+    processes that failed), so no process goes on to wait for the others in a collective."""
+    error, result = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after every process knows
+        error = e
     failed = parallel.failed_processes(error is not None)
     if error is not None:
         raise error
     if failed:
-        raise TrainConfigError(f"process 0 could not prepare --workdir {path} (its error says why)")
-    return path
+        raise TrainConfigError(f"process(es) {failed} {what} (their errors say why)")
+    return result
 
 
-def _prepare_on_primary(path: Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
-    exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
-    if exists:
-        reason = workdirs.WORKDIRS.why_not(path)
-        if reason is not None:
-            raise safe_io.OutputPathError(f"--workdir {path} is not a lavie-train work directory ({reason}); "
-                                          "lavie-train never writes into or replaces other directories: choose a new "
-                                          "or empty --workdir")
-        if not overwrite:
-            stored = path / CONFIG_FILE
-            if stored.is_file():
-                changed = workdirs.check_config(stored.read_text(), config, where=f"--workdir {path}")
-                if changed:
-                    _say(f"resuming with changed settings: {', '.join(changed)}")
-            return
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The run's mesh (`mesh.shape` over all devices, or `devices`); a shape that does not fit is a
+    TrainConfigError naming the field."""
+    try:
+        return parallel.make_mesh(config.mesh.shape, devices)
+    except ValueError as e:
+        raise TrainConfigError(f"config field {e}; -1 takes the remaining devices, e.g. "
+                               "--config.mesh.shape=(-1,1,1,1)") from None
+
+
+def prepare_workdir(path: str | os.PathLike, config: ml_collections.ConfigDict, overwrite: bool
+                    ) -> tuple[Path, WorkdirLock | None]:
+    """Make `path` this run's work directory and take its lock (process 0 writes and holds the lock, returned
+    to it, None elsewhere; every process returns after it did). Release the lock when the run ends.
+
+    A missing or empty directory becomes a new work directory; one of ours is resumed if its stored config is this
+    run's up to the fields a resumed run may change (`lavie_jax.io.run_config`; one without a checkpoint takes this
+    run's config), or replaced with `overwrite`; anything else is refused, nothing touched. A work directory in use
+    by another trainer is refused before anything is read or written (`lavie_jax.io.workdir_lock`)."""
+    path = safe_io.absolute(path)
+    lock = _agreed(lambda: _prepare_on_primary(path, config, overwrite) if jax.process_index() == 0 else None,
+                   f"could not prepare --workdir {path}")
+    return path, lock
+
+
+def _prepare_on_primary(path: Path, config: ml_collections.ConfigDict, overwrite: bool) -> WorkdirLock:
+    for attempt in range(2):
+        exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
+        if exists:
+            reason = workdirs.WORKDIRS.why_not(path)
+            if reason is not None:
+                raise safe_io.OutputPathError(f"--workdir {path} is not a lavie-train work directory ({reason}); "
+                                              "lavie-train never writes into or replaces other directories: choose a "
+                                              "new or empty --workdir")
+            lock = WorkdirLock.acquire(path)  # a second trainer stops here, before reading or writing anything
+            if not overwrite:
+                with _released_on_error(lock):
+                    _resume_config(path, config)
+                return lock
+        else:
+            lock = None
+        try:
+            return _create(path, config, overwrite)
+        except safe_io.OutputPathError:
+            if exists or attempt or not path.exists():
+                raise
+            # another trainer created it meanwhile: go the way of an existing work directory (its lock refuses)
+        finally:
+            if lock is not None:  # the replaced directory's lock: that directory is gone
+                lock.release()
+    raise AssertionError("unreachable")
+
+
+def _create(path: Path, config: ml_collections.ConfigDict, overwrite: bool) -> WorkdirLock:
+    """A new work directory at `path` (replacing ours with `overwrite`); it appears with its lock held."""
     safe_io.check_output_directory(path, workdirs.WORKDIRS, overwrite=overwrite, flag="--workdir")
-    with safe_io.atomic_directory(path, workdirs.WORKDIRS, overwrite=overwrite, flag="--workdir") as tmp:
-        workdirs.WORKDIRS.write_marker(tmp, "train", stage=config.stage)
-        (tmp / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + "\n")
+    lock = None
+    try:
+        with safe_io.atomic_directory(path, workdirs.WORKDIRS, overwrite=overwrite, flag="--workdir") as tmp:
+            workdirs.WORKDIRS.write_marker(tmp, "train", stage=config.stage)
+            (tmp / CONFIG_FILE).write_text(_config_text(config))
+            lock = WorkdirLock.acquire(tmp)
+        lock.moved_to(path)
+        return lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+@contextlib.contextmanager
+def _released_on_error(lock: WorkdirLock):
+    try:
+        yield
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _config_text(config: ml_collections.ConfigDict) -> str:
+    return config.to_json_best_effort(indent=1) + "\n"
+
+
+def _has_checkpoints(path: Path) -> bool:
+    """Whether the work directory holds a checkpoint step (complete or not; orbax's temporaries do not count)."""
+    directory = path / workdirs.CHECKPOINTS_DIR
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _resume_config(path: Path, config: ml_collections.ConfigDict) -> None:
+    """Check this run's config against the stored one and store it (changes in resumable fields are said)."""
+    stored = path / CONFIG_FILE
+    if stored.is_file() and _has_checkpoints(path):
+        changed = workdirs.check_config(stored.read_text(), config, where=f"--workdir {path}")
+        if not changed:
+            return
+        changes = workdirs.config_changes(stored.read_text(), config)
+        _say("resuming with changed settings: " + "; ".join(f"{f}: {changes[f]}" for f in changed))
+    elif stored.is_file():
+        if not workdirs.config_changes(stored.read_text(), config):
+            return
+        _say(f"{path} holds no checkpoint yet: this run's config replaces its {CONFIG_FILE}")
+    tmp = path / CONFIG_TMP  # listed in the work directory's layout: a torn write never makes it foreign
+    tmp.write_text(_config_text(config))
+    os.replace(tmp, stored)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -127,49 +215,76 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, over
     (`config.mesh.shape`) spans all devices, or `devices` (e.g. one device of several, in tests). `on_workdir` is
     called with the prepared work directory before the run's programs compile (lavie-train turns on the
     compilation cache it keeps there)."""
-    t = config.train
-    mesh = parallel.make_mesh(config.mesh.shape, devices)
-    path = prepare_workdir(workdir, config, overwrite)
-    if on_workdir is not None:
-        on_workdir(path)
-    _say(f"{config.stage} stage on {jax.device_count()} device(s) ({jax.devices()[0].device_kind}), mesh "
-         f"{dict(mesh.shape)}, {jax.process_count()} process(es); work directory {path}")
-    ckpt = workdirs.TrainCheckpointer(path, save_every=t.checkpoint_every, keep=t.keep, keep_every=t.keep_every,
-                                      config=config)
     try:
-        # a resumed run restores every leaf of the state: it is built abstractly (no random init or `train.init`
-        # read, which for a full-size UNet is a compile and seconds of device time thrown away)
-        latest = ckpt.latest_step()
-        run = build_run(config, mesh, abstract=latest is not None)
-        _say(f"params: {run.groups.summary()}")
-        return _loop(run, config, path, ckpt, latest, console)
+        return _train(config, workdir, overwrite, console, devices, on_workdir)
+    except KeyboardInterrupt as e:  # Ctrl-C twice, or SIGTERM outside the loop (lavie-train's guard): say what is kept
+        steps = workdirs.committed_steps(safe_io.absolute(workdir))
+        e.add_note(f"the last checkpoint is step {steps[-1]}: rerun the same command to resume from it" if steps else
+                   "nothing was saved: rerun the same command to start from the beginning")
+        raise
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, overwrite: bool, console: bool,
+           devices: Sequence[jax.Device] | None, on_workdir: Callable[[Path], None] | None) -> TrainResult:
+    t = config.train
+    mesh = make_mesh(config, devices)
+    checked = _agreed(lambda: check_run(config, mesh), "found a bad setting")  # before anything is written
+    path, lock = prepare_workdir(workdir, config, overwrite)
+    try:
+        if on_workdir is not None:
+            on_workdir(path)
+        _say(f"{config.stage} stage on {jax.device_count()} device(s) ({jax.devices()[0].device_kind}), mesh "
+             f"{dict(mesh.shape)}, {jax.process_count()} process(es); work directory {path}")
+        ckpt = workdirs.TrainCheckpointer(path, save_every=t.checkpoint_every, keep=t.keep,
+                                          keep_every=t.keep_every, config=config)
+        try:
+            # a resumed run restores every leaf of the state: it is built abstractly (no random init or
+            # `train.init` read, which for a full-size UNet is a compile and seconds of device time thrown away)
+            latest = ckpt.latest_step()
+            run = build_run(config, mesh, abstract=latest is not None, checked=checked)
+            _say(f"params: {run.groups.summary()}")
+            restored = _restore(run, ckpt, config) if latest is not None else None
+            if latest is not None and restored is None:  # every step was damaged (each one said so)
+                _say("no checkpoint could be restored: starting from the beginning")
+                run = build_run(config, mesh, checked=checked)
+            return _loop(run, config, path, ckpt, restored, console)
+        finally:
+            ckpt.close()
     finally:
-        ckpt.close()
+        if lock is not None:
+            lock.release()
 
 
-def _restore(run: Run, ckpt: workdirs.TrainCheckpointer, config: ml_collections.ConfigDict, latest: int | None
-             ) -> tuple[Any, int | None, Any]:
-    """(state, step resumed from or None, data-iterator state) of checkpoint step `latest` (the latest complete
-    one), if any."""
-    if latest is None:
-        return run.state, None, None
-    workdirs.check_config(ckpt.stored_config(latest), config)
+def _restore(run: Run, ckpt: workdirs.TrainCheckpointer, config: ml_collections.ConfigDict
+             ) -> workdirs.Restored | None:
+    """The newest checkpoint that reads back intact (a damaged one is moved aside, with a warning, for the one
+    before it), onto the run's shardings; None if none does."""
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), run.state,
                             run.state_shardings)
-    restored = ckpt.restore(latest, abstract)
-    return restored.state, latest, restored.data_state
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+        workdirs.check_config(restored.config, config)
+    return restored
 
 
 def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdirs.TrainCheckpointer,
-          latest: int | None, console: bool) -> TrainResult:
+          restored: workdirs.Restored | None, console: bool) -> TrainResult:
     t = config.train
-    state, resumed, data_state = _restore(run, ckpt, config, latest)
+    state, resumed, data_state = ((restored.state, restored.step, restored.data_state) if restored is not None
+                                  else (run.state, None, None))
+    if restored is not None and restored.saved_data_states is not None:
+        data_state = _moved_data_state(restored)
     start = int(jax.device_get(state.step))
     if resumed is not None:
         _say(f"resumed from step {resumed} ({path / workdirs.CHECKPOINTS_DIR / str(resumed)})")
     if start >= t.num_steps:
         _say(f"already at step {start} of train.num_steps={t.num_steps}: nothing to do")
         return TrainResult(start, None, resumed, {})
+    d = config.data
+    if d.data_dir and d.prepare and not os.path.exists(d.data_dir):  # check_run refused what must exist
+        _say(f"data.data_dir {d.data_dir} does not exist: the {d.dataset} dataset is built there now" +
+             (" (procedural: generated, nothing is read or downloaded)" if d.dataset == "moving_shapes" else
+              " from the files named by the data section"))
     iterator = make_iterator(config.data, tokenize=_tokenizer_fn(run))
     if data_state is not None:
         iterator.set_state(data_state)
@@ -183,6 +298,8 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
     window: dict[str, list[float]] = {}  # each metric's values since the last logged line
     pending: tuple[int, Any] | None = None  # (step after the update, metrics on device) not yet checked
     good = start  # the last step known to have a finite loss
+    scan = restored.scan if restored is not None and restored.scan is not None else scan_state(state)
+    reference = scan.max_abs.get("params", 0.0)  # of the last good state: a save checks its params against it
     stopped = None
     with writer, PreemptionHandler(sigint=True) as preemption, jax.set_mesh(run.mesh):
         step = start
@@ -190,6 +307,7 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
             batch = _device_batch(next(iterator), run)
             state, metrics = run.step_fn(state, run.encoders, run.tables, batch)
             step += 1
+            ckpt.poll()  # a save that failed in the background stops the run here (a flag read while it writes)
             if pending is not None:  # the previous step's metrics, read while this step runs
                 last = _check_and_log(pending, writer, t, good, ckpt, window)
                 good = pending[0]
@@ -197,7 +315,7 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
             if ckpt.should_save(step) or step == t.num_steps or preemption.should_stop(step):
                 last = _check_and_log(pending, writer, t, good, ckpt, window, force=True)
                 good, pending = step, None
-                ckpt.save(step, state, iterator.get_state, force=True)
+                reference = _save(ckpt, step, state, iterator, reference, config)
                 if preemption.should_stop(step) and step < t.num_steps:
                     stopped = preemption.reason
                     ckpt.wait()
@@ -212,6 +330,46 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
     return TrainResult(step, stopped, resumed, last)
 
 
+def _moved_data_state(restored: workdirs.Restored) -> Any:
+    """The data position of a run resumed on another number of processes: the same global batch where the saved
+    states tell it (lavie_jax.data.distributed.moved_state), else None (the iterators start over, with a warning)."""
+    saved, count = len(restored.saved_data_states), jax.process_count()
+    moved = data_distributed.moved_state(restored.saved_data_states, count)
+    if moved is None:
+        warnings.warn(f"step {restored.step} was saved by {saved} processes, this run has {count}: the data "
+                      "iterators cannot resume their positions (they start over)", stacklevel=3)
+    else:
+        _say(f"step {restored.step} was saved by {saved} process(es), this run has {count}: the data go on at the "
+             "same global batch")
+    return moved
+
+
+def _save(ckpt: workdirs.TrainCheckpointer, step: int, state: Any, iterator: Any, reference: float,
+          config: ml_collections.ConfigDict) -> float:
+    """Save `step` if the state is fit to be (lavie_jax.train.health), else stop naming the last good checkpoint;
+    returns the saved params' largest magnitude (the next save's reference)."""
+    scan = scan_state(state)  # every process: it gathers their partial sums
+    problem = health.unfit(scan, reference)
+    if problem:
+        raise NonFiniteLossError(f"step {step}: {problem}; the run stopped without saving it. "
+                                 f"{_advice(ckpt, config.train)}")
+    ckpt.save(step, state, iterator.get_state, force=True, scan=scan)
+    return scan.max_abs.get("params", 0.0)
+
+
+def _advice(ckpt: workdirs.TrainCheckpointer, t: ml_collections.ConfigDict) -> str:
+    """What to do after a diverged step: which checkpoint a rerun resumes from, and a lower learning rate."""
+    ckpt.wait()
+    latest = ckpt.latest_step()
+    lr = t.optimizer.lr / 10 if t.optimizer.lr <= 1e-2 else 1e-4  # a tenth, or a usual Adam lr for an absurd one
+    lower = f"lower train.optimizer.lr (e.g. --config.train.optimizer.lr={lr:g}) or check the data"
+    if latest is None:
+        return f"No checkpoint was saved: {lower}, then rerun to start from the beginning."
+    return (f"The last good checkpoint is step {latest} (its params, optimizer state and EMA were checked when "
+            f"saved): {lower}, then rerun to resume from it (the optimizer settings, train.optimizer.*, may change "
+            "on resume).")
+
+
 def _check_and_log(pending: tuple[int, Any], writer: MetricsWriter, t: ml_collections.ConfigDict, good: int,
                    ckpt: workdirs.TrainCheckpointer, window: dict[str, list[float]], force: bool = False
                    ) -> dict[str, float]:
@@ -222,12 +380,9 @@ def _check_and_log(pending: tuple[int, Any], writer: MetricsWriter, t: ml_collec
     host = {k: float(values[k]) for k in sorted(values, key=lambda k: (METRIC_ORDER.index(k) if k in METRIC_ORDER
                                                                         else len(METRIC_ORDER), k))}
     if not _finite(host):
-        ckpt.wait()
         bad = ", ".join(f"{k}={v}" for k, v in host.items() if not math.isfinite(v))
-        latest = ckpt.latest_step()
-        raise NonFiniteLossError(f"step {step}: {bad}; the run stopped without saving it. The last good checkpoint "
-                                 f"is step {latest} (the loss was finite through step {good}); lower "
-                                 f"train.optimizer.lr or check the data, then rerun to resume from it")
+        raise NonFiniteLossError(f"step {step}: {bad}; the run stopped without saving it (the loss was finite "
+                                 f"through step {good}). {_advice(ckpt, t)}")
     for k, v in host.items():
         window.setdefault(k, []).append(v)
     if step % t.log_every == 0 or force:

@@ -106,9 +106,24 @@ def check_data(config: ml_collections.ConfigDict) -> None:
         check_pipeline(d)
     except ValueError as e:
         raise TrainConfigError(f"config field {str(e)}" if str(e).startswith("data.") else str(e)) from None
+    for field, required in _source_fields(d):
+        section, name = field.split(".")
+        if required and not d[section][name]:  # the table a dataset is built from also names its prepared copy
+            _fail(f"data.{field}", f"is empty: the {section} dataset is built from this table (CSV or parquet), and "
+                                   f"its prepared copy is found by it; set --config.data.{field}=PATH")
     if d.data_dir and not Path(d.data_dir).exists() and (not d.prepare or d.dataset == "precomputed"):
         _fail("data.data_dir", f"{d.data_dir} does not exist; fix the path, or set data.prepare=True to build "
                                f"{d.dataset} there")
+    if d.data_dir and not Path(d.data_dir).exists():
+        # nothing is prepared there yet: a dataset built from your files needs them (moving_shapes is procedural
+        # and is simply generated there; lavie-train says so)
+        for field, required in _source_fields(d):
+            section, name = field.split(".")
+            value = d[section][name]
+            if (required or value) and not (value and Path(value).exists()):
+                _fail(f"data.{field}", f"{value or '(empty)'} does not exist, and data.data_dir={d.data_dir} does "
+                                       f"not exist either, so the dataset would be built there from it; fix "
+                                       f"data.data_dir if the data was prepared elsewhere, else data.{field}")
     if d.dataset == "precomputed":
         from lavie_jax.data import sources
 
@@ -125,6 +140,17 @@ def check_data(config: ml_collections.ConfigDict) -> None:
             _fail("data.precomputed.name", f"{d.precomputed.name!r} was precomputed for the {made} stage (its clips "
                                            f"{'carry' if has_lr else 'lack'} low-res frames) but the config is the "
                                            f"{config.stage} stage; precompute the {config.stage} stage's data")
+
+
+def _source_fields(d: ml_collections.ConfigDict) -> list[tuple[str, bool]]:
+    """(field under `data`, required) of the files a video_text / image_text dataset is built from (an empty
+    video_dir / image_dir means the table holds absolute paths)."""
+    fields = []
+    if d.dataset == "video_text":
+        fields += [("video_text.csv", True), ("video_text.video_dir", False)]
+    if d.images.source == "image_text" and stages.get_stage(d.stage).images_wanted(d):
+        fields += [("image_text.table", True), ("image_text.image_dir", False)]
+    return fields
 
 
 def num_image_frames(config: ml_collections.ConfigDict) -> int:
@@ -320,6 +346,33 @@ class Run:
     vae_factor: int  # pixels per latent, each side
 
 
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What `check_run` found, without reading a weight: where the UNet and the encoders come from, the UNet's
+    architecture and its param groups."""
+
+    init: store.Source | None
+    encoders: store.Source
+    arch: UNetArch
+    groups: optim.ParamGroups
+
+
+def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, synthetic_data: bool = False
+              ) -> Checked:
+    """Every check of a run that reads no weights: the config against the mesh and the data (`check_config`),
+    `train.init` and `train.encoders` (metadata only), the architecture and the param-group rules (on the abstract
+    UNet). `lavie-train` runs it before it writes anything, so a rejected config leaves no trace."""
+    check_config(config, mesh, data=not synthetic_data)
+    init = _init_source(config)
+    encoders = _encoders_source(config, init)
+    arch = arch_from_config(config.unet.to_dict(), config.stage)
+    try:  # on the abstract model: a rule that selects nothing fails before any weight is made
+        groups = optim.param_groups_from_config(abstract_unet(arch), config.train)
+    except optim.OptimConfigError as e:
+        raise TrainConfigError(str(e)) from None
+    return Checked(init, encoders, arch, groups)
+
+
 def _step_key(config: ml_collections.ConfigDict, *graphdefs: nnx.GraphDef) -> str:
     """Everything the train step captures, as text: the whole run config and the model graphs (their reprs list
     every module, static attribute and variable); any change is another program."""
@@ -328,24 +381,22 @@ def _step_key(config: ml_collections.ConfigDict, *graphdefs: nnx.GraphDef) -> st
 
 
 def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abstract: bool = False,
-              compiler_options: dict | None = None, synthetic_data: bool = False) -> Run:
+              compiler_options: dict | None = None, synthetic_data: bool = False, checked: Checked | None = None
+              ) -> Run:
     """Check the config, build the models on `mesh`, the initial train state and the jitted step.
 
     `abstract`: the UNet's params, optimizer state and EMA are `ShapeDtypeStruct`s with their shardings (nothing
     allocated or initialised): to compile the step and read its memory analysis before committing devices.
     `compiler_options`: XLA options for the step (e.g. `{'xla_backend_optimization_level': 0}` in tests).
     `synthetic_data`: the caller feeds batches of its own (benchmarks): `config.data` only gives their shapes, and
-    its source (e.g. a precomputed dataset) need not exist."""
-    check_config(config, mesh, data=not synthetic_data)
+    its source (e.g. a precomputed dataset) need not exist. `checked`: `check_run`'s result when the caller ran it
+    already (then it is not run again)."""
+    if checked is None:
+        checked = check_run(config, mesh, synthetic_data=synthetic_data)
     rules = tuple(tuple(r) for r in config.sharding.rules)
-    init = _init_source(config)
-    arch = arch_from_config(config.unet.to_dict(), config.stage)
-    encoders = build_encoders(config, mesh, rules, _encoders_source(config, init), arch)
+    init, arch, groups = checked.init, checked.arch, checked.groups
+    encoders = build_encoders(config, mesh, rules, checked.encoders, arch)
     check_models(config, arch, encoders)
-    try:  # on the abstract model: a rule that selects nothing fails before any weight is made
-        groups = optim.param_groups_from_config(abstract_unet(arch), config.train)
-    except optim.OptimConfigError as e:
-        raise TrainConfigError(str(e)) from None
     unet = build_unet(config, mesh, rules, init, abstract=abstract)
     graphdef, trainable, frozen, rest = groups.split(unet)
     if jax.tree.leaves(rest):

@@ -149,8 +149,18 @@ def test_bad_unet_config_names_the_field(base_checkpoint, tmp_path, capsys):
 
 def test_export_errors(tmp_path, capsys):
     (tmp_path / "model_index.json").write_text("{}")
-    assert main(["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "x.safetensors")]) == 1
-    assert "not a lavie-jax checkpoint directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a --checkpoint with nothing to export: bad input, 2
+        main(["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "x.safetensors")])
+    assert e.value.code == 2 and "not a lavie-jax checkpoint directory" in capsys.readouterr().err
+    run = tmp_path / "run"  # a lavie-train work directory before its first checkpoint
+    run.mkdir()
+    (run / "lavie_workdir.json").write_text('{"stage": "base"}')
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "x.safetensors")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"lavie-convert: error: --checkpoint {run}: the training run has no complete " \
+                                      "checkpoint yet\n"
+    assert not (tmp_path / "x.safetensors").exists()
     assert main(["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "x.npz")]) == 1
     assert "must end in .safetensors, .pt or .bin" in capsys.readouterr().err
 

@@ -40,6 +40,29 @@ def test_shard_options_check_their_arguments():
         distributed.shard(grain.MapDataset.source([1, 2]), grain.sharding.ShardOptions(0, 3))
 
 
+@pytest.mark.parametrize("whole", [True, False])
+def test_global_batch_parts_interleave_into_the_stream(whole):
+    stream = grain.MapDataset.range(14)  # global batches of 6: two whole ones, then 2 elements
+    parts = [distributed.GlobalBatchPart(stream, i, 3, 2, whole_batches=whole) for i in range(3)]
+    assert [list(p) for p in parts] == ([[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10, 11]] if whole else
+                                        [[0, 1, 6, 7, 12, 13], [2, 3, 8, 9], [4, 5, 10, 11]])
+    assert list(parts[1][1:3]) == [3, 8] and parts[0][4] == (0 if whole else 12)  # slices; past the end wraps
+    infinite = distributed.GlobalBatchPart(stream.repeat(), 1, 2, 3)
+    assert [infinite[i] for i in range(7)] == [3, 4, 5, 9, 10, 11, 1]  # 14 + 1: the second pass
+    with pytest.raises(ValueError, match="process 2 of 2"):
+        distributed.GlobalBatchPart(stream, 2, 2, 1)
+
+
+def test_a_data_position_moves_to_another_process_count():
+    assert distributed.moved_state([{"next_index": 12}] * 2, 1) == {"next_index": 24}  # 6 batches of 2 x 2 examples
+    assert distributed.moved_state([{"next_index": 24}], 4) == {"next_index": 6}
+    assert distributed.moved_state([{"next_index": 12}] * 2, 2) == {"next_index": 12}
+    assert distributed.moved_state([{"next_index": 3}], 2) is None  # not a whole global batch
+    assert distributed.moved_state([{"next_index": 3}, {"next_index": 4}], 1) is None
+    assert distributed.moved_state([{"next_index": 3, "workers": [1]}], 1) is None  # grain workers: not movable
+    assert distributed.moved_state([b"\x00"], 1) is None
+
+
 @pytest.mark.parametrize("axes", ["data", ("data", "fsdp")])
 def test_global_batch_is_sharded_over_the_data_axes(axes):
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -105,5 +128,9 @@ def test_two_real_processes_read_their_shards_into_one_global_batch(webvid_data,
         results.append(json.loads(output.split("RESULT ", 1)[1].splitlines()[0]))
     assert [r["shape"] for r in results] == [[8, 16, 32, 48, 3]] * 2 and [r["local_rows"] for r in results] == [4, 4]
     captions = results[0]["captions"] + results[1]["captions"]
-    assert sorted(captions) == sorted(f"video {k}" for k in range(8))  # disjoint shards covering the set
+    assert sorted(captions) == sorted(f"video {k}" for k in range(8))  # disjoint parts covering the set
+    from lavie_jax.data import pipeline
+
+    alone = next(pipeline.make_iterator(data, process_index=0, process_count=1))
+    assert captions == [str(c) for c in alone["caption"]]  # the global batch one process reads
     assert results[0]["mean"] == results[1]["mean"]  # one global array, reduced across both processes

@@ -101,9 +101,8 @@ def test_workdir_rules(uninterrupted, train_data_dir, tmp_path):
         loop.train(config, foreign, overwrite=True, devices=jax.devices()[:1])
     assert (foreign / "notes.txt").read_text() == "keep me"
     before = sorted(p.name for p in uninterrupted.rglob("*"))
-    with pytest.raises(ConfigMismatchError, match="train.optimizer.lr"):
-        loop.train(tiny_train_config("base", train_data_dir, **{"optimizer.lr": 0.5}), uninterrupted,
-                   devices=jax.devices()[:1])
+    with pytest.raises(ConfigMismatchError, match="train.seed: 0 -> 5"):  # (the optimizer's settings may change)
+        loop.train(tiny_train_config("base", train_data_dir, seed=5), uninterrupted, devices=jax.devices()[:1])
     assert sorted(p.name for p in uninterrupted.rglob("*")) == before
 
 
@@ -135,7 +134,58 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train
     assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["2"]
 
 
-def test_export_loads_into_the_official_layout_and_samples(uninterrupted, tmp_path):
+def _saved(workdir: Path) -> list[str]:
+    return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+
+def test_a_diverged_state_or_a_full_disk_stops_at_the_save_and_a_damaged_checkpoint_is_not_resumed(
+        train_data_dir, tmp_path, monkeypatch, capsys):
+    """The loop checks a state before saving it (lavie_jax.train.health), stops at a save there is no room for
+    (lavie_jax.io.save_failures), never trains past either, and resumes from the newest checkpoint that reads back
+    (from the beginning when none does)."""
+    import shutil
+
+    from lavie_jax.io import save_failures
+    from lavie_jax.train import health
+
+    config = tiny_train_config("base", train_data_dir, num_steps=6)  # test_nan_loss's programs; a save every 2
+    workdir = tmp_path / "run"
+    real, checks = health.unfit, []
+
+    def unfit_at_the_second_save(scan, reference):
+        checks.append(reference)
+        return real(scan, reference, factor=0.0 if len(checks) == 2 else None)  # step 4's params "exploded"
+
+    monkeypatch.setattr(health, "unfit", unfit_at_the_second_save)
+    with pytest.raises(loop.NonFiniteLossError, match=r"step 4: its params exploded.*without saving it.*The last good "
+                                                      r"checkpoint is step 2 .*--config.train.optimizer.lr=\S+"):
+        loop.train(config, workdir, devices=jax.devices()[:1], console=False)
+    first = _losses(workdir)
+    assert _saved(workdir) == ["2"] and sorted(first) == [1, 2, 3, 4]
+    monkeypatch.setattr(health, "unfit", real)
+
+    usage = shutil.disk_usage(tmp_path)  # the rerun resumes from step 2; step 4's save finds no room
+    monkeypatch.setattr(save_failures.shutil, "disk_usage", lambda _: usage._replace(free=1000))
+    with pytest.raises(save_failures.CheckpointSaveError, match=r"step 4 in \S+: not enough free space.*step 2, is "
+                                                                "kept"):
+        loop.train(config, workdir, devices=jax.devices()[:1], console=False)
+    assert _saved(workdir) == ["2"] and _losses(workdir) == first  # no step past the save that failed
+    monkeypatch.undo()
+
+    state = workdir / "checkpoints" / "2" / "state"  # its data damaged: no step reads back
+    data = max(state.glob("ocdbt.process_*/d/*"), key=lambda f: f.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    config.train.num_steps = 2
+    config.data.data_dir = str(tmp_path / "new" / "data")  # may change on resume; moving_shapes is generated there
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="step 2 .* is damaged"):
+        loop.train(config, workdir, devices=jax.devices()[:1], console=False)
+    assert _saved(workdir) == ["2"] and _losses(workdir) == {1: first[1], 2: first[2]}  # the same two steps again
+    assert (f"data.data_dir {config.data.data_dir} does not exist: the moving_shapes dataset is built there now "
+            "(procedural: generated, nothing is read or downloaded)") in capsys.readouterr().out
+
+
+def test_export_loads_into_the_official_layout_and_samples(uninterrupted, tmp_path, capsys):
     """The trained UNet exported to official keys gives, loaded back through the official-layout loader and in the
     torch reference of the official code, the output of the trained params; and lavie-sample reads the workdir."""
     import torch
@@ -144,13 +194,18 @@ def test_export_loads_into_the_official_layout_and_samples(uninterrupted, tmp_pa
     from lavie_jax.convert.state_dict import load_state_dict
     from safetensors.numpy import load_file
     from lavie_jax.models import abstract_unet, arch_from_config
-    from lavie_jax.io.workdir import read_params
+    from lavie_jax.io.run_params import read_params
     from tests.models.tiny_configs import jit_apply
     from tests.models.torch_reference import UNet3DReference
 
     info = export_checkpoint(uninterrupted, tmp_path / "base.safetensors")
     step, config, params = read_params(uninterrupted)
-    assert info["tensors"] > 0 and step == STEPS
+    assert info["tensors"] > 0 and step == STEPS and (info["step"], info["params"]) == (STEPS, "ema")
+    from lavie_jax.convert.cli import main  # the command says which step it exported
+
+    assert main(["export", "--checkpoint", str(uninterrupted), "--output", str(tmp_path / "raw.pt"), "--params",
+                 "raw"]) == 0
+    assert f"(step {STEPS}, the run's latest complete checkpoint; its raw params): " in capsys.readouterr().err
     arch = arch_from_config(config["unet"], "base")
     state = load_file(str(tmp_path / "base.safetensors"))
     model = abstract_unet(arch)
@@ -173,30 +228,12 @@ def test_export_loads_into_the_official_layout_and_samples(uninterrupted, tmp_pa
     assert rel_err(ours, theirs) <= 1e-5
 
 
-class _JoinedShards:
-    """What a run over `count` processes feeds its global batches with: each process's shard of the data, in
-    process order (`make_global_batch` concatenates the processes' local batches so)."""
-
-    def __init__(self, make_iterator, data, count: int, **kwargs):
-        self.its = [make_iterator(data, process_index=i, process_count=count, **kwargs) for i in range(count)]
-
-    def __next__(self):
-        parts = [next(it) for it in self.its]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def get_state(self):
-        return {"shards": [it.get_state() for it in self.its]}
-
-    def set_state(self, state):
-        for it, s in zip(self.its, state["shards"]):
-            it.set_state(s)
-
-
 @pytest.mark.slow
-def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
+def test_two_processes_train_like_one(train_data_dir, tmp_path, capsys):
     """Two jax.distributed processes (one CPU device each, through the launchers' entry point) on a data = 2 mesh,
-    starting from a saved UNet (`train.init`, read onto the two-process mesh), saving a checkpoint, stopping, and
-    resuming from it, reach the losses of one process on one device fed the same global batches and weights.
+    starting from a saved UNet (`train.init`, read onto the two-process mesh), reach the losses of one process on
+    one device: each process reads its part of the same global batches. A run stopped on two processes and resumed
+    on one (and the other way round) goes on with the data it would have seen.
     (The one-process run is test_step's tiny base config: its step program is in the persistent compilation cache
     when that module ran first, and the other way round. The second process never finds the first one's programs
     in that cache, whose keys differ per process on the CPU; starting from saved weights spares both processes the
@@ -209,8 +246,6 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
     config = tiny_train_config("base", train_data_dir)  # 4 steps of 8 examples, a checkpoint every 2
     config.train.init = str(tmp_path / "init")
     save_model(random_pipeline(config).unet, config.train.init)  # weights drawn on the host
-    real = loop.make_iterator
-    monkeypatch.setattr(loop, "make_iterator", lambda data, **kw: _JoinedShards(real, data, 2, **kw))
     loop.train(config, tmp_path / "one", devices=jax.devices()[:1], console=False)
 
     workdir = tmp_path / "two"
@@ -230,8 +265,12 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
         assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
         return outputs
 
-    assert "2 process(es)" in two_processes(2)[0]  # saves step 2 (each process its shards)
-    assert "resumed from step 2" in two_processes(4)[0]  # both restore it and go on
+    assert "2 process(es)" in two_processes(2)[0]  # saves step 2 (each process its part of the global batch)
+    config.train.num_steps = 3  # one process goes on from step 2 (the data position moved from two processes)
+    assert loop.train(config, workdir, devices=jax.devices()[:1], console=False).resumed_from == 2
+    assert "step 2 was saved by 2 process(es), this run has 1: the data go on at the same global batch" in \
+        capsys.readouterr().out
+    assert "resumed from step 3" in two_processes(4)[0]  # both restore it (saved by one) and go on
     two, one = _losses(workdir), _losses(tmp_path / "one")
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
     for step in one:
@@ -239,13 +278,14 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path, monkeypatch):
 
 
 def test_lavie_sample_reads_a_work_directory(uninterrupted, tmp_path):
-    """`lavie-sample --checkpoint RUN` samples with the run's EMA UNet and the components it trained with."""
+    """`lavie-sample --checkpoint RUN` samples with the run's EMA UNet and the components it trained with, and with
+    the config the run stored when --config is left out."""
     from lavie_jax.sampling import cli
     from lavie_jax.sampling.pipeline import load_stage_pipeline
-    from lavie_jax.io.workdir import read_params
+    from lavie_jax.io.run_params import read_params
 
     out = tmp_path / "res"
-    argv = ["lavie-sample", "--config", "configs/base.py:tiny", "--checkpoint", str(uninterrupted), "--prompt",
+    argv = ["lavie-sample", "--checkpoint", str(uninterrupted), "--prompt",
             "a red circle moving left", "--output", str(out), "--config.sample.steps=2",
             "--config.sample.num_frames=2", "--config.sample.height=32", "--config.sample.width=48", "--noprogress"]
     (result,) = cli.run(argv)
@@ -273,7 +313,7 @@ def test_lavie_sample_reads_a_work_directory(uninterrupted, tmp_path):
 def test_a_run_can_start_from_another_run(uninterrupted, train_data_dir):
     """`train.init` = a work directory: the new run starts from its EMA params and trains with its encoders, both
     read through the one model loader (`lavie_jax.io.store`)."""
-    from lavie_jax.io.workdir import read_params
+    from lavie_jax.io.run_params import read_params
     from lavie_jax.train.setup import TrainConfigError, build_run
 
     config = tiny_train_config("base", train_data_dir)
@@ -287,3 +327,18 @@ def test_a_run_can_start_from_another_run(uninterrupted, train_data_dir):
     config.unet.block_out_channels = (32, 32)
     with pytest.raises(TrainConfigError, match=r"train.init: .* differs from config.unet in \[.block_out_channels.\]"):
         build_run(config, run.mesh)
+
+
+def test_a_data_position_saved_by_another_process_count_carries_over_or_starts_over(capsys):
+    """(One process here.) Positions in the global stream move to this process count; grain worker states cannot,
+    and the iterators start over with a warning."""
+    from lavie_jax.io.workdir import Restored
+
+    def restored(states):
+        return Restored(step=6, state=None, data_state=None, config={}, metadata={}, saved_data_states=states)
+
+    assert loop._moved_data_state(restored([{"next_index": 6}] * 2)) == {"next_index": 12}
+    assert "step 6 was saved by 2 process(es), this run has 1: the data go on" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="step 6 was saved by 2 processes, this run has 1: the data iterators cannot "
+                                         r"resume their positions \(they start over\)"):
+        assert loop._moved_data_state(restored([{"next_index": 3, "workers": [0, 1]}] * 2)) is None
