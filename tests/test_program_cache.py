@@ -127,7 +127,7 @@ CHILD = """
 import json, sys
 import jax, jax.numpy as jnp
 from lavie_jax.runtime import compile_cache, program_cache
-program_cache.MIN_BUILD_S = 0.0
+program_cache.MIN_BUILD_S = program_cache.MIN_COMPILE_S = 0.0
 compile_cache.configure(compile_cache.choose(sys.argv[1]), prog="child")
 traced = []
 def f(key, x, *, n):  # random bits: the kernels XLA:CPU left out of an executable re-serialized from its cache
