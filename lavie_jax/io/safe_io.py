@@ -334,17 +334,24 @@ def _write_partial_marker(directory: Path, output: Path, role: str) -> None:
                                                         "output": output.name}) + "\n")
 
 
-def _process_gone(pid: Any, host: Any) -> bool:
-    """True only if `pid` on `host` certainly no longer runs: same host, not us, and no such process."""
-    if host != _host() or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+def pid_alive(pid: Any) -> bool:
+    """Whether a process `pid` (an int > 0) runs on this host (as any user)."""
+    if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except OSError:  # EPERM: it exists, as another user
         return False
-    return False
+    except OSError:  # EPERM: it exists, as another user
+        return True
+    return True
+
+
+def _process_gone(pid: Any, host: Any) -> bool:
+    """True only if `pid` on `host` certainly no longer runs: same host, not us, and no such process."""
+    if host != _host() or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    return not pid_alive(pid)
 
 
 def _remove_partial(directory: Path) -> None:

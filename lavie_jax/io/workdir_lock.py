@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lavie_jax.io.safe_io import OutputPathError, _host
+from lavie_jax.io.safe_io import OutputPathError, _host, pid_alive
 
 LOCK_FILE = "lavie-train.lock"
 HEARTBEAT_S = 30.0  # how often the holder touches the file
@@ -65,18 +65,6 @@ def _read(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, UnicodeDecodeError):
         return {}
     return info if isinstance(info, dict) else {}
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, as another user
-        return True
-    return True
 
 
 def _describe(info: dict[str, Any]) -> str:
@@ -122,7 +110,7 @@ class WorkdirLock:
         info = _read(path)
         here = info.get("host") == _host()
         age = time.time() - os.fstat(fd).st_mtime
-        if got is False or (got is None and here and info.get("pid") != os.getpid() and _pid_alive(info.get("pid"))):
+        if got is False or (got is None and here and info.get("pid") != os.getpid() and pid_alive(info.get("pid"))):
             raise WorkdirLockedError(
                 f"{flag} {directory} is in use by another lavie-train: {_describe(info)}. Two trainers on one work "
                 "directory overwrite each other's checkpoints and metrics: wait for it to finish, or stop it "
