@@ -69,12 +69,14 @@ def test_static_value_shape_dtype_sharding_and_code_each_make_another_entry(cach
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     prog(jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("data"))), y, scale=2.0)
     prog(jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P())), y, scale=2.0)  # sharding
+    reversed_mesh = jax.sharding.Mesh(np.array(jax.devices()[::-1]), ("data",))
+    prog(jax.device_put(jnp.ones((8, 4)), NamedSharding(reversed_mesh, P("data"))), y, scale=2.0)  # device order
     held = program._cache_size()
     prog(jnp.ones((2, 4)), y, scale=2.0)  # back to an earlier one: its executable again, nothing new
-    assert len(_entries(cache)) == 6 and program._cache_size() == held
+    assert len(_entries(cache)) == 7 and program._cache_size() == held
     monkeypatch.setattr(program_cache, "_code_key", lambda: "edited source")
     Program(_fn, static_argnames=("scale",))(x, y, scale=2.0)  # the library's code changed: not the old entry
-    assert len(_entries(cache)) == 7 and program_cache.stats()["loaded"] == 0
+    assert len(_entries(cache)) == 8 and program_cache.stats()["loaded"] == 0
 
 
 def test_a_static_argument_without_a_stable_identity_runs_uncached(cache):

@@ -129,7 +129,10 @@ def _leaf_text(key: tuple) -> str:
     if key[0] != "array" or key[4] is None:
         return repr(key)
     sharding = key[4]
-    ids = sorted(d.id for d in sharding.device_set)
+    # the devices in the order the program is laid out on them (a mesh of the same devices in another order is
+    # another program); a sharding type without one is keyed by its set
+    order = getattr(sharding, "_device_assignment", None)
+    ids = [d.id for d in order] if order is not None else sorted(d.id for d in sharding.device_set)
     return repr(key[:4] + (repr(sharding), ids))
 
 
