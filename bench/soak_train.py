@@ -48,7 +48,7 @@ def _losses(workdir: Path) -> list[tuple[int, float]]:
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["step"], r["loss"]) for r in rows]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]  # (evaluation rows hold eval/* only)
 
 
 def _last_step(workdir: Path) -> int:

@@ -253,6 +253,14 @@ def train_config() -> ml_collections.ConfigDict:
     o.text_dropout = 0.1  # official code: captions dropped for classifier-free guidance with p = 0.1
     o.image_loss_weight = 1.0  # base: alpha in L = L_video + alpha * L_image (paper; value not disclosed)
     o.noise_level_max = 350  # vsr: low-res noise levels drawn from [0, this) (the x4 upscaler's max_noise_level)
+    e = t.eval = ml_collections.ConfigDict()  # periodic evaluation (lavie_jax.train.held_out); off by default
+    e.every = 0  # steps between evaluations (and the last step); 0 = never
+    e.num_batches = 2  # held-out global batches (of data.global_batch_size examples), read once
+    e.split = "validation"  # data.split of the held-out examples
+    e.precomputed_name = ""  # data.dataset = 'precomputed': the precomputed data set of held-out examples
+    e.timesteps = (100, 300, 500, 700, 900)  # fixed timesteps; 'eval/loss' is the mean of the losses at them
+    e.seed = 0  # of the evaluation's own noise (never the run's)
+    e.params = "ema"  # 'ema' (what lavie-sample uses; raw when the run keeps no EMA) or 'raw'
     t.log_every = 10  # steps between metrics.jsonl / TensorBoard / console lines
     t.checkpoint_every = 1000  # steps between (async) checkpoints; the last step and a preemption always save
     t.keep = 3  # checkpoints kept (the newest)

@@ -289,7 +289,8 @@ def _check_unchanged(workdir: Path, config) -> None:
 def _train_summary(workdir: Path, config) -> dict[str, Any]:
     """Steps, the last logged losses and the time of a training run, from its metrics.jsonl."""
     lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").is_file() else []
-    last = json.loads(lines[-1]) if lines else {}
+    rows = [row for row in map(json.loads, lines) if "loss" in row]  # training lines (not evaluation ones)
+    last = rows[-1] if rows else {}
     return {"workdir": _rel(workdir), "steps": last.get("step"), "num_steps": config.train.num_steps,
             "batch": config.data.global_batch_size, "final_loss": last.get("loss"), "lr": config.train.optimizer.lr,
             "clip_shape": [config.data.num_frames, *get_stage(config.stage).clip_size(config.data)]}

@@ -7,6 +7,7 @@ A work directory stores the config of its run (`config.json`, and each checkpoin
 - allowed: the fields listed there (fnmatch patterns); the run says which changed, old -> new, and goes on:
     train.num_steps, train.*_every (log, checkpoint, keep), train.keep, train.log_*, train.checkpoint.*,
     train.profile*, train.optimizer.* (learning rate, schedule, warm-up, betas, eps, weight decay, clipping),
+    train.eval.* (evaluation reads the state, never changes it),
     logging.*, wandb.*, sample.*, mesh.*, sharding.*, model.attention_impl, data.data_dir, data.prepare,
     data.read_threads, data.prefetch_buffer, data.video_text.num_workers, data.image_text.num_workers;
   except where `RESUMABLE_IF` says otherwise: train.optimizer.clip_grad_norm may change but not between 0 (off)
@@ -47,7 +48,7 @@ RESUMABLE_FIELDS: tuple[str, ...] = (
     "logging.*", "wandb.*", "sample.*", "mesh.*", "sharding.*", "model.attention_impl",
     "data.data_dir", "data.prepare", "data.read_threads", "data.prefetch_buffer",
     "data.video_text.num_workers", "data.image_text.num_workers",
-    "train.optimizer.*",
+    "train.optimizer.*", "train.eval.*",
 )
 # Resumable fields whose change is refused in some cases: field -> (whether old -> new may change, why not).
 RESUMABLE_IF: dict[str, tuple[Callable[[Any, Any], bool], str]] = {

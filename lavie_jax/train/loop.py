@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from lavie_jax.data.pipeline import make_iterator
 from lavie_jax.io.text import tokenize
 from lavie_jax.io.state_scan import scan_state
 from lavie_jax.train import health
+from lavie_jax.train.held_out import HeldOutLoss
 from lavie_jax.train.metrics import MetricsWriter
 from lavie_jax.train.preemption import PreemptionHandler
 from lavie_jax.train.setup import Run, TrainConfigError, build_run, check_run, peak_tflops
@@ -291,6 +293,7 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
     peak, peak_source = peak_tflops(config)
     _say(f"{run.flops_per_step / 1e12:.4g} TFLOP per step (analytic); MFU against {peak:.4g} TFLOP/s per device "
          f"({peak_source})")
+    evaluate = _held_out(run, config)
     writer = MetricsWriter(str(path), total_steps=t.num_steps, start_step=start,
                            examples_per_step=config.data.global_batch_size, flops_per_step=run.flops_per_step,
                            num_devices=jax.device_count(), peak_tflops=peak, console=console)
@@ -312,6 +315,10 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
                 last = _check_and_log(pending, writer, t, good, ckpt, window)
                 good = pending[0]
             pending = (step, metrics)
+            if evaluate is not None and (step % t.eval.every == 0 or step == t.num_steps):
+                began = time.monotonic()
+                writer.write(step, evaluate(state), speed=False)  # reads the state the next step donates
+                writer.exclude(time.monotonic() - began)
             if ckpt.should_save(step) or step == t.num_steps or preemption.should_stop(step):
                 last = _check_and_log(pending, writer, t, good, ckpt, window, force=True)
                 good, pending = step, None
@@ -328,6 +335,22 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
         _say(f"finished: step {step}, checkpoint in {path / workdirs.CHECKPOINTS_DIR / str(step)}; sample with "
              f"`lavie-sample --checkpoint {path}`")
     return TrainResult(step, stopped, resumed, last)
+
+
+def _held_out(run: Run, config: ml_collections.ConfigDict) -> HeldOutLoss | None:
+    """The run's held-out evaluation (`train.eval`, lavie_jax.train.held_out), None when it is off."""
+    e = config.train.get("eval")
+    if e is None or not e.every:
+        return None
+    held = HeldOutLoss.build(config, objective=run.objective, graphdef=run.graphdef,
+                             inputs_graphdefs=run.inputs_graphdefs, encoders=run.encoders, tables=run.tables,
+                             mesh=run.mesh, state_shardings=run.state_shardings,
+                             encoder_shardings=run.encoder_shardings, tokenize=_tokenizer_fn(run),
+                             program_key=run.program_key)
+    _say(f"evaluation every {e.every} steps: the held-out loss of {e.num_batches} x "
+         f"{config.data.global_batch_size} {e.split} examples at timesteps {tuple(held.timesteps)} "
+         f"({'EMA' if held.use_ema and run.state.ema is not None else 'raw'} params)")
+    return held
 
 
 def _moved_data_state(restored: workdirs.Restored) -> Any:

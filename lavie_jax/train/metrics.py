@@ -221,9 +221,10 @@ class MetricsWriter:
             if start_step > 0:
                 self._tb.session_start(start_step + 1)
 
-    def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+    def write(self, step: int, metrics: Mapping[str, Any], *, speed: bool = True) -> dict[str, Any] | None:
         """Log `metrics` (real scalars: Python, numpy or jax) at `step`; returns the written record (None on
-        processes other than 0). Speed fields come from the wall time since the previous write."""
+        processes other than 0). Speed fields come from the wall time since the previous write; `speed=False`
+        (evaluation records) writes none and leaves the speed of the next training line alone."""
         if not self.active:
             return None
         if self._jsonl is None:
@@ -235,18 +236,19 @@ class MetricsWriter:
             if name in record:
                 raise ValueError(f"metric name {name!r} is reserved")
             record[name] = _scalar(name, host[name])
-        speed: dict[str, float] = {}
-        if self._last is not None and step > self._last[0] and now > self._last[1]:
+        rates: dict[str, float] = {}
+        if speed and self._last is not None and step > self._last[0] and now > self._last[1]:
             step_s = (now - self._last[1]) / (step - self._last[0])
-            speed["step_s"] = step_s
+            rates["step_s"] = step_s
             if self.examples_per_step:
-                speed["examples_per_s"] = self.examples_per_step / step_s
+                rates["examples_per_s"] = self.examples_per_step / step_s
             if self.flops_per_step:
-                speed["tflops_per_device"] = self.flops_per_step / step_s / self.num_devices / 1e12
+                rates["tflops_per_device"] = self.flops_per_step / step_s / self.num_devices / 1e12
                 if self.peak_tflops:
-                    speed["mfu"] = speed["tflops_per_device"] / self.peak_tflops
-        self._last = (int(step), now)
-        record.update(speed)
+                    rates["mfu"] = rates["tflops_per_device"] / self.peak_tflops
+        if speed:
+            self._last = (int(step), now)
+        record.update(rates)
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -254,6 +256,11 @@ class MetricsWriter:
         if self._console:
             self._console(self.progress_line(record))
         return record
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of wall time (an evaluation between two logged lines) out of the next line's speed."""
+        if self._last is not None:
+            self._last = (self._last[0], self._last[1] + seconds)
 
     def progress_line(self, record: Mapping[str, Any]) -> str:
         """`step 120/1000 | loss 0.0812 | ... | 14.2 ex/s | 0.61 s/step | ETA 9m02s`."""

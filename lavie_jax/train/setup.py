@@ -31,7 +31,7 @@ from lavie_jax.models.options import from_config as options_from_config
 from lavie_jax.models.flops import peak_bf16_tflops, train_step_flops
 from lavie_jax.io.text import tokenize
 from lavie_jax.runtime import program_cache
-from lavie_jax.train import optim
+from lavie_jax.train import held_out, optim
 from lavie_jax.train.step import Encoders, Objective, StageInputs, TrainState, stage_loss, train_step
 
 
@@ -92,6 +92,10 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, 
         _fail("data.global_batch_size", f"{gb} does not split over {jax.process_count()} processes")
     if d.drop_remainder is not True:
         _fail("data.drop_remainder", "training needs full batches: set it to True")
+    try:
+        held_out.check_eval_config(config)
+    except held_out.EvalConfigError as e:
+        raise TrainConfigError(str(e)) from None
     if data:
         check_data(config)
 
@@ -344,6 +348,9 @@ class Run:
     flops_per_step: int
     arch: UNetArch
     vae_factor: int  # pixels per latent, each side
+    inputs_graphdefs: tuple  # (VAE, text encoder) graphs of the step's StageInputs (VAE None on precomputed data)
+    encoder_shardings: Encoders
+    program_key: str  # what the step's program captures (`_step_key`): the cache key of programs built beside it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,7 +384,9 @@ def _step_key(config: ml_collections.ConfigDict, *graphdefs: nnx.GraphDef) -> st
     """Everything the train step captures, as text: the whole run config and the model graphs (their reprs list
     every module, static attribute and variable); any change is another program."""
     graphs = [hashlib.sha256(repr(g).encode()).hexdigest() for g in graphdefs]
-    return json.dumps([config.to_json_best_effort(sort_keys=True), graphs])
+    values = json.loads(config.to_json_best_effort())
+    values.get("train", {}).pop("eval", None)  # evaluation settings never reach the step
+    return json.dumps([json.dumps(values, sort_keys=True), graphs])
 
 
 def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abstract: bool = False,
@@ -447,7 +456,8 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abs
     # keep_unused: every argument stays in the program (its memory analysis then accounts for all of them). The
     # step closes over what the config and the model graphs make (objective, optimizer, schedules, losses): they
     # are its key in the program cache, so a resumed or repeated run loads the compiled step without tracing it.
-    step_fn = program_cache.Program(step, key=_step_key(config, graphdef, vae_gd, text_gd),
+    program_key = _step_key(config, graphdef, vae_gd, text_gd)
+    step_fn = program_cache.Program(step, key=program_key,
                                     in_shardings=(shardings, enc_sh, replicated, batch_sh),
                                     out_shardings=(shardings, replicated), donate_argnums=0, keep_unused=True,
                                     compiler_options=compiler_options)
@@ -455,4 +465,6 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abs
                state_shardings=shardings, encoders=enc, tables=tables, step_fn=step_fn,
                tokenizer=encoders.tokenizer, batch_sharding=batch_sh,
                flops_per_step=step_flops(config, arch, encoders), arch=arch,
-               vae_factor=encoders.vae.config.downsample_factor)
+               vae_factor=encoders.vae.config.downsample_factor,
+               inputs_graphdefs=(None if precomputed else vae_gd, text_gd), encoder_shardings=enc_sh,
+               program_key=program_key)

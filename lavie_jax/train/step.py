@@ -171,16 +171,18 @@ class StageInputs:
 
 
 def stage_loss(objective: Objective, graphdef: nnx.GraphDef, inputs: StageInputs):
-    """`loss_fn(params, frozen, encoders, tables, micro_batch, key) -> (loss, aux)` of the stage; the micro-batch
-    carries `index [b]`, each example's position in the global batch (its random draws come from it)."""
+    """`loss_fn(params, frozen, encoders, tables, micro_batch, key, timestep=None) -> (loss, aux)` of the stage; the
+    micro-batch carries `index [b]`, each example's position in the global batch (its random draws come from it).
+    `timestep` (a scalar) replaces the drawn timesteps (held-out evaluation at fixed timesteps)."""
     o = objective
 
-    def loss_fn(params, frozen, encoders, tables, batch, key):
+    def loss_fn(params, frozen, encoders, tables, batch, key, timestep=None):
         batch = dict(batch)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch.pop("index"))
         x0, condition, text, labels = inputs(encoders, batch, tables, keys)
-        t = _draw(keys, STREAMS["timestep"],
-                  lambda k: jax.random.randint(k, (), 0, o.num_train_timesteps, dtype=jnp.int32))
+        t = (_draw(keys, STREAMS["timestep"],
+                   lambda k: jax.random.randint(k, (), 0, o.num_train_timesteps, dtype=jnp.int32))
+             if timestep is None else jnp.full(keys.shape[:1], timestep, jnp.int32))
         noise = _draw(keys, STREAMS["noise"], lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))
         q = _split(tables, "q_")
         sample = o.stage.unet_sample(losses.q_sample(x0, noise, t, q), condition)

@@ -42,15 +42,29 @@ def _env() -> dict[str, str]:
 
 def _losses(workdir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}  # (evaluation rows hold eval/* only)
+
+
+def _eval_rows(workdir: Path) -> dict[int, dict[str, float]]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "eval/loss" in r}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, train_data_dir) -> Path:
+    """The reference run, evaluated every 2 steps (`train.eval`): the preempted run below, which does not evaluate,
+    must still reach its losses bit for bit (evaluation reads the state and changes nothing)."""
     workdir = tmp_path_factory.mktemp("runs") / "straight"
-    out = subprocess.run(_cli_args(workdir, train_data_dir), cwd=REPO, env=_env(), capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(_cli_args(workdir, train_data_dir) + ["--config.train.eval.every=2"], cwd=REPO,
+                         env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "evaluation every 2 steps: the held-out loss of 2 x 2 validation examples" in out.stdout
+    evals = _eval_rows(workdir)
+    assert sorted(evals) == list(range(2, STEPS + 1, 2))  # every 2 steps (and the last)
+    for row in evals.values():
+        losses = [row[f"eval/loss_t{t}"] for t in (100, 300, 500, 700, 900)]
+        assert all(np.isfinite(losses)) and abs(row["eval/loss"] - np.mean(losses)) <= 1e-6 * row["eval/loss"]
+        assert "step_s" not in row
     return workdir
 
 
@@ -246,6 +260,7 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path):
 
     config = tiny_train_config("base", train_data_dir)  # 4 steps of 8 examples, a checkpoint every 2
     config.train.init = str(tmp_path / "init")
+    config.train.eval.every = 2  # the held-out loss is the same on both meshes too
     save_model(random_pipeline(config).unet, config.train.init)  # weights drawn on the host
     loop.train(config, tmp_path / "one", devices=jax.devices()[:1], console=False)
 
@@ -254,7 +269,8 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path):
     def two_processes(steps: int) -> list[str]:
         port = portpicker.pick_unused_port()
         procs = [subprocess.Popen(_cli_args(workdir, train_data_dir, steps=steps, batch=config.data.global_batch_size) + [
-            f"--config.train.init={config.train.init}", "--distributed", "--coordinator", f"localhost:{port}",
+            f"--config.train.init={config.train.init}", "--config.train.eval.every=2", "--distributed",
+            "--coordinator", f"localhost:{port}",
             "--num-processes", "2", "--process-id", str(i)],
             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
         outputs = []
@@ -274,6 +290,9 @@ def test_two_processes_train_like_one(train_data_dir, tmp_path):
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
     for step in one:
         assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), (step, two[step], one[step])
+    two, one = _eval_rows(workdir)[4], _eval_rows(tmp_path / "one")[4]
+    for name in (k for k in one if k.startswith("eval/")):
+        assert abs(two[name] - one[name]) <= 1e-5 * abs(one[name]), (name, two[name], one[name])
 
 
 def test_lavie_sample_reads_a_work_directory(uninterrupted, tmp_path):

@@ -133,6 +133,19 @@ def test_bad_settings_fail_before_any_compile(field, value, message):
             config, mesh)
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("timesteps", (100, 1000), r"train.eval.timesteps=\(100, 1000\): give one or more timesteps in \[0, 1000\)"),
+    ("params", "best", "train.eval.params='best': choose one of"),
+    ("num_batches", 0, "train.eval.num_batches=0: must be >= 1"),
+])
+def test_bad_evaluation_settings_are_named(field, value, message):
+    config = tiny_train_config("base")
+    config.train.eval.every = 2
+    config.train.eval[field] = value
+    with pytest.raises(TrainConfigError, match=message):
+        check_config(config, _mesh((1, 1, 1, 1)))
+
+
 def test_init_directory_of_another_stage_is_named(tmp_path):
     from lavie_jax.io.checkpoints import save_model
     from lavie_jax.sampling.pipeline import random_pipeline
