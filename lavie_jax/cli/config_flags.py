@@ -65,6 +65,12 @@ def load_config(spec: str, overrides: Sequence[tuple[str, str]] | Mapping[str, s
     return config
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]], flag: str = "config"
+                    ) -> None:
+    """Apply (dotted field path, value text) pairs to `config` as `--FLAG.a.b=value` would (ConfigArgError)."""
+    _apply_overrides(config, list(overrides), flag)
+
+
 def parse_config_flags(argv: Sequence[str], names: Sequence[str] = ("config",)
                        ) -> tuple[dict[str, ml_collections.ConfigDict | None], list[str]]:
     """Take each `--NAME SPEC` (a packaged config name or a config file, each with an optional `:variant`) and its
