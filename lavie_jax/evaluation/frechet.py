@@ -30,7 +30,8 @@ def _as64(mu1, sigma1, mu2, sigma2) -> tuple[np.ndarray, ...]:
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """StyleGAN-V's Frechet distance (module docstring): float64, `scipy.linalg.sqrtm(S1 @ S2)`, real part."""
     mu1, sigma1, mu2, sigma2 = _as64(mu1, sigma1, mu2, sigma2)
-    root, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    root = scipy.linalg.sqrtm(sigma1 @ sigma2)  # StyleGAN-V passes disp=False, which scipy 1.17 deprecates
+    root = root[0] if isinstance(root, tuple) else root
     value = np.square(mu1 - mu2).sum() + np.trace(sigma1 + sigma2 - 2.0 * root)
     return float(np.real(value))
 

@@ -48,7 +48,6 @@ from lavie_jax.parallel.mesh import BATCH_AXES
 from lavie_jax.parallel.sharding import batch_sharding, to_global
 
 MIN_FRAMES = 10  # the I3D needs 9; FVD code in use refuses fewer than 10 (common_metrics_on_video_quality)
-MIN_VIDEOS_UNBIASED = 400  # below the feature dimension the covariance is rank-deficient: biased, noisy estimate
 STATS_FORMAT = "lavie-jax FVD statistics"
 
 
@@ -259,7 +258,7 @@ def stats_from_features(features: Any, *, protocol: str | FVDProtocol, num_frame
 
 def fvd(real: VideoStats, fake: VideoStats) -> float:
     """FVD between two sets' statistics: refuses different protocols or clip lengths and sets of < 2 videos; warns
-    below 400 videos (biased, noisy), at another count than the protocol's, and at different frame sizes."""
+    below as many videos as feature dimensions (400: biased, noisy), at another count than the protocol's, and at different frame sizes."""
     if real.protocol != fake.protocol:
         raise FVDInputError(f"the real statistics use protocol {real.protocol!r}, the generated ones "
                             f"{fake.protocol!r}: compute both under one protocol")
@@ -270,12 +269,13 @@ def fvd(real: VideoStats, fake: VideoStats) -> float:
     for name, s in (("real", real), ("generated", fake)):
         if s.count < 2:
             raise FVDInputError(f"the {name} set has {s.count} video(s); FVD needs at least 2 (and "
-                                f"{MIN_VIDEOS_UNBIASED}+ for a usable estimate)")
-    small = [f"{name} {s.count}" for name, s in (("real", real), ("generated", fake)) if s.count < MIN_VIDEOS_UNBIASED]
+                                "as many as the 400 feature dimensions for a usable estimate)")
+    dims = real.mean.shape[0]  # 400 I3D logits
+    small = [f"{name} {s.count}" for name, s in (("real", real), ("generated", fake)) if s.count < dims]
     if small:
-        warnings.warn(f"FVD from few videos ({', '.join(small)}; fewer than the {MIN_VIDEOS_UNBIASED} feature "
-                      "dimensions): the covariance is rank-deficient, so the estimate is biased upwards and noisy; "
-                      "compare only numbers computed from equal counts", stacklevel=2)
+        warnings.warn(f"FVD from few videos ({', '.join(small)}; fewer than the {dims} feature dimensions): the "
+                      "covariance is rank-deficient, so the estimate is biased upwards and noisy; compare only "
+                      "numbers computed from equal counts", stacklevel=2)
     if protocol.num_videos and (real.count != protocol.num_videos or fake.count != protocol.num_videos):
         warnings.warn(f"protocol {protocol.name} uses {protocol.num_videos} videos per set, these sets have "
                       f"{real.count} and {fake.count}: the number is not comparable to published ones", stacklevel=2)
