@@ -27,6 +27,7 @@ import argparse
 import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ def build_parser() -> command.ArgumentParser:
         p.add_argument("--num-videos", type=command.bounded_int(2), metavar="N",
                        help="videos per set (default: the protocol's, 2048)")
         p.add_argument("--num-frames", type=command.bounded_int(10), metavar="F",
-                       help="frames per clip (default: the protocol's, 16; the I3D needs at least 10)")
+                       help="frames per clip, for a protocol without a fixed length (fvd_tf; default 16, the "
+                            "I3D needs at least 10)")
         p.add_argument("--seed", type=command.bounded_int(0), default=0, metavar="N",
                        help="seed of the real clips' random offsets (default %(default)s)")
         p.add_argument("--cache", metavar="DIR", help="per-video features kept here (default: lavie-eval-cache "
@@ -71,6 +73,7 @@ def build_parser() -> command.ArgumentParser:
 
     p = add("stats", "I3D statistics of a folder of real videos -> a stats file (.npz) to reuse")
     p.add_argument("--videos", required=True, metavar="DIR")
+    p.add_argument("--overwrite", action=command.BooleanFlag, help="replace an existing statistics file")
     fvd_flags(p)
     p.set_defaults(output_kind="stats")
     p = add("fvd", "FVD of generated videos against real videos or their stats file")
@@ -162,7 +165,7 @@ def _stats(args: argparse.Namespace) -> None:
     out = Path(args.output) if args.output else None
     if out is None:
         raise command.UsageError("stats needs --output FILE.npz (where to keep the statistics)")
-    stats.save(out)
+    stats.save(out, overwrite=args.overwrite)
     print(f"{PROG}: {row['videos']} videos -> {out} ({stats.protocol}, {stats.num_frames} frames, "
           f"{time.monotonic() - started:.1f} s)", flush=True)
 
@@ -177,7 +180,7 @@ def _fvd(args: argparse.Namespace) -> None:
     started = time.monotonic()
     real, real_row = _set_stats(args.real, args, i3d, real=True)
     if args.save_real_stats and not _is_stats_file(args.real):
-        real.save(args.save_real_stats)
+        real.save(args.save_real_stats, overwrite=True)  # replaces only a statistics file
     rows, results = [], []
     for i, fake_path in enumerate(args.fake):
         fake, fake_row = _set_stats(fake_path, args, i3d, real=False)
@@ -251,7 +254,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _say_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _run(args: argparse.Namespace) -> None:
+    warnings.showwarning = _say_warning  # one line each, without the source line that raised it
     compile_cache.configure(command.cache_choice(args, compile_cache.user_cache_dir()), prog=PROG)
     from lavie_jax.evaluation import zero_shot
 

@@ -95,9 +95,13 @@ def fvd_stats(paths: Sequence[Path], i3d, *, real: bool, num_videos: int | None 
     protocol's."""
     from lavie_jax.evaluation import fvd as fvd_lib
 
-    protocol = fvd_lib.FVD_PROTOCOLS[i3d.protocol] if isinstance(i3d.protocol, str) else i3d.protocol
-    frames = int(num_frames or protocol.num_frames or 16)
-    limit = int(num_videos or protocol.num_videos)
+    protocol = fvd_lib.get_protocol(i3d.protocol)
+    if protocol.num_frames and num_frames and num_frames != protocol.num_frames:
+        raise fvd_lib.FVDInputError(f"protocol {protocol.name} takes {protocol.num_frames}-frame clips, not "
+                                    f"{num_frames}: leave --num-frames out, or use --protocol fvd_tf (any length "
+                                    f"from {fvd_lib.MIN_FRAMES} frames)")
+    frames = int(protocol.num_frames or num_frames or 16)
+    limit = num_videos or protocol.num_videos  # None: every video of the folder
     rule = ClipRule(frames, "random" if real else "start", seed)
     found = folder_features(paths, rule, i3d, batch_size=i3d.batch_size, limit=limit, cache_dir=cache_dir,
                             namespace=f"i3d-{protocol.name}", progress=progress,
