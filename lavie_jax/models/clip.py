@@ -185,6 +185,13 @@ class CLIPTextTransformer(nnx.Module):
         return self.final_layer_norm(self.encoder(self.embeddings(ids), causal))
 
 
+def pool_end_token(hidden: jax.Array, input_ids: jax.Array, cfg: TextEncoderConfig) -> jax.Array:
+    """`[B, T, D]` -> `[B, D]`: the state at the first end-of-text token. Legacy configs (eos id 2) and OpenAI's
+    CLIP pool at the largest id, which is the first end-of-text token of a CLIP BPE."""
+    eos_pos = jnp.argmax(input_ids if cfg.eos_token_id == 2 else input_ids == cfg.eos_token_id, axis=-1)
+    return jnp.take_along_axis(hidden, eos_pos[:, None, None], axis=1)[:, 0]
+
+
 class CLIPTextEncoder(nnx.Module):
     """`input_ids [B, T] (T <= max_position_embeddings) -> TextEncoderOutput([B, T, D], [B, D])`."""
 
@@ -198,9 +205,7 @@ class CLIPTextEncoder(nnx.Module):
             raise ValueError(f"CLIPTextEncoder: expected token ids [B, T] with T <= {cfg.max_position_embeddings}, got "
                              f"shape {tuple(input_ids.shape)}; tokenize with padding/truncation to 77 tokens")
         hidden = self.text_model(input_ids)
-        # Legacy configs (eos id 2) pool at the largest id, which is the first end-of-text token of a CLIP BPE.
-        eos_pos = jnp.argmax(input_ids if cfg.eos_token_id == 2 else input_ids == cfg.eos_token_id, axis=-1)
-        pooled = jnp.take_along_axis(hidden, eos_pos[:, None, None], axis=1)[:, 0]
+        pooled = pool_end_token(hidden, input_ids, cfg)
         if cfg.add_caption_sum:
             hidden = hidden + self.caption_sum(input_ids)[:, None]
         return TextEncoderOutput(hidden, pooled)
