@@ -84,8 +84,9 @@ def build_parser() -> command.ArgumentParser:
     fvd_flags(p)
     p = add("is", "Inception Score of generated videos under the UCF-101 C3D (isv2048_ucf)")
     p.add_argument("--videos", required=True, metavar="DIR")
-    p.add_argument("--c3d", required=True, metavar="FILE", help="C3D weights (StyleGAN-V's c3d_ucf101.pt or a "
-                                                                "state dict of that layout)")
+    p.add_argument("--c3d", required=True, metavar="FILE", help="C3D weights: StyleGAN-V's c3d_ucf101.pt, "
+                                                                "TGANv2's chainer .npz or a state dict of that layout")
+    p.add_argument("--c3d-mean", metavar="FILE", help="TGANv2's mean2.npz, where the weight file has no mean")
     p.add_argument("--num-videos", type=command.bounded_int(10), default=2048, metavar="N")
     p.add_argument("--splits", type=command.bounded_int(1), default=10, metavar="K")
     p.add_argument("--cache", metavar="DIR")
@@ -208,10 +209,10 @@ def _is(args: argparse.Namespace) -> None:
     if args.output:
         report_lib.check_report_path(args.output)
     started = time.monotonic()
-    c3d = C3DProbabilities(args.c3d, batch_size=args.batch_size, mesh=_mesh())
-    mean, std, found = folders.inception_score(list_videos(args.videos), c3d, num_videos=args.num_videos,
-                                               splits=args.splits, cache_dir=_cache_dir(args),
-                                               progress=args.progress)
+    c3d = C3DProbabilities(args.c3d, mean=args.c3d_mean, batch_size=args.batch_size, mesh=_mesh())
+    mean, std, found = folders.inception_score(list_videos(args.videos), c3d, batch_size=args.batch_size,
+                                               num_videos=args.num_videos, splits=args.splits,
+                                               cache_dir=_cache_dir(args), progress=args.progress)
     report = {"is": mean, "is_std": std, "protocol": "isv2048_ucf", "videos": len(found.paths),
               "splits": args.splits, "c3d": args.c3d, "seconds": round(time.monotonic() - started, 2)}
     _finish(args, report, ["videos", "IS", "std"], [[len(found.paths), mean, std]])
@@ -237,21 +238,18 @@ def _clipsim(args: argparse.Namespace) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input: one line, exit status 2."""
+    from lavie_jax.convert.torch_files import WeightFileError
     from lavie_jax.evaluation import zero_shot
+    from lavie_jax.evaluation.clipsim import CLIPSIMInputError
+    from lavie_jax.evaluation.fvd import FVDInputError
+    from lavie_jax.evaluation.inception_score import InceptionScoreInputError
     from lavie_jax.evaluation.report import ReportPathError
     from lavie_jax.evaluation.videos import VideoSetError
+    from lavie_jax.io.safe_io import OutputPathError
 
-    errors: list[type[BaseException]] = [VideoSetError, ReportPathError, FileNotFoundError,
-                                         *zero_shot.user_errors()]
-    for module, names in (("lavie_jax.evaluation.fvd", ("FVDInputError", "StatsMismatchError", "I3DWeightsError")),
-                          ("lavie_jax.evaluation.inception_score", ("C3DWeightsError", "ISInputError")),
-                          ("lavie_jax.evaluation.clipsim", ("CLIPWeightsError", "CLIPSIMInputError"))):
-        try:
-            mod = __import__(module, fromlist=list(names))
-        except ImportError:
-            continue
-        errors += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
-    return tuple(errors)
+    return (VideoSetError, ReportPathError, FVDInputError, InceptionScoreInputError, CLIPSIMInputError,
+            WeightFileError, OutputPathError, FileNotFoundError, *zero_shot.user_errors())
 
 
 def _say_warning(message, category, filename, lineno, file=None, line=None) -> None:

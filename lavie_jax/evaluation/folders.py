@@ -113,14 +113,15 @@ def fvd_stats(paths: Sequence[Path], i3d, *, real: bool, num_videos: int | None 
     return stats, found
 
 
-def inception_score(paths: Sequence[Path], c3d, *, num_videos: int = 2048, splits: int = 10, seed: int = 42,
+def inception_score(paths: Sequence[Path], c3d, *, batch_size: int = 8, num_videos: int = 2048, splits: int = 10,
+                    seed: int = 42,
                     cache_dir: str | os.PathLike | None = None, progress: bool = True
                     ) -> tuple[float, float, FolderFeatures]:
     """IS (mean, std over `splits`) of the first `num_videos` generated videos (first 16 frames each) under the
     UCF-101 C3D (`isv2048_ucf`)."""
     from lavie_jax.evaluation import inception_score as is_lib
 
-    found = folder_features(paths, ClipRule(16, "start"), c3d, batch_size=c3d.batch_size, limit=num_videos,
+    found = folder_features(paths, ClipRule(16, "start"), c3d, batch_size=batch_size, limit=num_videos,
                             cache_dir=cache_dir, namespace="c3d-ucf101", progress=progress,
                             desc="C3D probabilities")
     mean, std = is_lib.inception_score(found.values, splits=splits, seed=seed)

@@ -189,8 +189,9 @@ def run_ucf101(args: argparse.Namespace) -> None:
         from lavie_jax.evaluation.inception_score import C3DProbabilities
 
         c3d = C3DProbabilities(args.c3d, batch_size=args.batch_size, mesh=mesh)
-        mean, std, found = folders.inception_score(generated, c3d, num_videos=limit or len(generated),
-                                                   cache_dir=work / "cache", progress=args.progress)
+        mean, std, _ = folders.inception_score(generated, c3d, batch_size=args.batch_size,
+                                               num_videos=limit or len(generated),
+                                               cache_dir=work / "cache", progress=args.progress)
         result |= {"is": mean, "is_std": std}
         rows.append(["IS", mean])
     result["seconds"] = round(time.monotonic() - started, 2)
