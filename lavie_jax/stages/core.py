@@ -133,6 +133,9 @@ class Stage:
     examples: ClassVar[str] = "clip"
     pixel_key: ClassVar[str] = "video"
     low_res_input: ClassVar[bool] = False  # examples carry low-res frames `lr` (stored with precomputed latents)
+    # the example key holding what sampling takes as its input video (None: prompts only); with `pixel_key` (the
+    # real clip the sample should match) it makes held-out examples into evaluation requests (train.eval)
+    input_key: ClassVar[str | None] = None
     # stage-specific fields of the config's `sample` section (lavie_jax.sampling.options), with their defaults
     sample_fields: ClassVar[Mapping[str, Any]] = {}
 

@@ -75,6 +75,7 @@ class InterpolationStage(Stage):
     official_param_count = 909_131_524
     takes_video = True
     examples = "key_frames"
+    input_key = "key_frames"
     # num_frames: 0 follows the input (4K - 3 from K), else it must be 4K - 3; height x width: key frames are
     # resized to it
     sample_fields = {"num_frames": 0, "height": 0, "width": 0}

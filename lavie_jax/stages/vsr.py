@@ -70,6 +70,7 @@ class VsrStage(Stage):
     examples = "patches"
     pixel_key = "hr"
     low_res_input = True
+    input_key = "lr"
     fps_follows_input = True  # sample.fps = 0 writes at the input video's rate
     sample_fields = {"chunk_frames": 0,  # frames per independent run (0: the whole video)
                      "noise_level": 0,  # low-res noise augmentation level and class label

@@ -4,7 +4,9 @@
     values = held(state)                                   # {'eval/loss': ..., 'eval/loss_t100': ..., ...}
 
 Fields of `train.eval` (configs/common.py): `every` (steps between evaluations, and the last step; 0 = off),
-`num_batches`, `split`, `precomputed_name`, `timesteps`, `seed`, `params` ('ema' | 'raw').
+`num_batches`, `split`, `precomputed_name`, `timesteps`, `seed`, `params` ('ema' | 'raw'); the sampled evaluation's
+(`samples`, `sample_every`, `pixel_dataset`, `fvd`, `fvd_protocol`, `i3d`, `clip`, `input_fps`) are read by
+lavie_jax.evaluation.in_training.
 
 Every draw of the evaluation (noise, posterior samples, the VSR low-res level) comes from `train.eval.seed` and the
 example's position in the held-out set, never from the run's key or step, and the timesteps are the listed ones
@@ -56,6 +58,9 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
     if not steps or any(not 0 <= t < top for t in steps):
         raise EvalConfigError(f"train.eval.timesteps={tuple(e.timesteps)}: give one or more timesteps in "
                               f"[0, {top}) (sample.num_train_timesteps)")
+    for field in ("samples", "sample_every"):
+        if int(e.get(field, 0)) < 0:
+            raise EvalConfigError(f"train.eval.{field}={e[field]}: must be >= 0")
     if e.params not in PARAM_CHOICES:
         raise EvalConfigError(f"train.eval.params={e.params!r}: choose one of {PARAM_CHOICES}")
     if config.data.dataset == "precomputed" and not e.precomputed_name:

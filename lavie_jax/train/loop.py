@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from lavie_jax import parallel
 from lavie_jax.io import safe_io
@@ -293,10 +294,10 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
     peak, peak_source = peak_tflops(config)
     _say(f"{run.flops_per_step / 1e12:.4g} TFLOP per step (analytic); MFU against {peak:.4g} TFLOP/s per device "
          f"({peak_source})")
-    evaluate = _held_out(run, config)
     writer = MetricsWriter(str(path), total_steps=t.num_steps, start_step=start,
                            examples_per_step=config.data.global_batch_size, flops_per_step=run.flops_per_step,
                            num_devices=jax.device_count(), peak_tflops=peak, console=console)
+    evaluate = _evaluation(run, config, writer)
     last: dict[str, float] = {}
     window: dict[str, list[float]] = {}  # each metric's values since the last logged line
     pending: tuple[int, Any] | None = None  # (step after the update, metrics on device) not yet checked
@@ -317,7 +318,7 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
             pending = (step, metrics)
             if evaluate is not None and (step % t.eval.every == 0 or step == t.num_steps):
                 began = time.monotonic()
-                writer.write(step, evaluate(state), speed=False)  # reads the state the next step donates
+                writer.write(step, evaluate(state, step), speed=False)  # reads the state the next step donates
                 writer.exclude(time.monotonic() - began)
             if ckpt.should_save(step) or step == t.num_steps or preemption.should_stop(step):
                 last = _check_and_log(pending, writer, t, good, ckpt, window, force=True)
@@ -337,11 +338,39 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
     return TrainResult(step, stopped, resumed, last)
 
 
-def _held_out(run: Run, config: ml_collections.ConfigDict) -> HeldOutLoss | None:
-    """The run's held-out evaluation (`train.eval`, lavie_jax.train.held_out), None when it is off."""
+def _evaluation(run: Run, config: ml_collections.ConfigDict, writer: MetricsWriter
+                ) -> Callable[[Any, int], dict[str, float]] | None:
+    """The run's evaluation (`train.eval`): `evaluate(state, step) -> metrics`, the held-out loss and, every
+    `sample_every` steps, the sampled evaluation (its frame grid goes to TensorBoard); None when it is off."""
     e = config.train.get("eval")
     if e is None or not e.every:
         return None
+    held = _held_out_loss(run, config)
+    if not e.get("samples"):
+        return lambda state, step: held(state)
+    from lavie_jax.evaluation.in_training import SampledEvaluation
+
+    models = run.encoder_models
+    sampled = SampledEvaluation.build(config, run.mesh, vae=models.vae, text_encoder=models.text_encoder,
+                                      tokenizer=models.tokenizer)
+    every = e.sample_every or e.every
+    _say(f"sampled evaluation every {every} steps: {e.samples} held-out requests"
+         + (", FVD" if e.fvd else "") + (", CLIPSIM" if e.clip else "") + " (frame grid in TensorBoard)")
+
+    def evaluate(state, step: int) -> dict[str, float]:
+        values = held(state)
+        if step % every == 0 or step == config.train.num_steps:
+            params = state.ema if held.use_ema and state.ema is not None else state.params
+            metrics, grid = sampled(nnx.merge(run.graphdef, params, state.frozen))
+            values |= metrics
+            writer.image(step, "eval/samples", grid)
+        return values
+
+    return evaluate
+
+
+def _held_out_loss(run: Run, config: ml_collections.ConfigDict) -> HeldOutLoss:
+    e = config.train.eval
     held = HeldOutLoss.build(config, objective=run.objective, graphdef=run.graphdef,
                              inputs_graphdefs=run.inputs_graphdefs, encoders=run.encoders, tables=run.tables,
                              mesh=run.mesh, state_shardings=run.state_shardings,

@@ -91,10 +91,12 @@ def _bytes_field(number: int, payload: bytes) -> bytes:
 
 
 def encode_event(wall_time: float, step: int, *, file_version: str | None = None,
-                 scalars: Mapping[str, float] | None = None, session_start: bool = False) -> bytes:
+                 scalars: Mapping[str, float] | None = None, session_start: bool = False,
+                 image: tuple[str, int, int, bytes] | None = None) -> bytes:
     """An `Event` (tensorflow/core/util/event.proto): wall_time = 1 (double), step = 2 (int64), then one of
-    file_version = 3, summary = 5 (`Summary.value` = 1 of `{tag = 1, simple_value = 2 (float)}`), or
-    session_log = 7 (`SessionLog.status` = 1, START = 1)."""
+    file_version = 3, summary = 5 (`Summary.value` = 1 of `{tag = 1, simple_value = 2 (float)}` or of
+    `{tag = 1, image = 4}`, `Summary.Image` = {height = 1, width = 2, colorspace = 3, encoded_image_string = 4}),
+    or session_log = 7 (`SessionLog.status` = 1, START = 1). `image`: (tag, height, width, PNG bytes)."""
     out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
     if file_version is not None:
         out += _bytes_field(3, file_version.encode())
@@ -102,6 +104,11 @@ def encode_event(wall_time: float, step: int, *, file_version: str | None = None
         values = b"".join(_bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", value)))
                           for tag, value in scalars.items())
         out += _bytes_field(5, values)
+    if image is not None:
+        tag, height, width, png = image
+        encoded = (_field(1, 0, _varint(height)) + _field(2, 0, _varint(width)) + _field(3, 0, _varint(3))
+                   + _bytes_field(4, png))
+        out += _bytes_field(5, _bytes_field(1, _bytes_field(1, tag.encode()) + _bytes_field(4, encoded)))
     if session_start:
         out += _bytes_field(7, _field(1, 0, _varint(1)))
     return out
@@ -126,6 +133,18 @@ class EventFileWriter:
 
     def scalars(self, step: int, values: Mapping[str, float], wall_time: float | None = None) -> None:
         self._write(encode_event(time.time() if wall_time is None else wall_time, step, scalars=values))
+
+    def image(self, step: int, tag: str, pixels: Any, wall_time: float | None = None) -> None:
+        """An RGB image (uint8 `[H, W, 3]`) as a PNG image summary."""
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        h, w = pixels.shape[:2]
+        self._write(encode_event(time.time() if wall_time is None else wall_time, step,
+                                 image=(tag, h, w, buffer.getvalue())))
 
     def session_start(self, step: int) -> None:
         """TensorBoard drops the points at steps >= `step` of earlier files when it reads this event."""
@@ -256,6 +275,11 @@ class MetricsWriter:
         if self._console:
             self._console(self.progress_line(record))
         return record
+
+    def image(self, step: int, tag: str, pixels: Any) -> None:
+        """An RGB image (uint8 `[H, W, 3]`, e.g. a grid of sampled frames) in TensorBoard (process 0 only)."""
+        if self.active and self._tb is not None:
+            self._tb.image(int(step), tag, pixels)
 
     def exclude(self, seconds: float) -> None:
         """Leave `seconds` of wall time (an evaluation between two logged lines) out of the next line's speed."""

@@ -349,6 +349,7 @@ class Run:
     arch: UNetArch
     vae_factor: int  # pixels per latent, each side
     inputs_graphdefs: tuple  # (VAE, text encoder) graphs of the step's StageInputs (VAE None on precomputed data)
+    encoder_models: EncoderModels  # the frozen VAE, text encoder and tokenizer as modules (sampled evaluation)
     encoder_shardings: Encoders
     program_key: str  # what the step's program captures (`_step_key`): the cache key of programs built beside it
 
@@ -467,4 +468,5 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abs
                flops_per_step=step_flops(config, arch, encoders), arch=arch,
                vae_factor=encoders.vae.config.downsample_factor,
                inputs_graphdefs=(None if precomputed else vae_gd, text_gd), encoder_shardings=enc_sh,
+               encoder_models=encoders,
                program_key=program_key)

@@ -55,10 +55,15 @@ def uninterrupted(tmp_path_factory, train_data_dir) -> Path:
     """The reference run, evaluated every 2 steps (`train.eval`): the preempted run below, which does not evaluate,
     must still reach its losses bit for bit (evaluation reads the state and changes nothing)."""
     workdir = tmp_path_factory.mktemp("runs") / "straight"
-    out = subprocess.run(_cli_args(workdir, train_data_dir) + ["--config.train.eval.every=2"], cwd=REPO,
-                         env=_env(), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(_cli_args(workdir, train_data_dir) + [
+        "--config.train.eval.every=2", "--config.train.eval.samples=2", "--config.train.eval.sample_every=4",
+        "--config.sample.num_frames=2", "--config.sample.height=32", "--config.sample.width=48"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "evaluation every 2 steps: the held-out loss of 2 x 2 validation examples" in out.stdout
+    assert "sampled evaluation every 4 steps: 2 held-out requests (frame grid in TensorBoard)" in out.stdout
+    (events,) = workdir.glob("tb/events.out.tfevents.*")
+    assert events.read_bytes().count(b"eval/samples") == STEPS // 4  # a grid of the samples at steps 4 and 8
     evals = _eval_rows(workdir)
     assert sorted(evals) == list(range(2, STEPS + 1, 2))  # every 2 steps (and the last)
     for row in evals.values():

@@ -216,3 +216,22 @@ def test_throughput_and_mfu_fields(tmp_path):
     assert record["step_s"] == pytest.approx(0.5) and record["examples_per_s"] == pytest.approx(8.0)
     assert record["tflops_per_device"] == pytest.approx(8.0) and record["mfu"] == pytest.approx(0.8)
     assert "80.0% MFU" in mw.progress_line(record)
+
+
+def test_an_image_summary_holds_the_png(tmp_path):
+    """An image event: Summary.value {tag, image {height, width, colorspace 3, PNG}}, the pixels read back equal."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    with metrics.MetricsWriter(str(tmp_path), console=False) as mw:
+        mw.image(7, "eval/samples", pixels)
+    (path,) = glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+    event = parse_proto(read_records(path)[-1])
+    assert event[2] == [7]
+    value = parse_proto(parse_proto(event[5][0])[1][0])
+    assert value[1] == [b"eval/samples"]
+    image = parse_proto(value[4][0])
+    assert (image[1], image[2], image[3]) == ([6], [10], [3])
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image[4][0]))), pixels)
