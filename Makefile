@@ -14,7 +14,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP_RUN): setup.py setup.cfg pyproject.toml $(CONSTRAINTS) | $(PY)
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e .
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[eval]'
 	touch $@
 
 $(STAMP_TEST): setup.py setup.cfg pyproject.toml $(CONSTRAINTS) | $(PY)
@@ -52,7 +52,7 @@ STAMP_ACCEL := $(VENV)/.stamp-$(ACCEL)
 BENCH_PYTHON ?=
 
 $(STAMP_ACCEL): setup.py setup.cfg pyproject.toml $(CONSTRAINTS) | $(PY)
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[$(ACCEL)]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[$(ACCEL),eval]'
 	touch $@ $(STAMP_RUN)
 
 bench-gpu: $(if $(BENCH_PYTHON),,$(if $(ACCEL),$(STAMP_ACCEL),$(STAMP_RUN)))

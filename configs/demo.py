@@ -26,7 +26,7 @@ DIR = "outputs/demo"
 DATA_DIR = f"{DIR}/data"
 ENCODERS = f"{DIR}/encoders"  # pipeline directory the demo writes: vae/, text_encoder/, tokenizer/
 TEXT_WIDTH = 64  # text encoder width = every demo UNet's cross_attention_dim
-VIDEOS = {"num_frames": 13, "fps": 12.0, "seed": 0, "num_validation": 0}
+VIDEOS = {"num_frames": 13, "fps": 12.0, "seed": 0, "num_validation": 16}  # held-out clips: the demo's FVD
 SOURCES = {  # the moving_shapes datasets the stages read (same videos, two resolutions)
     "low": dict(VIDEOS, num_videos=1024, height=32, width=32),
     "high": dict(VIDEOS, num_videos=256, height=128, width=128),

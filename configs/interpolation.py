@@ -36,8 +36,11 @@ DEMO = {
     "unet": dict(TINY_UNET, in_channels=8),
     "data": {"moving_shapes": LOW, "height": LOW["height"], "width": LOW["width"], "num_frames": 5,  # K=2 windows
              "frame_stride": 1, "global_batch_size": 16},
-    # trains beside the base run (three processes sharing the cores)
-    "train": {"num_steps": 200},
+    # trains beside the base run (three processes sharing the cores); every 50 steps its EMA params sample 16 held-out
+    # 13-frame requests (4 real key frames each) and their FVD goes to metrics.jsonl (the demo's FVD curve)
+    "train": {"num_steps": 200,
+              "eval": {"every": 50, "num_batches": 0, "samples": 16, "num_frames": 13,
+                       "pixel_dataset": "moving_shapes", "fvd": True, "input_fps": 12.0}},
     # follows its key frames and samples unguided
     "sample": {"steps": 10, "guidance_scale": 1.0, "height": 32, "width": 32, "fps": 12,
                # the demo's text encoder learnt spaced captions: no official underscores and ', 4k.' suffix

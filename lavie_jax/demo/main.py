@@ -16,6 +16,9 @@ Phases (each prints its progress and time; a phase whose results are on disk is 
                    as PROMPT_WITH_UNDERSCORES.{mp4,gif,json}
   6. evaluate      colour / direction accuracy per stage from the decoded frames (lavie_jax.demo.evaluate): the
                    table, DIR/summary.json and DIR/overview.png
+  7. fvd           FVD with the real I3D of the interpolation and VSR videos against held-out clips, and of the
+                   interpolation run's samples at four points of its training (lavie_jax.demo.fvd): the table,
+                   DIR/fvd.json and DIR/fvd_training.png
 Delete DIR (or DIR/runs/STAGE) to train again from scratch. The settings are packaged configs, loaded by name:
 `demo` (sources, autoencoder, text encoder width; configs/demo.py) and `STAGE:demo`. Compiled programs are kept in
 the user cache (~/.cache/lavie-jax/jax; `--compile-cache DIR` elsewhere, `--no-compile-cache` off), shared by the
@@ -232,6 +235,20 @@ class Demo:
         print("\n" + accuracy_table({s: scores[s] for s in STAGES}, TARGETS), flush=True)
         return summary
 
+    def fvd(self, results: list, summary: dict[str, Any]) -> dict[str, Any]:
+        from lavie_jax.demo import fvd
+        from lavie_jax.demo.console import say
+
+        with self.clock.phase("fvd", "FVD of the cascade and of the interpolation run's samples (real I3D)"):
+            measured = fvd.measure(results, self.settings.sources.to_dict(), self.runs, self.out)
+        print("\n" + fvd.table(measured), flush=True)
+        if "plot" in measured:
+            say(f"wrote {_rel(self.out / 'fvd.json')} and {_rel(measured['plot'])}")
+        summary["fvd"] = {k: v for k, v in measured.items() if k != "plot"}
+        summary["timings_s"]["this_run"]["fvd"] = round(self.clock.phases["fvd"], 1)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
     # -------------------------------------------------------------------------------------------- summary
 
     def summary(self, results: list, scores: dict[str, dict]) -> dict[str, Any]:
@@ -348,6 +365,7 @@ def _run(argv: Sequence[str]) -> None:
     demo.train(args.jobs)
     results = demo.sample()
     summary = demo.evaluate(results)
+    summary = demo.fvd(results, summary)
     closing(summary, demo)
 
 

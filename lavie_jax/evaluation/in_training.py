@@ -4,7 +4,8 @@ samples a fixed set of held-out requests, and the samples are measured against t
     evaluation = SampledEvaluation.build(config, mesh, vae=..., text_encoder=..., tokenizer=...)
     metrics, grid = evaluation(unet)        # {'eval/fvd': ..., 'eval/clipsim': ...}, uint8 [H, W, 3]
 
-The requests are the first `train.eval.samples` examples of the held-out split (`train.eval.split`, unshuffled):
+The requests are the first `train.eval.samples` examples of the held-out split (`train.eval.split`, unshuffled;
+clips of `train.eval.num_frames` frames, 0 = the training clips' length):
 their captions are the prompts, and for the stages that refine a video, the example's input (`Stage.input_key`:
 interpolation's key frames, VSR's low-res clip) is the input video; the example's real clip (`Stage.pixel_key`)
 is what the sample should look like. A run on precomputed latents has no pixels: `train.eval.pixel_dataset` names
@@ -54,6 +55,7 @@ def held_out_requests(config: ml_collections.ConfigDict) -> tuple[list[str], lis
     data = ml_collections.ConfigDict(config.data.to_dict())
     data.split, data.shuffle, data.num_epochs, data.drop_remainder = e.split, False, 0, True
     data.output_dtype, data.global_batch_size = "float32", int(e.samples)
+    data.num_frames = int(e.get("num_frames", 0)) or data.num_frames
     if data.dataset == "precomputed":
         if not e.pixel_dataset:
             raise SampledEvalError("train.eval.samples needs pixels, but data.dataset='precomputed' holds latents: "

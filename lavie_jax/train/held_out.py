@@ -51,8 +51,11 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
         return
     if int(e.every) < 0:
         raise EvalConfigError(f"train.eval.every={e.every}: must be >= 0 (0 turns evaluation off)")
-    if int(e.num_batches) < 1:
-        raise EvalConfigError(f"train.eval.num_batches={e.num_batches}: must be >= 1")
+    if int(e.num_batches) < 0:
+        raise EvalConfigError(f"train.eval.num_batches={e.num_batches}: must be >= 0 (0: no held-out loss)")
+    if int(e.num_batches) == 0 and not e.get("samples"):
+        raise EvalConfigError("train.eval.num_batches=0 and train.eval.samples=0: the evaluation would measure "
+                              "nothing; set one of them, or train.eval.every=0")
     steps = tuple(int(t) for t in e.timesteps)
     top = int(config.sample.num_train_timesteps)
     if not steps or any(not 0 <= t < top for t in steps):
@@ -63,7 +66,7 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
             raise EvalConfigError(f"train.eval.{field}={e[field]}: must be >= 0")
     if e.params not in PARAM_CHOICES:
         raise EvalConfigError(f"train.eval.params={e.params!r}: choose one of {PARAM_CHOICES}")
-    if config.data.dataset == "precomputed" and not e.precomputed_name:
+    if config.data.dataset == "precomputed" and int(e.num_batches) and not e.precomputed_name:
         raise EvalConfigError("train.eval.precomputed_name is empty but data.dataset='precomputed': name the "
                               "precomputed data set of held-out examples (lavie_jax.data.precompute), or set "
                               "--config.train.eval.every=0")

@@ -345,7 +345,8 @@ def _evaluation(run: Run, config: ml_collections.ConfigDict, writer: MetricsWrit
     e = config.train.get("eval")
     if e is None or not e.every:
         return None
-    held = _held_out_loss(run, config)
+    held = _held_out_loss(run, config) if e.num_batches else None
+    use_ema = e.params == "ema"
     if not e.get("samples"):
         return lambda state, step: held(state)
     from lavie_jax.evaluation.in_training import SampledEvaluation
@@ -358,9 +359,9 @@ def _evaluation(run: Run, config: ml_collections.ConfigDict, writer: MetricsWrit
          + (", FVD" if e.fvd else "") + (", CLIPSIM" if e.clip else "") + " (frame grid in TensorBoard)")
 
     def evaluate(state, step: int) -> dict[str, float]:
-        values = held(state)
+        values = held(state) if held is not None else {}
         if step % every == 0 or step == config.train.num_steps:
-            params = state.ema if held.use_ema and state.ema is not None else state.params
+            params = state.ema if use_ema and state.ema is not None else state.params
             metrics, grid = sampled(nnx.merge(run.graphdef, params, state.frozen))
             values |= metrics
             writer.image(step, "eval/samples", grid)

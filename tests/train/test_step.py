@@ -136,7 +136,8 @@ def test_bad_settings_fail_before_any_compile(field, value, message):
 @pytest.mark.parametrize("field,value,message", [
     ("timesteps", (100, 1000), r"train.eval.timesteps=\(100, 1000\): give one or more timesteps in \[0, 1000\)"),
     ("params", "best", "train.eval.params='best': choose one of"),
-    ("num_batches", 0, "train.eval.num_batches=0: must be >= 1"),
+    ("num_batches", 0, "train.eval.num_batches=0 and train.eval.samples=0: the evaluation would measure nothing"),
+    ("samples", -1, "train.eval.samples=-1: must be >= 0"),
 ])
 def test_bad_evaluation_settings_are_named(field, value, message):
     config = tiny_train_config("base")
