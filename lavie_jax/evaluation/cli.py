@@ -6,7 +6,8 @@
     lavie-eval is      --videos res/base --c3d c3d_ucf101.pt --output is.json
     lavie-eval clipsim --videos res/base --clip clip-vit-base-patch32/ [--captions captions.csv] --output clip.json
     lavie-eval ucf101  --checkpoint ckpt/base --real ucf101/ --per-class 100 --workdir eval/ucf101
-    lavie-eval msrvtt  --checkpoint ckpt/base --captions msrvtt_test.csv --clip clip-vit-base-patch32/ --workdir eval/msrvtt
+    lavie-eval msrvtt  --checkpoint ckpt/base --captions msrvtt_test.csv --clip clip-b32/ --workdir eval/msrvtt
+    lavie-eval curves  --workdir runs/base                                   # train.eval metrics against the step
 
 Videos are folders of video files (searched recursively, sorted by path): what lavie-sample writes, whose JSON
 sidecars give CLIPSIM its captions, or a CSV with the columns video,caption. Every subcommand prints a table, and
@@ -96,6 +97,10 @@ def build_parser() -> command.ArgumentParser:
                                                                      "OpenAI .pt file (ViT-B/32 as the papers)")
     p.add_argument("--captions", metavar="CSV", help="video,caption table (default: lavie-sample's sidecars)")
     p.add_argument("--cache", metavar="DIR")
+    p = add("curves", "plot a training run's evaluation metrics (train.eval) against the step")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="a lavie-train work directory")
+    p.add_argument("--metric", action="append", metavar="NAME",
+                   help="eval metric to plot, e.g. eval/fvd (repeatable; default: every eval/* metric it logged)")
     from lavie_jax.evaluation import zero_shot
 
     zero_shot.add_subcommands(add)
@@ -237,6 +242,36 @@ def _clipsim(args: argparse.Namespace) -> None:
     _finish(args, report, ["videos", "CLIPSIM"], [[len(paths), mean]])
 
 
+def _curves(args: argparse.Namespace) -> None:
+    """One PNG per metric beside --output (default: WORKDIR/eval_<metric>.png), and the table of every point."""
+    import json
+
+    from lavie_jax.evaluation import report as report_lib
+    from lavie_jax.evaluation.videos import VideoSetError
+
+    metrics_file = Path(args.workdir) / "metrics.jsonl"
+    if not metrics_file.is_file():
+        raise VideoSetError(f"--workdir {args.workdir} has no metrics.jsonl: give a lavie-train work directory")
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    logged = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    names = args.metric or logged
+    missing = [n for n in names if n not in logged]
+    if missing or not names:
+        raise VideoSetError(f"{metrics_file} has no {missing or 'eval/*'} values (it logged {logged or 'none'}): "
+                            "train with --config.train.eval.every=N to evaluate")
+    out_dir = Path(args.output).parent if args.output else Path(args.workdir)
+    report: dict[str, Any] = {"workdir": args.workdir, "curves": {}}
+    table_rows = []
+    for name in names:
+        points = [(int(r["step"]), float(r[name])) for r in rows if name in r]
+        plot = out_dir / f"eval_{name.split('/', 1)[1]}.png"
+        report_lib.line_plot(plot, [s for s, _ in points], [v for _, v in points], x_label="training step",
+                             y_label=name, title=f"{name} of {Path(args.workdir).name}")
+        report["curves"][name] = {"points": points, "plot": str(plot)}
+        table_rows += [[name, s, v] for s, v in points]
+    _finish(args, report, ["metric", "step", "value"], table_rows)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: one line, exit status 2."""
     from lavie_jax.convert.torch_files import WeightFileError
@@ -261,7 +296,8 @@ def _run(args: argparse.Namespace) -> None:
     compile_cache.configure(command.cache_choice(args, compile_cache.user_cache_dir()), prog=PROG)
     from lavie_jax.evaluation import zero_shot
 
-    handlers = {"stats": _stats, "fvd": _fvd, "is": _is, "clipsim": _clipsim, **zero_shot.HANDLERS}
+    handlers = {"stats": _stats, "fvd": _fvd, "is": _is, "clipsim": _clipsim, "curves": _curves,
+                **zero_shot.HANDLERS}
     handlers[args.command](args)
 
 

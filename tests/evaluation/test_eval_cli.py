@@ -120,3 +120,17 @@ def test_ucf101_prompts_cover_every_class_evenly():
     prompts, stems = ucf101_requests(2)
     assert len(prompts) == 202  # the first 101 in sorted order: every class once
     assert {stem.split("_", 1)[1] for stem in sorted(stems)[:101]} == set(UCF101_CLASSES)
+
+
+def test_curves_plot_a_runs_evaluations(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 10, "loss": 0.5}, {"step": 10, "eval/loss": 0.4, "eval/fvd": 900.0},
+            {"step": 20, "eval/loss": 0.3, "eval/fvd": 600.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["curves", "--workdir", str(run), "--output", str(tmp_path / "curves.json")]) == 0
+    report = json.loads((tmp_path / "curves.json").read_text())
+    assert report["curves"]["eval/fvd"]["points"] == [[10, 900.0], [20, 600.0]]
+    assert (tmp_path / "eval_fvd.png").is_file() and (tmp_path / "eval_loss.png").is_file()
+    assert cli.main(["curves", "--workdir", str(run), "--metric", "eval/clipsim"]) == 2
+    assert "has no ['eval/clipsim'] values (it logged ['eval/fvd', 'eval/loss'])" in capsys.readouterr().err
