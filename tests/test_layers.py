@@ -12,6 +12,7 @@ LAYERS = (
     ("io", ("io",)),
     ("convert, data", ("convert", "data")),
     ("sampling", ("sampling",)),
+    ("evaluation", ("evaluation",)),
     ("training", ("train",)),
     ("demo", ("demo",)),
 )

@@ -185,7 +185,7 @@ def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
 def crop_offset(length: int, crop: int, rounding: str) -> int:
     """Top/left offset of a centre crop: torchvision's `int(round((length - crop) / 2))` (Python's round: halves to
     even) for 'round', transformers' `(length - crop) // 2` for 'floor'."""
-    return int(round((length - crop) / 2.0)) if rounding == "round" else (length - crop) // 2
+    return round((length - crop) / 2.0) if rounding == "round" else (length - crop) // 2
 
 
 def preprocess_frames(frames: jax.Array, size: int = 224, *, crop_rounding: str = "round") -> jax.Array:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lavie_jax.convert.c3d import c3d_state_dict, load_c3d, mean_to_bias
+from lavie_jax.convert.c3d import c3d_from_state_dict, c3d_state_dict, mean_to_bias
 from lavie_jax.convert.torch_files import WeightFileError
 from lavie_jax.evaluation.inception_score import C3DProbabilities, InceptionScoreInputError, check_videos
 from lavie_jax.models.c3d import CONVS, FCS, aligned_bilinear_matrix, c3d_param_count
@@ -74,7 +74,8 @@ def c3d_files(tmp_path_factory):
 
 def test_parity_with_torch_c3d_and_the_file_layouts(c3d_files):
     ref, npz, mean, script = c3d_files
-    model = load_c3d(npz, mean=mean)
+    state = c3d_state_dict(npz, mean=mean)
+    model = c3d_from_state_dict(state)
     # a non-square frame: the resize to 112x112 (aligned corners) is part of the network
     videos = np.random.RandomState(1).randint(0, 256, (1, 16, 120, 136, 3)).astype(np.uint8)
     probs = C3DProbabilities(model, batch_size=1)
@@ -87,11 +88,11 @@ def test_parity_with_torch_c3d_and_the_file_layouts(c3d_files):
     want_p = torch.softmax(torch.from_numpy(want).double(), -1).numpy()
     np.testing.assert_allclose(probs(videos), want_p, rtol=1e-4, atol=1e-7)
     # the TorchScript port (other names, mean stored) gives the same state dict as the chainer files
-    a, b = c3d_state_dict(npz, mean=mean), c3d_state_dict(script)
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert sum(v.size for k, v in a.items() if k != "input_bias") == c3d_param_count() == 78_409_573
+    other = c3d_state_dict(script)
+    assert state.keys() == other.keys()
+    for k in state:
+        np.testing.assert_array_equal(state[k], other[k], err_msg=k)
+    assert sum(v.size for k, v in state.items() if k != "input_bias") == c3d_param_count() == 78_409_573
 
 
 def test_loader_errors(c3d_files, tmp_path):

@@ -18,10 +18,10 @@ from tests.models.tiny_configs import rel_err
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 49408  # the real BPE, so the real tokenizer works end to end
-TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-              patch_size=8)
+TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "vocab_size": VOCAB, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+VISION = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "image_size": 32, "patch_size": 8}
 CAPTIONS = ["a red square moves left", "a blue circle grows", "two dogs playing in the snow near a tree"]
 
 
