@@ -1,6 +1,8 @@
 """The UCF-101 C3D against a PyTorch C3D written here after TGANv2's chainer model (full size, batch 1), its weight
 files (chainer .npz + mean2.npz, a TorchScript port with other module names), and the IS input checks."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -68,7 +70,9 @@ def c3d_files(tmp_path_factory):
         def forward(self, x):
             return x
 
-    torch.jit.script(Port()).save(str(folder / "c3d_ucf101.pt"))
+    with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; StyleGAN-V's file is one
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(Port()).save(str(folder / "c3d_ucf101.pt"))
     return ref, folder / "conv3d_deepnetA_ucf.npz", folder / "mean2.npz", folder / "c3d_ucf101.pt"
 
 
