@@ -27,8 +27,8 @@ from flax import nnx
 from lavie_jax.convert.state_dict import load_state_dict
 from lavie_jax.convert.torch_files import WeightFileError, open_weights
 from lavie_jax.convert.torchscript import is_torchscript, read_torchscript
+from lavie_jax.models.abstract import abstract_model
 from lavie_jax.models.c3d import C3D, CONVS, CROP, FCS, NUM_FRAMES
-from lavie_jax.models.layers import shapes_only
 
 LAYERS = [name for name, _, _ in CONVS] + [name for name, _, _ in FCS]
 MEAN_HINT = ("TGANv2's mean2.npz (https://github.com/rezoo/tgan2/releases/download/v1.0/mean2.npz): pass it as "
@@ -165,10 +165,13 @@ def c3d_state_dict(path: str | os.PathLike, *, mean: str | os.PathLike | np.ndar
     return state
 
 
+def c3d_from_state_dict(state: Mapping[str, Any], *, what: str = "C3D state dict") -> C3D:
+    """A C3D holding `state` (`c3d_state_dict`'s output)."""
+    model = abstract_model("c3d", lambda: C3D(rngs=nnx.Rngs(0)))  # no memory for params the load replaces
+    load_state_dict(model, state, what=what)
+    return model
+
+
 def load_c3d(path: str | os.PathLike, *, mean: str | os.PathLike | np.ndarray | None = None) -> C3D:
     """A C3D with the weights of `path` (and the mean of `mean`, where the weight file lacks one)."""
-    state = c3d_state_dict(path, mean=mean)
-    with shapes_only():  # no random init of 78 M params that the load replaces
-        model = C3D(rngs=nnx.Rngs(0))
-    load_state_dict(model, state, what=f"C3D weights {path}")
-    return model
+    return c3d_from_state_dict(c3d_state_dict(path, mean=mean), what=f"C3D weights {path}")

@@ -40,9 +40,9 @@ from lavie_jax.convert.state_dict import load_state_dict
 from lavie_jax.convert.torch_files import WeightFileError, find_weights, open_weights, read_json
 from lavie_jax.convert.torchscript import is_torchscript, read_torchscript
 from lavie_jax.io.text import default_tokenizer, load_tokenizer
+from lavie_jax.models.abstract import abstract_model
 from lavie_jax.models.clip import text_encoder_config_from_dict
 from lavie_jax.models.clip_vision import CLIPConfig, CLIPModel, VisionConfig, vision_config_from_dict
-from lavie_jax.models.layers import shapes_only
 
 TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                "max_position_embeddings", "hidden_act", "layer_norm_eps", "eos_token_id")
@@ -169,8 +169,8 @@ def _tokenizer(folder: Path) -> CLIPTokenizer:
 
 
 def _build(config: CLIPConfig, state: Mapping[str, Any], what: str, crop_rounding: str) -> CLIPModel:
-    with shapes_only():  # no random init of the params the load replaces
-        model = CLIPModel(config, rngs=nnx.Rngs(0), crop_rounding=crop_rounding)
+    model = abstract_model(("clip", config, crop_rounding),  # no memory for params the load replaces
+                           lambda: CLIPModel(config, rngs=nnx.Rngs(0), crop_rounding=crop_rounding))
     load_state_dict(model, state, what=what)
     return model
 

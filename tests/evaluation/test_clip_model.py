@@ -18,10 +18,10 @@ from tests.models.tiny_configs import rel_err
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 49408  # the real BPE, so the real tokenizer works end to end
-TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-              patch_size=8)
+TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "vocab_size": VOCAB, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+VISION = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "image_size": 32, "patch_size": 8}
 CAPTIONS = ["a red square moves left", "a blue circle grows", "two dogs playing in the snow near a tree"]
 
 
@@ -89,6 +89,7 @@ def test_parity_with_transformers_clip(hf_folder):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 def test_openai_torchscript_file(tmp_path):
     """A tiny OpenAI CLIP, traced to a TorchScript .pt as clip.load's files are, loads and matches encode_*."""
     openai = _openai_module()
@@ -129,3 +130,17 @@ def test_bad_inputs(hf_folder, tmp_path):
         load_clip(tmp_path / "empty")
     with pytest.raises(CLIPLoadError, match="ResNet"):
         openai_to_transformers({"visual.layer1.0.conv1.weight": np.zeros((1,))})
+
+
+def test_mesh_sharded_batches_match(hf_folder):
+    """On a (data 2, fsdp 4) mesh each batch is split over the 8 devices (the batch size rounds up to 8) and the
+    embeddings are those of the single-device run."""
+    from lavie_jax.parallel import make_mesh
+
+    folder, _ = hf_folder
+    frames = _frames(5, 40, 56)
+    single = CLIPScorer(folder, batch_size=4)
+    sharded = CLIPScorer(model=single.model, tokenizer=single.tokenizer, batch_size=3, mesh=make_mesh((2, 4, 1, 1)))
+    assert sharded.runner.batch_size == 8
+    np.testing.assert_allclose(sharded.image_embeddings(frames), single.image_embeddings(frames), rtol=1e-5,
+                               atol=1e-6)
