@@ -2,7 +2,8 @@
 samples a fixed set of held-out requests, and the samples are measured against the real clips they came from.
 
     evaluation = SampledEvaluation.build(config, mesh, vae=..., text_encoder=..., tokenizer=...)
-    metrics, grid = evaluation(unet)        # {'eval/fvd': ..., 'eval/clipsim': ...}, uint8 [H, W, 3]
+    metrics, grid = evaluation(unet)        # {'eval/fvd': ..., 'eval/clipsim': ...}, uint8 [H, W, 3]: rows of
+                                            # frames, each real clip's row above its sample's
 
 The requests are the first `train.eval.samples` examples of the held-out split (`train.eval.split`, unshuffled;
 clips of `train.eval.num_frames` frames, 0 = the training clips' length):
@@ -145,4 +146,13 @@ class SampledEvaluation:
             from lavie_jax.evaluation.clipsim import clipsim
 
             metrics["eval/clipsim"] = float(np.mean(clipsim(self.clip, list(result.frames), self.prompts)))
-        return metrics, frame_grid(result.frames)
+        return metrics, self.grid(result.frames)
+
+    def grid(self, frames: np.ndarray) -> np.ndarray:
+        """The frame grid of the samples; where they have the real clips' size, each sample's row follows its
+        real clip's (the first GRID_ROWS / 2 requests), so a look shows what the sample should have been."""
+        if frames.shape[2:] != self.real.shape[2:]:
+            return frame_grid(frames)
+        length = min(frames.shape[1], self.real.shape[1])
+        pairs = np.stack([self.real[:, :length], frames[:, :length]], axis=1).reshape(-1, length, *frames.shape[2:])
+        return frame_grid(pairs)

@@ -60,3 +60,13 @@ def test_fvd_of_samples_cuts_both_sets_to_their_common_length():
     assert evaluation._fvd(fake) == pytest.approx(expect, rel=1e-9) and expect > 0
     with pytest.raises(SampledEvalError, match="the I3D needs at least 10"):
         evaluation._fvd(fake[:, :9])
+
+
+def test_the_grid_shows_each_real_clip_above_its_sample():
+    real = np.zeros((4, 3, 2, 2, 3), np.uint8)
+    samples = np.full((4, 3, 2, 2, 3), 200, np.uint8)
+    evaluation = SampledEvaluation(config=None, mesh=None, prompts=[], inputs=None, real=real, encoders=(None,) * 3)
+    grid = evaluation.grid(samples)
+    assert grid.shape == (8 * 2, 3 * 2, 3)
+    assert (grid[0:2] == 0).all() and (grid[2:4] == 200).all() and (grid[4:6] == 0).all()
+    assert evaluation.grid(np.zeros((4, 3, 4, 4, 3), np.uint8)).shape == (4 * 4, 3 * 4, 3)  # other size: samples
