@@ -117,14 +117,25 @@ class Unit3D(nnx.Module):
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, stride: int, dtype) -> jax.Array:
-    """`[B, T, H, W, Cin] x [kt, kh, kw, Cin, Cout]` with TF SAME padding; a 1x1x1 kernel is a matmul."""
+    """`[B, T, H, W, Cin] x [kt, kh, kw, Cin, Cout]` with TF SAME padding and the same stride on every axis.
+
+    Computed as a 2D convolution per output frame whose input channels are the kt frames it reads (time folded into
+    channels): XLA:CPU runs 2D convolutions 2-4x faster than 3D ones (measured for this network's 3x3x3 and
+    7x7x7/2 layers on 2 cores); the same sums in another order (float32 differences ~1e-6). A 1x1x1 kernel is a
+    matmul."""
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if kernel.shape[:3] == (1, 1, 1) and stride == 1:
+    kt, kh, kw, cin, cout = kernel.shape
+    if (kt, kh, kw) == (1, 1, 1) and stride == 1:
         return jnp.einsum("bthwc,cd->bthwd", x, kernel[0, 0, 0], preferred_element_type=jnp.float32)
-    pads = [same_pads(s, k, stride) for s, k in zip(x.shape[1:4], kernel.shape[:3])]
-    return jax.lax.conv_general_dilated(x, kernel, (stride,) * 3, pads,
-                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-                                        preferred_element_type=jnp.float32)
+    b, t, h, w, _ = x.shape
+    frames = -(-t // stride)
+    x = jnp.pad(x, ((0, 0), same_pads(t, kt, stride), (0, 0), (0, 0), (0, 0)))
+    x = jnp.concatenate([x[:, i:i + stride * (frames - 1) + 1:stride] for i in range(kt)], axis=-1)
+    kernel = kernel.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * cin, cout)  # channel = tap * cin + c
+    y = jax.lax.conv_general_dilated(x.reshape(b * frames, h, w, kt * cin), kernel, (stride, stride),
+                                     [same_pads(h, kh, stride), same_pads(w, kw, stride)],
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+    return y.reshape(b, frames, *y.shape[1:])
 
 
 def max_pool(x: jax.Array, window: tuple[int, ...], strides: tuple[int, ...], padding: str) -> jax.Array:
