@@ -84,6 +84,13 @@ FVD_PROTOCOLS: dict[str, FVDProtocol] = {
         "fvd2048_16f", num_frames=16, num_videos=2048, resize="torch_bilinear", covariance="population",
         description="StyleGAN-V / Latte: 2,048 real and 2,048 generated 16-frame clips, x/255*2-1, bilinear "
                     "(half-pixel, no antialias) to 224x224, population covariance, scipy sqrtm"),
+    # LaVie's zero-shot UCF-101 number (526.3): the Make-A-Video / Video LDM setting (class names as prompts, 100
+    # videos per class); the paper publishes no FVD code: StyleGAN-V's conventions are our reading (Latte, from the
+    # same group, points to StyleGAN-V for its FVD); docs/evaluation.md
+    "fvd_ucf101_zeroshot": FVDProtocol(
+        "fvd_ucf101_zeroshot", num_frames=16, num_videos=10100, resize="torch_bilinear", covariance="population",
+        description="LaVie's zero-shot UCF-101 setting: 10,100 generated 16-frame clips (100 per class), "
+                    "fvd2048_16f's pixels and statistics"),
     "fvd_tf": FVDProtocol(
         "fvd_tf", num_frames=None, num_videos=None, resize="tf1_bilinear", covariance="unbiased",
         matrix_sqrt="tfgan",
@@ -138,24 +145,29 @@ def check_videos(videos: Any, protocol: str | FVDProtocol = "fvd2048_16f") -> No
 
 # ------------------------------------------------------------------------------------------------ preprocessing
 
-def _tf1_axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """TF1 legacy bilinear taps of one axis: src = dst * in/out (no half-pixel centers), clamped at the end."""
-    src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
-    lo = np.floor(src).astype(np.int32)
+def _taps(n_in: int, n_out: int, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two source pixels and the weight of the second, per output pixel of one axis (no antialias):
+    'torch_bilinear': src = (dst + 0.5) * in/out - 0.5, clamped at 0 (PyTorch, align_corners=False);
+    'tf1_bilinear': src = dst * in/out (TF1 legacy, no half-pixel centers). Both clamp the second tap at the end."""
+    # float32 coordinates, as both libraries compute them (float64 ones move the weights by ~1e-5)
+    scale, dst = np.float32(n_in / n_out), np.arange(n_out, dtype=np.float32)
+    src = dst * scale
+    if mode == "torch_bilinear":
+        # PyTorch's CPU kernel computes scale * (dst + 0.5) - 0.5 with one rounding (a fused multiply-add)
+        src = np.maximum(np.float64(scale) * (dst + np.float32(0.5)).astype(np.float64) - 0.5, 0.0).astype(np.float32)
+    lo = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
     return lo, np.minimum(lo + 1, n_in - 1), (src - lo).astype(np.float32)
 
 
 def resize_frames(x: jax.Array, size: int, mode: str) -> jax.Array:
-    """`[B, T, H, W, C]` float -> `[B, T, size, size, C]` per frame (module docstring: 'torch_bilinear' or
-    'tf1_bilinear'); the identity when already that size."""
-    b, t, h, w, c = x.shape
-    if (h, w) == (size, size):
-        return x
-    if mode == "torch_bilinear":
-        return jax.image.resize(x, (b, t, size, size, c), "linear", antialias=False)
-    for axis, n in ((2, h), (3, w)):
-        lo, hi, frac = _tf1_axis(n, size)
-        shape = [1] * 5
+    """`[B, T, H, W, C]` float -> `[B, T, size, size, C]`, bilinear per frame, separable (module docstring: mode
+    'torch_bilinear' or 'tf1_bilinear'); the identity when already that size."""
+    for axis in (2, 3):
+        n = x.shape[axis]
+        if n == size:
+            continue
+        lo, hi, frac = _taps(n, size, mode)
+        shape = [1] * x.ndim
         shape[axis] = size
         frac = jnp.asarray(frac).reshape(shape)
         x = jnp.take(x, lo, axis=axis) * (1 - frac) + jnp.take(x, hi, axis=axis) * frac
