@@ -217,23 +217,3 @@ def abstract_i3d(config: I3DConfig = TF_HUB_I3D) -> InceptionI3d:
     """The I3D with shape-only variables (no compute: building it eagerly compiles one random init per shape, about
     a minute on a laptop CPU); fill them with `lavie_jax.convert.i3d.assign`."""
     return nnx.eval_shape(lambda: InceptionI3d(config, rngs=nnx.Rngs(0)))
-
-
-def random_i3d_params(model: InceptionI3d, seed: int = 0) -> dict[tuple[str, ...], np.ndarray]:
-    """Random params for `model` (host numpy, float32): He-scaled kernels and non-trivial BatchNorm statistics, so
-    that parity tests exercise every term of the inference BatchNorm."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        path = tuple(str(p) for p in path)
-        shape, name = tuple(var.shape), path[-1]
-        if name == "kernel":
-            value = rng.standard_normal(shape) * math.sqrt(2.0 / math.prod(shape[:-1]))
-        elif name == "bn_var":
-            value = rng.uniform(0.5, 1.5, shape)
-        elif name == "bn_scale":
-            value = rng.uniform(0.8, 1.2, shape)
-        else:  # bn_bias, bn_mean, logits bias
-            value = rng.standard_normal(shape) * 0.1
-        out[path] = value.astype(np.float32)
-    return out

@@ -78,7 +78,7 @@ def test_pytorch_i3d_state_dict_through_sharded_features(torch_reference):
 
 def test_torchscript_file_loads_like_its_state_dict(torch_reference):
     torch, model, folder = torch_reference
-    scripted = torch.jit.trace(model, torch.zeros(1, 3, 9, 32, 32), check_trace=False)
+    scripted = torch.jit.trace(model, torch.zeros(1, 3, 9, 8, 8), check_trace=False)  # small: tracing is slow
     scripted.save(str(folder / "i3d_torchscript.pt"))
     loaded = convert_i3d.load_i3d(folder / "i3d_torchscript.pt")
     assert loaded.config == i3d.I3DConfig(bn_eps=1e-3, pool_padding="zero")  # eps read from its BatchNorm modules
