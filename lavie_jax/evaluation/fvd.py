@@ -271,7 +271,8 @@ def stats_from_features(features: Any, *, protocol: str | FVDProtocol, num_frame
 
 def fvd(real: VideoStats, fake: VideoStats) -> float:
     """FVD between two sets' statistics: refuses different protocols or clip lengths and sets of < 2 videos; warns
-    below as many videos as feature dimensions (400: biased, noisy), at another count than the protocol's, and at different frame sizes."""
+    below as many videos as feature dimensions (400: biased, noisy), at another count than the protocol's, and at
+    different frame sizes."""
     if real.protocol != fake.protocol:
         raise FVDInputError(f"the real statistics use protocol {real.protocol!r}, the generated ones "
                             f"{fake.protocol!r}: compute both under one protocol")
@@ -314,7 +315,8 @@ class I3DFeatures:
     `InceptionI3d`."""
 
     def __init__(self, weights: str | os.PathLike | InceptionI3d | None = None, *,
-                 protocol: str | FVDProtocol = "fvd2048_16f", batch_size: int = 8, mesh: jax.sharding.Mesh | None = None,
+                 protocol: str | FVDProtocol = "fvd2048_16f", batch_size: int = 8,
+                 mesh: jax.sharding.Mesh | None = None,
                  variant: str | None = None, batch_axes: Sequence[str] = BATCH_AXES):
         self.protocol = get_protocol(protocol)
         if isinstance(weights, InceptionI3d):
