@@ -7,11 +7,13 @@
 
 Videos are uint8 RGB `[B, T, H, W, 3]` (what video files hold); each protocol says what happens to the pixels:
 
-| protocol | pixels -> I3D input | covariance, matrix root |
-|---|---|---|
-| `fvd2048_16f` (StyleGAN-V, Latte; default) | 16 frames; x/255*2-1; bilinear resize to 224x224 with half-pixel centers and no antialias (PyTorch `F.interpolate(align_corners=False)`, per frame); 2,048 clips per set | population (/N); `scipy.linalg.sqrtm(S_fake S_real)`, real part |
-| `fvd_ucf101_zeroshot` (LaVie's zero-shot UCF-101 number) | as `fvd2048_16f`, 10,100 generated clips | as `fvd2048_16f` |
-| `fvd_tf` (google-research `frechet_video_distance`) | any T >= 10; TF1 `resize_bilinear` (no half-pixel centers: src = dst * in/out) of the 0..255 values straight to 224x224, then 2x/255-1 | unbiased (/(N-1)); TF-GAN's symmetric-root formula |
+- `fvd2048_16f` (StyleGAN-V, Latte; default): 2,048 clips of 16 frames per set; x/255*2-1, then bilinear to
+  224x224 per frame with half-pixel centers and no antialias (PyTorch `F.interpolate(align_corners=False)`);
+  population covariance (/N), `scipy.linalg.sqrtm(S_fake S_real)`, real part.
+- `fvd_ucf101_zeroshot` (LaVie's zero-shot UCF-101 number): as `fvd2048_16f`, with 10,100 generated clips.
+- `fvd_tf` (google-research `frechet_video_distance`): any T >= 10; TF1 `resize_bilinear` (no half-pixel centers:
+  src = dst * in/out) of the 0..255 values straight to 224x224, then 2x/255-1; unbiased covariance (/(N-1)),
+  TF-GAN's symmetric-root formula.
 
 No protocol crops or keeps the aspect ratio. StyleGAN-V's TorchScript detector resizes inside the network; which mode it
 uses could not be read from the file here (`lavie_jax.convert.i3d.torchscript_resize_code` prints it where the file
