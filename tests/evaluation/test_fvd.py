@@ -10,7 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lavie_jax.evaluation.frechet import FeatureStats, frechet_distance, frechet_distance_tf
+from lavie_jax.evaluation.frechet import (
+    FeatureStats,
+    frechet_distance,
+    frechet_distance_tf,
+)
 from lavie_jax.evaluation.fvd import (
     FVD_PROTOCOLS,
     FVDInputError,
@@ -61,13 +65,13 @@ def test_feature_stats_stream_and_merge(features):
 
 
 def _stats(feats, protocol="fvd2048_16f", **kw):
-    fields = dict(protocol=protocol, num_frames=16, resolution=(64, 64), source="test")
+    fields = {"protocol": protocol, "num_frames": 16, "resolution": (64, 64), "source": "test"}
     return stats_from_features(feats, **{**fields, **kw})
 
 
 @pytest.mark.parametrize("protocol", ["fvd2048_16f", "fvd_tf"])
 def test_fvd_of_a_set_with_itself_is_zero(protocol):
-    feats = np.random.default_rng(1).standard_normal((2048, 400)) * 3.0  # the protocol's count and dimension
+    feats = np.random.default_rng(1).standard_normal((2048, 128)) * 3.0  # the protocol's count; fewer dims: cheaper
     s = _stats(feats, protocol, num_frames=16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about here
@@ -134,13 +138,14 @@ def test_tf_protocol_takes_any_length_from_ten_frames():
         dataclasses.replace(FVD_PROTOCOLS["fvd2048_16f"], num_frames=8)
 
 
-def test_torch_bilinear_resize_matches_pytorch():
+@pytest.mark.parametrize(("h", "w", "size"), [(40, 20, 32), (240, 320, 224)])  # down/up; UCF-101 frames -> 224
+def test_torch_bilinear_resize_matches_pytorch(h, w, size):
     torch = pytest.importorskip("torch")
-    x = np.random.default_rng(4).uniform(0, 255, (1, 2, 40, 20, 3)).astype(np.float32)  # down in H, up in W
-    ours = np.asarray(resize_frames(jnp.asarray(x), 32, "torch_bilinear"))
-    t = torch.from_numpy(x).permute(0, 1, 4, 2, 3).reshape(2, 3, 40, 20)
-    ref = torch.nn.functional.interpolate(t, size=(32, 32), mode="bilinear", align_corners=False, antialias=False)
-    np.testing.assert_allclose(ours, ref.reshape(1, 2, 3, 32, 32).permute(0, 1, 3, 4, 2).numpy(), atol=2e-4)
+    x = np.random.default_rng(4).uniform(0, 255, (1, 2, h, w, 3)).astype(np.float32)
+    ours = np.asarray(resize_frames(jnp.asarray(x), size, "torch_bilinear"))
+    t = torch.from_numpy(x).permute(0, 1, 4, 2, 3).reshape(2, 3, h, w)
+    ref = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    np.testing.assert_allclose(ours, ref.reshape(1, 2, 3, size, size).permute(0, 1, 3, 4, 2).numpy(), atol=2e-4)
 
 
 def test_tf1_bilinear_resize_has_no_half_pixel_centers():

