@@ -5,7 +5,7 @@ For each video: the mean over all its frames of cos(E_img(frame), E_txt(caption)
 in the papers), both L2-normalised; the metric is the mean over videos (one caption each). It is a raw cosine (about
 0.29-0.31 for good text-to-video models on MSR-VTT): no x100, no clamp. torchmetrics' `clip_score` differs: it
 multiplies by 100, defaults to ViT-L/14, averages over all (frame, caption) pairs (videos with more frames weigh
-more) and clamps the mean at 0 (docs/evaluation_clipsim_is.md).
+more) and clamps the mean at 0 (docs/evaluation.md, CLIPSIM).
 """
 
 from __future__ import annotations

@@ -142,7 +142,9 @@ def add_subcommands(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
     sampling(p)
     p.add_argument("--real", required=True, metavar="DIR|STATS", help="UCF-101 videos or their stats file")
     p.add_argument("--per-class", type=command.bounded_int(1), default=100, metavar="N")
-    p.add_argument("--protocol", choices=sorted(FVD_PROTOCOLS), default="fvd2048_16f")
+    p.add_argument("--protocol", choices=sorted(FVD_PROTOCOLS), default="fvd_ucf101_zeroshot",
+                   help="FVD protocol (default %(default)s: StyleGAN-V's pixels and statistics, LaVie's 10,100 "
+                        "clips; docs/evaluation.md)")
     p.add_argument("--i3d", metavar="FILE")
     p.add_argument("--num-videos", type=command.bounded_int(0), default=0, metavar="N",
                    help="videos per set for FVD (default 0: all of each set)")
