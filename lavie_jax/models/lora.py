@@ -267,3 +267,19 @@ def merge_into(model: nnx.Module, adapters: Sequence[tuple[Adapter, float]]) -> 
 
 def _split(path: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in path.split("."))
+
+
+def adapter_from_params(model: nnx.Module, rules: Sequence[Any], params: Mapping[str, Any], *,
+                        field: str = "train.lora.rules") -> dict[str, LayerAdapter]:
+    """The adapter a LoRA training run saved: `params` holds `<layer>.wrapper.adapter.lora_{a,b}` by dotted param
+    path (other keys are ignored); each layer's alpha comes from the run's `rules` over (unwrapped) `model`."""
+    values = {p: v for p, (_, v) in select_layers(model, parse_rules(rules, field=field),
+                                                   allow_unused_rules=True).items()}
+    out = {}
+    for path, (_, alpha) in values.items():
+        a, b = params.get(f"{path}.wrapper.adapter.lora_a"), params.get(f"{path}.wrapper.adapter.lora_b")
+        if a is None or b is None:
+            raise LoRAError(f"{field} select layer {path}, but the saved params have no adapter for it: the rules "
+                            "and the checkpoint disagree")
+        out[path] = LayerAdapter(np.asarray(a, np.float32), np.asarray(b, np.float32), alpha)
+    return out
