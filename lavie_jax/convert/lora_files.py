@@ -36,9 +36,12 @@ from flax import nnx
 from lavie_jax.convert.export import Entry, write_safetensors
 from lavie_jax.convert.keymap import official_names, to_flax_layout, to_torch_layout, torch_key
 from lavie_jax.convert.torch_files import WeightFileError, open_weights
+from lavie_jax.io import run_params, store
 from lavie_jax.io.safe_io import FileOwnership, atomic_file, check_output_file
+from lavie_jax.models.arch import arch_from_config
 from lavie_jax.models.layers import Dense
-from lavie_jax.models.lora import Adapter, LayerAdapter, LoRAError, check_adapter, lora_weights
+from lavie_jax.models.lora import Adapter, LayerAdapter, LoRAError, adapter_from_params, check_adapter, lora_weights
+from lavie_jax.models.unet import abstract_unet
 from lavie_jax.models.wrapping import layer_paths
 
 KIND = "lora"
@@ -78,7 +81,7 @@ ADAPTERS = FileOwnership(what="a LoRA adapter file written by lavie-jax", writer
 
 def _metadata(path: Path) -> dict[str, str]:
     with open_weights(path) as weights:
-        return dict(getattr(weights, "metadata", {}) or {})
+        return dict(weights.metadata)
 
 
 def module_table(model: nnx.Module) -> dict[str, str]:
@@ -215,10 +218,13 @@ def read_adapter(path: str | os.PathLike, model: nnx.Module, *, flag: str = "--l
     path = Path(path)
     if not path.is_file():
         raise LoRAError(f"{flag} {path}: no such file")
-    with open_weights(path) as weights:
-        meta = dict(getattr(weights, "metadata", {}) or {})
-        raw = {k: np.array(weights[k]) for k in weights}
     source = f"{flag} {path}"
+    try:
+        with open_weights(path) as weights:
+            meta = dict(weights.metadata)
+            raw = {k: np.array(weights[k]) for k in weights}
+    except WeightFileError as e:
+        raise LoRAError(f"{flag}: {e}") from None
     stage = meta.get("lavie_stage") if meta.get("lavie_kind") == KIND else None
     if stage is not None and stage != str(_stage(model)):
         raise LoRAError(f"{source} is an adapter of the {stage} stage, but the model is the {_stage(model)} stage's; "
@@ -238,7 +244,8 @@ def read_adapter(path: str | os.PathLike, model: nnx.Module, *, flag: str = "--l
             continue
         parts.setdefault(module, {})[part] = value
         if part != "alpha":
-            layout.add("kohya" if module.startswith("lora_unet_") else "diffusers")
+            layout.add("kohya" if module.startswith("lora_unet_") else
+                       "lavie-jax" if meta.get("lavie_kind") == KIND else "diffusers")
     if unknown:
         raise LoRAError(f"{source}: {len(unknown)} tensors are not LoRA weights (e.g. {unknown[:2]}); is this a model "
                         "checkpoint rather than an adapter?")
@@ -306,3 +313,18 @@ def adapter_summary(files: Sequence[tuple[AdapterFile, float]]) -> str:
                      f"scale {m:g}{skipped}")
     return "\n".join(lines)
 
+
+
+def export_run_adapter(source: store.Source, output: str | os.PathLike, *, ema: bool = True,
+                       overwrite: bool = False) -> dict:
+    """Write the adapters of a LoRA `lavie-train` work directory (its latest checkpoint's EMA, or raw, params) alone
+    as an adapter file; returns {"output", "step", "layers", "bytes"}."""
+    step, config, params = run_params.read_params(source.path, ema=ema, step=source.step)
+    rules = store.run_lora_rules(config)
+    if not rules:
+        raise LoRAError(f"--checkpoint {source.path} is not a LoRA run (its train.lora.rules is empty): export its "
+                        "UNet without --adapters-only")
+    model = abstract_unet(arch_from_config(config["unet"], config.get("stage")))
+    adapter = adapter_from_params(model, rules, params)
+    size = save_adapter(output, model, adapter, overwrite=overwrite)
+    return {"output": str(output), "step": step, "layers": len(adapter), "bytes": size}

@@ -159,3 +159,29 @@ def test_bad_inputs_get_one_clear_message(case, tmp_path):
         read_adapter(foreign, model)
     assert parse_lora_arg("a:b/c.safetensors:0.5") == ("a:b/c.safetensors", 0.5)
     assert parse_lora_arg("c.safetensors") == ("c.safetensors", 1.0)
+
+
+def test_export_lora_writes_the_merged_official_checkpoint(case, tmp_path):
+    """`lavie-convert export --lora FILE:SCALE`: the official-layout UNet with W + SCALE * alpha/r * B @ A."""
+    from safetensors.numpy import load_file
+
+    from lavie_jax.convert.cli import main
+    from lavie_jax.io.checkpoints import save_model
+
+    _, model, _, _, path = case
+    plain = nnx.clone(model)
+    unwrap_layers(plain)
+    save_model(plain, tmp_path / "unet", stage="base")
+    out = tmp_path / "merged.safetensors"
+    assert main(["export", "--checkpoint", str(tmp_path / "unet"), "--lora", f"{path}:0.5", "--output", str(out),
+                 "--quiet"]) == 0
+    merged, tensors = load_file(str(out)), load_file(str(path))
+    module = "down_blocks.0.resnets.0.conv1"
+    a, b = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
+    kernel = np.asarray(dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))[
+        ("down_blocks", 0, "resnets", 0, "conv1", "kernel")][...])
+    want = np.transpose(kernel, (3, 2, 0, 1)) + 0.5 * 4.0 / 2 * np.einsum("or,riyx->oiyx", b[:, :, 0, 0], a)
+    np.testing.assert_allclose(merged[f"{module}.weight"], want, rtol=1e-5, atol=1e-6)
+    untouched = "down_blocks.0.resnets.0.conv2.weight"
+    np.testing.assert_array_equal(merged[untouched], np.transpose(np.asarray(dict(nnx.to_flat_state(
+        nnx.state(plain, nnx.Param)))[("down_blocks", 0, "resnets", 0, "conv2", "kernel")][...]), (3, 2, 0, 1)))

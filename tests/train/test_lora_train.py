@@ -88,6 +88,17 @@ def test_a_lora_run_trains_the_adapters_alone_and_resumes_bitwise(lora_config, t
                                                            ema[f"{p}.wrapper.adapter.lora_b"]))
     np.testing.assert_allclose(flat[f"{p}.kernel"], want, rtol=1e-6, atol=1e-7)
 
+    # the run's adapters alone, as a file: read back onto the base, they are the EMA adapters
+    from lavie_jax.convert.cli import main as convert
+    from lavie_jax.convert.lora_files import read_adapter
+
+    out = tmp_path / "adapter.safetensors"
+    assert convert(["export", "--checkpoint", str(straight), "--adapters-only", "--output", str(out), "--quiet"]) == 0
+    loaded = read_adapter(out, base)
+    assert loaded.stage == "base" and len(loaded.layers) == 17
+    np.testing.assert_array_equal(loaded.layers[p].a, ema[f"{p}.wrapper.adapter.lora_a"])
+    assert loaded.layers[p].alpha == 4.0
+
 
 def test_bad_lora_sections_are_refused_before_anything_is_built(lora_config):
     from lavie_jax import parallel
