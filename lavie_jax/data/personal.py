@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
+from fractions import Fraction
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,24 +75,25 @@ def build_tables(instance: str | os.PathLike, caption: str, output: str | os.Pat
                  prior: str | os.PathLike | None = None, prior_caption: str | None = None,
                  prior_weight: float = 1.0, token: str | None = None) -> dict[str, int]:
     """Write `output/videos.csv` and/or `output/images.csv` (module docstring); returns rows per table. `token`,
-    when given, must occur in the caption template (a caption without the rare token teaches the class, not the
-    subject)."""
-    if token and token not in caption:
-        raise PersonalDataError(f"--caption {caption!r} does not contain the rare token {token!r}")
+    when given, must be a word of every instance caption (one without it teaches the class, not the subject)."""
     if prior is not None and not prior_weight > 0:
         raise PersonalDataError(f"--prior-weight must be > 0, got {prior_weight}")
     videos, images = _files(Path(instance), "--instance")
     rows = {"videos": [(p, _caption(caption, p, "--caption")) for p in videos],
             "images": [(p, _caption(caption, p, "--caption")) for p in images]}
+    lacking = [c for table in rows.values() for _, c in table if token and token not in c.split()]
+    if lacking:
+        raise PersonalDataError(f"--caption {caption!r} gives {lacking[0]!r}, without the rare token {token!r}: "
+                                "put the token in the template (or in the file names, with {stem})")
     if prior is not None:
         pv, pi = _files(Path(prior), "--prior")
         for name, found in (("videos", pv), ("images", pi)):
             own = rows[name]
             if not found or not own:
                 continue
-            want = prior_weight * len(own)  # repeat the smaller side so the ratio holds (every file at least once)
-            reps_own = max(1, math.ceil(len(found) / want))
-            reps_prior = max(1, round(want * reps_own / len(found)))
+            # repeat each side a whole number of times so that prior / instance rows come near prior_weight
+            ratio = Fraction(prior_weight * len(own) / len(found)).limit_denominator(8)
+            reps_own, reps_prior = ratio.denominator, max(1, ratio.numerator)
             rows[name] = own * reps_own + [(p, _prior_caption(p, prior_caption)) for p in found] * reps_prior
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--instance", required=True, metavar="DIR", help="clips and/or images of the new concept")
     p.add_argument("--caption", required=True, metavar="TEXT", help="caption template with the rare token "
                                                                      "({stem}: the file name)")
-    p.add_argument("--token", metavar="WORD", help="the rare token: checked to occur in --caption")
+    p.add_argument("--token", metavar="WORD", help="the rare token: checked to be in every instance caption")
     p.add_argument("--prior", metavar="DIR", help="prior-preservation samples of the class (lavie-sample output)")
     p.add_argument("--prior-caption", metavar="TEXT", help="their caption (default: each sidecar's prompt)")
     p.add_argument("--prior-weight", type=float, default=1.0, help="prior examples per instance example")

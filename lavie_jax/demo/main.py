@@ -16,6 +16,8 @@ Phases (each prints its progress and time; a phase whose results are on disk is 
                    as PROMPT_WITH_UNDERSCORES.{mp4,gif,json}
   6. evaluate      colour / direction accuracy per stage from the decoded frames (lavie_jax.demo.evaluate): the
                    table, DIR/summary.json and DIR/overview.png
+  7. personalise   a LoRA teaches the base a colour the data never shows, checked before/after from pixels
+                   (lavie_jax.demo.personalise; DIR/personalise/, DIR/runs/base_lora)
 Delete DIR (or DIR/runs/STAGE) to train again from scratch. The settings are packaged configs, loaded by name:
 `demo` (sources, autoencoder, text encoder width; configs/demo.py) and `STAGE:demo`. Compiled programs are kept in
 the user cache (~/.cache/lavie-jax/jax; `--compile-cache DIR` elsewhere, `--no-compile-cache` off), shared by the
@@ -347,6 +349,9 @@ def _run(argv: Sequence[str]) -> None:
     demo.train(args.jobs)
     results = demo.sample()
     summary = demo.evaluate(results)
+    from lavie_jax.demo.personalise import personalise  # 7. a LoRA teaches the base a new colour (docs/lora.md)
+
+    personalise(demo, summary)
     closing(summary, demo)
 
 

@@ -36,9 +36,9 @@ def test_bad_personal_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PersonalDataError, match="--instance .* holds no clips"):
         build_tables(tmp_path / "empty", "a sks dog", tmp_path / "out")
-    with pytest.raises(PersonalDataError, match="does not contain the rare token 'sks'"):
-        build_tables(tmp_path / "empty", "a dog", tmp_path / "out", token="sks")
     (tmp_path / "inst").mkdir()
     (tmp_path / "inst" / "a.mp4").write_bytes(b"x")
+    with pytest.raises(PersonalDataError, match="gives 'a dog', without the rare token 'sks'"):
+        build_tables(tmp_path / "inst", "a dog", tmp_path / "out", token="sks")
     with pytest.raises(PersonalDataError, match=r"only \{stem\} may be filled in"):
         build_tables(tmp_path / "inst", "a sks {name}", tmp_path / "out")
