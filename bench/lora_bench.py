@@ -98,7 +98,7 @@ def main() -> None:
             rows.append([f"lora r{rank}" if rank else "full", f"{r['trainable'] / 1e6:.3f}M",
                          f"{r['state'] / 1e6:.1f}", f"{r['ckpt'] / 1e6:.1f}", f"{r['step']:.4f}",
                          f"{r['file'] / 1e3:.0f}"])
-            print(rows[-1], flush=True)
+            print(f"{rows[-1][0]}: step {rows[-1][4]} s", flush=True)
     print()
     print(format_table(["mode", "trainable", "state MB", "ckpt MB", "step s", "file kB"], rows,
                        right=range(1, 6)))
