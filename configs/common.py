@@ -231,6 +231,12 @@ def train_config() -> ml_collections.ConfigDict:
     g.rules = TRAIN_ALL_RULES
     g.lr_multipliers = ml_collections.ConfigDict()  # trained group -> lr multiplier (default 1.0): {'temporal': 10}
     g.allow_unused_rules = False  # True: a rule selecting no param is allowed (one rule list for several stages)
+    lo = t.lora = ml_collections.ConfigDict()
+    # LoRA (docs/lora.md): ordered (regex, rank[, alpha]) rules over the UNet's Dense/Conv layer paths (first match
+    # wins, alpha defaults to rank); non-empty = only these adapters train (param_groups does not apply), the base
+    # (train.init, required) stays frozen and is not written into the checkpoints. Empty = no LoRA.
+    lo.rules = ()
+    lo.seed = 0  # init of the adapters' down (A) weights (up, B, starts at zero)
     e = t.ema = ml_collections.ConfigDict()
     e.decay = 0.9999  # EMA of the trained params: ema = decay * ema + (1 - decay) * params; 0 = no EMA
     e.warmup = False  # True: update t uses min(decay, (1 + t) / (10 + t)), so early EMA tracks the params closely

@@ -7,6 +7,8 @@
     lavie-convert pipeline --stage vsr --checkpoint lavie_vsr.pt --x4-dir stable-diffusion-x4-upscaler --output ckpt/vsr
     lavie-convert export --checkpoint ckpt/base --output lavie_base.safetensors
     lavie-convert export --checkpoint runs/base --output lavie_base.pt        # a lavie-train work directory (EMA)
+    lavie-convert export --checkpoint ckpt/base --lora style.safetensors:0.8 --output merged.safetensors
+    lavie-convert export --checkpoint runs/lora --adapters-only --output adapter.safetensors  # a LoRA run's adapters
 
 `lavie` writes a UNet directory; `sd`, `x4` and `pipeline` write pipeline directories (UNet, VAE, text encoder,
 tokenizer); `lavie_jax.io.store.load_unet` / `load_pipeline` read both. Every path is checked before any work.
@@ -33,6 +35,8 @@ from lavie_jax.runtime import compile_cache, startup
 from lavie_jax.io.checkpoints import (CHECKPOINTS, DEFAULT_GROUP_BYTES, PIPELINE_COMPONENTS, CheckpointError,
                                    abstract_component, write_component, write_metadata)
 from lavie_jax.convert.export import check_export_output, export_checkpoint
+from lavie_jax.convert.lora_files import export_run_adapter, read_adapters
+from lavie_jax.models.unet import abstract_unet
 from lavie_jax.convert.inflate import check_source, inflate_state_dict, stage_unet_config
 from lavie_jax.convert.keymap import param_paths, torch_shapes
 from lavie_jax.convert.state_dict import check_rotary, check_state_dict, iter_flax_params
@@ -305,6 +309,11 @@ def build_parser() -> command.ArgumentParser:
     p.add_argument("--params", default="ema", choices=("ema", "raw"),
                    help="a lavie-train work directory: the EMA of the trained params, or the raw ones (default "
                         "%(default)s)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA adapter merged into the exported UNet with multiplier SCALE (default 1); repeatable")
+    p.add_argument("--adapters-only", action="store_true",
+                   help="a LoRA lavie-train work directory: write its trained adapters alone (.safetensors, the "
+                        "diffusers/PEFT layout under the official module names) instead of the merged UNet")
     return parser
 
 
@@ -360,8 +369,23 @@ def _run(args: argparse.Namespace) -> None:
                                        kinds=("pipeline", "unet", "workdir", "vae", "text_encoder"))
         except store.SourceError as e:
             raise command.UsageError(str(e)) from None
+        if args.adapters_only:
+            if args.lora:
+                raise command.UsageError("--adapters-only writes a run's own adapters; drop --lora (or "
+                                         "--adapters-only to export the merged UNet)")
+            info = export_run_adapter(source, args.output, ema=args.params == "ema", overwrite=args.overwrite)
+            report.say(f"wrote {info['output']} (step {info['step']}): adapters of {info['layers']} layers, "
+                       f"{info['bytes'] / 1e6:.2f} MB")
+            return
+        lora = []
+        if args.lora:
+            if args.component != "unet":
+                raise command.UsageError(f"--lora adapts the UNet; drop --component {args.component}")
+            unet = abstract_unet(store.stored_arch(source))
+            lora = [(f.layers, m) for f, m in read_adapters(args.lora, unet)]
         info = export_checkpoint(source, args.output, component=args.component, overwrite=args.overwrite,
-                                 group_bytes=args.group_mb << 20, ema=args.params == "ema", meter=report.meter)
+                                 group_bytes=args.group_mb << 20, ema=args.params == "ema", meter=report.meter,
+                                 lora=lora)
         what = "" if info.get("step") is None else (f" (step {info['step']}, the run's latest complete checkpoint; "
                                                      f"its {'EMA' if info['params'] == 'ema' else 'raw'} params)")
         report.say(f"wrote {info['output']}{what}: {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB")

@@ -31,6 +31,7 @@ from lavie_jax.convert.keymap import official_names, param_paths, rotary_freq_ke
 from lavie_jax.convert.state_dict import Arena
 from lavie_jax.convert.torch_files import INSTALL_TORCH, MAX_HEADER_BYTES, SAFETENSORS_DTYPES, WeightFileError
 from lavie_jax.models.embeddings import rotary_frequencies
+from lavie_jax.models.lora import Adapter, check_adapter
 from lavie_jax.io.safe_io import FileOwnership, OutputPathError, atomic_file, check_output_file
 
 Entry = tuple[str, tuple[int, ...], np.dtype]  # (key, shape, dtype)
@@ -200,12 +201,20 @@ def _official_layout(model: Any, kind: str) -> tuple[dict, list[Entry], dict[str
 
 
 def torch_state_stream(checkpoint: str | os.PathLike | store.Source, *, component: str = "unet", ema: bool = True,
-                       group_bytes: int = DEFAULT_GROUP_BYTES
+                       group_bytes: int = DEFAULT_GROUP_BYTES, lora: Sequence[tuple[Adapter, float]] = ()
                        ) -> tuple[list[Entry], Iterator[tuple[str, np.ndarray]], dict[str, Any]]:
     """(entries, lazy `(key, array)` stream in entry order, metadata) of one stored model under the official names:
     a component of a `lavie-convert` directory, or a `lavie-train` work directory's UNet (its EMA params unless
-    `ema=False`), read through `lavie_jax.io.store.stored_params` (checked against the architecture first)."""
+    `ema=False`), read through `lavie_jax.io.store.stored_params` (checked against the architecture first).
+    `lora`: `(adapter, multiplier)` pairs merged into the UNet's kernels on the way (`W + m * alpha / r * delta`,
+    on the host, one kernel at a time)."""
     model, params, meta = store.stored_params(checkpoint, component=component, ema=ema, group_bytes=group_bytes)
+    if lora:
+        if meta["kind"] != "unet":
+            raise CheckpointError(f"--lora adapters change a UNet, but the export is a {meta['kind']}")
+        for i, (adapter, _) in enumerate(lora):
+            check_adapter(model, adapter, what=f"adapter {i}")
+        params = _merged(params, lora)
     kind = meta["kind"]
     if kind == "text_encoder" and model.config.add_caption_sum:
         raise CheckpointError(f"{getattr(checkpoint, 'path', checkpoint)}: this text encoder adds its caption's "
@@ -225,19 +234,35 @@ def torch_state_stream(checkpoint: str | os.PathLike | store.Source, *, componen
     return entries, stream(), meta
 
 
+def _merged(params: Iterator[tuple[tuple[str, ...], np.ndarray]], lora: Sequence[tuple[Adapter, float]]
+            ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    for path, value in params:
+        layer = ".".join(map(str, path[:-1]))
+        hits = [(adapter[layer], m) for adapter, m in lora if layer in adapter] if path[-1] == "kernel" else []
+        if hits:
+            value = np.asarray(value, np.float32).copy()
+            for w, m in hits:
+                value += np.float32(m * w.scale) * np.einsum("...ir,ro->...io", np.asarray(w.a, np.float32),
+                                                             np.asarray(w.b, np.float32))
+        yield path, value
+
+
 def export_checkpoint(checkpoint: str | os.PathLike | store.Source, output: str | os.PathLike, *,
                       component: str = "unet",
                       group_bytes: int = DEFAULT_GROUP_BYTES, overwrite: bool = False, ema: bool = True,
-                      meter: Callable[[str, int, int], Callable[[int, int], None]] | None = None) -> dict[str, Any]:
+                      meter: Callable[[str, int, int], Callable[[int, int], None]] | None = None,
+                      lora: Sequence[tuple[Adapter, float]] = ()) -> dict[str, Any]:
     """Export one component (default: the UNet) of a component or pipeline directory, or the UNet of a
     `lavie-train` work directory (its EMA params, or the raw ones with `ema=False`).
 
     `.safetensors` and `.bin` hold the bare state dict, a UNet's `.pt` `{'ema': state_dict}`. `meter(label, tensors,
-    bytes)` may return a `(tensors done, bytes done)` progress callback. Returns {"output", "tensors", "bytes",
+    bytes)` may return a `(tensors done, bytes done)` progress callback. `lora`: adapters merged into the UNet
+    (`torch_state_stream`). Returns {"output", "tensors", "bytes",
     "kind", "stage", "step", "params"} (the last two: the step and 'ema' / 'raw' of a work directory, else None).
     """
     output = check_export_output(output, overwrite=overwrite)
-    entries, stream, meta = torch_state_stream(checkpoint, component=component, ema=ema, group_bytes=group_bytes)
+    entries, stream, meta = torch_state_stream(checkpoint, component=component, ema=ema, group_bytes=group_bytes,
+                                               lora=lora)
     total = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in entries)
     progress = meter("export", len(entries), total) if meter is not None else None
     info = {"output": str(output), "tensors": len(entries), "kind": meta["kind"], "stage": meta.get("stage"),

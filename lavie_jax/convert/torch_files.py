@@ -109,8 +109,10 @@ class WeightFile(Mapping[str, LazyTensor]):
     """
 
     def __init__(self, tensors: dict[str, LazyTensor], *, description: str, files: list[tuple[str, int]],
-                 note: str = "", closers: list[Callable[[], None]] | None = None):
+                 note: str = "", closers: list[Callable[[], None]] | None = None,
+                 metadata: dict[str, str] | None = None):
         self._tensors, self.description, self.files, self.note = tensors, description, files, note
+        self.metadata = dict(metadata or {})  # a safetensors header's `__metadata__` (adapter files keep alpha there)
         self._closers = closers or []
 
     def __getitem__(self, key: str) -> LazyTensor:
@@ -260,8 +262,9 @@ def _open_safetensors(path: Path) -> WeightFile:
         raise
     tensors = {key: LazyTensor(key, shape, dtype, functools.partial(mapping.view, key, offset, nbytes, dtype, shape))
                for key, (offset, nbytes, dtype, shape) in entries.items()}
+    meta = header.get("__metadata__")
     return WeightFile(tensors, description=f"{path} (safetensors)", files=[(str(path), size)],
-                      closers=[mapping.close])
+                      closers=[mapping.close], metadata=meta if isinstance(meta, dict) else None)
 
 
 # ---------------------------------------------------------------------------------------------------- torch pickles

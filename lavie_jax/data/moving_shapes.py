@@ -11,6 +11,7 @@ rebuilt anywhere with the same config is bit-identical. It is the embedded defau
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -100,12 +101,14 @@ def _mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
     return inside
 
 
-def render(params: ShapeVideo, num_frames: int, height: int, width: int) -> np.ndarray:
-    """The frames of one video: uint8 `[num_frames, height, width, 3]`."""
+def render(params: ShapeVideo, num_frames: int, height: int, width: int,
+           palette: Mapping[str, tuple[int, int, int]] = COLORS) -> np.ndarray:
+    """The frames of one video: uint8 `[num_frames, height, width, 3]`; `palette` names its colour (a colour the
+    dataset never shows, for personalisation data)."""
     s = _SUPERSAMPLE
     ys = (np.arange(height * s) + 0.5) / s
     xs = (np.arange(width * s) + 0.5) / s
-    color = np.array(COLORS[params.color], np.float32)
+    color = np.array(palette[params.color], np.float32)
     background = np.array(params.background, np.float32)
     frames = np.empty((num_frames, height, width, 3), np.uint8)
     for t in range(num_frames):

@@ -19,6 +19,8 @@ Phases (each prints its progress and time; a phase whose results are on disk is 
   7. fvd           FVD with the real I3D of the interpolation and VSR videos against held-out clips, and of the
                    interpolation run's samples at four points of its training (lavie_jax.demo.fvd): the table,
                    DIR/fvd.json and DIR/fvd_training.png
+  8. personalise   a LoRA teaches the base a colour the data never shows, checked before/after from pixels
+                   (lavie_jax.demo.personalise; DIR/personalise/, DIR/runs/base_lora)
 Delete DIR (or DIR/runs/STAGE) to train again from scratch. The settings are packaged configs, loaded by name:
 `demo` (sources, autoencoder, text encoder width; configs/demo.py) and `STAGE:demo`. Compiled programs are kept in
 the user cache (~/.cache/lavie-jax/jax; `--compile-cache DIR` elsewhere, `--no-compile-cache` off), shared by the
@@ -366,6 +368,9 @@ def _run(argv: Sequence[str]) -> None:
     results = demo.sample()
     summary = demo.evaluate(results)
     summary = demo.fvd(results, summary)
+    from lavie_jax.demo.personalise import personalise  # 8. a LoRA teaches the base a new colour (docs/lora.md)
+
+    personalise(demo, summary)
     closing(summary, demo)
 
 

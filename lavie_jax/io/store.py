@@ -46,6 +46,7 @@ from lavie_jax.io.keycheck import check_keys
 from lavie_jax.models import VAE_CONFIGS, AutoencoderKL, CLIPTextEncoder, UNet3D, abstract_text_encoder, abstract_vae
 from lavie_jax.models.arch import UNetArch, arch_from_config
 from lavie_jax.models.clip import text_encoder_config
+from lavie_jax.models.lora import adapter_from_params, merge_params
 from lavie_jax.models.options import ExecutionOptions
 from lavie_jax.models.unet import abstract_unet
 from lavie_jax.parallel import DEFAULT_RULES, Rules, shard_module
@@ -219,8 +220,31 @@ def _arch_diff(a: UNetArch, b: UNetArch) -> list[str]:
     return [f.name for f in dataclasses.fields(UNetArch) if getattr(a, f.name) != getattr(b, f.name)]
 
 
+def run_lora_rules(config: Mapping[str, Any]) -> tuple:
+    """A stored run config's `train.lora.rules` (empty: not a LoRA run)."""
+    lora = (config.get("train") or {}).get("lora") or {}
+    return tuple(tuple(r) for r in lora.get("rules") or ())
+
+
+def _lora_workdir_unet(source: Source, step: int, stored: Mapping[str, Any], params: dict, mesh, rules: Rules,
+                       options) -> UNet3D:
+    """A LoRA run's UNet: its base (the run's `train.init`, read again: the checkpoints do not hold it) with the
+    trained adapters (`params`: EMA or raw) merged into the kernels."""
+    try:
+        base = open_source(stored["train"]["init"], stage=stored.get("stage"), kinds=("pipeline", "unet", "workdir"),
+                           flag=f"the base of LoRA run {source.path} (its train.init)")
+    except SourceError as e:
+        raise SourceError(f"{e}; the run's checkpoints hold its adapters only: restore its base there") from None
+    unet = load_unet(base, mesh=mesh, rules=rules, options=options)
+    adapter = adapter_from_params(unet, run_lora_rules(stored), params)
+    nnx.update(unet, merge_params(unet, [(adapter, 1.0)]))
+    return unet
+
+
 def _workdir_unet(source: Source, mesh, rules: Rules, options, ema: bool) -> UNet3D:
     step, stored, params = run_params.read_params(source.path, ema=ema, step=source.step)
+    if run_lora_rules(stored):
+        return _lora_workdir_unet(source, step, stored, params, mesh, rules, options)
     unet = abstract_unet(arch_from_config(stored["unet"], stored.get("stage")), options=options)
     state = nnx.state(unet, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
@@ -352,6 +376,10 @@ def stored_params(source: Source | str | os.PathLike, *, component: str = "unet"
             raise SourceError(f"{source.path} is a lavie-train work directory: it holds a trained UNet only; its "
                               "VAE and text encoder are those of the pipeline directory it trained with")
         step, config, params = run_params.read_params(source.path, ema=ema, step=source.step)
+        if run_lora_rules(config):  # the base with the adapters merged: a plain UNet from here on
+            model = _lora_workdir_unet(source, step, config, params, None, DEFAULT_RULES, None)
+            params = {".".join(map(str, p)): np.asarray(v[...], np.float32)
+                      for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
         model = abstract_unet(arch_from_config(config["unet"], config.get("stage")))
         expected = {".".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model,
                                                                                                   nnx.Param))}

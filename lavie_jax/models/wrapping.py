@@ -41,14 +41,10 @@ def _examples(paths: Sequence[str], n: int = 4) -> str:
     return ", ".join(picks) + (", ..." if len(paths) > n else "")
 
 
-def wrap_layers(model: nnx.Module, rules: Sequence[tuple[str, Any]],
-                make: Callable[[str, nnx.Module, Any], nnx.Module], *, allow_unused_rules: bool = False
-                ) -> dict[str, nnx.Module]:
-    """Fill the wrapper slot of every layer a rule selects (module docstring), in place; returns `{path: wrapper}`.
-
-    `rules`: ordered `(regex, value)` pairs; `make(path, layer, value)` builds the wrapper of one layer. A layer that
-    is already wrapped, a bad regex, or a rule that selects no layer (unless `allow_unused_rules`) raises
-    WrapRuleError before any layer changes."""
+def select_layers(model: nnx.Module, rules: Sequence[tuple[str, Any]], *, allow_unused_rules: bool = False
+                  ) -> dict[str, tuple[nnx.Module, Any]]:
+    """`{path: (layer, value)}` of the layers `rules` select (first matching rule wins), changing nothing. A bad rule,
+    or a rule that selects no layer (unless `allow_unused_rules`), raises WrapRuleError."""
     layers = layer_paths(model)
     compiled = []
     for i, rule in enumerate(rules):
@@ -69,13 +65,25 @@ def wrap_layers(model: nnx.Module, rules: Sequence[tuple[str, Any]],
     if unused and not allow_unused_rules:
         raise WrapRuleError(f"wrap rules {unused} select no layer (a rule that follows a broader one may never be "
                             f"reached); the {len(layers)} wrappable layers have paths like {_examples(list(layers))}")
-    taken = [p for p in chosen if layers[p].wrapper is not None]
+    return {path: (layers[path], value) for path, (_, value) in chosen.items()}
+
+
+def wrap_layers(model: nnx.Module, rules: Sequence[tuple[str, Any]],
+                make: Callable[[str, nnx.Module, Any], nnx.Module], *, allow_unused_rules: bool = False
+                ) -> dict[str, nnx.Module]:
+    """Fill the wrapper slot of every layer a rule selects (module docstring), in place; returns `{path: wrapper}`.
+
+    `rules`: ordered `(regex, value)` pairs; `make(path, layer, value)` builds the wrapper of one layer. A layer that
+    is already wrapped, a bad regex, or a rule that selects no layer (unless `allow_unused_rules`) raises
+    WrapRuleError before any layer changes."""
+    chosen = select_layers(model, rules, allow_unused_rules=allow_unused_rules)
+    taken = [p for p, (layer, _) in chosen.items() if layer.wrapper is not None]
     if taken:
         raise WrapRuleError(f"layers {taken[:3]}{' ...' if len(taken) > 3 else ''} are already wrapped; unwrap them "
                             "first (unwrap_layers)")
-    made = {path: make(path, layers[path], value) for path, (_, value) in chosen.items()}
+    made = {path: make(path, layer, value) for path, (layer, value) in chosen.items()}
     for path, wrapper in made.items():
-        layers[path].wrapper = wrapper
+        chosen[path][0].wrapper = wrapper
     return made
 
 

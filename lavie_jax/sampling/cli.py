@@ -17,7 +17,8 @@ stages do. `--checkpoint random` samples with random weights (architecture from 
 videos); a `lavie-train` work directory samples its latest checkpoint (EMA params, or `--params raw`), with the
 config the run stored when `--config` is left out (`--config.FIELD=...` overrides still apply). A single
 stage writes into `--output`; a cascade into `--output/STAGE/`; existing files are refused unless
-`--overwrite`. Every input, flag and output path is checked before any model runs, and nothing is created until
+`--overwrite`. `--lora FILE[:SCALE]` (repeatable; `--STAGE-lora` for a later stage) merges LoRA adapters into
+the stage's UNet before it compiles (docs/lora.md). Every input, flag and output path is checked before any model runs, and nothing is created until
 there is a video to write. Ctrl-C (or SIGTERM) stops a run within a step: finished videos stay, partial files are
 removed (exit status 130, or 143). On several hosts, run the same command on each with `--distributed`
 (launch/tpu.py, launch/slurm.py): the mesh spans all hosts and process 0 writes the files.
@@ -56,6 +57,8 @@ from lavie_jax.io.readback import DamagedCheckpointError
 from lavie_jax.cli.config_flags import ConfigArgError, is_run
 from lavie_jax.io.keycheck import KeyMismatchError
 from lavie_jax.models.arch import ConfigError
+from lavie_jax.models.lora import LoRAError
+from lavie_jax.convert.torch_files import WeightFileError
 from lavie_jax.models.options import ExecutionOptionsError
 from lavie_jax.models.options import from_config as options_from_config
 from lavie_jax.parallel import failed_processes, initialize_distributed, make_mesh
@@ -65,7 +68,8 @@ from lavie_jax.sampling.options import SampleConfigError, sample_options
 from lavie_jax.sampling.outputs import (OutputError, check_no_overwrite, check_output_dir, read_inputs, unique_stems,
                                         write_result)
 from lavie_jax.io.store import Source
-from lavie_jax.sampling.pipeline import RANDOM, PipelineError, check_checkpoint, load_stage_pipeline
+from lavie_jax.sampling.pipeline import (RANDOM, PipelineError, apply_lora, check_checkpoint, check_lora,
+                                        load_stage_pipeline)
 from lavie_jax.sampling.sampler import StageSampler
 from lavie_jax.stages import REGISTRY, STAGES, RequestError, get_stage
 from lavie_jax.io.video import VideoReadError
@@ -103,6 +107,13 @@ def build_parser() -> command.ArgumentParser:
                              "params, or the raw ones (default: %(default)s)")
     for name in LATER_STAGES:
         stages.add_argument(f"--{name}-checkpoint", metavar="DIR", help=f"pipeline directory of the --{name} stage")
+    stages.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="a LoRA adapter (.safetensors: lavie-jax, diffusers/PEFT or kohya layout; community SD "
+                             "1.x files fit the base stage) merged into the --config stage's UNet with multiplier "
+                             "SCALE (default 1); repeatable, the changes add up")
+    for name in LATER_STAGES:
+        stages.add_argument(f"--{name}-lora", action="append", default=[], metavar="FILE[:SCALE]",
+                            help=f"a LoRA adapter of the --{name} stage (as --lora)")
     io = p.add_argument_group("prompts, videos and output")
     io.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     io.add_argument("--prompt-file", metavar="FILE",
@@ -135,7 +146,8 @@ UsageError = command.UsageError  # bad or missing command-line flags
 
 # user errors: reported in one line, without a traceback, exit status 2
 ERRORS = (UsageError, ConfigArgError, SampleConfigError, PipelineError, OutputError, OutputPathError, RequestError,
-          CheckpointError, ConfigError, KeyMismatchError, VideoReadError, FileNotFoundError, DamagedCheckpointError)
+          CheckpointError, ConfigError, KeyMismatchError, VideoReadError, FileNotFoundError, DamagedCheckpointError,
+          LoRAError, WeightFileError)
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -350,6 +362,7 @@ class _Plan(NamedTuple):
     directories: dict[str, Path]  # stage -> output directory
     formats: dict[str, tuple[str, ...]]  # stage -> video formats written
     mesh: jax.sharding.Mesh
+    adapters: list[list]  # each stage's (AdapterFile, multiplier) pairs, checked against its UNet
 
 
 def _plan(args: argparse.Namespace, stages: list[_Stage]) -> _Plan:
@@ -399,7 +412,12 @@ def _plan(args: argparse.Namespace, stages: list[_Stage]) -> _Plan:
     except ValueError as e:
         raise UsageError(f"--config.mesh.shape={shape}: {e}; -1 takes the remaining devices, e.g. "
                          "--config.mesh.shape=(-1,1,1,1)") from e
-    return _Plan(output, sources, groups, stems, directories, formats, mesh)
+    adapters = [check_lora(s.config, getattr(args, "lora" if s.flag == "config" else f"{s.flag}_lora"),
+                           "--lora" if s.flag == "config" else f"--{s.flag}-lora") for s in stages]
+    for name in LATER_STAGES:
+        if getattr(args, f"{name}_lora") and name not in [s.flag for s in stages]:
+            raise UsageError(f"--{name}-lora given without --{name} CONFIG; add the {name} stage or drop the flag")
+    return _Plan(output, sources, groups, stems, directories, formats, mesh, adapters)
 
 
 def _check_inputs_survive(groups: list[tuple], directories: dict[str, Path], stems: dict[int, str],
@@ -547,8 +565,9 @@ def run(argv: Sequence[str]) -> list:
                          "own error says why); every process stops")
 
     ema = args.params == "ema"
-    cascade = Cascade([StageSampler(s.config, load_stage_pipeline(s.config, source, plan.mesh, ema=ema), plan.mesh)
-                       for s, source in zip(stages, plan.sources)])
+    cascade = Cascade([StageSampler(s.config, apply_lora(load_stage_pipeline(s.config, source, plan.mesh, ema=ema),
+                                                         adapters), plan.mesh)
+                       for s, source, adapters in zip(stages, plan.sources, plan.adapters)])
     for indices, prompts, videos, fps, _ in plan.groups:
         cascade.check(prompts, videos, fps)
     before = _before(plan)

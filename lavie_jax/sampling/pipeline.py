@@ -18,13 +18,19 @@ from pathlib import Path
 
 import jax
 import ml_collections
+from flax import nnx
 
+from lavie_jax.convert.lora_files import AdapterFile, adapter_summary, read_adapters
 from lavie_jax.io import store
 from lavie_jax.io.store import RANDOM, Pipeline, SourceError
+from lavie_jax.models.arch import arch_from_config
+from lavie_jax.models.lora import merge_params
 from lavie_jax.models.options import from_config
+from lavie_jax.models.unet import abstract_unet
 from lavie_jax.stages import LATENT_CHANNELS, get_stage
 
-__all__ = ["RANDOM", "PipelineError", "check_checkpoint", "check_pipeline", "load_stage_pipeline", "random_pipeline"]
+__all__ = ["RANDOM", "PipelineError", "apply_lora", "check_checkpoint", "check_lora", "check_pipeline",
+           "load_stage_pipeline", "random_pipeline"]
 
 
 class PipelineError(ValueError):
@@ -34,6 +40,27 @@ class PipelineError(ValueError):
 def random_pipeline(config: ml_collections.ConfigDict, seed: int = 0) -> Pipeline:
     """A stage pipeline with random weights: UNet from `config.unet`, components named by `config.sample`."""
     return store.load_pipeline(RANDOM, config=config, seed=seed, options=from_config(config))
+
+
+def check_lora(config: ml_collections.ConfigDict, values: list[str], flag: str = "--lora"
+               ) -> list[tuple[AdapterFile, float]]:
+    """`--lora FILE[:SCALE]` values read and checked against the abstract UNet of `config` (its stage, layer names
+    and shapes), before any model is loaded; LoRAError names the file and the problem."""
+    if not values:
+        return []
+    unet = abstract_unet(arch_from_config(config.unet.to_dict(), config.stage))
+    return read_adapters(values, unet, flag=flag)
+
+
+def apply_lora(pipeline: Pipeline, adapters: list[tuple[AdapterFile, float]]) -> Pipeline:
+    """Merge `adapters` (from `check_lora`) into the pipeline's UNet on its devices, in place: `W + sum_i m_i *
+    alpha_i / r_i * B_i A_i`. The sampler then compiles the plain UNet's program (the same whatever the adapters and
+    scales) and runs no adapter matmuls per step; models.lora says why merging beats keeping them unmerged."""
+    if adapters:
+        nnx.update(pipeline.unet, merge_params(pipeline.unet, [(f.layers, m) for f, m in adapters]))
+        if jax.process_index() == 0:
+            print(adapter_summary(adapters), flush=True)
+    return pipeline
 
 
 def load_stage_pipeline(config: ml_collections.ConfigDict, checkpoint: str | os.PathLike,

@@ -43,7 +43,8 @@ from lavie_jax.train import health
 from lavie_jax.train.held_out import HeldOutLoss
 from lavie_jax.train.metrics import MetricsWriter
 from lavie_jax.train.preemption import PreemptionHandler
-from lavie_jax.train.setup import Run, TrainConfigError, build_run, check_run, peak_tflops
+from lavie_jax.train.setup import (Run, TrainConfigError, build_run, check_run, checkpointed, lora_rules, peak_tflops,
+                                  with_frozen)
 
 CONFIG_FILE = "config.json"
 CONFIG_TMP = CONFIG_FILE + ".tmp"
@@ -244,7 +245,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, overwr
             # a resumed run restores every leaf of the state: it is built abstractly (no random init or
             # `train.init` read, which for a full-size UNet is a compile and seconds of device time thrown away)
             latest = ckpt.latest_step()
-            run = build_run(config, mesh, abstract=latest is not None, checked=checked)
+            # (a LoRA run's frozen base is not in its checkpoints: it is read from train.init, so built for real)
+            run = build_run(config, mesh, abstract=latest is not None and not lora_rules(config), checked=checked)
             _say(f"params: {run.groups.summary()}")
             restored = _restore(run, ckpt, config) if latest is not None else None
             if latest is not None and restored is None:  # every step was damaged (each one said so)
@@ -262,11 +264,12 @@ def _restore(run: Run, ckpt: workdirs.TrainCheckpointer, config: ml_collections.
              ) -> workdirs.Restored | None:
     """The newest checkpoint that reads back intact (a damaged one is moved aside, with a warning, for the one
     before it), onto the run's shardings; None if none does."""
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), run.state,
-                            run.state_shardings)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            checkpointed(config, run.state), checkpointed(config, run.state_shardings))
     restored = ckpt.restore_latest(abstract)
     if restored is not None:
         workdirs.check_config(restored.config, config)
+        restored = dataclasses.replace(restored, state=with_frozen(config, restored.state, run.state))
     return restored
 
 
@@ -302,7 +305,8 @@ def _loop(run: Run, config: ml_collections.ConfigDict, path: Path, ckpt: workdir
     window: dict[str, list[float]] = {}  # each metric's values since the last logged line
     pending: tuple[int, Any] | None = None  # (step after the update, metrics on device) not yet checked
     good = start  # the last step known to have a finite loss
-    scan = restored.scan if restored is not None and restored.scan is not None else scan_state(state)
+    scan = (restored.scan if restored is not None and restored.scan is not None
+            else scan_state(checkpointed(config, state)))
     reference = scan.max_abs.get("params", 0.0)  # of the last good state: a save checks its params against it
     stopped = None
     with writer, PreemptionHandler(sigint=True) as preemption, jax.set_mesh(run.mesh):
@@ -401,6 +405,7 @@ def _save(ckpt: workdirs.TrainCheckpointer, step: int, state: Any, iterator: Any
           config: ml_collections.ConfigDict) -> float:
     """Save `step` if the state is fit to be (lavie_jax.train.health), else stop naming the last good checkpoint;
     returns the saved params' largest magnitude (the next save's reference)."""
+    state = checkpointed(config, state)  # a LoRA run's frozen base is stored once, in train.init
     scan = scan_state(state)  # every process: it gathers their partial sums
     problem = health.unfit(scan, reference)
     if problem:

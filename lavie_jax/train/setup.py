@@ -26,6 +26,7 @@ from lavie_jax import parallel, stages
 from lavie_jax.io import store
 from lavie_jax.models import UNet3D, abstract_unet, arch_from_config
 from lavie_jax.models.arch import UNetArch
+from lavie_jax.models.lora import LoRAError, add_lora, parse_rules
 from lavie_jax.models.options import ExecutionOptions, ExecutionOptionsError
 from lavie_jax.models.options import from_config as options_from_config
 from lavie_jax.models.flops import peak_bf16_tflops, train_step_flops
@@ -67,6 +68,14 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, 
     if not isinstance(t.seed, int) or not 0 <= t.seed < 2 ** 31:
         _fail("train.seed", f"expected an integer in 0..2^31-1, got {t.seed!r}")
     execution_options(config)  # compute dtype, attention kernel (and its platform), remat, sharding rules
+    if lora_rules(config):
+        try:
+            parse_rules(lora_rules(config), field="train.lora.rules")
+        except LoRAError as e:
+            raise TrainConfigError(f"config field {e}") from None
+        if not t.init:
+            _fail("train.init", "is empty, but train.lora.rules is set: adapters train on a base model; set "
+                                "train.init to its lavie-convert directory or lavie-train work directory")
     if not isinstance(t.peak_tflops, (int, float)) or t.peak_tflops < 0:
         _fail("train.peak_tflops", f"expected a number >= 0 (0 = from the device kind), got {t.peak_tflops!r}")
     o = t.objective
@@ -176,6 +185,52 @@ def objective_from_config(config: ml_collections.ConfigDict, vae_scaling: float)
         vae_frame_chunk=int(t.vae_frame_chunk), vae_scaling_factor=float(vae_scaling))
 
 
+# ------------------------------------------------------------------------------------------------ LoRA
+
+LORA_GROUP = "lora"
+LORA_GROUP_RULES = ((r"\.wrapper\.adapter\.lora_[ab]$", LORA_GROUP), (".*", optim.FROZEN))
+
+
+def lora_rules(config: ml_collections.ConfigDict) -> tuple:
+    """`train.lora.rules` as a tuple (empty: not a LoRA run)."""
+    lo = config.train.get("lora")
+    return tuple(tuple(r) for r in lo.rules) if lo is not None and lo.get("rules") else ()
+
+
+def lora_groups(model: nnx.Module, config: ml_collections.ConfigDict) -> optim.ParamGroups:
+    """A LoRA run's param groups: the adapters train (group 'lora', its lr multiplier from
+    train.param_groups.lr_multipliers when given there), every base param is frozen."""
+    mults = dict(config.train.param_groups.lr_multipliers)
+    return optim.param_groups(model, LORA_GROUP_RULES, {k: v for k, v in mults.items() if k == LORA_GROUP},
+                              field="train.lora")
+
+
+def add_adapters(unet: UNet3D, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
+                 rules: parallel.Rules = (), *, abstract: bool = False) -> UNet3D:
+    """Wrap `unet`'s layers with the `train.lora.rules` adapters, laid out on `mesh` by the sharding rules (their
+    params as sharded `ShapeDtypeStruct`s when `abstract`). TrainConfigError names a rule that cannot work."""
+    try:
+        add_lora(unet, lora_rules(config), seed=int(config.train.lora.seed), field="config field train.lora.rules")
+    except LoRAError as e:
+        raise TrainConfigError(str(e)) from None
+    if mesh is not None:
+        state = nnx.state(unet, nnx.LoRAParam)
+        shardings = parallel.state_shardings(state, mesh, rules)
+        nnx.update(unet, with_shardings(state, shardings) if abstract else jax.device_put(state, shardings))
+    return unet
+
+
+def checkpointed(config: ml_collections.ConfigDict, state: TrainState) -> TrainState:
+    """The part of a train state a checkpoint holds: all of it, except in a LoRA run, whose frozen base is stored
+    once, in train.init, and read from there when a run resumes (`with_frozen`)."""
+    return dataclasses.replace(state, frozen=None) if lora_rules(config) else state
+
+
+def with_frozen(config: ml_collections.ConfigDict, restored: TrainState, built: TrainState) -> TrainState:
+    """A restored state made whole: a LoRA run's frozen base from the built run (`checkpointed`)."""
+    return dataclasses.replace(restored, frozen=built.frozen) if lora_rules(config) else restored
+
+
 # ------------------------------------------------------------------------------------------------ models
 
 def _init_source(config: ml_collections.ConfigDict) -> store.Source | None:
@@ -243,8 +298,11 @@ def build_unet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
                            out_shardings=shardings)
             # run once: the least optimised code is the fastest to build (thousands of small RNG ops)
             nnx.update(unet, make.lower().compile(compiler_options={"xla_backend_optimization_level": 0})())
-        return unet
-    return store.load_unet(init, mesh=mesh, rules=rules, options=options)
+    else:
+        unet = store.load_unet(init, mesh=mesh, rules=rules, options=options)
+    if lora_rules(config):
+        add_adapters(unet, config, mesh, rules, abstract=abstract)
+    return unet
 
 
 @dataclasses.dataclass
@@ -375,7 +433,10 @@ def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, syn
     encoders = _encoders_source(config, init)
     arch = arch_from_config(config.unet.to_dict(), config.stage)
     try:  # on the abstract model: a rule that selects nothing fails before any weight is made
-        groups = optim.param_groups_from_config(abstract_unet(arch), config.train)
+        if lora_rules(config):
+            groups = lora_groups(add_adapters(abstract_unet(arch), config), config)
+        else:
+            groups = optim.param_groups_from_config(abstract_unet(arch), config.train)
     except optim.OptimConfigError as e:
         raise TrainConfigError(str(e)) from None
     return Checked(init, encoders, arch, groups)

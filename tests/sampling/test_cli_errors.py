@@ -149,6 +149,13 @@ CASES = [
     ("cluster-address", lambda f: base(*RANDOM, "--prompt", "a", "--distributed", "--coordinator", "h",
                                        "--num-processes", "2", "--process-id", "0"),
      r"--coordinator 'h': expected HOST:PORT of process 0"),
+    # LoRA adapters (tests/convert/test_lora_files.py: another stage's or architecture's)
+    ("lora-missing", lambda f: base(*RANDOM, "--prompt", "a", "--lora", f"{f['tmp']}/nope.safetensors:0.5"),
+     r"--lora .*nope.safetensors: no such file"),
+    ("lora-not-a-file", lambda f: base(*RANDOM, "--prompt", "a", "--lora", str(f["torch"])),
+     r"--lora: .*model.safetensors: unknown file format"),
+    ("lora-stage-absent", lambda f: base(*RANDOM, "--prompt", "a", "--vsr-lora", str(f["torch"])),
+     r"--vsr-lora given without --vsr CONFIG"),
     ("cluster-not-found", lambda f: base(*RANDOM, "--prompt", "a", "--distributed"),
      r"--distributed: could not join the run \(.*\); outside Cloud TPU / SLURM / Open MPI pass --coordinator"),
 ]

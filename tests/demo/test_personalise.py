@@ -1,0 +1,19 @@
+"""The demo's personalisation check (`lavie_jax.demo.personalise`): its clips show the new colour under the token,
+and its pixel check finds the new colour in them and not in the dataset's own colours."""
+
+import numpy as np
+
+from lavie_jax.data import moving_shapes
+from lavie_jax.demo.personalise import TOKEN, make_instance_clips, new_concept_score
+from lavie_jax.io.video import read_video
+
+
+def test_instance_clips_show_the_new_colour_and_the_check_tells_it_apart(tmp_path):
+    captions = make_instance_clips(tmp_path, num_frames=13, size=32, n=4)
+    assert len(set(captions)) == 4 and all(c.split()[1] == TOKEN for c in captions)
+    videos = [read_video(tmp_path / f"{c.replace(' ', '_')}.gif")[0] for c in captions]
+    score = new_concept_score(captions, videos)
+    assert score["new_color_accuracy"] == 1.0 and score["direction_accuracy"] == 1.0
+    purple = [moving_shapes.make_video(0, "train", i, 13, 32, 32)[0] for i in range(3)]
+    assert new_concept_score(captions[:3], purple)["new_color_accuracy"] == 0.0  # dataset colours are not it
+    assert all(v.dtype == np.uint8 for v in videos)
