@@ -84,9 +84,11 @@ def measure(results: Sequence[Any], sources: Mapping[str, Mapping[str, Any]], ru
     out.mkdir(parents=True, exist_ok=True)
     (out / "fvd.json").write_text(json.dumps(summary, indent=1) + "\n")
     if points:
+        floor = summary["real_vs_real"].get("32x32")
         line_plot(out / "fvd_training.png", [s for s, _ in points], [v for _, v in points],
                   x_label="training step", y_label="FVD",
-                  title="interpolation: FVD of 16 held-out requests (EMA params)")
+                  title="interpolation: FVD of 16 held-out requests (EMA params)",
+                  reference=None if floor is None else (floor, f"two real sets: {floor:.0f}"))
         summary["plot"] = str(out / "fvd_training.png")
     return summary
 

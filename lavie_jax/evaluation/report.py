@@ -83,8 +83,10 @@ def _font(size: int):
 
 
 def line_plot(path: str | os.PathLike, xs: Sequence[float], ys: Sequence[float], *, x_label: str, y_label: str,
-              title: str = "", size: tuple[int, int] = (480, 300)) -> Path:
-    """A PNG line plot of `ys` against `xs` with its points marked and labelled (for a handful of points)."""
+              title: str = "", size: tuple[int, int] = (480, 300),
+              reference: tuple[float, str] | None = None) -> Path:
+    """A PNG line plot of `ys` against `xs` with its points marked and labelled (for a handful of points);
+    `reference` (value, label) draws a dashed horizontal line, e.g. the distance of two real sets."""
     w, h = size
     left, right, top, bottom = 64, 16, 30, 44
     img = Image.new("RGB", size, "white")
@@ -98,6 +100,8 @@ def line_plot(path: str | os.PathLike, xs: Sequence[float], ys: Sequence[float],
     if finite:
         x0, x1 = min(x for x, _ in finite), max(x for x, _ in finite)
         y0, y1 = min(0.0, min(y for _, y in finite)), max(y for _, y in finite)
+        if reference is not None and math.isfinite(reference[0]):
+            y0, y1 = min(y0, reference[0]), max(y1, reference[0])
         x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
 
         def at(x: float, y: float) -> tuple[float, float]:
@@ -109,6 +113,11 @@ def line_plot(path: str | os.PathLike, xs: Sequence[float], ys: Sequence[float],
             _, py = at(x0, yv)
             d.line([left - 4, py, left, py], fill="black")
             d.text((4, py - 6), _cell(yv), fill="black", font=small)
+        if reference is not None and math.isfinite(reference[0]):
+            _, ry = at(x0, reference[0])
+            for xa in range(left, w - right, 12):
+                d.line([xa, ry, min(xa + 6, w - right), ry], fill=(150, 150, 150))
+            d.text((left + 6, ry - 14), reference[1], fill=(110, 110, 110), font=small)
         points = [at(x, y) for x, y in finite]
         if len(points) > 1:
             d.line(points, fill=(30, 90, 200), width=2)
