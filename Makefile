@@ -40,6 +40,9 @@ bench: $(STAMP_TEST)
 	$(PY) -m bench.cpu_torch_bench
 	$(PY) -m bench.startup_bench
 	$(PY) -m bench.library_bench
+	$(PY) -m bench.fvd_bench
+	$(PY) -m bench.clipsim_bench
+	$(PY) -m bench.lora_bench
 
 # One table on one accelerator (~5 minutes with compiles; bench/accelerator_bench.py): matmul peak, the three UNet
 # forwards per attention policy, the base train step with the best remat policy, 50-step base sampling. Installs
