@@ -190,6 +190,29 @@ class Stage:
         """Frames per independent run of a long input video (0: the whole video at once)."""
         return 0
 
+    def frame_windows(self, options: Any, num_frames: int) -> list[tuple[int, int, int]]:
+        """How a request's input video of `num_frames` frames is cut into independent runs: `(start, stop, skip)`
+        per run, `skip` = the run's first output frames to drop (they repeat the run before's last ones). The
+        default: consecutive chunks of `chunk_frames` (the whole video when 0), nothing dropped."""
+        chunk = self.chunk_frames(options)
+        if not chunk:
+            return [(0, num_frames, 0)]
+        return [(s, min(s + chunk, num_frames), 0) for s in range(0, num_frames, chunk)]
+
+    def execution_options(self, options: Any) -> dict[str, Any]:
+        """Execution options (`lavie_jax.models.options`) the sampler sets on the UNet for these sample options
+        (how, not what, it computes; e.g. the base stage's FreeNoise temporal windows). Default: none."""
+        return {}
+
+    def noise_settings(self, options: Any) -> tuple:
+        """The hashable settings `initial_noise` needs (a static argument of its compiled program)."""
+        return ()
+
+    def initial_noise(self, noise: jax.Array, keys: jax.Array, settings: tuple) -> jax.Array:
+        """The starting noise of N rows from i.i.d. normals `noise [N, F, h, w, 4]` and per-row keys `keys [N]`,
+        traced inside the sampler's program (e.g. FreeNoise's rescheduled noise). Default: the normals."""
+        return noise
+
     def output_shape(self, options: Any, input_shape: Sequence[int] | None, vae_factor: int
                      ) -> tuple[int, int, int]:
         """(frames, height, width) of the videos made from inputs of `input_shape` ([F, H, W, ...]; None: no
