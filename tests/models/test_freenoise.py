@@ -65,7 +65,7 @@ def test_rescheduled_noise_equals_the_official_loop():
     perms = [list(map(int, p)) for p in np.asarray(freenoise.noise_permutations(key, frames, WINDOW, STRIDE))]
     assert len(perms) == (frames - WINDOW) // STRIDE and any(p != sorted(p) for p in perms)
 
-    def replay(index):  # stands in for the official (unseeded) random.shuffle, which permutes [f-16, ..., f-13] in place; ours picks index[perm]
+    def replay(index):  # for the official (unseeded) random.shuffle of [f-16, ..., f-13], in place
         index[:] = [index[j] for j in perms.pop(0)]
 
     torch_noise = torch.tensor(np.asarray(noise)).permute(1, 0, 2, 3)[None]  # [1, C, L, H, W]
