@@ -253,6 +253,10 @@ def train_config() -> ml_collections.ConfigDict:
     o.text_dropout = 0.1  # official code: captions dropped for classifier-free guidance with p = 0.1
     o.image_loss_weight = 1.0  # base: alpha in L = L_video + alpha * L_image (paper; value not disclosed)
     o.noise_level_max = 350  # vsr: low-res noise levels drawn from [0, this) (the x4 upscaler's max_noise_level)
+    # i2v: the random mask of each clip (lavie_jax.stages.i2v.random_mask; SEINE released no training code): a kind
+    # drawn with these weights over ('first', 'onelast', 'none') -- the first n frames given (animation,
+    # prediction), the first and last n (transition), none (text-to-video) -- and n uniform in 1..max_n
+    o.i2v_masks = ml_collections.ConfigDict({"weights": [0.5, 0.3, 0.2], "max_n": 2})
     t.log_every = 10  # steps between metrics.jsonl / TensorBoard / console lines
     t.checkpoint_every = 1000  # steps between (async) checkpoints; the last step and a preemption always save
     t.keep = 3  # checkpoints kept (the newest)

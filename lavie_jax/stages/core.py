@@ -127,6 +127,7 @@ class Stage:
     official_param_count: ClassVar[int]  # learnable parameters of the released UNet (less the rotary buffers)
     class_labels: ClassVar[bool] = False  # the UNet takes a per-example class label
     takes_video: ClassVar[bool] = False  # sampling input: prompts only, or an input video per prompt
+    takes_images: ClassVar[bool] = False  # the input may be still images (`lavie-sample --image`), with prompts
     fps_follows_input: ClassVar[bool] = False  # `sample.fps = 0` may mean "the input video's frame rate"
     # data: which examples the input pipeline makes ('clip', 'key_frames', 'patches'; lavie_jax.data.examples) and
     # the batch key whose latents are the UNet's x_0
