@@ -128,6 +128,11 @@ class Stage:
     class_labels: ClassVar[bool] = False  # the UNet takes a per-example class label
     takes_video: ClassVar[bool] = False  # sampling input: prompts only, or an input video per prompt
     takes_images: ClassVar[bool] = False  # the input may be still images (`lavie-sample --image`), with prompts
+    # training: the stages whose checkpoints a run may start from (`train.init`) beside its own; their UNet must be
+    # this one's but for conv_in, whose extra input channels start at zero (so step 0 computes what they did)
+    init_from: ClassVar[tuple[str, ...]] = ()
+    # training: the step encodes pixels with the frozen VAE even when the data holds precomputed latents
+    encodes_in_step: ClassVar[bool] = False
     fps_follows_input: ClassVar[bool] = False  # `sample.fps = 0` may mean "the input video's frame rate"
     # data: which examples the input pipeline makes ('clip', 'key_frames', 'patches'; lavie_jax.data.examples) and
     # the batch key whose latents are the UNet's x_0

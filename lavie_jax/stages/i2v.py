@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lavie_jax.stages.base import BaseStage
-from lavie_jax.stages.core import LATENT_CHANNELS, RequestError, StageConfigError, TrainingInputs, check_size, \
+from lavie_jax.stages.core import LATENT_CHANNELS, RequestError, TrainingInputs, check_size, \
     check_videos
 from lavie_jax.stages.families import SD14_UNET
 from lavie_jax.stages.interpolation import resize_frames
@@ -109,7 +109,8 @@ def i2v_condition(mask: jax.Array, latents: jax.Array) -> jax.Array:
 
 # Training masks. SEINE released no training code; its paper trains "random-mask" video diffusion: the given frames
 # are a random choice among the first frames (prediction / animation), the first and last frames (transition), or
-# none (plain text-to-video). The weights here are ours (configurable: `data.i2v_masks`); n is uniform in 1..max_n.
+# none (plain text-to-video). The weights are ours (configurable: `train.objective.i2v_masks`); n is uniform in
+# 1..max_n, capped so that a frame is left to generate.
 MASK_KINDS = ("first", "onelast", "none")
 
 
@@ -118,7 +119,9 @@ def random_mask(key: jax.Array, num_frames: int, weights: Sequence[float], max_n
     1..max_n (onelast: n given at each end)."""
     k_kind, k_n = jax.random.split(key)
     kind = jax.random.choice(k_kind, len(MASK_KINDS), p=jnp.asarray(weights, jnp.float32) / sum(weights))
-    n = jax.random.randint(k_n, (), 1, max_n + 1)
+    # at least one frame is left to generate: n <= F - 1 (first), n <= (F - 1) // 2 (onelast)
+    top = jnp.where(kind == 1, max(min(max_n, (num_frames - 1) // 2), 1), min(max_n, num_frames - 1))
+    n = jax.random.randint(k_n, (), 1, top + 1)
     f = jnp.arange(num_frames)
     first = f < n
     last = f >= num_frames - n
@@ -136,6 +139,8 @@ class I2VStage(BaseStage):
     official_param_count = 909_124_100 + 5 * 320 * 9  # base's conv_in widened by 5 input channels
     takes_video = True
     takes_images = True
+    init_from = ("base",)  # LaVie's base (SEINE is initialised from it): conv_in widened, mask channels at zero
+    encodes_in_step = True  # the grey frames of the masked video, with precomputed latents too
     # the clip to make; which frames are given (module docstring); frames a video is continued from under 'auto'
     sample_fields = {"num_frames": 0, "height": 0, "width": 0, "mask_type": "auto", "context_frames": 2}
 
@@ -185,20 +190,6 @@ class I2VStage(BaseStage):
 
     # ------------------------------------------------------------------------------------------------ training
 
-    def check_data(self, data: Any, vae_factor: int | None = None) -> None:
-        super().check_data(data, vae_factor)
-        masks = data.get("i2v_masks") if hasattr(data, "get") else None
-        if masks is None:
-            raise StageConfigError("data.i2v_masks", "the i2v stage draws a random mask per clip: give "
-                                                     "data.i2v_masks = {'weights': [first, onelast, none], 'max_n': N}")
-        weights = list(masks.weights)
-        if len(weights) != len(MASK_KINDS) or min(weights) < 0 or sum(weights) <= 0:
-            raise StageConfigError("data.i2v_masks.weights", f"{weights}: give {len(MASK_KINDS)} weights >= 0 for "
-                                                             f"{MASK_KINDS}, not all 0")
-        if not 1 <= masks.max_n or 2 * masks.max_n >= data.num_frames:
-            raise StageConfigError("data.i2v_masks.max_n", f"{masks.max_n}: need 1 <= max_n and 2 max_n < "
-                                                           f"data.num_frames={data.num_frames}")
-
     def images_wanted(self, data: Any) -> float:
         return 0
 
@@ -210,9 +201,9 @@ class I2VStage(BaseStage):
         sampling when the batch holds pixels; with precomputed latents, given frames take the clip's own latents
         and the others the latent of a grey frame (the SD VAE encodes frames independently, so this is the same
         conditioning but for the posterior sample of the given frames being the x_0 one)."""
-        masks = inputs.settings.i2v_masks
+        o = inputs.settings
         num_frames = x0.shape[1]
-        mask = inputs.draw("mask", lambda k: random_mask(k, num_frames, tuple(masks.weights), int(masks.max_n)))
+        mask = inputs.draw("mask", lambda k: random_mask(k, num_frames, o.i2v_mask_weights, o.i2v_max_given))
         batch = inputs.batch
         keep = (mask == 0)[:, :, None, None, None]
         if self.pixel_key in batch:
@@ -220,8 +211,8 @@ class I2VStage(BaseStage):
             latents = inputs.latents(jnp.where(keep, pixels, 0.0), "masked_latent")
         else:
             b, _, h, w, _ = x0.shape
-            grey = inputs.latents(jnp.zeros((b, 1, h * inputs.settings.vae_factor, w * inputs.settings.vae_factor,
-                                             3), jnp.float32), "masked_latent")
+            grey = inputs.latents(jnp.zeros((b, 1, h * o.vae_factor, w * o.vae_factor, 3), jnp.float32),
+                                  "masked_latent")
             latents = jnp.where(keep, x0, grey.astype(x0.dtype))
         return x0, i2v_condition(mask, latents), text, None
 
