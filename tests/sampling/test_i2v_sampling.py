@@ -11,6 +11,8 @@ from PIL import Image
 from lavie_jax.sampling import cli
 from lavie_jax.sampling.pipeline import random_pipeline
 from lavie_jax.sampling.sampler import StageSampler
+from lavie_jax.sampling.story import seams, story
+from lavie_jax.stages import RequestError
 from lavie_jax.stages.i2v import frame_mask
 from lavie_jax.stages.interpolation import resize_frames
 from tests.conftest import stage_config
@@ -20,10 +22,16 @@ FRAMES = 4
 
 
 @pytest.fixture(scope="module")
-def sampler(mesh1):
+def i2v(mesh1):
+    """(config, tiny random pipeline) of the i2v stage at the test sizes."""
     config = stage_config("i2v", "tiny")
     config.sample.update({"steps": 2, "num_frames": FRAMES, "height": HEIGHT, "width": WIDTH})
-    return StageSampler(config, random_pipeline(config, seed=5), mesh1)
+    return config, random_pipeline(config, seed=5)
+
+
+@pytest.fixture(scope="module")
+def sampler(i2v, mesh1):
+    return StageSampler(*i2v, mesh1)
 
 
 def test_transition_and_its_conditioning(sampler):
@@ -70,3 +78,29 @@ def test_image_errors(make, flags, match, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(match, err[0]), err
     assert not (tmp_path / "out").exists()
+
+
+def test_story_continues_each_clip_from_the_last_frames(i2v, mesh1):
+    """Three prompts: clip 0 from the image, clips 1 and 2 each from the last 2 frames of the one before (their
+    remade first 2 frames dropped): 4 + 2 + 2 frames. A clip does not depend on the clips after it."""
+    config, pipeline = i2v
+    image = np.random.default_rng(2).integers(0, 256, (1, HEIGHT, WIDTH, 3), dtype=np.uint8)
+    prompts = ["a red circle moving left", "a red circle moving up", "a blue square"]
+    frames, starts = story(config, pipeline, prompts, image, context=2, seed=1, mesh=mesh1)
+    assert frames.shape == (8, HEIGHT, WIDTH, 3) and starts == [0, 4, 6]
+    shorter, _ = story(config, pipeline, prompts[:2], image, context=2, seed=1, mesh=mesh1)
+    np.testing.assert_array_equal(shorter, frames[:6])
+    report = seams(frames, starts)
+    assert set(report) == {"seam", "inside", "ratio"} and np.isfinite(report["ratio"])
+    with pytest.raises(RequestError, match="context=4: each clip continues from 1 .. 3 frames"):
+        story(config, pipeline, prompts, image, context=4, mesh=mesh1)
+
+
+def test_seams_measure_a_jump():
+    smooth = np.repeat(np.arange(12, dtype=np.uint8)[:, None, None, None] * 4, 3, axis=-1) * np.ones(
+        (1, 2, 2, 1), np.uint8)
+    jumped = smooth.copy()
+    jumped[6:] += 60  # a cut at frame 6
+    assert seams(smooth, [0, 6])["ratio"] == pytest.approx(1.0)
+    report = seams(jumped, [0, 6])
+    assert report["seam"] == pytest.approx(64) and report["inside"] == pytest.approx(4) and report["ratio"] > 10
