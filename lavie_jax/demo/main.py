@@ -34,10 +34,11 @@ from typing import Any
 
 from lavie_jax.cli import command
 from lavie_jax.runtime import compile_cache, startup
-from lavie_jax.stages import STAGES, get_stage
+from lavie_jax.stages import cascade_after, get_stage
 
 # Held-in prompts (captions of training videos): the first eight name every colour and every direction once, the
 # second eight pair them differently.
+STAGES = ("base", *(s.name for s in cascade_after("base")))  # the cascade the demo trains and samples
 PROMPTS = (
     "a red circle moving left", "a green square moving right", "a blue triangle moving up",
     "a yellow circle moving down", "a purple square moving up-left", "an orange triangle moving up-right",
