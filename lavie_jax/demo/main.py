@@ -348,6 +348,10 @@ def _run(argv: Sequence[str]) -> None:
     demo.train(args.jobs)
     results = demo.sample()
     summary = demo.evaluate(results)
+    from lavie_jax.demo.long_video import PROMPT_COUNT, long_videos  # docs/long_video.md
+
+    with demo.clock.phase("long", "FreeNoise long videos of the demo base, interpolated, against plain attention"):
+        summary["long_video"] = long_videos(out, demo.runs, PROMPTS[:PROMPT_COUNT], demo.cache_flags)
     closing(summary, demo)
 
 

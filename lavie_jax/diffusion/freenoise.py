@@ -63,11 +63,21 @@ def windowed(fn, x: jax.Array, window: int, stride: int) -> jax.Array:
     n, length, c = x.shape
     starts = window_starts(length, window, stride)
     index = starts[:, None] + np.arange(window)[None]  # [W, window]
-    y = fn(x[:, index].reshape(n * len(starts), window, c)).reshape(n, len(starts), window, c)
     w = window_weights(window)
-    total = jnp.zeros((n, length, c), jnp.float32).at[:, index].add(y.astype(jnp.float32) * w[:, None])
     count = np.zeros(length, np.float32)
     np.add.at(count, index, np.broadcast_to(w, index.shape))
+    num = len(starts)
+    if window % stride:  # general case: gather the windows, scatter-add their weighted outputs
+        y = fn(x[:, index].reshape(n * num, window, c)).reshape(n, num, window, c)
+        total = jnp.zeros((n, length, c), jnp.float32).at[:, index].add(y.astype(jnp.float32) * w[:, None])
+    else:  # windows are k whole groups of `stride` frames: k shifted slices instead of a gather and a scatter
+        k, groups = window // stride, length // stride
+        xg = x.reshape(n, groups, stride, c)
+        windows = jnp.stack([xg[:, j:j + num] for j in range(k)], axis=2)  # [n, W, k, stride, c]
+        y = fn(windows.reshape(n * num, window, c)).reshape(n, num, k, stride, c)
+        yw = y.astype(jnp.float32) * w.reshape(k, stride)[:, :, None]
+        total = sum(jnp.pad(yw[:, :, j], ((0, 0), (j, k - 1 - j), (0, 0), (0, 0))) for j in range(k))
+        total = total.reshape(n, length, c)
     return (total / count[:, None]).astype(y.dtype)
 
 

@@ -98,3 +98,18 @@ def test_lengths_off_the_window_grid_fail(frames):
 def test_bad_temporal_window_option(value):
     with pytest.raises(ExecutionOptionsError, match="temporal_window.*window, stride"):
         ExecutionOptions(temporal_window=value)
+
+
+@pytest.mark.parametrize("window,stride,frames", [(16, 4, 28), (5, 2, 9), (4, 1, 7)])
+def test_window_fusion_equals_the_weighted_mean(window, stride, frames):
+    """Both fusion paths (whole stride groups: shifted slices; otherwise gather / scatter) give each frame the
+    weighted mean of the windows covering it."""
+    x = jax.random.normal(jax.random.key(2), (2, frames, 3))
+    fn = lambda t: jnp.cumsum(t, axis=1) * 0.3 + t ** 2  # noqa: E731
+    total, count = np.zeros((2, frames, 3)), np.zeros(frames)
+    w = freenoise.window_weights(window)
+    for s in freenoise.window_starts(frames, window, stride):
+        total[:, s:s + window] += np.asarray(fn(x[:, s:s + window])) * w[:, None]
+        count[s:s + window] += w
+    np.testing.assert_allclose(np.asarray(freenoise.windowed(fn, x, window, stride)), total / count[:, None],
+                               rtol=1e-5, atol=1e-6)
