@@ -7,7 +7,7 @@
 | `attention_impl` | attention kernel policy ('auto', 'xla', 'cudnn', 'pallas'; None = 'xla'; `attention_kernels`) | attention layers |
 | `remat`          | rematerialisation policy of the UNet's blocks (`REMAT_POLICIES`) | UNet3D                    |
 | `sharding_rules` | logical-axis rules for the activation constraints at block boundaries (`lavie_jax.parallel`) | UNet3D |
-| `temporal_window`| `()`: all frames; `(window, stride)`: FreeNoise windows (`diffusion.freenoise`) | transformer blocks |
+| `temporal_window`| `()`: all frames; `(window, stride)`: FreeNoise (`diffusion.freenoise`) | transformer blocks |
 
 `configure` walks the module tree and sets each option on every module that has an attribute of that name, so a
 module takes an option by having the attribute (`self.dtype = jnp.float32` in its constructor), and a new option
