@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lavie_jax.stages import RequestError, get_stage
 from lavie_jax.io.store import Pipeline
-from lavie_jax.models.options import ExecutionOptions, configure
+from lavie_jax.models.options import ExecutionOptions, configure, options_of
 from lavie_jax.parallel import BATCH_AXES, batch_sharding, make_mesh, place_state, to_global, to_host
 from lavie_jax.sampling import programs
 from lavie_jax.sampling.options import SampleOptions, sample_options
@@ -276,7 +276,8 @@ class StageSampler:
 def with_options(model: nnx.Module, values: dict) -> nnx.Module:
     """`model` with the execution options `values` set (`lavie_jax.models.options`), on a new module object sharing
     its arrays (the pipeline's model is not touched); `model` itself when there are none."""
-    if not values:
+    current = options_of(model)
+    if all(getattr(current, k) == v for k, v in values.items()):
         return model
     return configure(nnx.merge(*nnx.split(model)), ExecutionOptions(**values))
 
