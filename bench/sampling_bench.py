@@ -36,9 +36,10 @@ from lavie_jax.stages import STAGES
 
 # 'mid': official channels, small videos (full size runs minutes per step on CPU)
 MID_SAMPLE = {"base": {"num_frames": 4, "height": 128, "width": 128},
+              "i2v": {"num_frames": 4, "height": 128, "width": 128},
               "interpolation": {"height": 128, "width": 128}, "vsr": {"chunk_frames": 4}}
-MID_INPUT = {"interpolation": (2, 128, 128), "vsr": (4, 32, 32)}  # input video [F, H, W]
-TINY_INPUT = {"interpolation": (4, 32, 48), "vsr": (4, 32, 48)}
+MID_INPUT = {"i2v": (1, 128, 128), "interpolation": (2, 128, 128), "vsr": (4, 32, 32)}  # input video [F, H, W]
+TINY_INPUT = {"i2v": (1, 32, 48), "interpolation": (4, 32, 48), "vsr": (4, 32, 48)}
 
 
 def bench_stage(stage: str, size: str, steps: int, repeats: int) -> dict:

@@ -21,7 +21,9 @@ OFFICIAL = {
     # image-video training; here random frames of the dataset's videos, 'image_text' reads LAION-style images)
     "data": {"num_frames": 16, "frame_stride": 3, "images": {"source": "video_frames", "per_clip": 4}},
     "sample": {"sampler": "ddpm", "guidance_scale": 7.5, "negative_prompt": "", "cond_first": False, "seed": 400,
-               "num_frames": 16, "height": 320, "width": 512, "fps": 8},  # seed 400: the README gallery
+               "num_frames": 16, "height": 320, "width": 512, "fps": 8,  # seed 400: the README gallery
+               # longer videos: FreeNoise windows of the 16 trained frames every 4 (lavie_jax.stages.base)
+               "freenoise_window": 16, "freenoise_stride": 4},
 }
 
 TINY_UNET = {
@@ -36,7 +38,8 @@ TINY_UNET = {
 TINY = {
     "unet": TINY_UNET,
     "data": {"height": 64, "width": 96},
-    "sample": {"num_frames": 4, "height": 32, "width": 48, "vae": "tiny_f8"},
+    "sample": {"num_frames": 4, "height": 32, "width": 48, "vae": "tiny_f8", "freenoise_window": 4,
+               "freenoise_stride": 2},
 }
 
 # `make demo`: TINY_UNET at 8x8 latents, cross-attending to the demo's 64-d text encoder, with two additions that
@@ -61,7 +64,9 @@ DEMO = {
                # Stable Diffusion's betas (training uses the sample section's): the linear 1e-4..0.02 spends ~40% of
                # the steps below SNR 0.02, where an 8x8 latent holds no layout; measured 2x the direction accuracy
                "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-               "num_frames": 4, "height": 32, "width": 32, "fps": 4},
+               "num_frames": 4, "height": 32, "width": 32, "fps": 4,
+               # the demo base trains on 4 frames: longer videos use FreeNoise windows of 4 every 1
+               "freenoise_window": 4, "freenoise_stride": 1},
 }
 
 

@@ -278,6 +278,10 @@ def train_config() -> ml_collections.ConfigDict:
     e.clip = ""  # CLIP folder or .pt: CLIPSIM of the samples against their captions; '' = off
     e.input_fps = 8.0  # frame rate of the held-out input videos (VSR writes at it)
     e.num_frames = 0  # frames of the held-out clips sampled (0 = data.num_frames; e.g. 13 for a 4-key-frame request)
+    # i2v: the random mask of each clip (lavie_jax.stages.i2v.random_mask; SEINE released no training code): a kind
+    # drawn with these weights over ('first', 'onelast', 'none') -- the first n frames given (animation,
+    # prediction), the first and last n (transition), none (text-to-video) -- and n uniform in 1..max_n
+    o.i2v_masks = ml_collections.ConfigDict({"weights": [0.5, 0.3, 0.2], "max_n": 2})
     t.log_every = 10  # steps between metrics.jsonl / TensorBoard / console lines
     t.checkpoint_every = 1000  # steps between (async) checkpoints; the last step and a preemption always save
     t.keep = 3  # checkpoints kept (the newest)

@@ -22,6 +22,7 @@ OFFICIAL = {
     "data": {"num_frames": 61},  # 4K - 3 frames around K key frames, one every data.key_frame_stride
     "sample": {"sampler": "ddim_respaced", "guidance_scale": 4.0, "negative_prompt": "None", "cond_first": True,
                "seed": 3418, "num_frames": 0,  # 0: 4K - 3 frames from K (61 from 16)
+               "key_window": 16,  # longer videos (FreeNoise): runs of 16 key frames, overlapping by one
                "height": 320, "width": 512, "fps": 24, "prompt_suffix": ", 4k.", "underscore_prompts": True},
 }
 
@@ -42,7 +43,7 @@ DEMO = {
               "eval": {"every": 50, "num_batches": 0, "samples": 16, "num_frames": 13,
                        "pixel_dataset": "moving_shapes", "fvd": True, "input_fps": 12.0}},
     # follows its key frames and samples unguided
-    "sample": {"steps": 10, "guidance_scale": 1.0, "height": 32, "width": 32, "fps": 12,
+    "sample": {"steps": 10, "guidance_scale": 1.0, "height": 32, "width": 32, "fps": 12, "key_window": 4,
                # the demo's text encoder learnt spaced captions: no official underscores and ', 4k.' suffix
                "prompt_suffix": "", "underscore_prompts": False},
 }

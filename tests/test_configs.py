@@ -12,7 +12,7 @@ from lavie_jax.cli.config_flags import load_config
 from lavie_jax.train import optim
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECS = [f"{stage}{variant}" for stage in ("base", "interpolation", "vsr") for variant in ("", ":tiny", ":demo")]
+SPECS = [f"{stage}{variant}" for stage in ("base", "i2v", "interpolation", "vsr") for variant in ("", ":tiny", ":demo")]
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -27,7 +27,7 @@ def official_pixels(x: np.ndarray, stage: str) -> np.ndarray:
     t = torch.from_numpy(x)
     if stage == "base":
         out = ((t / 2 + 0.5) * 255).add_(0.5).clamp_(0, 255).to(dtype=torch.uint8)
-    elif stage == "interpolation":
+    elif stage in ("interpolation", "i2v"):  # SEINE's with_mask_sample.py decodes as the interpolation script
         out = ((t * 0.5 + 0.5) * 255).add_(0.5).clamp_(0, 255).to(dtype=torch.uint8)
     else:
         t = t.clamp(-1, 1)
@@ -77,16 +77,17 @@ def test_low_res_condition_per_row_levels():
 
 def test_registry_is_the_one_list_of_stages():
     """Every stage is one object, in cascade order, its facts consistent: the registry is what every layer asks."""
-    assert stages.STAGES == ("base", "interpolation", "vsr")
-    assert [get_stage(s).rank for s in stages.STAGES] == [0, 1, 2]
+    assert stages.STAGES == ("base", "i2v", "interpolation", "vsr")
+    assert [get_stage(s).rank for s in stages.STAGES] == [0, 0, 1, 2]  # base and i2v both make videos
     for name in stages.STAGES:
         stage = get_stage(name)
         assert stage.name == name and get_stage(stage) is stage and repr(stage) == f"<stage {name}>"
         assert stage.unet_in_channels == stage.official_unet()["in_channels"]
         assert stage.official_unet()["stage"] == name and stage.official_unet() is not stage.official_unet()
         assert pickle.loads(pickle.dumps(stage)) is stage  # grain workers and dataclasses pickle it by name
-    assert [s.name for s in stages.in_family("sd")] == ["base", "interpolation"]
+    assert [s.name for s in stages.in_family("sd")] == ["base", "i2v", "interpolation"]
     assert [s.name for s in stages.cascade_after("base")] == ["interpolation", "vsr"]
-    assert len({get_stage(s).seed_id for s in stages.STAGES}) == 3  # independent noise per stage
+    assert [s.name for s in stages.cascade_after("i2v")] == ["interpolation", "vsr"]
+    assert len({get_stage(s).seed_id for s in stages.STAGES}) == 4  # independent noise per stage
     with pytest.raises(ValueError, match=r"config field stage: 'upscale' is not a LaVie stage; choose one of"):
         get_stage("upscale", "config field stage")

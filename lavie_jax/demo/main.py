@@ -19,7 +19,9 @@ Phases (each prints its progress and time; a phase whose results are on disk is 
   7. fvd           FVD with the real I3D of the interpolation and VSR videos against held-out clips, and of the
                    interpolation run's samples at four points of its training (lavie_jax.demo.fvd): the table,
                    DIR/fvd.json and DIR/fvd_training.png
-  8. personalise   a LoRA teaches the base a colour the data never shows, checked before/after from pixels
+  8. long          FreeNoise: the demo base makes 16-frame videos (4x what it trained on), interpolated to 61
+                   frames, against plain attention (lavie_jax.demo.long_video; DIR/long/, DIR/long_overview.png)
+  9. personalise   a LoRA teaches the base a colour the data never shows, checked before/after from pixels
                    (lavie_jax.demo.personalise; DIR/personalise/, DIR/runs/base_lora)
 Delete DIR (or DIR/runs/STAGE) to train again from scratch. The settings are packaged configs, loaded by name:
 `demo` (sources, autoencoder, text encoder width; configs/demo.py) and `STAGE:demo`. Compiled programs are kept in
@@ -39,10 +41,11 @@ from typing import Any
 
 from lavie_jax.cli import command
 from lavie_jax.runtime import compile_cache, startup
-from lavie_jax.stages import STAGES, get_stage
+from lavie_jax.stages import cascade_after, get_stage
 
 # Held-in prompts (captions of training videos): the first eight name every colour and every direction once, the
 # second eight pair them differently.
+STAGES = ("base", *(s.name for s in cascade_after("base")))  # the cascade the demo trains and samples
 PROMPTS = (
     "a red circle moving left", "a green square moving right", "a blue triangle moving up",
     "a yellow circle moving down", "a purple square moving up-left", "an orange triangle moving up-right",
@@ -368,7 +371,11 @@ def _run(argv: Sequence[str]) -> None:
     results = demo.sample()
     summary = demo.evaluate(results)
     summary = demo.fvd(results, summary)
-    from lavie_jax.demo.personalise import personalise  # 8. a LoRA teaches the base a new colour (docs/lora.md)
+    from lavie_jax.demo.long_video import PROMPT_COUNT, long_videos  # 8. docs/long_video.md
+
+    with demo.clock.phase("long", "FreeNoise long videos of the demo base, interpolated, against plain attention"):
+        summary["long_video"] = long_videos(out, demo.runs, PROMPTS[:PROMPT_COUNT], demo.cache_flags)
+    from lavie_jax.demo.personalise import personalise  # 9. a LoRA teaches the base a new colour (docs/lora.md)
 
     personalise(demo, summary)
     closing(summary, demo)

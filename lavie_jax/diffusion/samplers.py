@@ -22,6 +22,9 @@ Samplers (the names the stage configs use):
   unless `set_alpha_to_one` (official VSR stage, and the base stage's 'ddim' option).
 - 'ddim_respaced': guided-diffusion's DDIM over a respaced chain, epsilon-prediction; the model sees the original
   t, alpha_bar_prev is the alpha_bar of the next kept timestep, 1 after the last (official interpolation stage).
+- 'ddpm_respaced': guided-diffusion's ancestral `p_sample` over a respaced chain, epsilon-prediction, FIXED_LARGE
+  variance (the chain's [posterior variance 1, beta_1, beta_2, ...]), no noise at the last step; the model sees the
+  original t (SEINE, the i2v stage: `create_diffusion("250")`).
 - 'euler': diffusers' EulerDiscrete: Euler steps of dx/dsigma = (x - x_0) / sigma; the model input is
   x / sqrt(sigma^2 + 1) (the base stage's 'eulerdiscrete' option).
 """
@@ -37,7 +40,8 @@ import numpy as np
 
 from lavie_jax.diffusion import schedules
 
-SAMPLERS = ("ddpm", "ddim", "ddim_respaced", "euler")
+SAMPLERS = ("ddpm", "ddim", "ddim_respaced", "ddpm_respaced", "euler")
+RESPACED = ("ddim_respaced", "ddpm_respaced")  # guided-diffusion's chains: epsilon-prediction only
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _F32 = np.float32
 _ONE = _F32(1.0)
@@ -84,12 +88,12 @@ def make_sampler(name: str, num_steps: int, *, beta_schedule: str = "linear", be
         raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    if name == "ddim_respaced":
+    if name in RESPACED:
         if prediction_type != "epsilon":
-            raise ValueError("the ddim_respaced sampler (guided-diffusion) predicts epsilon only; use sampler 'ddim' "
+            raise ValueError(f"the {name} sampler (guided-diffusion) predicts epsilon only; use sampler 'ddim' "
                              "for v_prediction")
-        return _respaced_ddim(num_steps, schedules.make_betas(beta_schedule, beta_start, beta_end,
-                                                              num_train_timesteps), eta)
+        betas = schedules.make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps)
+        return _respaced_ddim(num_steps, betas, eta) if name == "ddim_respaced" else _respaced_ddpm(num_steps, betas)
     abar = schedules.diffusers_alphas_cumprod(beta_schedule, beta_start, beta_end, num_train_timesteps)
     if name == "euler":
         return _euler(num_steps, abar, prediction_type, timestep_spacing, steps_offset)
@@ -150,6 +154,29 @@ def _respaced_ddim(num_steps: int, betas: np.ndarray, eta: float) -> Sampler:
     return _sampler("ddim_respaced", "epsilon", 1.0, eta > 0, kept[::-1], {k: v[::-1] for k, v in rows.items()})
 
 
+def _respaced_ddpm(num_steps: int, betas: np.ndarray) -> Sampler:
+    """guided-diffusion's SpacedDiffusion + p_sample (FIXED_LARGE, clip_denoised False): the chain's tables in
+    float64, each cast to float32 as `_extract_into_tensor` does; std = exp(0.5 * log variance) in float32."""
+    base = schedules.alphas_cumprod(betas)
+    kept = schedules.respaced_timesteps(num_steps, len(betas))[::-1]
+    chain_betas, last = [], 1.0
+    for t in kept:
+        chain_betas.append(1.0 - base[t] / last)
+        last = base[t]
+    chain_betas = np.asarray(chain_betas)
+    chain = np.cumprod(1.0 - chain_betas)
+    chain_prev = np.append(1.0, chain[:-1])
+    posterior_variance = chain_betas * (1.0 - chain_prev) / (1.0 - chain)
+    log_variance = np.log(np.append(posterior_variance[1], chain_betas[1:]))  # FIXED_LARGE
+    c1 = chain_betas * np.sqrt(chain_prev) / (1.0 - chain)
+    c2 = (1.0 - chain_prev) * np.sqrt(1.0 - chain_betas) / (1.0 - chain)
+    std = np.exp(_F32(0.5) * log_variance.astype(_F32))
+    std = np.where(np.arange(num_steps) > 0, std, _F32(0.0))  # no noise at the chain's step 0
+    rows = dict(recip=np.sqrt(1.0 / chain).astype(_F32), recipm1=np.sqrt(1.0 / chain - 1).astype(_F32),
+                c1=c1.astype(_F32), c2=c2.astype(_F32), std=std.astype(_F32))
+    return _sampler("ddpm_respaced", "epsilon", 1.0, True, kept[::-1], {k: v[::-1] for k, v in rows.items()})
+
+
 def _sampler(name: str, prediction_type: str, init: float, stochastic: bool, timestep: np.ndarray,
              scalars: dict[str, np.ndarray], input_div: np.ndarray | None = None) -> Sampler:
     for key, value in scalars.items():
@@ -168,6 +195,7 @@ def step(spec: SamplerSpec, row: Mapping[str, jax.Array], x: jax.Array, model_ou
     ddim: x0 as ddpm, eps = out [v: sa * out + sb * x]; x_prev = sa_prev * x0 + c_dir * eps (+ std * noise).
     ddim_respaced: x0 = recip * x - recipm1 * out; eps = (recip * x - x0) / recipm1;
       x_prev = x0 * sa_prev + c_dir * eps (+ std * noise).
+    ddpm_respaced: x0 as ddim_respaced; x_prev = c1 * x0 + c2 * x + std * noise.
     euler: x0 = x - sigma * out [v: out * v_scale + x / v_div]; x_prev = x + (x - x0) / sigma * dt.
     """
     if spec.stochastic and noise is None:
@@ -180,6 +208,9 @@ def step(spec: SamplerSpec, row: Mapping[str, jax.Array], x: jax.Array, model_ou
     if spec.name == "ddim_respaced":
         x0 = r["recip"] * x - r["recipm1"] * model_output
         out = x0 * r["sa_prev"] + r["c_dir"] * ((r["recip"] * x - x0) / r["recipm1"])
+    elif spec.name == "ddpm_respaced":
+        x0 = r["recip"] * x - r["recipm1"] * model_output
+        out = r["c1"] * x0 + r["c2"] * x
     else:
         x0 = r["sa"] * x - r["sb"] * model_output if v else (x - r["sb"] * model_output) / r["sa"]
         if spec.name == "ddpm":

@@ -7,12 +7,14 @@
 | `attention_impl` | attention kernel policy ('auto', 'xla', 'cudnn', 'pallas'; None = 'xla'; `attention_kernels`) | attention layers |
 | `remat`          | rematerialisation policy of the UNet's blocks (`REMAT_POLICIES`) | UNet3D                    |
 | `sharding_rules` | logical-axis rules for the activation constraints at block boundaries (`lavie_jax.parallel`) | UNet3D |
+| `temporal_window`| `()`: all frames; `(window, stride)`: FreeNoise (`diffusion.freenoise`) | transformer blocks |
 
 `configure` walks the module tree and sets each option on every module that has an attribute of that name, so a
 module takes an option by having the attribute (`self.dtype = jnp.float32` in its constructor), and a new option
 needs no constructor argument anywhere. The options are static: a module configured differently has another
 `nnx.GraphDef`, so compiled programs never mix them. A config's options come from `from_config` (sampling reads
-`model.dtype`, training `train.compute_dtype` and `train.remat`).
+`model.dtype`, training `train.compute_dtype` and `train.remat`; the sampler sets `temporal_window` from the stage's
+sample options, `Stage.execution_options`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class ExecutionOptions:
     attention_impl: str | None = None  # a policy name; a config's None (XLA) is 'xla' here
     remat: str | None = None
     sharding_rules: tuple | None = None
+    temporal_window: tuple | None = None  # () = all frames; (window, stride) = FreeNoise windows
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
@@ -78,6 +81,13 @@ class ExecutionOptions:
             raise ExecutionOptionsError("remat", f"{self.remat!r}: choose one of {sorted(REMAT_POLICIES)}")
         if self.sharding_rules is not None:
             object.__setattr__(self, "sharding_rules", normalize_rules(self.sharding_rules))
+        if self.temporal_window is not None:
+            w = tuple(self.temporal_window)
+            if w and (len(w) != 2 or not all(isinstance(v, int) and v > 0 for v in w) or w[1] > w[0]):
+                raise ExecutionOptionsError("temporal_window", f"{self.temporal_window!r}: give () (all frames) or "
+                                                               "(window, stride) with 0 < stride <= window, e.g. "
+                                                               "(16, 4)")
+            object.__setattr__(self, "temporal_window", w)
 
     def check_platform(self) -> ExecutionOptions:
         """Raise ExecutionOptionsError if this process's platform cannot run the attention policy ('cudnn' off an

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lavie_jax.diffusion.freenoise import windowed
 from lavie_jax.models.arch import VSR_TEMPORAL_NORM, UNetArch
 from lavie_jax.models.attention import Attention, TemporalAttention
 from lavie_jax.models.layers import Conv, Dense, GroupNorm, LayerNorm
@@ -39,7 +40,13 @@ class GEGLUProj(nnx.Module):
 
 
 class BasicTransformerBlock(nnx.Module):
-    """Tokens `[B*F, HW, C]`, text `[B*F, L, D]` -> `[B*F, HW, C]`; `num_frames` F unfolds frames for temporal parts."""
+    """Tokens `[B*F, HW, C]`, text `[B*F, L, D]` -> `[B*F, HW, C]`; `num_frames` F unfolds frames for temporal parts.
+
+    `temporal_window` (an execution option, `lavie_jax.models.options`): `()` attends over all frames; `(window,
+    stride)` runs FreeNoise's windowed temporal attention (`lavie_jax.diffusion.freenoise.windowed`: windows of
+    `window` frames every `stride`, positions restarting in each, fused by triangular weights); the video must then
+    have `window + k * stride` frames.
+    """
 
     def __init__(self, dim: int, heads: int, arch: UNetArch, *, only_cross: bool, rngs: nnx.Rngs):
         kw = dict(rngs=rngs)
@@ -57,6 +64,7 @@ class BasicTransformerBlock(nnx.Module):
             dim, heads, positional=arch.temporal_attention == "rotary_bias", rotary_dim=arch.rotary_dim,
             rotary_theta=arch.rotary_theta, num_buckets=arch.relative_position_buckets,
             max_distance=arch.relative_position_max_distance, **kw)
+        self.temporal_window: tuple[int, ...] = ()
 
     def _temporal(self, x: jax.Array, num_frames: int, num_image_frames: int) -> jax.Array:
         bf, n, c = x.shape
@@ -65,7 +73,10 @@ class BasicTransformerBlock(nnx.Module):
             return x
         v = x.reshape(b, num_frames, n, c)
         t = jnp.swapaxes(v[:, :fv], 1, 2).reshape(b * n, fv, c)  # (b f) d c -> (b d) f c
-        t = t + self.attn_temp(self.norm_temp(t))
+        if self.temporal_window:  # the residual inside each window, as FreeNoise (a LayerNorm is per frame)
+            t = windowed(lambda w: w + self.attn_temp(self.norm_temp(w)), t, *self.temporal_window)
+        else:
+            t = t + self.attn_temp(self.norm_temp(t))
         t = jnp.swapaxes(t.reshape(b, n, fv, c), 1, 2)
         return jnp.concatenate([t, v[:, fv:]], axis=1).reshape(bf, n, c)
 

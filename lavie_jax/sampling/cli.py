@@ -7,13 +7,19 @@
       --interpolation interpolation --interpolation-checkpoint ckpt/interpolation \\
       --vsr vsr --vsr-checkpoint ckpt/vsr                    # cascade: res/base, res/interpolation, res/vsr
   lavie-sample --config vsr --checkpoint ckpt/vsr --input res/base --output res/vsr
+  lavie-sample --config i2v --checkpoint ckpt/i2v --image photo.png --prompt "a boat sailing" --output res
+  lavie-sample --config i2v --checkpoint ckpt/i2v --image a.png --image b.png --output res   # a transition
+  lavie-sample --config base --checkpoint ckpt/base --prompt "a corgi" --config.sample.num_frames=64 --output res
 
 A stage config is a packaged config by name (`base`, `base:tiny`, ...) or a config file (`FILE.py[:variant]`).
 `--config` is the first stage; `--interpolation` / `--vsr` add the later stages (each with its own
 `--STAGE.sample.steps=...` style overrides and `--STAGE-checkpoint`). A base first stage takes prompts
 (`--prompt`, repeatable, and/or `--prompt-file`, UTF-8, one per line); an interpolation or vsr first stage takes
 `--input` videos (files or directories) and reads each prompt back from its sidecar or file name, as the official
-stages do. `--checkpoint random` samples with random weights (architecture from the config: a smoke test, noise
+stages do. An i2v first stage (image-to-video) takes `--image FILE` (one image: animate it; two: a transition
+from the first to the second) with a `--prompt` (default: the first image's file name up to its first dot,
+underscores as spaces, as SEINE), or `--input` videos to continue (prompts from their sidecars, or one `--prompt`
+for all). `--checkpoint random` samples with random weights (architecture from the config: a smoke test, noise
 videos); a `lavie-train` work directory samples its latest checkpoint (EMA params, or `--params raw`), with the
 config the run stored when `--config` is left out (`--config.FIELD=...` overrides still apply). A single
 stage writes into `--output`; a cascade into `--output/STAGE/`; existing files are refused unless
@@ -73,6 +79,7 @@ from lavie_jax.sampling.pipeline import (RANDOM, PipelineError, apply_lora, chec
 from lavie_jax.sampling.sampler import StageSampler
 from lavie_jax.stages import REGISTRY, STAGES, RequestError, get_stage
 from lavie_jax.io.video import VideoReadError
+from lavie_jax.io.images import ImageReadError, read_images
 
 PROG = "lavie-sample"
 LATER_STAGES = tuple(s.name for s in REGISTRY.values() if s.rank > 0)  # stages that refine the one before's video
@@ -120,6 +127,9 @@ def build_parser() -> command.ArgumentParser:
                     help="a UTF-8 text file with one prompt per line (blank lines skipped)")
     io.add_argument("--input", action="append", default=[], metavar="PATH",
                     help="input videos of an interpolation / vsr first stage: files or directories (repeatable)")
+    io.add_argument("--image", action="append", default=[], metavar="FILE",
+                    help="i2v first stage: an 8-bit RGB image to animate; twice: a transition from the first image "
+                         "to the second")
     io.add_argument("--output", metavar="DIR", help="output directory (required)")
     io.add_argument("--overwrite", action=command.BooleanFlag, default=False,
                     help="replace output files that already exist (default: refuse before sampling)")
@@ -147,7 +157,7 @@ UsageError = command.UsageError  # bad or missing command-line flags
 # user errors: reported in one line, without a traceback, exit status 2
 ERRORS = (UsageError, ConfigArgError, SampleConfigError, PipelineError, OutputError, OutputPathError, RequestError,
           CheckpointError, ConfigError, KeyMismatchError, VideoReadError, FileNotFoundError, DamagedCheckpointError,
-          LoRAError, WeightFileError)
+          LoRAError, WeightFileError, ImageReadError)
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -376,7 +386,19 @@ def _plan(args: argparse.Namespace, stages: list[_Stage]) -> _Plan:
         _check_model_section(s.config, s.flag)
         sources.append(_check_checkpoint(s.config, s.checkpoint, s.checkpoint_flag))
     first = stages[0].config.stage
-    if not get_stage(first).takes_video:
+    if args.image and not get_stage(first).takes_images:
+        raise UsageError(f"--image is for a first stage that animates images (i2v); {first} takes "
+                         f"{'--input videos' if get_stage(first).takes_video else 'prompts'}")
+    if args.image:
+        if args.input:
+            raise UsageError("give --image files (animate, transition) or --input videos (continue), not both")
+        prompts = _prompts(args)
+        if len(prompts) > 1:
+            raise UsageError(f"--image makes one video: give one --prompt, not {len(prompts)}")
+        frames = read_images(args.image)
+        prompt = prompts[0] if prompts else Path(args.image[0]).name.split(".")[0].replace("_", " ")
+        groups = [([0], [prompt], [frames], None, [str(args.image[0])])]
+    elif not get_stage(first).takes_video:
         if args.input:
             raise UsageError(f"--input videos are for a first stage that refines a video ({', '.join(LATER_STAGES)}); "
                              f"{first} takes prompts (--prompt / --prompt-file)")
@@ -385,24 +407,28 @@ def _plan(args: argparse.Namespace, stages: list[_Stage]) -> _Plan:
             raise UsageError("no prompts: pass --prompt TEXT (repeatable) or --prompt-file FILE")
         groups = [(list(range(len(prompts))), prompts, None, None, None)]
     else:
-        if args.prompt or args.prompt_file:
+        given = _prompts(args) if get_stage(first).takes_images else []
+        if (args.prompt or args.prompt_file) and not get_stage(first).takes_images:
             raise UsageError(f"a {first} first stage reads its prompts from the --input videos' sidecars or file "
                              "names; drop --prompt / --prompt-file")
+        if len(given) > 1:
+            raise UsageError(f"give one --prompt for all --input videos (or none: their sidecars'), not {len(given)}")
         if not args.input:
-            raise UsageError(f"a {first} first stage needs --input videos (files or directories)")
+            images = " or --image files" if get_stage(first).takes_images else ""
+            raise UsageError(f"a {first} first stage needs --input videos (files or directories){images}")
         inputs = read_inputs(args.input)
         by_shape: dict[tuple, list[int]] = {}
         for i, v in enumerate(inputs):
             by_shape.setdefault((v.frames.shape, v.fps), []).append(i)
-        groups = [(idx, [inputs[i].prompt for i in idx], [inputs[i].frames for i in idx], inputs[idx[0]].fps,
-                   [inputs[i].path for i in idx]) for idx in by_shape.values()]
+        groups = [(idx, [given[0] if given else inputs[i].prompt for i in idx], [inputs[i].frames for i in idx],
+                   inputs[idx[0]].fps, [inputs[i].path for i in idx]) for idx in by_shape.values()]
     # file stems over the whole run: a prompt repeated across request groups still gets -2, -3, ...
     prompt_of = {i: p for group_indices, group_prompts, *_ in groups for i, p in zip(group_indices, group_prompts)}
     stems = dict(zip(sorted(prompt_of), unique_stems([prompt_of[i] for i in sorted(prompt_of)])))
     names = [s.config.stage for s in stages]
     directories = {n: output if len(stages) == 1 else output / n for n in names}
     formats = {s.config.stage: sample_options(s.config.stage, s.config.sample).formats for s in stages}
-    if get_stage(first).takes_video:
+    if get_stage(first).takes_video and not args.image:
         _check_inputs_survive(groups, directories, stems, formats)
     for n in names:
         check_no_overwrite(directories[n], list(stems.values()), formats[n], args.overwrite)
@@ -575,6 +601,11 @@ def run(argv: Sequence[str]) -> list:
     if writer:
         print(f"{PROG}: sampling {len(plan.stems)} video(s): {' -> '.join(cascade.stages)} (Ctrl-C stops; finished "
               "videos are kept)", file=sys.stderr, flush=True)
+        first = stages[0].config.sample
+        if args.image and (frames := plan.groups[0][2][0]).shape[1:3] != (first.height, first.width):
+            print(f"{PROG}: resizing --image {frames.shape[2]}x{frames.shape[1]} to {first.width}x{first.height} "
+                  "(sample.width x sample.height; bilinear, aspect ratio not kept, as SEINE)", file=sys.stderr,
+                  flush=True)
     try:
         results = []
         for indices, prompts, videos, fps, sources in plan.groups:

@@ -19,9 +19,10 @@ from lavie_jax.stages import STAGES, Stage, get_stage
 FORMATS = ("mp4", "gif")
 # steps_offset -1 means the official pipeline's choice: diffusers 0.16 DDPM ignored the SD config's offset of 1,
 # its DDIM used it (spec 4.1)
-AUTO_STEPS_OFFSET = {"ddpm": 0, "ddim": 1, "euler": 0, "ddim_respaced": 0}
+AUTO_STEPS_OFFSET = {"ddpm": 0, "ddim": 1, "euler": 0, "ddim_respaced": 0, "ddpm_respaced": 0}
 # timestep_spacing 'auto': diffusers 0.16's EulerDiscrete knew only linspace; its DDPM and DDIM used 'leading'
-AUTO_SPACING = {"ddpm": "leading", "ddim": "leading", "euler": "linspace", "ddim_respaced": "leading"}
+AUTO_SPACING = {"ddpm": "leading", "ddim": "leading", "euler": "linspace", "ddim_respaced": "leading",
+                "ddpm_respaced": "leading"}
 
 
 class SampleConfigError(ValueError):
@@ -132,8 +133,8 @@ def _validate(o: SampleOptions, stage: Stage) -> None:
         _fail("seed", f"expected an int in 0..2^32-1, got {o.seed!r}")
     if o.steps_offset < -1:
         _fail("steps_offset", f"expected -1 (official for the sampler) or >= 0, got {o.steps_offset}")
-    if o.sampler == "ddim_respaced" and o.prediction_type != "epsilon":
-        _fail("prediction_type", "the respaced DDIM of the interpolation stage is epsilon-prediction only")
+    if o.sampler in ("ddim_respaced", "ddpm_respaced") and o.prediction_type != "epsilon":
+        _fail("prediction_type", f"the respaced (guided-diffusion) sampler {o.sampler} is epsilon-prediction only")
     if o.guidance_scale < 0:
         _fail("guidance_scale", f"expected >= 0, got {o.guidance_scale}")
     bad = [f for f in o.formats if f not in FORMATS]

@@ -29,6 +29,7 @@ from lavie_jax.stages import Stage
 LATENT_STREAM, STEP_STREAM = 0, 1
 # the random streams a stage's conditioning draws from (`Stage.sample_condition`), by name
 CONDITION_STREAMS = {"low_res": 2, "encode": 3}
+NOISE_SHUFFLE_STREAM = 4  # the stage's own draws for its initial noise (FreeNoise's shuffles)
 
 
 def row_keys(seed_ids: jax.Array, row_ids: jax.Array) -> jax.Array:
@@ -75,11 +76,17 @@ def guided_model(graphdef: nnx.GraphDef, state: nnx.State, stage: Stage, text: j
     return model
 
 
-@program(static_argnames=("spec", "latent_shape"))
-def initial_latents(seed_ids: jax.Array, row_ids: jax.Array, *, spec: SamplerSpec,
-                    latent_shape: tuple[int, ...]) -> jax.Array:
-    """The starting noise of N rows `[N, *latent_shape]`, already scaled by the sampler's `init_noise_sigma`."""
-    return row_normal(row_keys(seed_ids, row_ids), (LATENT_STREAM,), latent_shape) * spec.init_noise_sigma
+@program(static_argnames=("spec", "latent_shape", "stage", "settings"))
+def initial_latents(seed_ids: jax.Array, row_ids: jax.Array, *, spec: SamplerSpec, latent_shape: tuple[int, ...],
+                    stage: Stage | None = None, settings: tuple = ()) -> jax.Array:
+    """The starting noise of N rows `[N, *latent_shape]`, already scaled by the sampler's `init_noise_sigma`;
+    with `stage`, made by `stage.initial_noise` (`settings` = `Stage.noise_settings(options)`)."""
+    keys = row_keys(seed_ids, row_ids)
+    noise = row_normal(keys, (LATENT_STREAM,), latent_shape)
+    if stage is not None:
+        noise = stage.initial_noise(noise, jax.vmap(lambda k: jax.random.fold_in(k, NOISE_SHUFFLE_STREAM))(keys),
+                                    settings)
+    return noise * spec.init_noise_sigma
 
 
 @program(static_argnames=("graphdef", "spec", "stage", "cond_first", "num_steps"))

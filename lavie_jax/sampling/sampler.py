@@ -6,8 +6,9 @@
     result = vsr.sample(prompts, result.frames, fps=24)    # vsr: [B, 61, 1280, 2048, 3]
 
 A request is checked completely before any model runs (by the stage: `Stage.check_request`). It is then cut into
-rows (a prompt; for VSR a prompt's chunk of `chunk_frames` frames, each a fresh full run as in the official code:
-`Stage.chunk_frames`), and rows into batches of
+rows (a prompt; for VSR a prompt's chunk of `chunk_frames` frames, each a fresh full run as in the official code;
+for interpolation of a long video, windows of `key_window` key frames overlapping by one: `Stage.frame_windows`),
+and rows into batches of
 `sample.batch_size` (0: all rows of one chunk length at once) padded to a multiple of the mesh's batch devices.
 Each batch is text rows (+ the stage's conditioning, `programs.condition`) -> `programs.denoise_steps` (`sample.steps_per_call` steps per compiled
 call; the latents stay on the mesh, and Ctrl-C / SIGTERM land within a call) -> `programs.decode`, with its rows
@@ -36,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lavie_jax.stages import RequestError, get_stage
 from lavie_jax.io.store import Pipeline
+from lavie_jax.models.options import ExecutionOptions, configure, options_of
 from lavie_jax.parallel import BATCH_AXES, batch_sharding, make_mesh, place_state, to_global, to_host
 from lavie_jax.sampling import programs
 from lavie_jax.sampling.options import SampleOptions, sample_options
@@ -61,8 +63,9 @@ class StageResult:
 class _Row:
     prompt: int
     chunk: int
-    start: int  # VSR: the chunk's frames of the input video
+    start: int  # the run's frames of the input video (`Stage.frame_windows`: VSR chunks, interpolation windows)
     stop: int
+    skip: int = 0  # output frames dropped from the front of the run (they repeat the run before's)
 
 
 @dataclasses.dataclass
@@ -89,7 +92,8 @@ class StageSampler:
         self.pipeline = pipeline
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh.shape)
         rules = tuple(tuple(r) for r in config.sharding.rules)
-        self._unet = placed_state(pipeline.unet, self.mesh, rules)
+        self._unet = placed_state(with_options(pipeline.unet, self.spec.execution_options(self.options)),
+                                  self.mesh, rules)
         self._vae = placed_state(pipeline.vae, self.mesh, rules)
         self._text_encoder = nnx.merge(*placed_state(pipeline.text_encoder, self.mesh, rules))
         self.sampler = self.options.make_sampler()
@@ -127,11 +131,9 @@ class StageSampler:
         return (prompt.replace(" ", "_") if o.underscore_prompts else prompt) + o.prompt_suffix
 
     def _rows(self, num_prompts: int, num_frames: int) -> list[_Row]:
-        chunk = self.spec.chunk_frames(self.options)
-        if not chunk:
-            return [_Row(p, 0, 0, num_frames) for p in range(num_prompts)]
-        return [_Row(p, c, s, min(s + chunk, num_frames)) for p in range(num_prompts)
-                for c, s in enumerate(range(0, num_frames, chunk))]
+        windows = self.spec.frame_windows(self.options, num_frames)
+        return [_Row(p, c, start, stop, skip) for p in range(num_prompts)
+                for c, (start, stop, skip) in enumerate(windows)]
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
         by_length: dict[int, list[_Row]] = {}
@@ -173,8 +175,8 @@ class StageSampler:
                     latents[r], frames[r] = lat[j], pix[j]
         joined = [[r for r in req.rows if r.prompt == p] for p in range(len(prompts))]
         return StageResult(self.stage, list(prompts), req.text_prompts,
-                           np.stack([np.concatenate([frames[r] for r in rs]) for rs in joined]),
-                           np.stack([np.concatenate([latents[r] for r in rs]) for rs in joined]),
+                           np.stack([np.concatenate([frames[r][r.skip:] for r in rs]) for rs in joined]),
+                           np.stack([np.concatenate([latents[r][r.skip:] for r in rs]) for rs in joined]),
                            self.options.fps or float(fps), req.seed, self.options)
 
     def denoise_inputs(self, prompts: Sequence[str], videos: Sequence[np.ndarray] | np.ndarray | None = None, *,
@@ -240,7 +242,8 @@ class StageSampler:
         args, kwargs = self._batch_inputs(batch, req)
         state, tables, *rest = args
         seed_ids, row_ids = rest[1], rest[2]
-        x = programs.initial_latents(seed_ids, row_ids, spec=kwargs["spec"], latent_shape=kwargs.pop("latent_shape"))
+        x = programs.initial_latents(seed_ids, row_ids, spec=kwargs["spec"], latent_shape=kwargs.pop("latent_shape"),
+                                     stage=self.spec, settings=self.spec.noise_settings(self.options))
         return (state, tables, x, np.int32(0), *rest), dict(kwargs, num_steps=self._steps_per_call())
 
     def run_loop(self, args: tuple, kwargs: dict, bar=None) -> jax.Array:
@@ -268,6 +271,15 @@ class StageSampler:
         pix = programs.decode(self._vae[1], x, graphdef=self._vae[0], chunk=self.options.decode_chunk,
                               stage=self.spec)
         return to_host(x)[:len(batch)], to_host(pix)[:len(batch)]
+
+
+def with_options(model: nnx.Module, values: dict) -> nnx.Module:
+    """`model` with the execution options `values` set (`lavie_jax.models.options`), on a new module object sharing
+    its arrays (the pipeline's model is not touched); `model` itself when there are none."""
+    current = options_of(model)
+    if all(getattr(current, k) == v for k, v in values.items()):
+        return model
+    return configure(nnx.merge(*nnx.split(model)), ExecutionOptions(**values))
 
 
 def placed_state(model: nnx.Module, mesh: jax.sharding.Mesh, rules) -> tuple[nnx.GraphDef, nnx.State]:

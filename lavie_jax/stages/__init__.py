@@ -5,19 +5,19 @@ Every layer asks a stage for what differs between stages (see `core.Stage`) inst
     stage = get_stage(config.stage)
     stage.unet_in_channels, stage.dropped_text, stage.to_uint8(frames), stage.unet_sample(latents, condition)
 
-Each stage lives in its own module (`base`, `interpolation`, `vsr`), beside the facts they share (`core`) and the
+Each stage lives in its own module (`base`, `i2v`, `interpolation`, `vsr`), beside the facts they share (`core`) and the
 pretrained 2D models they are inflated from (`families`). A new stage is a module defining a `core.Stage` subclass
 and its `STAGE`, added to `_MODULES` below.
 """
 
 from __future__ import annotations
 
-from lavie_jax.stages import base, interpolation, vsr
+from lavie_jax.stages import base, i2v, interpolation, vsr
 from lavie_jax.stages.core import (LATENT_CHANNELS, RequestError, Stage, StageConfigError, TrainingInputs,
                                    UNetFamily, pixels_to_unit)
 from lavie_jax.stages.families import FAMILIES
 
-_MODULES = (base, interpolation, vsr)
+_MODULES = (base, i2v, interpolation, vsr)
 REGISTRY: dict[str, Stage] = {m.STAGE.name: m.STAGE for m in sorted(_MODULES, key=lambda m: m.STAGE.rank)}
 STAGES: tuple[str, ...] = tuple(REGISTRY)  # names, in cascade order
 

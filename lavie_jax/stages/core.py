@@ -127,6 +127,12 @@ class Stage:
     official_param_count: ClassVar[int]  # learnable parameters of the released UNet (less the rotary buffers)
     class_labels: ClassVar[bool] = False  # the UNet takes a per-example class label
     takes_video: ClassVar[bool] = False  # sampling input: prompts only, or an input video per prompt
+    takes_images: ClassVar[bool] = False  # the input may be still images (`lavie-sample --image`), with prompts
+    # training: the stages whose checkpoints a run may start from (`train.init`) beside its own; their UNet must be
+    # this one's but for conv_in, whose extra input channels start at zero (so step 0 computes what they did)
+    init_from: ClassVar[tuple[str, ...]] = ()
+    # training: the step encodes pixels with the frozen VAE even when the data holds precomputed latents
+    encodes_in_step: ClassVar[bool] = False
     fps_follows_input: ClassVar[bool] = False  # `sample.fps = 0` may mean "the input video's frame rate"
     # data: which examples the input pipeline makes ('clip', 'key_frames', 'patches'; lavie_jax.data.examples) and
     # the batch key whose latents are the UNet's x_0
@@ -192,6 +198,29 @@ class Stage:
     def chunk_frames(self, options: Any) -> int:
         """Frames per independent run of a long input video (0: the whole video at once)."""
         return 0
+
+    def frame_windows(self, options: Any, num_frames: int) -> list[tuple[int, int, int]]:
+        """How a request's input video of `num_frames` frames is cut into independent runs: `(start, stop, skip)`
+        per run, `skip` = the run's first output frames to drop (they repeat the run before's last ones). The
+        default: consecutive chunks of `chunk_frames` (the whole video when 0), nothing dropped."""
+        chunk = self.chunk_frames(options)
+        if not chunk:
+            return [(0, num_frames, 0)]
+        return [(s, min(s + chunk, num_frames), 0) for s in range(0, num_frames, chunk)]
+
+    def execution_options(self, options: Any) -> dict[str, Any]:
+        """Execution options (`lavie_jax.models.options`) the sampler sets on the UNet for these sample options
+        (how, not what, it computes; e.g. the base stage's FreeNoise temporal windows). Default: none."""
+        return {}
+
+    def noise_settings(self, options: Any) -> tuple:
+        """The hashable settings `initial_noise` needs (a static argument of its compiled program)."""
+        return ()
+
+    def initial_noise(self, noise: jax.Array, keys: jax.Array, settings: tuple) -> jax.Array:
+        """The starting noise of N rows from i.i.d. normals `noise [N, F, h, w, 4]` and per-row keys `keys [N]`,
+        traced inside the sampler's program (e.g. FreeNoise's rescheduled noise). Default: the normals."""
+        return noise
 
     def output_shape(self, options: Any, input_shape: Sequence[int] | None, vae_factor: int
                      ) -> tuple[int, int, int]:

@@ -2,6 +2,11 @@
 attends to the first and the previous one) and plain temporal attention after the feed-forward; 8 input channels:
 4 noisy latents + the latents of the K key frames, repeated to 4K - 3 frames by the official index rule.
 
+A long video (more than `sample.key_window` key frames, 16 in the packaged config: what the model was trained on)
+is interpolated in windows of `key_window` consecutive key frames, each window starting at the last key frame of
+the one before, so the run's 4 key_window - 3 frames join without a repeated frame (`frame_windows`); K key frames
+still give 4K - 3 frames. `key_window` 0: the whole video in one run.
+
 Sampling resizes the key frames to `sample.height x sample.width` (bilinear, half-pixel centres, no antialiasing, as
 the official code) and encodes each once; training takes the key frames (or their precomputed latents) from its clip.
 """
@@ -78,13 +83,16 @@ class InterpolationStage(Stage):
     input_key = "key_frames"
     # num_frames: 0 follows the input (4K - 3 from K), else it must be 4K - 3; height x width: key frames are
     # resized to it
-    sample_fields = {"num_frames": 0, "height": 0, "width": 0}
+    sample_fields = {"num_frames": 0, "height": 0, "width": 0, "key_window": 0}
 
     def check_sample(self, options: Any, fail) -> None:
         for field in ("height", "width"):
             value = getattr(options, field)
             if not isinstance(value, int) or value <= 0:
                 fail(field, f"expected a positive int, got {value!r}")
+        window = options.key_window
+        if not isinstance(window, int) or window < 0 or window == 1:
+            fail("key_window", f"expected 0 (the whole video in one run) or >= 2 key frames per run, got {window!r}")
         n = options.num_frames
         if not isinstance(n, int) or n < 0:
             fail("num_frames", f"expected >= 0, got {n!r}")
@@ -102,6 +110,15 @@ class InterpolationStage(Stage):
                                f"needs {(options.num_frames + 3) // 4} input frames, got {k}; or set "
                                f"sample.num_frames=0")
         check_size(options.height, options.width, vae_factor)
+
+    def frame_windows(self, options: Any, num_frames: int) -> list[tuple[int, int, int]]:
+        """Windows of `key_window` key frames, each starting at the one before's last key frame (whose output frame
+        the window drops); the last window may be shorter (>= 2 key frames). One run when the video fits."""
+        window = options.key_window
+        if not window or num_frames <= window:
+            return [(0, num_frames, 0)]
+        starts = range(0, num_frames - 1, window - 1)
+        return [(s, min(s + window, num_frames), 1 if s else 0) for s in starts]
 
     def output_shape(self, options: Any, input_shape: Sequence[int] | None, vae_factor: int):
         return interpolated_length(input_shape[0]), options.height, options.width

@@ -85,6 +85,14 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, 
         _fail("train.objective.text_dropout", f"expected a probability in [0, 1), got {o.text_dropout!r}")
     if o.image_loss_weight < 0:
         _fail("train.objective.image_loss_weight", f"expected >= 0, got {o.image_loss_weight!r}")
+    masks = o.get("i2v_masks")
+    if masks is not None:
+        weights = list(masks.get("weights", []))
+        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+            _fail("train.objective.i2v_masks.weights", f"{weights}: give 3 weights >= 0, not all 0, for the i2v "
+                                                       "masks ('first', 'onelast', 'none')")
+        if not isinstance(masks.get("max_n"), int) or masks.get("max_n") < 1:
+            _fail("train.objective.i2v_masks.max_n", f"expected an integer >= 1, got {masks.get('max_n')!r}")
     if not 1 <= o.noise_level_max <= config.sample.num_train_timesteps:
         _fail("train.objective.noise_level_max", f"expected 1..{config.sample.num_train_timesteps}, got "
                                                  f"{o.noise_level_max!r}")
@@ -171,9 +179,12 @@ def num_image_frames(config: ml_collections.ConfigDict) -> int:
     return stages.get_stage(config.stage).image_frames(config.data)
 
 
-def objective_from_config(config: ml_collections.ConfigDict, vae_scaling: float) -> Objective:
+def objective_from_config(config: ml_collections.ConfigDict, vae_scaling: float, vae_factor: int = 8) -> Objective:
     t, s = config.train, config.sample
+    masks = t.objective.get("i2v_masks") or {"weights": (0.5, 0.3, 0.2), "max_n": 2}
     return Objective(
+        vae_factor=int(vae_factor), i2v_mask_weights=tuple(float(w) for w in masks["weights"]),
+        i2v_max_given=int(masks["max_n"]),
         stage=stages.get_stage(config.stage), prediction_type=t.objective.prediction_type,
         num_image_frames=num_image_frames(config),
         image_loss_weight=float(t.objective.image_loss_weight), text_dropout=float(t.objective.text_dropout),
@@ -239,12 +250,21 @@ def _init_source(config: ml_collections.ConfigDict) -> store.Source | None:
     init = config.train.init
     if not init:
         return None
+    stage = stages.get_stage(config.stage)
     try:
-        source = store.open_source(init, stage=config.stage, flag="train.init", kinds=("pipeline", "unet", "workdir"))
+        source = store.open_source(init, flag="train.init", kinds=("pipeline", "unet", "workdir"))
+        if source.stage not in (None, config.stage, *stage.init_from):
+            source = store.open_source(init, stage=config.stage, flag="train.init",
+                                       kinds=("pipeline", "unet", "workdir"))  # its error names both stages
         stored = store.stored_arch(source)
     except store.SourceError as e:
         raise TrainConfigError(f"config field {e}") from None
     wanted = arch_from_config(config.unet.to_dict(), config.stage)
+    if stored.stage != wanted.stage:  # another stage's UNet (Stage.init_from): conv_in is widened when loaded
+        if stored.in_channels > wanted.in_channels:
+            _fail("train.init", f"{init} holds a {stored.stage} UNet taking {stored.in_channels} input channels; the "
+                                f"{config.stage} stage takes {wanted.in_channels}")
+        stored = dataclasses.replace(stored, stage=wanted.stage, in_channels=wanted.in_channels)
     if stored != wanted:
         diff = [f.name for f in dataclasses.fields(UNetArch) if getattr(stored, f.name) != getattr(wanted, f.name)]
         _fail("train.init", f"{init} holds a UNet whose architecture differs from config.unet in {diff}; use the "
@@ -298,10 +318,36 @@ def build_unet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
                            out_shardings=shardings)
             # run once: the least optimised code is the fastest to build (thousands of small RNG ops)
             nnx.update(unet, make.lower().compile(compiler_options={"xla_backend_optimization_level": 0})())
-    else:
+    elif init.stage in (None, config.stage):
         unet = store.load_unet(init, mesh=mesh, rules=rules, options=options)
+    else:
+        unet = _widened(store.load_unet(init, mesh=mesh, rules=rules, options=options), arch, mesh, rules, options)
     if lora_rules(config):
         add_adapters(unet, config, mesh, rules, abstract=abstract)
+    return unet
+
+
+def _widened(source: UNet3D, arch: UNetArch, mesh: jax.sharding.Mesh, rules: parallel.Rules,
+             options) -> UNet3D:
+    """A UNet of `arch` holding `source`'s params (another stage's UNet, `Stage.init_from`), its conv_in kernel
+    `[3, 3, Cin, C]` widened to `arch.in_channels` with zeros: the new input channels start without effect, so the
+    first step computes what `source` computed. Laid out on `mesh` by `rules`."""
+    unet = abstract_unet(arch, options=options)
+    target = nnx.state(unet, nnx.Param)
+    shardings = parallel.state_shardings(target, mesh, rules)
+    flat_src = dict(nnx.to_flat_state(nnx.state(source, nnx.Param)))
+    flat_sh = dict(nnx.to_flat_state(shardings))
+    leaves = []
+    for path, var in nnx.to_flat_state(target):
+        value = flat_src[path][...]
+        if value.shape != var.shape:  # conv_in.kernel: zero input channels appended
+            pad = [(0, 0)] * value.ndim
+            pad[-2] = (0, var.shape[-2] - value.shape[-2])
+            value = jnp.pad(value, pad)
+        sharding = flat_sh[path]
+        leaves.append((path, jax.device_put(value, sharding if isinstance(sharding, jax.sharding.Sharding)
+                                            else sharding[...])))
+    nnx.update(unet, nnx.from_flat_state(leaves))
     return unet
 
 
@@ -495,7 +541,8 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abs
         if abstract:  # eval_shape drops shardings: give every leaf its own
             state = with_shardings(state, shardings)
 
-    precomputed = config.data.dataset == "precomputed"
+    # precomputed latents need no VAE in the step, unless the stage encodes pixels there (Stage.encodes_in_step)
+    precomputed = config.data.dataset == "precomputed" and not stages.get_stage(config.stage).encodes_in_step
     vae_gd, vae_state = nnx.split(encoders.vae)
     text_gd, text_state = nnx.split(encoders.text_encoder)
     null_tokens = tokenize(encoders.tokenizer, [stages.get_stage(config.stage).dropped_text],
@@ -509,7 +556,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abs
                       text=jax.tree.map(lambda x: x.sharding, text_state), null_tokens=replicated,
                       null_text=replicated)
 
-    objective = objective_from_config(config, encoders.vae.scaling_factor)
+    objective = objective_from_config(config, encoders.vae.scaling_factor, encoders.vae.config.downsample_factor)
     tables = {k: jax.device_put(v, replicated) for k, v in objective.tables().items()}
     inputs = StageInputs(objective, None if precomputed else vae_gd, text_gd)
     step = functools.partial(train_step, objective=objective, loss_fn=stage_loss(objective, graphdef, inputs), tx=tx,

@@ -85,6 +85,9 @@ class Objective:
     micro_batches: int = 1
     vae_frame_chunk: int = 4
     vae_scaling_factor: float = 0.18215
+    vae_factor: int = 8  # pixels per latent pixel
+    i2v_mask_weights: tuple[float, ...] = (0.5, 0.3, 0.2)  # i2v: random masks (lavie_jax.stages.i2v.random_mask)
+    i2v_max_given: int = 2
 
     def tables(self) -> dict[str, np.ndarray]:
         """Host tables the step indexes: forward-diffusion coefficients and the stage's own (`training_tables`: the
@@ -97,7 +100,8 @@ class Objective:
 # the global batch) and a stream id, so the draws do not depend on micro-batching or on how the batch is sharded.
 # Stages draw from theirs by name (`TrainingInputs`).
 STREAMS = {name: i for i, name in enumerate(("latent", "image_latent", "key_latent", "text_drop", "image_text_drop",
-                                             "level", "low_res", "timestep", "noise"))}
+                                             "level", "low_res", "timestep", "noise", "mask",
+                                             "masked_latent"))}
 
 
 def _split(tables: Mapping[str, jax.Array], prefix: str) -> dict[str, jax.Array]:

@@ -284,6 +284,45 @@ def test_respaced_ddim_matches_reference(num_steps):
     assert worst(ours_trajectory(ours, x0), respaced_ddim_reference(x0, num_steps, torch.float64)) <= 1e-5
 
 
+def respaced_ddpm_reference(x: np.ndarray, num_steps: int, noises: list) -> list[np.ndarray]:
+    """guided-diffusion's p_sample (FIXED_LARGE, eps-prediction, clip_denoised False; SEINE's sampler) driven by the
+    fake model: float64 tables, each step's values cast to float32, float32 torch ops in the library's order."""
+    kept, chain, chain_prev = respaced_chain(num_steps)
+    betas = 1 - chain / chain_prev
+    posterior_variance = betas * (1 - chain_prev) / (1 - chain)
+    log_variance = np.log(np.append(posterior_variance[1], betas[1:]))
+    coef1 = betas * np.sqrt(chain_prev) / (1 - chain)
+    coef2 = (1 - chain_prev) * np.sqrt(1 - betas) / (1 - chain)
+    c, d, z = fake_model(num_steps)
+    x = torch.from_numpy(x)
+    traj = []
+    for i, j in enumerate(reversed(range(num_steps))):
+        def scalar(table):
+            return torch.tensor(table[j], dtype=torch.float64).float()
+
+        eps = float(c[i]) * x + torch.from_numpy(d[i] * z[i])
+        x0 = scalar(np.sqrt(1 / chain)) * x - scalar(np.sqrt(1 / chain - 1)) * eps
+        mean = scalar(coef1) * x0 + scalar(coef2) * x
+        nonzero = float(j != 0)
+        x = mean + nonzero * torch.exp(0.5 * scalar(log_variance)) * torch.from_numpy(noises[i])
+        traj.append(x.numpy().copy())
+    return traj
+
+
+def test_respaced_ddpm_matches_reference():
+    """SEINE's sampler: create_diffusion('250'), ancestral steps with fresh noise, none at the last step."""
+    num_steps = 250
+    ours = make_sampler("ddpm_respaced", num_steps, **LINEAR)
+    kept, _, _ = respaced_chain(num_steps)
+    np.testing.assert_array_equal(ours.timesteps, kept[::-1])
+    assert kept[:3] == [0, 4, 8] and kept[-1] == 999 and ours.tables["std"][-1] == 0 and ours.tables["std"][0] > 0
+    rng = np.random.default_rng(5)
+    noises = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(num_steps)]
+    x0 = initial()
+    # 250 steps, five times the others: XLA's FMA contractions add up to ~1.05e-6
+    assert worst(ours_trajectory(ours, x0, noises), respaced_ddpm_reference(x0, num_steps, noises)) <= 2e-6
+
+
 def test_classifier_free_guidance_order():
     cond, uncond = jnp.full((2, 3), 2.0), jnp.full((2, 3), 1.0)
     # base / VSR batches are [uncond, cond]; interpolation batches are [cond, uncond]

@@ -39,13 +39,15 @@ def test_configure_sets_each_option_where_it_is_read(unet):
     model = nnx.clone(unet)
     before = nnx.graphdef(model)
     configure(model, ExecutionOptions(dtype="bfloat16", attention_impl="xla", remat="full",
-                                      sharding_rules=[["embed", "fsdp"], ["heads", ["tensor"]]]))
+                                      sharding_rules=[["embed", "fsdp"], ["heads", ["tensor"]]],
+                                      temporal_window=[16, 4]))
     modules = [m for _, m in nnx.iter_modules(model)]
     assert all(m.dtype == jnp.bfloat16 for m in modules if "dtype" in vars(m))
     attention = [m for m in modules if isinstance(m, Attention)]
     assert attention and all(m.attention_impl == "xla" for m in attention)
     assert model.remat == "full" and model.sharding_rules == (("embed", "fsdp"), ("heads", ("tensor",)))
-    assert options_of(model) == ExecutionOptions("bfloat16", "xla", "full", (("embed", "fsdp"), ("heads", ("tensor",))))
+    assert options_of(model) == ExecutionOptions("bfloat16", "xla", "full", (("embed", "fsdp"), ("heads", ("tensor",))),
+                                                 (16, 4))
     assert nnx.graphdef(model) != before  # static: programs traced with other options are distinct
     configure(model, dtype="float32")  # a field left out is not changed
     assert options_of(model).dtype == "float32" and options_of(model).remat == "full"

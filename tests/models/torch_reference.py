@@ -12,6 +12,11 @@ TimestepEmbedding, FeedForward) we take the same one. Things the official code h
   32 buckets and max distance 32, `heads` rows of bias. Interpolation's is plain attention after the feed-forward.
 - Downsample3D refuses padding 0 (NotImplementedError, as the official code); upsampling forwards the skip's size
   only when H or W is not a multiple of 2**num_upsamplers.
+
+FreeNoise-LaVie (arthur-qiu/FreeNoise-LaVie, base stage only): `UNet3DReference(..., freenoise=(window, stride))`
+runs its eval-branch temporal attention (each window a full attention call on its frames, residual inside, the
+triangular weights, `where(count > 0, value / count, value)`, so uncovered frames come out 0 as there), and
+`freenoise_noise` its noise rescheduling loop (the official shuffle is the stdlib `random.shuffle`; pass one in).
 """
 
 from __future__ import annotations
@@ -228,11 +233,26 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=0.0, activation_fn="geglu")
         self.norm3 = nn.LayerNorm(dim)
 
+    freenoise: tuple[int, int] | None = None  # (window, stride): FreeNoise-LaVie's windowed temporal attention
+
     def _temporal(self, x: torch.Tensor, f: int) -> torch.Tensor:
         attn, norm = (getattr(self, n) for n in self.temporal_names)
         d = x.shape[1]
         t = rearrange(x, "(b f) d c -> (b d) f c", f=f)
-        t = attn(norm(t)) + t
+        if self.freenoise is None:
+            t = attn(norm(t)) + t
+        else:
+            window, stride = self.freenoise
+            n = norm(t)
+            value, count = torch.zeros_like(t), torch.zeros_like(t)
+            weights = torch.tensor([min(p + 1, window - p) for p in range(window)], dtype=t.dtype)[None, :, None]
+            for s in range(0, (f - window) // stride * stride + 1, stride):
+                e = s + window
+                if e > f:
+                    break
+                value[:, s:e] += (attn(n[:, s:e]) + t[:, s:e]) * weights
+                count[:, s:e] += weights
+            t = torch.where(count > 0, value / count, value)
         return rearrange(t, "(b d) f c -> (b f) d c", d=d)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, video_length: int) -> torch.Tensor:
@@ -452,6 +472,26 @@ class UNet3DReference(nn.Module):
             x = block.up(x, res, emb, text, size)
             x = self.up_temporal_blocks[i](x, emb) if vsr else x
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+def set_freenoise_(model: nn.Module, window: tuple[int, int] | None) -> nn.Module:
+    """Turn FreeNoise's windowed temporal attention on (`(window, stride)`) or off (None) in every block."""
+    for module in model.modules():
+        if isinstance(module, BasicTransformerBlock):
+            module.freenoise = window
+    return model
+
+
+def freenoise_noise(latents: torch.Tensor, window: int, stride: int, shuffle) -> torch.Tensor:
+    """FreeNoise-LaVie's `prepare_latents` loop on `[B, C, L, H, W]`: for f = window, window + stride, ... < L, the
+    `stride` frames at f - window (a list of indices, shuffled in place by `shuffle`) are copied to f .. f + stride,
+    in order, so later groups copy already-copied frames."""
+    latents = latents.clone()
+    for f in range(window, latents.shape[2], stride):
+        index = list(range(f - window, f - window + stride))
+        shuffle(index)
+        latents[:, :, f:f + stride] = latents[:, :, index]
+    return latents
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> dict[str, Any]:

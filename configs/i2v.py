@@ -1,0 +1,55 @@
+"""Image-to-video stage (SEINE, Vchitect/SEINE): LaVie's base UNet with a 9-channel conv_in (4 noisy latents, the
+mask, 4 latents of the masked video); animates an image, makes a transition between two, continues a video.
+
+Run:
+  lavie-convert pipeline --stage i2v --checkpoint seine.pt --sd-dir stable-diffusion-v1-4 --output ckpt/i2v
+  lavie-sample --config i2v --checkpoint ckpt/i2v --image photo.png --prompt "a boat sailing" --output res
+  lavie-sample --config i2v --checkpoint ckpt/i2v --image a.png --image b.png --prompt "smooth transition" \\
+      --output res                                         # a transition from a.png to b.png
+  lavie-train --config i2v:tiny --workdir runs/i2v-tiny --config.train.init=ckpt/base   # from a base checkpoint
+Variants: `i2v` (SEINE's released sampling: 16 frames at 240x560, respaced DDPM 250 steps, guidance 8, the prompt
+followed by ', slow motion.'), `i2v:tiny` (CPU sized), `i2v:demo` (what the long-video demo trains: the demo base's
+UNet with the i2v input channels, from the demo base).
+"""
+
+import ml_collections
+
+from lavie_jax.configs import base, common, demo
+
+OFFICIAL = {
+    # training: LaVie's clips (SEINE released no training code; the masks are drawn by train.objective.i2v_masks)
+    "data": {"num_frames": 16, "frame_stride": 3},
+    # SEINE's configs/sample_i2v.yaml: ddpm over create_diffusion("250") with the original t, cfg 8 with the
+    # conditional row first, negative "", 8 fps; its seed is empty (unseeded) -- ours is fixed
+    "sample": {"sampler": "ddpm_respaced", "steps": 250, "guidance_scale": 8.0, "negative_prompt": "",
+               "cond_first": True, "seed": 0, "num_frames": 16, "height": 240, "width": 560, "fps": 8,
+               "prompt_suffix": ", slow motion.", "mask_type": "auto", "context_frames": 2},
+}
+
+TINY = {
+    "unet": dict(base.TINY_UNET, in_channels=9),
+    "data": {"height": 64, "width": 96, "num_frames": 4},
+    "sample": {"num_frames": 4, "height": 32, "width": 48, "vae": "tiny_f8", "sampler": "ddim", "steps": 4},
+}
+
+LOW = demo.SOURCES["low"]
+DEMO = {
+    # the demo base's UNet with 9 input channels: initialised from the trained demo base (train.init)
+    "unet": dict(base.DEMO_UNET, in_channels=9),
+    "data": {"moving_shapes": LOW, "height": LOW["height"], "width": LOW["width"], "num_frames": 4, "frame_stride": 4,
+             "global_batch_size": 32, "images": {"source": "none", "per_clip": 0}},
+    "train": {"num_steps": 200, "objective": {"i2v_masks": {"weights": [1.0, 0.0, 0.0], "max_n": 1}}},
+    "sample": {"steps": 20, "guidance_scale": 3.0, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+               "beta_end": 0.012, "num_frames": 4, "height": 32, "width": 32, "fps": 4, "prompt_suffix": "",
+               "cond_first": False},
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = common.parse_variant(arg)
+    config = common.stage_config("i2v", OFFICIAL)
+    if variant == "tiny":
+        common.make_tiny(config, TINY)
+    elif variant == "demo":
+        demo.make_demo(config, DEMO)
+    return config
