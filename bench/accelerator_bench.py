@@ -124,16 +124,18 @@ def attention_policies(requested: list[str] | None) -> list[tuple[str, str | Non
 
 def sampling_shapes(tiny: bool, dtype: str) -> dict[str, tuple[int, int, int]]:
     """(frames, latent height, latent width) of one UNet call per stage at the official sampling sizes: the base
-    video, the interpolation of its frames (4K - 3), and one VSR chunk of the base video (latents = low-res
-    pixels)."""
+    video, the image-to-video stage's (SEINE's 240 x 560), the interpolation of the base frames (4K - 3), and one
+    VSR chunk of the base video (latents = low-res pixels)."""
     def factor(sample) -> int:
         return vae_config_from_dict(VAE_CONFIGS[sample.vae]).downsample_factor
 
     base = stage_config("base", tiny, dtype).sample
+    i2v = stage_config("i2v", tiny, dtype).sample
     interp = stage_config("interpolation", tiny, dtype).sample
     vsr = stage_config("vsr", tiny, dtype).sample
-    fb, fi = factor(base), factor(interp)
+    fb, fi, f2 = factor(base), factor(interp), factor(i2v)
     return {"base": (base.num_frames, base.height // fb, base.width // fb),
+            "i2v": (i2v.num_frames, -(-i2v.height // f2), -(-i2v.width // f2)),
             "interpolation": (4 * base.num_frames - 3, interp.height // fi, interp.width // fi),
             "vsr": (min(vsr.chunk_frames, base.num_frames), base.height, base.width)}
 

@@ -13,7 +13,7 @@ from lavie_jax.cli.config_flags import ConfigArgError, config_names, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "base:tiny"
-PACKAGED = "packaged configs: base, demo, interpolation, vsr \\(e.g. --config base:tiny\\)"
+PACKAGED = "packaged configs: base, demo, i2v, interpolation, vsr \\(e.g. --config base:tiny\\)"
 NAMES = ("config", "interpolation", "vsr")
 
 
@@ -57,7 +57,7 @@ def test_load_config_is_reusable_without_a_command_line():
 
 
 def test_packaged_configs_by_name_equal_their_files():
-    assert config_names() == ("base", "demo", "interpolation", "vsr")
+    assert config_names() == ("base", "demo", "i2v", "interpolation", "vsr")
     for stage in ("base", "interpolation", "vsr"):
         for variant in ("", ":tiny", ":demo"):
             by_name = load_config(f"{stage}{variant}")
