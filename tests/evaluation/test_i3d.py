@@ -74,7 +74,7 @@ def test_pytorch_i3d_state_dict_through_sharded_features(torch_reference):
         ref = model(x).numpy()
     assert ours.shape == (3, 400) and ours.dtype == np.float32
     assert rel_err(ours, ref) <= RTOL
-    assert extractor._in.spec[0] == ("fsdp", "data")  # the batch is split over the mesh's batch axes
+    assert extractor.runner.sharding.spec[0] == ("fsdp", "data")  # the batch is split over the mesh's batch axes
 
     stats = extractor.stats([videos[:2], videos[2:]], source="two batches")  # the same compiled program
     assert (stats.count, stats.num_frames, stats.resolution, stats.protocol) == (3, 10, (60, 90), "test_72px")
