@@ -42,6 +42,7 @@ from lavie_jax.evaluation.frechet import (
     frechet_distance,
     frechet_distance_tf,
 )
+from lavie_jax.evaluation.pixels import check_uint8_rgb
 from lavie_jax.io.safe_io import FileOwnership, atomic_file
 from lavie_jax.models.i3d import INPUT_SIZE, InceptionI3d
 from lavie_jax.parallel.mesh import BATCH_AXES
@@ -111,28 +112,7 @@ def get_protocol(protocol: str | FVDProtocol) -> FVDProtocol:
 def check_videos(videos: Any, protocol: str | FVDProtocol = "fvd2048_16f") -> None:
     """Refuse videos this protocol cannot measure, with the fix (FVDInputError)."""
     protocol = get_protocol(protocol)
-    if not isinstance(videos, np.ndarray):
-        raise FVDInputError(f"videos must be a numpy array [B, T, H, W, 3], got {type(videos).__name__} (use "
-                            "np.asarray; a list of videos of different lengths cannot form one set)")
-    if videos.ndim != 5:
-        raise FVDInputError(f"videos must be [B, T, H, W, 3], got shape {videos.shape} (one video: add a batch "
-                            "axis with videos[None])")
-    if videos.shape[-1] != 3:
-        hint = (" (channels-first [B, 3, T, H, W]? transpose with videos.transpose(0, 2, 3, 4, 1))"
-                if videos.shape[1] == 3 else " (grayscale: repeat to 3 channels)" if videos.shape[-1] == 1 else "")
-        raise FVDInputError(f"videos must be RGB [B, T, H, W, 3], got shape {videos.shape}{hint}")
-    if videos.dtype != np.uint8:
-        if np.issubdtype(videos.dtype, np.floating) and videos.size:
-            lo, hi = float(np.nanmin(videos)), float(np.nanmax(videos))
-            fix = ("they look like [-1, 1]: pass np.round((x + 1) * 127.5).clip(0, 255).astype(np.uint8)" if lo < 0
-                   else "they look like [0, 1]: pass np.round(x * 255).clip(0, 255).astype(np.uint8)" if hi <= 1.0
-                   else "they look like [0, 255]: pass np.round(x).clip(0, 255).astype(np.uint8)")
-            raise FVDInputError(f"FVD takes uint8 videos (0..255, as video files hold them); got {videos.dtype} "
-                                f"values in [{lo:.3g}, {hi:.3g}]: {fix}")
-        raise FVDInputError(f"FVD takes uint8 videos (0..255), got dtype {videos.dtype}")
-    b, t = videos.shape[:2]
-    if b < 1:
-        raise FVDInputError("videos is an empty batch")
+    t = check_uint8_rgb(videos, layout="[B, T, H, W, 3]", error=FVDInputError).shape[1]
     if t < MIN_FRAMES:
         raise FVDInputError(f"FVD needs clips of at least {MIN_FRAMES} frames (the I3D halves time three times), "
                             f"got {t}; use longer clips")

@@ -15,6 +15,7 @@ from flax import nnx
 
 from lavie_jax.convert import i3d as convert_i3d
 from lavie_jax.convert.torch_files import WeightFileError
+from lavie_jax.evaluation import batches
 from lavie_jax.evaluation.fvd import FVD_PROTOCOLS, I3DFeatures
 from lavie_jax.models import i3d
 from lavie_jax.parallel.mesh import make_mesh
@@ -78,7 +79,11 @@ def test_pytorch_i3d_state_dict_through_sharded_features(torch_reference):
     assert rel_err(ours, ref) <= RTOL
     assert extractor.runner.sharding.spec[0] == ("fsdp", "data")  # the batch is split over the mesh's batch axes
 
-    stats = extractor.stats([videos[:2], videos[2:]], source="two batches")  # the same compiled program
+    compiled = batches._apply.jitted._cache_size()
+    stats = extractor.stats([videos[:2], videos[2:]], source="two batches")
+    again = I3DFeatures(extractor.model, protocol=protocol, batch_size=2, mesh=mesh)(videos[:1])
+    assert batches._apply.jitted._cache_size() == compiled  # one program for every batch, shared by extractors
+    np.testing.assert_array_equal(again, ours[:1])
     assert (stats.count, stats.num_frames, stats.resolution, stats.protocol) == (3, 10, (60, 90), "test_72px")
     np.testing.assert_allclose(stats.mean, ours.mean(0), rtol=1e-5, atol=1e-5)
 
