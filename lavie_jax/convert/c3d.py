@@ -28,7 +28,7 @@ from lavie_jax.convert.state_dict import load_state_dict
 from lavie_jax.convert.torch_files import WeightFileError, open_weights
 from lavie_jax.convert.torchscript import is_torchscript, read_torchscript
 from lavie_jax.models.abstract import abstract_model
-from lavie_jax.models.c3d import C3D, CONVS, CROP, FCS, NUM_FRAMES
+from lavie_jax.models.c3d import C3D, CONVS, CROP, FCS, NUM_FRAMES, c3d_layers
 
 LAYERS = [name for name, _, _ in CONVS] + [name for name, _, _ in FCS]
 MEAN_HINT = ("TGANv2's mean2.npz (https://github.com/rezoo/tgan2/releases/download/v1.0/mean2.npz): pass it as "
@@ -36,12 +36,14 @@ MEAN_HINT = ("TGANv2's mean2.npz (https://github.com/rezoo/tgan2/releases/downlo
 MEAN_THRESHOLD = 64.0  # a stored pixel mean averages ~95; TGANv2's `128 - mean` bias ~33
 
 
-def expected_shapes() -> dict[str, tuple[int, ...]]:
-    """PyTorch-layout shapes of the 22 weight tensors, by canonical key (`conv1a.weight`, ...)."""
+def expected_shapes(width_divisor: int = 1) -> dict[str, tuple[int, ...]]:
+    """PyTorch-layout shapes of the 22 weight tensors, by canonical key (`conv1a.weight`, ...); `width_divisor`:
+    of a narrowed test network (`lavie_jax.models.c3d.c3d_layers`)."""
+    convs, fcs = c3d_layers(width_divisor)
     out: dict[str, tuple[int, ...]] = {}
-    for name, cin, cout in CONVS:
+    for name, cin, cout in convs:
         out[f"{name}.weight"], out[f"{name}.bias"] = (cout, cin, 3, 3, 3), (cout,)
-    for name, cin, cout in FCS:
+    for name, cin, cout in fcs:
         out[f"{name}.weight"], out[f"{name}.bias"] = (cout, cin), (cout,)
     return out
 
@@ -87,9 +89,9 @@ def _by_name(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
     return out if set(expected_shapes()) <= set(out) else None
 
 
-def _by_order(arrays: Mapping[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+def _by_order(arrays: Mapping[str, np.ndarray], path: Path, shapes: Mapping[str, tuple[int, ...]]
+              ) -> dict[str, np.ndarray]:
     """The 22 weight tensors in registration order (mean and `pre` buffers skipped), checked shape by shape."""
-    shapes = expected_shapes()
     values = [v for k, v in arrays.items() if not _is_mean(k, v) and v.shape != (3, 3, 1, 1, 1)]
     if len(values) != len(shapes):
         raise WeightFileError(f"{path}: {len(values)} weight tensors besides the mean, expected {len(shapes)} "
@@ -134,10 +136,11 @@ def read_mean(mean: str | os.PathLike | np.ndarray) -> np.ndarray:
     return value
 
 
-def c3d_state_dict(path: str | os.PathLike, *, mean: str | os.PathLike | np.ndarray | None = None
-                   ) -> dict[str, Any]:
+def c3d_state_dict(path: str | os.PathLike, *, mean: str | os.PathLike | np.ndarray | None = None,
+                   width_divisor: int = 1) -> dict[str, Any]:
     """Our C3D's state dict (PyTorch-named, `input_bias` in our layout) from a weight file and, where the file has
-    none, a mean file. Raises WeightFileError naming the problem and the fix."""
+    none, a mean file (`width_divisor`: a narrowed test network's file). Raises WeightFileError naming the problem
+    and the fix."""
     path = Path(path)
     arrays = _read_any(path)
     if not arrays:
@@ -146,8 +149,8 @@ def c3d_state_dict(path: str | os.PathLike, *, mean: str | os.PathLike | np.ndar
     if pre and not _pre_ok(pre[0]):
         raise WeightFileError(f"{path}: its input 1x1x1 convolution is not TGANv2's RGB -> BGR x 128; this is "
                               "another C3D variant, which we do not load")
-    out = _by_name(arrays) or _by_order(arrays, path)
-    shapes = expected_shapes()
+    shapes = expected_shapes(width_divisor)
+    out = _by_name(arrays) or _by_order(arrays, path, shapes)
     bad = [f"{k} {list(out[k].shape)} (expected {list(s)})" for k, s in shapes.items() if tuple(out[k].shape) != s]
     if bad:
         raise WeightFileError(f"{path}: wrong shapes for {', '.join(bad[:3])}; not the UCF-101 C3D")
@@ -165,9 +168,10 @@ def c3d_state_dict(path: str | os.PathLike, *, mean: str | os.PathLike | np.ndar
     return state
 
 
-def c3d_from_state_dict(state: Mapping[str, Any], *, what: str = "C3D state dict") -> C3D:
-    """A C3D holding `state` (`c3d_state_dict`'s output)."""
-    model = abstract_model("c3d", lambda: C3D(rngs=nnx.Rngs(0)))  # no memory for params the load replaces
+def c3d_from_state_dict(state: Mapping[str, Any], *, what: str = "C3D state dict", width_divisor: int = 1) -> C3D:
+    """A C3D holding `state` (`c3d_state_dict`'s output; a narrowed test network's with `width_divisor`)."""
+    # no memory for params the load replaces
+    model = abstract_model(("c3d", width_divisor), lambda: C3D(rngs=nnx.Rngs(0), width_divisor=width_divisor))
     load_state_dict(model, state, what=what)
     return model
 

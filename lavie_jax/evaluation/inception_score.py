@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lavie_jax.evaluation.batches import BatchRunner
+from lavie_jax.evaluation.pixels import check_uint8_rgb
 from lavie_jax.models.c3d import C3D, NUM_CLASSES, NUM_FRAMES
 
 NUM_VIDEOS = 2048  # StyleGAN-V's isv2048_ucf
@@ -34,23 +35,11 @@ class InceptionScoreInputError(ValueError):
 
 def check_videos(videos: np.ndarray) -> np.ndarray:
     """`videos` as the C3D takes them: uint8 `[B, 16, H, W, 3]` RGB. Raises InceptionScoreInputError otherwise."""
-    if isinstance(videos, (list, tuple)):
-        raise InceptionScoreInputError("videos must be one numpy array [B, 16, H, W, 3]; stack clips of one size "
-                                       "with np.stack (the C3D resizes every frame to 112x112 itself)")
-    videos = np.asarray(videos)
-    if videos.ndim != 5 or videos.shape[-1] != 3:
-        raise InceptionScoreInputError(f"videos must be [B, {NUM_FRAMES}, H, W, 3] RGB (channels last), got shape "
-                                       f"{list(videos.shape)}")
+    videos = check_uint8_rgb(videos, layout=f"[B, {NUM_FRAMES}, H, W, 3]", error=InceptionScoreInputError)
     if videos.shape[1] != NUM_FRAMES:
         raise InceptionScoreInputError(f"the UCF-101 C3D takes clips of exactly {NUM_FRAMES} frames, got "
                                        f"{videos.shape[1]}; pass the first {NUM_FRAMES} frames of each video (as "
                                        f"StyleGAN-V does) or generate {NUM_FRAMES}")
-    if videos.dtype != np.uint8:
-        raise InceptionScoreInputError(f"videos must be uint8 0..255, got {videos.dtype}; convert floats in [-1, 1] "
-                                       "with np.clip(x * 127.5 + 128, 0, 255).astype(np.uint8) (in [0, 1]: "
-                                       "np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8))")
-    if len(videos) == 0:
-        raise InceptionScoreInputError("no videos given")
     return videos
 
 

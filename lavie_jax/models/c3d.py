@@ -33,9 +33,22 @@ from lavie_jax.models.layers import Dense, _param, torch_uniform
 NUM_FRAMES = 16
 CROP = 112  # the network's spatial input size
 NUM_CLASSES = 101
-CONVS = (("conv1a", 3, 64), ("conv2a", 64, 128), ("conv3a", 128, 256), ("conv3b", 256, 256),
-         ("conv4a", 256, 512), ("conv4b", 512, 512), ("conv5a", 512, 512), ("conv5b", 512, 512))
-FCS = (("fc6", 512 * 4 * 4, 4096), ("fc7", 4096, 4096), ("fc8", 4096, NUM_CLASSES))
+
+
+def c3d_layers(width_divisor: int = 1) -> tuple[tuple[tuple[str, int, int], ...], tuple[tuple[str, int, int], ...]]:
+    """(convs, fcs) as (name, in, out): the published network at `width_divisor=1`; a divisor narrows every hidden
+    width (the same layers, pools and resize: a cheap network for tests and benchmarks, which no weight file
+    fits)."""
+    if not isinstance(width_divisor, int) or width_divisor < 1 or 64 % width_divisor:
+        raise ValueError(f"C3D width_divisor must be a divisor of 64, got {width_divisor!r}")
+    w = [3] + [c // width_divisor for c in (64, 128, 256, 256, 512, 512, 512, 512)]
+    names = ("conv1a", "conv2a", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b")
+    convs = tuple((name, w[i], w[i + 1]) for i, name in enumerate(names))
+    hidden = 4096 // width_divisor
+    return convs, (("fc6", w[-1] * 4 * 4, hidden), ("fc7", hidden, hidden), ("fc8", hidden, NUM_CLASSES))
+
+
+CONVS, FCS = c3d_layers()
 # the max-pool after each conv (None: no pool): (time, height, width) window = stride
 POOLS = {"conv1a": (1, 2, 2), "conv2a": (2, 2, 2), "conv3b": (2, 2, 2), "conv4b": (2, 2, 2), "conv5b": (2, 2, 2)}
 
@@ -97,12 +110,14 @@ class C3D(nnx.Module):
     """`videos [B, 16, H, W, 3]` RGB in [-1, 1] or uint8 (any H, W) -> fc8 logits `[B, 101]` (module docstring).
 
     `input_bias [16, 112, 112, 3]` is `128 - mean` in BGR, loaded with the weights (zeros in a fresh model).
+    `width_divisor` > 1 narrows the hidden widths (`c3d_layers`; tests only).
     """
 
-    def __init__(self, *, rngs: nnx.Rngs):
-        for name, cin, cout in CONVS:
+    def __init__(self, *, rngs: nnx.Rngs, width_divisor: int = 1):
+        self.convs, self.fcs = c3d_layers(width_divisor)
+        for name, cin, cout in self.convs:
             setattr(self, name, Conv3D(cin, cout, rngs=rngs))
-        for name, cin, cout in FCS:
+        for name, cin, cout in self.fcs:
             setattr(self, name, Dense(cin, cout, axes=("embed", "mlp"), rngs=rngs))
         self.input_bias = nnx.Param(jnp.zeros((NUM_FRAMES, CROP, CROP, 3), jnp.float32), eager_sharding=False)
 
@@ -121,7 +136,7 @@ class C3D(nnx.Module):
         if videos.ndim != 5 or videos.shape[1] != NUM_FRAMES or videos.shape[-1] != 3:
             raise ValueError(f"C3D: expected videos [B, {NUM_FRAMES}, H, W, 3], got shape {tuple(videos.shape)}")
         x = self.preprocess(videos)
-        for name, _, _ in CONVS:
+        for name, _, _ in self.convs:
             x = jax.nn.relu(getattr(self, name)(x))
             if name in POOLS:
                 x = max_pool_ceil(x, POOLS[name])
@@ -129,7 +144,7 @@ class C3D(nnx.Module):
         x = jnp.transpose(x, (0, 4, 1, 2, 3)).reshape(b, -1)  # the original's (C, T, H, W) flatten order
         if layer == "pool5":
             return x
-        for name, _, _ in FCS:
+        for name, _, _ in self.fcs:
             x = getattr(self, name)(x)
             if name == layer:
                 return x if name == "fc8" else jax.nn.relu(x)
@@ -144,13 +159,14 @@ class C3D(nnx.Module):
         return jax.nn.softmax(self(videos).astype(jnp.float32), axis=-1)
 
 
-def build_c3d(seed: int = 0) -> C3D:
+def build_c3d(seed: int = 0, width_divisor: int = 1) -> C3D:
     """A C3D with PyTorch-style random weights (for tests and benchmarks; load real ones with
     `lavie_jax.convert.c3d.load_c3d`)."""
-    return C3D(rngs=nnx.Rngs(seed))
+    return C3D(rngs=nnx.Rngs(seed), width_divisor=width_divisor)
 
 
-def c3d_param_count() -> int:
-    """Parameters of the network proper (78.4 M, the input bias excluded)."""
-    return (sum(27 * i * o + o for _, i, o in CONVS) + sum(i * o + o for _, i, o in FCS))
+def c3d_param_count(width_divisor: int = 1) -> int:
+    """Parameters of the network proper (78.4 M at full width, the input bias excluded)."""
+    convs, fcs = c3d_layers(width_divisor)
+    return sum(27 * i * o + o for _, i, o in convs) + sum(i * o + o for _, i, o in fcs)
 

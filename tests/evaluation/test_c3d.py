@@ -1,28 +1,48 @@
-"""The UCF-101 C3D against a PyTorch C3D written here after TGANv2's chainer model (full size, batch 1), its weight
-files (chainer .npz + mean2.npz, a TorchScript port with other module names), and the IS input checks."""
+"""The UCF-101 C3D against a PyTorch C3D written here after TGANv2's chainer model (the real architecture at an
+eighth of its widths: `width_divisor`; the full size by shapes through nnx.eval_shape), its weight files at full size
+(chainer .npz + mean2.npz, a TorchScript port with other module names), and the IS input checks."""
 
 import warnings
 
+import jax
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flax import nnx
 
-from lavie_jax.convert.c3d import c3d_from_state_dict, c3d_state_dict, mean_to_bias
+from lavie_jax.convert.c3d import (
+    c3d_from_state_dict,
+    c3d_state_dict,
+    expected_shapes,
+    mean_to_bias,
+)
 from lavie_jax.convert.torch_files import WeightFileError
-from lavie_jax.evaluation.inception_score import C3DProbabilities, InceptionScoreInputError, check_videos
-from lavie_jax.models.c3d import CONVS, FCS, aligned_bilinear_matrix, c3d_param_count
+from lavie_jax.evaluation.inception_score import (
+    C3DProbabilities,
+    InceptionScoreInputError,
+    check_videos,
+)
+from lavie_jax.models.c3d import (
+    C3D,
+    aligned_bilinear_matrix,
+    c3d_layers,
+    c3d_param_count,
+)
 from tests.models.tiny_configs import rel_err
+
+NARROW = 8  # width divisor of the forward-parity network: ~1/60 of the full network's work
 
 
 class TorchC3D(torch.nn.Module):
     """TGANv2's `C3DVersion1UCF101` in PyTorch: input `[N, 3, 16, H, W]` RGB in [-1, 1] -> fc8 logits."""
 
-    def __init__(self, mean: np.ndarray):
+    def __init__(self, mean: np.ndarray, width_divisor: int = 1):
         super().__init__()
-        for name, cin, cout in CONVS:
+        self.convs, self.fcs = c3d_layers(width_divisor)
+        for name, cin, cout in self.convs:
             setattr(self, name, torch.nn.Conv3d(cin, cout, 3, padding=1))
-        for name, cin, cout in FCS:
+        for name, cin, cout in self.fcs:
             setattr(self, name, torch.nn.Linear(cin, cout))
         pre = torch.zeros(3, 3, 1, 1, 1)
         pre[[0, 1, 2], [2, 1, 0]] = 128  # RGB -> BGR x 128
@@ -36,7 +56,7 @@ class TorchC3D(torch.nn.Module):
         x = F.interpolate(x, size=(112, 112), mode="bilinear", align_corners=True)  # chainer resize_images
         x = x.reshape(n, t, c, 112, 112).transpose(1, 2)
         x = x + (128 - self.mean[:, :, 8:120, 8:120])
-        for name, _, _ in CONVS:
+        for name, _, _ in self.convs:
             x = F.relu(getattr(self, name)(x))
             if name == "conv1a":
                 x = F.max_pool3d(x, (1, 2, 2), ceil_mode=True)
@@ -50,11 +70,11 @@ class TorchC3D(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def c3d_files(tmp_path_factory):
-    """(torch reference, chainer .npz path, mean2.npz path, TorchScript path) with random weights."""
+    """(torch reference, chainer .npz path, mean2.npz path, TorchScript path) with random weights, NARROW widths."""
     torch.manual_seed(0)
     rng = np.random.RandomState(0)
     mean = rng.uniform(80, 110, (3, 16, 128, 128)).astype(np.float32)
-    ref = TorchC3D(mean).eval()
+    ref = TorchC3D(mean, NARROW).eval()
     folder = tmp_path_factory.mktemp("c3d")
     sd = {k: v.numpy() for k, v in ref.state_dict().items() if k not in ("pre", "mean")}
     chainer = {k.replace(".weight", "/W").replace(".bias", "/b"): v for k, v in sd.items()}
@@ -65,7 +85,7 @@ def c3d_files(tmp_path_factory):
         def __init__(self):
             super().__init__()
             self.register_buffer("pixel_mean", torch.from_numpy(mean)[None])
-            self.layers = torch.nn.ModuleList([getattr(ref, n) for n, _, _ in CONVS + FCS])
+            self.layers = torch.nn.ModuleList([getattr(ref, n) for n, _, _ in ref.convs + ref.fcs])
 
         def forward(self, x):
             return x
@@ -78,8 +98,8 @@ def c3d_files(tmp_path_factory):
 
 def test_parity_with_torch_c3d_and_the_file_layouts(c3d_files):
     ref, npz, mean, script = c3d_files
-    state = c3d_state_dict(npz, mean=mean)
-    model = c3d_from_state_dict(state)
+    state = c3d_state_dict(npz, mean=mean, width_divisor=NARROW)
+    model = c3d_from_state_dict(state, width_divisor=NARROW)
     # a non-square frame: the resize to 112x112 (aligned corners) is part of the network
     videos = np.random.RandomState(1).randint(0, 256, (1, 16, 120, 136, 3)).astype(np.uint8)
     p = C3DProbabilities(model, batch_size=1)(videos)
@@ -92,25 +112,41 @@ def test_parity_with_torch_c3d_and_the_file_layouts(c3d_files):
     assert rel_err(logits, want - want.mean(axis=1, keepdims=True)) <= 1e-5
     np.testing.assert_allclose(p, torch.softmax(torch.from_numpy(want).double(), -1).numpy(), rtol=1e-4, atol=1e-9)
     # the TorchScript port (other names, mean stored) gives the same state dict as the chainer files
-    other = c3d_state_dict(script)
+    other = c3d_state_dict(script, width_divisor=NARROW)
     assert state.keys() == other.keys()
     for k in state:
         np.testing.assert_array_equal(state[k], other[k], err_msg=k)
-    assert sum(v.size for k, v in state.items() if k != "input_bias") == c3d_param_count() == 78_409_573
+    assert sum(v.size for k, v in state.items() if k != "input_bias") == c3d_param_count(NARROW)
+
+
+def test_full_size_network_in_shapes():
+    """The published network without computing it: its params are the 22 tensors the loader expects (78.4 M), and
+    pool5's 512 x 1 x 4 x 4 feeds fc6's 8192 inputs."""
+    model = nnx.eval_shape(lambda: C3D(rngs=nnx.Rngs(0)))
+    params = {".".join(str(p) for p in path): v.shape for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    want = {k.replace(".weight", ".kernel"): (s[2:] + s[1::-1] if len(s) == 5 else s[::-1])
+            for k, s in expected_shapes().items()}
+    assert params == {**want, "input_bias": (16, 112, 112, 3)}
+    assert sum(np.prod(s) for s in want.values()) == c3d_param_count() == 78_409_573
+    videos = jax.ShapeDtypeStruct((2, 16, 120, 136, 3), np.uint8)
+    assert nnx.eval_shape(lambda m, x: m.features(x, "pool5"), model, videos).shape == (2, 8192)
+    assert nnx.eval_shape(lambda m, x: m(x), model, videos).shape == (2, 101)
 
 
 def test_loader_errors(c3d_files, tmp_path):
     _, npz, mean, _ = c3d_files
     with pytest.raises(WeightFileError, match="mean2.npz"):
-        c3d_state_dict(npz)  # the chainer file has no mean
+        c3d_state_dict(npz, width_divisor=NARROW)  # the chainer file has no mean
     with pytest.raises(WeightFileError, match="does not exist"):
         c3d_state_dict(tmp_path / "missing.npz", mean=mean)
     np.savez(tmp_path / "small.npz", **{"conv1a/W": np.zeros((64, 3, 3, 3, 3), np.float32)})
     with pytest.raises(WeightFileError, match="not the UCF-101 C3D"):
         c3d_state_dict(tmp_path / "small.npz", mean=mean)
+    with pytest.raises(WeightFileError, match=r"wrong shapes for conv1a.weight \[8, 3, 3, 3, 3\] \(expected \[64"):
+        c3d_state_dict(npz, mean=mean)  # a narrowed network's file is not the published one
     np.savez(tmp_path / "badmean.npz", mean=np.zeros((3, 8, 128, 128), np.float32))
     with pytest.raises(WeightFileError, match=r"\[3, 16, 128, 128\]"):
-        c3d_state_dict(npz, mean=tmp_path / "badmean.npz")
+        c3d_state_dict(npz, mean=tmp_path / "badmean.npz", width_divisor=NARROW)
 
 
 def test_mean_bias_and_resize_matrix():

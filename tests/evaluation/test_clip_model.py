@@ -49,6 +49,12 @@ def hf_folder(tmp_path_factory):
     return folder, model
 
 
+@pytest.fixture(scope="module")
+def scorer(hf_folder):
+    """One CLIPScorer (batch 2) for the tests below: its programs compile once."""
+    return CLIPScorer(hf_folder[0], batch_size=2)
+
+
 def _frames(n, h, w, seed=0):
     return np.random.RandomState(seed).randint(0, 256, (n, h, w, 3)).astype(np.uint8)
 
@@ -57,7 +63,7 @@ def _ids(tokenizer_ids: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(tokenizer_ids.astype(np.int64))
 
 
-def test_parity_with_transformers_clip(hf_folder):
+def test_parity_with_transformers_clip(hf_folder, scorer):
     folder, ref = hf_folder
     model, tokenizer = load_clip(folder)
     pixels = np.asarray(preprocess_frames(_frames(3, 40, 56), 32, crop_rounding="floor"))
@@ -73,7 +79,6 @@ def test_parity_with_transformers_clip(hf_folder):
     assert rel_err(img, want_img) <= 1e-5
     assert rel_err(txt, want_txt) <= 1e-5
     # the scorer: normalised embeddings, the frames preprocessed inside its jitted program
-    scorer = CLIPScorer(folder, batch_size=2)
     assert rel_err(scorer.image_embeddings(_frames(3, 40, 56)), both.image_embeds.numpy()) <= 1e-5
     assert rel_err(scorer.text_embeddings(CAPTIONS), both.text_embeds.numpy()) <= 1e-5
     # clipsim: per video, the mean over its frames of the cosine with its caption (videos of two sizes, batches
@@ -91,7 +96,7 @@ def test_parity_with_transformers_clip(hf_folder):
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 def test_openai_torchscript_file(tmp_path):
-    """A tiny OpenAI CLIP, traced to a TorchScript .pt as clip.load's files are, loads and matches encode_*."""
+    """A tiny OpenAI CLIP, saved as a TorchScript .pt as clip.load's files are, loads and matches encode_*."""
     openai = _openai_module()
     torch.manual_seed(1)
     ref = openai.CLIP(16, 32, 2, 64, 8, 77, VOCAB, 64, 1, 2).eval()
@@ -101,7 +106,14 @@ def test_openai_torchscript_file(tmp_path):
     pixels = np.asarray(preprocess_frames(_frames(2, 45, 32), 32))
     ids = tokenize(default_tokenizer(), CAPTIONS[:2])
     px = torch.from_numpy(pixels).permute(0, 3, 1, 2)
-    torch.jit.trace(ref, (px, _ids(ids))).save(str(tmp_path / "ViT-tiny.pt"))
+
+    class Traced(type(ref)):  # the same modules and keys; tracing the real forward costs seconds, and the loader
+        def forward(self, x):  # reads only the parameters
+            return x
+
+    archive = Traced(16, 32, 2, 64, 8, 77, VOCAB, 64, 1, 2)
+    archive.load_state_dict(ref.state_dict())
+    torch.jit.trace(archive, torch.zeros(1), check_trace=False).save(str(tmp_path / "ViT-tiny.pt"))
     model, _ = load_clip(tmp_path / "ViT-tiny.pt")
     assert model.crop_rounding == "round" and model.config.vision.num_attention_heads == 1
     with torch.no_grad():
@@ -110,9 +122,7 @@ def test_openai_torchscript_file(tmp_path):
     assert rel_err(jax.jit(lambda m, x: m.text_features(x))(model, ids), want_txt) <= 1e-5
 
 
-def test_bad_inputs(hf_folder, tmp_path):
-    folder, _ = hf_folder
-    scorer = CLIPScorer(folder, batch_size=4)
+def test_bad_inputs(scorer, tmp_path):
     with pytest.raises(CLIPSIMInputError, match="one caption per video"):
         clipsim(scorer, [_frames(2, 32, 32)], CAPTIONS[:2])
     with pytest.raises(CLIPSIMInputError, match="one caption per video"):  # an iterable that runs out early
@@ -132,15 +142,13 @@ def test_bad_inputs(hf_folder, tmp_path):
         openai_to_transformers({"visual.layer1.0.conv1.weight": np.zeros((1,))})
 
 
-def test_mesh_sharded_batches_match(hf_folder):
+def test_mesh_sharded_batches_match(scorer):
     """On a (data 2, fsdp 4) mesh each batch is split over the 8 devices (the batch size rounds up to 8) and the
     embeddings are those of the single-device run."""
     from lavie_jax.parallel import make_mesh
 
-    folder, _ = hf_folder
     frames = _frames(5, 40, 56)
-    single = CLIPScorer(folder, batch_size=4)
-    sharded = CLIPScorer(model=single.model, tokenizer=single.tokenizer, batch_size=3, mesh=make_mesh((2, 4, 1, 1)))
+    sharded = CLIPScorer(model=scorer.model, tokenizer=scorer.tokenizer, batch_size=3, mesh=make_mesh((2, 4, 1, 1)))
     assert sharded.runner.batch_size == 8
-    np.testing.assert_allclose(sharded.image_embeddings(frames), single.image_embeddings(frames), rtol=1e-5,
+    np.testing.assert_allclose(sharded.image_embeddings(frames), scorer.image_embeddings(frames), rtol=1e-5,
                                atol=1e-6)
