@@ -45,10 +45,10 @@ def build_parser() -> command.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="what to measure (COMMAND --help lists its flags)")
 
-    def add(name: str, help: str) -> argparse.ArgumentParser:
+    def add(name: str, help: str, output: str = "write a JSON report here (a lavie-eval report is replaced, any "
+                                                "other file refused)") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--output", metavar="FILE", help="write a JSON report here (a lavie-eval report is "
-                                                        "replaced, any other file refused)")
+        p.add_argument("--output", metavar="FILE", help=output)
         p.add_argument("--batch-size", type=command.bounded_int(1), default=8, metavar="N",
                        help="clips per network call (default %(default)s)")
         p.add_argument("--progress", action=command.BooleanFlag, default=True, help="progress bars (default on)")
@@ -72,7 +72,8 @@ def build_parser() -> command.ArgumentParser:
         p.add_argument("--cache", metavar="DIR", help="per-video features kept here (default: lavie-eval-cache "
                                                       "beside --output, none without it)")
 
-    p = add("stats", "I3D statistics of a folder of real videos -> a stats file (.npz) to reuse")
+    p = add("stats", "I3D statistics of a folder of real videos -> a stats file (.npz) to reuse",
+            output="the statistics file to write (.npz; required)")
     p.add_argument("--videos", required=True, metavar="DIR")
     p.add_argument("--overwrite", action=command.BooleanFlag, help="replace an existing statistics file")
     fvd_flags(p)
