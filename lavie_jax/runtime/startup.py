@@ -22,6 +22,7 @@ float32 rounding), it is ignored by GPU/TPU backends, and a user's own value of 
 
 from __future__ import annotations
 
+import os
 import warnings
 
 from lavie_jax.runtime import host_gc
@@ -47,6 +48,9 @@ def on_import() -> bool:
     backend already started: nothing (XLA has read XLA_FLAGS; a change would only reach child processes), False,
     and, when the default backend is the CPU and the options are missing, one `SlowCPUWarning` per process."""
     global _warned
+    # lavie-jax takes only tokenizers from transformers: its import-time advice that PyTorch is missing (printed by
+    # every process of a torch-less install, e.g. each lavie-train of `make demo`) is noise; a user value stays
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if not jax_backend.started():
         xla_cpu.configure()
         return True
