@@ -97,16 +97,7 @@ def test_sigterm_saves_exits_zero_and_the_rerun_continues_bitwise(uninterrupted,
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"resumed from step {saved}" in out.stdout
     assert _losses(workdir) == _losses(uninterrupted)
-
-    # a half-written latest step is never resumed from: the rerun restores the step before it
-    last = workdir / "checkpoints" / str(STEPS)
-    (last / COMMIT_MARKER).unlink()
-    out = subprocess.run(_cli_args(workdir, train_data_dir), cwd=REPO, env=_env(), capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr
-    before = max(saved, STEPS - CHECKPOINT_EVERY)  # the newest complete step: the preemption's or the periodic one
-    assert f"resumed from step {before}" in out.stdout and "is incomplete" in out.stderr
-    assert _losses(workdir) == _losses(uninterrupted)
+    # (a half-written latest step, never resumed from: test_two_processes_train_like_one resumes past one)
 
 
 def test_workdir_rules(uninterrupted, train_data_dir, tmp_path):
@@ -248,56 +239,47 @@ def test_export_loads_into_the_official_layout_and_samples(uninterrupted, tmp_pa
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(train_data_dir, tmp_path):
-    """Two jax.distributed processes (one CPU device each, through the launchers' entry point) on a data = 2 mesh,
-    starting from a saved UNet (`train.init`, read onto the two-process mesh), reach the losses of one process on
-    one device: each process reads its part of the same global batches. A run saved by one process and resumed on
-    two goes on with the data it would have seen (the other direction: the unit test of `_moved_data_state` below;
-    one two-process launch keeps this test's cost down).
-    (The one-process run is test_step's tiny base config: its step program is in the persistent compilation cache
-    when that module ran first, and the other way round. The second process never finds the first one's programs
-    in that cache, whose keys differ per process on the CPU; starting from saved weights spares both processes the
-    random-init program.)"""
+def test_two_processes_train_like_one(uninterrupted, train_data_dir, tmp_path):
+    """Two jax.distributed processes (one CPU device each, through the launchers' entry point) on a data = 2 mesh
+    go on from a checkpoint of the one-process, one-device run `uninterrupted` and reach its losses and held-out
+    losses: each process restores its part of the saved state and reads its part of the same global batches, at
+    the data position one process saved (the other direction: the unit test of `_moved_data_state` below; one
+    two-process launch keeps this test's cost down). The copy's latest step is half-written: it is set aside,
+    never resumed from.
+    (The second process never finds the first one's programs in the persistent compilation cache, whose keys
+    differ per process on the CPU; a resumed run is built abstractly, so neither compiles a random init.)"""
+    import shutil
+
     import portpicker
 
-    from lavie_jax.io.checkpoints import save_model
-    from lavie_jax.sampling.pipeline import random_pipeline
-
-    config = tiny_train_config("base", train_data_dir)  # 4 steps of 8 examples, a checkpoint every 2
-    config.train.init = str(tmp_path / "init")
-    config.train.eval.every = 2  # the held-out loss is the same on both meshes too
-    save_model(random_pipeline(config).unet, config.train.init)  # weights drawn on the host
-    loop.train(config, tmp_path / "one", devices=jax.devices()[:1], console=False)
-
-    workdir = tmp_path / "two"
-
-    def two_processes(steps: int) -> list[str]:
-        port = portpicker.pick_unused_port()
-        procs = [subprocess.Popen(_cli_args(workdir, train_data_dir, steps=steps, batch=config.data.global_batch_size) + [
-            f"--config.train.init={config.train.init}", "--config.train.eval.every=2", "--distributed",
-            "--coordinator", f"localhost:{port}",
-            "--num-processes", "2", "--process-id", str(i)],
-            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-        outputs = []
-        for proc in procs:
-            try:
-                outputs.append(proc.communicate(timeout=600)[0])
-            finally:
-                proc.kill()
-        assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
-        return outputs
-
-    config.train.num_steps = 2  # one process saves step 2 ...
-    loop.train(config, workdir, devices=jax.devices()[:1], console=False)
-    first = two_processes(4)[0]  # ... both processes restore it and go on, each with its part of the global batch
-    assert "resumed from step 2" in first and "2 process(es)" in first, first[-3000:]
-    two, one = _losses(workdir), _losses(tmp_path / "one")
-    assert sorted(two) == sorted(one) == [1, 2, 3, 4]
-    for step in one:
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    (workdir / "checkpoints" / str(STEPS) / COMMIT_MARKER).unlink()  # its save "did not finish"
+    port = portpicker.pick_unused_port()
+    procs = [subprocess.Popen(_cli_args(workdir, train_data_dir) + [
+        "--config.train.eval.every=2", "--config.train.eval.samples=0",  # the held-out loss, on both meshes too
+        "--distributed", "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=600)[0])
+        finally:
+            proc.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    first, resumed = outputs[0], STEPS - CHECKPOINT_EVERY
+    assert f"checkpoint step {STEPS} in" in first and "is incomplete" in first, first[-3000:]
+    assert f"resumed from step {resumed}" in first and "2 process(es)" in first, first[-3000:]
+    assert f"step {STEPS}/{STEPS}" in first, first[-3000:]  # (steps past the resumed one were written again)
+    two, one = _losses(workdir), _losses(uninterrupted)
+    assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
+    for step in range(resumed + 1, STEPS + 1):
         assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), (step, two[step], one[step])
-    two, one = _eval_rows(workdir)[4], _eval_rows(tmp_path / "one")[4]
-    for name in (k for k in one if k.startswith("eval/")):
-        assert abs(two[name] - one[name]) <= 1e-5 * abs(one[name]), (name, two[name], one[name])
+    two, one = _eval_rows(workdir), _eval_rows(uninterrupted)
+    assert sorted(two) == sorted(one)
+    for step in range(resumed + 2, STEPS + 1, 2):
+        for name in (k for k in one[step] if k.startswith("eval/")):
+            assert abs(two[step][name] - one[step][name]) <= 1e-5 * abs(one[step][name]), (step, name)
 
 
 def test_lavie_sample_reads_a_work_directory(uninterrupted, tmp_path):
