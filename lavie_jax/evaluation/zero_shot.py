@@ -100,6 +100,7 @@ def generate(args: argparse.Namespace, prompts: Sequence[str], stems: Sequence[s
     from lavie_jax.sampling.pipeline import load_stage_pipeline
     from lavie_jax.sampling.sampler import StageSampler
 
+    _check_same_request(args, directory.parent)
     missing = [i for i, stem in enumerate(stems) if not (directory / f"{stem}.json").is_file()]
     if not missing:
         return 0
@@ -116,6 +117,27 @@ def generate(args: argparse.Namespace, prompts: Sequence[str], stems: Sequence[s
                          overwrite=True)  # a video cut short by a kill has no sidecar yet: written again
             bar.update(len(rows))
     return len(missing)
+
+
+REQUEST_FILE = "request.json"
+
+
+def _check_same_request(args: argparse.Namespace, work: Path) -> None:
+    """A work directory holds the videos of one request (checkpoint, config, overrides, seed): a rerun with the same
+    flags continues it; other flags would mix videos of two models, so they are refused."""
+    import json
+
+    request = {"checkpoint": str(args.checkpoint), "config": args.config, "set": list(args.set), "seed": args.seed}
+    path = work / REQUEST_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != request:
+            changed = [f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in request.items() if stored.get(k) != v]
+            raise ZeroShotError(f"--workdir {work} holds videos sampled with other flags ({'; '.join(changed)}); "
+                                "rerun with the same flags to continue it, or use another --workdir")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(request, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ commands

@@ -55,6 +55,9 @@ def test_msrvtt_samples_scores_and_resumes(clip_folder, tmp_path, capsys):
     again = json.loads((work / "report.json").read_text())
     assert again["sampled_now"] == 0 and again["clipsim"] == report["clipsim"]
     assert [v.stat().st_mtime_ns for v in videos] == before
+    # the work directory holds one request: another checkpoint's videos are not mixed in
+    other = [a if a != "sample.steps=2" else "sample.steps=3" for a in argv]
+    assert cli.main(other) == 2 and "holds videos sampled with other flags (set: " in capsys.readouterr().err
     # a bad table is one line before anything runs
     table.write_text("file,text\na.mp4,x\n")
     assert cli.main(argv) == 2 and "expected a header row with the columns video,caption" in capsys.readouterr().err
