@@ -64,6 +64,9 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
     for field in ("samples", "sample_every"):
         if int(e.get(field, 0)) < 0:
             raise EvalConfigError(f"train.eval.{field}={e[field]}: must be >= 0")
+    if int(e.get("sample_every", 0)) % int(e.every):
+        raise EvalConfigError(f"train.eval.sample_every={e.sample_every}: sampled evaluations run at evaluations, so "
+                              f"it must be a multiple of train.eval.every={e.every} (0: at every evaluation)")
     if e.params not in PARAM_CHOICES:
         raise EvalConfigError(f"train.eval.params={e.params!r}: choose one of {PARAM_CHOICES}")
     if config.data.dataset == "precomputed" and int(e.num_batches) and not e.precomputed_name:

@@ -138,6 +138,7 @@ def test_bad_settings_fail_before_any_compile(field, value, message):
     ("params", "best", "train.eval.params='best': choose one of"),
     ("num_batches", 0, "train.eval.num_batches=0 and train.eval.samples=0: the evaluation would measure nothing"),
     ("samples", -1, "train.eval.samples=-1: must be >= 0"),
+    ("sample_every", 3, "train.eval.sample_every=3: sampled evaluations run at evaluations"),
 ])
 def test_bad_evaluation_settings_are_named(field, value, message):
     config = tiny_train_config("base")
