@@ -358,7 +358,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         policies = attention_policies(args.attention)
         shapes = sampling_shapes(tiny, dtype)
         runnable = [p for p, refusal in policies if refusal is None]
-        for stage in STAGES:
+        for stage in args.stages or STAGES:
             log(f"forward {stage}: lower ...")
             state = nnx.state(sampler.pipeline.unet, nnx.Param) if stage == sampler.stage else None
             rows += forward_jobs(stage, stage_config(stage, tiny, dtype), shapes[stage], runnable, compiler, state,
@@ -414,6 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--remat-sweep", action="store_true", help="time and size the train step under every policy")
     p.add_argument("--remat", nargs="+", help="the remat policies to consider, in order (default: all)")
     p.add_argument("--attention", nargs="+", help="attention policies for the forward rows (default: all)")
+    p.add_argument("--stages", nargs="+", choices=STAGES, help="stages with forward rows (default: all)")
     p.add_argument("--train-attention", help="attention policy of the train step (default: the config's)")
     p.add_argument("--dtype", help="compute dtype (default bfloat16, float32 on a CPU)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")

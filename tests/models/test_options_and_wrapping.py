@@ -110,7 +110,7 @@ def test_wrapping_keeps_paths_and_changes_only_the_selected_layers(unet):
         return jnp.sum(nnx.merge(graphdef, wrappers, rest)(*args) ** 2)
 
     graphdef, wrappers, rest = nnx.split(model, lambda path, _: "wrapper" in path, ...)
-    grads = jax.grad(loss)(wrappers, rest)
+    grads = jax.jit(jax.grad(loss))(wrappers, rest)  # (eager, op by op: 4x the CPU time)
     assert len(jax.tree.leaves(grads)) == len(made) and all(np.abs(g) > 0 for g in jax.tree.leaves(grads))
     assert sorted(unwrap_layers(model)) == sorted(made) and not wrapped_layers(model)
     np.testing.assert_array_equal(_call(model, *args), expect)
