@@ -44,7 +44,8 @@ DEMO = {
         "num_steps": 60,
         "objective": {"i2v_masks": {"weights": [1.0, 0.0, 0.0], "max_n": 1}},
         "param_groups": {"rules": (("^conv_in", "conv_in"), (".*", "unet")), "lr_multipliers": {"conv_in": 10.0}},
-        "optimizer": {"warmup_steps": 5},
+        # constant after the warm-up (the demo stages decay theirs): a short fine-tune, not a run that settles
+        "optimizer": {"warmup_steps": 5, "schedule": "constant"},
         "ema": {"warmup": True},
     },
 }

@@ -3,15 +3,16 @@ frame of each prompt in the prompted direction, and tells a short story with `la
 
   1. train     `lavie_jax.train.loop.train` of `i2v:demo` into DIR/runs/i2v (skipped when finished): initialised
                from DIR/runs/base (step 0 computes what the base computes: conv_in widened with zeros), on the
-               base's precomputed clips, the first frame given (`first1` masks only), a few dozen steps with a
-               10x learning rate on conv_in, whose new input channels start at zero (configs/i2v.py DEMO)
+               base's precomputed clips, the first frame given (`first1` masks only), 60 steps of 16 clips with
+               a 10x learning rate on conv_in, whose new input channels start at zero (configs/i2v.py DEMO)
   2. animate   each of the first PROMPT_COUNT prompts: its shape drawn by the dataset's renderer where the motion
                has room (`first_frame`), animated; checked by the demo's pixel check (colour, direction) and by
                whether the video starts from the given frame (`evaluate.score_start`); videos in DIR/i2v/
   3. story     `lavie-sample --story` from the first prompt's frame: STORY clips, each continuing from the last
                frame of the one before, with its seam measure (DIR/i2v/story/)
-The frames and verdicts join the long-video grid (DIR/long_overview.png, drawn by `long_video.long_videos`); the
-numbers go to DIR/i2v/summary.json. Alone, after `make demo` trained the base:
+The frames and verdicts are drawn in DIR/i2v/overview.png and join the long-video grid (DIR/long_overview.png,
+drawn by `long_video.long_videos`); the numbers, with each part's wall and CPU seconds, go to
+DIR/i2v/summary.json. Alone, after `make demo` trained the base:
     python -m lavie_jax.demo.image_to_video outputs/demo
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,7 +85,7 @@ def animate(out: Path, run: Path, prompts: Sequence[str]) -> dict[str, Any]:
     """Step 2 of the module docstring: {'videos': {group: uint8 [N, F, H, W, 3]}, 'scores': {group: rows},
     'summary': ...}; the videos are written to DIR/i2v/."""
     from lavie_jax.cli.config_flags import load_config
-    from lavie_jax.demo import evaluate
+    from lavie_jax.demo import evaluate, overview
     from lavie_jax.io.video import write_video
     from lavie_jax.sampling.pipeline import load_stage_pipeline
     from lavie_jax.sampling.sampler import StageSampler
@@ -101,8 +103,10 @@ def animate(out: Path, run: Path, prompts: Sequence[str]) -> dict[str, Any]:
     name = f"i2v ({result.frames.shape[1]} frames)"
     summary = {"accuracy": {k: score[f"{k}_accuracy"] for k in ("color", "direction", "both", "start")},
                "start_distance_px": evaluate.START_DISTANCE * config.sample.height, "per_prompt": score["per_prompt"]}
-    return {"videos": {"given first frame": np.stack(images), name: result.frames},
-            "scores": {"given first frame": still_rows(prompts, images), name: score}, "summary": summary}
+    videos = {"given first frame": np.stack(images), name: result.frames}
+    scores = {"given first frame": still_rows(prompts, images), name: score}
+    overview.write(directory / "overview.png", prompts, videos, scores)
+    return {"videos": videos, "scores": scores, "summary": summary}
 
 
 def tell_story(out: Path, run: Path, cache_flags: Sequence[str] = ()) -> dict[str, Any]:
@@ -125,6 +129,22 @@ def tell_story(out: Path, run: Path, cache_flags: Sequence[str] = ()) -> dict[st
     return json.loads((directory / f"{output_stem(STORY[0])}.json").read_text())["story"]
 
 
+class _Stopwatch:
+    """Wall and process CPU seconds of each part of the phase (the CPU time is what a busy machine inflates least)."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def __call__(self, name: str, fn, *args):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return fn(*args)
+        finally:
+            self.wall[name] = round(time.perf_counter() - wall, 1)
+            self.cpu[name] = round(time.process_time() - cpu, 1)
+
+
 def image_to_video(demo: Any, prompts: Sequence[str]) -> dict[str, Any]:
     """The demo's phase (module docstring) on a `demo.main.Demo` whose base is trained: its summary, with the
     videos and verdicts for the long-video grid under 'overview'."""
@@ -132,9 +152,12 @@ def image_to_video(demo: Any, prompts: Sequence[str]) -> dict[str, Any]:
 
     with demo.clock.phase("i2v", "image-to-video: the i2v stage fine-tuned from the demo base, animating first "
                                  "frames"):
-        found = train_i2v(demo)
-        animated = animate(demo.out, demo.runs / "i2v", prompts)
-        summary = dict(animated["summary"], story=tell_story(demo.out, demo.runs / "i2v", demo.cache_flags))
+        clock = _Stopwatch()
+        found = clock("train", train_i2v, demo)
+        animated = clock("animate", animate, demo.out, demo.runs / "i2v", prompts)
+        summary = dict(animated["summary"], story=clock("story", tell_story, demo.out, demo.runs / "i2v",
+                                                         demo.cache_flags))
+        summary.update(seconds=clock.wall, cpu_seconds=clock.cpu)
     demo.done("i2v", found)
     acc, story = summary["accuracy"], summary["story"]
     say(f"image-to-video: colour {acc['color']:.0%}, direction {acc['direction']:.0%}, starts from the given frame "
