@@ -46,8 +46,9 @@ def synthetic_batch(stage: str, batch: int = BATCH, seed: int = 0) -> dict[str, 
     if stage == "base":
         return {"video": pixels(batch, FRAMES, HEIGHT, WIDTH, 3), "images": pixels(batch, 1, HEIGHT, WIDTH, 3),
                 "tokens": tokens, "image_tokens": rng.integers(0, 49407, (batch, 1, 77)).astype(np.int32)}
-    if stage == "i2v":
-        return {"video": pixels(batch, FRAMES, HEIGHT, WIDTH, 3), "tokens": tokens}
+    if stage == "i2v":  # precomputed latents, as the demo trains it (the step still encodes a grey frame)
+        return {"latents": rng.standard_normal((batch, FRAMES, HEIGHT // 8, WIDTH // 8, 4)).astype(np.float32),
+                "tokens": tokens}
     if stage == "interpolation":
         video = pixels(batch, 5, HEIGHT, WIDTH, 3)
         return {"video": video, "key_frames": video[:, ::4], "tokens": tokens}
