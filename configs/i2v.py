@@ -8,8 +8,8 @@ Run:
       --output res                                         # a transition from a.png to b.png
   lavie-train --config i2v:tiny --workdir runs/i2v-tiny --config.train.init=ckpt/base   # from a base checkpoint
 Variants: `i2v` (SEINE's released sampling: 16 frames at 240x560, respaced DDPM 250 steps, guidance 8, the prompt
-followed by ', slow motion.'), `i2v:tiny` (CPU sized), `i2v:demo` (what the long-video demo trains: the demo base's
-UNet with the i2v input channels, from the demo base).
+followed by ', slow motion.'), `i2v:tiny` (CPU sized), `i2v:demo` (`make demo`'s image-to-video phase: the demo
+base's UNet, clips and sampling with the i2v input channels, fine-tuned from the trained demo base).
 """
 
 import ml_collections

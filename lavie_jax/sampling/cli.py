@@ -9,6 +9,8 @@
   lavie-sample --config vsr --checkpoint ckpt/vsr --input res/base --output res/vsr
   lavie-sample --config i2v --checkpoint ckpt/i2v --image photo.png --prompt "a boat sailing" --output res
   lavie-sample --config i2v --checkpoint ckpt/i2v --image a.png --image b.png --output res   # a transition
+  lavie-sample --config i2v --checkpoint ckpt/i2v --story --image boat.png --prompt "a boat sails" \
+      --prompt "the boat turns" --output res               # a story: one clip per prompt, each continuing the last
   lavie-sample --config base --checkpoint ckpt/base --prompt "a corgi" --config.sample.num_frames=64 --output res
 
 A stage config is a packaged config by name (`base`, `base:tiny`, ...) or a config file (`FILE.py[:variant]`).
@@ -19,7 +21,10 @@ A stage config is a packaged config by name (`base`, `base:tiny`, ...) or a conf
 stages do. An i2v first stage (image-to-video) takes `--image FILE` (one image: animate it; two: a transition
 from the first to the second) with a `--prompt` (default: the first image's file name up to its first dot,
 underscores as spaces, as SEINE), or `--input` videos to continue (prompts from their sidecars, or one `--prompt`
-for all). `--checkpoint random` samples with random weights (architecture from the config: a smoke test, noise
+for all). `--story` makes one long video with an i2v first stage: one clip per prompt (`--clips N` of each),
+each continuing from the last `sample.context_frames` frames of the one before, from one `--image` or `--input`
+video; the later stages run over the whole video, and the sidecars and the console give the seam measure
+(docs/long_video.md). `--checkpoint random` samples with random weights (architecture from the config: a smoke test, noise
 videos); a `lavie-train` work directory samples its latest checkpoint (EMA params, or `--params raw`), with the
 config the run stored when `--config` is left out (`--config.FIELD=...` overrides still apply). A single
 stage writes into `--output`; a cascade into `--output/STAGE/`; existing files are refused unless
