@@ -341,7 +341,8 @@ def closing(summary: dict[str, Any], demo: Demo) -> None:
         say(f"  {stage:<14} {path}/  (mp4, gif, json per prompt)")
     for what in ("overview", "summary", "encoders", "data"):
         say(f"  {what:<14} {summary['files'][what]}")
-    say(f"  {'training runs':<14} {_rel(demo.runs)}/{{base,interpolation,vsr}} (checkpoints, metrics.jsonl, tb/)")
+    say(f"  {'training runs':<14} {_rel(demo.runs)}/{{base,interpolation,vsr,i2v}} (checkpoints, metrics.jsonl, tb/)")
+    say(f"  {'image-to-video':<14} {_rel(demo.out / 'i2v')}/ (overview.png, summary.json, story/)")
 
 
 def build_parser() -> command.ArgumentParser:
