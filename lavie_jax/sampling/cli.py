@@ -25,8 +25,8 @@ for all). `--story` makes one long video with an i2v first stage: one clip per p
 each continuing from the last `sample.context_frames` frames of the one before, from one `--image` or `--input`
 video; the later stages run over the whole video, and the sidecars and the console give the seam measure
 (docs/long_video.md). `--checkpoint random` samples with random weights (architecture from the config: a smoke
-test, noise videos); a `lavie-train` work directory samples its latest checkpoint (EMA params, or `--params raw`), with the
-config the run stored when `--config` is left out (`--config.FIELD=...` overrides still apply). A single
+test, noise videos); a `lavie-train` work directory samples its latest checkpoint (EMA params, or `--params raw`),
+with the config the run stored when `--config` is left out (`--config.FIELD=...` overrides still apply). A single
 stage writes into `--output`; a cascade into `--output/STAGE/`; existing files are refused unless
 `--overwrite`. `--lora FILE[:SCALE]` (repeatable; `--STAGE-lora` for a later stage) merges LoRA adapters into
 the stage's UNet before it compiles (docs/lora.md). Every input, flag and output path is checked before any model runs, and nothing is created until
