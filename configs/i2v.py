@@ -8,8 +8,8 @@ Run:
       --output res                                         # a transition from a.png to b.png
   lavie-train --config i2v:tiny --workdir runs/i2v-tiny --config.train.init=ckpt/base   # from a base checkpoint
 Variants: `i2v` (SEINE's released sampling: 16 frames at 240x560, respaced DDPM 250 steps, guidance 8, the prompt
-followed by ', slow motion.'), `i2v:tiny` (CPU sized), `i2v:demo` (what the long-video demo trains: the demo base's
-UNet with the i2v input channels, from the demo base).
+followed by ', slow motion.'), `i2v:tiny` (CPU sized), `i2v:demo` (`make demo`'s image-to-video phase: the demo
+base's UNet, clips and sampling with the i2v input channels, fine-tuned from the trained demo base).
 """
 
 import ml_collections
@@ -32,17 +32,24 @@ TINY = {
     "sample": {"num_frames": 4, "height": 32, "width": 48, "vae": "tiny_f8", "sampler": "ddim", "steps": 4},
 }
 
-LOW = demo.SOURCES["low"]
+# The demo's i2v: the demo base's UNet, clips and sampling with 9 input channels, fine-tuned from the trained demo base
+# (train.init) on the base's precomputed clips. Derived from base.DEMO, so a change of the demo base carries over.
 DEMO = {
-    # the demo base's UNet with 9 input channels: initialised from the trained demo base (train.init)
-    "unet": dict(base.DEMO_UNET, in_channels=9),
-    "data": {"moving_shapes": LOW, "height": LOW["height"], "width": LOW["width"], "num_frames": 4, "frame_stride": 4,
-             "global_batch_size": 32, "images": {"source": "none", "per_clip": 0}},
-    "train": {"num_steps": 200, "objective": {"i2v_masks": {"weights": [1.0, 0.0, 0.0], "max_n": 1}}},
-    "sample": {"steps": 20, "guidance_scale": 3.0, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-               "beta_end": 0.012, "num_frames": 4, "height": 32, "width": 32, "fps": 4, "prompt_suffix": "",
-               "cond_first": False},
+    "unet": dict(base.DEMO["unet"], in_channels=9),
+    "data": dict(base.DEMO["data"], global_batch_size=16),
+    "sample": {k: v for k, v in base.DEMO["sample"].items() if not k.startswith("freenoise")} | {
+        "prompt_suffix": "", "cond_first": False, "mask_type": "auto", "context_frames": 1},
+    "train": {
+        "init": f"{demo.DIR}/runs/base",
+        "num_steps": 60,
+        "objective": {"i2v_masks": {"weights": [1.0, 0.0, 0.0], "max_n": 1}},
+        "param_groups": {"rules": (("^conv_in", "conv_in"), (".*", "unet")), "lr_multipliers": {"conv_in": 10.0}},
+        # constant after the warm-up (the demo stages decay theirs): a short fine-tune, not a run that settles
+        "optimizer": {"warmup_steps": 5, "schedule": "constant"},
+        "ema": {"warmup": True},
+    },
 }
+DEMO_PRECOMPUTED = "demo_base"  # the base's clips: the same videos, one clip each
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -52,4 +59,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         common.make_tiny(config, TINY)
     elif variant == "demo":
         demo.make_demo(config, DEMO)
+        config.data.precomputed.name = DEMO_PRECOMPUTED
     return config

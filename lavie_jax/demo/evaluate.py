@@ -14,6 +14,11 @@ prompt without any learned model:
   foreground, is 'none' (counted wrong).
 
 On the dataset's own videos this is exact (tests/demo/test_evaluate.py), so the accuracies measure the models.
+
+An image-to-video result is also checked against the frame it was given (`score_start`): its first frame must show
+the shape where the given frame has it (foreground centroids within `START_DISTANCE` of the frame size) in the
+given frame's colour. A model that ignores the given frame (the demo base, i.e. the i2v model at step 0) still
+moves the prompted shape the prompted way, but from wherever it likes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ FOREGROUND_DISTANCE = 60.0  # RGB distance from the background; every palette co
 CORE = 0.8
 MIN_MOTION = 0.05  # centroid travel below this fraction of min(H, W) is 'no motion' (the data travels >= 0.3)
 NONE = "none"
+START_DISTANCE = 0.1  # of min(H, W): the given frame's shape spans 0.32 of it (moving_shapes' radius 0.16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,3 +150,32 @@ def score(prompts: Sequence[str], videos: Sequence[np.ndarray]) -> dict:
             "direction_accuracy": sum(r["direction_ok"] for r in rows) / n,
             "both_accuracy": sum(r["color_ok"] and r["direction_ok"] for r in rows) / n,
             "per_prompt": rows}
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray | None:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()]) if len(xs) else None
+
+
+def start_offset(video: np.ndarray, image: np.ndarray) -> float | None:
+    """Pixels between the foreground centroids of `video`'s first frame and of `image` (uint8 `[H, W, 3]` or
+    `[1, H, W, 3]`); None when either has no foreground or the two differ in colour."""
+    image = np.asarray(image).reshape(-1, *np.shape(image)[-3:])[:1]
+    given, made = np.repeat(image, 2, 0), np.repeat(np.asarray(video)[:1], 2, 0)  # predict() wants 2+ frames
+    if predict(given).color != predict(made).color:
+        return None
+    a, b = _centroid(foreground_mask(given)[0]), _centroid(foreground_mask(made)[0])
+    return None if a is None or b is None else float(np.hypot(*(a - b)))
+
+
+def score_start(prompts: Sequence[str], videos: Sequence[np.ndarray], images: Sequence[np.ndarray]) -> dict:
+    """`score`, plus whether each video starts from its given frame (module docstring): 'start_accuracy', and per
+    prompt 'start' ('kept' or how far off, in pixels), 'start_ok' and 'start_offset'."""
+    result = score(prompts, videos)
+    for row, video, image in zip(result["per_prompt"], videos, images, strict=True):
+        offset = start_offset(video, image)
+        ok = offset is not None and offset <= START_DISTANCE * min(np.shape(video)[1:3])
+        row.update(start="kept" if ok else "lost" if offset is None else f"off {offset:.0f}px", start_ok=ok,
+                   start_offset=None if offset is None else round(offset, 2))
+    result["start_accuracy"] = sum(r["start_ok"] for r in result["per_prompt"]) / max(len(videos), 1)
+    return result

@@ -19,9 +19,14 @@ Phases (each prints its progress and time; a phase whose results are on disk is 
   7. fvd           FVD with the real I3D of the interpolation and VSR videos against held-out clips, and of the
                    interpolation run's samples at four points of its training (lavie_jax.demo.fvd): the table,
                    DIR/fvd.json and DIR/fvd_training.png
-  8. long          FreeNoise: the demo base makes 16-frame videos (4x what it trained on), interpolated to 61
-                   frames, against plain attention (lavie_jax.demo.long_video; DIR/long/, DIR/long_overview.png)
-  9. personalise   a LoRA teaches the base a colour the data never shows, checked before/after from pixels
+  8. i2v           image-to-video: the i2v stage fine-tuned from the demo base (DIR/runs/i2v, 60 steps) animates
+                   a drawn first frame of the first 8 prompts, checked from pixels (colour, direction, starts from
+                   the given frame), and tells a 3-clip story with `lavie-sample --story` (lavie_jax.demo.
+                   image_to_video; DIR/i2v/)
+  9. long          FreeNoise: the demo base makes 16-frame videos (4x what it trained on), interpolated to 61
+                   frames, against plain attention (lavie_jax.demo.long_video; DIR/long/), drawn with the i2v
+                   videos in DIR/long_overview.png
+ 10. personalise   a LoRA teaches the base a colour the data never shows, checked before/after from pixels
                    (lavie_jax.demo.personalise; DIR/personalise/, DIR/runs/base_lora)
 Delete DIR (or DIR/runs/STAGE) to train again from scratch. The settings are packaged configs, loaded by name:
 `demo` (sources, autoencoder, text encoder width; configs/demo.py) and `STAGE:demo`. Compiled programs are kept in
@@ -103,7 +108,8 @@ class Demo:
     def config(self, stage: str):
         from lavie_jax.cli.config_flags import load_config
 
-        return load_config(self.config_arg(stage), self.overrides())
+        init = [("train.init", _rel(self.runs / s)) for s in get_stage(stage).init_from[:1]]  # i2v: the demo base
+        return load_config(self.config_arg(stage), [*self.overrides(), *init])
 
     def done(self, phase: str, skipped: bool) -> None:
         """Keep the time of a phase that did its work, so a later run that skips it can still report it."""
@@ -335,7 +341,8 @@ def closing(summary: dict[str, Any], demo: Demo) -> None:
         say(f"  {stage:<14} {path}/  (mp4, gif, json per prompt)")
     for what in ("overview", "summary", "encoders", "data"):
         say(f"  {what:<14} {summary['files'][what]}")
-    say(f"  {'training runs':<14} {_rel(demo.runs)}/{{base,interpolation,vsr}} (checkpoints, metrics.jsonl, tb/)")
+    say(f"  {'training runs':<14} {_rel(demo.runs)}/{{base,interpolation,vsr,i2v}} (checkpoints, metrics.jsonl, tb/)")
+    say(f"  {'image-to-video':<14} {_rel(demo.out / 'i2v')}/ (overview.png, summary.json, story/)")
 
 
 def build_parser() -> command.ArgumentParser:
@@ -374,11 +381,16 @@ def _run(argv: Sequence[str]) -> None:
     results = demo.sample()
     summary = demo.evaluate(results)
     summary = demo.fvd(results, summary)
-    from lavie_jax.demo.long_video import PROMPT_COUNT, long_videos  # 8. docs/long_video.md
+    from lavie_jax.demo.image_to_video import image_to_video  # 8. docs/image_to_video.md
+    from lavie_jax.demo.long_video import PROMPT_COUNT, long_videos  # 9. docs/long_video.md
 
+    i2v = image_to_video(demo, PROMPTS[:PROMPT_COUNT])
+    more = i2v.pop("overview")
+    summary["image_to_video"] = i2v
     with demo.clock.phase("long", "FreeNoise long videos of the demo base, interpolated, against plain attention"):
-        summary["long_video"] = long_videos(out, demo.runs, PROMPTS[:PROMPT_COUNT], demo.cache_flags)
-    from lavie_jax.demo.personalise import personalise  # 9. a LoRA teaches the base a new colour (docs/lora.md)
+        summary["long_video"] = long_videos(out, demo.runs, PROMPTS[:PROMPT_COUNT], demo.cache_flags, more=more)
+    demo.done("long", False)
+    from lavie_jax.demo.personalise import personalise  # 10. a LoRA teaches the base a new colour (docs/lora.md)
 
     personalise(demo, summary)
     closing(summary, demo)

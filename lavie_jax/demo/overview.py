@@ -2,7 +2,8 @@
 
 Every frame is drawn in a CELL x CELL square: the 32x32 base and interpolation frames enlarged with nearest
 neighbours (their real pixels), the 128x128 VSR frames as they are. Under each group, the evaluator's verdict for
-that video: its colour and direction, each with a tick or a cross.
+that video: its colour and direction (and for image-to-video, whether it starts from the given frame), each in green
+(ok) or red (wrong).
 """
 
 from __future__ import annotations
@@ -48,33 +49,34 @@ def render(prompts: Sequence[str], videos: Mapping[str, np.ndarray], scores: Map
     """The grid for `videos` (stage -> uint8 `[N, F, H, W, 3]`, one per prompt, in cascade order) and the
     evaluator's per-prompt rows (stage -> `evaluate.score(...)`), if given."""
     stages = list(videos)
-    group_w = FRAMES_PER_STAGE * CELL
+    # a group is as wide as the frames it shows (a still: one cell)
+    widths = [len(pick_frames(videos[stage][0])) * CELL for stage in stages]
+    lefts = [LABEL_W + sum(widths[:s]) + s * GAP for s in range(len(stages))]
     row_h = CELL + (VERDICT_H if scores else 0) + 6
-    width = LABEL_W + len(stages) * (group_w + GAP)
+    width = lefts[-1] + widths[-1] + GAP
     image = Image.new("RGB", (width, HEADER_H + len(prompts) * row_h), BG)
     draw = ImageDraw.Draw(image)
     title, small = _font(16), _font(12)
     for s, stage in enumerate(stages):
-        x0 = LABEL_W + s * (group_w + GAP)
         f, h, w = videos[stage].shape[1:4]
-        draw.text((x0, 2), f"{stage}", fill=FG, font=title)
-        draw.text((x0, 19), f"{f} frames, {w}x{h}; frames {pick_frames(videos[stage][0])}", fill=FG, font=small)
+        draw.text((lefts[s], 2), f"{stage}", fill=FG, font=title if widths[s] > CELL else small)
+        what = f"{f} frames, {w}x{h}; frames {pick_frames(videos[stage][0])}" if f > 1 else f"{w}x{h}"
+        draw.text((lefts[s], 19), what, fill=FG, font=small)
     for i, prompt in enumerate(prompts):
         y0 = HEADER_H + i * row_h
         draw.text((6, y0 + CELL // 2 - 8), prompt, fill=FG, font=_font(14))
         for s, stage in enumerate(stages):
-            x0 = LABEL_W + s * (group_w + GAP)
             video = videos[stage][i]
             for j, k in enumerate(pick_frames(video)):
-                image.paste(_cell(video[k]), (x0 + j * CELL, y0))
+                image.paste(_cell(video[k]), (lefts[s] + j * CELL, y0))
             if scores:
                 row = scores[stage]["per_prompt"][i]
-                x = x0
-                for key in ("color", "direction"):
+                keys = [k for k in ("color", "direction", "start") if f"{k}_ok" in row]  # the checks this row has
+                for j, key in enumerate(keys):
                     ok = row[f"{key}_ok"]
-                    text = f"{row[key]} {'ok' if ok else 'wrong'}"
-                    draw.text((x, y0 + CELL + 1), text, fill=OK if ok else BAD, font=small)
-                    x += group_w // 2
+                    text = f"{row[key]} {'ok' if ok else 'wrong'}" if key != "start" else f"start {row[key]}"
+                    draw.text((lefts[s] + j * widths[s] // len(keys), y0 + CELL + 1), text, fill=OK if ok else BAD,
+                              font=small)
     return image
 
 

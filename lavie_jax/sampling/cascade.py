@@ -12,8 +12,9 @@ the official `res/base`, `res/interpolation`, `res/vsr`. The whole chain is chec
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,11 +61,12 @@ class Cascade:
     def run(self, prompts: Sequence[str], videos: Sequence[np.ndarray] | None = None, *, seed: int | None = None,
             fps: float | None = None, indices: Sequence[int] | None = None,
             output_dir: str | os.PathLike | None = None, sources: Sequence[str | None] | None = None,
-            stems: Sequence[str] | None = None, overwrite: bool = False, progress: bool = False
-            ) -> list[StageResult]:
+            stems: Sequence[str] | None = None, overwrite: bool = False, progress: bool = False,
+            sidecar: Callable[[StageResult], dict[str, Any]] | None = None) -> list[StageResult]:
         """Run every stage; returns each stage's StageResult. `seed` None uses each stage's `sample.seed`;
         `videos`/`fps` are the first stage's inputs (interpolation or vsr first), `sources` their file names;
-        `stems`/`overwrite` as in `write_result` (existing files are refused before the first stage runs)."""
+        `stems`/`overwrite` as in `write_result` (existing files are refused before the first stage runs);
+        `sidecar(result)`: more sidecar fields for a stage's result (a story's seams)."""
         self.check(prompts, videos, fps)
         stems = list(stems) if stems is not None else unique_stems(prompts)
         if output_dir is not None:
@@ -77,7 +79,8 @@ class Cascade:
             written = []
             if output_dir is not None:
                 written = write_result(result, Path(output_dir) / sampler.stage, config=sampler.config,
-                                       indices=indices, sources=sources, stems=stems, overwrite=overwrite)
+                                       indices=indices, sources=sources, stems=stems, overwrite=overwrite,
+                                       extra=sidecar(result) if sidecar else None)
             results.append(result)
             videos, fps = list(result.frames), result.fps
             sources = [str(p.with_suffix("." + result.options.formats[0])) for p in written] or None

@@ -9,6 +9,8 @@
   lavie-sample --config vsr --checkpoint ckpt/vsr --input res/base --output res/vsr
   lavie-sample --config i2v --checkpoint ckpt/i2v --image photo.png --prompt "a boat sailing" --output res
   lavie-sample --config i2v --checkpoint ckpt/i2v --image a.png --image b.png --output res   # a transition
+  lavie-sample --config i2v --checkpoint ckpt/i2v --story --image boat.png --prompt "a boat sails" \
+      --prompt "the boat turns" --output res               # a story: one clip per prompt, each continuing the last
   lavie-sample --config base --checkpoint ckpt/base --prompt "a corgi" --config.sample.num_frames=64 --output res
 
 A stage config is a packaged config by name (`base`, `base:tiny`, ...) or a config file (`FILE.py[:variant]`).
@@ -19,9 +21,12 @@ A stage config is a packaged config by name (`base`, `base:tiny`, ...) or a conf
 stages do. An i2v first stage (image-to-video) takes `--image FILE` (one image: animate it; two: a transition
 from the first to the second) with a `--prompt` (default: the first image's file name up to its first dot,
 underscores as spaces, as SEINE), or `--input` videos to continue (prompts from their sidecars, or one `--prompt`
-for all). `--checkpoint random` samples with random weights (architecture from the config: a smoke test, noise
-videos); a `lavie-train` work directory samples its latest checkpoint (EMA params, or `--params raw`), with the
-config the run stored when `--config` is left out (`--config.FIELD=...` overrides still apply). A single
+for all). `--story` makes one long video with an i2v first stage: one clip per prompt (`--clips N` of each),
+each continuing from the last `sample.context_frames` frames of the one before, from one `--image` or `--input`
+video; the later stages run over the whole video, and the sidecars and the console give the seam measure
+(docs/long_video.md). `--checkpoint random` samples with random weights (architecture from the config: a smoke
+test, noise videos); a `lavie-train` work directory samples its latest checkpoint (EMA params, or `--params raw`),
+with the config the run stored when `--config` is left out (`--config.FIELD=...` overrides still apply). A single
 stage writes into `--output`; a cascade into `--output/STAGE/`; existing files are refused unless
 `--overwrite`. `--lora FILE[:SCALE]` (repeatable; `--STAGE-lora` for a later stage) merges LoRA adapters into
 the stage's UNet before it compiles (docs/lora.md). Every input, flag and output path is checked before any model runs, and nothing is created until
@@ -54,6 +59,7 @@ from typing import NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from lavie_jax.cli import command
@@ -77,6 +83,7 @@ from lavie_jax.io.store import Source
 from lavie_jax.sampling.pipeline import (RANDOM, PipelineError, apply_lora, check_checkpoint, check_lora,
                                         load_stage_pipeline)
 from lavie_jax.sampling.sampler import StageSampler
+from lavie_jax.sampling.story import check_story, later_seams, story_length, tell
 from lavie_jax.stages import REGISTRY, STAGES, RequestError, get_stage
 from lavie_jax.io.video import VideoReadError
 from lavie_jax.io.images import ImageReadError, read_images
@@ -130,6 +137,12 @@ def build_parser() -> command.ArgumentParser:
     io.add_argument("--image", action="append", default=[], metavar="FILE",
                     help="i2v first stage: an 8-bit RGB image to animate; twice: a transition from the first image "
                          "to the second")
+    io.add_argument("--story", action=command.BooleanFlag, default=False,
+                    help="i2v first stage: one long video, one clip per prompt (--prompt, repeatable, or "
+                         "--prompt-file, in order), each clip continuing from the last sample.context_frames frames "
+                         "of the one before; it starts from one --image (animated) or one --input video (continued)")
+    io.add_argument("--clips", type=command.bounded_int(1), metavar="N",
+                    help="--story: clips per prompt (default 1): one prompt and --clips 4 make one video of 4 clips")
     io.add_argument("--output", metavar="DIR", help="output directory (required)")
     io.add_argument("--overwrite", action=command.BooleanFlag, default=False,
                     help="replace output files that already exist (default: refuse before sampling)")
@@ -389,7 +402,11 @@ def _plan(args: argparse.Namespace, stages: list[_Stage]) -> _Plan:
     if args.image and not get_stage(first).takes_images:
         raise UsageError(f"--image is for a first stage that animates images (i2v); {first} takes "
                          f"{'--input videos' if get_stage(first).takes_video else 'prompts'}")
-    if args.image:
+    if args.clips is not None and not args.story:
+        raise UsageError("--clips N is the number of clips per prompt of a --story; add --story, or drop --clips")
+    if args.story:
+        groups = _story_group(args, stages)
+    elif args.image:
         if args.input:
             raise UsageError("give --image files (animate, transition) or --input videos (continue), not both")
         prompts = _prompts(args)
@@ -428,7 +445,7 @@ def _plan(args: argparse.Namespace, stages: list[_Stage]) -> _Plan:
     names = [s.config.stage for s in stages]
     directories = {n: output if len(stages) == 1 else output / n for n in names}
     formats = {s.config.stage: sample_options(s.config.stage, s.config.sample).formats for s in stages}
-    if get_stage(first).takes_video and not args.image:
+    if get_stage(first).takes_video and not args.image and args.input:
         _check_inputs_survive(groups, directories, stems, formats)
     for n in names:
         check_no_overwrite(directories[n], list(stems.values()), formats[n], args.overwrite)
@@ -444,6 +461,42 @@ def _plan(args: argparse.Namespace, stages: list[_Stage]) -> _Plan:
         if getattr(args, f"{name}_lora") and name not in [s.flag for s in stages]:
             raise UsageError(f"--{name}-lora given without --{name} CONFIG; add the {name} stage or drop the flag")
     return _Plan(output, sources, groups, stems, directories, formats, mesh, adapters)
+
+
+def _story_group(args: argparse.Namespace, stages: list[_Stage]) -> list[tuple]:
+    """The one request of `--story`: (indices [0], the prompt of every clip, [start frames], fps, [source]); each
+    input mistake is a UsageError naming the fix, before any model loads."""
+    config = stages[0].config
+    if not get_stage(config.stage).takes_images:
+        raise UsageError(f"--story continues clips with the image-to-video stage (--config i2v); the {config.stage} "
+                         "stage does not continue a video from its last frames")
+    if args.image and args.input:
+        raise UsageError("--story starts from one --image (animated) or one --input video (continued), not both")
+    if not args.image and not args.input:
+        raise UsageError("--story needs a start: --image FILE (the first clip animates it) or --input VIDEO (the "
+                         "first clip continues it)")
+    if len(args.image) > 1:
+        raise UsageError(f"--story starts from one --image, got {len(args.image)} (a transition between two images "
+                         "is a run without --story)")
+    if config.sample.mask_type != "auto":
+        raise UsageError(f"--story chooses the masks itself (first1 from an image, first{{n}} to continue, n = "
+                         f"sample.context_frames); drop --config.sample.mask_type={config.sample.mask_type}")
+    prompts = _prompts(args)
+    if args.image:
+        frames, source, fps = read_images(args.image), str(args.image[0]), None
+        prompts = prompts or [Path(args.image[0]).name.split(".")[0].replace("_", " ")]
+    else:
+        inputs = read_inputs(args.input)
+        if len(inputs) > 1:
+            raise UsageError(f"--story continues one --input video, got {len(inputs)}; tell one story per run")
+        frames, source, fps = inputs[0].frames, inputs[0].path, inputs[0].fps
+        prompts = prompts or [inputs[0].prompt]
+    clips = [p for p in prompts for _ in range(args.clips or 1)]
+    try:
+        check_story(config, len(clips), int(config.sample.context_frames))
+    except RequestError as e:
+        raise UsageError(f"--story: {e}") from None
+    return [([0], clips, [frames], fps, [source])]
 
 
 def _check_inputs_survive(groups: list[tuple], directories: dict[str, Path], stems: dict[int, str],
@@ -595,7 +648,7 @@ def run(argv: Sequence[str]) -> list:
                                                          adapters), plan.mesh)
                        for s, source, adapters in zip(stages, plan.sources, plan.adapters)])
     for indices, prompts, videos, fps, _ in plan.groups:
-        cascade.check(prompts, videos, fps)
+        _check_story(cascade, prompts, videos[0], fps) if args.story else cascade.check(prompts, videos, fps)
     before = _before(plan)
     writer = jax.process_index() == 0
     if writer:
@@ -610,7 +663,9 @@ def run(argv: Sequence[str]) -> list:
         results = []
         for indices, prompts, videos, fps, sources in plan.groups:
             stems = [plan.stems[i] for i in indices]
-            if len(cascade.samplers) == 1:
+            if args.story:
+                results = _tell_story(args, plan, cascade, writer)
+            elif len(cascade.samplers) == 1:
                 sampler = cascade.samplers[0]
                 results = [sampler.sample(prompts, videos, seed=args.seed, fps=fps, indices=indices,
                                           progress=args.progress)]
@@ -633,6 +688,47 @@ def run(argv: Sequence[str]) -> list:
             except OSError as cleanup:  # best effort: the interrupt is what the user needs to hear about
                 print(f"{PROG}: could not remove partial files: {cleanup}", file=sys.stderr)
         raise RunInterrupted(isinstance(e, Terminated), finished) from e
+    return results
+
+
+def _check_story(cascade: Cascade, prompts: list[str], start: np.ndarray, fps: float | None) -> None:
+    """The story's first clip as a request of the first stage, and the later stages given the story's length."""
+    first = cascade.samplers[0]
+    first.check_request(prompts[:1], [start], fps)
+    if len(cascade.samplers) > 1:
+        o = first.options
+        frames = story_length(o.num_frames, len(prompts), int(first.config.sample.context_frames))
+        stand_in = np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (frames, o.height, o.width, 3))  # no memory
+        try:
+            Cascade(cascade.samplers[1:]).check(prompts[:1], [stand_in], o.fps or fps)
+        except RequestError as e:
+            raise RequestError(f"the story's {frames} frames of {o.height}x{o.width}: {e}") from e
+
+
+def _tell_story(args: argparse.Namespace, plan: _Plan, cascade: Cascade, writer: bool) -> list:
+    """`--story`: the i2v stage tells it (`sampling.story.tell`), the later stages run over the whole video; every
+    sidecar holds the clips and the seam measure of its own video, which the console prints too."""
+    _, prompts, videos, _, sources = plan.groups[0]
+    first, stem = cascade.samplers[0], plan.stems[0]
+    told = tell(first.config, first.pipeline, prompts, videos[0], context=int(first.config.sample.context_frames),
+                seed=args.seed, mesh=first.mesh, progress=args.progress)
+    story = told.summary()
+    written = write_result(told.result, plan.directories[first.stage], config=first.config, indices=[0],
+                           sources=sources, stems=[stem], overwrite=args.overwrite, extra={"story": story})
+    results = [told.result]
+    if len(cascade.samplers) > 1:
+        results += Cascade(cascade.samplers[1:]).run(
+            prompts[:1], [told.frames], seed=args.seed, fps=told.result.fps, indices=[0], output_dir=plan.output,
+            sources=[str(written[0].with_suffix("." + told.result.options.formats[0]))], stems=[stem],
+            overwrite=args.overwrite, progress=args.progress,
+            sidecar=lambda r: {"story": {**story, **(later_seams(told, r.frames[0]) or {"seams": None})}})
+    for result in results if writer else ():
+        measured = story if result is told.result else later_seams(told, result.frames[0])
+        if measured:
+            m = measured["seams"]
+            print(f"{PROG}: story of {len(prompts)} clip(s), {result.frames.shape[1]} {result.stage} frames: pixel "
+                  f"change {m['seam']:.1f} at the seams vs {m['inside']:.1f} inside the clips (ratio "
+                  f"{m['ratio']:.2f}; about 1: the seams do not show)", flush=True)
     return results
 
 

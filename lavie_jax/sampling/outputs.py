@@ -169,13 +169,14 @@ def _config_dict(config: ml_collections.ConfigDict | None) -> dict[str, Any] | N
 
 def write_result(result, directory: str | os.PathLike, *, config: ml_collections.ConfigDict | None = None,
                  indices: Sequence[int] | None = None, sources: Sequence[str | None] | None = None,
-                 stems: Sequence[str] | None = None, overwrite: bool = False) -> list[Path]:
+                 stems: Sequence[str] | None = None, overwrite: bool = False,
+                 extra: dict[str, Any] | None = None) -> list[Path]:
     """Write every video of a `StageResult` (each format of `sample.formats`) and its sidecar into `directory`.
 
     `indices` are the prompts' positions in the run (they pick the noise, see `StageSampler.sample`), `sources`
     the input files of later stages, `stems` the file stems (default: `unique_stems` of the prompts; a run split
-    into several requests passes the stems of the whole run). Existing files are an OutputError unless
-    `overwrite`. Returns the sidecar paths; only process 0 writes.
+    into several requests passes the stems of the whole run), `extra` more sidecar fields (a story's clips and
+    seams). Existing files are an OutputError unless `overwrite`. Returns the sidecar paths; only process 0 writes.
     """
     o = result.options
     stems = list(stems) if stems is not None else unique_stems(result.prompts)
@@ -206,7 +207,7 @@ def write_result(result, directory: str | os.PathLike, *, config: ml_collections
             "guidance_scale": o.guidance_scale, "num_frames": f, "height": h, "width": w, "fps": result.fps,
             "files": files, "source": None if sources is None else sources[i],
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": _config_dict(config),
+            "config": _config_dict(config), **(extra or {}),
         }
         written[i].write_text(json.dumps(sidecar, indent=1) + "\n")
     return written

@@ -51,3 +51,18 @@ def test_prompts_parse_and_round_trip():
         evaluate.parse_prompt("a pink circle moving left")
     with pytest.raises(ValueError, match="not a moving_shapes caption"):
         evaluate.parse_prompt("a corgi on the beach")
+
+
+def test_a_video_is_checked_against_the_frame_it_was_given():
+    """A dataset video starts from its own first frame; moved 8 pixels it starts off by 8 (over 0.1 x 32), and a
+    video of another colour has lost the given frame."""
+    video, params = moving_shapes.make_video(0, "train", 5, 4, 32, 32)
+    moved = np.roll(video, 8, axis=2)  # a flat background: the shape 8 pixels to the right
+    recoloured = next(v for i in range(6, 40) for v, p in [moving_shapes.make_video(0, "train", i, 4, 32, 32)]
+                      if p.color != params.color)
+    result = evaluate.score_start([params.caption] * 3, [video, moved, recoloured], [video[:1], video[0], video[0]])
+    rows = result["per_prompt"]
+    assert rows[0]["start"] == "kept" and rows[0]["start_offset"] == 0.0
+    assert rows[1]["start"] == "off 8px" and rows[1]["start_offset"] == pytest.approx(8.0) and not rows[1]["start_ok"]
+    assert rows[2]["start"] == "lost" and rows[2]["start_offset"] is None
+    assert result["start_accuracy"] == pytest.approx(1 / 3)

@@ -19,8 +19,8 @@ def tiny_train_config(stage: str, data_dir: str = "", **train):
     d = c.data
     d.data_dir, d.global_batch_size, d.read_threads = data_dir, BATCH, 1
     d.moving_shapes.update(num_videos=16, num_validation=4, num_frames=24, height=HEIGHT, width=WIDTH)
-    if stage == "base":
-        d.num_frames, d.images.per_clip, d.height, d.width = FRAMES, 1, HEIGHT, WIDTH
+    if stage in ("base", "i2v"):  # i2v: the base's clips, no still images
+        d.num_frames, d.images.per_clip, d.height, d.width = FRAMES, int(stage == "base"), HEIGHT, WIDTH
     elif stage == "interpolation":
         d.num_frames, d.height, d.width = 5, HEIGHT, WIDTH  # 2 key frames -> 5 frames
     else:
@@ -46,6 +46,9 @@ def synthetic_batch(stage: str, batch: int = BATCH, seed: int = 0) -> dict[str, 
     if stage == "base":
         return {"video": pixels(batch, FRAMES, HEIGHT, WIDTH, 3), "images": pixels(batch, 1, HEIGHT, WIDTH, 3),
                 "tokens": tokens, "image_tokens": rng.integers(0, 49407, (batch, 1, 77)).astype(np.int32)}
+    if stage == "i2v":  # precomputed latents, as the demo trains it (the step still encodes a grey frame)
+        return {"latents": rng.standard_normal((batch, FRAMES, HEIGHT // 8, WIDTH // 8, 4)).astype(np.float32),
+                "tokens": tokens}
     if stage == "interpolation":
         video = pixels(batch, 5, HEIGHT, WIDTH, 3)
         return {"video": video, "key_frames": video[:, ::4], "tokens": tokens}

@@ -13,12 +13,14 @@ from lavie_jax.stages import TrainingInputs, get_stage
 from lavie_jax.train.setup import build_run
 from lavie_jax.train.step import Objective
 from tests.models.tiny_configs import rel_err
-from tests.train.conftest import HEIGHT, WIDTH, tiny_train_config
+from tests.train.conftest import HEIGHT, WIDTH, synthetic_batch, tiny_train_config
 
 FRAMES = 4
 
 
-def test_i2v_from_a_base_checkpoint_starts_as_the_base(tmp_path):
+def test_i2v_from_a_base_checkpoint_starts_as_the_base_and_trains(tmp_path):
+    """Step 0 computes what the base computes; one full train step (the demo's: precomputed latents, a grey frame
+    encoded in the step) moves the new channels off zero."""
     base = random_pipeline(tiny_train_config("base"), seed=3).unet
     save_model(base, tmp_path / "base-unet")
     config = tiny_train_config("i2v", **{"init": str(tmp_path / "base-unet"), "encoders": "random"})
@@ -36,13 +38,18 @@ def test_i2v_from_a_base_checkpoint_starts_as_the_base(tmp_path):
     t = jnp.array([500])
     ours = np.asarray(nnx.jit(lambda m, *a: m(*a))(unet, jnp.concatenate([x, cond], -1), t, text))
     assert rel_err(ours, np.asarray(nnx.jit(lambda m, *a: m(*a))(base, x, t, text))) <= 1e-6
+    with jax.set_mesh(run.mesh):
+        state, metrics = run.step_fn(run.state, run.encoders, run.tables,
+                                     jax.device_put(synthetic_batch("i2v"), run.batch_sharding))
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    new = np.asarray(state.params["conv_in"]["kernel"][...])
+    assert (np.abs(new[:, :, 4:]).max(axis=(0, 1, 3)) > 0).all()  # every mask / masked-video channel learns
 
 
 def test_training_inputs_build_the_sampling_conditioning():
     """Per clip: a random mask; the masked video (given frames, grey elsewhere) encoded as in sampling; with
-    precomputed latents, the clip's own latents on given frames and a grey frame's latent elsewhere. (One real step
-    of the i2v stage from a base checkpoint was run when this was written: finite loss, the new channels move; its
-    compile costs ~50 s on 2 cores, too much for the suite.)"""
+    precomputed latents, the clip's own latents on given frames and a grey frame's latent elsewhere (a full step
+    runs in the test above)."""
     stage = get_stage("i2v")
     b, f, h, w = 64, 4, 2, 3
     rng = np.random.default_rng(1)

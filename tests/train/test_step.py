@@ -102,7 +102,7 @@ def test_frozen_params_stay_bit_identical_and_ema_follows_its_formula():
 
 @pytest.mark.slow
 def test_every_stage_trains_a_step():
-    for stage in ("interpolation",):  # base and vsr run in the tests above
+    for stage in ("interpolation",):  # base and vsr run in the tests above, i2v in tests/train/test_i2v_train.py
         run = _build(tiny_train_config(stage), (1, 1, 1, 1))
         state, metrics = _step(run, synthetic_batch(stage))
         assert int(state.step) == 1 and np.isfinite(metrics["loss"]) and "image_loss" not in metrics
