@@ -57,19 +57,26 @@ def _palette() -> dict[str, tuple[int, int, int]]:
     return {**moving_shapes.COLORS, TOKEN: NEW_COLOR}
 
 
+def instance_plan(n: int = CLIPS) -> list[tuple[str, str]]:
+    """The (shape, direction) of each of `n` instance clips: shapes in turn, directions in turn, so every shape gets
+    n/3 clips and every direction appears (drawn at random, 12 clips held 2 circles, and 'sks' circles then came out
+    lavender: the new colour was learnt on the shapes it was shown on)."""
+    directions = list(moving_shapes.DIRECTIONS)
+    return [(moving_shapes.SHAPES[k % len(moving_shapes.SHAPES)], directions[k % len(directions)]) for k in range(n)]
+
+
 def make_instance_clips(folder: Path, num_frames: int, size: int, n: int = CLIPS, seed: int = 7) -> list[str]:
-    """`n` clips of `TOKEN`-coloured shapes, each a different (shape, direction), as `{caption}.gif`; returns the
-    captions."""
+    """`n` clips of `TOKEN`-coloured shapes, one per (shape, direction) of `instance_plan`, the rest (size, path,
+    background) drawn as the dataset draws them, as `{caption}.gif`; returns the captions."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     from lavie_jax.io.video import write_video
 
-    captions, seen = [], set()
-    while len(captions) < n:
+    captions = []
+    for shape, direction in instance_plan(n):
         params = moving_shapes.sample_video(rng, num_frames, size, size)
-        if (params.shape, params.direction) in seen:
-            continue
-        seen.add((params.shape, params.direction))
+        while (params.shape, params.direction) != (shape, direction):  # the dataset's draw, given shape and direction
+            params = moving_shapes.sample_video(rng, num_frames, size, size)
         params = dataclasses.replace(params, color=TOKEN)
         text = params.caption
         write_video(folder / f"{text.replace(' ', '_')}.gif", moving_shapes.render(params, num_frames, size, size,
@@ -131,8 +138,9 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
     from lavie_jax.cli.config_flags import load_config
     from lavie_jax.convert.lora_files import export_run_adapter
     from lavie_jax.demo.console import say
-    from lavie_jax.demo.main import PROMPTS, _rel
-    from lavie_jax.io import store, workdir as workdirs
+    from lavie_jax.demo.main import PROMPTS, _check_unchanged, _rel
+    from lavie_jax.io import store
+    from lavie_jax.io import workdir as workdirs
     from lavie_jax.sampling.cli import run as lavie_sample
     from lavie_jax.train.loop import train
 
@@ -170,32 +178,42 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
             result = train(config, lora_run, overwrite=False)
             say(f"trained {_rel(lora_run)}: step {result.step}, loss {result.metrics.get('loss', float('nan')):.4f}")
         else:
+            _check_unchanged(lora_run, config)  # a run of an older recipe is not reused silently
             say(f"found {_rel(lora_run)} at step {latest}")
         adapter = root / f"{TOKEN}.safetensors"
         info = export_run_adapter(store.open_source(str(lora_run)), adapter, ema=False, overwrite=True)
         say(f"wrote {_rel(adapter)}: adapters of {info['layers']} layers, {info['bytes'] / 1e3:.0f} kB")
-        prompts = [*PROMPTS, *NEW_PROMPTS]
-        (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
-        out = root / "samples"
-        argv = ["lavie-sample", "--config", demo.config_arg("base"), "--checkpoint", _rel(base_run),
-                "--lora", _rel(adapter), "--prompt-file", _rel(root / "prompts.txt"), "--output", _rel(out),
-                "--overwrite", "--noprogress", *demo.cache_flags]
-        result = lavie_sample(argv)[0]
+
+        def sample(prompts: tuple[str, ...], name: str, lora: tuple[str, ...] = ()):
+            (root / f"{name}.txt").write_text("\n".join(prompts) + "\n")
+            return lavie_sample(["lavie-sample", "--config", demo.config_arg("base"), "--checkpoint", _rel(base_run),
+                                 *lora, "--prompt-file", _rel(root / f"{name}.txt"), "--output", _rel(root / name),
+                                 "--overwrite", "--noprogress", *demo.cache_flags])[0]
+
+        result = sample((*PROMPTS, *NEW_PROMPTS), "samples", ("--lora", _rel(adapter)))
+        control = sample(NEW_PROMPTS, "samples_without_adapter")  # the concept must come from the adapter
     videos = list(result.frames)
     old = evaluate.score(list(PROMPTS), videos[:len(PROMPTS)])
     new = new_concept_score(list(NEW_PROMPTS), videos[len(PROMPTS):])
+    new_before = new_concept_score(list(NEW_PROMPTS), list(control.frames))
     was = before["accuracy"]["base"]
+    right_before = {r["prompt"]: r["color_ok"] and r["direction_ok"] for r in before["per_prompt"]["base"]}
+    broken = [r["prompt"] for r in old["per_prompt"] if right_before.get(r["prompt"]) and not
+              (r["color_ok"] and r["direction_ok"])]
     summary = {
         "token": TOKEN, "new_color": list(NEW_COLOR), "clips": CLIPS, "rules": [list(r) for r in RULES],
-        "train": TRAIN, "prior": PRIOR, "prior_weight": PRIOR_WEIGHT, "adapter_file": _rel(adapter), "adapter_bytes": info["bytes"],
-        "new_prompts": new, "old_prompts_before": was,
-        "old_prompts_after": {k: old[f"{k}_accuracy"] for k in ("color", "direction", "both")},
-        "old_per_prompt_after": old["per_prompt"], "seconds": round(demo.clock.phases["personalise"], 1),
+        "train": TRAIN, "prior": PRIOR, "prior_weight": PRIOR_WEIGHT, "adapter_file": _rel(adapter),
+        "adapter_bytes": info["bytes"], "new_prompts": new, "new_prompts_without_adapter": new_before,
+        "old_prompts_before": was, "old_prompts_after": {k: old[f"{k}_accuracy"] for k in ("color", "direction", "both")},
+        "old_prompts_broken": broken, "old_per_prompt_after": old["per_prompt"],
+        "seconds": round(demo.clock.phases["personalise"], 1),
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    say(f"personalisation ('{TOKEN}' = violet): new prompts {new['new_color_accuracy']:.0%} violet, "
-        f"{new['direction_accuracy']:.0%} moving the prompted way; old prompts colour {was['color']:.0%} -> "
-        f"{old['color_accuracy']:.0%}, direction {was['direction']:.0%} -> {old['direction_accuracy']:.0%} "
+    say(f"personalisation ('{TOKEN}' = violet): new prompts {new['new_color_accuracy']:.0%} violet "
+        f"({new_before['new_color_accuracy']:.0%} without the adapter), {new['direction_accuracy']:.0%} moving the "
+        f"prompted way; old prompts colour {was['color']:.0%} -> {old['color_accuracy']:.0%}, direction "
+        f"{was['direction']:.0%} -> {old['direction_accuracy']:.0%}"
+        f"{'; right before, wrong after: ' + ', '.join(broken) if broken else ''} "
         f"({summary['seconds']:.0f} s; {_rel(root / 'summary.json')})")
     return summary
 
@@ -204,3 +222,48 @@ def clean(demo: Any) -> None:
     """Remove the personalisation's outputs (a fresh start)."""
     shutil.rmtree(demo.out / "personalise", ignore_errors=True)
     shutil.rmtree(demo.runs / "base_lora", ignore_errors=True)
+
+
+PROG = "python -m lavie_jax.demo.personalise"
+
+
+def _run(argv: list[str]) -> None:
+    from lavie_jax.cli import command
+    from lavie_jax.demo.main import Demo, DemoError, _cache_flags, _rel
+    from lavie_jax.runtime import compile_cache
+
+    p = command.make_parser(PROG, "Phase 9 of `make demo` alone: the personalisation of a finished demo's base (its "
+                            "runs/base and summary.json), e.g. after changing this module.\n\n" + __doc__)
+    p.add_argument("--output", default="outputs/demo", metavar="DIR", help="the demo's directory (default: "
+                   "%(default)s)")
+    p.add_argument("--again", action="store_true", help="train the adapter again (deletes DIR/personalise and "
+                   "DIR/runs/base_lora first); without it a finished adapter run is only sampled")
+    command.add_common_flags(p, cache_default=compile_cache.USER_DIR_HELP)
+    args = p.parse_args(argv)
+    out = Path(args.output)
+    missing = [_rel(f) for f in (out / "summary.json", out / "runs" / "base") if not f.exists()]
+    if missing:
+        raise DemoError(f"{', '.join(missing)} not found: run the whole demo first (`make demo` or "
+                        f"`python -m lavie_jax.demo --output {_rel(out)}`)")
+    cache = compile_cache.configure(command.cache_choice(args, compile_cache.user_cache_dir()), prog=PROG)
+    demo = Demo(out, cache_flags=_cache_flags(cache))
+    if args.again:
+        clean(demo)
+    personalise(demo, json.loads((out / "summary.json").read_text()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lavie_jax.demo.personalise [--output DIR] [--again]`; exit status as `lavie_jax.demo.main`."""
+    import sys
+
+    from lavie_jax.cli import command
+    from lavie_jax.demo.main import DemoError
+    from lavie_jax.runtime import startup
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    startup.configure()
+    return command.run_main(PROG, argv, lambda: _run(argv), user_errors=(DemoError,))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
