@@ -2,23 +2,26 @@
 under the rare token 'sks') with a LoRA from a handful of clips, then check from pixels that the new concept appears
 when prompted and that the old prompts still score as before.
 
-  1. data      CLIPS clips of violet shapes, captioned 'a sks circle moving left' (the dataset's captions with the
-               colour word replaced by the token), written as GIFs (lossless for flat colours), and prior-preservation
-               clips (PRIOR): 24 clips of the training data with their captions ('data', the default), or the
-               model's own samples, the demo's base videos of its 16 prompts ('samples'; measured worse here: the
-               guided samples are more saturated than the data, and learning them drifted blue to cyan and orange
-               to red); `lavie_jax.data.personal` makes the tables, PRIOR_WEIGHT prior rows per instance row
+  1. data      CLIPS clips of violet shapes, one per (shape, direction) of `instance_plan` (every shape as often),
+               captioned 'a sks circle moving left' (the dataset's captions with the colour word replaced by the
+               token), written as GIFs (lossless for flat colours), and prior-preservation clips (PRIOR): 24 clips of
+               the training data with their captions ('data', the default), or the model's own samples, the demo's
+               base videos of its 16 prompts ('samples'; measured worse here: the guided samples are more saturated
+               than the data, and learning them drifted blue to cyan and orange to red); `lavie_jax.data.personal`
+               makes the tables, PRIOR_WEIGHT prior rows per instance row
   2. train     `lavie-train` of the base with `train.lora` (RULES: rank-8 adapters on the cross-attention's key
                and value projections, where the text enters), starting from the demo base, on those tables
   3. export    the run's adapters alone (`lavie-convert export --adapters-only`): the small file a user shares
   4. sample    `lavie-sample` of the base with `--lora FILE` for the old prompts and NEW_PROMPTS (same seed as the
-               demo's cascade, so the old prompts' 'before' is the demo's own base result)
-  5. check     old prompts: the demo's colour / direction check (`demo.evaluate`), before and after; new prompts:
-               the foreground's colour is nearest to violet among the dataset's colours and violet, and it moves
-               the prompted way
+               demo's cascade, so the old prompts' 'before' is the demo's own base result), and of the base alone
+               for NEW_PROMPTS (the control: the concept must come from the adapter)
+  5. check     old prompts: the demo's colour / direction check (`demo.evaluate`), before and after, per prompt;
+               new prompts: the same check with violet added to the dataset's colours (nearest of the nine), with
+               and without the adapter
 
 Nothing here changes the demo's own runs; everything goes to DIR/personalise/ and DIR/runs/base_lora/ (kept: a
-rerun finds the finished run and only samples).
+rerun finds the finished run and only samples; `python -m lavie_jax.demo.personalise --again` trains it again).
+What limits the result and what was measured on the way: docs/lora.md, The demo.
 """
 
 from __future__ import annotations
@@ -46,7 +49,10 @@ NEW_PROMPTS = ("a sks circle moving left", "a sks square moving up", "a sks tria
 RULES = ((r"attn2\.to_(k|v)$", 8),)
 PRIOR_WEIGHT = 2.0  # prior rows per instance row
 PRIOR = "data"  # 'samples': the base's own videos of the 16 prompts; 'data': clips of the training data
-TRAIN = {"train.num_steps": 150, "train.optimizer.lr": 5e-3, "train.optimizer.warmup_steps": 10,
+STEPS, WARMUP = 150, 10
+TRAIN = {"train.num_steps": STEPS, "train.optimizer.lr": 5e-3, "train.optimizer.warmup_steps": WARMUP,
+         # the cosine decay ends at the last step (left alone, it kept the base run's length: lr still 90% at the end)
+         "train.optimizer.decay_steps": STEPS - WARMUP,
          "train.ema.decay": 0.0, "data.global_batch_size": 8, "train.log_every": 20,
          # no dropped captions: a dropped instance caption would teach the null text (the unconditional half of
          # classifier-free guidance, shared by every prompt) to draw the new colour
