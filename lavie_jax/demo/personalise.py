@@ -137,6 +137,28 @@ def new_concept_score(prompts: list[str], videos: list[np.ndarray]) -> dict[str,
             "direction_accuracy": sum(r["direction_ok"] for r in rows) / n, "per_prompt": rows}
 
 
+RECIPE_FILE = "personalise_recipe.json"  # in the adapter's run directory: what it was trained from
+
+
+def recipe() -> dict[str, Any]:
+    """What the adapter run is trained from, beyond its lavie-train config (whose optimizer fields a resumed run may
+    change, and which does not see the clips): compared before a finished run is reused."""
+    return json.loads(json.dumps({"token": TOKEN, "new_color": NEW_COLOR, "instance": instance_plan(), "rules": RULES,
+                                  "prior": PRIOR, "prior_weight": PRIOR_WEIGHT, "train": TRAIN}))
+
+
+def check_recipe(run: Path) -> None:
+    """DemoError unless the finished adapter run in `run` was trained from this module's `recipe()`."""
+    from lavie_jax.demo.main import DemoError, _rel
+
+    stored = json.loads((run / RECIPE_FILE).read_text()) if (run / RECIPE_FILE).is_file() else None
+    if stored != recipe():
+        changed = "no record of its recipe" if stored is None else "changed: " + ", ".join(
+            k for k in recipe() if stored.get(k) != recipe()[k])
+        raise DemoError(f"{_rel(run)} was trained from another personalisation recipe ({changed}); train it again "
+                        f"with `{PROG} --output {_rel(run.parent.parent)} --again` (or delete {_rel(run)})")
+
+
 def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
     """Phases 1-5 of the module docstring on a finished demo (`demo.main.Demo`); `before` is the demo's summary
     (its base accuracy is the 'before'). Returns the personalisation's summary (also written to
@@ -182,9 +204,11 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
             say(f"{len(captions)} clips of '{TOKEN}' shapes (e.g. '{captions[0]}') + {prior} (prior preservation, "
                 f"{PRIOR_WEIGHT:g} prior rows per instance row): {counts['videos']} rows")
             result = train(config, lora_run, overwrite=False)
+            (lora_run / RECIPE_FILE).write_text(json.dumps(recipe(), indent=1) + "\n")
             say(f"trained {_rel(lora_run)}: step {result.step}, loss {result.metrics.get('loss', float('nan')):.4f}")
         else:
             _check_unchanged(lora_run, config)  # a run of an older recipe is not reused silently
+            check_recipe(lora_run)
             say(f"found {_rel(lora_run)} at step {latest}")
         adapter = root / f"{TOKEN}.safetensors"
         info = export_run_adapter(store.open_source(str(lora_run)), adapter, ema=False, overwrite=True)

@@ -1,17 +1,22 @@
 """The demo's personalisation check (`lavie_jax.demo.personalise`): its clips show the new colour under the token,
 and its pixel check finds the new colour in them and not in the dataset's own colours."""
 
+import json
+
 import numpy as np
 import pytest
 
 from lavie_jax.data import moving_shapes
 from lavie_jax.demo.main import DemoError
 from lavie_jax.demo.personalise import (
+    RECIPE_FILE,
     TOKEN,
     _run,
+    check_recipe,
     instance_plan,
     make_instance_clips,
     new_concept_score,
+    recipe,
 )
 from lavie_jax.io.video import read_video
 
@@ -36,3 +41,13 @@ def test_instance_plan_shows_every_shape_equally_and_every_direction():
 def test_standalone_run_needs_a_finished_demo(tmp_path):
     with pytest.raises(DemoError, match="summary.json.*runs/base.*run the whole demo first"):
         _run(["--output", str(tmp_path)])
+
+
+def test_a_finished_adapter_run_of_another_recipe_is_not_reused(tmp_path):
+    with pytest.raises(DemoError, match="no record of its recipe.*--again"):
+        check_recipe(tmp_path)
+    (tmp_path / RECIPE_FILE).write_text(json.dumps({**recipe(), "prior_weight": 9.0}))
+    with pytest.raises(DemoError, match="changed: prior_weight"):
+        check_recipe(tmp_path)
+    (tmp_path / RECIPE_FILE).write_text(json.dumps(recipe()))
+    check_recipe(tmp_path)
