@@ -2,23 +2,26 @@
 under the rare token 'sks') with a LoRA from a handful of clips, then check from pixels that the new concept appears
 when prompted and that the old prompts still score as before.
 
-  1. data      CLIPS clips of violet shapes, captioned 'a sks circle moving left' (the dataset's captions with the
-               colour word replaced by the token), written as GIFs (lossless for flat colours), and prior-preservation
-               clips (PRIOR): 24 clips of the training data with their captions ('data', the default), or the
-               model's own samples, the demo's base videos of its 16 prompts ('samples'; measured worse here: the
-               guided samples are more saturated than the data, and learning them drifted blue to cyan and orange
-               to red); `lavie_jax.data.personal` makes the tables, PRIOR_WEIGHT prior rows per instance row
+  1. data      CLIPS clips of violet shapes, one per (shape, direction) of `instance_plan` (every shape as often),
+               captioned 'a sks circle moving left' (the dataset's captions with the colour word replaced by the
+               token), written as GIFs (lossless for flat colours), and prior-preservation clips (PRIOR): 24 clips of
+               the training data with their captions ('data', the default), or the model's own samples, the demo's
+               base videos of its 16 prompts ('samples'; measured worse here: the guided samples are more saturated
+               than the data, and learning them drifted blue to cyan and orange to red); `lavie_jax.data.personal`
+               makes the tables, PRIOR_WEIGHT prior rows per instance row
   2. train     `lavie-train` of the base with `train.lora` (RULES: rank-8 adapters on the cross-attention's key
                and value projections, where the text enters), starting from the demo base, on those tables
   3. export    the run's adapters alone (`lavie-convert export --adapters-only`): the small file a user shares
   4. sample    `lavie-sample` of the base with `--lora FILE` for the old prompts and NEW_PROMPTS (same seed as the
-               demo's cascade, so the old prompts' 'before' is the demo's own base result)
-  5. check     old prompts: the demo's colour / direction check (`demo.evaluate`), before and after; new prompts:
-               the foreground's colour is nearest to violet among the dataset's colours and violet, and it moves
-               the prompted way
+               demo's cascade, so the old prompts' 'before' is the demo's own base result), and of the base alone
+               for NEW_PROMPTS (the control: the concept must come from the adapter)
+  5. check     old prompts: the demo's colour / direction check (`demo.evaluate`), before and after, per prompt;
+               new prompts: the same check with violet added to the dataset's colours (nearest of the nine), with
+               and without the adapter
 
 Nothing here changes the demo's own runs; everything goes to DIR/personalise/ and DIR/runs/base_lora/ (kept: a
-rerun finds the finished run and only samples).
+rerun finds the finished run and only samples; `python -m lavie_jax.demo.personalise --again` trains it again).
+What limits the result and what was measured on the way: docs/lora.md, The demo.
 """
 
 from __future__ import annotations
@@ -46,7 +49,10 @@ NEW_PROMPTS = ("a sks circle moving left", "a sks square moving up", "a sks tria
 RULES = ((r"attn2\.to_(k|v)$", 8),)
 PRIOR_WEIGHT = 2.0  # prior rows per instance row
 PRIOR = "data"  # 'samples': the base's own videos of the 16 prompts; 'data': clips of the training data
-TRAIN = {"train.num_steps": 150, "train.optimizer.lr": 5e-3, "train.optimizer.warmup_steps": 10,
+STEPS, WARMUP = 150, 10
+TRAIN = {"train.num_steps": STEPS, "train.optimizer.lr": 5e-3, "train.optimizer.warmup_steps": WARMUP,
+         # the cosine decay ends at the last step (left alone, it kept the base run's length: lr still 90% at the end)
+         "train.optimizer.decay_steps": STEPS - WARMUP,
          "train.ema.decay": 0.0, "data.global_batch_size": 8, "train.log_every": 20,
          # no dropped captions: a dropped instance caption would teach the null text (the unconditional half of
          # classifier-free guidance, shared by every prompt) to draw the new colour
@@ -57,19 +63,26 @@ def _palette() -> dict[str, tuple[int, int, int]]:
     return {**moving_shapes.COLORS, TOKEN: NEW_COLOR}
 
 
+def instance_plan(n: int = CLIPS) -> list[tuple[str, str]]:
+    """The (shape, direction) of each of `n` instance clips: shapes in turn, directions in turn, so every shape gets
+    n/3 clips and every direction appears (drawn at random, 12 clips held 2 circles, and 'sks' circles then came out
+    lavender: the new colour was learnt on the shapes it was shown on)."""
+    directions = list(moving_shapes.DIRECTIONS)
+    return [(moving_shapes.SHAPES[k % len(moving_shapes.SHAPES)], directions[k % len(directions)]) for k in range(n)]
+
+
 def make_instance_clips(folder: Path, num_frames: int, size: int, n: int = CLIPS, seed: int = 7) -> list[str]:
-    """`n` clips of `TOKEN`-coloured shapes, each a different (shape, direction), as `{caption}.gif`; returns the
-    captions."""
+    """`n` clips of `TOKEN`-coloured shapes, one per (shape, direction) of `instance_plan`, the rest (size, path,
+    background) drawn as the dataset draws them, as `{caption}.gif`; returns the captions."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     from lavie_jax.io.video import write_video
 
-    captions, seen = [], set()
-    while len(captions) < n:
+    captions = []
+    for shape, direction in instance_plan(n):
         params = moving_shapes.sample_video(rng, num_frames, size, size)
-        if (params.shape, params.direction) in seen:
-            continue
-        seen.add((params.shape, params.direction))
+        while (params.shape, params.direction) != (shape, direction):  # the dataset's draw, given shape and direction
+            params = moving_shapes.sample_video(rng, num_frames, size, size)
         params = dataclasses.replace(params, color=TOKEN)
         text = params.caption
         write_video(folder / f"{text.replace(' ', '_')}.gif", moving_shapes.render(params, num_frames, size, size,
@@ -124,6 +137,28 @@ def new_concept_score(prompts: list[str], videos: list[np.ndarray]) -> dict[str,
             "direction_accuracy": sum(r["direction_ok"] for r in rows) / n, "per_prompt": rows}
 
 
+RECIPE_FILE = "personalise_recipe.json"  # in the adapter's run directory: what it was trained from
+
+
+def recipe() -> dict[str, Any]:
+    """What the adapter run is trained from, beyond its lavie-train config (whose optimizer fields a resumed run may
+    change, and which does not see the clips): compared before a finished run is reused."""
+    return json.loads(json.dumps({"token": TOKEN, "new_color": NEW_COLOR, "instance": instance_plan(), "rules": RULES,
+                                  "prior": PRIOR, "prior_weight": PRIOR_WEIGHT, "train": TRAIN}))
+
+
+def check_recipe(run: Path) -> None:
+    """DemoError unless the finished adapter run in `run` was trained from this module's `recipe()`."""
+    from lavie_jax.demo.main import DemoError, _rel
+
+    stored = json.loads((run / RECIPE_FILE).read_text()) if (run / RECIPE_FILE).is_file() else None
+    if stored != recipe():
+        changed = "no record of its recipe" if stored is None else "changed: " + ", ".join(
+            k for k in recipe() if stored.get(k) != recipe()[k])
+        raise DemoError(f"{_rel(run)} was trained from another personalisation recipe ({changed}); train it again "
+                        f"with `{PROG} --output {_rel(run.parent.parent)} --again` (or delete {_rel(run)})")
+
+
 def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
     """Phases 1-5 of the module docstring on a finished demo (`demo.main.Demo`); `before` is the demo's summary
     (its base accuracy is the 'before'). Returns the personalisation's summary (also written to
@@ -131,8 +166,9 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
     from lavie_jax.cli.config_flags import load_config
     from lavie_jax.convert.lora_files import export_run_adapter
     from lavie_jax.demo.console import say
-    from lavie_jax.demo.main import PROMPTS, _rel
-    from lavie_jax.io import store, workdir as workdirs
+    from lavie_jax.demo.main import PROMPTS, _check_unchanged, _rel
+    from lavie_jax.io import store
+    from lavie_jax.io import workdir as workdirs
     from lavie_jax.sampling.cli import run as lavie_sample
     from lavie_jax.train.loop import train
 
@@ -168,34 +204,46 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
             say(f"{len(captions)} clips of '{TOKEN}' shapes (e.g. '{captions[0]}') + {prior} (prior preservation, "
                 f"{PRIOR_WEIGHT:g} prior rows per instance row): {counts['videos']} rows")
             result = train(config, lora_run, overwrite=False)
+            (lora_run / RECIPE_FILE).write_text(json.dumps(recipe(), indent=1) + "\n")
             say(f"trained {_rel(lora_run)}: step {result.step}, loss {result.metrics.get('loss', float('nan')):.4f}")
         else:
+            _check_unchanged(lora_run, config)  # a run of an older recipe is not reused silently
+            check_recipe(lora_run)
             say(f"found {_rel(lora_run)} at step {latest}")
         adapter = root / f"{TOKEN}.safetensors"
         info = export_run_adapter(store.open_source(str(lora_run)), adapter, ema=False, overwrite=True)
         say(f"wrote {_rel(adapter)}: adapters of {info['layers']} layers, {info['bytes'] / 1e3:.0f} kB")
-        prompts = [*PROMPTS, *NEW_PROMPTS]
-        (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
-        out = root / "samples"
-        argv = ["lavie-sample", "--config", demo.config_arg("base"), "--checkpoint", _rel(base_run),
-                "--lora", _rel(adapter), "--prompt-file", _rel(root / "prompts.txt"), "--output", _rel(out),
-                "--overwrite", "--noprogress", *demo.cache_flags]
-        result = lavie_sample(argv)[0]
+
+        def sample(prompts: tuple[str, ...], name: str, lora: tuple[str, ...] = ()):
+            (root / f"{name}.txt").write_text("\n".join(prompts) + "\n")
+            return lavie_sample(["lavie-sample", "--config", demo.config_arg("base"), "--checkpoint", _rel(base_run),
+                                 *lora, "--prompt-file", _rel(root / f"{name}.txt"), "--output", _rel(root / name),
+                                 "--overwrite", "--noprogress", *demo.cache_flags])[0]
+
+        result = sample((*PROMPTS, *NEW_PROMPTS), "samples", ("--lora", _rel(adapter)))
+        control = sample(NEW_PROMPTS, "samples_without_adapter")  # the concept must come from the adapter
     videos = list(result.frames)
     old = evaluate.score(list(PROMPTS), videos[:len(PROMPTS)])
     new = new_concept_score(list(NEW_PROMPTS), videos[len(PROMPTS):])
+    new_before = new_concept_score(list(NEW_PROMPTS), list(control.frames))
     was = before["accuracy"]["base"]
+    right_before = {r["prompt"]: r["color_ok"] and r["direction_ok"] for r in before["per_prompt"]["base"]}
+    broken = [r["prompt"] for r in old["per_prompt"] if right_before.get(r["prompt"]) and not
+              (r["color_ok"] and r["direction_ok"])]
     summary = {
         "token": TOKEN, "new_color": list(NEW_COLOR), "clips": CLIPS, "rules": [list(r) for r in RULES],
-        "train": TRAIN, "prior": PRIOR, "prior_weight": PRIOR_WEIGHT, "adapter_file": _rel(adapter), "adapter_bytes": info["bytes"],
-        "new_prompts": new, "old_prompts_before": was,
-        "old_prompts_after": {k: old[f"{k}_accuracy"] for k in ("color", "direction", "both")},
-        "old_per_prompt_after": old["per_prompt"], "seconds": round(demo.clock.phases["personalise"], 1),
+        "train": TRAIN, "prior": PRIOR, "prior_weight": PRIOR_WEIGHT, "adapter_file": _rel(adapter),
+        "adapter_bytes": info["bytes"], "new_prompts": new, "new_prompts_without_adapter": new_before,
+        "old_prompts_before": was, "old_prompts_after": {k: old[f"{k}_accuracy"] for k in ("color", "direction", "both")},
+        "old_prompts_broken": broken, "old_per_prompt_after": old["per_prompt"],
+        "seconds": round(demo.clock.phases["personalise"], 1),
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    say(f"personalisation ('{TOKEN}' = violet): new prompts {new['new_color_accuracy']:.0%} violet, "
-        f"{new['direction_accuracy']:.0%} moving the prompted way; old prompts colour {was['color']:.0%} -> "
-        f"{old['color_accuracy']:.0%}, direction {was['direction']:.0%} -> {old['direction_accuracy']:.0%} "
+    say(f"personalisation ('{TOKEN}' = violet): new prompts {new['new_color_accuracy']:.0%} violet "
+        f"({new_before['new_color_accuracy']:.0%} without the adapter), {new['direction_accuracy']:.0%} moving the "
+        f"prompted way; old prompts colour {was['color']:.0%} -> {old['color_accuracy']:.0%}, direction "
+        f"{was['direction']:.0%} -> {old['direction_accuracy']:.0%}"
+        f"{'; right before, wrong after: ' + ', '.join(broken) if broken else ''} "
         f"({summary['seconds']:.0f} s; {_rel(root / 'summary.json')})")
     return summary
 
@@ -204,3 +252,48 @@ def clean(demo: Any) -> None:
     """Remove the personalisation's outputs (a fresh start)."""
     shutil.rmtree(demo.out / "personalise", ignore_errors=True)
     shutil.rmtree(demo.runs / "base_lora", ignore_errors=True)
+
+
+PROG = "python -m lavie_jax.demo.personalise"
+
+
+def _run(argv: list[str]) -> None:
+    from lavie_jax.cli import command
+    from lavie_jax.demo.main import Demo, DemoError, _cache_flags, _rel
+    from lavie_jax.runtime import compile_cache
+
+    p = command.make_parser(PROG, "Phase 9 of `make demo` alone: the personalisation of a finished demo's base (its "
+                            "runs/base and summary.json), e.g. after changing this module.\n\n" + __doc__)
+    p.add_argument("--output", default="outputs/demo", metavar="DIR", help="the demo's directory (default: "
+                   "%(default)s)")
+    p.add_argument("--again", action="store_true", help="train the adapter again (deletes DIR/personalise and "
+                   "DIR/runs/base_lora first); without it a finished adapter run is only sampled")
+    command.add_common_flags(p, cache_default=compile_cache.USER_DIR_HELP)
+    args = p.parse_args(argv)
+    out = Path(args.output)
+    missing = [_rel(f) for f in (out / "summary.json", out / "runs" / "base") if not f.exists()]
+    if missing:
+        raise DemoError(f"{', '.join(missing)} not found: run the whole demo first (`make demo` or "
+                        f"`python -m lavie_jax.demo --output {_rel(out)}`)")
+    cache = compile_cache.configure(command.cache_choice(args, compile_cache.user_cache_dir()), prog=PROG)
+    demo = Demo(out, cache_flags=_cache_flags(cache))
+    if args.again:
+        clean(demo)
+    personalise(demo, json.loads((out / "summary.json").read_text()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lavie_jax.demo.personalise [--output DIR] [--again]`; exit status as `lavie_jax.demo.main`."""
+    import sys
+
+    from lavie_jax.cli import command
+    from lavie_jax.demo.main import DemoError
+    from lavie_jax.runtime import startup
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    startup.configure()
+    return command.run_main(PROG, argv, lambda: _run(argv), user_errors=(DemoError,))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

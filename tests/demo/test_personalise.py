@@ -1,10 +1,23 @@
 """The demo's personalisation check (`lavie_jax.demo.personalise`): its clips show the new colour under the token,
 and its pixel check finds the new colour in them and not in the dataset's own colours."""
 
+import json
+
 import numpy as np
+import pytest
 
 from lavie_jax.data import moving_shapes
-from lavie_jax.demo.personalise import TOKEN, make_instance_clips, new_concept_score
+from lavie_jax.demo.main import DemoError
+from lavie_jax.demo.personalise import (
+    RECIPE_FILE,
+    TOKEN,
+    _run,
+    check_recipe,
+    instance_plan,
+    make_instance_clips,
+    new_concept_score,
+    recipe,
+)
 from lavie_jax.io.video import read_video
 
 
@@ -17,3 +30,24 @@ def test_instance_clips_show_the_new_colour_and_the_check_tells_it_apart(tmp_pat
     purple = [moving_shapes.make_video(0, "train", i, 13, 32, 32)[0] for i in range(3)]
     assert new_concept_score(captions[:3], purple)["new_color_accuracy"] == 0.0  # dataset colours are not it
     assert all(v.dtype == np.uint8 for v in videos)
+
+
+def test_instance_plan_shows_every_shape_equally_and_every_direction():
+    plan = instance_plan(12)
+    assert sorted(shape for shape, _ in plan) == sorted(moving_shapes.SHAPES * 4)
+    assert {d for _, d in plan} == set(moving_shapes.DIRECTIONS) and len(set(plan)) == 12
+
+
+def test_standalone_run_needs_a_finished_demo(tmp_path):
+    with pytest.raises(DemoError, match="summary.json.*runs/base.*run the whole demo first"):
+        _run(["--output", str(tmp_path)])
+
+
+def test_a_finished_adapter_run_of_another_recipe_is_not_reused(tmp_path):
+    with pytest.raises(DemoError, match="no record of its recipe.*--again"):
+        check_recipe(tmp_path)
+    (tmp_path / RECIPE_FILE).write_text(json.dumps({**recipe(), "prior_weight": 9.0}))
+    with pytest.raises(DemoError, match="changed: prior_weight"):
+        check_recipe(tmp_path)
+    (tmp_path / RECIPE_FILE).write_text(json.dumps(recipe()))
+    check_recipe(tmp_path)
