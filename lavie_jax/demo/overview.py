@@ -2,7 +2,7 @@
 
 Every frame is drawn in a CELL x CELL square: the 32x32 base and interpolation frames enlarged with nearest
 neighbours (their real pixels), the 128x128 VSR frames as they are. Under each group, the evaluator's verdict for
-that video: its colour and direction, each with a tick or a cross.
+that video: its colour, shape and direction, each marked ok or wrong.
 """
 
 from __future__ import annotations
@@ -70,11 +70,11 @@ def render(prompts: Sequence[str], videos: Mapping[str, np.ndarray], scores: Map
             if scores:
                 row = scores[stage]["per_prompt"][i]
                 x = x0
-                for key in ("color", "direction"):
+                for key in ("color", "shape", "direction"):
                     ok = row[f"{key}_ok"]
                     text = f"{row[key]} {'ok' if ok else 'wrong'}"
                     draw.text((x, y0 + CELL + 1), text, fill=OK if ok else BAD, font=small)
-                    x += group_w // 2
+                    x += group_w // 3
     return image
 
 
