@@ -31,6 +31,7 @@ demo and its lavie-train runs, so a second demo skips most compiling.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shlex
@@ -228,7 +229,7 @@ class Demo:
         return results
 
     def evaluate(self, results: list) -> dict[str, Any]:
-        from lavie_jax.demo import evaluate, overview
+        from lavie_jax.demo import evaluate, fidelity, overview
         from lavie_jax.demo.console import accuracy_table, say
 
         with self.clock.phase("evaluate", "colour, shape and direction of every video, from its pixels"):
@@ -236,8 +237,16 @@ class Demo:
             overview.write(self.out / "overview.png", list(PROMPTS), {r.stage: r.frames for r in results}, scores)
             say(f"wrote {_rel(self.out / 'overview.png')}")
         summary = self.summary(results, scores)
+        # each later stage against the video it was given (lavie_jax.demo.fidelity; VSR also against bicubic)
+        summary["fidelity"] = {r.stage: fidelity.stage_fidelity(list(given.frames), list(r.frames))
+                               for given, r in itertools.pairwise(results)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         print("\n" + accuracy_table({s: scores[s] for s in STAGES}, TARGETS), flush=True)
+        for stage, f in summary["fidelity"].items():
+            extra = (f"; bicubic upscale: {f['bicubic_psnr_to_input']:.1f} dB, {f['bicubic_background_noise']:.2f}"
+                     if "bicubic_psnr_to_input" in f else "")
+            say(f"{stage} against its input: {f['psnr_to_input']:.1f} dB, background noise "
+                f"{f['background_noise']:.2f}{extra}")
         return summary
 
     def fvd(self, results: list, summary: dict[str, Any]) -> dict[str, Any]:
