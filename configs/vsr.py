@@ -30,7 +30,8 @@ OFFICIAL = {
              "image_text": {"storage": "encoded", "min_size": 1024}},
     "sample": {"sampler": "ddim", "prediction_type": "v_prediction", "guidance_scale": 5.0,
                "negative_prompt": "blur, worst quality", "cond_first": False, "seed": 10, "chunk_frames": 8,
-               "noise_level": 50, "low_res_beta_schedule": "scaled_linear", "low_res_beta_start": 1e-4,
+               "noise_level": 50, "start_step": 0,  # 0: from noise (lavie_jax.stages.vsr says what > 0 does)
+               "low_res_beta_schedule": "scaled_linear", "low_res_beta_start": 1e-4,
                "low_res_beta_end": 0.02, "fps": 0,  # 0: the input video's frame rate
                "underscore_prompts": True, "vae": "x4", "text_encoder": "x4", "tokenizer": "x4"},
     "train": {"param_groups": {"rules": TEMPORAL_ONLY_RULES},
@@ -76,11 +77,15 @@ DEMO = {
     # trains beside the base run (three processes sharing the cores). More steps keep colour better (given the
     # dataset's own videos: 70% of colours after 200 steps, all after 600) but cost time
     "train": {"num_steps": 250, "objective": {"noise_level_max": 100}},  # sampling noises the low-res input at 50
-    # guided towards the caption, against the text it trained on when the caption was dropped ("None"; the official
-    # "blur, worst quality" means nothing to the demo's encoder). Colour after the cascade over VSR seeds 10, 1, 2:
-    # 81/81/81% unguided, 94/88/88% at 5.0, 94/94/94% at 7.5 (direction 94/94/100%): the low-res input leaves a shape
-    # between two palette colours, and the caption picks the right one
-    "sample": {"steps": 10, "guidance_scale": 7.5, "negative_prompt": get_stage("vsr").dropped_text,
+    # Measured on the main demo's checkpoints (docs/demo_quality.md; 8 prompts, PSNR of the output averaged down to
+    # its 32x32 input, background = RMS high-pass of the background, bicubic upscale: 49.3 dB / 0.43): from noise
+    # at guidance 7.5, 22.2 dB / 2.36 (a green speckle over the background, shapes broken into dots); unguided
+    # 23.1 / 1.88; low-res noise level 10 instead of 50: 22.3 / 1.84; from the noised bicubic upscale at step 5, 7,
+    # 8: 23.8 / 1.86, 24.6 / 1.66, 24.9 / 1.32; at step 9 (the last step only) 24.8 / 0.65, as clean as the
+    # autoencoder's own round trip of the upscale (24.9 / 0.64: the autoencoder caps the PSNR). 250 steps on 32x32
+    # patches teach the model the shapes' edges, not a clean background: every earlier step adds texture. So the
+    # demo starts from the encoded upscale at the last step, unguided: 1 UNet call per video instead of 20.
+    "sample": {"steps": 10, "guidance_scale": 1.0, "start_step": 9, "negative_prompt": get_stage("vsr").dropped_text,
                "chunk_frames": 0, "underscore_prompts": False},
 }
 

@@ -39,13 +39,14 @@ class Clock:
 
 
 def accuracy_table(results: Mapping[str, Mapping], targets: Mapping[str, float]) -> str:
-    """The closing table: one row per stage with colour / direction accuracy against their targets."""
-    lines = [f"{'stage':<15}{'colour':>10}{'direction':>12}{'both':>8}   targets: colour >= "
-             f"{targets['color']:.0%}, direction >= {targets['direction']:.0%}"]
+    """The closing table: one row per stage with colour / direction / shape accuracy against their targets."""
+    head = (f"{'stage':<15}{'colour':>10}{'direction':>12}{'both':>8}{'shape':>8}   targets: colour >= "
+            f"{targets['color']:.0%}, direction >= {targets['direction']:.0%}, shape >= {targets['shape']:.0%}")
+    lines = [head]
     for stage, r in results.items():
-        ok = r["color_accuracy"] >= targets["color"] and r["direction_accuracy"] >= targets["direction"]
+        ok = all(r[f"{k}_accuracy"] >= targets[k] for k in ("color", "direction", "shape"))
         lines.append(f"{stage:<15}{r['color_accuracy']:>10.0%}{r['direction_accuracy']:>12.0%}"
-                     f"{r['both_accuracy']:>8.0%}   {'met' if ok else 'NOT met'}")
+                     f"{r['both_accuracy']:>8.0%}{r['shape_accuracy']:>8.0%}   {'met' if ok else 'NOT met'}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Does a generated video show what its prompt says? Colour and direction of the foreground, from pixels alone.
+"""Does a generated video show what its prompt says? Colour, shape and direction of the foreground, from pixels alone.
 
 The demo's prompts are `moving_shapes` captions ("a red circle moving left"), so a video can be checked against its
 prompt without any learned model:
@@ -11,7 +11,11 @@ prompt without any learned model:
   with the background's, which on small shapes would pull yellow towards orange);
 - direction: the `moving_shapes.DIRECTIONS` entry nearest in angle to the displacement of the foreground centroid
   from the first frame to the last; a displacement under `MIN_MOTION` of the frame size, or a frame without
-  foreground, is 'none' (counted wrong).
+  foreground, is 'none' (counted wrong);
+- shape: per frame, the largest 4-connected piece of the foreground and its bounding box; the median over frames of
+  its fill (area / box area: square 1, circle pi / 4, triangle 1 / 2) and of its taper (mean width of the box's top
+  quarter of rows / bottom quarter: the dataset's triangles point up, ~0.2; circles and squares ~1). A taper under
+  `TRIANGLE_TAPER` is a triangle, else a fill over `SQUARE_FILL` a square, else a circle; no foreground is 'none'.
 
 On the dataset's own videos this is exact (tests/demo/test_evaluate.py), so the accuracies measure the models.
 
@@ -35,6 +39,10 @@ CORE = 0.8
 MIN_MOTION = 0.05  # centroid travel below this fraction of min(H, W) is 'no motion' (the data travels >= 0.3)
 NONE = "none"
 START_DISTANCE = 0.1  # of min(H, W): the given frame's shape spans 0.32 of it (moving_shapes' radius 0.16)
+# measured on the dataset's videos (32x32 and 128x128): triangle taper <= 0.33, circle/square >= 0.58; square fill
+# >= 0.96, circle fill <= 0.88 (pi / 4 plus anti-aliasing at the 32x32 edge)
+TRIANGLE_TAPER = 0.45
+SQUARE_FILL = 0.92
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +75,12 @@ def caption(color: str, shape: str, direction: str) -> str:
 class Prediction:
     color: str  # a COLORS name, or 'none' without foreground
     direction: str  # a DIRECTIONS name, or 'none'
+    shape: str  # a SHAPES name, or 'none' without foreground
     mean_color: tuple[float, float, float] | None  # mean foreground RGB
     displacement: tuple[float, float] | None  # centroid (dx, dy) first -> last frame, pixels (y down)
     foreground: float  # mean fraction of foreground pixels per frame
+    fill: float | None = None  # median over frames of the largest piece's area / its bounding box's
+    taper: float | None = None  # median over frames of its top-quarter width / bottom-quarter width
 
 
 def background(video: np.ndarray) -> np.ndarray:
@@ -104,6 +115,56 @@ def nearest_direction(dx: float, dy: float) -> str:
     return names[int(np.argmax(units @ np.array([dx, dy], np.float32)))]
 
 
+def largest_piece(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected piece of each frame's mask: bool `[F, H, W]` -> bool `[F, H, W]` (each piece's label
+    is the largest pixel index in it, spread over neighbours until it settles; numpy only)."""
+    out = np.zeros_like(mask)
+    if not mask.any():
+        return out
+    (y0, x0), (y1, x1) = np.argwhere(mask.any(axis=0)).min(0), np.argwhere(mask.any(axis=0)).max(0) + 1
+    mask = mask[:, y0:y1, x0:x1]  # the foreground's box over all frames: fewer pixels to spread labels over
+    f, h, w = mask.shape
+    ids = np.where(mask, np.arange(h * w, dtype=np.int64).reshape(1, h, w) + 1, 0)
+    while True:
+        grown = ids.copy()
+        grown[:, 1:] = np.maximum(grown[:, 1:], ids[:, :-1])
+        grown[:, :-1] = np.maximum(grown[:, :-1], ids[:, 1:])
+        grown[:, :, 1:] = np.maximum(grown[:, :, 1:], ids[:, :, :-1])
+        grown[:, :, :-1] = np.maximum(grown[:, :, :-1], ids[:, :, 1:])
+        grown = np.where(mask, grown, 0)
+        # pointer jumping: a label is the index + 1 of a pixel of the same piece, whose own label is at least as
+        # large; taking that pixel's label spreads the maximum in O(log size) rounds instead of O(diameter)
+        flat = grown.reshape(f, -1)
+        for _ in range(2):
+            flat = np.where(flat > 0, np.take_along_axis(flat, np.maximum(flat - 1, 0), axis=1), 0)
+        grown = flat.reshape(f, h, w)
+        if np.array_equal(grown, ids):
+            break
+        ids = grown
+    for i in range(f):
+        labels, counts = np.unique(ids[i][ids[i] > 0], return_counts=True)
+        if len(labels):
+            out[i, y0:y1, x0:x1] = ids[i] == labels[np.argmax(counts)]
+    return out
+
+
+def shape_features(mask: np.ndarray) -> tuple[float, float] | None:
+    """(fill, taper) of one frame's piece `[H, W]` (module docstring); None under 4 pixels."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) < 4:
+        return None
+    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    rows = box.sum(axis=1)
+    quarter = max(1, len(rows) // 4)
+    return len(ys) / box.size, float(rows[:quarter].mean() / max(rows[-quarter:].mean(), 1e-6))
+
+
+def classify_shape(fill: float, taper: float) -> str:
+    if taper < TRIANGLE_TAPER:
+        return "triangle"
+    return "square" if fill > SQUARE_FILL else "circle"
+
+
 def predict(video: np.ndarray) -> Prediction:
     """Colour and direction of the foreground of one uint8 video `[F, H, W, 3]` (module docstring)."""
     video = np.asarray(video)
@@ -113,7 +174,7 @@ def predict(video: np.ndarray) -> Prediction:
     mask = distance > FOREGROUND_DISTANCE
     fraction = float(mask.mean())
     if not mask.any():
-        return Prediction(NONE, NONE, None, None, fraction)
+        return Prediction(NONE, NONE, NONE, None, None, fraction)
     core = distance >= max(FOREGROUND_DISTANCE, CORE * float(np.percentile(distance[mask], 95)))
     mean = video[core].astype(np.float64).mean(axis=0)
     color = nearest_color(mean)
@@ -127,27 +188,37 @@ def predict(video: np.ndarray) -> Prediction:
         displacement = (dx, dy)
         if np.hypot(dx, dy) >= MIN_MOTION * min(video.shape[1:3]):
             direction = nearest_direction(dx, dy)
-    return Prediction(color, direction, tuple(float(c) for c in mean), displacement, fraction)
+    features = [f for f in map(shape_features, largest_piece(mask)) if f is not None]
+    shape, fill, taper = NONE, None, None
+    if features:
+        fill, taper = (float(np.median([f[k] for f in features])) for k in (0, 1))
+        shape = classify_shape(fill, taper)
+    return Prediction(color, direction, shape, tuple(float(c) for c in mean), displacement, fraction, fill, taper)
 
 
 def score(prompts: Sequence[str], videos: Sequence[np.ndarray]) -> dict:
-    """Per-prompt predictions and the colour / direction accuracy of `videos` against their `prompts`.
+    """Per-prompt predictions and the colour / direction / shape accuracy of `videos` against their `prompts`.
 
-    Returns {'color_accuracy', 'direction_accuracy', 'both_accuracy', 'per_prompt': [{prompt, color, direction,
-    color_ok, direction_ok, mean_color, displacement, foreground}]}."""
+    Returns {'color_accuracy', 'direction_accuracy', 'shape_accuracy', 'both_accuracy' (colour and direction),
+    'per_prompt': [{prompt, color, direction, shape, color_ok, direction_ok, shape_ok, mean_color, displacement,
+    foreground, fill, taper}]}."""
     if len(prompts) != len(videos):
         raise ValueError(f"{len(prompts)} prompts but {len(videos)} videos")
     rows = []
     for prompt, video in zip(prompts, videos):
         want, got = parse_prompt(prompt), predict(video)
-        rows.append({"prompt": prompt, "color": got.color, "direction": got.direction,
+        rows.append({"prompt": prompt, "color": got.color, "direction": got.direction, "shape": got.shape,
                      "color_ok": got.color == want.color, "direction_ok": got.direction == want.direction,
+                     "shape_ok": got.shape == want.shape,
                      "mean_color": None if got.mean_color is None else [round(c, 1) for c in got.mean_color],
                      "displacement": None if got.displacement is None else [round(d, 2) for d in got.displacement],
-                     "foreground": round(got.foreground, 4)})
+                     "foreground": round(got.foreground, 4),
+                     "fill": None if got.fill is None else round(got.fill, 3),
+                     "taper": None if got.taper is None else round(got.taper, 2)})
     n = max(len(rows), 1)
     return {"color_accuracy": sum(r["color_ok"] for r in rows) / n,
             "direction_accuracy": sum(r["direction_ok"] for r in rows) / n,
+            "shape_accuracy": sum(r["shape_ok"] for r in rows) / n,
             "both_accuracy": sum(r["color_ok"] and r["direction_ok"] for r in rows) / n,
             "per_prompt": rows}
 

@@ -16,6 +16,7 @@ not numbers comparable with papers (docs/evaluation.md). Writes DIR/fvd.json and
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from lavie_jax.data.moving_shapes import make_video
+from lavie_jax.demo.fidelity import bicubic
 
 PROTOCOL = "fvd_tf"
 NUM_REAL = 16
@@ -62,16 +64,20 @@ def measure(results: Sequence[Any], sources: Mapping[str, Mapping[str, Any]], ru
     cascade, real_stats = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 16 videos per set by design (module docstring)
-        for result in results:
-            frames = np.asarray(result.frames)
+        videos = [(r.stage, np.asarray(r.frames)) for r in results]
+        for given, result in itertools.pairwise(results):  # the plain upscale of a stage's input, at its size
+            size = tuple(np.asarray(result.frames).shape[2:4])
+            if size != tuple(np.asarray(given.frames).shape[2:4]):
+                videos.append((f"{result.stage} input, bicubic", np.stack([bicubic(v, size) for v in given.frames])))
+        for stage, frames in videos:
             size = tuple(frames.shape[2:4])
             if frames.shape[1] < MIN_FRAMES or size not in by_size:
                 continue
             spec = by_size[size]
             if size not in real_stats:
                 real_stats[size] = stats(held_out_clips(spec, NUM_REAL)[:, :frames.shape[1]], "held-out")
-            cascade[result.stage] = {"fvd": fvd(real_stats[size], stats(frames, result.stage)),
-                                     "videos": int(frames.shape[0]), "shape": list(frames.shape[1:4])}
+            cascade[stage] = {"fvd": fvd(real_stats[size], stats(frames, stage)),
+                              "videos": int(frames.shape[0]), "shape": list(frames.shape[1:4])}
         floor = {}
         for size, spec in by_size.items():
             if size in real_stats:

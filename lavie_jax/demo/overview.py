@@ -2,8 +2,8 @@
 
 Every frame is drawn in a CELL x CELL square: the 32x32 base and interpolation frames enlarged with nearest
 neighbours (their real pixels), the 128x128 VSR frames as they are. Under each group, the evaluator's verdict for
-that video: its colour and direction (and for image-to-video, whether it starts from the given frame), each in green
-(ok) or red (wrong).
+that video: its colour, shape and direction (and for image-to-video, whether it starts from the given frame), each
+marked ok or wrong.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def render(prompts: Sequence[str], videos: Mapping[str, np.ndarray], scores: Map
                 image.paste(_cell(video[k]), (lefts[s] + j * CELL, y0))
             if scores:
                 row = scores[stage]["per_prompt"][i]
-                keys = [k for k in ("color", "direction", "start") if f"{k}_ok" in row]  # the checks this row has
+                keys = [k for k in ("color", "shape", "direction", "start") if f"{k}_ok" in row]  # its checks
                 for j, key in enumerate(keys):
                     ok = row[f"{key}_ok"]
                     text = f"{row[key]} {'ok' if ok else 'wrong'}" if key != "start" else f"start {row[key]}"

@@ -89,6 +89,23 @@ def initial_latents(seed_ids: jax.Array, row_ids: jax.Array, *, spec: SamplerSpe
     return noise * spec.init_noise_sigma
 
 
+@program(static_argnames=("graphdef", "chunk", "stage", "vae_factor", "settings"))
+def input_latents(state: nnx.State, frames: jax.Array, signal: jax.Array, noise_scale: jax.Array,
+                  seed_ids: jax.Array, row_ids: jax.Array, *, graphdef: nnx.GraphDef, chunk: int, stage: Stage,
+                  vae_factor: int, settings: tuple) -> jax.Array:
+    """The sample before step `Stage.start_step` of N rows: `signal * z + noise_scale * eps`, z the stage's
+    `input_latents` of the uint8 input frames `[N, F, H, W, 3]` (posterior means), eps the row's initial-noise
+    normals; `signal` / `noise_scale` are the sampler's sqrt(alpha_bar) / sqrt(1 - alpha_bar) at that step."""
+    vae = nnx.merge(graphdef, state)
+
+    def encode(videos: jax.Array) -> jax.Array:
+        return jax.vmap(lambda v: vae.encode(v, frame_chunk=chunk).mean * vae.scaling_factor)(videos)
+
+    z = stage.input_latents(frames, encode, vae_factor, settings)
+    eps = row_normal(row_keys(seed_ids, row_ids), (LATENT_STREAM,), z.shape[1:])
+    return signal * z + noise_scale * eps
+
+
 @program(static_argnames=("graphdef", "spec", "stage", "cond_first", "num_steps"))
 def denoise_steps(state: nnx.State, tables: dict, x: jax.Array, start: jax.Array, text: jax.Array,
                   seed_ids: jax.Array, row_ids: jax.Array, cond: jax.Array | None, labels: jax.Array | None,

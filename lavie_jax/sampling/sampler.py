@@ -165,7 +165,8 @@ class StageSampler:
         req = self._prepare(prompts, videos, seed, fps, indices)
         latents: dict[_Row, np.ndarray] = {}
         frames: dict[_Row, np.ndarray] = {}
-        with _progress_bar(progress, len(req.batches) * self.sampler.num_steps, self.stage) as bar, \
+        with _progress_bar(progress, len(req.batches) * (self.sampler.num_steps - self._first_step), self.stage
+                           ) as bar, \
                 jax.set_mesh(self.mesh):
             for k, batch in enumerate(req.batches):
                 if bar is not None and len(req.batches) > 1:
@@ -233,28 +234,43 @@ class StageSampler:
         return args, dict(graphdef=self._unet[0], spec=self.sampler.spec, stage=self.spec, cond_first=o.cond_first,
                           latent_shape=tuple(shape))
 
+    @property
+    def _first_step(self) -> int:
+        return self.spec.start_step(self.options)
+
     def _steps_per_call(self) -> int:
-        """The largest divisor of the step count not above `sample.steps_per_call`: one compiled program."""
-        n = self.sampler.num_steps
+        """The largest divisor of the steps to run not above `sample.steps_per_call`: one compiled program."""
+        n = self.sampler.num_steps - self._first_step
         return max(d for d in range(1, min(self.options.steps_per_call, n) + 1) if n % d == 0)
 
     def _loop_inputs(self, batch: list[_Row], req: _Request) -> tuple[tuple, dict]:
         args, kwargs = self._batch_inputs(batch, req)
         state, tables, *rest = args
         seed_ids, row_ids = rest[1], rest[2]
-        x = programs.initial_latents(seed_ids, row_ids, spec=kwargs["spec"], latent_shape=kwargs.pop("latent_shape"),
-                                     stage=self.spec, settings=self.spec.noise_settings(self.options))
-        return (state, tables, x, np.int32(0), *rest), dict(kwargs, num_steps=self._steps_per_call())
+        shape = kwargs.pop("latent_shape")
+        first = self._first_step
+        if first:  # from the input, noised to step `first`'s level (Stage.start_step)
+            rows = batch + [batch[-1]] * (-len(batch) % self.batch_devices)
+            frames = self._put_rows(np.stack([req.videos[r.prompt][r.start:r.stop] for r in rows]))
+            t = self.sampler.tables
+            x = programs.input_latents(self._vae[1], frames, np.float32(t["sa"][first]), np.float32(t["sb"][first]),
+                                       seed_ids, row_ids, graphdef=self._vae[0], chunk=self.options.decode_chunk,
+                                       stage=self.spec, vae_factor=self.vae_factor,
+                                       settings=self.spec.condition_settings(self.options))
+        else:
+            x = programs.initial_latents(seed_ids, row_ids, spec=kwargs["spec"], latent_shape=shape,
+                                         stage=self.spec, settings=self.spec.noise_settings(self.options))
+        return (state, tables, x, np.int32(first), *rest), dict(kwargs, num_steps=self._steps_per_call())
 
     def run_loop(self, args: tuple, kwargs: dict, bar=None) -> jax.Array:
         """Every denoising step of a batch, `kwargs['num_steps']` per compiled call from the `denoise_steps`
         arguments `args` (step 0's); returns the final latents, on the mesh. One call is kept in flight: the host
         waits for the call before the last one it dispatched, so the device never idles between calls and an
         interrupt (KeyboardInterrupt, SIGTERM handlers) takes effect within two calls."""
-        state, tables, x, _, *rest = args
+        state, tables, x, first, *rest = args
         per = kwargs["num_steps"]
         previous = None
-        for start in range(0, self.sampler.num_steps, per):
+        for start in range(int(first), self.sampler.num_steps, per):
             x = programs.denoise_steps(state, tables, x, np.int32(start), *rest, **kwargs)
             if previous is not None:
                 previous.block_until_ready()

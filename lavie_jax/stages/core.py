@@ -213,6 +213,17 @@ class Stage:
         (how, not what, it computes; e.g. the base stage's FreeNoise temporal windows). Default: none."""
         return {}
 
+    def start_step(self, options: Any) -> int:
+        """The denoising step sampling starts at: 0 from pure noise (every official stage); > 0 from
+        `input_latents` of the input video, noised to that step's level (the VSR stage's `sample.start_step`)."""
+        return 0
+
+    def input_latents(self, frames: jax.Array, encode, vae_factor: int, settings: tuple) -> jax.Array:
+        """The clean latents a run that starts past step 0 is noised from, for uint8 input frames `[N, F, H, W, 3]`
+        (`encode`: frames in [-1, 1] -> scaled latents; `settings`: `condition_settings(options)`). Only stages
+        whose `start_step` can be > 0 have them."""
+        raise NotImplementedError(f"the {self.name} stage always samples from noise")
+
     def noise_settings(self, options: Any) -> tuple:
         """The hashable settings `initial_noise` needs (a static argument of its compiled program)."""
         return ()

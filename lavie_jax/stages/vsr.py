@@ -4,6 +4,11 @@ Input channels: 4 latents + 3 low-res RGB frames at latent size, noise-augmented
 drawn from [0, `noise_level_max`) in training) that is also the UNet's class label; OpenCLIP-H text (77 x 1024).
 Sampling upscales a video in chunks of `sample.chunk_frames` frames (8), each a fresh run as in the official code;
 training takes random `patch_size`^2 high-res patches and their degraded low-res versions.
+
+`sample.start_step` (0, official: every step from pure noise) > 0 skips the first steps: the loop starts from the
+input upscaled (bicubic) to the output size, VAE-encoded (posterior mean) and noised to that step's level, so a
+model too weak to rebuild the frame from noise only sharpens what the input shows (not in the official code; the
+demo's choice, configs/vsr.py).
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class VsrStage(Stage):
     fps_follows_input = True  # sample.fps = 0 writes at the input video's rate
     sample_fields = {"chunk_frames": 0,  # frames per independent run (0: the whole video)
                      "noise_level": 0,  # low-res noise augmentation level and class label
+                     "start_step": 0,  # > 0: start at this step from the noised, encoded bicubic upscale
                      "low_res_beta_schedule": "scaled_linear", "low_res_beta_start": 1e-4, "low_res_beta_end": 0.02}
 
     @staticmethod
@@ -94,6 +100,11 @@ class VsrStage(Stage):
             self.coefficients(options)
         except ValueError as e:
             fail("low_res_beta_schedule", str(e))
+        if not isinstance(options.start_step, int) or not 0 <= options.start_step < options.steps:
+            fail("start_step", f"expected 0 (from noise) .. steps - 1 = {options.steps - 1}, got {options.start_step!r}")
+        if options.start_step and options.sampler not in ("ddim", "ddpm"):
+            fail("start_step", f"starting from the input needs the 'ddim' or 'ddpm' sampler (their noise levels per "
+                               f"step), not {options.sampler!r}; or set start_step=0")
 
     def check_request(self, options: Any, videos: list[np.ndarray], fps: float | None, vae_factor: int) -> None:
         check_videos(self, videos, "shape")
@@ -103,6 +114,17 @@ class VsrStage(Stage):
 
     def chunk_frames(self, options: Any) -> int:
         return options.chunk_frames
+
+    def start_step(self, options: Any) -> int:
+        return options.start_step
+
+    def input_latents(self, frames: jax.Array, encode, vae_factor: int, settings: tuple) -> jax.Array:
+        """uint8 input frames `[N, F, h, w, 3]` -> latents of their bicubic upscale to the output size
+        `[N, F, h, w, 4]` (`encode`: frames in [-1, 1] at the output size -> scaled latents)."""
+        x = pixels_to_unit(frames)
+        n, f, h, w, c = x.shape
+        up = jax.image.resize(x, (n, f, h * vae_factor, w * vae_factor, c), "cubic")
+        return encode(jnp.clip(up, -1.0, 1.0))
 
     def output_shape(self, options: Any, input_shape: Sequence[int] | None, vae_factor: int):
         return input_shape[0], input_shape[1] * vae_factor, input_shape[2] * vae_factor

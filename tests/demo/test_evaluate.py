@@ -1,4 +1,5 @@
-"""The demo's pixel evaluator scores the dataset's own videos perfectly, and tells wrong colours and motions apart."""
+"""The demo's pixel evaluator scores the dataset's own videos perfectly, and tells wrong colours, shapes and motions
+apart."""
 
 import numpy as np
 import pytest
@@ -15,9 +16,10 @@ def test_ground_truth_videos_score_100_percent(size, frames):
         prompts.append(params.caption)
         videos.append(video)
     result = evaluate.score(prompts, videos)
-    bad = [r for r in result["per_prompt"] if not (r["color_ok"] and r["direction_ok"])]
+    bad = [r for r in result["per_prompt"] if not (r["color_ok"] and r["direction_ok"] and r["shape_ok"])]
     assert not bad
     assert result["color_accuracy"] == result["direction_accuracy"] == result["both_accuracy"] == 1.0
+    assert result["shape_accuracy"] == 1.0
 
 
 def test_every_colour_and_direction_is_recognised():
@@ -32,6 +34,28 @@ def test_every_colour_and_direction_is_recognised():
             assert (got.color, got.direction) == (color, direction)
 
 
+def test_every_shape_is_recognised_and_a_blob_is_no_square():
+    for shape in moving_shapes.SHAPES:
+        for radius in (3.9, 6.4):  # the dataset's smallest and largest at 32x32
+            params = moving_shapes.ShapeVideo(shape, "red", "right", radius, (10.0, 16.0), (2.0, 0.0), (30, 30, 30))
+            assert evaluate.predict(moving_shapes.render(params, 4, 32, 32)).shape == shape
+    square = moving_shapes.render(moving_shapes.ShapeVideo("square", "red", "right", 6.0, (10.0, 16.0), (2.0, 0.0),
+                                                           (30, 30, 30)), 4, 32, 32)
+    rounded = square.copy()  # a square with its corners cut off (3 pixels each) is not a square
+    for frame, mask in zip(rounded, evaluate.foreground_mask(square)):
+        (y0, x0), (y1, x1) = np.argwhere(mask).min(0), np.argwhere(mask).max(0)
+        for y, x in ((y0, x0), (y0, x1), (y1, x0), (y1, x1)):
+            dy, dx = (1 if y == y0 else -1), (1 if x == x0 else -1)
+            frame[[y, y + dy, y], [x, x, x + dx]] = 30
+    assert evaluate.predict(rounded).shape != "square"
+    speck = square.copy()
+    speck[:, 0, 0] = moving_shapes.COLORS["red"]  # a stray pixel: the largest piece still decides
+    assert evaluate.predict(speck).shape == "square"
+    flipped = moving_shapes.render(moving_shapes.ShapeVideo("triangle", "red", "right", 6.0, (10.0, 16.0),
+                                                            (2.0, 0.0), (30, 30, 30)), 4, 32, 32)[:, ::-1]
+    assert evaluate.predict(flipped).shape != "triangle"  # the dataset's triangles point up
+
+
 def test_wrong_videos_are_caught():
     video, params = moving_shapes.make_video(0, "train", 3, 8, 32, 32)
     still = np.repeat(video[:1], 8, axis=0)  # no motion
@@ -39,7 +63,7 @@ def test_wrong_videos_are_caught():
     assert evaluate.predict(video[::-1]).direction != params.direction  # reversed motion
     blank = np.full_like(video, 30)
     got = evaluate.predict(blank)
-    assert (got.color, got.direction) == (evaluate.NONE, evaluate.NONE)
+    assert (got.color, got.direction, got.shape) == (evaluate.NONE, evaluate.NONE, evaluate.NONE)
     result = evaluate.score([params.caption, params.caption], [video, still])
     assert result["color_accuracy"] == 1.0 and result["direction_accuracy"] == 0.5
 

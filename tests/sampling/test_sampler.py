@@ -137,6 +137,25 @@ def test_vsr_chunks_are_independent_runs(pipelines, mesh1):
     assert sampler.num_batches(2, 6) == 2 and sampler.num_batches(2, 7) == 3  # chunks 3 + 3 + 1: 4 rows + 2 rows
 
 
+def test_vsr_start_step_starts_from_the_noised_encoded_upscale(pipelines, mesh1):
+    """`sample.start_step` s: the loop starts at step s from sqrt(abar_s) * E(bicubic upscale) + sqrt(1 - abar_s) *
+    the noise a run from step 0 starts from (E: the VAE's posterior mean, scaled), and runs only steps s.."""
+    lr = [video(3, HEIGHT, WIDTH, seed=3)]
+    plain = StageSampler(tiny_config("vsr"), pipelines["vsr"], mesh1)
+    late = StageSampler(tiny_config("vsr", start_step=STEPS - 1), pipelines["vsr"], mesh1)
+    noise = plain.denoise_inputs(PROMPTS[:1], lr, seed=10, fps=24)[0][2]
+    args, kwargs = late.denoise_inputs(PROMPTS[:1], lr, seed=10, fps=24)
+    assert int(args[3]) == STEPS - 1 and kwargs["num_steps"] == 1
+    vae = pipelines["vsr"].vae
+    up = jax.image.resize(lr[0].astype(np.float32) / 127.5 - 1, (3, 4 * HEIGHT, 4 * WIDTH, 3), "cubic")
+    z = np.asarray(vae.encode(np.clip(up, -1, 1)[None], frame_chunk=None).mean) * vae.scaling_factor
+    table = late.sampler.tables
+    want = table["sa"][STEPS - 1] * z + table["sb"][STEPS - 1] * np.asarray(noise)[:1]
+    assert rel_err(np.asarray(args[2])[:1], want) <= 1e-5
+    out = late.sample(PROMPTS[:1], lr, seed=10, fps=24)
+    assert out.frames.shape == (1, 3, 4 * HEIGHT, 4 * WIDTH, 3) and np.isfinite(out.latents).all()
+
+
 def test_bad_requests_fail_before_compute(pipelines, mesh1, base):
     vsr = StageSampler(tiny_config("vsr", fps=0), pipelines["vsr"], mesh1)
     interp = StageSampler(tiny_config("interpolation", num_frames=61), pipelines["interpolation"], mesh1)
