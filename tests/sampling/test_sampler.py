@@ -74,7 +74,8 @@ def test_guidance_rows_and_direction(pipelines, mesh1, base):
 INVARIANCE_INPUTS = {  # stage -> (input videos, fps) of a 3-prompt request
     "base": (None, None),
     "interpolation": ([video(3, 12, 20, seed=i) for i in range(3)], None),
-    "vsr": ([video(4, HEIGHT, WIDTH, seed=i) for i in range(3)], 8),  # chunks of 3 + 1 frames
+    "vsr": ([video(3, HEIGHT, WIDTH, seed=i) for i in range(3)], 8),  # one chunk of 3 frames each (a remainder
+    # chunk is another program, one more compile per mesh: test_vsr_chunks_are_independent_runs has chunking)
 }
 
 
@@ -84,7 +85,7 @@ INVARIANCE_INPUTS = {  # stage -> (input videos, fps) of a 3-prompt request
                          ids=["base-data8", "base-data2-fsdp4", "interpolation-data2-fsdp4", "vsr-data8"])
 def test_device_count_invariance(pipelines, mesh1, stage, shape):
     """Same seed -> same videos on 1 and 8 devices, params replicated (data 8) or FSDP-sharded (fsdp 4);
-    3 prompts: 2 + 1 padded rows on 1 device, 8 rows on 8 (VSR: 6 rows of 3-frame chunks, 3 of 1 frame)."""
+    3 prompts: 2 + 1 padded rows on 1 device, 8 rows on 8 (VSR: 3 rows of 3-frame chunks)."""
     mesh = make_mesh(shape)
     assert len(mesh.devices.flat) == 8
     one = StageSampler(tiny_config(stage), pipelines[stage], mesh1)
