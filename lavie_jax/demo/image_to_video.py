@@ -60,17 +60,12 @@ def train_i2v(demo: Any) -> bool:
     """Train DIR/runs/i2v from DIR/runs/base unless finished (a finished run must have this config); True when it
     was found finished."""
     from lavie_jax.demo.console import say
-    from lavie_jax.demo.main import _check_unchanged, _rel
-    from lavie_jax.io import workdir as workdirs
+    from lavie_jax.demo.main import _rel, finished_run
     from lavie_jax.train.loop import train
 
     run, config = demo.runs / "i2v", demo.config("i2v")
-    latest = None
-    if workdirs.is_workdir(run):
-        with workdirs.TrainCheckpointer(run, save_every=0, read_only=True) as ckpt:
-            latest = ckpt.latest_step()
-    if latest is not None and latest >= config.train.num_steps:
-        _check_unchanged(run, config)
+    latest = finished_run(run, config)
+    if latest is not None:
         say(f"found {_rel(run)} at step {latest}")
         return True
     t = config.train

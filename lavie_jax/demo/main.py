@@ -188,7 +188,6 @@ class Demo:
         """`lavie-train` for every stage whose run is not finished, up to `jobs` processes at a time. The stages
         train on the dataset, not on each other's outputs, so they are independent; one run keeps about 1.6 of 2
         cores busy (small kernels), so three at once finish sooner than one after another."""
-        from lavie_jax.io import workdir as workdirs
         from lavie_jax.demo.console import say
         from lavie_jax.demo.parallel_runs import Run, run_all
 
@@ -196,12 +195,8 @@ class Demo:
         configs = {stage: self.config(stage) for stage in STAGES}
         for stage, config in configs.items():
             workdir = self.runs / stage
-            latest = None
-            if workdirs.is_workdir(workdir):
-                with workdirs.TrainCheckpointer(workdir, save_every=0, read_only=True) as ckpt:
-                    latest = ckpt.latest_step()
-            if latest is not None and latest >= config.train.num_steps:
-                _check_unchanged(workdir, config)
+            latest = finished_run(workdir, config)
+            if latest is not None:
                 say(f"{stage}: found {_rel(workdir)} at step {latest}")
                 continue
             argv = ["lavie-train", "--config", self.config_arg(stage), "--workdir", _rel(workdir),
@@ -305,6 +300,21 @@ class Demo:
 
 class DemoError(RuntimeError):
     """Something on disk the demo will not use or replace by itself; the message says what to do."""
+
+
+def finished_run(workdir: Path, config) -> int | None:
+    """The latest step of the finished run in `workdir`, which must have been trained with `config` (DemoError
+    otherwise); None when there is no run or it has not reached `train.num_steps`."""
+    from lavie_jax.io import workdir as workdirs
+
+    if not workdirs.is_workdir(workdir):
+        return None
+    with workdirs.TrainCheckpointer(workdir, save_every=0, read_only=True) as ckpt:
+        latest = ckpt.latest_step()
+    if latest is None or latest < config.train.num_steps:
+        return None
+    _check_unchanged(workdir, config)
+    return latest
 
 
 def _check_unchanged(workdir: Path, config) -> None:

@@ -166,9 +166,8 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
     from lavie_jax.cli.config_flags import load_config
     from lavie_jax.convert.lora_files import export_run_adapter
     from lavie_jax.demo.console import say
-    from lavie_jax.demo.main import PROMPTS, _check_unchanged, _rel
+    from lavie_jax.demo.main import PROMPTS, _rel, finished_run
     from lavie_jax.io import store
-    from lavie_jax.io import workdir as workdirs
     from lavie_jax.sampling.cli import run as lavie_sample
     from lavie_jax.train.loop import train
 
@@ -187,11 +186,8 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
                  ("train.checkpoint_every", str(TRAIN["train.num_steps"])), ("train.keep", "1")]
     config = load_config(demo.config_arg("base"), overrides)
     with demo.clock.phase("personalise", f"a LoRA teaching the base '{TOKEN}' = violet from {CLIPS} clips"):
-        latest = None
-        if workdirs.is_workdir(lora_run):
-            with workdirs.TrainCheckpointer(lora_run, save_every=0, read_only=True) as ckpt:
-                latest = ckpt.latest_step()
-        if latest is None or latest < config.train.num_steps:
+        latest = finished_run(lora_run, config)  # a run of an older config is not reused silently
+        if latest is None:
             captions = make_instance_clips(root / "instance", frames, d.height)
             if PRIOR == "samples":
                 make_prior_clips(demo.out / "base", root / "prior", list(PROMPTS), d.frame_stride)
@@ -207,8 +203,7 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
             (lora_run / RECIPE_FILE).write_text(json.dumps(recipe(), indent=1) + "\n")
             say(f"trained {_rel(lora_run)}: step {result.step}, loss {result.metrics.get('loss', float('nan')):.4f}")
         else:
-            _check_unchanged(lora_run, config)  # a run of an older recipe is not reused silently
-            check_recipe(lora_run)
+            check_recipe(lora_run)  # nor one of an older recipe
             say(f"found {_rel(lora_run)} at step {latest}")
         adapter = root / f"{TOKEN}.safetensors"
         info = export_run_adapter(store.open_source(str(lora_run)), adapter, ema=False, overwrite=True)
@@ -234,7 +229,8 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
         "token": TOKEN, "new_color": list(NEW_COLOR), "clips": CLIPS, "rules": [list(r) for r in RULES],
         "train": TRAIN, "prior": PRIOR, "prior_weight": PRIOR_WEIGHT, "adapter_file": _rel(adapter),
         "adapter_bytes": info["bytes"], "new_prompts": new, "new_prompts_without_adapter": new_before,
-        "old_prompts_before": was, "old_prompts_after": {k: old[f"{k}_accuracy"] for k in ("color", "direction", "both")},
+        "old_prompts_before": was,
+        "old_prompts_after": {k: old[f"{k}_accuracy"] for k in ("color", "direction", "both")},
         "old_prompts_broken": broken, "old_per_prompt_after": old["per_prompt"],
         "seconds": round(demo.clock.phases["personalise"], 1),
     }

@@ -107,12 +107,21 @@ def _trusted(value: Any) -> bool:
     return type(value).__module__.split(".")[0] in _TRUSTED_ROOTS
 
 
+_TEXTS: dict[int, tuple[Any, str | None]] = {}  # id -> (static value, its text): the value is kept, so its id stays
+
+
 def _static_text(value: Any) -> str | None:
-    """A stable text of a static argument, or None if it has none (see the module docstring)."""
+    """A stable text of a static argument, or None if it has none (see the module docstring). Computed once per
+    object: a model's graph definition is one static argument of several programs, and its repr takes ~20 ms."""
+    known = _TEXTS.get(id(value))
+    if known is not None and known[0] is value:
+        return known[1]
     if not _trusted(value):
         return None
     text = f"{type(value).__module__}.{type(value).__qualname__}={value!r}"
-    return None if " at 0x" in text else text
+    text = None if " at 0x" in text else text
+    _TEXTS[id(value)] = (value, text)
+    return text
 
 
 def _leaf_key(leaf: Any) -> tuple:
