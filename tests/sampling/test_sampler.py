@@ -59,7 +59,8 @@ def test_guidance_rows_and_direction(pipelines, mesh1, base):
 
     def call(rows):
         return np.asarray(programs.guided_model_call(state, x, t, rows, None, None, guidance,
-                                                     graphdef=kwargs["graphdef"], stage=get_stage("base"), cond_first=False))
+                                                     graphdef=kwargs["graphdef"], stage=get_stage("base"),
+                                                     cond_first=False))
 
     cond, uncond = call(text[:, 1:]), call(text[:, :1])  # one row each: the plain UNet output
     assert rel_err(call(text), uncond + float(guidance) * (cond - uncond)) <= 1e-5
@@ -75,7 +76,7 @@ INVARIANCE_INPUTS = {  # stage -> (input videos, fps) of a 3-prompt request
     "base": (None, None),
     "interpolation": ([video(3, 12, 20, seed=i) for i in range(3)], None),
     "vsr": ([video(3, HEIGHT, WIDTH, seed=i) for i in range(3)], 8),  # one chunk of 3 frames each (a remainder
-    # chunk is another program, one more compile per mesh: test_vsr_chunks_are_independent_runs has chunking)
+    # chunk is another program, one more compile per mesh: test_vsr_chunks_are_independent_runs has one)
 }
 
 
@@ -127,14 +128,15 @@ def test_interpolation_index():
 
 def test_vsr_chunks_are_independent_runs(pipelines, mesh1):
     sampler = StageSampler(tiny_config("vsr"), pipelines["vsr"], mesh1)
-    lr = [video(6, HEIGHT, WIDTH, seed=3), video(6, HEIGHT, WIDTH, seed=4)]  # 2 chunks of 3 frames each
+    lr = [video(7, HEIGHT, WIDTH, seed=3), video(7, HEIGHT, WIDTH, seed=4)]  # chunks of 3 + 3 + 1 frames each
     out = sampler.sample(PROMPTS[:2], lr, seed=10, fps=24)
-    assert out.frames.shape == (2, 6, 4 * HEIGHT, 4 * WIDTH, 3) and out.latents.shape == (2, 6, HEIGHT, WIDTH, 4)
+    assert out.frames.shape == (2, 7, 4 * HEIGHT, 4 * WIDTH, 3) and out.latents.shape == (2, 7, HEIGHT, WIDTH, 4)
+    assert np.isfinite(out.latents).all()  # the 1-frame remainder chunk is a run (and a program) of its own
     assert out.fps == 24 and out.text_prompts[0] == "a_panda_taking_a_selfie,_2k,_high_quality"
     # chunk 0 of prompt 1 is a full run of its own: its 3 frames alone give the same latents
     head = sampler.sample([PROMPTS[1]], [lr[1][:3]], seed=10, fps=24, indices=[1])
     assert rel_err(head.latents[0], out.latents[1, :3]) <= 1e-5
-    assert rel_err(out.latents[1, 3:], out.latents[1, :3]) > 0.1  # chunks draw different noise
+    assert rel_err(out.latents[1, 3:6], out.latents[1, :3]) > 0.1  # chunks draw different noise
     assert sampler.num_batches(2, 6) == 2 and sampler.num_batches(2, 7) == 3  # chunks 3 + 3 + 1: 4 rows + 2 rows
 
 
