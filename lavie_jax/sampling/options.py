@@ -150,4 +150,5 @@ def _validate(o: SampleOptions, stage: Stage) -> None:
         o.make_sampler()
     except ValueError as e:
         raise SampleConfigError(f"config section sample: {e}") from e
+    stage.check_start_step(o, _fail)
     stage.check_sample(o, _fail)

@@ -215,8 +215,21 @@ class Stage:
 
     def start_step(self, options: Any) -> int:
         """The denoising step sampling starts at: 0 from pure noise (every official stage); > 0 from
-        `input_latents` of the input video, noised to that step's level (the VSR stage's `sample.start_step`)."""
-        return 0
+        `input_latents` of the input video, noised to that step's level, for the stages that declare a
+        `start_step` sample field (interpolation, VSR)."""
+        return options.start_step if "start_step" in self.sample_fields else 0
+
+    def check_start_step(self, options: Any, fail: Callable[[str, str], None]) -> None:
+        """`sample.start_step` of a stage that has the field: a step of the schedule, with a sampler whose noise
+        level per step is known."""
+        if "start_step" not in self.sample_fields:
+            return
+        first = options.start_step
+        if not isinstance(first, int) or not 0 <= first < options.steps:
+            fail("start_step", f"expected 0 (from noise) .. steps - 1 = {options.steps - 1}, got {first!r}")
+        if first and options.sampler not in ("ddim", "ddpm"):
+            fail("start_step", f"starting from the input video needs the 'ddim' or 'ddpm' sampler (their noise levels "
+                               f"per step), not {options.sampler!r}; or set start_step=0")
 
     def input_latents(self, frames: jax.Array, encode, vae_factor: int, settings: tuple) -> jax.Array:
         """The clean latents a run that starts past step 0 is noised from, for uint8 input frames `[N, F, H, W, 3]`

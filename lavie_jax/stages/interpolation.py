@@ -94,11 +94,6 @@ class InterpolationStage(Stage):
         window = options.key_window
         if not isinstance(window, int) or window < 0 or window == 1:
             fail("key_window", f"expected 0 (the whole video in one run) or >= 2 key frames per run, got {window!r}")
-        if not isinstance(options.start_step, int) or not 0 <= options.start_step < options.steps:
-            fail("start_step", f"expected 0 (from noise) .. steps - 1 = {options.steps - 1}, got {options.start_step!r}")
-        if options.start_step and options.sampler not in ("ddim", "ddpm"):
-            fail("start_step", f"starting from the key frames needs the 'ddim' or 'ddpm' sampler (their noise levels "
-                               f"per step), not {options.sampler!r}; or set start_step=0")
         n = options.num_frames
         if not isinstance(n, int) or n < 0:
             fail("num_frames", f"expected >= 0, got {n!r}")
@@ -116,9 +111,6 @@ class InterpolationStage(Stage):
                                f"needs {(options.num_frames + 3) // 4} input frames, got {k}; or set "
                                f"sample.num_frames=0")
         check_size(options.height, options.width, vae_factor)
-
-    def start_step(self, options: Any) -> int:
-        return options.start_step
 
     def input_latents(self, frames: jax.Array, encode, vae_factor: int, settings: tuple) -> jax.Array:
         """Each key frame's latents held over the output positions it conditions (`key_frame_condition`)."""

@@ -100,11 +100,6 @@ class VsrStage(Stage):
             self.coefficients(options)
         except ValueError as e:
             fail("low_res_beta_schedule", str(e))
-        if not isinstance(options.start_step, int) or not 0 <= options.start_step < options.steps:
-            fail("start_step", f"expected 0 (from noise) .. steps - 1 = {options.steps - 1}, got {options.start_step!r}")
-        if options.start_step and options.sampler not in ("ddim", "ddpm"):
-            fail("start_step", f"starting from the input needs the 'ddim' or 'ddpm' sampler (their noise levels per "
-                               f"step), not {options.sampler!r}; or set start_step=0")
 
     def check_request(self, options: Any, videos: list[np.ndarray], fps: float | None, vae_factor: int) -> None:
         check_videos(self, videos, "shape")
@@ -114,9 +109,6 @@ class VsrStage(Stage):
 
     def chunk_frames(self, options: Any) -> int:
         return options.chunk_frames
-
-    def start_step(self, options: Any) -> int:
-        return options.start_step
 
     def input_latents(self, frames: jax.Array, encode, vae_factor: int, settings: tuple) -> jax.Array:
         """uint8 input frames `[N, F, h, w, 3]` -> latents of their bicubic upscale to the output size

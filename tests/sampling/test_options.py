@@ -51,7 +51,7 @@ def test_official_defaults():
     ("vsr", {"noise_level": 1000}, "sample.noise_level"),
     ("vsr", {"low_res_beta_schedule": "cosine"}, "low_res_beta_schedule"),
     ("vsr", {"steps": 10, "start_step": 10}, r"sample.start_step: expected 0 \(from noise\) .. steps - 1 = 9"),
-    ("interpolation", {"start_step": 1}, "sample.start_step: starting from the key frames needs the 'ddim'"),
+    ("interpolation", {"start_step": 1}, "sample.start_step: starting from the input video needs the 'ddim'"),
 ])
 def test_bad_values(stage, overrides, message):
     with pytest.raises(SampleConfigError, match=message):
