@@ -1,6 +1,7 @@
 """Tokenizer (real CLIP BPE from an installed package) against an independent implementation, and encode_prompts."""
 
 import json
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +68,33 @@ def test_truncation_warning_counts_dropped_tokens(reference):
     assert message.startswith(f"prompt 1 is {n_tokens} tokens long")
     assert f"the last {n_tokens - 77} tokens were dropped" in message
     assert ids[1, -1] == EOS and ids[1, 0] == 49406
+
+
+MORE = ["<|endoftext|> inside a prompt", "ÀÉÎ ünïcödé ✨ emoji 🐼 and 中文", "a,b;c  d\n\ne", "don't'll 've 123456"]
+
+
+@pytest.mark.parametrize("flavor", ["sd14", "x4"])
+def test_same_ids_and_files_as_transformers(tmp_path, flavor, monkeypatch):
+    """ClipTokenizer (tokenizers alone) against transformers' CLIPTokenizer: the same rows, decoded text, and each
+    reads the folder the other writes."""
+    transformers = pytest.importorskip("transformers")
+    vocab, merges = text.clip_bpe()
+    ref = transformers.CLIPTokenizer(vocab=vocab, merges=merges, pad_token=text.PAD_TOKENS[flavor],
+                                     model_max_length=77)
+    ours = text.load_tokenizer(flavor=flavor)
+    prompts = PROMPTS + MORE
+    kw = dict(padding="max_length", max_length=77, truncation=True)
+    expected = ref(prompts, **kw)["input_ids"]
+    assert ours(prompts, **kw)["input_ids"] == expected
+    assert ours(prompts, add_special_tokens=False)["input_ids"] == ref(prompts, add_special_tokens=False)["input_ids"]
+    assert [ours.decode(r[1:40]) for r in expected] == [ref.decode(r[1:40]) for r in expected]
+    ours.save_pretrained(tmp_path / "ours")
+    ref.save_pretrained(str(tmp_path / "ref"))
+    from_ours = transformers.CLIPTokenizer.from_pretrained(str(tmp_path / "ours"), local_files_only=True)
+    assert from_ours(prompts, **kw)["input_ids"] == expected
+    monkeypatch.setitem(sys.modules, "transformers", None)  # any import of it now fails: tokens never need it
+    assert text.load_tokenizer(tmp_path / "ref")(prompts, **kw)["input_ids"] == expected
+    assert text.tokenize(text.load_tokenizer(flavor=flavor), prompts[:6]).tolist() == expected[:6]
 
 
 def _write_sd_tokenizer(folder, pad_token: str) -> None:

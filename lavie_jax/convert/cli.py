@@ -149,7 +149,7 @@ def _write_folder_component(directory: Path, kind: str, folder: Path, *, trust_p
 
 
 def _write_tokenizer(directory: Path, folder: Path, flavor: str, report: Reporter) -> str:
-    from lavie_jax.io.text import default_tokenizer, load_tokenizer  # transformers only when needed
+    from lavie_jax.io.text import default_tokenizer, load_tokenizer
 
     if folder.is_dir():
         shutil.copytree(folder, directory)

@@ -34,12 +34,12 @@ from typing import Any
 
 import numpy as np
 from flax import nnx
-from transformers import CLIPTokenizer
 
 from lavie_jax.convert.state_dict import load_state_dict
 from lavie_jax.convert.torch_files import WeightFileError, find_weights, open_weights, read_json
 from lavie_jax.convert.torchscript import is_torchscript, read_torchscript
 from lavie_jax.io.text import default_tokenizer, load_tokenizer
+from lavie_jax.io.tokenizer import ClipTokenizer
 from lavie_jax.models.abstract import abstract_model
 from lavie_jax.models.clip import text_encoder_config_from_dict
 from lavie_jax.models.clip_vision import CLIPConfig, CLIPModel, VisionConfig, vision_config_from_dict
@@ -159,7 +159,7 @@ def _read_state(path: Path) -> dict[str, np.ndarray]:
         return {k: np.array(v) for k, v in weights.items()}
 
 
-def _tokenizer(folder: Path) -> CLIPTokenizer:
+def _tokenizer(folder: Path) -> ClipTokenizer:
     try:
         return load_tokenizer(folder)
     except FileNotFoundError:
@@ -175,7 +175,7 @@ def _build(config: CLIPConfig, state: Mapping[str, Any], what: str, crop_roundin
     return model
 
 
-def load_clip(path: str | os.PathLike) -> tuple[CLIPModel, CLIPTokenizer]:
+def load_clip(path: str | os.PathLike) -> tuple[CLIPModel, ClipTokenizer]:
     """(CLIPModel, tokenizer) from a Hugging Face CLIPModel folder or an OpenAI `.pt` file (module docstring)."""
     path = Path(path)
     if path.is_dir():

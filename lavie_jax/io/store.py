@@ -101,7 +101,7 @@ class Pipeline:
     unet: UNet3D
     vae: AutoencoderKL
     text_encoder: CLIPTextEncoder
-    tokenizer: Any  # transformers CLIPTokenizer
+    tokenizer: Any  # lavie_jax.io.tokenizer.ClipTokenizer
     metadata: dict[str, Any]
 
 
@@ -269,7 +269,7 @@ def load_components(source: Source | str | os.PathLike, *, random: RandomParts |
     `seed` + 2. A work directory's are those its run trained with, from the run's own config and seed. A pipeline
     directory's are loaded once per process for the same mesh, rules and options and then shared: treat them as
     read-only."""
-    from lavie_jax.io.text import load_tokenizer  # transformers only when a tokenizer is needed
+    from lavie_jax.io.text import load_tokenizer
 
     source = open_source(source, kinds=("pipeline", "workdir", RANDOM))
     if source.kind == "workdir":

@@ -1,7 +1,7 @@
 """Prompts -> CLIP token ids -> text embeddings, the one path every pipeline uses.
 
-Tokenizers are transformers' `CLIPTokenizer`, either from a Stable Diffusion `tokenizer/` folder or, by default,
-built at run time from the CLIP BPE file (`bpe_simple_vocab_16e6.txt.gz`, 49,408 tokens, 48,894 merges) that the
+Tokenizers are CLIP's BPE (`lavie_jax.io.tokenizer.ClipTokenizer`, the ids of transformers' `CLIPTokenizer`),
+either from a Stable Diffusion `tokenizer/` folder or, by default, built at run time from the CLIP BPE file (`bpe_simple_vocab_16e6.txt.gz`, 49,408 tokens, 48,894 merges) that the
 `openai-clip` package installs; the vocabulary is never part of this repository. Two flavours differ only in the pad
 token: 'sd14' pads with <|endoftext|> (49407), 'x4' (the x4 upscaler / SD 2 tokenizer) pads with "!" (id 0).
 
@@ -25,20 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from transformers import CLIPTokenizer
-
+from lavie_jax.io.tokenizer import BOS, EOS, MAX_LENGTH, ClipTokenizer, clip_pipeline
 from lavie_jax.models.clip import CLIPTextEncoder
 from lavie_jax.runtime.program_cache import program
 
-MAX_LENGTH = 77
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 PAD_TOKENS = {"sd14": EOS, "x4": "!"}
 NUM_MERGES = 48894  # 49408 tokens = 256 bytes + 256 end-of-word bytes + merges + 2 specials
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # (importable package, file inside it) shipping the CLIP BPE; found without importing the package (it needs torch).
 BPE_SOURCES = (("clip", BPE_FILE), ("open_clip", BPE_FILE))
-# The input pipeline tokenizes captions on several reader threads (grain), and a transformers fast tokenizer applies
-# its padding / truncation settings to the shared Rust object for the duration of a call.
+# The input pipeline tokenizes captions on several reader threads (grain); a tokenizer of another library (e.g.
+# transformers', which applies its padding / truncation settings to a shared Rust object per call) may not be safe.
 _TOKENIZER_LOCK = threading.Lock()
 INSTALL_HINT = ("pip install openai-clip==1.0.1 (it ships the CLIP BPE file), or pass the `tokenizer/` folder of a "
                 "Stable Diffusion model")
@@ -76,15 +73,15 @@ def clip_bpe(path: str | os.PathLike | None = None) -> tuple[dict[str, int], lis
 
 
 @functools.lru_cache(maxsize=4)
-def default_tokenizer(flavor: str = "sd14") -> CLIPTokenizer:
+def default_tokenizer(flavor: str = "sd14") -> ClipTokenizer:
     """The real CLIP tokenizer built from the installed BPE file; `flavor` 'sd14' or 'x4' picks the pad token."""
     if flavor not in PAD_TOKENS:
         raise ValueError(f"unknown tokenizer flavor {flavor!r}; choose one of {sorted(PAD_TOKENS)}")
     vocab, merges = clip_bpe()
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=PAD_TOKENS[flavor], model_max_length=MAX_LENGTH)
+    return ClipTokenizer(clip_pipeline(vocab, merges), PAD_TOKENS[flavor], MAX_LENGTH)
 
 
-def load_tokenizer(path: str | os.PathLike | None = None, *, flavor: str = "sd14") -> CLIPTokenizer:
+def load_tokenizer(path: str | os.PathLike | None = None, *, flavor: str = "sd14") -> ClipTokenizer:
     """A Stable Diffusion tokenizer from `path` (its `tokenizer/` folder, or a model folder holding one), or the
     default CLIP tokenizer of `flavor` when `path` is None. Nothing is downloaded."""
     if path is None:
@@ -101,7 +98,7 @@ def load_tokenizer(path: str | os.PathLike | None = None, *, flavor: str = "sd14
         raise FileNotFoundError(f"{folder} has no CLIP tokenizer files (needs vocab.json + merges.txt, or "
                                 f"tokenizer.json; found {present}); pass the `tokenizer/` folder of a Stable "
                                 f"Diffusion model, or None for the default CLIP tokenizer")
-    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return ClipTokenizer.from_folder(folder)
 
 
 def _as_prompt_list(prompts: str | Sequence[str], what: str) -> list[str]:
@@ -114,14 +111,15 @@ def _as_prompt_list(prompts: str | Sequence[str], what: str) -> list[str]:
     return items
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompts: str | Sequence[str], *, max_length: int = MAX_LENGTH) -> np.ndarray:
+def tokenize(tokenizer: ClipTokenizer, prompts: str | Sequence[str], *, max_length: int = MAX_LENGTH) -> np.ndarray:
     """Prompts -> token ids `[N, max_length]` int32 (start, BPE tokens, end, padding).
 
     Prompts longer than `max_length` tokens (start and end included) are truncated with a warning saying how many
-    tokens were dropped, as Stable Diffusion pipelines do.
+    tokens were dropped, as Stable Diffusion pipelines do. `tokenizer`: a ClipTokenizer, or any tokenizer called
+    as transformers' are (e.g. transformers' `CLIPTokenizer`).
     """
     items = _as_prompt_list(prompts, "prompts")
-    with _TOKENIZER_LOCK:  # a fast tokenizer keeps its padding / truncation settings per call: not thread-safe
+    with _TOKENIZER_LOCK:
         ids = tokenizer(items, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
         full = tokenizer(items, add_special_tokens=False, verbose=False)["input_ids"]
     for i, toks in enumerate(full):
@@ -143,7 +141,7 @@ def _last_hidden_state(state: nnx.State, ids: jax.Array, *, graphdef: nnx.GraphD
     return nnx.merge(graphdef, state)(ids).last_hidden_state
 
 
-def encode_prompts(text_encoder: CLIPTextEncoder, tokenizer: CLIPTokenizer, prompts: str | Sequence[str],
+def encode_prompts(text_encoder: CLIPTextEncoder, tokenizer: ClipTokenizer, prompts: str | Sequence[str],
                    negative_prompts: str | Sequence[str] | None = None, *, batch_size: int | None = None,
                    put: Callable[[np.ndarray], jax.Array] = jnp.asarray) -> PromptEmbeddings:
     """Prompts (and negative prompts) -> CLIP last hidden states `[N, 77, D]`, in one jitted batch.

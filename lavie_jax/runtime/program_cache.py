@@ -75,7 +75,8 @@ def directory() -> Path | None:
 
 
 def stats() -> dict[str, int]:
-    """Programs this process loaded from, wrote to and compiled past the cache (for benchmarks and tests)."""
+    """Programs this process loaded from, wrote to and compiled past the cache (for benchmarks and tests; `kept`
+    values are not counted)."""
     return dict(_stats)
 
 
@@ -274,6 +275,33 @@ def program(fn: Callable | None = None, *, static_argnames: Iterable[str] = (), 
     return Program(fn, static_argnames=static_argnames, **jit_kwargs)
 
 
+def kept(name: str, key: Any, build: Callable[[], Any]) -> Any:
+    """`build()`, kept on disk beside the programs (pickled) under the library's code key and `repr(key)`, so
+    the next process reads it instead of building it: for values that are slow to build and hold no arrays, e.g.
+    a model's abstract structure (lavie_jax.models.abstract: its traced construction is ~0.7 s of the demo
+    cascade's warm start). Built afresh when the cache is off, when `repr(key)` shows no stable identity, or when
+    the entry is missing or does not read back; writing is best-effort, as for programs."""
+    text = repr(key)
+    if _directory is None or " at 0x" in text:
+        return build()
+    digest = hashlib.sha256(json.dumps([_FORMAT, _code_key(), name, text]).encode()).hexdigest()
+    path = _directory / f"{name}-{digest[:40]}.pkl"
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)  # our own cache: trusted (module docstring)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # noqa: BLE001 - a damaged entry is built again and rewritten
+        print(f"lavie-jax: cache entry {path.name} not used ({type(e).__name__}: {str(e)[:120]}); building it "
+              "again", file=sys.stderr)
+    value = build()
+    try:
+        _write(path, pickle.dumps(value))
+    except Exception:  # noqa: BLE001 - not picklable or not writable: built again next time
+        pass
+    return value
+
+
 def _load(path: Path, tree: Any) -> Any:
     """The Compiled stored at `path`, or None (missing, unreadable, another tree, another jaxlib)."""
     from jax.experimental import serialize_executable
@@ -305,20 +333,24 @@ def _store(path: Path, compiled: Any) -> None:
         payload, in_tree, out_tree = serialize_executable.serialize(compiled)
         # the devices it runs on, in its order (the loader otherwise assumes all of them)
         device_ids = [d.id for d in compiled._executable._unloaded_executable.device_list]
-        data = pickle.dumps((_FORMAT, payload, in_tree, out_tree, device_ids))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write(path, pickle.dumps((_FORMAT, payload, in_tree, out_tree, device_ids)))
         _stats["written"] += 1
         _evict(path.parent)
     except Exception:  # noqa: BLE001 - not serializable (closed-over constants, ...) or not writable: uncached
         return
+
+
+def _write(path: Path, data: bytes) -> None:
+    """`data` at `path`, atomically (a temporary file renamed: readers never see a partial entry)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _evict(folder: Path, limit: int = MAX_BYTES) -> None:
