@@ -1,6 +1,7 @@
 """The demo's personalisation: teach the trained demo base a colour the moving_shapes data never shows (violet,
-under the rare token 'sks') with a LoRA from a handful of clips, then check from pixels that the new concept appears
-when prompted and that the old prompts still score as before.
+under the rare token 'sks') from a handful of clips, by learning the token's text embedding (textual inversion, the
+adapter file's learned token; LoRA adapters optional), then check from pixels that the new concept appears when
+prompted and that the old prompts still score as before.
 
   1. data      CLIPS clips of violet shapes, one per (shape, direction) of `instance_plan` (every shape as often),
                captioned 'a sks circle moving left' (the dataset's captions with the colour word replaced by the
@@ -9,9 +10,10 @@ when prompted and that the old prompts still score as before.
                base videos of its 16 prompts ('samples'; measured worse here: the guided samples are more saturated
                than the data, and learning them drifted blue to cyan and orange to red); `lavie_jax.data.personal`
                makes the tables, PRIOR_WEIGHT prior rows per instance row
-  2. train     `lavie-train` of the base with `train.lora` (RULES: rank-8 adapters on the cross-attention's key
-               and value projections, where the text enters), starting from the demo base, on those tables
-  3. export    the run's adapters alone (`lavie-convert export --adapters-only`): the small file a user shares
+  2. train     `lavie-train` of the base with `train.lora` (`tokens=('sks',)`, starting from the row of TOKEN_INIT;
+               RULES: adapters beside it), starting from the demo base, on those tables
+  3. export    the run's learned row (and adapters) alone (`lavie-convert export --adapters-only`): the small
+               file a user shares
   4. sample    `lavie-sample` of the base with `--lora FILE` for the old prompts and NEW_PROMPTS (same seed as the
                demo's cascade, so the old prompts' 'before' is the demo's own base result), and of the base alone
                for NEW_PROMPTS (the control: the concept must come from the adapter)
@@ -46,14 +48,20 @@ NEW_COLOR = (190, 120, 250)
 CLIPS = 12
 NEW_PROMPTS = ("a sks circle moving left", "a sks square moving up", "a sks triangle moving right",
                "a sks circle moving down-right", "a sks square moving down-left", "a sks triangle moving up-left")
-RULES = ((r"attn2\.to_(k|v)$", 8),)
-# the token's own text-embedding row trains too (textual inversion; with RULES, pivotal tuning: models.tokens),
-# starting from TOKEN_INIT's row ('' = its own)
+# The token's text-embedding row trains (textual inversion, `models.tokens`), starting from TOKEN_INIT's row ('' =
+# its own), and nothing else: the UNet stays the base, so the old prompts are sampled bit for bit as before. RULES
+# would add adapters (pivotal tuning, e.g. ((r"attn2\.to_(k|v)$", 8),): rank-8 on the cross-attention's key and
+# value projections, where the text enters): measured, they move every prompt a little and broke 2-3 old prompts
+# without making more new ones violet (docs/lora.md, The demo)
+RULES: tuple = ()
 LEARN_TOKEN = True
 TOKEN_INIT = "purple"
 TOKEN_LR = 1.0  # lr multiplier of the learned row (group 'tokens') against the adapters'
 PRIOR_WEIGHT = 2.0  # prior rows per instance row
-PRIOR = "data"  # 'samples': the base's own videos of the 16 prompts; 'data': clips of the training data
+# 'data': clips of the training data; 'samples': the base's own videos of the 16 prompts; 'none'. With the row
+# alone they carry no gradient (no token in their captions) but dilute the instance rows of a batch: measured, the
+# colours of the new prompts kept wider margins with them than without (docs/lora.md)
+PRIOR = "data"
 STEPS, WARMUP = 150, 10
 TRAIN = {"train.num_steps": STEPS, "train.optimizer.lr": 5e-3, "train.optimizer.warmup_steps": WARMUP,
          # the cosine decay ends at the last step (left alone, it kept the base run's length: lr still 90% at the end)
@@ -201,7 +209,8 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
     if LEARN_TOKEN and TOKEN_LR != 1:  # (a section: the command line sets only the fields it already has)
         with config.unlocked():
             config.train.param_groups.lr_multipliers["tokens"] = float(TOKEN_LR)
-    with demo.clock.phase("personalise", f"a LoRA teaching the base '{TOKEN}' = violet from {CLIPS} clips"):
+    how = " + ".join(([f"the row of '{TOKEN}'"] if LEARN_TOKEN else []) + (["a LoRA"] if RULES else []))
+    with demo.clock.phase("personalise", f"{how} teaching the base '{TOKEN}' = violet from {CLIPS} clips"):
         latest = finished_run(lora_run, config)  # a run of an older config is not reused silently
         if latest is None:
             captions = make_instance_clips(root / "instance", frames, d.height)
@@ -225,7 +234,7 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
         adapter = root / f"{TOKEN}.safetensors"
         info = export_run_adapter(store.open_source(str(lora_run)), adapter, ema=False, overwrite=True)
         learnt = f" and the learned row of '{TOKEN}'" if info.get("tokens") else ""
-        say(f"wrote {_rel(adapter)}: adapters of {info['layers']} layers{learnt}, {info['bytes'] / 1e3:.0f} kB")
+        say(f"wrote {_rel(adapter)}: adapters of {info['layers']} layers{learnt}, {info['bytes'] / 1e3:.1f} kB")
 
         def sample(prompts: tuple[str, ...], name: str, lora: tuple[str, ...] = ()):
             (root / f"{name}.txt").write_text("\n".join(prompts) + "\n")

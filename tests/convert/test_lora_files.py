@@ -210,7 +210,7 @@ def test_learned_tokens_travel_in_the_adapter_file(case, tmp_path):
     for name, value, message in (("multi", np.zeros((2, width), np.float32), "has 2 vectors; lavie-jax learns and "
                                   "loads one vector per word"),
                                  ("narrow", np.zeros((1, 8), np.float32), r"'sks' is \[1, 8\], but this UNet's text "
-                                  "is \d+-d: it was learnt for another text encoder")):
+                                  r"is \d+-d: it was learnt for another text encoder")):
         bad = save_state_dict({"bundle_emb.sks.emb_params": value}, tmp_path / name, "safetensors")
         with pytest.raises(LoRAError, match=message):
             read_adapter(bad, model)
