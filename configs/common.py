@@ -237,6 +237,12 @@ def train_config() -> ml_collections.ConfigDict:
     # (train.init, required) stays frozen and is not written into the checkpoints. Empty = no LoRA.
     lo.rules = ()
     lo.seed = 0  # init of the adapters' down (A) weights (up, B, starts at zero)
+    # learned tokens (textual inversion; with rules, pivotal tuning; docs/lora.md): words of the tokenizer (one token
+    # each, e.g. ('sks',)) whose text-embedding rows train with the adapters (or alone, rules empty: the UNet then
+    # stays as it is); prompts without them are untouched. Each row starts from the embedding of the word at the
+    # same place in token_init (empty: the token's own row). Needs captions as tokens (not precomputed embeddings).
+    lo.tokens = ()
+    lo.token_init = ()
     e = t.ema = ml_collections.ConfigDict()
     e.decay = 0.9999  # EMA of the trained params: ema = decay * ema + (1 - decay) * params; 0 = no EMA
     e.warmup = False  # True: update t uses min(decay, (1 + t) / (10 + t)), so early EMA tracks the params closely

@@ -374,7 +374,8 @@ def _run(args: argparse.Namespace) -> None:
                 raise command.UsageError("--adapters-only writes a run's own adapters; drop --lora (or "
                                          "--adapters-only to export the merged UNet)")
             info = export_run_adapter(source, args.output, ema=args.params == "ema", overwrite=args.overwrite)
-            report.say(f"wrote {info['output']} (step {info['step']}): adapters of {info['layers']} layers, "
+            learnt = f", learned tokens {', '.join(info['tokens'])}" if info.get("tokens") else ""
+            report.say(f"wrote {info['output']} (step {info['step']}): adapters of {info['layers']} layers{learnt}, "
                        f"{info['bytes'] / 1e6:.2f} MB")
             return
         lora = []
@@ -382,7 +383,12 @@ def _run(args: argparse.Namespace) -> None:
             if args.component != "unet":
                 raise command.UsageError(f"--lora adapts the UNet; drop --component {args.component}")
             unet = abstract_unet(store.stored_arch(source))
-            lora = [(f.layers, m) for f, m in read_adapters(args.lora, unet)]
+            files = read_adapters(args.lora, unet)
+            learnt = [w for f, _ in files for w in f.tokens]
+            if learnt:  # they belong to the text encoder, which a UNet checkpoint does not hold
+                report.say(f"note: learned tokens {', '.join(learnt)} are not part of a UNet checkpoint; sample with "
+                           "the adapter file (lavie-sample --lora) to use them")
+            lora = [(f.layers, m) for f, m in files if f.layers]
         info = export_checkpoint(source, args.output, component=args.component, overwrite=args.overwrite,
                                  group_bytes=args.group_mb << 20, ema=args.params == "ema", meter=report.meter,
                                  lora=lora)

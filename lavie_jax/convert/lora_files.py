@@ -20,6 +20,12 @@ Read (`read_adapter`), against a model's own module table (never by splitting na
 Alpha absent means alpha = rank (scale 1). Text-encoder tensors (`lora_te*_`, `text_encoder.`, `te.`) are listed in
 `skipped`: lavie-jax adapts the UNet only. Community Stable Diffusion 1.x LoRAs load onto the base stage's spatial
 layers, whose names are SD 1.4's.
+
+Learned tokens (`models.tokens`: textual inversion / pivotal tuning) travel in the same file as embeddings bundled
+with a LoRA, the A1111 / kohya convention: `bundle_emb.<word>.string_to_param.*` `[1, D]` (written; A1111's
+key inside a `.pt` embedding), or `bundle_emb.<word>.emb_params` `[1, D]` (kohya's standalone safetensors key, read
+too), the word being the token prompts use; our metadata lists them in order (`lavie_tokens`). One vector per word:
+a multi-vector embedding (A1111 replaces its name by n vectors) is refused.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ class AdapterFile:
     layout: str
     stage: str | None
     skipped: list[str]
+    tokens: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # learned token rows {word: [D]}
 
 
 def _why_not_ours(path: Path) -> str | None:
@@ -102,12 +109,29 @@ def _stage(model: nnx.Module) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------- writing
 
-def adapter_tensors(model: nnx.Module, adapter: Adapter | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+BUNDLE = "bundle_emb."
+_BUNDLE_SUFFIXES = (".string_to_param.*", ".emb_params")  # A1111 (written), kohya
+
+
+def adapter_tensors(model: nnx.Module, adapter: Adapter | None = None, tokens: Mapping[str, np.ndarray] | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(`{key: float32 array}` in PyTorch layouts, header metadata) of `adapter` (default: `model`'s LoRA-wrapped
-    layers) under the official module names of `model`."""
+    layers) under the official module names of `model`, and of the learned `tokens` (`{word: [D]}`)."""
+    tokens = dict(tokens or {})
     adapter = lora_weights(model) if adapter is None else adapter
+    if not adapter and not tokens:
+        raise LoRAError("the model has no LoRA adapters or learned tokens to save; add them first "
+                        "(models.lora.add_lora)")
+    width = model.arch.cross_attention_dim
+    for word, row in tokens.items():
+        if np.asarray(row).reshape(-1).shape != (width,):
+            raise LoRAError(f"learned token {word!r} has shape {list(np.shape(row))}, but this UNet's text is "
+                            f"{width}-d")
+    token_tensors = {f"{BUNDLE}{w}{_BUNDLE_SUFFIXES[0]}": np.asarray(r, np.float32).reshape(1, -1)
+                     for w, r in tokens.items()}
+    token_meta = {"lavie_tokens": json.dumps(list(tokens))} if tokens else {}
     if not adapter:
-        raise LoRAError("the model has no LoRA adapters to save; add them first (models.lora.add_lora)")
+        return token_tensors, {"format": "pt", "lavie_kind": KIND, "lavie_stage": str(_stage(model)), **token_meta}
     check_adapter(model, adapter)
     layers = layer_paths(model)
     by_path = {p: m for m, p in module_table(model).items()}
@@ -127,17 +151,19 @@ def adapter_tensors(model: nnx.Module, adapter: Adapter | None = None) -> tuple[
             "alpha_pattern": {m: a for m, a in alphas.items() if a != a0}}
     meta = {"format": "pt", "lavie_kind": KIND, "lavie_stage": str(_stage(model)),
             "lora_alphas": json.dumps(alphas, sort_keys=True), "lora_adapter_metadata": json.dumps(peft, sort_keys=True)}
-    return tensors, meta
+    return tensors | token_tensors, meta | token_meta
 
 
 def save_adapter(path: str | os.PathLike, model: nnx.Module, adapter: Adapter | None = None, *,
-                 overwrite: bool = False, flag: str = "--output") -> int:
-    """Write `adapter` (default: `model`'s LoRA-wrapped layers) alone as a safetensors file (module docstring);
-    returns its size. An existing file is replaced only with `overwrite` and only if it is one of ours."""
+                 overwrite: bool = False, flag: str = "--output", tokens: Mapping[str, np.ndarray] | None = None
+                 ) -> int:
+    """Write `adapter` (default: `model`'s LoRA-wrapped layers) and the learned `tokens` (`{word: [D]}`) alone as a
+    safetensors file (module docstring); returns its size. An existing file is replaced only with `overwrite` and
+    only if it is one of ours."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise LoRAError(f"{flag} {path}: adapter files are .safetensors; name it e.g. {path.with_suffix('.safetensors')}")
-    tensors, meta = adapter_tensors(model, adapter)
+    tensors, meta = adapter_tensors(model, adapter, tokens)
     entries: list[Entry] = [(k, v.shape, v.dtype) for k, v in tensors.items()]
     check_output_file(path, ADAPTERS, overwrite=overwrite, flag=flag)
     with atomic_file(path, ADAPTERS, overwrite=overwrite, flag=flag) as tmp:
@@ -233,7 +259,10 @@ def read_adapter(path: str | os.PathLike, model: nnx.Module, *, flag: str = "--l
     kohya = {m.replace(".", "_"): p for m, p in table.items()}
     parts: dict[str, dict[str, np.ndarray]] = {}
     skipped, unknown, layout = [], [], set()
+    tokens = _bundled_tokens(raw, model, source)
     for key, value in raw.items():
+        if key.startswith(BUNDLE):
+            continue
         split = _split_key(key)
         if split is None:
             unknown.append(key)
@@ -249,7 +278,7 @@ def read_adapter(path: str | os.PathLike, model: nnx.Module, *, flag: str = "--l
     if unknown:
         raise LoRAError(f"{source}: {len(unknown)} tensors are not LoRA weights (e.g. {unknown[:2]}); is this a model "
                         "checkpoint rather than an adapter?")
-    if not parts:
+    if not parts and not tokens:
         raise LoRAError(f"{source} holds no UNet adapters" + (f" (only {len(skipped)} text-encoder tensors, which "
                                                               "lavie-jax does not adapt)" if skipped else ""))
     alphas, default_alpha, rslora = _peft_alphas(path, meta)
@@ -283,7 +312,34 @@ def read_adapter(path: str | os.PathLike, model: nnx.Module, *, flag: str = "--l
                         f"another architecture or stage (this UNet's layers are named like "
                         f"{next(iter(table))})")
     check_adapter(model, out, what=source)
-    return AdapterFile(str(path), out, "+".join(sorted(layout)), stage, skipped)
+    return AdapterFile(str(path), out, "+".join(sorted(layout | ({"embeddings"} if tokens else set()))), stage,
+                       skipped, tokens)
+
+
+def _bundled_tokens(raw: Mapping[str, np.ndarray], model: nnx.Module, source: str) -> dict[str, np.ndarray]:
+    """`{word: [D]}` of a file's bundled embeddings (module docstring), checked against the UNet's text width."""
+    out = {}
+    width = model.arch.cross_attention_dim
+    for key, value in raw.items():
+        if not key.startswith(BUNDLE):
+            continue
+        name, suffix = key[len(BUNDLE):].partition(".")[::2]
+        if "." + suffix not in _BUNDLE_SUFFIXES:
+            raise LoRAError(f"{source}: {key} is a bundled embedding of an unknown layout (lavie-jax reads "
+                            f"{BUNDLE}<word>{' or '.join(_BUNDLE_SUFFIXES)})")
+        value = np.asarray(value, np.float32)
+        if value.ndim == 1:
+            value = value[None]
+        if value.ndim != 2 or value.shape[1] != width:
+            raise LoRAError(f"{source}: the embedding of {name!r} is {list(value.shape)}, but this UNet's text is "
+                            f"{width}-d: it was learnt for another text encoder")
+        if value.shape[0] != 1:
+            raise LoRAError(f"{source}: the embedding of {name!r} has {value.shape[0]} vectors; lavie-jax learns and "
+                            "loads one vector per word (a one-token word's row)")
+        if name in out:
+            raise LoRAError(f"{source}: the embedding of {name!r} appears twice")
+        out[name] = value[0]
+    return out
 
 
 def parse_lora_arg(value: str) -> tuple[str, float]:
@@ -309,8 +365,9 @@ def adapter_summary(files: Sequence[tuple[AdapterFile, float]]) -> str:
     for f, m in files:
         ranks = sorted({w.rank for w in f.layers.values()})
         skipped = f", {len(f.skipped)} text-encoder tensors skipped" if f.skipped else ""
-        lines.append(f"LoRA {f.path} ({f.layout}): {len(f.layers)} layers, rank {'/'.join(map(str, ranks))}, "
-                     f"scale {m:g}{skipped}")
+        words = f", learned tokens {', '.join(f.tokens)}" if f.tokens else ""
+        lines.append(f"LoRA {f.path} ({f.layout}): {len(f.layers)} layers, rank {'/'.join(map(str, ranks)) or '-'}, "
+                     f"scale {m:g}{words}{skipped}")
     return "\n".join(lines)
 
 
@@ -321,10 +378,11 @@ def export_run_adapter(source: store.Source, output: str | os.PathLike, *, ema: 
     as an adapter file; returns {"output", "step", "layers", "bytes"}."""
     step, config, params = run_params.read_params(source.path, ema=ema, step=source.step)
     rules = store.run_lora_rules(config)
-    if not rules:
-        raise LoRAError(f"--checkpoint {source.path} is not a LoRA run (its train.lora.rules is empty): export its "
-                        "UNet without --adapters-only")
+    tokens = store.run_tokens(config, params)
+    if not rules and not tokens:
+        raise LoRAError(f"--checkpoint {source.path} is not a LoRA run (its train.lora.rules and tokens are empty): "
+                        "export its UNet without --adapters-only")
     model = abstract_unet(arch_from_config(config["unet"], config.get("stage")))
-    adapter = adapter_from_params(model, rules, params)
-    size = save_adapter(output, model, adapter, overwrite=overwrite)
-    return {"output": str(output), "step": step, "layers": len(adapter), "bytes": size}
+    adapter = adapter_from_params(model, rules, params) if rules else {}
+    size = save_adapter(output, model, adapter, overwrite=overwrite, tokens=tokens)
+    return {"output": str(output), "step": step, "layers": len(adapter), "tokens": list(tokens), "bytes": size}

@@ -1,6 +1,7 @@
 """The demo's personalisation: teach the trained demo base a colour the moving_shapes data never shows (violet,
-under the rare token 'sks') with a LoRA from a handful of clips, then check from pixels that the new concept appears
-when prompted and that the old prompts still score as before.
+under the rare token 'sks') from a handful of clips, by learning the token's text embedding (textual inversion, the
+adapter file's learned token; LoRA adapters optional), then check from pixels that the new concept appears when
+prompted and that the old prompts still score as before.
 
   1. data      CLIPS clips of violet shapes, one per (shape, direction) of `instance_plan` (every shape as often),
                captioned 'a sks circle moving left' (the dataset's captions with the colour word replaced by the
@@ -9,9 +10,10 @@ when prompted and that the old prompts still score as before.
                base videos of its 16 prompts ('samples'; measured worse here: the guided samples are more saturated
                than the data, and learning them drifted blue to cyan and orange to red); `lavie_jax.data.personal`
                makes the tables, PRIOR_WEIGHT prior rows per instance row
-  2. train     `lavie-train` of the base with `train.lora` (RULES: rank-8 adapters on the cross-attention's key
-               and value projections, where the text enters), starting from the demo base, on those tables
-  3. export    the run's adapters alone (`lavie-convert export --adapters-only`): the small file a user shares
+  2. train     `lavie-train` of the base with `train.lora` (`tokens=('sks',)`, starting from the row of TOKEN_INIT;
+               RULES: adapters beside it), starting from the demo base, on those tables
+  3. export    the run's learned row (and adapters) alone (`lavie-convert export --adapters-only`): the small
+               file a user shares
   4. sample    `lavie-sample` of the base with `--lora FILE` for the old prompts and NEW_PROMPTS (same seed as the
                demo's cascade, so the old prompts' 'before' is the demo's own base result), and of the base alone
                for NEW_PROMPTS (the control: the concept must come from the adapter)
@@ -46,9 +48,20 @@ NEW_COLOR = (190, 120, 250)
 CLIPS = 12
 NEW_PROMPTS = ("a sks circle moving left", "a sks square moving up", "a sks triangle moving right",
                "a sks circle moving down-right", "a sks square moving down-left", "a sks triangle moving up-left")
-RULES = ((r"attn2\.to_(k|v)$", 8),)
+# The token's text-embedding row trains (textual inversion, `models.tokens`), starting from TOKEN_INIT's row ('' =
+# its own), and nothing else: the UNet stays the base, so the old prompts are sampled bit for bit as before. RULES
+# would add adapters (pivotal tuning, e.g. ((r"attn2\.to_(k|v)$", 8),): rank-8 on the cross-attention's key and
+# value projections, where the text enters): measured, they move every prompt a little and broke 2-3 old prompts
+# without making more new ones violet (docs/lora.md, The demo)
+RULES: tuple = ()
+LEARN_TOKEN = True
+TOKEN_INIT = "purple"
+TOKEN_LR = 1.0  # lr multiplier of the learned row (group 'tokens') against the adapters'
 PRIOR_WEIGHT = 2.0  # prior rows per instance row
-PRIOR = "data"  # 'samples': the base's own videos of the 16 prompts; 'data': clips of the training data
+# 'data': clips of the training data; 'samples': the base's own videos of the 16 prompts; 'none'. With the row
+# alone they carry no gradient (no token in their captions) but dilute the instance rows of a batch: measured, the
+# colours of the new prompts kept wider margins with them than without (docs/lora.md)
+PRIOR = "data"
 STEPS, WARMUP = 150, 10
 TRAIN = {"train.num_steps": STEPS, "train.optimizer.lr": 5e-3, "train.optimizer.warmup_steps": WARMUP,
          # the cosine decay ends at the last step (left alone, it kept the base run's length: lr still 90% at the end)
@@ -137,6 +150,7 @@ def new_concept_score(prompts: list[str], videos: list[np.ndarray]) -> dict[str,
             "direction_accuracy": sum(r["direction_ok"] for r in rows) / n, "per_prompt": rows}
 
 
+UNCHANGED = ("mean_color", "displacement", "foreground")  # an old prompt's measurements compared with before
 RECIPE_FILE = "personalise_recipe.json"  # in the adapter's run directory: what it was trained from
 
 
@@ -144,6 +158,7 @@ def recipe() -> dict[str, Any]:
     """What the adapter run is trained from, beyond its lavie-train config (whose optimizer fields a resumed run may
     change, and which does not see the clips): compared before a finished run is reused."""
     return json.loads(json.dumps({"token": TOKEN, "new_color": NEW_COLOR, "instance": instance_plan(), "rules": RULES,
+                                  "learn_token": LEARN_TOKEN, "token_init": TOKEN_INIT, "token_lr": TOKEN_LR,
                                   "prior": PRIOR, "prior_weight": PRIOR_WEIGHT, "train": TRAIN}))
 
 
@@ -157,6 +172,12 @@ def check_recipe(run: Path) -> None:
             k for k in recipe() if stored.get(k) != recipe()[k])
         raise DemoError(f"{_rel(run)} was trained from another personalisation recipe ({changed}); train it again "
                         f"with `{PROG} --output {_rel(run.parent.parent)} --again` (or delete {_rel(run)})")
+
+
+def _token_overrides() -> list[tuple[str, str]]:
+    if not LEARN_TOKEN:
+        return []
+    return [("train.lora.tokens", repr((TOKEN,))), ("train.lora.token_init", repr((TOKEN_INIT,) if TOKEN_INIT else ()))]
 
 
 def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +198,7 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
     d = base_cfg.data
     frames = (d.num_frames - 1) * d.frame_stride + 1  # a clip's frames in the source videos (13)
     overrides = [*demo.overrides(), ("data.data_dir", _rel(root / "data")), ("train.init", _rel(base_run)),
-                 ("train.lora.rules", repr(RULES)), ("data.dataset", "video_text"),
+                 ("train.lora.rules", repr(RULES)), *_token_overrides(), ("data.dataset", "video_text"),
                  ("data.video_text.name", "personal"), ("data.video_text.csv", _rel(root / "tables" / "videos.csv")),
                  ("data.video_text.storage", "frames"), ("data.video_text.height", str(d.height)),
                  ("data.video_text.width", str(d.width)), ("data.video_text.min_frames", str(frames)),
@@ -185,20 +206,25 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
                  *((k, str(v)) for k, v in TRAIN.items()),
                  ("train.checkpoint_every", str(TRAIN["train.num_steps"])), ("train.keep", "1")]
     config = load_config(demo.config_arg("base"), overrides)
-    with demo.clock.phase("personalise", f"a LoRA teaching the base '{TOKEN}' = violet from {CLIPS} clips"):
+    if LEARN_TOKEN and TOKEN_LR != 1:  # (a section: the command line sets only the fields it already has)
+        with config.unlocked():
+            config.train.param_groups.lr_multipliers["tokens"] = float(TOKEN_LR)
+    how = " + ".join(([f"the row of '{TOKEN}'"] if LEARN_TOKEN else []) + (["a LoRA"] if RULES else []))
+    with demo.clock.phase("personalise", f"{how} teaching the base '{TOKEN}' = violet from {CLIPS} clips"):
         latest = finished_run(lora_run, config)  # a run of an older config is not reused silently
         if latest is None:
             captions = make_instance_clips(root / "instance", frames, d.height)
             if PRIOR == "samples":
                 make_prior_clips(demo.out / "base", root / "prior", list(PROMPTS), d.frame_stride)
-            else:
+            elif PRIOR == "data":
                 make_replay_clips(root / "prior", frames, d.height, 2 * CLIPS, seed=int(d.moving_shapes.seed))
-            counts = build_tables(root / "instance", "{stem}", root / "tables", prior=root / "prior", token=TOKEN,
-                                  prior_weight=PRIOR_WEIGHT)
-            prior = (f"the base's own videos of its {len(PROMPTS)} prompts" if PRIOR == "samples" else
-                     f"{2 * CLIPS} clips of the training data")
-            say(f"{len(captions)} clips of '{TOKEN}' shapes (e.g. '{captions[0]}') + {prior} (prior preservation, "
-                f"{PRIOR_WEIGHT:g} prior rows per instance row): {counts['videos']} rows")
+            counts = build_tables(root / "instance", "{stem}", root / "tables", token=TOKEN,
+                                  prior=None if PRIOR == "none" else root / "prior", prior_weight=PRIOR_WEIGHT)
+            prior = {"samples": f"the base's own videos of its {len(PROMPTS)} prompts",
+                     "data": f"{2 * CLIPS} clips of the training data"}.get(PRIOR)
+            prior = (f" + {prior} (prior preservation, {PRIOR_WEIGHT:g} prior rows per instance row)" if prior else
+                     " (no prior preservation: the UNet does not train)")
+            say(f"{len(captions)} clips of '{TOKEN}' shapes (e.g. '{captions[0]}'){prior}: {counts['videos']} rows")
             result = train(config, lora_run, overwrite=False)
             (lora_run / RECIPE_FILE).write_text(json.dumps(recipe(), indent=1) + "\n")
             say(f"trained {_rel(lora_run)}: step {result.step}, loss {result.metrics.get('loss', float('nan')):.4f}")
@@ -207,7 +233,8 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
             say(f"found {_rel(lora_run)} at step {latest}")
         adapter = root / f"{TOKEN}.safetensors"
         info = export_run_adapter(store.open_source(str(lora_run)), adapter, ema=False, overwrite=True)
-        say(f"wrote {_rel(adapter)}: adapters of {info['layers']} layers, {info['bytes'] / 1e3:.0f} kB")
+        learnt = f" and the learned row of '{TOKEN}'" if info.get("tokens") else ""
+        say(f"wrote {_rel(adapter)}: adapters of {info['layers']} layers{learnt}, {info['bytes'] / 1e3:.1f} kB")
 
         def sample(prompts: tuple[str, ...], name: str, lora: tuple[str, ...] = ()):
             (root / f"{name}.txt").write_text("\n".join(prompts) + "\n")
@@ -225,13 +252,17 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
     right_before = {r["prompt"]: r["color_ok"] and r["direction_ok"] for r in before["per_prompt"]["base"]}
     broken = [r["prompt"] for r in old["per_prompt"] if right_before.get(r["prompt"]) and not
               (r["color_ok"] and r["direction_ok"])]
+    # the same measurements as before (mean colour, displacement, foreground): the video did not change
+    measured = {r["prompt"]: [r.get(k) for k in UNCHANGED] for r in before["per_prompt"]["base"]}
+    unchanged = [r["prompt"] for r in old["per_prompt"] if measured.get(r["prompt"]) == [r.get(k) for k in UNCHANGED]]
     summary = {
         "token": TOKEN, "new_color": list(NEW_COLOR), "clips": CLIPS, "rules": [list(r) for r in RULES],
         "train": TRAIN, "prior": PRIOR, "prior_weight": PRIOR_WEIGHT, "adapter_file": _rel(adapter),
         "adapter_bytes": info["bytes"], "new_prompts": new, "new_prompts_without_adapter": new_before,
         "old_prompts_before": was,
         "old_prompts_after": {k: old[f"{k}_accuracy"] for k in ("color", "direction", "both")},
-        "old_prompts_broken": broken, "old_per_prompt_after": old["per_prompt"],
+        "old_prompts_broken": broken, "old_prompts_unchanged": len(unchanged),
+        "old_per_prompt_after": old["per_prompt"],
         "seconds": round(demo.clock.phases["personalise"], 1),
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -239,7 +270,8 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
         f"({new_before['new_color_accuracy']:.0%} without the adapter), {new['direction_accuracy']:.0%} moving the "
         f"prompted way; old prompts colour {was['color']:.0%} -> {old['color_accuracy']:.0%}, direction "
         f"{was['direction']:.0%} -> {old['direction_accuracy']:.0%}"
-        f"{'; right before, wrong after: ' + ', '.join(broken) if broken else ''} "
+        f"{'; right before, wrong after: ' + ', '.join(broken) if broken else ''}; measured as before: "
+        f"{len(unchanged)}/{len(PROMPTS)} "
         f"({summary['seconds']:.0f} s; {_rel(root / 'summary.json')})")
     return summary
 

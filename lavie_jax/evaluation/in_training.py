@@ -31,6 +31,7 @@ from flax import nnx
 
 from lavie_jax.data.pipeline import make_iterator
 from lavie_jax.io.store import Pipeline
+from lavie_jax.models.tokens import ATTRIBUTE, with_rows
 from lavie_jax.parallel import BATCH_AXES
 from lavie_jax.sampling.sampler import StageSampler
 from lavie_jax.stages import get_stage
@@ -135,6 +136,9 @@ class SampledEvaluation:
     def __call__(self, unet: nnx.Module) -> tuple[dict[str, float], np.ndarray]:
         """Sample the requests with `unet` (e.g. the EMA params merged into the run's graph) and measure them."""
         vae, text_encoder, tokenizer = self.encoders
+        learned = getattr(unet, ATTRIBUTE, None)
+        if learned is not None:  # a LoRA run's learned token rows (models.tokens): its prompts are encoded with them
+            text_encoder = with_rows(text_encoder, learned.ids, learned.embedding[...])
         pipeline = Pipeline(self.config.stage, unet, vae, text_encoder, tokenizer, metadata={})
         sampler = StageSampler(self.config, pipeline, self.mesh)
         e = self.config.train.eval

@@ -46,6 +46,7 @@ from lavie_jax.io.keycheck import check_keys
 from lavie_jax.models import VAE_CONFIGS, AutoencoderKL, CLIPTextEncoder, UNet3D, abstract_text_encoder, abstract_vae
 from lavie_jax.models.arch import UNetArch, arch_from_config
 from lavie_jax.models.clip import text_encoder_config
+from lavie_jax.models import tokens
 from lavie_jax.models.lora import adapter_from_params, merge_params
 from lavie_jax.models.options import ExecutionOptions
 from lavie_jax.models.unet import abstract_unet
@@ -226,6 +227,28 @@ def run_lora_rules(config: Mapping[str, Any]) -> tuple:
     return tuple(tuple(r) for r in lora.get("rules") or ())
 
 
+def run_tokens(config: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A stored LoRA run's learned tokens `{word: [D]}` (its `train.lora.tokens`, their rows from its saved
+    `params`, by dotted path); empty when it learnt none."""
+    words = _run_words(config)
+    if not words:
+        return {}
+    rows = params.get(f"{tokens.ATTRIBUTE}.embedding")
+    if rows is None or np.shape(rows)[0] != len(words):
+        raise SourceError(f"the run learnt tokens {list(words)}, but its checkpoint holds no rows for them: the run "
+                          "config and the checkpoint disagree")
+    return {w: np.asarray(r, np.float32) for w, r in zip(words, np.asarray(rows))}
+
+
+def _run_words(config: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(((config.get("train") or {}).get("lora") or {}).get("tokens") or ())
+
+
+def _personalised(config: Mapping[str, Any]) -> bool:
+    lora = (config.get("train") or {}).get("lora") or {}
+    return bool(lora.get("rules") or lora.get("tokens"))
+
+
 def _lora_workdir_unet(source: Source, step: int, stored: Mapping[str, Any], params: dict, mesh, rules: Rules,
                        options) -> UNet3D:
     """A LoRA run's UNet: its base (the run's `train.init`, read again: the checkpoints do not hold it) with the
@@ -236,14 +259,15 @@ def _lora_workdir_unet(source: Source, step: int, stored: Mapping[str, Any], par
     except SourceError as e:
         raise SourceError(f"{e}; the run's checkpoints hold its adapters only: restore its base there") from None
     unet = load_unet(base, mesh=mesh, rules=rules, options=options)
-    adapter = adapter_from_params(unet, run_lora_rules(stored), params)
-    nnx.update(unet, merge_params(unet, [(adapter, 1.0)]))
+    if run_lora_rules(stored):  # (a run of learned tokens alone leaves the UNet as it is)
+        adapter = adapter_from_params(unet, run_lora_rules(stored), params)
+        nnx.update(unet, merge_params(unet, [(adapter, 1.0)]))
     return unet
 
 
 def _workdir_unet(source: Source, mesh, rules: Rules, options, ema: bool) -> UNet3D:
     step, stored, params = run_params.read_params(source.path, ema=ema, step=source.step)
-    if run_lora_rules(stored):
+    if _personalised(stored):
         return _lora_workdir_unet(source, step, stored, params, mesh, rules, options)
     unet = abstract_unet(arch_from_config(stored["unet"], stored.get("stage")), options=options)
     state = nnx.state(unet, nnx.Param)
@@ -352,6 +376,13 @@ def load_pipeline(source: Source | str | os.PathLike, *, stage: str | None = Non
     else:
         unet = load_unet(source, ema=ema, **kw)
         parts = load_components(source, **kw)
+        if source.kind == "workdir" and _run_words(
+                workdirs.TrainCheckpointer(source.path, save_every=0, read_only=True).stored_config(source.step)):
+            from lavie_jax.io.text import with_tokens  # a LoRA run's learned tokens: into a copy of its text encoder
+
+            _, stored, params = run_params.read_params(source.path, ema=ema, step=source.step)
+            parts = (parts[0], with_tokens(parts[1], parts[2], run_tokens(stored, params),
+                                           what=f"learned tokens of {source.path}"), parts[2])
         metadata = ({"source": str(source.path), "step": source.step, "params": "ema" if ema else "raw"}
                     if source.kind == "workdir" else checkpoints.read_metadata(source.path))
     return Pipeline(unet.arch.stage, unet, *parts, metadata)
@@ -376,7 +407,8 @@ def stored_params(source: Source | str | os.PathLike, *, component: str = "unet"
             raise SourceError(f"{source.path} is a lavie-train work directory: it holds a trained UNet only; its "
                               "VAE and text encoder are those of the pipeline directory it trained with")
         step, config, params = run_params.read_params(source.path, ema=ema, step=source.step)
-        if run_lora_rules(config):  # the base with the adapters merged: a plain UNet from here on
+        if _personalised(config):  # the base with the adapters merged: a plain UNet from here on (learned tokens
+            # belong to the text encoder, which a UNet export does not hold: export them with --adapters-only)
             model = _lora_workdir_unet(source, step, config, params, None, DEFAULT_RULES, None)
             params = {".".join(map(str, p)): np.asarray(v[...], np.float32)
                       for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

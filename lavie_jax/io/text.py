@@ -17,7 +17,7 @@ import importlib.util
 import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from lavie_jax.io.tokenizer import BOS, EOS, MAX_LENGTH, ClipTokenizer, clip_pipeline
 from lavie_jax.models.clip import CLIPTextEncoder
+from lavie_jax.models.tokens import check_rows, token_table, with_rows
 from lavie_jax.runtime.program_cache import program
 
 PAD_TOKENS = {"sd14": EOS, "x4": "!"}
@@ -129,6 +130,38 @@ def tokenize(tokenizer: ClipTokenizer, prompts: str | Sequence[str], *, max_leng
             warnings.warn(f"prompt {i} is {len(toks) + 2} tokens long but CLIP takes {max_length} (start and end "
                           f"included): the last {dropped} tokens were dropped: {tail!r}", stacklevel=2)
     return np.asarray(ids, np.int32)
+
+
+def word_ids(tokenizer: CLIPTokenizer, words: Sequence[str], *, what: str) -> list[int]:
+    """The token id of each word of `words`, each of which must be one token of `tokenizer` as it appears inside a
+    prompt (a learned token's row, `models.tokens`); ValueError names a word that is several tokens or none."""
+    out = []
+    for word in words:
+        if not isinstance(word, str) or not word.strip() or word != word.strip() or " " in word:
+            raise ValueError(f"{what}: {word!r} is not one word; give a single word without spaces, e.g. 'sks'")
+        with _TOKENIZER_LOCK:
+            ids = tokenizer([word], add_special_tokens=False, verbose=False)["input_ids"][0]
+        if len(ids) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            raise ValueError(f"{what}: {word!r} is {len(ids)} tokens to this tokenizer ({pieces}), and a learned "
+                             "token must be one; choose a word that is a single token (a rare one, such as 'sks')")
+        out.append(int(ids[0]))
+    return out
+
+
+def with_tokens(text_encoder: CLIPTextEncoder, tokenizer: CLIPTokenizer, rows: Mapping[str, np.ndarray], *,
+                what: str) -> CLIPTextEncoder:
+    """`text_encoder` with learned token rows (`{word: [D]}`, `models.tokens`) in place of those words' rows: a new
+    module (the given one, which loaders share, is untouched). ValueError / TokenError name a word that is not one
+    token of `tokenizer` or rows of another width."""
+    if not rows:
+        return text_encoder
+    words = list(rows)
+    ids = word_ids(tokenizer, words, what=what)
+    stacked = np.stack([np.asarray(rows[w], np.float32).reshape(-1) for w in words])
+    check_rows(text_encoder, ids, stacked, what=what)
+    table = token_table(text_encoder)
+    return with_rows(text_encoder, ids, jax.device_put(stacked, getattr(table[...], "sharding", None)))
 
 
 class PromptEmbeddings(NamedTuple):

@@ -29,7 +29,8 @@ test, noise videos); a `lavie-train` work directory samples its latest checkpoin
 with the config the run stored when `--config` is left out (`--config.FIELD=...` overrides still apply). A single
 stage writes into `--output`; a cascade into `--output/STAGE/`; existing files are refused unless
 `--overwrite`. `--lora FILE[:SCALE]` (repeatable; `--STAGE-lora` for a later stage) merges LoRA adapters into
-the stage's UNet before it compiles (docs/lora.md). Every input, flag and output path is checked before any model runs, and nothing is created until
+the stage's UNet before it compiles, and puts the learned tokens a file holds into the text encoder (docs/lora.md).
+Every input, flag and output path is checked before any model runs, and nothing is created until
 there is a video to write. Ctrl-C (or SIGTERM) stops a run within a step: finished videos stay, partial files are
 removed (exit status 130, or 143). On several hosts, run the same command on each with `--distributed`
 (launch/tpu.py, launch/slurm.py): the mesh spans all hosts and process 0 writes the files.

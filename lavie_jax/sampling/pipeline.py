@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -23,8 +24,9 @@ from flax import nnx
 from lavie_jax.convert.lora_files import AdapterFile, adapter_summary, read_adapters
 from lavie_jax.io import store
 from lavie_jax.io.store import RANDOM, Pipeline, SourceError
+from lavie_jax.io.text import with_tokens
 from lavie_jax.models.arch import arch_from_config
-from lavie_jax.models.lora import merge_params
+from lavie_jax.models.lora import LoRAError, merge_params
 from lavie_jax.models.options import from_config
 from lavie_jax.models.unet import abstract_unet
 from lavie_jax.stages import LATENT_CHANNELS, get_stage
@@ -55,11 +57,26 @@ def check_lora(config: ml_collections.ConfigDict, values: list[str], flag: str =
 def apply_lora(pipeline: Pipeline, adapters: list[tuple[AdapterFile, float]]) -> Pipeline:
     """Merge `adapters` (from `check_lora`) into the pipeline's UNet on its devices, in place: `W + sum_i m_i *
     alpha_i / r_i * B_i A_i`. The sampler then compiles the plain UNet's program (the same whatever the adapters and
-    scales) and runs no adapter matmuls per step; models.lora says why merging beats keeping them unmerged."""
-    if adapters:
-        nnx.update(pipeline.unet, merge_params(pipeline.unet, [(f.layers, m) for f, m in adapters]))
-        if jax.process_index() == 0:
-            print(adapter_summary(adapters), flush=True)
+    scales) and runs no adapter matmuls per step; models.lora says why merging beats keeping them unmerged. Learned
+    tokens in the files replace their words' rows in (a copy of) the text encoder."""
+    layers = [(f.layers, m) for f, m in adapters if f.layers]
+    if layers:
+        nnx.update(pipeline.unet, merge_params(pipeline.unet, layers))
+    learned: dict[str, Any] = {}
+    for f, _ in adapters:  # learned tokens (models.tokens): their rows as they are (a scale is the adapters' only)
+        for word, row in f.tokens.items():
+            if word in learned:
+                raise LoRAError(f"--lora: two files learn the token {word!r} ({learned[word][0]} and {f.path}); "
+                                "give one of them")
+            learned[word] = (f.path, row)
+    if learned:
+        try:
+            pipeline.text_encoder = with_tokens(pipeline.text_encoder, pipeline.tokenizer,
+                                                {w: r for w, (_, r) in learned.items()}, what="--lora")
+        except ValueError as e:
+            raise LoRAError(f"{e} (the token of {', '.join(sorted({p for p, _ in learned.values()}))})") from None
+    if adapters and jax.process_index() == 0:
+        print(adapter_summary(adapters), flush=True)
     return pipeline
 
 

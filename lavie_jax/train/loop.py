@@ -43,8 +43,8 @@ from lavie_jax.train import health
 from lavie_jax.train.held_out import HeldOutLoss
 from lavie_jax.train.metrics import MetricsWriter
 from lavie_jax.train.preemption import PreemptionHandler
-from lavie_jax.train.setup import (Run, TrainConfigError, build_run, check_run, checkpointed, lora_rules, peak_tflops,
-                                  with_frozen)
+from lavie_jax.train.setup import (Run, TrainConfigError, build_run, check_run, checkpointed, peak_tflops,
+                                  personalising, with_frozen)
 
 CONFIG_FILE = "config.json"
 CONFIG_TMP = CONFIG_FILE + ".tmp"
@@ -246,7 +246,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, overwr
             # `train.init` read, which for a full-size UNet is a compile and seconds of device time thrown away)
             latest = ckpt.latest_step()
             # (a LoRA run's frozen base is not in its checkpoints: it is read from train.init, so built for real)
-            run = build_run(config, mesh, abstract=latest is not None and not lora_rules(config), checked=checked)
+            run = build_run(config, mesh, abstract=latest is not None and not personalising(config), checked=checked)
             _say(f"params: {run.groups.summary()}")
             restored = _restore(run, ckpt, config) if latest is not None else None
             if latest is not None and restored is None:  # every step was damaged (each one said so)

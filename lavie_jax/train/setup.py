@@ -26,11 +26,12 @@ from lavie_jax import parallel, stages
 from lavie_jax.io import store
 from lavie_jax.models import UNet3D, abstract_unet, arch_from_config
 from lavie_jax.models.arch import UNetArch
+from lavie_jax.models import tokens
 from lavie_jax.models.lora import LoRAError, add_lora, parse_rules
 from lavie_jax.models.options import ExecutionOptions, ExecutionOptionsError
 from lavie_jax.models.options import from_config as options_from_config
 from lavie_jax.models.flops import peak_bf16_tflops, train_step_flops
-from lavie_jax.io.text import tokenize
+from lavie_jax.io.text import tokenize, word_ids
 from lavie_jax.runtime import program_cache
 from lavie_jax.train import held_out, optim
 from lavie_jax.train.step import Encoders, Objective, StageInputs, TrainState, stage_loss, train_step
@@ -73,9 +74,12 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, 
             parse_rules(lora_rules(config), field="train.lora.rules")
         except LoRAError as e:
             raise TrainConfigError(f"config field {e}") from None
-        if not t.init:
-            _fail("train.init", "is empty, but train.lora.rules is set: adapters train on a base model; set "
-                                "train.init to its lavie-convert directory or lavie-train work directory")
+    if lora_tokens(config):
+        _check_tokens(config)
+    if personalising(config) and not t.init:
+        what = "train.lora.rules" if lora_rules(config) else "train.lora.tokens"
+        _fail("train.init", f"is empty, but {what} is set: adapters and learned tokens train on a base model; set "
+                            "train.init to its lavie-convert directory or lavie-train work directory")
     if not isinstance(t.peak_tflops, (int, float)) or t.peak_tflops < 0:
         _fail("train.peak_tflops", f"expected a number >= 0 (0 = from the device kind), got {t.peak_tflops!r}")
     o = t.objective
@@ -198,48 +202,102 @@ def objective_from_config(config: ml_collections.ConfigDict, vae_scaling: float,
 
 # ------------------------------------------------------------------------------------------------ LoRA
 
-LORA_GROUP = "lora"
-LORA_GROUP_RULES = ((r"\.wrapper\.adapter\.lora_[ab]$", LORA_GROUP), (".*", optim.FROZEN))
+LORA_GROUP, TOKENS_GROUP = "lora", "tokens"
+LORA_RULE = (r"\.wrapper\.adapter\.lora_[ab]$", LORA_GROUP)
+TOKENS_RULE = (rf"^{tokens.ATTRIBUTE}\.embedding$", TOKENS_GROUP)
 
 
 def lora_rules(config: ml_collections.ConfigDict) -> tuple:
-    """`train.lora.rules` as a tuple (empty: not a LoRA run)."""
+    """`train.lora.rules` as a tuple (empty: no adapters)."""
     lo = config.train.get("lora")
     return tuple(tuple(r) for r in lo.rules) if lo is not None and lo.get("rules") else ()
 
 
+def lora_tokens(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """`train.lora.tokens` as a tuple (empty: no learned tokens)."""
+    lo = config.train.get("lora")
+    return tuple(lo.get("tokens") or ()) if lo is not None else ()
+
+
+def personalising(config: ml_collections.ConfigDict) -> bool:
+    """A LoRA run (adapters and/or learned tokens train, the base stays frozen and out of the checkpoints)."""
+    return bool(lora_rules(config) or lora_tokens(config))
+
+
+def _check_tokens(config: ml_collections.ConfigDict) -> None:
+    """`train.lora.tokens` / `token_init` well formed (the tokenizer checks each is one token when the run builds)."""
+    words, init = lora_tokens(config), tuple(config.train.lora.get("token_init") or ())
+    bad = [w for w in words if not isinstance(w, str) or not w or " " in w]
+    if bad or len(set(words)) != len(words):
+        _fail("train.lora.tokens", f"{list(words)}: give distinct single words, e.g. ('sks',)")
+    if init and len(init) != len(words):
+        _fail("train.lora.token_init", f"{list(init)} has {len(init)} words for {len(words)} tokens "
+                                       f"{list(words)}: give one per token, or none (each starts from its own row)")
+    if config.data.dataset == "precomputed":
+        _fail("data.dataset", "'precomputed' holds text embeddings, but train.lora.tokens learns the embedding of "
+                              f"{list(words)} inside the text encoder, which needs the captions as tokens: train on "
+                              "the clips themselves (e.g. data.dataset='video_text')")
+
+
 def lora_groups(model: nnx.Module, config: ml_collections.ConfigDict) -> optim.ParamGroups:
-    """A LoRA run's param groups: the adapters train (group 'lora', its lr multiplier from
-    train.param_groups.lr_multipliers when given there), every base param is frozen."""
+    """A LoRA run's param groups: the adapters ('lora') and the learned tokens ('tokens') train, each with its lr
+    multiplier from train.param_groups.lr_multipliers when given there; every base param is frozen."""
     mults = dict(config.train.param_groups.lr_multipliers)
-    return optim.param_groups(model, LORA_GROUP_RULES, {k: v for k, v in mults.items() if k == LORA_GROUP},
+    rules = ((LORA_RULE,) if lora_rules(config) else ()) + ((TOKENS_RULE,) if lora_tokens(config) else ())
+    groups = [g for _, g in rules]
+    return optim.param_groups(model, (*rules, (".*", optim.FROZEN)), {k: v for k, v in mults.items() if k in groups},
                               field="train.lora")
 
 
 def add_adapters(unet: UNet3D, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
-                 rules: parallel.Rules = (), *, abstract: bool = False) -> UNet3D:
-    """Wrap `unet`'s layers with the `train.lora.rules` adapters, laid out on `mesh` by the sharding rules (their
-    params as sharded `ShapeDtypeStruct`s when `abstract`). TrainConfigError names a rule that cannot work."""
-    try:
-        add_lora(unet, lora_rules(config), seed=int(config.train.lora.seed), field="config field train.lora.rules")
-    except LoRAError as e:
-        raise TrainConfigError(str(e)) from None
+                 rules: parallel.Rules = (), *, abstract: bool = False, text: Any = None) -> UNet3D:
+    """Wrap `unet`'s layers with the `train.lora.rules` adapters and set its learned tokens (`train.lora.tokens`,
+    their rows from `text`, the run's `EncoderModels`; zeros at placeholder ids without it, for the abstract
+    checks), laid out on `mesh` by the sharding rules (as sharded `ShapeDtypeStruct`s when `abstract`).
+    TrainConfigError names a rule or token that cannot work."""
+    if lora_rules(config):
+        try:
+            add_lora(unet, lora_rules(config), seed=int(config.train.lora.seed), field="config field train.lora.rules")
+        except LoRAError as e:
+            raise TrainConfigError(str(e)) from None
+    words = lora_tokens(config)
+    if words:
+        if text is None:
+            ids, rows = range(len(words)), jnp.zeros((len(words), unet.arch.cross_attention_dim), jnp.float32)
+        else:
+            ids, rows = token_rows(config, text)
+        setattr(unet, tokens.ATTRIBUTE, tokens.TextTokens(ids, rows))
     if mesh is not None:
-        state = nnx.state(unet, nnx.LoRAParam)
+        state = nnx.state(unet, nnx.LoRAParam) if not words else nnx.state(unet, lambda path, v: (
+            isinstance(v, nnx.LoRAParam) or path[0] == tokens.ATTRIBUTE))
         shardings = parallel.state_shardings(state, mesh, rules)
         nnx.update(unet, with_shardings(state, shardings) if abstract else jax.device_put(state, shardings))
     return unet
 
 
+def token_rows(config: ml_collections.ConfigDict, text: Any) -> tuple[list[int], jax.Array]:
+    """(ids, starting rows `[n, D]`) of the run's learned tokens in the run's tokenizer and text encoder
+    (`EncoderModels`): each token's own row, or that of its `token_init` word. TrainConfigError names a token
+    that is not one word of the tokenizer."""
+    words, init = lora_tokens(config), tuple(config.train.lora.get("token_init") or ())
+    try:
+        ids = word_ids(text.tokenizer, words, what="config field train.lora.tokens")
+        start = word_ids(text.tokenizer, init, what="config field train.lora.token_init") if init else ids
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
+    table = tokens.token_table(text.text_encoder)[...]
+    return ids, jnp.asarray(table[jnp.asarray(start)], jnp.float32)
+
+
 def checkpointed(config: ml_collections.ConfigDict, state: TrainState) -> TrainState:
     """The part of a train state a checkpoint holds: all of it, except in a LoRA run, whose frozen base is stored
     once, in train.init, and read from there when a run resumes (`with_frozen`)."""
-    return dataclasses.replace(state, frozen=None) if lora_rules(config) else state
+    return dataclasses.replace(state, frozen=None) if personalising(config) else state
 
 
 def with_frozen(config: ml_collections.ConfigDict, restored: TrainState, built: TrainState) -> TrainState:
     """A restored state made whole: a LoRA run's frozen base from the built run (`checkpointed`)."""
-    return dataclasses.replace(restored, frozen=built.frozen) if lora_rules(config) else restored
+    return dataclasses.replace(restored, frozen=built.frozen) if personalising(config) else restored
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -300,11 +358,12 @@ def with_shardings(tree, shardings):
 
 
 def build_unet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: parallel.Rules,
-               init: store.Source | None, *, abstract: bool = False) -> UNet3D:
+               init: store.Source | None, *, abstract: bool = False, text: Any = None) -> UNet3D:
     """The UNet on `mesh`, with the run's execution options: restored from `train.init` straight into its
     shardings, or initialised there (one jitted init whose outputs are laid out by the rules: no host copy of a
     full-size model). `abstract`: leaves are `ShapeDtypeStruct`s carrying those shardings, nothing is read or
-    allocated (memory planning)."""
+    allocated (memory planning). A LoRA run's adapters and learned tokens (from `text`, the run's `EncoderModels`)
+    are added (`add_adapters`)."""
     options = execution_options(config)
     arch = arch_from_config(config.unet.to_dict(), config.stage)
     if abstract or init is None:
@@ -322,8 +381,8 @@ def build_unet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
         unet = store.load_unet(init, mesh=mesh, rules=rules, options=options)
     else:
         unet = _widened(store.load_unet(init, mesh=mesh, rules=rules, options=options), arch, mesh, rules, options)
-    if lora_rules(config):
-        add_adapters(unet, config, mesh, rules, abstract=abstract)
+    if personalising(config):
+        add_adapters(unet, config, mesh, rules, abstract=abstract, text=text)
     return unet
 
 
@@ -479,7 +538,7 @@ def check_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, syn
     encoders = _encoders_source(config, init)
     arch = arch_from_config(config.unet.to_dict(), config.stage)
     try:  # on the abstract model: a rule that selects nothing fails before any weight is made
-        if lora_rules(config):
+        if personalising(config):
             groups = lora_groups(add_adapters(abstract_unet(arch), config), config)
         else:
             groups = optim.param_groups_from_config(abstract_unet(arch), config.train)
@@ -514,7 +573,7 @@ def build_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, abs
     init, arch, groups = checked.init, checked.arch, checked.groups
     encoders = build_encoders(config, mesh, rules, checked.encoders, arch)
     check_models(config, arch, encoders)
-    unet = build_unet(config, mesh, rules, init, abstract=abstract)
+    unet = build_unet(config, mesh, rules, init, abstract=abstract, text=encoders)
     graphdef, trainable, frozen, rest = groups.split(unet)
     if jax.tree.leaves(rest):
         raise TrainConfigError(f"the UNet holds state other than params ({list(nnx.to_flat_state(rest))[:3]}); "

@@ -37,6 +37,7 @@ import optax
 from flax import nnx
 
 from lavie_jax.diffusion import losses
+from lavie_jax.models.tokens import ATTRIBUTE, with_rows
 from lavie_jax.stages import Stage, TrainingInputs
 from lavie_jax.stages.vsr import MAX_NOISE_LEVEL
 from lavie_jax.train.optim import accumulate_gradients, ema_update, split_micro_batches
@@ -146,8 +147,9 @@ class StageInputs:
         return (post.mean + post.std * eps) * vae.scaling_factor
 
     def _text(self, encoders: Encoders, batch: Mapping[str, jax.Array], keys: jax.Array, stream: str, emb: str,
-              tok: str, per_example: int | None = None) -> jax.Array:
-        """Embeddings `[b, (K,) L, D]` of the captions (precomputed `emb` or tokens `tok`), after text dropout."""
+              tok: str, per_example: int | None = None, learned: Any = None) -> jax.Array:
+        """Embeddings `[b, (K,) L, D]` of the captions (precomputed `emb` or tokens `tok`), after text dropout;
+        `learned` (a `models.tokens.TextTokens`) replaces its tokens' rows of the encoder's table."""
         p = self.o.text_dropout
         if emb in batch:
             return _dropout(keys, STREAMS[stream], batch[emb].astype(jnp.float32), encoders.null_text, p, per_example)
@@ -155,23 +157,29 @@ class StageInputs:
         if self.text_graphdef is None or encoders.text is None:
             raise ValueError("the batch holds tokens but the run has no text encoder")
         encoder = nnx.merge(self.text_graphdef, encoders.text)
+        if learned is not None:
+            encoder = with_rows(encoder, learned.ids, learned.embedding[...])
         out = encoder(tokens.reshape(-1, tokens.shape[-1])).last_hidden_state.astype(jnp.float32)
         return out.reshape(*tokens.shape[:-1], *out.shape[1:])
 
     def __call__(self, encoders: Encoders, batch: Mapping[str, jax.Array], tables: Mapping[str, jax.Array],
-                 keys: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
+                 keys: jax.Array, learned: Any = None
+                 ) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
+        """`learned`: the run's learned token rows (`models.tokens.TextTokens`, trained): the text then keeps
+        their gradient (the encoders' own params never get one: they are not the differentiated argument)."""
         stage = self.o.stage
         x0 = batch["latents"] if "latents" in batch else self._latents(encoders, batch[stage.pixel_key], keys,
                                                                         "latent")
-        text = self._text(encoders, batch, keys, "text_drop", "text_emb", "tokens")
+        text = self._text(encoders, batch, keys, "text_drop", "text_emb", "tokens", learned=learned)
         inputs = TrainingInputs(
             batch=batch, latents=lambda pixels, stream: self._latents(encoders, pixels, keys, stream),
             text=lambda stream, emb, tok, per_example=None: self._text(encoders, batch, keys, stream, emb, tok,
-                                                                       per_example),
+                                                                       per_example, learned=learned),
             draw=lambda stream, fn: _draw(keys, STREAMS[stream], fn), tables=tables, settings=self.o)
         x0, condition, text, labels = stage.training_inputs(inputs, x0, text)
         sg = jax.lax.stop_gradient
-        return sg(x0.astype(jnp.float32)), None if condition is None else sg(condition), sg(text), labels
+        return (sg(x0.astype(jnp.float32)), None if condition is None else sg(condition),
+                text if learned is not None else sg(text), labels)
 
 
 def stage_loss(objective: Objective, graphdef: nnx.GraphDef, inputs: StageInputs):
@@ -183,14 +191,14 @@ def stage_loss(objective: Objective, graphdef: nnx.GraphDef, inputs: StageInputs
     def loss_fn(params, frozen, encoders, tables, batch, key, timestep=None):
         batch = dict(batch)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch.pop("index"))
-        x0, condition, text, labels = inputs(encoders, batch, tables, keys)
+        unet = nnx.merge(graphdef, params, frozen)
+        x0, condition, text, labels = inputs(encoders, batch, tables, keys, getattr(unet, ATTRIBUTE, None))
         t = (_draw(keys, STREAMS["timestep"],
                    lambda k: jax.random.randint(k, (), 0, o.num_train_timesteps, dtype=jnp.int32))
              if timestep is None else jnp.full(keys.shape[:1], timestep, jnp.int32))
         noise = _draw(keys, STREAMS["noise"], lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))
         q = _split(tables, "q_")
         sample = o.stage.unet_sample(losses.q_sample(x0, noise, t, q), condition)
-        unet = nnx.merge(graphdef, params, frozen)
         pred = unet(sample, t, text, labels, num_image_frames=o.num_image_frames)
         video, images = losses.frame_mse(pred, losses.target(o.prediction_type, x0, noise, t, q),
                                          o.num_image_frames)

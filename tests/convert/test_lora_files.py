@@ -185,3 +185,32 @@ def test_export_lora_writes_the_merged_official_checkpoint(case, tmp_path):
     untouched = "down_blocks.0.resnets.0.conv2.weight"
     np.testing.assert_array_equal(merged[untouched], np.transpose(np.asarray(dict(nnx.to_flat_state(
         nnx.state(plain, nnx.Param)))[("down_blocks", 0, "resnets", 0, "conv2", "kernel")][...]), (3, 2, 0, 1)))
+
+
+def test_learned_tokens_travel_in_the_adapter_file(case, tmp_path):
+    """A learned token (pivotal tuning) is written as an embedding bundled with the LoRA (A1111's
+    `bundle_emb.<word>.string_to_param.*`), read back with the adapters; kohya's `emb_params` key reads too."""
+    from safetensors.numpy import load_file
+
+    _, model, _, _, path = case
+    width = CONFIG["cross_attention_dim"]
+    row = np.random.default_rng(1).standard_normal(width).astype(np.float32)
+    both = tmp_path / "pivotal.safetensors"
+    save_adapter(both, model, tokens={"sks": row})
+    assert load_file(str(both))["bundle_emb.sks.string_to_param.*"].shape == (1, width)
+    got, ours = read_adapter(both, model), read_adapter(path, model)
+    np.testing.assert_array_equal(got.tokens["sks"], row)
+    assert set(got.layers) == set(ours.layers) and "embeddings" in got.layout
+    alone = tmp_path / "inversion.safetensors"  # textual inversion alone: the UNet untouched
+    save_adapter(alone, model, {}, tokens={"sks": row})
+    got = read_adapter(alone, model)
+    assert not got.layers and list(got.tokens) == ["sks"]
+    kohya = save_state_dict({"bundle_emb.sks.emb_params": row[None]}, tmp_path / "kohya", "safetensors")
+    np.testing.assert_array_equal(read_adapter(kohya, model).tokens["sks"], row)
+    for name, value, message in (("multi", np.zeros((2, width), np.float32), "has 2 vectors; lavie-jax learns and "
+                                  "loads one vector per word"),
+                                 ("narrow", np.zeros((1, 8), np.float32), r"'sks' is \[1, 8\], but this UNet's text "
+                                  r"is \d+-d: it was learnt for another text encoder")):
+        bad = save_state_dict({"bundle_emb.sks.emb_params": value}, tmp_path / name, "safetensors")
+        with pytest.raises(LoRAError, match=message):
+            read_adapter(bad, model)

@@ -1,6 +1,7 @@
-"""`lavie-train` with a `train.lora` section: only the adapters train (no optimizer state or EMA for the base), the
-checkpoints hold no base weights, a resumed run reaches the uninterrupted run's losses bit for bit, and the work
-directory loads (sampling, export) as its base with the trained adapters merged."""
+"""`lavie-train` with a `train.lora` section: only the adapters and the learned token rows train (no optimizer state
+or EMA for the base), the checkpoints hold no base weights, a resumed run reaches the uninterrupted run's losses bit
+for bit, and the work directory loads (sampling, export) as its base with the trained adapters merged and the learned
+token in its text encoder."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def lora_config(train_data_dir, tmp_path_factory):
     base_dir = tmp_path_factory.mktemp("lora_base") / "unet"
     save_model(base, base_dir, stage="base")
     config.train.init, config.train.lora.rules = str(base_dir), RULES
+    # pivotal tuning: a word of the dataset's captions learns its row, starting from another word's
+    config.train.lora.tokens, config.train.lora.token_init = ("circle",), ("square",)
     config.train.ema.decay = 0.5
     config.train.optimizer.update(lr=1e-2, warmup_steps=0)
     config.train.update(num_steps=4, checkpoint_every=2, keep=3)
@@ -62,6 +65,7 @@ def test_a_lora_run_trains_the_adapters_alone_and_resumes_bitwise(lora_config, t
     for part in ("params", "ema", "opt_state"):  # only adapters train: no optimizer state or EMA for the base
         paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(tree[part])]
         assert all("lora_" in p for p in paths if "kernel" in p or "lora_" in p), part
+        assert any("text_tokens" in p for p in paths), part
 
     # a run stopped after step 2: the same work directory without its step 4, resumed
     losses = _losses(straight)
@@ -99,6 +103,20 @@ def test_a_lora_run_trains_the_adapters_alone_and_resumes_bitwise(lora_config, t
     np.testing.assert_array_equal(loaded.layers[p].a, ema[f"{p}.wrapper.adapter.lora_a"])
     assert loaded.layers[p].alpha == 4.0
 
+    # the learned row: trained away from its start (the row of 'square'), in the file, and in the text encoder the
+    # work directory loads with (the encoders it trained with otherwise)
+    from lavie_jax.io.text import word_ids
+    from lavie_jax.models.tokens import token_table
+
+    pipe = store.load_pipeline(str(straight))
+    (circle, square), row = word_ids(pipe.tokenizer, ["circle", "square"], what="test"), ema["text_tokens.embedding"]
+    plain = np.asarray(token_table(store.load_components(str(straight))[1])[...])
+    assert row.shape == (1, plain.shape[1]) and np.abs(row[0] - plain[square]).max() > 1e-4
+    np.testing.assert_array_equal(loaded.tokens["circle"], row[0])
+    table = np.asarray(token_table(pipe.text_encoder)[...])
+    np.testing.assert_array_equal(table[circle], row[0])
+    np.testing.assert_array_equal(np.delete(table, circle, 0), np.delete(plain, circle, 0))
+
 
 def test_bad_lora_sections_are_refused_before_anything_is_built(lora_config):
     from lavie_jax import parallel
@@ -113,4 +131,11 @@ def test_bad_lora_sections_are_refused_before_anything_is_built(lora_config):
         check_run(config, mesh)
     config.train.lora.rules, config.train.init = RULES, ""
     with pytest.raises(TrainConfigError, match=r"train.init: is empty, but train.lora.rules is set"):
+        check_run(config, mesh)
+    config.train.init, config.train.lora.token_init = lora_config.train.init, ("square", "red")
+    with pytest.raises(TrainConfigError, match=r"train.lora.token_init: .* has 2 words for 1 tokens"):
+        check_run(config, mesh)
+    config.train.lora.token_init, config.data.dataset = (), "precomputed"
+    with pytest.raises(TrainConfigError, match=r"data.dataset: 'precomputed' holds text embeddings, but "
+                                               r"train.lora.tokens learns the embedding of \['circle'\] inside"):
         check_run(config, mesh)
