@@ -88,6 +88,7 @@ def test_same_ids_and_files_as_transformers(tmp_path, flavor, monkeypatch):
     assert ours(prompts, **kw)["input_ids"] == expected
     assert ours(prompts, add_special_tokens=False)["input_ids"] == ref(prompts, add_special_tokens=False)["input_ids"]
     assert [ours.decode(r[1:40]) for r in expected] == [ref.decode(r[1:40]) for r in expected]
+    assert ours.convert_ids_to_tokens(expected[4]) == ref.convert_ids_to_tokens(expected[4])
     ours.save_pretrained(tmp_path / "ours")
     ref.save_pretrained(str(tmp_path / "ref"))
     from_ours = transformers.CLIPTokenizer.from_pretrained(str(tmp_path / "ours"), local_files_only=True)

@@ -132,7 +132,7 @@ def tokenize(tokenizer: ClipTokenizer, prompts: str | Sequence[str], *, max_leng
     return np.asarray(ids, np.int32)
 
 
-def word_ids(tokenizer: CLIPTokenizer, words: Sequence[str], *, what: str) -> list[int]:
+def word_ids(tokenizer: ClipTokenizer, words: Sequence[str], *, what: str) -> list[int]:
     """The token id of each word of `words`, each of which must be one token of `tokenizer` as it appears inside a
     prompt (a learned token's row, `models.tokens`); ValueError names a word that is several tokens or none."""
     out = []
@@ -149,7 +149,7 @@ def word_ids(tokenizer: CLIPTokenizer, words: Sequence[str], *, what: str) -> li
     return out
 
 
-def with_tokens(text_encoder: CLIPTextEncoder, tokenizer: CLIPTokenizer, rows: Mapping[str, np.ndarray], *,
+def with_tokens(text_encoder: CLIPTextEncoder, tokenizer: ClipTokenizer, rows: Mapping[str, np.ndarray], *,
                 what: str) -> CLIPTextEncoder:
     """`text_encoder` with learned token rows (`{word: [D]}`, `models.tokens`) in place of those words' rows: a new
     module (the given one, which loaders share, is untouched). ValueError / TokenError name a word that is not one

@@ -93,6 +93,9 @@ class ClipTokenizer:
             out.append(toks)
         return Encoded(input_ids=out[0] if single else out)
 
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.backend.id_to_token(int(i)) for i in ids]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return text.replace("</w>", " ").strip()
