@@ -50,7 +50,7 @@ AUTOENCODER = {
     "logvar_init": -6.0,  # the posterior starts narrow (std 0.05): at 0 the first steps decode noise
     "foreground_weight": 10.0,  # loss weight 1 + this x distance from the border colour: shapes are learnt first
     "edge_weight": 1.0,  # L1 of the pixel differences too: keeps corners and apexes sharp
-    "high_res_fraction": 0.1,  # of each batch: 32x32 crops of the 128x128 frames (what the VSR stage decodes)
+    "high_res_fraction": 0.1,  # of each batch (rounded: 1 of 8): 32x32 crops of the 128x128 frames the VSR decodes
 }
 
 # The demo values every stage shares; each stage file adds its UNet, clips, batch, steps and sampling.

@@ -2,9 +2,11 @@
 machine, so the demo trains a small KL autoencoder on the dataset's frames and draws a small text encoder at random.
 
 - Autoencoder: the project's `AutoencoderKL` with a small config (the `demo` config's `autoencoder`: f4, no
-  attention), trained with L1 + L2 reconstruction and a small KL term on 32x32 frames of the low-res dataset and
-  32x32 crops of the high-res one (whose frames the VSR stage decodes). Its `scaling_factor` is set afterwards to
-  1 / std of the latents, as Stable Diffusion's 0.18215 was, so the diffusion models see unit-variance latents.
+  attention), trained with L1 + L2 reconstruction, an edge term (L1 of pixel differences) and a small KL term on
+  32x32 frames of the low-res dataset and 32x32 crops of the high-res one (whose frames the VSR stage decodes), in
+  many small batches, with the posterior starting narrow (docs/demo_quality.md, Shapes). Its `scaling_factor` is
+  set afterwards to 1 / std of the latents, as Stable Diffusion's 0.18215 was, so the diffusion models see
+  unit-variance latents.
 - Text encoder: `text_encoder_config('tiny', 64)`, a 2-layer CLIP text tower, random and never trained; token and
   position embeddings are N(0, 1) (as torch.nn.Embedding) so captions differ clearly. With the real CLIP tokenizer.
   It adds the sum of the caption's token embeddings to every output token (`add_caption_sum`, see
@@ -100,8 +102,8 @@ def _losses(vae: AutoencoderKL, x: jax.Array, key: jax.Array, kl_weight: float, 
 def init_autoencoder(config: dict[str, Any], seed: int, logvar_init: float = 0.0) -> AutoencoderKL:
     """Host-drawn random weights (`randomize`) with every resnet's last conv at zero: each residual block starts as
     the identity, which gets the small network past reproducing only the background sooner. The posterior's
-    log-variance starts at `logvar_init` (the bias of the last encoder conv's log-variance half): at 0 the first steps decode
-    unit noise around latents of a much smaller spread, and the short training spends itself shrinking it."""
+    log-variance starts around `logvar_init` (the bias of the last encoder conv's log-variance half): at 0 the first
+    steps decode unit noise, larger than the latents' own spread, and the short training spends itself shrinking it."""
     vae = randomize(abstract_vae(config), seed)
     state = nnx.state(vae, nnx.Param)
     for path, var in nnx.to_flat_state(state):
