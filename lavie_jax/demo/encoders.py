@@ -19,6 +19,7 @@ configs' `train.encoders` name, and what `lavie-sample` loads again from each tr
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -170,6 +171,16 @@ def psnr(vae: AutoencoderKL, frames: np.ndarray) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
+def recipe_changes(info: dict[str, Any], cfg: ml_collections.ConfigDict) -> list[str]:
+    """How the autoencoder recipe `cfg` differs from the one stored in a written pipeline's `info` (its `source`):
+    'KEY: stored -> now' per setting that differs (an empty list: the same recipe)."""
+    stored, now = info.get("autoencoder"), json.loads(json.dumps(cfg.to_dict()))  # as read back from JSON
+    if not stored:
+        return ["no recipe stored (written before the demo stored it)"]
+    keys = sorted(set(stored) | set(now))
+    return [f"{k}: {stored.get(k)} -> {now.get(k)}" for k in keys if stored.get(k) != now.get(k)]
+
+
 # ------------------------------------------------------------------------------------------------ text encoder
 
 def random_text_encoder(width: int, seed: int = 0) -> CLIPTextEncoder:
@@ -251,7 +262,7 @@ def make_encoders(directory: str | Path, cfg: ml_collections.ConfigDict, low: np
     vae = abstract_vae(vae_config)  # the same params under the config that carries the scaling factor
     nnx.update(vae, nnx.state(trained, nnx.Param))
     quality = {f"psnr_db_{name}": round(psnr(vae, frames), 2) for name, frames in held_out.items()}
-    info = {"made_by": "lavie_jax.demo", "autoencoder_steps": int(cfg.steps),
+    info = {"made_by": "lavie_jax.demo", "autoencoder_steps": int(cfg.steps), "autoencoder": cfg.to_dict(),
             "final_losses": {k: round(v, 5) for k, v in losses.items()}, "scaling_factor": round(scale, 5),
             **quality, "text_encoder": f"random tiny CLIP text tower, width {text_width}, seed {seed}, caption sum "
                                         "added to every token"}

@@ -2,15 +2,18 @@
 has what each term does to its reconstructions).
 
 - the edge loss is zero for a copy, and larger for a blurred square than a plain L1 on the same pixels is;
+- a written autoencoder names the recipe it was trained with, so the demo can refuse a stale one;
 - `init_autoencoder` starts the posterior's log-variance around the configured value (its bias; the random kernel
   adds a term of order one).
 """
+
+import json
 
 import jax.numpy as jnp
 import numpy as np
 
 from lavie_jax.cli.config_flags import load_config
-from lavie_jax.demo.encoders import edge_loss, init_autoencoder
+from lavie_jax.demo.encoders import edge_loss, init_autoencoder, recipe_changes
 
 
 def _square() -> jnp.ndarray:
@@ -36,3 +39,13 @@ def test_posterior_starts_around_the_configured_log_variance():
         post = init_autoencoder(cfg.vae.to_dict(), seed=0, logvar_init=start).encode(_square(), frame_chunk=None)
         assert post.mean.shape == (1, 4, 4, cfg.vae.latent_channels)
         assert abs(float(jnp.mean(post.logvar)) - start) < 1.0
+
+
+def test_a_changed_autoencoder_recipe_is_named():
+    cfg = load_config("demo").autoencoder
+    stored = {"autoencoder": json.loads(json.dumps(cfg.to_dict()))}  # as the pipeline's metadata reads back
+    assert recipe_changes(stored, cfg) == []
+    cfg.steps = 300
+    assert recipe_changes(stored, cfg) == [f"steps: {stored['autoencoder']['steps']} -> 300"]
+    assert recipe_changes({"made_by": "lavie_jax.demo"}, cfg) == [
+        "no recipe stored (written before the demo stored it)"]
