@@ -42,10 +42,15 @@ AUTOENCODER = {
             "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
             "mid_block_add_attention": False,  # convolutional only: the VSR stage decodes 128x128 frames
             "scaling_factor": 1.0},  # replaced by 1 / std of the trained latents (as SD's 0.18215 was chosen)
-    "steps": 300, "batch_size": 32, "crop": 32, "lr": 2e-3, "warmup_steps": 20, "final_lr_ratio": 0.1,
-    "kl_weight": 1e-4, "log_every": 25,
+    # Many small batches: 1200 steps of 8 frames reproduce the shapes at 32x32 where 300 of 32 (about the same
+    # time on 2 cores: a step this small costs little more than its fixed overhead) round squares and triangles
+    # (docs/demo_quality.md, Shapes).
+    "steps": 1200, "batch_size": 8, "crop": 32, "lr": 2e-3, "warmup_steps": 80, "final_lr_ratio": 0.1,
+    "kl_weight": 1e-4, "log_every": 100,
+    "logvar_init": -6.0,  # the posterior starts narrow (std 0.05): at 0 the first steps decode noise
     "foreground_weight": 10.0,  # loss weight 1 + this x distance from the border colour: shapes are learnt first
-    "high_res_fraction": 0.25,  # of each batch: 32x32 crops of the 128x128 frames (what the VSR stage decodes)
+    "edge_weight": 1.0,  # L1 of the pixel differences too: keeps corners and apexes sharp
+    "high_res_fraction": 0.1,  # of each batch (rounded: 1 of 8): 32x32 crops of the 128x128 frames the VSR decodes
 }
 
 # The demo values every stage shares; each stage file adds its UNet, clips, batch, steps and sampling.

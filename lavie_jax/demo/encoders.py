@@ -2,9 +2,11 @@
 machine, so the demo trains a small KL autoencoder on the dataset's frames and draws a small text encoder at random.
 
 - Autoencoder: the project's `AutoencoderKL` with a small config (the `demo` config's `autoencoder`: f4, no
-  attention), trained with L1 + L2 reconstruction and a small KL term on 32x32 frames of the low-res dataset and
-  32x32 crops of the high-res one (whose frames the VSR stage decodes). Its `scaling_factor` is set afterwards to
-  1 / std of the latents, as Stable Diffusion's 0.18215 was, so the diffusion models see unit-variance latents.
+  attention), trained with L1 + L2 reconstruction, an edge term (L1 of pixel differences) and a small KL term on
+  32x32 frames of the low-res dataset and 32x32 crops of the high-res one (whose frames the VSR stage decodes), in
+  many small batches, with the posterior starting narrow (docs/demo_quality.md, Shapes). Its `scaling_factor` is
+  set afterwards to 1 / std of the latents, as Stable Diffusion's 0.18215 was, so the diffusion models see
+  unit-variance latents.
 - Text encoder: `text_encoder_config('tiny', 64)`, a 2-layer CLIP text tower, random and never trained; token and
   position embeddings are N(0, 1) (as torch.nn.Embedding) so captions differ clearly. With the real CLIP tokenizer.
   It adds the sum of the caption's token embeddings to every output token (`add_caption_sum`, see
@@ -17,6 +19,7 @@ configs' `train.encoders` name, and what `lavie-sample` loads again from each tr
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -70,10 +73,22 @@ def foreground_weights(x: jax.Array, weight: float) -> jax.Array:
     return 1.0 + weight * distance
 
 
-def _losses(vae: AutoencoderKL, x: jax.Array, key: jax.Array, kl_weight: float, fg_weight: float
-            ) -> tuple[jax.Array, dict]:
-    """Reconstruction (L1 + L2 per pixel, foreground-weighted) of a posterior sample plus `kl_weight` x the KL per
-    latent element."""
+def edge_loss(y: jax.Array, x: jax.Array, w: jax.Array) -> jax.Array:
+    """L1 between the horizontal and vertical pixel differences of `y` and `x` `[N, H, W, 3]`, weighted by `w`
+    `[N, H, W, 1]` (at each difference's second pixel): L1 and L2 of the pixels alone are content with a blurred
+    edge, which rounds a square's corners and a triangle's apex at 32x32 (shapes ~8-13 pixels across)."""
+    loss = 0.0
+    for axis in (1, 2):
+        dy, dx = jnp.diff(y, axis=axis), jnp.diff(x, axis=axis)
+        wa = jax.lax.slice_in_dim(w, 1, w.shape[axis], axis=axis)
+        loss = loss + jnp.mean(wa * jnp.abs(dy - dx)) / jnp.mean(wa)
+    return loss
+
+
+def _losses(vae: AutoencoderKL, x: jax.Array, key: jax.Array, kl_weight: float, fg_weight: float,
+            edge_weight: float) -> tuple[jax.Array, dict]:
+    """Reconstruction (L1 + L2 per pixel, foreground-weighted) of a posterior sample, plus `edge_weight` x the
+    `edge_loss`, plus `kl_weight` x the KL per latent element."""
     post = vae.encode(x, frame_chunk=None)
     z = post.mean + post.std * jax.random.normal(key, post.mean.shape)
     y = vae.decode(z, frame_chunk=None)
@@ -81,18 +96,23 @@ def _losses(vae: AutoencoderKL, x: jax.Array, key: jax.Array, kl_weight: float, 
     l1 = jnp.mean(w * jnp.abs(y - x)) / jnp.mean(w)
     l2 = jnp.mean(w * jnp.square(y - x)) / jnp.mean(w)
     kl = 0.5 * jnp.mean(jnp.square(post.mean) + jnp.exp(post.logvar) - 1.0 - post.logvar)
-    return l1 + l2 + kl_weight * kl, {"l1": l1, "l2": l2, "kl": kl}
+    edge = edge_loss(y, x, w)
+    return l1 + l2 + edge_weight * edge + kl_weight * kl, {"l1": l1, "l2": l2, "edge": edge, "kl": kl}
 
 
-def init_autoencoder(config: dict[str, Any], seed: int) -> AutoencoderKL:
+def init_autoencoder(config: dict[str, Any], seed: int, logvar_init: float = 0.0) -> AutoencoderKL:
     """Host-drawn random weights (`randomize`) with every resnet's last conv at zero: each residual block starts as
-    the identity, which gets the small network past reproducing only the background sooner."""
+    the identity, which gets the small network past reproducing only the background sooner. The posterior's
+    log-variance starts around `logvar_init` (the bias of the last encoder conv's log-variance half): at 0 the first
+    steps decode unit noise, larger than the latents' own spread, and the short training spends itself shrinking it."""
     vae = randomize(abstract_vae(config), seed)
     state = nnx.state(vae, nnx.Param)
     for path, var in nnx.to_flat_state(state):
         if path[-2:] == ("conv2", "kernel"):
             var.set_value(jnp.zeros(var.shape, jnp.float32))
     nnx.update(vae, state)
+    bias = (vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out).bias
+    bias.set_value(bias[...].at[bias.shape[-1] // 2:].set(logvar_init))
     return vae
 
 
@@ -100,18 +120,18 @@ def train_autoencoder(cfg: ml_collections.ConfigDict, low: np.ndarray, high: np.
                       log: Log = print) -> tuple[AutoencoderKL, dict[str, Any]]:
     """Train `cfg.vae` (a diffusers AutoencoderKL dict) for `cfg.steps` AdamW steps on frames of `low` and crops of
     `high` (uint8 `[N, H, W, 3]`); returns the model (scaling_factor still 1) and its final losses."""
-    vae = init_autoencoder(cfg.vae.to_dict(), seed)
+    vae = init_autoencoder(cfg.vae.to_dict(), seed, float(cfg.logvar_init))
     graphdef, params = nnx.split(vae)
     lr = optax.join_schedules([optax.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps),
                                optax.cosine_decay_schedule(cfg.lr, cfg.steps - cfg.warmup_steps, cfg.final_lr_ratio)],
                               [cfg.warmup_steps])
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
-    kl_weight, fg_weight = float(cfg.kl_weight), float(cfg.foreground_weight)
+    kl_weight, fg_weight, edge_weight = float(cfg.kl_weight), float(cfg.foreground_weight), float(cfg.edge_weight)
 
     @jax.jit
     def step(params, opt_state, x, key):
         def loss_fn(p):
-            return _losses(nnx.merge(graphdef, p), x, key, kl_weight, fg_weight)
+            return _losses(nnx.merge(graphdef, p), x, key, kl_weight, fg_weight, edge_weight)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -149,6 +169,16 @@ def psnr(vae: AutoencoderKL, frames: np.ndarray) -> float:
     y = jax.jit(lambda x: vae.decode(vae.encode(x, frame_chunk=None).mean, frame_chunk=None))(x)
     mse = float(jnp.mean(jnp.square((jnp.clip(y, -1, 1) - x) / 2)))
     return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def recipe_changes(info: dict[str, Any], cfg: ml_collections.ConfigDict) -> list[str]:
+    """How the autoencoder recipe `cfg` differs from the one stored in a written pipeline's `info` (its `source`):
+    'KEY: stored -> now' per setting that differs (an empty list: the same recipe)."""
+    stored, now = info.get("autoencoder"), json.loads(json.dumps(cfg.to_dict()))  # as read back from JSON
+    if not stored:
+        return ["no recipe stored (written before the demo stored it)"]
+    keys = sorted(set(stored) | set(now))
+    return [f"{k}: {stored.get(k)} -> {now.get(k)}" for k in keys if stored.get(k) != now.get(k)]
 
 
 # ------------------------------------------------------------------------------------------------ text encoder
@@ -232,7 +262,7 @@ def make_encoders(directory: str | Path, cfg: ml_collections.ConfigDict, low: np
     vae = abstract_vae(vae_config)  # the same params under the config that carries the scaling factor
     nnx.update(vae, nnx.state(trained, nnx.Param))
     quality = {f"psnr_db_{name}": round(psnr(vae, frames), 2) for name, frames in held_out.items()}
-    info = {"made_by": "lavie_jax.demo", "autoencoder_steps": int(cfg.steps),
+    info = {"made_by": "lavie_jax.demo", "autoencoder_steps": int(cfg.steps), "autoencoder": cfg.to_dict(),
             "final_losses": {k: round(v, 5) for k, v in losses.items()}, "scaling_factor": round(scale, 5),
             **quality, "text_encoder": f"random tiny CLIP text tower, width {text_width}, seed {seed}, caption sum "
                                         "added to every token"}

@@ -148,6 +148,13 @@ class Demo:
             skipped = (self.encoders_dir / checkpoints.METADATA_FILE).is_file()
             if skipped:
                 say(f"found {_rel(self.encoders_dir)}")
+                changes = encoders.recipe_changes(checkpoints.read_metadata(self.encoders_dir).get("source", {}),
+                                                  self.settings.autoencoder)
+                if changes:
+                    raise DemoError(f"{_rel(self.encoders_dir)} was trained with a different autoencoder recipe (an "
+                                    "older demo?):\n" + "\n".join(f"  {c}" for c in changes) + f"\nDelete "
+                                    f"{_rel(self.encoders_dir.parent)} to make the autoencoder, the latents and the "
+                                    "stages trained on them again; the demo does not delete it for you.")
             else:
                 cfg = self.settings.autoencoder
                 low = data.read_frames(self.sources["low"], 512, seed=1)
