@@ -174,3 +174,27 @@ def test_captured_values_need_an_explicit_key(cache):
     assert float(closure(jnp.ones(()))) == 3.0 and _entries(cache) == []  # what it captured is not in any key
     keyed = Program(lambda x: x * scale, key="scale=3")
     assert float(keyed(jnp.ones(()))) == 3.0 and len(_entries(cache)) == 1
+
+
+def test_kept_values_are_built_once_read_back_and_rebuilt_when_damaged_or_off(cache, capsys):
+    """`kept`: a value built by one call is read back by the next without building (as by a new process: the
+    entry is the only link), under its key and the code key; a damaged entry is rebuilt and rewritten; with the
+    cache off, or a key without a stable text, every call builds."""
+    calls = []
+
+    def build(value):
+        return lambda: calls.append(value) or {"value": value, "shape": (2, 3)}
+
+    assert program_cache.kept("thing", ("a", 1), build(1)) == {"value": 1, "shape": (2, 3)}
+    [entry] = cache.glob("thing-*.pkl")
+    assert program_cache.kept("thing", ("a", 1), build(2)) == {"value": 1, "shape": (2, 3)}  # read, not built
+    assert program_cache.kept("thing", ("a", 2), build(3))["value"] == 3  # another key: another entry
+    entry.write_bytes(b"not a pickle")
+    assert program_cache.kept("thing", ("a", 1), build(4))["value"] == 4
+    assert "not used" in capsys.readouterr().err
+    assert program_cache.kept("thing", ("a", 1), build(5))["value"] == 4  # rewritten
+    assert program_cache.kept("thing", object(), build(6))["value"] == 6  # repr 'at 0x...': never kept
+    program_cache.configure(None)
+    assert program_cache.kept("thing", ("a", 1), build(7))["value"] == 7
+    assert calls == [1, 3, 4, 6, 7]
+    assert program_cache.stats()["written"] == 0  # programs only

@@ -288,7 +288,9 @@ def kept(name: str, key: Any, build: Callable[[], Any]) -> Any:
     path = _directory / f"{name}-{digest[:40]}.pkl"
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)  # our own cache: trusted (module docstring)
+            value = pickle.load(f)  # our own cache: trusted (module docstring)
+        os.utime(path)  # recently used: the last to be evicted, as programs
+        return value
     except FileNotFoundError:
         pass
     except Exception as e:  # noqa: BLE001 - a damaged entry is built again and rewritten
@@ -354,7 +356,7 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def _evict(folder: Path, limit: int = MAX_BYTES) -> None:
-    entries = sorted((p.stat().st_mtime, p.stat().st_size, p) for p in folder.glob("*.bin"))
+    entries = sorted((p.stat().st_mtime, p.stat().st_size, p) for p in [*folder.glob("*.bin"), *folder.glob("*.pkl")])
     total = sum(size for _, size, _ in entries)
     for _, size, p in entries:
         if total <= limit:
