@@ -213,7 +213,7 @@ def load_unet(source: Source | str | os.PathLike, *, mesh: jax.sharding.Mesh | N
         raise SourceError(f"{source.named}: its UNet's architecture differs from the config's unet section "
                           f"in {_arch_diff(stored, arch)}; use the config that matches the checkpoint")
     if source.kind == "workdir":
-        return _workdir_unet(source, mesh, rules, options, ema)
+        return _workdir_unet(source, mesh, rules, options, ema)[0]
     return checkpoints.load_component(source.path, "unet", mesh=mesh, rules=rules, options=options)
 
 
@@ -222,7 +222,7 @@ def _arch_diff(a: UNetArch, b: UNetArch) -> list[str]:
 
 
 def run_lora_rules(config: Mapping[str, Any]) -> tuple:
-    """A stored run config's `train.lora.rules` (empty: not a LoRA run)."""
+    """A run config's `train.lora.rules` (a stored dict or the ConfigDict; empty: no adapters)."""
     lora = (config.get("train") or {}).get("lora") or {}
     return tuple(tuple(r) for r in lora.get("rules") or ())
 
@@ -230,7 +230,7 @@ def run_lora_rules(config: Mapping[str, Any]) -> tuple:
 def run_tokens(config: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A stored LoRA run's learned tokens `{word: [D]}` (its `train.lora.tokens`, their rows from its saved
     `params`, by dotted path); empty when it learnt none."""
-    words = _run_words(config)
+    words = run_words(config)
     if not words:
         return {}
     rows = params.get(f"{tokens.ATTRIBUTE}.embedding")
@@ -240,13 +240,14 @@ def run_tokens(config: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str
     return {w: np.asarray(r, np.float32) for w, r in zip(words, np.asarray(rows))}
 
 
-def _run_words(config: Mapping[str, Any]) -> tuple[str, ...]:
+def run_words(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """A run config's `train.lora.tokens` (a stored dict or the ConfigDict; empty: no learned tokens)."""
     return tuple(((config.get("train") or {}).get("lora") or {}).get("tokens") or ())
 
 
-def _personalised(config: Mapping[str, Any]) -> bool:
-    lora = (config.get("train") or {}).get("lora") or {}
-    return bool(lora.get("rules") or lora.get("tokens"))
+def personalised(config: Mapping[str, Any]) -> bool:
+    """A run that trained adapters, learned tokens or both (its checkpoints hold them, not the base)."""
+    return bool(run_lora_rules(config) or run_words(config))
 
 
 def _lora_workdir_unet(source: Source, step: int, stored: Mapping[str, Any], params: dict, mesh, rules: Rules,
@@ -265,10 +266,12 @@ def _lora_workdir_unet(source: Source, step: int, stored: Mapping[str, Any], par
     return unet
 
 
-def _workdir_unet(source: Source, mesh, rules: Rules, options, ema: bool) -> UNet3D:
+def _workdir_unet(source: Source, mesh, rules: Rules, options, ema: bool) -> tuple[UNet3D, dict[str, np.ndarray]]:
+    """A work directory's UNet and the learned tokens of its run (`run_tokens`), from one read of its params."""
     step, stored, params = run_params.read_params(source.path, ema=ema, step=source.step)
-    if _personalised(stored):
-        return _lora_workdir_unet(source, step, stored, params, mesh, rules, options)
+    if personalised(stored):
+        return (_lora_workdir_unet(source, step, stored, params, mesh, rules, options),
+                run_tokens(stored, params))
     unet = abstract_unet(arch_from_config(stored["unet"], stored.get("stage")), options=options)
     state = nnx.state(unet, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
@@ -282,7 +285,7 @@ def _workdir_unet(source: Source, mesh, rules: Rules, options, ema: bool) -> UNe
     for path, value in zip(paths, values):
         flat[path].set_value(value)
     nnx.update(unet, state)
-    return shard_module(unet, mesh, rules) if mesh is not None else unet
+    return (shard_module(unet, mesh, rules) if mesh is not None else unet), {}
 
 
 def load_components(source: Source | str | os.PathLike, *, random: RandomParts | None = None, width: int = 0,
@@ -374,15 +377,14 @@ def load_pipeline(source: Source | str | os.PathLike, *, stage: str | None = Non
                                 width=arch.cross_attention_dim, seed=seed, **kw)
         metadata = {"source": RANDOM}
     else:
-        unet = load_unet(source, ema=ema, **kw)
+        unet, learned = (_workdir_unet(source, mesh, rules, options, ema) if source.kind == "workdir"
+                         else (load_unet(source, ema=ema, **kw), {}))
         parts = load_components(source, **kw)
-        if source.kind == "workdir" and _run_words(
-                workdirs.TrainCheckpointer(source.path, save_every=0, read_only=True).stored_config(source.step)):
+        if learned:
             from lavie_jax.io.text import with_tokens  # a LoRA run's learned tokens: into a copy of its text encoder
 
-            _, stored, params = run_params.read_params(source.path, ema=ema, step=source.step)
-            parts = (parts[0], with_tokens(parts[1], parts[2], run_tokens(stored, params),
-                                           what=f"learned tokens of {source.path}"), parts[2])
+            parts = (parts[0], with_tokens(parts[1], parts[2], learned, what=f"learned tokens of {source.path}"),
+                     parts[2])
         metadata = ({"source": str(source.path), "step": source.step, "params": "ema" if ema else "raw"}
                     if source.kind == "workdir" else checkpoints.read_metadata(source.path))
     return Pipeline(unet.arch.stage, unet, *parts, metadata)
@@ -407,7 +409,7 @@ def stored_params(source: Source | str | os.PathLike, *, component: str = "unet"
             raise SourceError(f"{source.path} is a lavie-train work directory: it holds a trained UNet only; its "
                               "VAE and text encoder are those of the pipeline directory it trained with")
         step, config, params = run_params.read_params(source.path, ema=ema, step=source.step)
-        if _personalised(config):  # the base with the adapters merged: a plain UNet from here on (learned tokens
+        if personalised(config):  # the base with the adapters merged: a plain UNet from here on (learned tokens
             # belong to the text encoder, which a UNet export does not hold: export them with --adapters-only)
             model = _lora_workdir_unet(source, step, config, params, None, DEFAULT_RULES, None)
             params = {".".join(map(str, p)): np.asarray(v[...], np.float32)

@@ -209,19 +209,17 @@ TOKENS_RULE = (rf"^{tokens.ATTRIBUTE}\.embedding$", TOKENS_GROUP)
 
 def lora_rules(config: ml_collections.ConfigDict) -> tuple:
     """`train.lora.rules` as a tuple (empty: no adapters)."""
-    lo = config.train.get("lora")
-    return tuple(tuple(r) for r in lo.rules) if lo is not None and lo.get("rules") else ()
+    return store.run_lora_rules(config)
 
 
 def lora_tokens(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """`train.lora.tokens` as a tuple (empty: no learned tokens)."""
-    lo = config.train.get("lora")
-    return tuple(lo.get("tokens") or ()) if lo is not None else ()
+    return store.run_words(config)
 
 
 def personalising(config: ml_collections.ConfigDict) -> bool:
     """A LoRA run (adapters and/or learned tokens train, the base stays frozen and out of the checkpoints)."""
-    return bool(lora_rules(config) or lora_tokens(config))
+    return store.personalised(config)
 
 
 def _check_tokens(config: ml_collections.ConfigDict) -> None:
