@@ -29,6 +29,7 @@ from lavie_jax.models.arch import UNetArch
 from lavie_jax.models import tokens
 from lavie_jax.models.lora import LoRAError, add_lora, parse_rules
 from lavie_jax.models.options import ExecutionOptions, ExecutionOptionsError
+from lavie_jax.models.random_init import batch_random_draws
 from lavie_jax.models.options import from_config as options_from_config
 from lavie_jax.models.flops import peak_bf16_tflops, train_step_flops
 from lavie_jax.io.text import tokenize, word_ids
@@ -371,8 +372,9 @@ def build_unet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
         if abstract:
             nnx.update(unet, with_shardings(state, shardings))
         else:
-            make = jax.jit(lambda: nnx.state(UNet3D(arch, rngs=nnx.Rngs(config.train.seed)), nnx.Param),
-                           out_shardings=shardings)
+            # the draws batched (models.random_init): the same values, a program XLA compiles several times faster
+            make = jax.jit(batch_random_draws(lambda: nnx.state(UNet3D(arch, rngs=nnx.Rngs(config.train.seed)),
+                                                                nnx.Param)), out_shardings=shardings)
             # run once: the least optimised code is the fastest to build (thousands of small RNG ops)
             nnx.update(unet, make.lower().compile(compiler_options={"xla_backend_optimization_level": 0})())
     elif init.stage in (None, config.stage):

@@ -1,0 +1,78 @@
+"""`batch_random_draws` (lavie_jax.models.random_init): a module's random init with its RNG draws batched gives the
+values of the plain jitted construction, bit for bit, from a program with a fixed handful of threefry hashes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lavie_jax.models import random_init
+from lavie_jax.models.random_init import batch_random_draws
+
+
+class _Mixed(nnx.Module):
+    """Every kind of draw a model's construction makes: uniform, normal and truncated-normal kernels of repeated and
+    distinct shapes, zeros and ones, an embedding, a split stream, a key drawn from a key."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.dense = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(12)])
+        self.wide = nnx.Linear(8, 24, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.conv = nnx.Conv(3, 8, (3, 3), kernel_init=nnx.initializers.truncated_normal(0.1), rngs=rngs)
+        self.norm = nnx.LayerNorm(8, rngs=rngs)
+        self.embed = nnx.Embed(10, 8, rngs=rngs)
+        first, second = jax.random.split(rngs.params())
+        self.table = nnx.Param(jax.random.uniform(first, (4, 8)) + jax.random.normal(second, (4, 8)))
+
+
+def _make(seed):
+    return nnx.state(_Mixed(nnx.Rngs(jax.random.key(seed))), nnx.Param)  # (what nnx.Rngs(int) does, traceable)
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_same_values_as_the_plain_init_and_far_fewer_hashes(monkeypatch):
+    plain_init = _leaves(jax.jit(_make)(3))
+    for got, want in zip(_leaves(jax.jit(batch_random_draws(_make))(3)), plain_init, strict=True):
+        np.testing.assert_array_equal(got, want)  # bit for bit
+    # (eagerly, XLA's erf_inv in the normal draws runs unfused: a float32 ulp or two apart; the bits are the same)
+    for got, want in zip(plain_init, _leaves(_make(3)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert any(np.any(x != 0) for x in plain_init) and len(plain_init) == 32
+
+    # the compile cost: threefry hashes in the program (each is hundreds of ops once XLA inlines it), counted as
+    # the RNG primitives of its jaxpr, nested calls included
+    def hashes(fn) -> int:
+        def count(jaxpr) -> int:
+            n = 0
+            for eqn in jaxpr.eqns:
+                n += eqn.primitive.name in ("random_bits", "random_fold_in", "random_split")
+                n += sum(count(p.jaxpr) for p in eqn.params.values() if hasattr(p, "jaxpr"))
+            return n
+
+        return count(jax.make_jaxpr(fn)(3).jaxpr)
+
+    plain = hashes(_make)
+    assert plain >= 30 and hashes(batch_random_draws(_make)) <= 8, (plain, hashes(batch_random_draws(_make)))
+
+    # a byte cap splits a group (a full-size model never stacks all its bits at once); the values stay the same
+    monkeypatch.setattr(random_init, "MAX_GROUP_BYTES", 8 * 8 * 4 * 5)  # five 8x8 kernels' bits
+    capped = jax.jit(batch_random_draws(_make))
+    assert 8 < hashes(batch_random_draws(_make)) < plain
+    for got, want in zip(_leaves(capped(3)), plain_init, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_arguments_and_outputs_pass_through():
+    def fn(x, scale):
+        key = jax.random.key(0)
+        return {"y": x * scale + jax.random.normal(key, x.shape), "z": jnp.sum(x)}
+
+    x = jnp.arange(6.0).reshape(2, 3)
+    got, want = jax.jit(batch_random_draws(fn))(x, 2.0), fn(x, 2.0)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(_leaves(got), _leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
