@@ -373,10 +373,11 @@ def _sniff(path: Path) -> str:
         head = f.read(16)
     if len(head) == 0:
         raise WeightFileError(f"{path} is empty; download or save it again")
+    # safetensors first: its 8-byte header length may start with 0x80 (a length of 128 + 256 k), a pickle's opcode
+    if len(head) >= 9 and head[8:9] == b"{" and head[:4] != b"PK\x03\x04":
+        return "safetensors"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # zip archive (torch >= 1.6) or a bare pickle
         return "torch"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
     raise WeightFileError(f"{path}: unknown file format (starts with {head[:8]!r}); expected a .safetensors file, "
                           "a torch .pt/.bin checkpoint or a *.index.json of shards")
 

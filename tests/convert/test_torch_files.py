@@ -147,6 +147,19 @@ def test_truncated_files(fmt, tmp_path):
         open_weights(path)
 
 
+def test_a_safetensors_header_length_starting_with_a_pickle_byte_reads(tmp_path):
+    """A header of 128 + 256 k bytes makes the file's first byte 0x80, a pickle's first opcode: still safetensors."""
+    value = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for pad in range(0, 256, 8):  # metadata lengths until the header is 128 bytes long (mod 256)
+        path = tmp_path / f"w{pad}.safetensors"
+        write_safetensors(path, [("x", value.shape, value.dtype)], [("x", value)], metadata={"p": "." * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    with open_weights(path) as w:
+        np.testing.assert_array_equal(np.asarray(w["x"]), value)
+
+
 def test_corrupt_empty_unknown_missing(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(WeightFileError, match="is empty"):
