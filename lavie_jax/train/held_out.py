@@ -115,8 +115,14 @@ class HeldOutLoss:
         def evaluate(params, frozen, encoders, tables, batch, number):
             batch = dict(batch, index=number * size + jnp.arange(size, dtype=jnp.int32))
             key = jax.random.fold_in(base_key, 0)  # every example's key: its position in the held-out set
-            out = [loss(params, frozen, encoders, tables, batch, key, timestep=t) for t in timesteps]
-            return jnp.stack([o[0] for o in out]), jnp.stack([o[1]["video_loss"] for o in out])
+
+            def at(t):
+                total, aux = loss(params, frozen, encoders, tables, batch, key, timestep=t)
+                return total, aux["video_loss"]
+
+            # one loss in the program, run at each timestep (unrolled, a program of 5 losses took XLA as long to
+            # compile as the train step)
+            return jax.lax.map(at, jnp.asarray(timesteps, jnp.int32))
 
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         fn = program_cache.Program(evaluate, key=json.dumps([program_key, "held-out"]),
