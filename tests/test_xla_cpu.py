@@ -43,3 +43,13 @@ def test_this_process_runs_with_the_flags_the_entry_points_set():
     y = jax.lax.conv_general_dilated(x, jax.numpy.ones((3, 3, 3, 2)), (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     assert float(np.asarray(y)[0, 2, 2, 0]) == 27.0
+
+
+def test_run_once_options_compile_here_and_keep_cpu_options_off_other_backends():
+    options = xla_cpu.run_once_options("cpu")
+    assert options["xla_backend_optimization_level"] == 0
+    assert ("xla_cpu_use_fusion_emitters" in options) == xla_cpu.is_tested_jaxlib()
+    assert xla_cpu.run_once_options("tpu") == xla_cpu.run_once_options("gpu") == {"xla_backend_optimization_level": 0}
+    f = jax.jit(lambda k: jax.random.normal(k, (4, 3)) * 2.0)
+    key = jax.random.key(1)
+    np.testing.assert_array_equal(f.lower(key).compile(options)(key), f(key))  # accepted, and the same values

@@ -30,6 +30,7 @@ from lavie_jax.models.arch import UNetArch
 from lavie_jax.models.embeddings import rotary_frequencies
 from lavie_jax.models.random_init import batch_random_draws
 from lavie_jax.models.unet import UNet3D
+from lavie_jax.runtime import xla_cpu
 from lavie_jax.stages import REGISTRY, get_stage, in_family
 
 # What `detect_unet` may answer, as a phrase: a stage's LaVie checkpoint, or a 2D model of a UNet family.
@@ -119,7 +120,9 @@ def _temporal_initialiser(arch: UNetArch, paths: tuple[tuple[Any, ...], ...]) ->
         flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
         return [flat[p][...] for p in paths]
 
-    return jax.jit(batch_random_draws(init))  # the same values, far fewer RNG ops to compile (random_init)
+    # the draws batched (random_init), compiled as a program that runs once: the same values, built far faster
+    seed = jax.ShapeDtypeStruct((), jax.numpy.int32)
+    return jax.jit(batch_random_draws(init)).lower(seed).compile(xla_cpu.run_once_options(jax.default_backend()))
 
 
 def fresh_temporal_params(model: UNet3D, seed: int = 0) -> dict[str, np.ndarray]:
@@ -132,7 +135,7 @@ def fresh_temporal_params(model: UNet3D, seed: int = 0) -> dict[str, np.ndarray]
     arch = model.arch
     names = official_names(model)
     paths = tuple(p for p, _ in param_paths(model) if is_temporal_key(torch_key(p, renames=names)))
-    values = _temporal_initialiser(arch, paths)(seed)
+    values = _temporal_initialiser(arch, paths)(np.int32(seed))
     out = {torch_key(p, renames=names): to_torch_layout(np.asarray(v), str(p[-1])) for p, v in zip(paths, values)}
     for key in rotary_freq_keys(model):
         out[key] = rotary_frequencies(arch.rotary_dim, arch.rotary_theta)

@@ -33,7 +33,7 @@ from lavie_jax.models.random_init import batch_random_draws
 from lavie_jax.models.options import from_config as options_from_config
 from lavie_jax.models.flops import peak_bf16_tflops, train_step_flops
 from lavie_jax.io.text import tokenize, word_ids
-from lavie_jax.runtime import program_cache
+from lavie_jax.runtime import program_cache, xla_cpu
 from lavie_jax.train import held_out, optim
 from lavie_jax.train.step import Encoders, Objective, StageInputs, TrainState, stage_loss, train_step
 
@@ -375,8 +375,9 @@ def build_unet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
             # the draws batched (models.random_init): the same values, a program XLA compiles several times faster
             make = jax.jit(batch_random_draws(lambda: nnx.state(UNet3D(arch, rngs=nnx.Rngs(config.train.seed)),
                                                                 nnx.Param)), out_shardings=shardings)
-            # run once: the least optimised code is the fastest to build (thousands of small RNG ops)
-            nnx.update(unet, make.lower().compile(compiler_options={"xla_backend_optimization_level": 0})())
+            # run once: the least optimised code is the fastest to build
+            once = xla_cpu.run_once_options(jax.default_backend())
+            nnx.update(unet, make.lower().compile(compiler_options=once)())
     elif init.stage in (None, config.stage):
         unet = store.load_unet(init, mesh=mesh, rules=rules, options=options)
     else:
