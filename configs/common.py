@@ -263,7 +263,6 @@ def train_config() -> ml_collections.ConfigDict:
     o = t.objective = ml_collections.ConfigDict()
     o.prediction_type = "epsilon"  # the SD UNets' (vsr.py: the x4 upscaler's v-prediction)
     o.text_dropout = 0.1  # official code: captions dropped for classifier-free guidance with p = 0.1
-    o.snr_gamma = 0.0  # min-SNR-gamma loss weighting (e.g. 5; lavie_jax.diffusion.losses.snr_weights); 0 = off
     o.image_loss_weight = 1.0  # base: alpha in L = L_video + alpha * L_image (paper; value not disclosed)
     o.noise_level_max = 350  # vsr: low-res noise levels drawn from [0, this) (the x4 upscaler's max_noise_level)
     e = t.eval = ml_collections.ConfigDict()  # periodic evaluation (lavie_jax.train.held_out); off by default

@@ -41,18 +41,6 @@ def q_sample(x0: jax.Array, noise: jax.Array, t: jax.Array, tables: dict) -> jax
     return a * x0.astype(jnp.float32) + s * noise.astype(jnp.float32)
 
 
-def snr_weights(prediction_type: str, t: jax.Array, tables: dict, gamma: float) -> jax.Array:
-    """Min-SNR-gamma loss weights `[N]` of timesteps `t [N]` (Hang et al. 2023): the epsilon loss weighted by
-    min(SNR, gamma) / SNR, i.e. the x_0 error weighted by min(SNR, gamma); for v-prediction (whose loss is the x_0
-    error times SNR + 1) min(SNR, gamma) / (SNR + 1). Low-noise steps, whose targets are nearly free, stop dominating
-    the gradient."""
-    a = jnp.take(jnp.asarray(tables["signal"]), t)
-    s = jnp.take(jnp.asarray(tables["noise"]), t)
-    snr = jnp.square(a) / jnp.maximum(jnp.square(s), 1e-20)
-    clipped = jnp.minimum(snr, gamma)
-    return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / jnp.maximum(snr, 1e-20)
-
-
 def target(prediction_type: str, x0: jax.Array, noise: jax.Array, t: jax.Array, tables: dict) -> jax.Array:
     """What the denoiser learns to predict: the noise (epsilon) or `v = a * noise - s * x_0`."""
     if prediction_type == "epsilon":
@@ -64,14 +52,10 @@ def target(prediction_type: str, x0: jax.Array, noise: jax.Array, t: jax.Array, 
     return a * noise.astype(jnp.float32) - s * x0.astype(jnp.float32)
 
 
-def frame_mse(pred: jax.Array, target: jax.Array, num_image_frames: int = 0, weights: jax.Array | None = None
-              ) -> tuple[jax.Array, jax.Array | None]:
+def frame_mse(pred: jax.Array, target: jax.Array, num_image_frames: int = 0) -> tuple[jax.Array, jax.Array | None]:
     """(video loss, image loss): the mean squared error over the video frames of `[N, F, H, W, C]` predictions and
-    over the trailing `num_image_frames` image frames of a joint image-video batch (None when there are none);
-    `weights [N]` (optional) scale each example's squared error (`snr_weights`)."""
+    over the trailing `num_image_frames` image frames of a joint image-video batch (None when there are none)."""
     err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
-    if weights is not None:
-        err = err * _rows(weights.astype(jnp.float32), err)
     fv = pred.shape[1] - num_image_frames
     video = jnp.mean(err[:, :fv]) if fv else None
     images = jnp.mean(err[:, fv:]) if num_image_frames else None

@@ -88,8 +88,6 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, 
         _fail("train.objective.prediction_type", f"{o.prediction_type!r}: choose 'epsilon' or 'v_prediction'")
     if not 0 <= o.text_dropout < 1:
         _fail("train.objective.text_dropout", f"expected a probability in [0, 1), got {o.text_dropout!r}")
-    if o.get("snr_gamma", 0.0) < 0:
-        _fail("train.objective.snr_gamma", f"expected >= 0 (0 = off), got {o.snr_gamma!r}")
     if o.image_loss_weight < 0:
         _fail("train.objective.image_loss_weight", f"expected >= 0, got {o.image_loss_weight!r}")
     masks = o.get("i2v_masks")
@@ -200,8 +198,7 @@ def objective_from_config(config: ml_collections.ConfigDict, vae_scaling: float,
                           float(s.get("low_res_beta_end", 0.02))),
         beta_schedule=(s.beta_schedule, float(s.beta_start), float(s.beta_end)),
         num_train_timesteps=int(s.num_train_timesteps), micro_batches=int(t.micro_batches),
-        vae_frame_chunk=int(t.vae_frame_chunk), vae_scaling_factor=float(vae_scaling),
-        snr_gamma=float(t.objective.get("snr_gamma", 0.0)))
+        vae_frame_chunk=int(t.vae_frame_chunk), vae_scaling_factor=float(vae_scaling))
 
 
 # ------------------------------------------------------------------------------------------------ LoRA

@@ -89,7 +89,6 @@ class Objective:
     vae_factor: int = 8  # pixels per latent pixel
     i2v_mask_weights: tuple[float, ...] = (0.5, 0.3, 0.2)  # i2v: random masks (lavie_jax.stages.i2v.random_mask)
     i2v_max_given: int = 2
-    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (losses.snr_weights); 0 = off (every timestep weighs 1)
 
     def tables(self) -> dict[str, np.ndarray]:
         """Host tables the step indexes: forward-diffusion coefficients and the stage's own (`training_tables`: the
@@ -201,9 +200,8 @@ def stage_loss(objective: Objective, graphdef: nnx.GraphDef, inputs: StageInputs
         q = _split(tables, "q_")
         sample = o.stage.unet_sample(losses.q_sample(x0, noise, t, q), condition)
         pred = unet(sample, t, text, labels, num_image_frames=o.num_image_frames)
-        weights = losses.snr_weights(o.prediction_type, t, q, o.snr_gamma) if o.snr_gamma > 0 else None
         video, images = losses.frame_mse(pred, losses.target(o.prediction_type, x0, noise, t, q),
-                                         o.num_image_frames, weights)
+                                         o.num_image_frames)
         loss = video if images is None else video + o.image_loss_weight * images
         aux = {"video_loss": video} | ({} if images is None else {"image_loss": images})
         return loss, aux
