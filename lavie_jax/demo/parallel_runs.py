@@ -36,6 +36,7 @@ class Run:
     argv: list[str]
     what: str = ""
     command: list[str] | None = None
+    nice: int = 0  # added to the child's nice value (lower CPU priority), where the OS has one
 
 
 class RunFailed(RuntimeError):
@@ -77,6 +78,11 @@ def run_all(runs: Sequence[Run], jobs: int, *, cwd: str | Path | None = None,
         # second signal would stop lavie-train without saving)
         proc = subprocess.Popen(_command(run), cwd=cwd, env=_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        if run.nice and hasattr(os, "setpriority"):  # before the child's interpreter starts threads: they inherit it
+            try:
+                os.setpriority(os.PRIO_PROCESS, proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + run.nice)
+            except OSError:
+                pass  # (the run goes on at the normal priority)
         tail: deque = deque(maxlen=TAIL_LINES)
         pump = threading.Thread(target=_pump, args=(run.name, proc.stdout, tail, lock), daemon=True)
         pump.start()

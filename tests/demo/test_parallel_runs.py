@@ -56,3 +56,16 @@ def test_a_failed_run_stops_the_others_and_says_why(tmp_path):
 def test_jobs_must_be_positive():
     with pytest.raises(ValueError, match="at least 1"):
         run_all([], jobs=0)
+
+
+def test_a_yielding_run_gets_a_lower_cpu_priority(capsys):
+    """`Run.nice` (the demo yields the CPU to its longest run): the child, and the threads it starts, run at that
+    much more than the demo's own nice value."""
+    code = ("import os, threading; t = threading.Thread(target=lambda: print('thread', os.nice(0))); t.start(); "
+            "t.join(); print('main', os.nice(0))")
+    own = __import__("os").nice(0)
+    run_all([child("a", code), Run("b", ["lavie-train"], command=[sys.executable, "-c", code], nice=5)], jobs=2,
+            log=lambda m: None)
+    out = capsys.readouterr().out.splitlines()
+    assert f"[a] main {own}" in out and f"[a] thread {own}" in out
+    assert f"[b] main {min(own + 5, 19)}" in out and f"[b] thread {min(own + 5, 19)}" in out
