@@ -3,7 +3,7 @@
 A jitted `lambda: nnx.state(UNet3D(arch, rngs=nnx.Rngs(seed)), nnx.Param)` draws each param from its own key: one
 `fold_in` and one `random_bits` per param, and each is a threefry hash that XLA inlines as hundreds of ops. The tiny
 base UNet's init is 166 of each; XLA:CPU took 6x longer to compile it than the same values drawn below, longer than
-the train step itself. `batch_random_draws(fn)` computes what `fn` computes, bit for bit, as one program in which
+the train step itself. `batch_random_draws(fn)` computes what `fn` computes as one program in which
 draws of the same kind and shape are one vmapped call: it traces `fn` to a jaxpr, inlines its nested calls, and
 evaluates it in waves, holding back every RNG primitive until nothing else can run, then binding each group of
 held-back draws (same primitive, parameters and input types) once under `jax.vmap`. Keys depend only on keys, so
@@ -37,8 +37,8 @@ Ref = tuple[str, Any]  # ("const", value) or ("var", id)
 
 
 def batch_random_draws(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` with its RNG draws batched (module docstring): same outputs bit for bit, far fewer threefry hashes for
-    XLA to compile. Call it inside `jax.jit` (it binds primitives; eagerly it would run them one by one)."""
+    """`fn` with its RNG draws batched (module docstring): the same draws and arithmetic (tested bit-identical), far
+    fewer threefry hashes for XLA to compile. Call it inside `jax.jit` (it binds primitives; eagerly it would run them one by one)."""
 
     @functools.wraps(fn)
     def batched(*args: Any) -> Any:
