@@ -211,8 +211,9 @@ class Demo:
                     *(f"--config.{k}={v}" for k, v in self.overrides()), *self.cache_flags]
             runs.append(Run(stage, argv, f"{config.train.num_steps} steps of {config.data.global_batch_size} clips"))
         # The run with the most clips to train on (the base) is the critical path; the others yield the CPU to it
-        # (nice 10) and take what it leaves. Side by side at one priority, the base got ~0.3 of its speed alone for
-        # the 7.5 minutes the others ran, then ran alone on cores it cannot fill (its kernels are small).
+        # (nice 10) and take what it leaves. Side by side at one priority the base got ~0.3 of its speed alone for
+        # the 7 minutes the others ran, then ran alone on cores it cannot fill (its kernels are small); yielding, it
+        # was at step 225 of 600 when they finished, against ~165 (fresh-clone demos, docs/demo_quality.md).
         if len(runs) > 1:
             clips = {r.name: configs[r.name].train.num_steps * configs[r.name].data.global_batch_size for r in runs}
             longest = max(clips, key=clips.get)

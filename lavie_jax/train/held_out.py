@@ -121,7 +121,7 @@ class HeldOutLoss:
                 return total, aux["video_loss"]
 
             # one loss in the program, run at each timestep (unrolled, a program of 5 losses took XLA as long to
-            # compile as the train step)
+            # compile as the train step; the encoders now run at each timestep, a small cost at evaluations)
             return jax.lax.map(at, jnp.asarray(timesteps, jnp.int32))
 
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
