@@ -28,9 +28,8 @@ from lavie_jax.convert.torch_files import LazyTensor
 from lavie_jax.io.keycheck import KeyMismatchError, check_keys
 from lavie_jax.models.arch import UNetArch
 from lavie_jax.models.embeddings import rotary_frequencies
-from lavie_jax.models.random_init import batch_random_draws
+from lavie_jax.models.random_init import compiled_initialiser
 from lavie_jax.models.unet import UNet3D
-from lavie_jax.runtime import xla_cpu
 from lavie_jax.stages import REGISTRY, get_stage, in_family
 
 # What `detect_unet` may answer, as a phrase: a stage's LaVie checkpoint, or a 2D model of a UNet family.
@@ -120,9 +119,8 @@ def _temporal_initialiser(arch: UNetArch, paths: tuple[tuple[Any, ...], ...]) ->
         flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
         return [flat[p][...] for p in paths]
 
-    # the draws batched (random_init), compiled as a program that runs once: the same values, built far faster
-    seed = jax.ShapeDtypeStruct((), jax.numpy.int32)
-    return jax.jit(batch_random_draws(init)).lower(seed).compile(xla_cpu.run_once_options(jax.default_backend()))
+    # the draws batched, compiled as a program that runs once (random_init): the same values, built far faster
+    return compiled_initialiser(init, jax.ShapeDtypeStruct((), jax.numpy.int32))
 
 
 def fresh_temporal_params(model: UNet3D, seed: int = 0) -> dict[str, np.ndarray]:

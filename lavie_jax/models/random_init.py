@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
+from lavie_jax.runtime import xla_cpu
+
 RNG_PRIMITIVES = frozenset({"random_bits", "random_fold_in", "random_split"})
 MAX_GROUP_BYTES = 64 * 2 ** 20  # of one group's stacked outputs
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
@@ -38,7 +40,8 @@ Ref = tuple[str, Any]  # ("const", value) or ("var", id)
 
 def batch_random_draws(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`fn` with its RNG draws batched (module docstring): the same draws and arithmetic (tested bit-identical), far
-    fewer threefry hashes for XLA to compile. Call it inside `jax.jit` (it binds primitives; eagerly it would run them one by one)."""
+    fewer threefry hashes for XLA to compile. Call it inside `jax.jit` (it binds primitives; eagerly it would run
+    them one by one)."""
 
     @functools.wraps(fn)
     def batched(*args: Any) -> Any:
@@ -47,6 +50,14 @@ def batch_random_draws(fn: Callable[..., Any]) -> Callable[..., Any]:
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
     return batched
+
+
+def compiled_initialiser(fn: Callable[..., Any], *args: Any, out_shardings: Any = None) -> Any:
+    """`fn` jitted with its draws batched and compiled for `args` (abstract values) as a program that runs once
+    (`xla_cpu.run_once_options`: the least optimised code is the fastest to build); `out_shardings` lays its
+    outputs out (a full-size model's init is never copied to the host)."""
+    jitted = jax.jit(batch_random_draws(fn), out_shardings=out_shardings)
+    return jitted.lower(*args).compile(xla_cpu.run_once_options(jax.default_backend()))
 
 
 class _Eqn(tuple):

@@ -29,11 +29,11 @@ from lavie_jax.models.arch import UNetArch
 from lavie_jax.models import tokens
 from lavie_jax.models.lora import LoRAError, add_lora, parse_rules
 from lavie_jax.models.options import ExecutionOptions, ExecutionOptionsError
-from lavie_jax.models.random_init import batch_random_draws
+from lavie_jax.models.random_init import compiled_initialiser
 from lavie_jax.models.options import from_config as options_from_config
 from lavie_jax.models.flops import peak_bf16_tflops, train_step_flops
 from lavie_jax.io.text import tokenize, word_ids
-from lavie_jax.runtime import program_cache, xla_cpu
+from lavie_jax.runtime import program_cache
 from lavie_jax.train import held_out, optim
 from lavie_jax.train.step import Encoders, Objective, StageInputs, TrainState, stage_loss, train_step
 
@@ -373,11 +373,9 @@ def build_unet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
             nnx.update(unet, with_shardings(state, shardings))
         else:
             # the draws batched (models.random_init): the same values, a program XLA compiles several times faster
-            make = jax.jit(batch_random_draws(lambda: nnx.state(UNet3D(arch, rngs=nnx.Rngs(config.train.seed)),
-                                                                nnx.Param)), out_shardings=shardings)
-            # run once: the least optimised code is the fastest to build
-            once = xla_cpu.run_once_options(jax.default_backend())
-            nnx.update(unet, make.lower().compile(compiler_options=once)())
+            make = compiled_initialiser(lambda: nnx.state(UNet3D(arch, rngs=nnx.Rngs(config.train.seed)), nnx.Param),
+                                        out_shardings=shardings)
+            nnx.update(unet, make())
     elif init.stage in (None, config.stage):
         unet = store.load_unet(init, mesh=mesh, rules=rules, options=options)
     else:
