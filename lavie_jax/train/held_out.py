@@ -116,13 +116,8 @@ class HeldOutLoss:
             batch = dict(batch, index=number * size + jnp.arange(size, dtype=jnp.int32))
             key = jax.random.fold_in(base_key, 0)  # every example's key: its position in the held-out set
 
-            def at(t):
-                total, aux = loss(params, frozen, encoders, tables, batch, key, timestep=t)
-                return total, aux["video_loss"]
-
-            # one loss in the program, run at each timestep (unrolled, a program of 5 losses took XLA as long to
-            # compile as the train step; the encoders now run at each timestep, a small cost at evaluations)
-            return jax.lax.map(at, jnp.asarray(timesteps, jnp.int32))
+            total, aux = loss(params, frozen, encoders, tables, batch, key, timestep=jnp.asarray(timesteps))
+            return total, aux["video_loss"]  # [T] each
 
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         fn = program_cache.Program(evaluate, key=json.dumps([program_key, "held-out"]),

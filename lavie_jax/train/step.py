@@ -185,7 +185,8 @@ class StageInputs:
 def stage_loss(objective: Objective, graphdef: nnx.GraphDef, inputs: StageInputs):
     """`loss_fn(params, frozen, encoders, tables, micro_batch, key, timestep=None) -> (loss, aux)` of the stage; the
     micro-batch carries `index [b]`, each example's position in the global batch (its random draws come from it).
-    `timestep` (a scalar) replaces the drawn timesteps (held-out evaluation at fixed timesteps)."""
+    `timestep` (fixed timesteps `[T]`, for held-out evaluation) replaces the drawn ones: the inputs are encoded and
+    the noise drawn once, the UNet runs at each timestep in turn, and loss and aux get a leading axis `[T]`."""
     o = objective
 
     def loss_fn(params, frozen, encoders, tables, batch, key, timestep=None):
@@ -193,18 +194,24 @@ def stage_loss(objective: Objective, graphdef: nnx.GraphDef, inputs: StageInputs
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch.pop("index"))
         unet = nnx.merge(graphdef, params, frozen)
         x0, condition, text, labels = inputs(encoders, batch, tables, keys, getattr(unet, ATTRIBUTE, None))
-        t = (_draw(keys, STREAMS["timestep"],
-                   lambda k: jax.random.randint(k, (), 0, o.num_train_timesteps, dtype=jnp.int32))
-             if timestep is None else jnp.full(keys.shape[:1], timestep, jnp.int32))
+        drawn = (_draw(keys, STREAMS["timestep"],
+                       lambda k: jax.random.randint(k, (), 0, o.num_train_timesteps, dtype=jnp.int32))
+                 if timestep is None else None)
         noise = _draw(keys, STREAMS["noise"], lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))
         q = _split(tables, "q_")
-        sample = o.stage.unet_sample(losses.q_sample(x0, noise, t, q), condition)
-        pred = unet(sample, t, text, labels, num_image_frames=o.num_image_frames)
-        video, images = losses.frame_mse(pred, losses.target(o.prediction_type, x0, noise, t, q),
-                                         o.num_image_frames)
-        loss = video if images is None else video + o.image_loss_weight * images
-        aux = {"video_loss": video} | ({} if images is None else {"image_loss": images})
-        return loss, aux
+
+        def at(t):  # [b] timesteps -> (loss, aux)
+            sample = o.stage.unet_sample(losses.q_sample(x0, noise, t, q), condition)
+            pred = unet(sample, t, text, labels, num_image_frames=o.num_image_frames)
+            video, images = losses.frame_mse(pred, losses.target(o.prediction_type, x0, noise, t, q),
+                                             o.num_image_frames)
+            loss = video if images is None else video + o.image_loss_weight * images
+            return loss, {"video_loss": video} | ({} if images is None else {"image_loss": images})
+
+        if timestep is None:
+            return at(drawn)
+        # one UNet in the program, run at each timestep (unrolled, 5 of them took XLA as long to compile as a step)
+        return jax.lax.map(lambda s: at(jnp.full(keys.shape[:1], s, jnp.int32)), jnp.asarray(timestep, jnp.int32))
 
     return loss_fn
 
