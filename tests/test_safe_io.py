@@ -254,6 +254,33 @@ def test_sigterm_becomes_an_interrupt_and_the_swap_is_never_split(tmp_path, monk
     assert json.loads((out / "owner.json").read_text())["version"] == 2 and hidden(tmp_path) == []
 
 
+def test_an_interrupt_raised_inside_a_gc_callback_is_sent_again():
+    """A handler that runs inside a garbage-collection callback raises where Python only prints 'ignored' (JAX
+    registers such a callback; a lost SIGTERM once let lavie-train run to the end and exit 0): it comes again."""
+    import gc
+    import time
+
+    def callback(phase, info):
+        if phase == "start" and callback.armed:
+            callback.armed = False
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs here, inside the callback
+                pass
+
+    callback.armed = True
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(Terminated):
+            with terminate_as_interrupt():
+                gc.collect()
+                assert not callback.armed  # the first delivery happened, and was lost inside the callback
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # the second one arrives here
+                    time.sleep(0.001)
+    finally:
+        gc.callbacks.remove(callback)
+
+
 def test_an_ignored_sigint_stays_ignored():
     """A background job (started with `&` where the shell has no job control) inherits SIGINT ignored: Ctrl-C in
     the terminal is not meant for it, so terminate_as_interrupt must not turn that SIGINT into an interrupt."""

@@ -34,6 +34,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -287,10 +288,36 @@ def _ignored(signum: int, frame: Any) -> None:
     """Stands in for SIG_IGN, as a callable: a wrapping handler may call the one it replaced."""
 
 
+REDELIVER_AFTER_S = 0.02
+
+
+def _redelivering_hook(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A `sys.unraisablehook` that sends an interrupt lost in a place Python cannot raise from again.
+
+    A signal handler runs at the main thread's next bytecode, which may be inside a garbage-collection callback
+    (JAX registers one; a collection often follows a long compile, the very time a signal waits), a `__del__` or a
+    weakref callback. Python prints an exception raised there as 'ignored' and carries on: a lost SIGTERM let
+    lavie-train train to the end and exit 0. So the signal is sent again a moment later, from a thread (sending it
+    here would run the handler inside this hook, where it would be lost again).
+    """
+
+    def hook(unraisable: Any) -> None:
+        if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            previous(unraisable)
+            return
+        signum = signal.SIGTERM if issubclass(unraisable.exc_type, Terminated) else signal.SIGINT
+        timer = threading.Timer(REDELIVER_AFTER_S, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+
+    return hook
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """While active, SIGTERM raises `Terminated` and SIGINT KeyboardInterrupt in the main thread (so `finally`
-    blocks and `atomic_directory` clean up), except inside an output swap, which completes first.
+    blocks and `atomic_directory` clean up), except inside an output swap, which completes first. An interrupt
+raised where Python cannot raise (a garbage-collection callback, `__del__`) is sent again (`_redelivering_hook`).
 
     Does nothing outside the main thread (signal handlers can only be set there); a signal the process ignores
     (e.g. SIGINT of a background job) stays ignored.
@@ -300,9 +327,12 @@ def terminate_as_interrupt() -> Iterator[None]:
         return
     previous = {s: signal.signal(s, _ignored if signal.getsignal(s) is signal.SIG_IGN else _handler)
                 for s in (signal.SIGTERM, signal.SIGINT)}
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _redelivering_hook(previous_hook)
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
 
