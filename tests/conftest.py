@@ -36,20 +36,27 @@ def xla_flags(devices: int = 1, classic_emitters: bool = True) -> str:
 
 def rerun_with_fusion_emitters(request) -> bool:
     """For a test of bit-identical results across differently structured programs: in the suite's processes, run the
-    test again in a fresh pytest process that compiles with XLA's default emitters (as users' programs do), assert
+    test (all its parametrizations, once) again in a fresh pytest process that compiles with XLA's default emitters (as users' programs do), assert
     that it passed, and return True (the caller returns); in that process, return False (the caller runs)."""
     if os.environ.get(FUSION_EMITTERS_RUN) or not CLASSIC_EMITTERS:
         return False
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS=xla_flags(8, classic_emitters=False), JAX_PLATFORMS="cpu",
-               **{FUSION_EMITTERS_RUN: "1"})
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
-                         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    nodeid = request.node.nodeid.split("[")[0]  # every parametrization of the test in one process (one start)
+    if nodeid not in _FUSION_EMITTER_RUNS:
+        env = dict(os.environ, XLA_FLAGS=xla_flags(8, classic_emitters=False), JAX_PLATFORMS="cpu",
+                   **{FUSION_EMITTERS_RUN: "1"})
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", nodeid],
+                             cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                             timeout=600)
+        _FUSION_EMITTER_RUNS[nodeid] = (out.returncode, out.stdout[-4000:] + out.stderr[-2000:])
+    returncode, output = _FUSION_EMITTER_RUNS[nodeid]
+    assert returncode == 0, output
     return True
+
+
+_FUSION_EMITTER_RUNS: dict[str, tuple[int, str]] = {}  # test function -> (exit status, output) of its rerun
 
 
 def stage_config(stage: str, variant: str | None = None):

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -373,9 +374,13 @@ def build_unet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
             nnx.update(unet, with_shardings(state, shardings))
         else:
             # the draws batched (models.random_init): the same values, a program XLA compiles several times faster
-            make = compiled_initialiser(lambda: nnx.state(UNet3D(arch, rngs=nnx.Rngs(config.train.seed)), nnx.Param),
-                                        out_shardings=shardings)
-            nnx.update(unet, make())
+            # the seed is an argument (what nnx.Rngs(seed) does, traceable): one program for every seed, kept in
+            # memory for the next build of this architecture in the process
+            make = compiled_initialiser(lambda seed: nnx.state(UNet3D(arch, rngs=nnx.Rngs(jax.random.key(seed))),
+                                                               nnx.Param),
+                                        jax.ShapeDtypeStruct((), jnp.int32), out_shardings=shardings,
+                                        key=("UNet3D", arch))
+            nnx.update(unet, make(np.int32(config.train.seed)))
     elif init.stage in (None, config.stage):
         unet = store.load_unet(init, mesh=mesh, rules=rules, options=options)
     else:
