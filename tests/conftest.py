@@ -27,8 +27,8 @@ FUSION_EMITTERS_RUN = "LAVIE_TEST_FUSION_EMITTERS"  # set in the process `rerun_
 
 def xla_flags(devices: int = 1, classic_emitters: bool = True) -> str:
     """XLA_FLAGS for this suite's processes: the fast-compile flags, `devices` emulated CPU devices, and the CPU
-    options lavie-jax's entry points set (lavie_jax.runtime.xla_cpu: the suite runs what users run, and a CLI started by a
-    test compiles under the same flags as the test, so they share the persistent cache)."""
+    options lavie-jax's entry points set (lavie_jax.runtime.xla_cpu: the suite runs what users run, and a CLI
+    started by a test compiles under the same flags as the test, so they share the persistent cache)."""
     count = (f"--xla_force_host_platform_device_count={devices}",) if devices > 1 else ()
     emitters = CLASSIC_EMITTERS if classic_emitters else ()
     return " ".join(count + FAST_COMPILE_FLAGS + emitters + xla_cpu.cpu_flags())
@@ -36,8 +36,9 @@ def xla_flags(devices: int = 1, classic_emitters: bool = True) -> str:
 
 def rerun_with_fusion_emitters(request) -> bool:
     """For a test of bit-identical results across differently structured programs: in the suite's processes, run the
-    test (all its parametrizations, once) again in a fresh pytest process that compiles with XLA's default emitters (as users' programs do), assert
-    that it passed, and return True (the caller returns); in that process, return False (the caller runs)."""
+    test (all its parametrizations, in one process) again in a fresh pytest process that compiles with XLA's default
+    emitters (as users' programs do), assert that it passed, and return True (the caller returns); in that process,
+    return False (the caller runs)."""
     if os.environ.get(FUSION_EMITTERS_RUN) or not CLASSIC_EMITTERS:
         return False
     import subprocess
