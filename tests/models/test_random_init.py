@@ -76,3 +76,27 @@ def test_arguments_and_outputs_pass_through():
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(_leaves(got), _leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_keyed_initialiser_is_compiled_once_per_key_and_layout(monkeypatch):
+    traced = []
+
+    def fresh():  # a new function each call, as a rebuilt model's initialiser is (JAX's own caches miss)
+        def init(seed):
+            traced.append(seed)
+            return {"w": jax.random.normal(jax.random.key(seed), (4, 3))}
+        return init
+
+    monkeypatch.setattr(random_init, "_kept", type(random_init._kept)())
+    seed = jax.ShapeDtypeStruct((), jnp.int32)
+    one, other = (jax.sharding.SingleDeviceSharding(d) for d in jax.devices()[:2])  # (the suite has 8 devices)
+    first = random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": one}, key="w4x3")
+    again = random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": one}, key="w4x3")
+    assert again is first and len(traced) == 1  # kept: no second trace
+    np.testing.assert_array_equal(first(np.int32(5))["w"], jax.random.normal(jax.random.key(5), (4, 3)))
+    assert random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": other}, key="w4x3") is not first
+    assert random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": one}) is not first  # no key
+    assert len(traced) == 3  # another layout is another program; without a key nothing is kept
+    monkeypatch.setattr(random_init, "MAX_KEPT", 2)
+    random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": one}, key="another")
+    assert [k[0] for k in random_init._kept] == ["w4x3", "another"]  # the oldest dropped past MAX_KEPT
