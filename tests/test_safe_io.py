@@ -281,6 +281,23 @@ def test_an_interrupt_raised_inside_a_gc_callback_is_sent_again():
         gc.callbacks.remove(callback)
 
 
+def test_a_resend_pending_when_the_guard_ends_is_cancelled():
+    """Past the guard the signal would meet the handler the process had before (the default one kills)."""
+    import time
+    import types
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with terminate_as_interrupt():
+            sys.unraisablehook(types.SimpleNamespace(exc_type=Terminated, exc_value=Terminated(), exc_traceback=None,
+                                                     err_msg=None, object=None))
+        time.sleep(5 * safe_io.REDELIVER_AFTER_S)
+        assert seen == []
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_an_ignored_sigint_stays_ignored():
     """A background job (started with `&` where the shell has no job control) inherits SIGINT ignored: Ctrl-C in
     the terminal is not meant for it, so terminate_as_interrupt must not turn that SIGINT into an interrupt."""

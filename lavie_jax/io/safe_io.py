@@ -291,7 +291,7 @@ def _ignored(signum: int, frame: Any) -> None:
 REDELIVER_AFTER_S = 0.02
 
 
-def _redelivering_hook(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+def _redelivering_hook(previous: Callable[[Any], None], timers: list[threading.Timer]) -> Callable[[Any], None]:
     """A `sys.unraisablehook` that sends an interrupt lost in a place Python cannot raise from again.
 
     A signal handler runs at the main thread's next bytecode, which may be inside a garbage-collection callback
@@ -309,6 +309,7 @@ def _redelivering_hook(previous: Callable[[Any], None]) -> Callable[[Any], None]
         timer = threading.Timer(REDELIVER_AFTER_S, os.kill, (os.getpid(), signum))
         timer.daemon = True
         timer.start()
+        timers.append(timer)  # cancelled if the guard ends first (the signal would meet the default handler)
 
     return hook
 
@@ -317,7 +318,7 @@ def _redelivering_hook(previous: Callable[[Any], None]) -> Callable[[Any], None]
 def terminate_as_interrupt() -> Iterator[None]:
     """While active, SIGTERM raises `Terminated` and SIGINT KeyboardInterrupt in the main thread (so `finally`
     blocks and `atomic_directory` clean up), except inside an output swap, which completes first. An interrupt
-raised where Python cannot raise (a garbage-collection callback, `__del__`) is sent again (`_redelivering_hook`).
+    raised where Python cannot raise (a garbage-collection callback, `__del__`) is sent again (`_redelivering_hook`).
 
     Does nothing outside the main thread (signal handlers can only be set there); a signal the process ignores
     (e.g. SIGINT of a background job) stays ignored.
@@ -327,12 +328,14 @@ raised where Python cannot raise (a garbage-collection callback, `__del__`) is s
         return
     previous = {s: signal.signal(s, _ignored if signal.getsignal(s) is signal.SIG_IGN else _handler)
                 for s in (signal.SIGTERM, signal.SIGINT)}
-    previous_hook = sys.unraisablehook
-    sys.unraisablehook = _redelivering_hook(previous_hook)
+    previous_hook, timers = sys.unraisablehook, []
+    sys.unraisablehook = _redelivering_hook(previous_hook, timers)
     try:
         yield
     finally:
         sys.unraisablehook = previous_hook
+        for timer in timers:
+            timer.cancel()
         for s, h in previous.items():
             signal.signal(s, h)
 
