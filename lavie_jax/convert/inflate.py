@@ -14,7 +14,6 @@ everything but conv_in random):
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -110,9 +109,9 @@ def stage_unet_config(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
     return cfg
 
 
-@functools.lru_cache(maxsize=4)
 def _temporal_initialiser(arch: UNetArch, paths: tuple[tuple[Any, ...], ...]) -> Callable[[int], list[jax.Array]]:
-    """Jitted `seed -> params at paths` of a fresh model. Cached: compiling hundreds of RNG outputs takes seconds."""
+    """Compiled `seed -> params at paths` of a fresh model, kept in memory per (arch, paths) by random_init
+    (compiling hundreds of RNG outputs takes seconds)."""
 
     def init(seed: jax.Array) -> list[jax.Array]:
         model = UNet3D(arch, rngs=nnx.Rngs(jax.random.key(seed)))  # what nnx.Rngs(seed) does, traceable
@@ -120,7 +119,7 @@ def _temporal_initialiser(arch: UNetArch, paths: tuple[tuple[Any, ...], ...]) ->
         return [flat[p][...] for p in paths]
 
     # the draws batched, compiled as a program that runs once (random_init): the same values, built far faster
-    return compiled_initialiser(init, jax.ShapeDtypeStruct((), jax.numpy.int32))
+    return compiled_initialiser(init, jax.ShapeDtypeStruct((), jax.numpy.int32), key=("UNet3D params", arch, paths))
 
 
 def fresh_temporal_params(model: UNet3D, seed: int = 0) -> dict[str, np.ndarray]:

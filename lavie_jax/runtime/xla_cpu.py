@@ -83,4 +83,3 @@ def run_once_options(backend: str) -> dict[str, object]:
     if backend == "cpu" and is_tested_jaxlib():
         options["xla_cpu_use_fusion_emitters"] = False
     return options
-
