@@ -198,3 +198,52 @@ def test_kept_values_are_built_once_read_back_and_rebuilt_when_damaged_or_off(ca
     assert program_cache.kept("thing", ("a", 1), build(7))["value"] == 7
     assert calls == [1, 3, 4, 6, 7]
     assert program_cache.stats()["written"] == 0  # programs only
+
+
+def _kernel_less(tmp_path, fn, *args, **kwargs) -> tuple[bytes, object]:
+    """(an entry's bytes, the executable): jit(fn) as JAX loaded it from its persistent cache (a private one under
+    `tmp_path`: the suite's stays as it was), which on XLA:CPU serializes without its kernels."""
+    import pickle
+
+    from jax._src import compilation_cache
+    from jax.experimental import serialize_executable
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = [getattr(jax.config, n) for n in names]
+    try:
+        for n, v in zip(names, (str(tmp_path / "jax"), 0.0, -1)):
+            jax.config.update(n, v)
+        compilation_cache.reset_cache()
+        jax.clear_caches()  # (else JAX reuses this process's executable and writes nothing)
+        jax.jit(fn, static_argnames="scale").lower(*args, **kwargs).compile()  # written to that cache
+        jax.clear_caches()
+        loaded = jax.jit(fn, static_argnames="scale").lower(*args, **kwargs).compile()  # read back from it
+    finally:
+        for n, v in zip(names, old):
+            jax.config.update(n, v)
+        compilation_cache.reset_cache()
+        jax.clear_caches()
+    payload, in_tree, out_tree = serialize_executable.serialize(loaded)
+    assert program_cache._ELF not in payload  # what `_store` refuses to write
+    return pickle.dumps((program_cache._FORMAT, payload, in_tree, out_tree, [jax.devices()[0].id])), loaded
+
+
+def test_an_entry_that_loads_but_cannot_run_is_deleted_and_compiled_again(cache, capsys):
+    """An executable without its kernels is never written; an entry holding one loads, then fails at its first
+    dispatch ('Function ... not found'): the program is compiled afresh, the call returns the right result and the
+    entry is deleted, not rewritten."""
+    x, y = jnp.arange(12.0).reshape(3, 4), jnp.ones((5, 4))
+    Program(_fn, static_argnames=("scale",))(x, y, scale=2.0)
+    [name] = _entries(cache)
+    entry, loaded = _kernel_less(cache.parent, _fn, x, y, scale=2.0)
+    program_cache._store(cache / "refused.bin", loaded)  # never written by this version: no kernels in it
+    assert not (cache / "refused.bin").exists()
+    (cache / name).write_bytes(entry)  # (as an older version could write it)
+    program = Program(_fn, static_argnames=("scale",))
+    np.testing.assert_array_equal(program(x, y, scale=2.0), _fn(x, y, scale=2.0))
+    err = capsys.readouterr().err
+    assert f"program cache entry {name} cannot run" in err and "not found" in err, err
+    assert _entries(cache) == [] and program_cache.stats()["loaded"] == 1
+    np.testing.assert_array_equal(program(x, y, scale=2.0), _fn(x, y, scale=2.0))  # the fresh executable, kept
+    assert program_cache.stats()["compiled"] == 2

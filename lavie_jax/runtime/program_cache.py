@@ -52,6 +52,7 @@ MIN_BUILD_S = 0.05  # programs that trace, lower and compile faster than this ar
 MIN_COMPILE_S = 0.005  # a compile faster than this reused an executable (see Program._build)
 _TRUSTED_ROOTS = ("lavie_jax", "flax", "jax", "jaxlib", "numpy", "builtins", "ml_dtypes")
 _FORMAT = 2
+_ELF = b"\x7fELF"  # the magic number of the object files an XLA:CPU executable's kernels serialize as
 
 _directory: Path | None = None
 _stats = {"loaded": 0, "written": 0, "compiled": 0}
@@ -167,6 +168,7 @@ class Program:
         # (tree, static ids) -> the executable last called with them: the executable checks shapes, dtypes and
         # shardings itself (in C++), which the full key would cost ~7 us per argument leaf to compare
         self._last: dict[tuple, Any] = {}
+        self._unproven: dict[tuple, Path] = {}  # in-memory key -> the entry it was loaded from, until a call succeeds
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -192,8 +194,31 @@ class Program:
         compiled = self._memory[key]
         if compiled is None:
             return self.jitted(*args, **kwargs)
+        if key in self._unproven:
+            return self._first_call(key, (tree, statics), args, kwargs, dynamic)
         self._last[(tree, statics)] = compiled
         return compiled(*args, **dynamic)
+
+    def _first_call(self, key: tuple, last_key: tuple, args: tuple, kwargs: dict, dynamic: dict) -> Any:
+        """The first call of an executable loaded from disk. XLA:CPU can serialize an executable without some of
+        its kernels (see `_build`); such an entry loads, then fails at dispatch with 'Function ... not found'
+        (measured on the demo's interpolation evaluation). It is then deleted and the program compiled afresh,
+        not written again. Dispatch fails before anything runs, so the arguments (donated ones too) are intact."""
+        path = self._unproven.pop(key)
+        try:
+            out = self._memory[key](*args, **dynamic)
+        except jax.errors.JaxRuntimeError as e:
+            if " not found" not in str(e):
+                raise
+            print(f"lavie-jax: program cache entry {path.name} cannot run ({str(e)[-120:]}); deleted, compiling "
+                  "it again", file=sys.stderr)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            self._memory[key] = self.jitted.lower(*args, **kwargs).compile()
+            _stats["compiled"] += 1
+            out = self._memory[key](*args, **dynamic)
+        self._last[last_key] = self._memory[key]
+        return out
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
         return self.jitted.lower(*args, **kwargs)
@@ -225,6 +250,7 @@ class Program:
         compiled = _load(path, key[0])
         if compiled is not None:
             _stats["loaded"] += 1
+            self._unproven[key] = path
             return compiled
         start = time.perf_counter()
         lowered = self.jitted.lower(*args, **kwargs)
@@ -334,7 +360,14 @@ def _store(path: Path, compiled: Any) -> None:
     try:
         payload, in_tree, out_tree = serialize_executable.serialize(compiled)
         # the devices it runs on, in its order (the loader otherwise assumes all of them)
-        device_ids = [d.id for d in compiled._executable._unloaded_executable.device_list]
+        devices = compiled._executable._unloaded_executable.device_list
+        if devices[0].platform == "cpu" and _ELF not in payload:
+            # XLA:CPU serializes an executable it loaded from JAX's cache (or JAX reused in-process after such a
+            # load) without its kernels' object code: it would load, then fail with 'Function ... not found'. The
+            # check reads the payload itself (a fresh executable carries its kernels as ELF objects), where the
+            # guards in `_build` depend on events and timing (measured: a busy 2-core demo wrote such entries).
+            return
+        device_ids = [d.id for d in devices]
         _write(path, pickle.dumps((_FORMAT, payload, in_tree, out_tree, device_ids)))
         _stats["written"] += 1
         _evict(path.parent)
