@@ -62,6 +62,34 @@ def _pump(name: str, stream, tail: deque, lock: threading.Lock) -> None:
     stream.close()
 
 
+def _autogroup_nice(pid: int | str) -> int | None:
+    """The nice value of the scheduler's autogroup of process `pid` (Linux with CONFIG_SCHED_AUTOGROUP); None
+    elsewhere. /proc/PID/autogroup reads e.g. '/autogroup-91 nice 0'."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def lower_priority(pid: int, nice: int) -> None:
+    """Lower process `pid`'s CPU priority by `nice` (our own value + `nice`), where the OS allows; silently kept
+    otherwise. A child in a session of its own (`start_new_session`) is, on Linux with autogroup scheduling (the
+    default of most distributions), a scheduling group of its own, and groups share the CPU equally whatever their
+    processes' nice values: the group's nice is raised too (measured: the demo's niced runs still took 2/3 of the
+    cores, the base's steps 2.3 s against 0.8 s alone; with the group's nice, the base took 1.5 cores)."""
+    if hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        except OSError:
+            pass
+    own, theirs = _autogroup_nice("self"), _autogroup_nice(pid)
+    if own is not None and theirs is not None:
+        try:
+            Path(f"/proc/{pid}/autogroup").write_text(str(min(max(own + nice, theirs), 19)))
+        except OSError:
+            pass
+
+
 def run_all(runs: Sequence[Run], jobs: int, *, cwd: str | Path | None = None,
             log: Callable[[str], None] = print) -> dict[str, float]:
     """Run every `Run`, at most `jobs` at a time, in the given order. Returns each run's wall time in seconds.
@@ -78,11 +106,8 @@ def run_all(runs: Sequence[Run], jobs: int, *, cwd: str | Path | None = None,
         # second signal would stop lavie-train without saving)
         proc = subprocess.Popen(_command(run), cwd=cwd, env=_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
-        if run.nice and hasattr(os, "setpriority"):  # before the child's interpreter starts threads: they inherit it
-            try:
-                os.setpriority(os.PRIO_PROCESS, proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + run.nice)
-            except OSError:
-                pass  # (the run goes on at the normal priority)
+        if run.nice:  # before the child's interpreter starts threads: they inherit it
+            lower_priority(proc.pid, run.nice)
         tail: deque = deque(maxlen=TAIL_LINES)
         pump = threading.Thread(target=_pump, args=(run.name, proc.stdout, tail, lock), daemon=True)
         pump.start()
