@@ -154,6 +154,7 @@ def data_config(stage: str) -> ml_collections.ConfigDict:
                 "fps": 24.0,
                 "seed": 0,
                 "storage": "frames",
+                "radius": (0.12, 0.2),  # the shapes' radius range, fractions of the frame's shorter side
             },
             "video_text": {
                 "name": "webvid",

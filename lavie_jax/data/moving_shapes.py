@@ -44,6 +44,7 @@ DIRECTIONS = {
 }
 _SPLIT_IDS = {"train": 0, "validation": 1}
 _SUPERSAMPLE = 2  # 2x2 samples per pixel: anti-aliased edges, so sub-pixel motion shows between frames
+RADIUS = (0.12, 0.2)  # the shapes' radius range, as fractions of the frame's shorter side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +65,27 @@ class ShapeVideo:
         return f"{article} {self.color} {self.shape} moving {self.direction}"
 
 
-def sample_video(rng: np.random.Generator, num_frames: int, height: int, width: int) -> ShapeVideo:
-    """Draws one video's parameters so the whole path stays inside the frame."""
+def check_radius(radius: tuple[float, float]) -> tuple[float, float]:
+    """`radius` as a (low, high) tuple of fractions of the frame's shorter side, or a ValueError naming the fix."""
+    try:
+        lo, hi = (float(r) for r in radius)
+    except (TypeError, ValueError):
+        raise ValueError(f"moving_shapes radius must be (low, high) fractions of the frame, got {radius!r}") from None
+    if not 0 < lo <= hi < 0.5:
+        raise ValueError(f"moving_shapes radius must satisfy 0 < low <= high < 0.5 (fractions of the frame's shorter "
+                         f"side; a shape of radius 0.5 fills it), got {radius!r}")
+    return lo, hi
+
+
+def sample_video(rng: np.random.Generator, num_frames: int, height: int, width: int,
+                 radius: tuple[float, float] = RADIUS) -> ShapeVideo:
+    """Draws one video's parameters so the whole path stays inside the frame; `radius`: the range its shape's
+    radius is drawn from, in fractions of min(height, width)."""
+    lo, hi = check_radius(radius)
     shape = SHAPES[rng.integers(len(SHAPES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
     direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
-    radius = rng.uniform(0.12, 0.2) * min(height, width)
+    radius = rng.uniform(lo, hi) * min(height, width)
     ux, uy = DIRECTIONS[direction]
     room_x, room_y = width - 2 * radius, height - 2 * radius
     # Travel 50-90% of the room along the moving axes (diagonals limited by the tighter axis).
@@ -90,9 +106,8 @@ def _mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
     """Inside-test on coordinates relative to the shape center."""
     if shape == "circle":
         return x * x + y * y <= r * r
-    if shape == "square":
-        half = r * 0.85
-        return (np.abs(x) <= half) & (np.abs(y) <= half)
+    if shape == "square":  # circumscribes the circle of radius r: the two differ by the corners alone
+        return (np.abs(x) <= r) & (np.abs(y) <= r)
     # Upward equilateral triangle inscribed in the circle of radius r: three half-planes.
     inside = (y <= r / 2) & (x == x)  # broadcast to the full grid
     for angle in (np.pi / 6, 5 * np.pi / 6):  # outward normals of the two slanted edges (y points down)
@@ -121,11 +136,12 @@ def render(params: ShapeVideo, num_frames: int, height: int, width: int,
 
 
 def make_video(
-    seed: int, split: str, index: int, num_frames: int, height: int, width: int
+    seed: int, split: str, index: int, num_frames: int, height: int, width: int,
+    radius: tuple[float, float] = RADIUS,
 ) -> tuple[np.ndarray, ShapeVideo]:
     """Video `index` of `split`: (uint8 frames `[num_frames, height, width, 3]`, its parameters)."""
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
-    params = sample_video(rng, num_frames, height, width)
+    params = sample_video(rng, num_frames, height, width, radius)
     return render(params, num_frames, height, width), params
 
 
@@ -141,12 +157,15 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
     fps: float = 24.0
     seed: int = 0
     storage: str = "frames"
+    radius: tuple[float, float] = RADIUS  # (low, high): the shapes' radius range, in fractions of min(height, width)
 
 
 class MovingShapes(builder_utils.LocalBuilder):
     """Coloured shapes moving in named directions, captioned; see the module docstring."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "squares circumscribe the circle of the radius (were 0.85 of it: 1.7 r wide)",
+                     "1.0.0": "first release"}
     BUILDER_CONFIGS = [MovingShapesConfig(name="default")]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -171,7 +190,7 @@ class MovingShapes(builder_utils.LocalBuilder):
     def _generate_examples(self, split: str, count: int):
         c = self.builder_config
         for i in range(count):
-            frames, params = make_video(c.seed, split, i, c.num_frames, c.height, c.width)
+            frames, params = make_video(c.seed, split, i, c.num_frames, c.height, c.width, c.radius)
             record = {
                 "id": f"{split}-{i:07d}",
                 "caption": params.caption,
@@ -190,6 +209,10 @@ class MovingShapes(builder_utils.LocalBuilder):
 
 def builder(data_dir: str | None = None, **params: Any) -> MovingShapes:
     """A MovingShapes builder for the given MovingShapesConfig fields (defaults for the rest)."""
+    if "radius" in params:
+        params["radius"] = check_radius(params["radius"])
     config = MovingShapesConfig(name="moving_shapes", **params)
     prefix = f"n{config.num_videos}_f{config.num_frames}_{config.height}x{config.width}"
-    return builder_utils.make_builder(MovingShapes, config, prefix, data_dir)
+    # the default radius stays out of the name's digest: datasets built before it was a field keep their directory
+    ignore = ("radius",) if config.radius == RADIUS else ()
+    return builder_utils.make_builder(MovingShapes, config, prefix, data_dir, ignore)

@@ -52,7 +52,11 @@ def _parser() -> command.ArgumentParser:
         if name != "moving_shapes":
             p.add_argument("--name", default="webvid" if name == "video_text" else "laion", help="config name prefix")
         for field, default in builder_utils.config_params(config_cls(name="defaults")).items():
-            p.add_argument(f"--{field}", type=type(default), default=default, help=f"default: {default!r}")
+            if isinstance(default, tuple):  # e.g. moving_shapes --radius LOW HIGH
+                p.add_argument(f"--{field}", nargs=len(default), type=type(default[0]), default=default,
+                               metavar=field.upper(), help=f"default: {' '.join(map(str, default))}")
+            else:
+                p.add_argument(f"--{field}", type=type(default), default=default, help=f"default: {default!r}")
         command.add_common_flags(p, cache_default=None, in_subcommand=True)
     return parser
 

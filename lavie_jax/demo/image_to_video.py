@@ -34,15 +34,23 @@ STORY = ("a red circle moving right", "a red circle moving down", "a red circle 
 STORY_CONTEXT = 1
 
 
-def first_frame(prompt: str, size: int = 32) -> np.ndarray:
-    """uint8 `[1, size, size, 3]`: the prompt's shape drawn by the dataset's renderer, placed so that its motion has
-    room (its centre 35% of the travel behind the frame's centre, on a dark grey background)."""
+def trained_radius() -> float:
+    """The middle of the radius range (fraction of the frame) of the shapes the demo's i2v stage trains on."""
+    from lavie_jax.cli.config_flags import load_config
+
+    return float(np.mean(load_config("i2v:demo").data.moving_shapes.radius))
+
+
+def first_frame(prompt: str, size: int = 32, radius: float | None = None) -> np.ndarray:
+    """uint8 `[1, size, size, 3]`: the prompt's shape (`radius`: fraction of the frame, default `trained_radius()`)
+    drawn by the dataset's renderer, placed so that its motion has room (its centre 35% of the travel behind the
+    frame's centre, on a dark grey background)."""
     from lavie_jax.data.moving_shapes import DIRECTIONS, ShapeVideo, render
     from lavie_jax.demo.evaluate import parse_prompt
 
     c = parse_prompt(prompt)
     ux, uy = DIRECTIONS[c.direction]
-    radius = 0.16 * size
+    radius = (trained_radius() if radius is None else radius) * size
     travel = 0.7 * (size - 2 * radius)
     start = (size / 2 - 0.5 * ux * travel, size / 2 - 0.5 * uy * travel)
     return render(ShapeVideo(c.shape, c.color, c.direction, radius, start, (0.0, 0.0), (40, 40, 40)), 1, size, size)
@@ -88,7 +96,8 @@ def animate(out: Path, run: Path, prompts: Sequence[str]) -> dict[str, Any]:
     prompts = list(prompts)
     config = load_config("i2v:demo")
     sampler = StageSampler(config, load_stage_pipeline(config, run))
-    images = [first_frame(p, config.sample.height) for p in prompts]
+    radius = float(np.mean(config.data.moving_shapes.radius))  # the middle of the trained range
+    images = [first_frame(p, config.sample.height, radius) for p in prompts]
     result = sampler.sample(prompts, images)
     score = evaluate.score_start(prompts, list(result.frames), images)
     directory = out / "i2v"

@@ -96,8 +96,8 @@ def instance_plan(n: int | None = None) -> list[tuple[str, str]]:
     return [(moving_shapes.SHAPES[k % len(moving_shapes.SHAPES)], directions[k % len(directions)]) for k in range(n)]
 
 
-def make_instance_clips(folder: Path, num_frames: int, size: int, n: int | None = None, seed: int = 7
-                        ) -> list[str]:
+def make_instance_clips(folder: Path, num_frames: int, size: int, n: int | None = None, seed: int = 7,
+                        radius: tuple[float, float] = moving_shapes.RADIUS) -> list[str]:
     """`n` clips of `TOKEN`-coloured shapes, one per (shape, direction) of `instance_plan`, the rest (size, path,
     background) drawn as the dataset draws them, as `{caption}.gif`; returns the captions."""
     rng = np.random.default_rng(seed)
@@ -106,9 +106,9 @@ def make_instance_clips(folder: Path, num_frames: int, size: int, n: int | None 
 
     captions = []
     for shape, direction in instance_plan(n):
-        params = moving_shapes.sample_video(rng, num_frames, size, size)
+        params = moving_shapes.sample_video(rng, num_frames, size, size, radius)
         while (params.shape, params.direction) != (shape, direction):  # the dataset's draw, given shape and direction
-            params = moving_shapes.sample_video(rng, num_frames, size, size)
+            params = moving_shapes.sample_video(rng, num_frames, size, size, radius)
         params = dataclasses.replace(params, color=TOKEN)
         text = params.caption
         write_video(folder / f"{text.replace(' ', '_')}.gif", moving_shapes.render(params, num_frames, size, size,
@@ -117,14 +117,15 @@ def make_instance_clips(folder: Path, num_frames: int, size: int, n: int | None 
     return captions
 
 
-def make_replay_clips(folder: Path, num_frames: int, size: int, n: int, seed: int = 0) -> None:
+def make_replay_clips(folder: Path, num_frames: int, size: int, n: int, seed: int = 0,
+                      radius: tuple[float, float] = moving_shapes.RADIUS) -> None:
     """`n` clips of the moving_shapes training data (the demo's source: same seed and sizes), with their captions
     as sidecars: the old concepts replayed beside the new one."""
     folder.mkdir(parents=True, exist_ok=True)
     from lavie_jax.io.video import write_video
 
     for i in range(n):
-        frames, params = moving_shapes.make_video(seed, "train", i, num_frames, size, size)
+        frames, params = moving_shapes.make_video(seed, "train", i, num_frames, size, size, radius)
         write_video(folder / f"clip{i:03d}.gif", frames, fps=4)
         (folder / f"clip{i:03d}.json").write_text(json.dumps({"prompt": params.caption}))
 
@@ -226,11 +227,13 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
     with demo.clock.phase("personalise", f"{how} teaching the base '{TOKEN}' = {NEW_COLOR_NAME} from {CLIPS} clips"):
         latest = finished_run(lora_run, config)  # a run of an older config is not reused silently
         if latest is None:
-            captions = make_instance_clips(root / "instance", frames, d.height)
+            radius = tuple(d.moving_shapes.get("radius", moving_shapes.RADIUS))
+            captions = make_instance_clips(root / "instance", frames, d.height, radius=radius)
             if PRIOR == "samples":
                 make_prior_clips(demo.out / "base", root / "prior", list(PROMPTS), d.frame_stride)
             elif PRIOR == "data":
-                make_replay_clips(root / "prior", frames, d.height, 2 * CLIPS, seed=int(d.moving_shapes.seed))
+                make_replay_clips(root / "prior", frames, d.height, 2 * CLIPS, seed=int(d.moving_shapes.seed),
+                                  radius=radius)
             counts = build_tables(root / "instance", "{stem}", root / "tables", token=TOKEN,
                                   prior=None if PRIOR == "none" else root / "prior", prior_weight=PRIOR_WEIGHT)
             prior = {"samples": f"the base's own videos of its {len(PROMPTS)} prompts",

@@ -80,7 +80,23 @@ def test_config_name_changes_with_every_setting(tmp_path):
     a = moving_shapes.builder(str(tmp_path), num_videos=6, seed=0).builder_config.name
     b = moving_shapes.builder(str(tmp_path), num_videos=6, seed=1).builder_config.name
     c = moving_shapes.builder(str(tmp_path), num_videos=6, seed=0).builder_config.name
-    assert a != b and a == c
+    d = moving_shapes.builder(str(tmp_path), num_videos=6, seed=0, radius=[0.2, 0.3]).builder_config.name
+    default = moving_shapes.builder(str(tmp_path), num_videos=6, seed=0, radius=moving_shapes.RADIUS)
+    assert a != b and a == c and d != a
+    assert default.builder_config.name == a  # (the name from before radius was a setting)
+    assert a == "n6_f64_64x96-27cb7a6b", "a default dataset's directory name changed: users' data would rebuild"
+
+
+def test_radius_sets_the_size_of_the_shapes_and_bad_ranges_are_refused():
+    for lo, hi in ((0.12, 0.2), (0.25, 0.3)):
+        radii = [moving_shapes.make_video(0, "train", i, 2, 32, 48, (lo, hi))[1].radius for i in range(30)]
+        assert lo * 32 <= min(radii) and max(radii) <= hi * 32 and max(radii) - min(radii) > 0.3 * (hi - lo) * 32
+    # the rest of the draw is the same: shape, colour and direction do not depend on the range
+    assert [moving_shapes.make_video(0, "train", i, 2, 32, 32, (0.25, 0.3))[1].caption for i in range(5)] == \
+        [moving_shapes.make_video(0, "train", i, 2, 32, 32)[1].caption for i in range(5)]
+    for bad in ((0.3, 0.2), (0.1, 0.5), (0.0, 0.2), (0.2,), "big"):
+        with pytest.raises(ValueError, match="moving_shapes radius must"):
+            moving_shapes.builder(None, radius=bad)
 
 
 def test_building_an_unprepared_dataset_leaves_no_temporary_directory(tmp_path, monkeypatch):

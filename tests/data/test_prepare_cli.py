@@ -34,6 +34,8 @@ CASES = [
     (["moving_shapes", "--num_videos", "-3"], r"--num_videos -3: expected a positive number"),
     (["moving_shapes", "--height", "0"], r"--height 0: expected a positive number"),
     (["moving_shapes", "--seed", "-1"], r"--seed -1: expected a non-negative number"),
+    (["moving_shapes", "--radius", "0.3", "0.6"], r"radius must satisfy 0 < low <= high < 0.5"),
+    (["moving_shapes", "--radius", "0.3"], r"argument --radius: expected 2 arguments"),
     (["video_text", "--csv", "{table}", "--min_frames", "-1"], r"--min_frames -1: expected a non-negative"),
     (["moving_shapes", "--bogus", "1"], r"unrecognized arguments: --bogus 1"),
     (["moving_shapes", "--data_dir", "{under_file}"], r"--data_dir .*table.csv is a file, not a directory"),
