@@ -27,10 +27,11 @@ DATA_DIR = f"{DIR}/data"
 ENCODERS = f"{DIR}/encoders"  # pipeline directory the demo writes: vae/, text_encoder/, tokenizer/
 TEXT_WIDTH = 64  # text encoder width = every demo UNet's cross_attention_dim
 VIDEOS = {"num_frames": 13, "fps": 12.0, "seed": 0, "num_validation": 16,  # held-out clips: the demo's FVD
-          # shapes 0.44-0.64 of the frame wide. At the dataset's default radius (0.12-0.2: 2-3 latent cells at 8x8) the
-          # base drew squares and circles as one blob: 17 of 48 videos kept their shape; 0.18-0.28: 31, 0.22-0.32: 34,
-          # 0.25-0.35: 32, with less room to move (docs/demo_quality.md, Bigger shapes)
-          "radius": (0.22, 0.32)}
+          # the dataset's default radius. Bigger shapes (0.22-0.32, with squares that circumscribe their circle) drew
+          # 34 of 48 shapes at the base where this draws 17, but the learned 'sks' row then read pink in 17-33% of the
+          # new prompts (100% on this base) and the VSR's background was no cleaner than bicubic: measured, not kept
+          # (docs/demo_quality.md, Bigger shapes)
+          "radius": (0.12, 0.2)}
 SOURCES = {  # the moving_shapes datasets the stages read (same videos, two resolutions)
     "low": dict(VIDEOS, num_videos=1024, height=32, width=32),
     "high": dict(VIDEOS, num_videos=256, height=128, width=128),

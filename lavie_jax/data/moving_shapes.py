@@ -106,8 +106,9 @@ def _mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
     """Inside-test on coordinates relative to the shape center."""
     if shape == "circle":
         return x * x + y * y <= r * r
-    if shape == "square":  # circumscribes the circle of radius r: the two differ by the corners alone
-        return (np.abs(x) <= r) & (np.abs(y) <= r)
+    if shape == "square":
+        half = r * 0.85
+        return (np.abs(x) <= half) & (np.abs(y) <= half)
     # Upward equilateral triangle inscribed in the circle of radius r: three half-planes.
     inside = (y <= r / 2) & (x == x)  # broadcast to the full grid
     for angle in (np.pi / 6, 5 * np.pi / 6):  # outward normals of the two slanted edges (y points down)
@@ -163,9 +164,7 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
 class MovingShapes(builder_utils.LocalBuilder):
     """Coloured shapes moving in named directions, captioned; see the module docstring."""
 
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.1.0": "squares circumscribe the circle of the radius (were 0.85 of it: 1.7 r wide)",
-                     "1.0.0": "first release"}
+    VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [MovingShapesConfig(name="default")]
 
     def _info(self) -> tfds.core.DatasetInfo:

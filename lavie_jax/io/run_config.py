@@ -16,6 +16,9 @@ A work directory stores the config of its run (`config.json`, and each checkpoin
   values, start over with `--overwrite`, or use a new work directory. What the model is, what it learns from
   (data, objective, param groups, seed, EMA) and how the data are batched are never changed mid-run.
 
+A field added to the configs after a run was stored (`ADDED_FIELDS`) reads as its value from before it existed, so
+a run stored by an older version resumes when the new field keeps that value.
+
 A work directory that holds no checkpoint yet has nothing to continue: a rerun's config simply replaces the
 stored one (lavie_jax.train.loop).
 """
@@ -28,6 +31,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 _MISSING = "<missing>"
+# field -> the value a run stored before the field existed was trained with (as JSON stores it)
+ADDED_FIELDS: dict[str, Any] = {"data.moving_shapes.radius": [0.12, 0.2]}
 
 
 class ConfigMismatchError(ValueError):
@@ -94,6 +99,19 @@ def _holds(condition: Callable[[Any, Any], bool], old: Any, new: Any) -> bool:
         return True
 
 
+def _with_added_fields(tree: dict) -> dict:
+    """`tree` with each `ADDED_FIELDS` entry it lacks, where the section holding it was stored."""
+    tree = json.loads(json.dumps(tree))
+    for field, value in ADDED_FIELDS.items():
+        *sections, name = field.split(".")
+        node = tree
+        for key in sections:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name not in node:
+            node[name] = value
+    return tree
+
+
 def check_config(stored_config_json: str | Mapping | None, new_config: Any, *,
                  may_change: Iterable[str] = RESUMABLE_FIELDS, where: str = "") -> list[str]:
     """Whether a rerun with `new_config` continues the run stored with `stored_config_json`.
@@ -104,6 +122,7 @@ def check_config(stored_config_json: str | Mapping | None, new_config: Any, *,
     stored_tree = config_dict(stored_config_json) if stored_config_json else {}
     if not stored_tree:
         return []
+    stored_tree = _with_added_fields(stored_tree)
     patterns = tuple(may_change)
     stored, new = _flatten(stored_tree), _flatten(config_dict(new_config))
     allowed, errors = [], []

@@ -16,7 +16,9 @@ A function with captured values (a closure, a `functools.partial`) is cached on 
 that covers them (the train step's: its run config and model graphs). A static argument whose repr shows no
 stable identity (`at 0x...`) or whose type is not from lavie_jax, flax, jax,
 numpy or the builtins makes the program uncacheable on disk: it runs as a plain `jax.jit`. A missing, unreadable
-or mismatching entry is compiled again (through JAX's cache, which still saves the XLA compile) and rewritten.
+or mismatching entry is compiled again (through JAX's cache, which still saves the XLA compile) and rewritten. An
+XLA:CPU executable that lacks its kernels' object code (one JAX loaded from its own cache) is never written, and an
+entry that loads but cannot run ('Function ... not found') is deleted and compiled again.
 Entries are written atomically (temporary file + rename), each process under its own key, so runs sharing the
 directory never read a partial entry; past `MAX_BYTES` the least recently written entries are removed.
 

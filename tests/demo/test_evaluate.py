@@ -36,7 +36,7 @@ def test_every_colour_and_direction_is_recognised():
 
 def test_every_shape_is_recognised_and_a_blob_is_no_square():
     for shape in moving_shapes.SHAPES:
-        for radius in (3.9, 6.4, 10.2):  # the dataset's smallest and largest at 32x32, the demo's largest
+        for radius in (3.9, 6.4, 10.2):  # the dataset's smallest and largest at 32x32, and 0.32 of it
             params = moving_shapes.ShapeVideo(shape, "red", "right", radius, (10.0, 16.0), (2.0, 0.0), (30, 30, 30))
             assert evaluate.predict(moving_shapes.render(params, 4, 32, 32)).shape == shape
     square = moving_shapes.render(moving_shapes.ShapeVideo("square", "red", "right", 6.0, (10.0, 16.0), (2.0, 0.0),
