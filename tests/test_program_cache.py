@@ -3,6 +3,7 @@ process without tracing; any change of code, static argument, shape, dtype or sh
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -215,15 +216,17 @@ def _kernel_less(tmp_path, fn, *args, **kwargs) -> tuple[bytes, object]:
         for n, v in zip(names, (str(tmp_path / "jax"), 0.0, -1)):
             jax.config.update(n, v)
         compilation_cache.reset_cache()
-        jax.clear_caches()  # (else JAX reuses this process's executable and writes nothing)
-        jax.jit(fn, static_argnames="scale").lower(*args, **kwargs).compile()  # written to that cache
-        jax.clear_caches()
-        loaded = jax.jit(fn, static_argnames="scale").lower(*args, **kwargs).compile()  # read back from it
+
+        def fresh(*a, **k):  # a new function each time: traced and lowered anew, so JAX's in-memory caches miss
+            return fn(*a, **k)  # (without clearing them for the rest of this process)
+
+        jax.jit(fresh, static_argnames="scale").lower(*args, **kwargs).compile()  # written to that cache
+        again = functools.wraps(fresh)(lambda *a, **k: fn(*a, **k))  # same name, same program
+        loaded = jax.jit(again, static_argnames="scale").lower(*args, **kwargs).compile()  # read back from it
     finally:
         for n, v in zip(names, old):
             jax.config.update(n, v)
         compilation_cache.reset_cache()
-        jax.clear_caches()
     payload, in_tree, out_tree = serialize_executable.serialize(loaded)
     assert program_cache._ELF not in payload  # what `_store` refuses to write
     return pickle.dumps((program_cache._FORMAT, payload, in_tree, out_tree, [jax.devices()[0].id])), loaded
