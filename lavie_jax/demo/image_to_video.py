@@ -34,11 +34,12 @@ STORY = ("a red circle moving right", "a red circle moving down", "a red circle 
 STORY_CONTEXT = 1
 
 
-def trained_radius() -> float:
-    """The middle of the radius range (fraction of the frame) of the shapes the demo's i2v stage trains on."""
+def trained_radius(config: Any = None) -> float:
+    """The middle of the radius range (fraction of the frame) of the shapes the demo's i2v stage trains on
+    (`config`: its config, default `i2v:demo`)."""
     from lavie_jax.cli.config_flags import load_config
 
-    return float(np.mean(load_config("i2v:demo").data.moving_shapes.radius))
+    return float(np.mean((config or load_config("i2v:demo")).data.moving_shapes.radius))
 
 
 def first_frame(prompt: str, size: int = 32, radius: float | None = None) -> np.ndarray:
@@ -96,7 +97,7 @@ def animate(out: Path, run: Path, prompts: Sequence[str]) -> dict[str, Any]:
     prompts = list(prompts)
     config = load_config("i2v:demo")
     sampler = StageSampler(config, load_stage_pipeline(config, run))
-    radius = float(np.mean(config.data.moving_shapes.radius))  # the middle of the trained range
+    radius = trained_radius(config)
     images = [first_frame(p, config.sample.height, radius) for p in prompts]
     result = sampler.sample(prompts, images)
     score = evaluate.score_start(prompts, list(result.frames), images)
