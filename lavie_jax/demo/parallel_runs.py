@@ -82,10 +82,12 @@ def lower_priority(pid: int, nice: int) -> None:
             os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0) + nice)
         except OSError:
             pass
+    # our own file is empty when we sit in the root group (no setsid since boot, as in some containers): count it
+    # as nice 0, which is what the root group competes with
     own, theirs = _autogroup_nice("self"), _autogroup_nice(pid)
-    if own is not None and theirs is not None:
+    if theirs is not None:
         try:
-            Path(f"/proc/{pid}/autogroup").write_text(str(min(max(own + nice, theirs), 19)))
+            Path(f"/proc/{pid}/autogroup").write_text(str(min(max((own or 0) + nice, theirs), 19)))
         except OSError:
             pass
 
