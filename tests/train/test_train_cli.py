@@ -108,10 +108,10 @@ def test_a_second_trainer_is_refused_and_sigterm_before_the_first_step_says_what
                             second.stderr), second.stderr
         first.send_signal(signal.SIGTERM)
         first.send_signal(signal.SIGCONT)
-        _, err = first.communicate(timeout=300)
+        out, err = first.communicate(timeout=300)
     finally:
         first.kill()
-    assert first.returncode == 143
+    assert first.returncode == 143, f"exit {first.returncode}\nstdout:\n{out}\nstderr:\n{err}"
     assert err.strip().splitlines()[-1] == ("lavie-train: terminated (SIGTERM); nothing was saved: rerun the same "
                                             "command to start from the beginning"), err
     assert not (tmp_path / "run" / "lavie-train.lock").exists()  # released on the way out
