@@ -84,6 +84,21 @@ def test_config_changes_before_and_after_the_first_checkpoint(tmp_path, capsys):
     assert sorted(p.name for p in path.iterdir()) == ["checkpoints", "config.json", "lavie_workdir.json"]
 
 
+def _output(proc, timeout: float) -> tuple[str, str]:
+    """(stdout, stderr) of `proc` once it exits; past `timeout` seconds, the test fails with every thread's stack
+    (the child runs with PYTHONFAULTHANDLER: SIGABRT makes it print them) and what it printed."""
+    import signal
+    import subprocess
+
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"pid {proc.pid} still running after {timeout} s; its stacks and output:\nstdout:\n{out}\n"
+                    f"stderr:\n{err}")
+
+
 def test_a_second_trainer_is_refused_and_sigterm_before_the_first_step_says_what_a_rerun_does(tmp_path):
     """Two real `lavie-train` processes on one work directory: the second is refused at once, naming the first;
     SIGTERM then stops the first before its first step, saying that nothing was saved."""
@@ -96,19 +111,24 @@ def test_a_second_trainer_is_refused_and_sigterm_before_the_first_step_says_what
 
     argv = [sys.executable, "-m", "lavie_jax.train.cli", "--config", "base:tiny", "--workdir", str(tmp_path / "run"),
             f"--config.data.data_dir={tmp_path / 'data'}"]
-    first = subprocess.Popen(argv, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    env = child_env(PYTHONFAULTHANDLER="1")
+    first = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline().startswith("[lavie-train] base stage on")  # it holds the work directory
         first.send_signal(signal.SIGSTOP)  # it stays before its first step while the second one starts
-        second = subprocess.run(argv, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
-        assert second.returncode == 2, second.stderr
+        second = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        try:
+            _, second_err = _output(second, 300)
+        finally:
+            second.kill()
+        assert second.returncode == 2, second_err
         assert re.fullmatch(rf"lavie-train: error: --workdir \S+ is in use by another lavie-train: pid {first.pid} on "
                             rf"host {re.escape(socket.gethostname())} \(started .*\)\. Two trainers .*\n",
-                            second.stderr), second.stderr
+                            second_err), second_err
         first.send_signal(signal.SIGTERM)
         first.send_signal(signal.SIGCONT)
-        out, err = first.communicate(timeout=300)
+        out, err = _output(first, 300)
     finally:
         first.kill()
     assert first.returncode == 143, f"exit {first.returncode}\nstdout:\n{out}\nstderr:\n{err}"
