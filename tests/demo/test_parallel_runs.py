@@ -1,6 +1,7 @@
 """The demo's side-by-side training runs (lavie_jax.demo.parallel_runs), with small Python children standing in for
 lavie-train: prefixed output, the concurrency limit, and what happens when one fails."""
 
+import os
 import sys
 import time
 
@@ -73,7 +74,7 @@ def test_a_yielding_run_gets_a_lower_cpu_priority(capsys, monkeypatch, in_root_g
     code = ("import os, threading; t = threading.Thread(target=lambda: print('thread', os.nice(0))); t.start(); "
             "t.join(); print('main', os.nice(0)); from lavie_jax.demo.parallel_runs import _autogroup_nice as g; "
             "print('group', g('self'))")
-    own, own_group = __import__("os").nice(0), parallel_runs._autogroup_nice("self")
+    own, own_group = os.nice(0), parallel_runs._autogroup_nice("self")
     run_all([child("a", code), Run("b", ["lavie-train"], command=[sys.executable, "-c", code], nice=5)], jobs=2,
             log=lambda m: None)
     out = capsys.readouterr().out.splitlines()
@@ -83,4 +84,5 @@ def test_a_yielding_run_gets_a_lower_cpu_priority(capsys, monkeypatch, in_root_g
         assert "[b] group None" in out  # no autogroup scheduling here: nothing to set
     else:  # a new session's group starts at 0; ours reads as nothing in the root group (counted as 0)
         assert "[a] group 0" in out, out
-        assert f"[b] group {min((own_group or 0) + 5, 19)}" in out, out
+        settable = os.access("/proc/self/autogroup", os.W_OK)  # (a read-only /proc: kept, as documented)
+        assert f"[b] group {min((own_group or 0) + 5, 19) if settable else 0}" in out, out
