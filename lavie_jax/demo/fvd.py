@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lavie_jax.data.moving_shapes import RADIUS, make_video
+from lavie_jax.data.moving_shapes import make_video
 from lavie_jax.demo.fidelity import bicubic
 
 PROTOCOL = "fvd_tf"
@@ -36,7 +36,7 @@ FLOOR_OFFSET = 1000  # the second real set: validation videos 1000.. (the first 
 def held_out_clips(spec: Mapping[str, Any], count: int, start: int = 0) -> np.ndarray:
     """uint8 `[count, F, H, W, 3]`: validation videos `start..` of a demo moving_shapes source (never trained on)."""
     return np.stack([make_video(spec["seed"], "validation", start + i, spec["num_frames"], spec["height"],
-                                spec["width"], tuple(spec.get("radius", RADIUS)))[0] for i in range(count)])
+                                spec["width"], tuple(spec["radius"]))[0] for i in range(count)])
 
 
 def training_points(metrics_file: Path) -> list[tuple[int, float]]:

@@ -227,7 +227,7 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
     with demo.clock.phase("personalise", f"{how} teaching the base '{TOKEN}' = {NEW_COLOR_NAME} from {CLIPS} clips"):
         latest = finished_run(lora_run, config)  # a run of an older config is not reused silently
         if latest is None:
-            radius = tuple(d.moving_shapes.get("radius", moving_shapes.RADIUS))
+            radius = tuple(d.moving_shapes.radius)
             captions = make_instance_clips(root / "instance", frames, d.height, radius=radius)
             if PRIOR == "samples":
                 make_prior_clips(demo.out / "base", root / "prior", list(PROMPTS), d.frame_stride)
