@@ -74,16 +74,18 @@ DEMO = {
     # 8 took the demo past 15 minutes)
     "data": {"moving_shapes": demo.SOURCES["high"], "num_frames": 4, "frame_stride": 1, "global_batch_size": 16,
              "patch_size": 32, "images": {"source": "none", "ratio": 0.0}},
-    # trains beside the base run (three processes sharing the cores). More steps keep colour better (given the
-    # dataset's own videos: 70% of colours after 200 steps, all after 600) but cost time
-    "train": {"num_steps": 250, "objective": {"noise_level_max": 100}},  # sampling noises the low-res input at 50
+    # trains beside the base run (three processes sharing the cores). From noise, more steps kept colour better
+    # (given the dataset's own videos: 70% of colours after 200 steps, all after 600); starting at the last step
+    # (below), 150 steps keep what 250 did (a fresh clone's demo: 30.9 dB to the input, background 0.25, FVD 666
+    # against the bicubic input's 879; 250 steps: 31.0-31.4 dB, 0.23-0.25, 632-657) for a minute less of the cascade
+    "train": {"num_steps": 150, "objective": {"noise_level_max": 100}},  # sampling noises the low-res input at 50
     # Measured on the main demo's checkpoints (docs/demo_quality.md; 8 prompts, PSNR of the output averaged down to
     # its 32x32 input, background = RMS high-pass of the background, bicubic upscale: 49.3 dB / 0.43): from noise
     # at guidance 7.5, 22.2 dB / 2.36 (a green speckle over the background, shapes broken into dots); unguided
     # 23.1 / 1.88; low-res noise level 10 instead of 50: 22.3 / 1.84; from the noised bicubic upscale at step 5, 7,
     # 8: 23.8 / 1.86, 24.6 / 1.66, 24.9 / 1.32; at step 9 (the last step only) 24.8 / 0.65, as clean as the
-    # autoencoder's own round trip of the upscale (24.9 / 0.64: the autoencoder caps the PSNR). 250 steps on 32x32
-    # patches teach the model the shapes' edges, not a clean background: every earlier step adds texture. So the
+    # autoencoder's own round trip of the upscale (24.9 / 0.64: the autoencoder caps the PSNR). 250 steps (then) on
+    # 32x32 patches teach the model the shapes' edges, not a clean background: every earlier step adds texture. So the
     # demo starts from the encoded upscale at the last step, unguided: 1 UNet call per video instead of 20.
     "sample": {"steps": 10, "guidance_scale": 1.0, "start_step": 9, "negative_prompt": get_stage("vsr").dropped_text,
                "chunk_frames": 0, "underscore_prompts": False},
