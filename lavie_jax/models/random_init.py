@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-from lavie_jax.runtime import xla_cpu
+from lavie_jax.runtime import program_cache, xla_cpu
 
 RNG_PRIMITIVES = frozenset({"random_bits", "random_fold_in", "random_split"})
 MAX_GROUP_BYTES = 64 * 2 ** 20  # of one group's stacked outputs
@@ -57,29 +57,42 @@ _kept: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 
 
 def compiled_initialiser(fn: Callable[..., Any], *args: Any, out_shardings: Any = None, key: Any = None) -> Any:
-    """`fn` jitted with its draws batched and compiled for `args` (abstract values) as a program that runs once
-    (`xla_cpu.run_once_options`: the least optimised code is the fastest to build); `out_shardings` lays its
-    outputs out (a full-size model's init is never copied to the host).
+    """`fn` jitted with its draws batched, as a program that runs once (`xla_cpu.run_once_options`: the least
+    optimised code is the fastest to build), for arguments like `args` (abstract values); `out_shardings` lays its
+    outputs out (a full-size model's init is never copied to the host). Returns the callable; it compiles at its
+    first call.
 
-    `key` (hashable): what `fn` computes, e.g. its architecture; with it the compiled program is kept in memory
-    (the last `MAX_KEPT`), so building the same model again in this process (a second run, a rebuilt model)
-    skips the trace, the batching and the lowering (~3 s for the tiny base UNet on 2 CPU cores). Leave it None
-    when `fn` captures anything the key does not say (a seed: pass it as an argument instead)."""
+    `key` (hashable, with a stable repr): what `fn` computes, e.g. its architecture. With it the program is kept in
+    memory (the last `MAX_KEPT`), so building the same model again in this process (a second run, a rebuilt model)
+    skips the trace, the batching and the lowering (~3 s for the tiny base UNet on 2 CPU cores), and in the program
+    cache when that is on (lavie_jax.runtime.program_cache), so the next process loads it whole (a fresh work
+    directory's `lavie-train` with a warm cache). Leave it None when `fn` captures anything the key does not say
+    (a seed: pass it as an argument instead)."""
+    shardings = jax.tree.flatten(out_shardings)
+    avals = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args))
     memo = None
     if key is not None:
-        shardings = jax.tree.flatten(out_shardings)
-        avals = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args))
         memo = (key, jax.default_backend(), avals, shardings[1], tuple(shardings[0]))
         if memo in _kept:
             _kept.move_to_end(memo)
             return _kept[memo]
-    jitted = jax.jit(batch_random_draws(fn), out_shardings=out_shardings)
-    compiled = jitted.lower(*args).compile(xla_cpu.run_once_options(jax.default_backend()))
+    # the key on disk: what the program computes and where its outputs go, devices included (a sharding's repr
+    # names its mesh's axes, not the devices in their order)
+    text = None if key is None else repr([key, avals, str(shardings[1]),
+                                          [(repr(s), [d.id for d in s._device_assignment]) for s in shardings[0]]])
+    batched = batch_random_draws(fn)
+
+    def random_initialiser(*a: Any) -> Any:  # (its name names the program cache's entries)
+        return batched(*a)
+
+    program = program_cache.Program(random_initialiser, out_shardings=out_shardings,
+                                    key=None if text is None or " at 0x" in text else text,
+                                    compiler_options=xla_cpu.run_once_options(jax.default_backend()))
     if memo is not None:
-        _kept[memo] = compiled
+        _kept[memo] = program
         while len(_kept) > MAX_KEPT:
             _kept.popitem(last=False)
-    return compiled
+    return program
 
 
 class _Eqn(tuple):

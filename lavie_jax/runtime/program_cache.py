@@ -152,18 +152,20 @@ def _leaf_text(key: tuple) -> str:
 class Program:
     """`jax.jit(fn, static_argnames=..., **jit_kwargs)` whose compiled executables are kept in the program cache
     (module docstring). Called like the jitted function; static arguments are passed by keyword. With the cache
-    off it is the jitted function (one attribute lookup more)."""
+    off it is the jitted function (one attribute lookup more). `compiler_options` (XLA's, as `Lowered.compile`
+    takes them; part of the key) compile every executable it builds, with the cache on or off."""
 
     def __init__(self, fn: Callable, *, static_argnames: Iterable[str] = (), key: str | None = None,
-                 **jit_kwargs: Any):
+                 compiler_options: dict[str, Any] | None = None, **jit_kwargs: Any):
         self.static_argnames = frozenset(static_argnames)
         self.jitted = jax.jit(fn, static_argnames=tuple(self.static_argnames), **jit_kwargs)
+        self.compiler_options = dict(compiler_options or {})
         base = fn.func if isinstance(fn, functools.partial) else fn
         self.name = f"{base.__module__}.{base.__qualname__}"
         # What the disk key cannot see in `fn` itself: a closure's or a partial's captured values are covered only
         # by an explicit `key` (a text that changes whenever they do); without one such a program stays in memory.
         captured = isinstance(fn, functools.partial) or bool(getattr(fn, "__closure__", None))
-        jit_text = repr(sorted(jit_kwargs.items()))
+        jit_text = repr(sorted(jit_kwargs.items())) + repr(sorted(self.compiler_options.items()))
         self._key = None if (captured and key is None) or " at 0x" in jit_text else [key, jit_text]
         self._memory: dict[tuple, Any] = {}  # in-memory key -> Compiled, or None (runs as `jitted`)
         self._keep: dict[int, Any] = {}  # static values by id (kept alive, so their ids stay theirs)
@@ -174,7 +176,7 @@ class Program:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if _directory is None:
+        if _directory is None and not self.compiler_options:
             return self.jitted(*args, **kwargs)
         static = {k: v for k, v in kwargs.items() if k in self.static_argnames}
         dynamic = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
@@ -216,7 +218,7 @@ class Program:
                   "it again", file=sys.stderr)
             with contextlib.suppress(OSError):
                 path.unlink()
-            self._memory[key] = self.jitted.lower(*args, **kwargs).compile()
+            self._memory[key] = self._compile(self.jitted.lower(*args, **kwargs))
             _stats["compiled"] += 1
             out = self._memory[key](*args, **dynamic)
         self._last[last_key] = self._memory[key]
@@ -244,10 +246,13 @@ class Program:
                  [_leaf_text(k) for k in key[1]]]
         return hashlib.sha256(json.dumps(parts, default=repr).encode()).hexdigest()
 
+    def _compile(self, lowered: Any) -> Any:
+        return lowered.compile(self.compiler_options) if self.compiler_options else lowered.compile()
+
     def _build(self, key: tuple, args: tuple, kwargs: dict, static: dict) -> Any:
-        digest = self._disk_key(key, static)
-        if digest is None:
-            return None
+        digest = None if _directory is None else self._disk_key(key, static)
+        if digest is None:  # in memory only: the jitted function's own path, unless it needs the options
+            return self._compile(self.jitted.lower(*args, **kwargs)) if self.compiler_options else None
         path = _directory / f"{self.name.rsplit('.', 1)[-1]}-{digest[:40]}.bin"
         compiled = _load(path, key[0])
         if compiled is not None:
@@ -258,7 +263,7 @@ class Program:
         lowered = self.jitted.lower(*args, **kwargs)
         compile_start = time.perf_counter()
         with _counting_jax_cache_hits() as hits:
-            compiled = lowered.compile()
+            compiled = self._compile(lowered)
         end = time.perf_counter()
         _stats["compiled"] += 1
         # An executable JAX loaded from its persistent cache serializes without its kernels on XLA:CPU (a later

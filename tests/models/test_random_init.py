@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from lavie_jax.models import random_init
+from lavie_jax.runtime import program_cache
 from lavie_jax.models.random_init import batch_random_draws
 
 
@@ -78,7 +79,9 @@ def test_arguments_and_outputs_pass_through():
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_keyed_initialiser_is_compiled_once_per_key_and_layout(monkeypatch):
+def test_a_keyed_initialiser_is_compiled_once_per_key_and_layout(monkeypatch, tmp_path):
+    """Kept in memory per key and layout; with the program cache on, a later process (here: the memory emptied)
+    loads it from disk without tracing; without a key nothing is kept anywhere."""
     traced = []
 
     def fresh():  # a new function each call, as a rebuilt model's initialiser is (JAX's own caches miss)
@@ -88,15 +91,33 @@ def test_a_keyed_initialiser_is_compiled_once_per_key_and_layout(monkeypatch):
         return init
 
     monkeypatch.setattr(random_init, "_kept", type(random_init._kept)())
-    seed = jax.ShapeDtypeStruct((), jnp.int32)
+    monkeypatch.setattr(program_cache, "MIN_BUILD_S", 0.0)  # (a program this small builds in milliseconds)
+    monkeypatch.setattr(program_cache, "MIN_COMPILE_S", 0.0)
+    seed, want = jax.ShapeDtypeStruct((), jnp.int32), jax.random.normal(jax.random.key(5), (4, 3))
     one, other = (jax.sharding.SingleDeviceSharding(d) for d in jax.devices()[:2])  # (the suite has 8 devices)
     first = random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": one}, key="w4x3")
+    np.testing.assert_array_equal(first(np.int32(5))["w"], want)
     again = random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": one}, key="w4x3")
     assert again is first and len(traced) == 1  # kept: no second trace
-    np.testing.assert_array_equal(first(np.int32(5))["w"], jax.random.normal(jax.random.key(5), (4, 3)))
-    assert random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": other}, key="w4x3") is not first
-    assert random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": one}) is not first  # no key
+    moved = random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": other}, key="w4x3")
+    assert moved is not first and moved(np.int32(5))["w"].sharding == other
+    random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": one})(np.int32(5))  # no key
     assert len(traced) == 3  # another layout is another program; without a key nothing is kept
     monkeypatch.setattr(random_init, "MAX_KEPT", 2)
     random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": one}, key="another")
     assert [k[0] for k in random_init._kept] == ["w4x3", "another"]  # the oldest dropped past MAX_KEPT
+
+    try:  # the program cache on: written by the first build, loaded by the next process's
+        program_cache.configure(tmp_path / "programs")
+        random_init._kept.clear()
+        random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": one}, key="w4x3")(np.int32(5))
+        assert len(traced) == 4 and len(list((tmp_path / "programs").glob("random_initialiser-*.bin"))) == 1
+        random_init._kept.clear()
+        loaded = random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": one}, key="w4x3")
+        np.testing.assert_array_equal(loaded(np.int32(5))["w"], want)
+        np.testing.assert_array_equal(loaded(np.int32(6))["w"], jax.random.normal(jax.random.key(6), (4, 3)))
+        assert len(traced) == 4  # read back: not traced again
+        random_init.compiled_initialiser(fresh(), seed, out_shardings={"w": other}, key="w4x3")(np.int32(5))
+        assert len(traced) == 5  # another device: another entry
+    finally:
+        program_cache.configure(None)
