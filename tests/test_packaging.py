@@ -14,20 +14,19 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import child_env
+from tests.train.conftest import SMALL_UNET_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_INPUTS = ("setup.py", "setup.cfg", "pyproject.toml", "README.md", "lavie_jax", "configs")
 PROMPT = "a red circle moving left"
 # tiny clips and two steps: seconds, not minutes (the sizes and the UNet tests/train/test_loop.py trains)
-UNET = ["--config.unet.down_block_types=('DownBlock2D', 'DownBlock2D')",
-        "--config.unet.up_block_types=('UpBlock2D', 'UpBlock2D')"]
-TRAIN = [*UNET, "--config.data.global_batch_size=2", "--config.data.num_frames=2", "--config.data.images.per_clip=1",
-         "--config.data.height=32", "--config.data.width=48", "--config.data.read_threads=1",
-         "--config.data.moving_shapes.num_videos=16", "--config.data.moving_shapes.num_validation=4",
-         "--config.data.moving_shapes.num_frames=24", "--config.data.moving_shapes.height=32",
-         "--config.data.moving_shapes.width=48", "--config.train.num_steps=2", "--config.train.log_every=1",
-         "--config.train.checkpoint_every=2"]
-SAMPLE = [*UNET, "--config.sample.steps=2", "--config.sample.num_frames=2", "--config.sample.height=32",
+TRAIN = [*SMALL_UNET_ARGS, "--config.data.global_batch_size=2", "--config.data.num_frames=2",
+         "--config.data.images.per_clip=1", "--config.data.height=32", "--config.data.width=48",
+         "--config.data.read_threads=1", "--config.data.moving_shapes.num_videos=16",
+         "--config.data.moving_shapes.num_validation=4", "--config.data.moving_shapes.num_frames=24",
+         "--config.data.moving_shapes.height=32", "--config.data.moving_shapes.width=48", "--config.train.num_steps=2",
+         "--config.train.log_every=1", "--config.train.checkpoint_every=2"]
+SAMPLE = [*SMALL_UNET_ARGS, "--config.sample.steps=2", "--config.sample.num_frames=2", "--config.sample.height=32",
           "--config.sample.width=48"]
 
 

@@ -18,23 +18,11 @@ from lavie_jax.io.safe_io import OutputPathError
 from lavie_jax.train import loop
 from lavie_jax.io.workdir import COMMIT_MARKER, ConfigMismatchError
 from tests.models.tiny_configs import rel_err
-from tests.train.conftest import tiny_train_config
+from tests.train.conftest import SMALL_UNET_ARGS, tiny_train_config
 from tests.conftest import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, CHECKPOINT_EVERY = 8, 4  # few saves: orbax takes 1-2 s per save of the tiny state's ~1000 arrays
-# The command's runs train base:tiny without the cross-attention of its down and up blocks (the mid block keeps
-# its own): what is tested here is the loop, not the architecture, and the train step then has 138 param leaves
-# instead of 240 and compiles in 5.7 s instead of 9.1 s (idle, one core), for each of the five processes below.
-SMALL_UNET = {"down_block_types": ("DownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "UpBlock2D")}
-SMALL_UNET_ARGS = [f"--config.unet.{k}={v!r}" for k, v in SMALL_UNET.items()]
-
-
-def _run_config(data_dir: str = "", **train):
-    """`tiny_train_config('base')` with the command's UNet: the architecture of the runs below."""
-    config = tiny_train_config("base", data_dir, **train)
-    config.unet.update(SMALL_UNET)
-    return config
 
 
 def _cli_args(workdir: Path, data_dir: str, steps: int = STEPS, batch: int = 2) -> list[str]:
@@ -125,7 +113,7 @@ def test_workdir_rules(uninterrupted, train_data_dir, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
     before = sorted(p.name for p in uninterrupted.rglob("*"))
     with pytest.raises(ConfigMismatchError, match="train.seed: 0 -> 5"):  # (the optimizer's settings may change)
-        loop.train(_run_config(train_data_dir, seed=5), uninterrupted, devices=jax.devices()[:1])
+        loop.train(tiny_train_config("base", train_data_dir, seed=5), uninterrupted, devices=jax.devices()[:1])
     assert sorted(p.name for p in uninterrupted.rglob("*")) == before
 
 
@@ -308,7 +296,7 @@ def test_lavie_sample_reads_a_work_directory(uninterrupted, tmp_path):
             "--config.sample.num_frames=2", "--config.sample.height=32", "--config.sample.width=48", "--noprogress"]
     (result,) = cli.run(argv)
     assert result.frames.shape == (1, 2, 32, 48, 3) and (out / "a_red_circle_moving_left.mp4").is_file()
-    config = _run_config()
+    config = tiny_train_config("base")
     pipe = load_stage_pipeline(config, uninterrupted, ema=False)
     _, _, raw = read_params(uninterrupted, ema=False)
     kernel = np.asarray(pipe.unet.conv_in.kernel[...])
@@ -334,7 +322,7 @@ def test_a_run_can_start_from_another_run(uninterrupted, train_data_dir):
     from lavie_jax.io.run_params import read_params
     from lavie_jax.train.setup import TrainConfigError, build_run
 
-    config = _run_config(train_data_dir)
+    config = tiny_train_config("base", train_data_dir)
     config.train.init, config.train.encoders = str(uninterrupted), ""
     run = build_run(config, parallel.make_mesh((1, 1, 1, 1), devices=jax.devices()[:1]))
     _, _, ema = read_params(uninterrupted, ema=True)

@@ -60,10 +60,10 @@ def test_sharded_accumulating_step_equals_one_device(one_device):
     _, before, expect_state, expect = one_device
     run = _build(tiny_train_config("base", micro_batches=2), (2, 2, 1, 2))
     np.testing.assert_array_equal(_flat(run.state.params), before)  # the same random init, laid out on the mesh
-    q = run.state.params["down_blocks"][0]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"]
+    q = run.state.params["mid_block"]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"]
     assert q.sharding.spec == P("fsdp", "tensor")
     adam = next(s for s in run.state.opt_state if hasattr(s, "mu"))  # ScaleByAdamState(count, mu, nu)
-    mu = adam.mu["down_blocks"][0]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"]
+    mu = adam.mu["mid_block"]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"]
     assert mu.sharding.spec == P("fsdp", "tensor")  # optimizer state laid out like its param
 
     batch = jax.device_put(synthetic_batch("base"), run.batch_sharding)
