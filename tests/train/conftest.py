@@ -9,18 +9,20 @@ import pytest
 from tests.conftest import stage_config
 
 FRAMES, HEIGHT, WIDTH, BATCH = 2, 32, 48, 8  # base clips 2 x 32 x 48 (+1 image), latents 4 x 6
-# base and i2v train here without the cross-attention of base:tiny's down and up blocks (the mid block keeps its
-# own): these tests are of the training code, not the architecture (the models' tests), and their train steps then
-# have 138 param leaves instead of 240 and compile in 5.7 s instead of 9.1 s (idle, one core)
+# base, i2v and interpolation (whose tiny UNets are base:tiny's) train here without the cross-attention of the
+# down and up blocks (the mid block keeps its own): these tests are of the training code, not the architecture (the
+# models' tests), and the base's train step then has 138 param leaves instead of 240 and compiles in 5.7 s instead
+# of 9.1 s (idle, one core)
 SMALL_UNET = {"down_block_types": ("DownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "UpBlock2D")}
 SMALL_UNET_ARGS = [f"--config.unet.{k}={v!r}" for k, v in SMALL_UNET.items()]  # the same for a command
 
 
 def tiny_train_config(stage: str, data_dir: str = "", **train):
-    """`configs/STAGE.py:tiny` at test sizes: 8 examples per step, tiny clips, random encoders, base and i2v with
-    `SMALL_UNET`; `train` overrides fields of the train section (dotted keys allowed, e.g. `{'optimizer.lr': 1e-2}`)."""
+    """`configs/STAGE.py:tiny` at test sizes: 8 examples per step, tiny clips, random encoders, base, i2v and
+    interpolation with `SMALL_UNET`; `train` overrides fields of the train section (dotted keys allowed, e.g.
+    `{'optimizer.lr': 1e-2}`)."""
     c = stage_config(stage, "tiny")
-    if stage in ("base", "i2v"):
+    if stage in ("base", "i2v", "interpolation"):
         c.unet.update(SMALL_UNET)
     c.mesh.shape = (-1, 1, 1, 1)
     d = c.data
