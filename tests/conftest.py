@@ -91,12 +91,13 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder`: each xdist worker takes whole files, in the
-# order below. These files hold most of the suite's time; they go first, longest first (as measured in fresh-clone
-# runs on the 2-core machine, docs/results.md), and the many short files fill in around them, so both workers finish
-# together (simulated on the measured times: within 3 s of each other, against 10-40 s apart with only the first
-# seven listed). Whole files per worker also compute each module-scoped fixture once and keep a file's shared
-# programs in one process. Every other file keeps its collection order.
-LONG_FILES = ("train/test_loop.py", "sampling/test_sampler.py", "train/test_step.py", "models/test_unet_behaviour.py",
+# order below. These files hold most of the suite's time; they go first and the many short files fill in around
+# them, so both workers finish together. The first four in this order: test_loop's in-process runs find test_step's
+# programs in the persistent cache (longest first put test_sampler before test_step and cost 60 s of CPU, measured);
+# then longest first (fresh-clone runs on the 2-core machine, docs/results.md). Whole files per worker also compute
+# each module-scoped fixture once and keep a file's shared programs in one process. Every other file keeps its
+# collection order.
+LONG_FILES = ("train/test_loop.py", "train/test_step.py", "sampling/test_sampler.py", "models/test_unet_behaviour.py",
               "test_accelerator_bench.py", "sampling/test_i2v_sampling.py", "models/test_unet_spatial_parity.py",
               "convert/test_lavie_roundtrip.py", "test_packaging.py", "models/test_flops.py", "convert/test_store.py",
               "train/test_lora_train.py", "train/test_preemption.py", "sampling/test_multihost.py",

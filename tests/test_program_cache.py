@@ -177,6 +177,23 @@ def test_captured_values_need_an_explicit_key(cache):
     assert float(keyed(jnp.ones(()))) == 3.0 and len(_entries(cache)) == 1
 
 
+def test_compiler_options_are_part_of_the_key_and_compile_with_the_cache_off_too(cache):
+    x, y = jnp.arange(12.0).reshape(3, 4), jnp.ones((5, 4))
+    expected = jax.jit(_fn, static_argnames="scale")(x, y, scale=2.0)
+    options = {"xla_backend_optimization_level": 0}
+    np.testing.assert_allclose(Program(_fn, static_argnames=("scale",))(x, y, scale=2.0), expected, rtol=1e-6)
+    with_options = Program(_fn, static_argnames=("scale",), compiler_options=options)
+    np.testing.assert_allclose(with_options(x, y, scale=2.0), expected, rtol=1e-6)
+    assert len(_entries(cache)) == 2  # another entry: the options are part of the key
+    program_cache.configure(None)
+    off = Program(_fn, static_argnames=("scale",), compiler_options=options)
+    np.testing.assert_allclose(off(x, y, scale=2.0), expected, rtol=1e-6)
+    assert len(off._memory) == 1  # compiled with them (the plain jitted call, which would ignore them, keeps none)
+    plain = Program(_fn, static_argnames=("scale",))
+    plain(x, y, scale=2.0)
+    assert len(plain._memory) == 0
+
+
 def test_kept_values_are_built_once_read_back_and_rebuilt_when_damaged_or_off(cache, capsys):
     """`kept`: a value built by one call is read back by the next without building (as by a new process: the
     entry is the only link), under its key and the code key; a damaged entry is rebuilt and rewritten; with the
