@@ -9,8 +9,8 @@ import numpy as np
 from flax import nnx
 
 from lavie_jax.models import random_init
-from lavie_jax.runtime import program_cache
 from lavie_jax.models.random_init import batch_random_draws
+from lavie_jax.runtime import program_cache
 
 
 class _Mixed(nnx.Module):
