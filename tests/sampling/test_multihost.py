@@ -7,6 +7,7 @@ stops both before any model runs.
 """
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -57,17 +58,29 @@ def run_two_processes(tmp_path: Path, mode: str, timeout: float = 300) -> list[s
     """Start the host script as processes 0 and 1 of one run; their exit codes and merged output."""
     (tmp_path / "host.py").write_text(_HOST)
     port = str(portpicker.pick_unused_port())
-    env = child_env(4)
+    env = child_env(4, PYTHONFAULTHANDLER="1")  # SIGABRT makes a process print every thread's stack
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "host.py"), str(i), port, str(tmp_path), str(ROOT),
                                mode, *PROMPTS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(2)]
     done = []
-    for proc in procs:
-        try:
+    try:
+        for proc in procs:
             output = proc.communicate(timeout=timeout)[0]
-        finally:
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, output))
+    except subprocess.TimeoutExpired:  # a hang (seen once in a loaded suite): where each process was, and its output
+        report = []
+        for i, proc in enumerate(procs):
+            if i < len(done):
+                output = done[i].stdout
+            else:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGABRT)
+                output = proc.communicate(timeout=60)[0] or ""
+            report.append(f"process {i} (exit status {proc.returncode}):\n{output[-6000:]}")
+        pytest.fail(f"still running after {timeout} s:\n" + "\n".join(report))
+    finally:
+        for proc in procs:
             proc.kill()
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, output))
     return done
 
 
