@@ -194,6 +194,15 @@ def test_compiler_options_are_part_of_the_key_and_compile_with_the_cache_off_too
     assert len(plain._memory) == 0
 
 
+def test_output_shardings_are_keyed_with_their_devices_in_order(cache):
+    """A jit option's sharding names its mesh's axes, not the order of its devices: the key holds both."""
+    x = jnp.ones((8, 4))
+    for devices in (jax.devices(), jax.devices()[::-1]):
+        out = NamedSharding(jax.sharding.Mesh(np.array(devices), ("data",)), P("data"))
+        assert Program(lambda v: v * 2, key="double", out_shardings=out)(x).sharding == out
+    assert len(_entries(cache)) == 2
+
+
 def test_kept_values_are_built_once_read_back_and_rebuilt_when_damaged_or_off(cache, capsys):
     """`kept`: a value built by one call is read back by the next without building (as by a new process: the
     entry is the only link), under its key and the code key; a damaged entry is rebuilt and rewritten; with the

@@ -68,18 +68,16 @@ def compiled_initialiser(fn: Callable[..., Any], *args: Any, out_shardings: Any 
     cache when that is on (lavie_jax.runtime.program_cache), so the next process loads it whole (a fresh work
     directory's `lavie-train` with a warm cache). Leave it None when `fn` captures anything the key does not say
     (a seed: pass it as an argument instead)."""
-    shardings = jax.tree.flatten(out_shardings)
-    avals = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args))
     memo = None
     if key is not None:
+        shardings = jax.tree.flatten(out_shardings)
+        avals = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args))
         memo = (key, jax.default_backend(), avals, shardings[1], tuple(shardings[0]))
         if memo in _kept:
             _kept.move_to_end(memo)
             return _kept[memo]
-    # the key on disk: what the program computes and where its outputs go, devices included (a sharding's repr
-    # names its mesh's axes, not the devices in their order)
-    text = None if key is None else repr([key, avals, str(shardings[1]),
-                                          [(repr(s), [d.id for d in s._device_assignment]) for s in shardings[0]]])
+    # on disk, the program cache keys the arguments and the output shardings itself; `key` says what fn computes
+    text = None if key is None else repr(key)
     batched = batch_random_draws(fn)
 
     def random_initialiser(*a: Any) -> Any:  # (its name names the program cache's entries)

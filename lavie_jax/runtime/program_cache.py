@@ -138,15 +138,28 @@ def _leaf_key(leaf: Any) -> tuple:
     return ("python", type(leaf).__name__)
 
 
+def _sharding_text(sharding: jax.sharding.Sharding) -> tuple[str, list[int]]:
+    """A sharding's repr and its devices in the order the program is laid out on them (the repr names a mesh's
+    axes, not its devices: a mesh of the same devices in another order is another program); a sharding type
+    without an order is keyed by its set."""
+    order = getattr(sharding, "_device_assignment", None)
+    ids = [d.id for d in order] if order is not None else sorted(d.id for d in sharding.device_set)
+    return repr(sharding), ids
+
+
 def _leaf_text(key: tuple) -> str:
     if key[0] != "array" or key[4] is None:
         return repr(key)
-    sharding = key[4]
-    # the devices in the order the program is laid out on them (a mesh of the same devices in another order is
-    # another program); a sharding type without one is keyed by its set
-    order = getattr(sharding, "_device_assignment", None)
-    ids = [d.id for d in order] if order is not None else sorted(d.id for d in sharding.device_set)
-    return repr(key[:4] + (repr(sharding), ids))
+    return repr(key[:4] + _sharding_text(key[4]))
+
+
+def _jit_text(jit_kwargs: dict[str, Any], compiler_options: dict[str, Any]) -> str:
+    """The jit options and compiler options of a program, shardings (`in_shardings`, `out_shardings`) with their
+    devices."""
+    def text(value: Any) -> Any:
+        return jax.tree.map(lambda x: _sharding_text(x) if isinstance(x, jax.sharding.Sharding) else x, value)
+
+    return repr(sorted((k, text(v)) for k, v in jit_kwargs.items())) + repr(sorted(compiler_options.items()))
 
 
 class Program:
@@ -165,7 +178,7 @@ class Program:
         # What the disk key cannot see in `fn` itself: a closure's or a partial's captured values are covered only
         # by an explicit `key` (a text that changes whenever they do); without one such a program stays in memory.
         captured = isinstance(fn, functools.partial) or bool(getattr(fn, "__closure__", None))
-        jit_text = repr(sorted(jit_kwargs.items())) + repr(sorted(self.compiler_options.items()))
+        jit_text = _jit_text(jit_kwargs, self.compiler_options)
         self._key = None if (captured and key is None) or " at 0x" in jit_text else [key, jit_text]
         self._memory: dict[tuple, Any] = {}  # in-memory key -> Compiled, or None (runs as `jitted`)
         self._keep: dict[int, Any] = {}  # static values by id (kept alive, so their ids stay theirs)
