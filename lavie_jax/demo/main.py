@@ -26,7 +26,7 @@ Phases (each prints its progress and time; a phase whose results are on disk is 
   9. long          FreeNoise: the demo base makes 16-frame videos (4x what it trained on), interpolated to 61
                    frames, against plain attention (lavie_jax.demo.long_video; DIR/long/), drawn with the i2v
                    videos in DIR/long_overview.png
- 10. personalise   a learned token teaches the base a colour the data never shows, checked before/after from pixels
+ 10. personalise   a LoRA teaches the base a colour the data never shows, checked before/after from pixels
                    (lavie_jax.demo.personalise; DIR/personalise/, DIR/runs/base_lora)
 Delete DIR (or DIR/runs/STAGE) to train again from scratch. The settings are packaged configs, loaded by name:
 `demo` (sources, autoencoder, text encoder width; configs/demo.py) and `STAGE:demo`. Compiled programs are kept in
@@ -426,7 +426,7 @@ def _run(argv: Sequence[str]) -> None:
     with demo.clock.phase("long", "FreeNoise long videos of the demo base, interpolated, against plain attention"):
         summary["long_video"] = long_videos(out, demo.runs, PROMPTS[:PROMPT_COUNT], demo.cache_flags, more=more)
     demo.done("long", False)
-    from lavie_jax.demo.personalise import personalise  # 10. a learned token teaches the base a colour (docs/lora.md)
+    from lavie_jax.demo.personalise import personalise  # 10. a LoRA teaches the base a colour (docs/lora.md)
 
     personalise(demo, summary)
     closing(summary, demo)

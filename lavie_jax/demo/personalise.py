@@ -1,25 +1,26 @@
 """The demo's personalisation: teach the trained demo base a colour the moving_shapes data never shows (pink,
-under the rare token 'sks') from a handful of clips, by learning the token's text embedding (textual inversion, the
-adapter file's learned token; LoRA adapters optional), then check from pixels that the new concept appears when
-prompted and that the old prompts still score as before.
+under the rare token 'sks') from a handful of clips with a LoRA (rank-4 adapters on the cross-attention's key and
+value projections, the base frozen), then check from pixels that the new concept appears when prompted and that the
+old prompts still score as before.
 
   1. data      CLIPS clips of pink shapes, one per (shape, direction) of `instance_plan` (every shape as often),
                captioned 'a sks circle moving left' (the dataset's captions with the colour word replaced by the
-               token), written as GIFs (lossless for flat colours), and prior-preservation clips (PRIOR): 24 clips of
-               the training data with their captions ('data', the default), or the model's own samples, the demo's
-               base videos of its 16 prompts ('samples'; measured worse here: the guided samples are more saturated
-               than the data, and learning them drifted blue to cyan and orange to red); `lavie_jax.data.personal`
-               makes the tables, PRIOR_WEIGHT prior rows per instance row
-  2. train     `lavie-train` of the base with `train.lora` (`tokens=('sks',)`, starting from the row of TOKEN_INIT;
-               RULES: adapters beside it), starting from the demo base, on those tables
-  3. export    the run's learned row (and adapters) alone (`lavie-convert export --adapters-only`): the small
-               file a user shares
+               token), written as GIFs (lossless for flat colours), and prior-preservation clips (PRIOR): REPLAY
+               clips drawn as the training data is, every (colour, shape) pair of the dataset in turn ('data', the
+               default; `replay_plan`), or the model's own samples, the demo's base videos of its 16 prompts
+               ('samples'; measured worse here: the guided samples are more saturated than the data, and learning
+               them grew every shape and drifted orange to yellow); `lavie_jax.data.personal` makes the tables,
+               PRIOR_WEIGHT prior rows per instance row
+  2. train     `lavie-train` of the base with `train.lora` (RULES; LEARN_TOKEN: the token's text-embedding row
+               too, textual inversion or pivotal tuning), starting from the demo base, on those tables
+  3. export    the run's adapters alone (`lavie-convert export --adapters-only`): the small file a user shares
   4. sample    `lavie-sample` of the base with `--lora FILE` for the old prompts and NEW_PROMPTS (same seed as the
                demo's cascade, so the old prompts' 'before' is the demo's own base result), and of the base alone
                for NEW_PROMPTS (the control: the concept must come from the adapter)
-  5. check     old prompts: the demo's colour / direction check (`demo.evaluate`), before and after, per prompt;
-               new prompts: the same check with pink added to the dataset's colours (nearest of the nine), with
-               and without the adapter
+  5. check     old prompts: the demo's colour / direction check (`demo.evaluate`), before and after, per prompt,
+               and how far each moved (foreground size, mean colour); new prompts: the same check with pink added
+               to the dataset's colours (nearest of the nine), with and without the adapter; both drawn, frames
+               and verdicts, in DIR/personalise/overview_old.png and overview_new.png
 
 Nothing here changes the demo's own runs; everything goes to DIR/personalise/ and DIR/runs/base_lora/ (kept: a
 rerun finds the finished run and only samples; `python -m lavie_jax.demo.personalise --again` trains it again).
@@ -44,34 +45,41 @@ TOKEN = "sks"
 # a deep pink: 102 RGB units from the nearest moving_shapes colour (purple; red 106), in the palette's largest gap,
 # one issue 30's autoencoder reproduces (clips of each shape come back 29-33 units off, all read pink by the check)
 # and one the base alone does not draw for 'sks' (the control reads it in 3 of 48 prompts, pale pastel shapes by
-# eye). On the 24 new prompts at sample seeds 400 and 401: 46/48 pink (train seeds 0 and 1 alike; 48/48 at seeds
-# 402 and 403); violet (190, 120, 250), 88 units from purple, read 39-42/48 (its triangles came out darker and read
-# purple). The autoencoder caps these pinks' red near 200-210 and the base draws them at about (187-210, 36-58,
-# 112-172): a brighter reference measured it against a colour it cannot reach ((255, 60, 150) read its triangles
-# red, (255, 40, 160) its circles purple), so this one sits in the middle of what it draws (docs/lora.md, The demo)
+# eye). Chosen with the learned row (LEARN_TOKEN): on the 24 new prompts at sample seeds 400 and 401, 46/48 pink
+# (train seeds 0 and 1 alike; 48/48 at seeds 402 and 403); violet (190, 120, 250), 88 units from purple, read
+# 39-42/48 (its triangles came out darker and read purple). The autoencoder caps these pinks' red near 200-210 and
+# the base draws them at about (187-210, 36-58, 112-172): a brighter reference measured it against a colour it
+# cannot reach ((255, 60, 150) read its triangles red, (255, 40, 160) its circles purple), so this one sits in the
+# middle of what it draws (docs/lora.md, The demo)
 NEW_COLOR = (235, 45, 145)
 NEW_COLOR_NAME = "pink"  # in messages only (the demo's random text encoder gives the word itself no meaning)
 CLIPS = 12
 # every (shape, direction) under the token, half of them pairs no instance clip shows (24, not the 6 of before: runs
 # that read 4/6 to 6/6 on those six read 18/24 to 22/24 on all; docs/lora.md, The demo)
 NEW_PROMPTS = tuple(f"a {TOKEN} {s} moving {d}" for s in moving_shapes.SHAPES for d in moving_shapes.DIRECTIONS)
-# The token's text-embedding row trains (textual inversion, `models.tokens`), starting from TOKEN_INIT's row ('' =
-# its own), and nothing else: the UNet stays the base, so the old prompts are sampled bit for bit as before. RULES
-# would add adapters (pivotal tuning, e.g. ((r"attn2\.to_(k|v)$", 8),): rank-8 on the cross-attention's key and
-# value projections, where the text enters): measured, they move every prompt a little and broke 2-3 old prompts
-# without making more new ones the new colour (docs/lora.md, The demo)
-RULES: tuple = ()
-LEARN_TOKEN = True
-# the row starts at the colour the base learnt nearest NEW_COLOR (purple, 102 units; red 106; the word 'pink' means
-# nothing to the demo's random text encoder): for (240, 50, 155) 'purple' gave 43/48 and 'red' 36/48
+# Rank-8 adapters on the cross-attention's key and value projections (8 layers of the demo base), where the text
+# enters; nothing else trains. Measured on the demo base, train seeds 0 and 1 x sample seeds 400-402 (docs/lora.md,
+# The demo): 118 of 144 new prompts pink, and every old prompt right before is right after (94 of 94). Rank 4: 113 and
+# one broken; query, key, value and output at rank 4: 126 and three broken; values alone (rank 4, seed 400): 18/24.
+RULES: tuple = ((r"attn2\.to_(k|v)$", 8),)
+# The token's own text-embedding row (`train.lora.tokens`, starting from TOKEN_INIT's row, '' = its own; lr x
+# TOKEN_LR) is the alternative: alone (textual inversion) it leaves every old prompt bit for bit as before and read
+# pink in 46 of 48; with the adapters beside it (pivotal tuning) 126 of 144, the adapters adding nothing measurable
+# (the same files with the adapters off: 20/24 and 22/24 against 24/24 and 20/24 on). The demo's random text encoder
+# gives the word 'pink' no meaning, hence 'purple'.
+LEARN_TOKEN = False
 TOKEN_INIT = "purple"
-# lr multiplier of the learned row (group 'tokens'), measured when the colour was violet: with issue 30's autoencoder
-# the row at x1 stayed near 'purple' (1 of 6 new prompts violet); x2 / x4 / x8 / x16 gave 3 / 3 / 4 / 4 (docs/lora.md)
 TOKEN_LR = 8.0
-PRIOR_WEIGHT = 2.0  # prior rows per instance row
-# 'data': clips of the training data; 'samples': the base's own videos of the 16 prompts; 'none'. With the row
-# alone they carry no gradient (no token in their captions) but dilute the instance rows of a batch: measured, the
-# colours of the new prompts kept wider margins with them than without (docs/lora.md)
+# Prior preservation: PRIOR_WEIGHT prior rows per instance row, from REPLAY clips. An adapter changes how every
+# prompt is drawn, and the old prompts move towards what it is trained on: with 24 clips drawn at random from the data
+# (2 rows per instance row) 3 of them shrank to 0.2-0.5 of their size (the base draws shapes larger than the data);
+# with every (colour, shape) pair once at 4 rows, median 0.79; twice (48 clips), median 0.97-1.0. The base's own
+# samples as the prior grew every shape (guidance 3) or shrank them (guidance 1), breaking 1-2 old prompts.
+PRIOR_WEIGHT = 4.0
+REPLAY = 48
+REPLAY_SEED = 1234  # the draw of the replay clips measured
+# 'data': REPLAY clips drawn as the training data is (`replay_plan`); 'samples': the base's own videos of the 16
+# prompts; 'none'
 PRIOR = "data"
 STEPS, WARMUP = 150, 10
 TRAIN = {"train.num_steps": STEPS, "train.optimizer.lr": 5e-3, "train.optimizer.warmup_steps": WARMUP,
@@ -96,6 +104,15 @@ def instance_plan(n: int | None = None) -> list[tuple[str, str]]:
     return [(moving_shapes.SHAPES[k % len(moving_shapes.SHAPES)], directions[k % len(directions)]) for k in range(n)]
 
 
+def _draw(rng: np.random.Generator, shape: str, direction: str, num_frames: int, size: int,
+          radius: tuple[float, float]) -> moving_shapes.ShapeVideo:
+    """The dataset's draw of a video (size, path, background, colour), given its shape and direction."""
+    while True:
+        params = moving_shapes.sample_video(rng, num_frames, size, size, radius)
+        if (params.shape, params.direction) == (shape, direction):
+            return params
+
+
 def make_instance_clips(folder: Path, num_frames: int, size: int, n: int | None = None, seed: int = 7,
                         radius: tuple[float, float] = moving_shapes.RADIUS) -> list[str]:
     """`n` clips of `TOKEN`-coloured shapes, one per (shape, direction) of `instance_plan`, the rest (size, path,
@@ -106,10 +123,7 @@ def make_instance_clips(folder: Path, num_frames: int, size: int, n: int | None 
 
     captions = []
     for shape, direction in instance_plan(n):
-        params = moving_shapes.sample_video(rng, num_frames, size, size, radius)
-        while (params.shape, params.direction) != (shape, direction):  # the dataset's draw, given shape and direction
-            params = moving_shapes.sample_video(rng, num_frames, size, size, radius)
-        params = dataclasses.replace(params, color=TOKEN)
+        params = dataclasses.replace(_draw(rng, shape, direction, num_frames, size, radius), color=TOKEN)
         text = params.caption
         write_video(folder / f"{text.replace(' ', '_')}.gif", moving_shapes.render(params, num_frames, size, size,
                                                                                   _palette()), fps=4)
@@ -117,16 +131,26 @@ def make_instance_clips(folder: Path, num_frames: int, size: int, n: int | None 
     return captions
 
 
-def make_replay_clips(folder: Path, num_frames: int, size: int, n: int, seed: int = 0,
+def replay_plan(n: int) -> list[tuple[str, str, str]]:
+    """The (colour, shape, direction) of each of `n` replay clips: every (colour, shape) pair of the dataset in
+    turn, the directions in turn, shifted by 3 on each pass over the pairs so a pair's next clip moves another way
+    (clips drawn at random left some pairs out, and those old prompts were the ones an adapter moved most)."""
+    pairs = [(c, s) for c in moving_shapes.COLORS for s in moving_shapes.SHAPES]
+    directions = list(moving_shapes.DIRECTIONS)
+    return [(*pairs[k % len(pairs)], directions[(k + 3 * (k // len(pairs))) % len(directions)]) for k in range(n)]
+
+
+def make_replay_clips(folder: Path, num_frames: int, size: int, n: int, seed: int = REPLAY_SEED,
                       radius: tuple[float, float] = moving_shapes.RADIUS) -> None:
-    """`n` clips of the moving_shapes training data (the demo's source: same seed and sizes), with their captions
-    as sidecars: the old concepts replayed beside the new one."""
+    """`n` clips of the old concepts replayed beside the new one: one per (colour, shape, direction) of
+    `replay_plan`, the rest drawn as the dataset draws them, with their captions as sidecars."""
+    rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     from lavie_jax.io.video import write_video
 
-    for i in range(n):
-        frames, params = moving_shapes.make_video(seed, "train", i, num_frames, size, size, radius)
-        write_video(folder / f"clip{i:03d}.gif", frames, fps=4)
+    for i, (color, shape, direction) in enumerate(replay_plan(n)):
+        params = dataclasses.replace(_draw(rng, shape, direction, num_frames, size, radius), color=color)
+        write_video(folder / f"clip{i:03d}.gif", moving_shapes.render(params, num_frames, size, size), fps=4)
         (folder / f"clip{i:03d}.json").write_text(json.dumps({"prompt": params.caption}))
 
 
@@ -165,6 +189,17 @@ def new_concept_score(prompts: list[str], videos: list[np.ndarray]) -> dict[str,
 
 
 UNCHANGED = ("mean_color", "displacement", "foreground")  # an old prompt's measurements compared with before
+
+
+def _moved(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """How far one old prompt's video moved (rows of `evaluate.score`): its foreground's size after / before, the
+    largest change of a channel of its mean colour, and whether every measurement in UNCHANGED is as before."""
+    size = (after["foreground"] / before["foreground"] if before.get("foreground") and after.get("foreground")
+            is not None else None)
+    shift = (max(abs(a - b) for a, b in zip(after["mean_color"], before["mean_color"]))
+             if before.get("mean_color") and after.get("mean_color") else None)
+    return {"size": None if size is None else round(size, 3), "color_shift": None if shift is None else round(shift, 1),
+            "unchanged": [before.get(k) for k in UNCHANGED] == [after.get(k) for k in UNCHANGED]}
 RECIPE_FILE = "personalise_recipe.json"  # in the adapter's run directory: what it was trained from
 
 
@@ -173,7 +208,8 @@ def recipe() -> dict[str, Any]:
     change, and which does not see the clips): compared before a finished run is reused."""
     return json.loads(json.dumps({"token": TOKEN, "new_color": NEW_COLOR, "instance": instance_plan(), "rules": RULES,
                                   "learn_token": LEARN_TOKEN, "token_init": TOKEN_INIT, "token_lr": TOKEN_LR,
-                                  "prior": PRIOR, "prior_weight": PRIOR_WEIGHT, "train": TRAIN}))
+                                  "prior": PRIOR, "prior_weight": PRIOR_WEIGHT, "replay": replay_plan(REPLAY),
+                                  "replay_seed": REPLAY_SEED, "train": TRAIN}))
 
 
 def check_recipe(run: Path) -> None:
@@ -232,12 +268,11 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
             if PRIOR == "samples":
                 make_prior_clips(demo.out / "base", root / "prior", list(PROMPTS), d.frame_stride)
             elif PRIOR == "data":
-                make_replay_clips(root / "prior", frames, d.height, 2 * CLIPS, seed=int(d.moving_shapes.seed),
-                                  radius=radius)
+                make_replay_clips(root / "prior", frames, d.height, REPLAY, radius=radius)
             counts = build_tables(root / "instance", "{stem}", root / "tables", token=TOKEN,
                                   prior=None if PRIOR == "none" else root / "prior", prior_weight=PRIOR_WEIGHT)
             prior = {"samples": f"the base's own videos of its {len(PROMPTS)} prompts",
-                     "data": f"{2 * CLIPS} clips of the training data"}.get(PRIOR)
+                     "data": f"{REPLAY} clips drawn as the training data, every (colour, shape) pair"}.get(PRIOR)
             prior = (f" + {prior} (prior preservation, {PRIOR_WEIGHT:g} prior rows per instance row)" if prior else
                      " (no prior preservation: the UNet does not train)")
             say(f"{len(captions)} clips of '{TOKEN}' shapes (e.g. '{captions[0]}'){prior}: {counts['videos']} rows")
@@ -265,31 +300,60 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
     new = new_concept_score(list(NEW_PROMPTS), videos[len(PROMPTS):])
     new_before = new_concept_score(list(NEW_PROMPTS), list(control.frames))
     was = before["accuracy"]["base"]
-    right_before = {r["prompt"]: r["color_ok"] and r["direction_ok"] for r in before["per_prompt"]["base"]}
+    before_rows = {r["prompt"]: r for r in before["per_prompt"]["base"]}
+    right_before = {p: r["color_ok"] and r["direction_ok"] for p, r in before_rows.items()}
     broken = [r["prompt"] for r in old["per_prompt"] if right_before.get(r["prompt"]) and not
               (r["color_ok"] and r["direction_ok"])]
-    # the same measurements as before (mean colour, displacement, foreground): the video did not change
-    measured = {r["prompt"]: [r.get(k) for k in UNCHANGED] for r in before["per_prompt"]["base"]}
-    unchanged = [r["prompt"] for r in old["per_prompt"] if measured.get(r["prompt"]) == [r.get(k) for k in UNCHANGED]]
+    # how far each old prompt moved: its foreground's size after / before, its mean colour's largest channel change
+    moved = {r["prompt"]: _moved(measured, r) for r in old["per_prompt"]
+             if (measured := before_rows.get(r["prompt"])) is not None}
+    sizes = [m["size"] for m in moved.values() if m["size"] is not None]
+    shifts = [m["color_shift"] for m in moved.values() if m["color_shift"] is not None]
+    unchanged = [p for p, m in moved.items() if m["unchanged"]]
     summary = {
         "token": TOKEN, "new_color": list(NEW_COLOR), "clips": CLIPS, "rules": [list(r) for r in RULES],
-        "train": TRAIN, "prior": PRIOR, "prior_weight": PRIOR_WEIGHT, "adapter_file": _rel(adapter),
-        "adapter_bytes": info["bytes"], "new_prompts": new, "new_prompts_without_adapter": new_before,
-        "old_prompts_before": was,
+        "learn_token": LEARN_TOKEN, "train": TRAIN, "prior": PRIOR, "prior_weight": PRIOR_WEIGHT,
+        "replay": REPLAY if PRIOR == "data" else None, "adapter_file": _rel(adapter),
+        "adapter_layers": info["layers"], "adapter_bytes": info["bytes"], "new_prompts": new,
+        "new_prompts_without_adapter": new_before, "old_prompts_before": was,
         "old_prompts_after": {k: old[f"{k}_accuracy"] for k in ("color", "direction", "both")},
         "old_prompts_broken": broken, "old_prompts_unchanged": len(unchanged),
+        "old_prompts_size_after_before": {"min": min(sizes, default=None),
+                                          "median": float(np.median(sizes)) if sizes else None},
+        "old_prompts_color_shift_max": max(shifts, default=None), "old_prompts_moved": moved,
         "old_per_prompt_after": old["per_prompt"],
         "seconds": round(demo.clock.phases["personalise"], 1),
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _overviews(demo, root, before, videos, old, new, np.asarray(control.frames), new_before)
     say(f"personalisation ('{TOKEN}' = {NEW_COLOR_NAME}): new prompts {new['new_color_accuracy']:.0%} {NEW_COLOR_NAME} "
         f"({new_before['new_color_accuracy']:.0%} without the adapter), {new['direction_accuracy']:.0%} moving the "
         f"prompted way; old prompts colour {was['color']:.0%} -> {old['color_accuracy']:.0%}, direction "
         f"{was['direction']:.0%} -> {old['direction_accuracy']:.0%}"
-        f"{'; right before, wrong after: ' + ', '.join(broken) if broken else ''}; measured as before: "
-        f"{len(unchanged)}/{len(PROMPTS)} "
-        f"({summary['seconds']:.0f} s; {_rel(root / 'summary.json')})")
+        f"{'; right before, wrong after: ' + ', '.join(broken) if broken else ''}; "
+        + ("every old prompt measured exactly as before; " if len(unchanged) == len(PROMPTS) else
+           f"drawn at {min(sizes):.2f}-{max(sizes):.2f} of their size before (median {np.median(sizes):.2f}), mean "
+           f"colours within {max(shifts):.0f} RGB units; " if sizes and shifts else "")
+        + f"({summary['seconds']:.0f} s; {_rel(root / 'summary.json')})")
     return summary
+
+
+def _overviews(demo: Any, root: Path, before: dict[str, Any], videos: list[np.ndarray], old: dict[str, Any],
+               new: dict[str, Any], control: np.ndarray, new_before: dict[str, Any]) -> None:
+    """DIR/personalise/overview_old.png (the old prompts: the demo's base videos, then with the adapter) and
+    overview_new.png (the new prompts: the base alone, then with the adapter), each frame with its verdicts."""
+    from lavie_jax.demo import overview
+    from lavie_jax.demo.main import PROMPTS
+    from lavie_jax.io.video import read_video
+    from lavie_jax.sampling.outputs import unique_stems
+
+    was = np.stack([read_video(demo.out / "base" / f"{stem}.gif")[0] for stem in unique_stems(list(PROMPTS))])
+    after = np.stack(videos[:len(PROMPTS)])
+    overview.write(root / "overview_old.png", PROMPTS, {"base (before)": was, "with the adapter": after},
+                   {"base (before)": {"per_prompt": before["per_prompt"]["base"]}, "with the adapter": old})
+    overview.write(root / "overview_new.png", NEW_PROMPTS, {"base alone": control,
+                                                            "with the adapter": np.stack(videos[len(PROMPTS):])},
+                   {"base alone": new_before, "with the adapter": new})
 
 
 def clean(demo: Any) -> None:

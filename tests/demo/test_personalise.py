@@ -15,9 +15,12 @@ from lavie_jax.demo.personalise import (
     check_recipe,
     instance_plan,
     make_instance_clips,
+    make_replay_clips,
     new_concept_score,
     recipe,
+    replay_plan,
 )
+from lavie_jax.demo import evaluate
 from lavie_jax.io.video import read_video
 
 
@@ -36,6 +39,26 @@ def test_instance_plan_shows_every_shape_equally_and_every_direction():
     plan = instance_plan(12)
     assert sorted(shape for shape, _ in plan) == sorted(moving_shapes.SHAPES * 4)
     assert {d for _, d in plan} == set(moving_shapes.DIRECTIONS) and len(set(plan)) == 12
+
+
+def test_replay_plan_covers_every_colour_and_shape_pair_moving_other_ways_on_each_pass():
+    pairs = len(moving_shapes.COLORS) * len(moving_shapes.SHAPES)
+    plan = replay_plan(2 * pairs)
+    assert len(set(plan)) == 2 * pairs  # no clip twice
+    by_pair = {}
+    for color, shape, direction in plan:
+        by_pair.setdefault((color, shape), set()).add(direction)
+    assert len(by_pair) == pairs and all(len(d) == 2 for d in by_pair.values())
+    assert {d for _, _, d in plan} == set(moving_shapes.DIRECTIONS)
+
+
+def test_replay_clips_show_what_their_captions_say(tmp_path):
+    make_replay_clips(tmp_path, num_frames=13, size=32, n=6)
+    captions = [json.loads((tmp_path / f"clip{i:03d}.json").read_text())["prompt"] for i in range(6)]
+    assert captions == [evaluate.caption(*row) for row in replay_plan(6)]
+    videos = [read_video(tmp_path / f"clip{i:03d}.gif")[0][::4] for i in range(6)]  # the base's 4 frames a clip
+    score = evaluate.score(captions, videos)
+    assert score["color_accuracy"] == 1.0 and score["direction_accuracy"] == 1.0
 
 
 def test_standalone_run_needs_a_finished_demo(tmp_path):
