@@ -361,6 +361,7 @@ def _train_summary(workdir: Path, config) -> dict[str, Any]:
 
 def closing(summary: dict[str, Any], demo: Demo) -> None:
     from lavie_jax.demo.console import duration, say
+    from lavie_jax.demo.personalise import TOKEN
 
     t = summary["timings_s"]
     # every phase of this run, the ones after the summary was first written included (fvd, long, personalise)
@@ -377,8 +378,12 @@ def closing(summary: dict[str, Any], demo: Demo) -> None:
         say(f"  {stage:<14} {path}/  (mp4, gif, json per prompt)")
     for what in ("overview", "summary", "encoders", "data"):
         say(f"  {what:<14} {summary['files'][what]}")
-    say(f"  {'training runs':<14} {_rel(demo.runs)}/{{base,interpolation,vsr,i2v}} (checkpoints, metrics.jsonl, tb/)")
+    say(f"  {'training runs':<14} {_rel(demo.runs)}/{{base,interpolation,vsr,i2v,base_lora}} (checkpoints, "
+        "metrics.jsonl, tb/)")
     say(f"  {'image-to-video':<14} {_rel(demo.out / 'i2v')}/ (overview.png, summary.json, story/)")
+    say(f"  {'long videos':<14} {_rel(demo.out / 'long')}/ and {_rel(demo.out / 'long_overview.png')}")
+    say(f"  {'personalised':<14} {_rel(demo.out / 'personalise')}/ ({TOKEN}.safetensors: the LoRA; overview_old.png, "
+        "overview_new.png, summary.json)")
 
 
 def build_parser() -> command.ArgumentParser:

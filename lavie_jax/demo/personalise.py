@@ -330,11 +330,11 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
         f"({new_before['new_color_accuracy']:.0%} without the adapter), {new['direction_accuracy']:.0%} moving the "
         f"prompted way; old prompts colour {was['color']:.0%} -> {old['color_accuracy']:.0%}, direction "
         f"{was['direction']:.0%} -> {old['direction_accuracy']:.0%}"
-        f"{'; right before, wrong after: ' + ', '.join(broken) if broken else ''}; "
-        + ("every old prompt measured exactly as before; " if len(unchanged) == len(PROMPTS) else
-           f"drawn at {min(sizes):.2f}-{max(sizes):.2f} of their size before (median {np.median(sizes):.2f}), mean "
-           f"colours within {max(shifts):.0f} RGB units; " if sizes and shifts else "")
-        + f"({summary['seconds']:.0f} s; {_rel(root / 'summary.json')})")
+        f"{'; right before, wrong after: ' + ', '.join(broken) if broken else ''}"
+        + ("; every old prompt measured exactly as before" if len(unchanged) == len(PROMPTS) else
+           f"; drawn at {min(sizes):.2f}-{max(sizes):.2f} of their size before (median {np.median(sizes):.2f}), mean "
+           f"colours within {max(shifts):.0f} RGB units" if sizes and shifts else "")
+        + f" ({summary['seconds']:.0f} s; {_rel(root / 'summary.json')})")
     return summary
 
 

@@ -11,6 +11,7 @@ from lavie_jax.demo.main import DemoError
 from lavie_jax.demo.personalise import (
     RECIPE_FILE,
     TOKEN,
+    _moved,
     _run,
     check_recipe,
     instance_plan,
@@ -59,6 +60,15 @@ def test_replay_clips_show_what_their_captions_say(tmp_path):
     videos = [read_video(tmp_path / f"clip{i:03d}.gif")[0][::4] for i in range(6)]  # the base's 4 frames a clip
     score = evaluate.score(captions, videos)
     assert score["color_accuracy"] == 1.0 and score["direction_accuracy"] == 1.0
+
+
+def test_an_old_prompt_moved_is_measured_by_its_size_and_colour_and_a_vanished_shape_is_size_zero():
+    before = {"mean_color": [200.0, 40.0, 40.0], "displacement": [10.0, 0.0], "foreground": 0.1}
+    assert _moved(before, dict(before)) == {"size": 1.0, "color_shift": 0.0, "unchanged": True}
+    after = {"mean_color": [190.0, 52.0, 41.0], "displacement": [10.0, 0.0], "foreground": 0.05}
+    assert _moved(before, after) == {"size": 0.5, "color_shift": 12.0, "unchanged": False}
+    gone = {"mean_color": None, "displacement": None, "foreground": 0.0}
+    assert _moved(before, gone) == {"size": 0.0, "color_shift": None, "unchanged": False}
 
 
 def test_standalone_run_needs_a_finished_demo(tmp_path):
