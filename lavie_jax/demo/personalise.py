@@ -1,5 +1,5 @@
 """The demo's personalisation: teach the trained demo base a colour the moving_shapes data never shows (pink,
-under the rare token 'sks') from a handful of clips with a LoRA (rank-4 adapters on the cross-attention's key and
+under the rare token 'sks') from a handful of clips with a LoRA (rank-8 adapters on the cross-attention's key and
 value projections, the base frozen), then check from pixels that the new concept appears when prompted and that the
 old prompts still score as before.
 
@@ -9,8 +9,8 @@ old prompts still score as before.
                clips drawn as the training data is, every (colour, shape) pair of the dataset in turn ('data', the
                default; `replay_plan`), or the model's own samples, the demo's base videos of its 16 prompts
                ('samples'; measured worse here: the guided samples are more saturated than the data, and learning
-               them grew every shape and drifted orange to yellow); `lavie_jax.data.personal` makes the tables,
-               PRIOR_WEIGHT prior rows per instance row
+               them drifted colours and grew the shapes); `lavie_jax.data.personal` makes the tables, PRIOR_WEIGHT
+               prior rows per instance row
   2. train     `lavie-train` of the base with `train.lora` (RULES; LEARN_TOKEN: the token's text-embedding row
                too, textual inversion or pivotal tuning), starting from the demo base, on those tables
   3. export    the run's adapters alone (`lavie-convert export --adapters-only`): the small file a user shares
@@ -189,18 +189,20 @@ def new_concept_score(prompts: list[str], videos: list[np.ndarray]) -> dict[str,
 
 
 UNCHANGED = ("mean_color", "displacement", "foreground")  # an old prompt's measurements compared with before
+RECIPE_FILE = "personalise_recipe.json"  # in the adapter's run directory: what it was trained from
 
 
 def _moved(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """How far one old prompt's video moved (rows of `evaluate.score`): its foreground's size after / before, the
-    largest change of a channel of its mean colour, and whether every measurement in UNCHANGED is as before."""
-    size = (after["foreground"] / before["foreground"] if before.get("foreground") and after.get("foreground")
-            is not None else None)
-    shift = (max(abs(a - b) for a, b in zip(after["mean_color"], before["mean_color"]))
-             if before.get("mean_color") and after.get("mean_color") else None)
-    return {"size": None if size is None else round(size, 3), "color_shift": None if shift is None else round(shift, 1),
+    """How far one old prompt's video moved (rows of `evaluate.score`): its foreground's size after / before (0:
+    the shape vanished), the largest change of a channel of its mean colour, and whether every measurement in
+    UNCHANGED is as before."""
+    size = shift = None
+    if before.get("foreground") and after.get("foreground") is not None:
+        size = round(after["foreground"] / before["foreground"], 3)
+    if before.get("mean_color") and after.get("mean_color"):
+        shift = round(max(abs(a - b) for a, b in zip(after["mean_color"], before["mean_color"])), 1)
+    return {"size": size, "color_shift": shift,
             "unchanged": [before.get(k) for k in UNCHANGED] == [after.get(k) for k in UNCHANGED]}
-RECIPE_FILE = "personalise_recipe.json"  # in the adapter's run directory: what it was trained from
 
 
 def recipe() -> dict[str, Any]:

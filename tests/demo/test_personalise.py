@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lavie_jax.data import moving_shapes
+from lavie_jax.demo import evaluate
 from lavie_jax.demo.main import DemoError
 from lavie_jax.demo.personalise import (
     RECIPE_FILE,
@@ -21,7 +22,6 @@ from lavie_jax.demo.personalise import (
     recipe,
     replay_plan,
 )
-from lavie_jax.demo import evaluate
 from lavie_jax.io.video import read_video
 
 
