@@ -158,10 +158,10 @@ def make_prior_clips(samples: Path, folder: Path, prompts: list[str], stride: in
     """The demo base's own videos of `prompts` (its sampled frames stand for every `stride`-th frame of a clip) as
     clips the base's data config reads back frame for frame: each frame repeated `stride` times, sidecar kept."""
     from lavie_jax.io.video import read_video, write_video
+    from lavie_jax.sampling.outputs import unique_stems
 
     folder.mkdir(parents=True, exist_ok=True)
-    for prompt in prompts:
-        stem = prompt.replace(" ", "_")
+    for prompt, stem in zip(prompts, unique_stems(prompts)):  # the names lavie-sample gave them
         frames, _ = read_video(samples / f"{stem}.mp4")
         # mp4, not GIF: a GIF writer folds repeated frames into one longer frame (the clip would come back short)
         write_video(folder / f"{stem}.mp4", np.repeat(frames, stride, axis=0), fps=4 * stride)
