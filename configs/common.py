@@ -155,6 +155,7 @@ def data_config(stage: str) -> ml_collections.ConfigDict:
                 "seed": 0,
                 "storage": "frames",
                 "radius": (0.12, 0.2),  # the shapes' radius range, fractions of the frame's shorter side
+                "square_side": 1.7,  # a square's side in radii (2: it circumscribes the circle of its radius)
             },
             "video_text": {
                 "name": "webvid",

@@ -45,6 +45,9 @@ DIRECTIONS = {
 _SPLIT_IDS = {"train": 0, "validation": 1}
 _SUPERSAMPLE = 2  # 2x2 samples per pixel: anti-aliased edges, so sub-pixel motion shows between frames
 RADIUS = (0.12, 0.2)  # the shapes' radius range, as fractions of the frame's shorter side
+# A square's side in radii: 1.7 (the default) leaves it close to the circle of its radius (a latent autoencoder sees
+# the two as nearly alike); 2 circumscribes that circle, so the two differ by the four corners (21% of the square)
+SQUARE_SIDE = 1.7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,7 @@ class ShapeVideo:
     start: tuple[float, float]  # (x, y) center at frame 0, pixels
     step: tuple[float, float]  # (dx, dy) per frame, pixels
     background: tuple[int, int, int]
+    square_side: float = SQUARE_SIDE  # a square's side, in radii
 
     @property
     def caption(self) -> str:
@@ -77,11 +81,24 @@ def check_radius(radius: tuple[float, float]) -> tuple[float, float]:
     return lo, hi
 
 
+def check_square_side(side: float) -> float:
+    """`side` (a square's side in radii) as a float in (0, 2], or a ValueError naming the fix."""
+    try:
+        side = float(side)
+    except (TypeError, ValueError):
+        raise ValueError(f"moving_shapes square_side must be a number of radii, got {side!r}") from None
+    if not 0 < side <= 2:
+        raise ValueError(f"moving_shapes square_side must satisfy 0 < side <= 2 (radii: 2 circumscribes the circle of "
+                         f"the radius, and a wider square would leave the frame), got {side!r}")
+    return side
+
+
 def sample_video(rng: np.random.Generator, num_frames: int, height: int, width: int,
-                 radius: tuple[float, float] = RADIUS) -> ShapeVideo:
+                 radius: tuple[float, float] = RADIUS, square_side: float = SQUARE_SIDE) -> ShapeVideo:
     """Draws one video's parameters so the whole path stays inside the frame; `radius`: the range its shape's
-    radius is drawn from, in fractions of min(height, width)."""
+    radius is drawn from, in fractions of min(height, width); `square_side`: a square's side, in radii."""
     lo, hi = check_radius(radius)
+    square_side = check_square_side(square_side)
     shape = SHAPES[rng.integers(len(SHAPES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
     direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
@@ -99,15 +116,15 @@ def sample_video(rng: np.random.Generator, num_frames: int, height: int, width: 
     start = (start_coord(room_x, dx), start_coord(room_y, dy))
     steps = max(num_frames - 1, 1)
     background = tuple(int(v) for v in rng.integers(10, 70, size=3))
-    return ShapeVideo(shape, color, direction, float(radius), start, (dx / steps, dy / steps), background)
+    return ShapeVideo(shape, color, direction, float(radius), start, (dx / steps, dy / steps), background, square_side)
 
 
-def _mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
+def _mask(shape: str, x: np.ndarray, y: np.ndarray, r: float, square_side: float = SQUARE_SIDE) -> np.ndarray:
     """Inside-test on coordinates relative to the shape center."""
     if shape == "circle":
         return x * x + y * y <= r * r
     if shape == "square":
-        half = r * 0.85
+        half = r * square_side / 2
         return (np.abs(x) <= half) & (np.abs(y) <= half)
     # Upward equilateral triangle inscribed in the circle of radius r: three half-planes.
     inside = (y <= r / 2) & (x == x)  # broadcast to the full grid
@@ -130,7 +147,7 @@ def render(params: ShapeVideo, num_frames: int, height: int, width: int,
     for t in range(num_frames):
         cx = params.start[0] + params.step[0] * t
         cy = params.start[1] + params.step[1] * t
-        inside = _mask(params.shape, xs[None, :] - cx, ys[:, None] - cy, params.radius)
+        inside = _mask(params.shape, xs[None, :] - cx, ys[:, None] - cy, params.radius, params.square_side)
         coverage = inside.reshape(height, s, width, s).mean(axis=(1, 3), dtype=np.float32)[..., None]
         frames[t] = np.round(background + coverage * (color - background)).astype(np.uint8)
     return frames
@@ -138,11 +155,11 @@ def render(params: ShapeVideo, num_frames: int, height: int, width: int,
 
 def make_video(
     seed: int, split: str, index: int, num_frames: int, height: int, width: int,
-    radius: tuple[float, float] = RADIUS,
+    radius: tuple[float, float] = RADIUS, square_side: float = SQUARE_SIDE,
 ) -> tuple[np.ndarray, ShapeVideo]:
     """Video `index` of `split`: (uint8 frames `[num_frames, height, width, 3]`, its parameters)."""
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
-    params = sample_video(rng, num_frames, height, width, radius)
+    params = sample_video(rng, num_frames, height, width, radius, square_side)
     return render(params, num_frames, height, width), params
 
 
@@ -159,6 +176,7 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
     seed: int = 0
     storage: str = "frames"
     radius: tuple[float, float] = RADIUS  # (low, high): the shapes' radius range, in fractions of min(height, width)
+    square_side: float = SQUARE_SIDE  # a square's side, in radii (2: it circumscribes the circle of its radius)
 
 
 class MovingShapes(builder_utils.LocalBuilder):
@@ -189,7 +207,8 @@ class MovingShapes(builder_utils.LocalBuilder):
     def _generate_examples(self, split: str, count: int):
         c = self.builder_config
         for i in range(count):
-            frames, params = make_video(c.seed, split, i, c.num_frames, c.height, c.width, c.radius)
+            frames, params = make_video(c.seed, split, i, c.num_frames, c.height, c.width, c.radius,
+                                       c.square_side)
             record = {
                 "id": f"{split}-{i:07d}",
                 "caption": params.caption,
@@ -210,8 +229,12 @@ def builder(data_dir: str | None = None, **params: Any) -> MovingShapes:
     """A MovingShapes builder for the given MovingShapesConfig fields (defaults for the rest)."""
     if "radius" in params:
         params["radius"] = check_radius(params["radius"])
+    if "square_side" in params:
+        params["square_side"] = check_square_side(params["square_side"])
     config = MovingShapesConfig(name="moving_shapes", **params)
     prefix = f"n{config.num_videos}_f{config.num_frames}_{config.height}x{config.width}"
-    # the default radius stays out of the name's digest: datasets built before it was a field keep their directory
-    ignore = ("radius",) if config.radius == RADIUS else ()
+    # default radius and square side stay out of the name's digest: datasets built before they were fields keep their
+    # directory
+    ignore = tuple(k for k, default in (("radius", RADIUS), ("square_side", SQUARE_SIDE))
+                   if getattr(config, k) == default)
     return builder_utils.make_builder(MovingShapes, config, prefix, data_dir, ignore)

@@ -24,7 +24,7 @@ Fields of `data` (all read here or by sources.py):
   prepare               build a missing moving_shapes / video_text / image_text dataset before reading. Each
                         process prepares its own copy: use a host-local data_dir, or prepare once beforehand.
   moving_shapes.*       MovingShapesConfig: num_videos, num_validation, num_frames, height, width, fps, seed, storage,
-                        radius.
+                        radius, square_side.
   video_text.*          VideoTextConfig + name: csv, validation_csv, video_dir, video_ext, storage ('mp4'|'frames'),
                         height, width (stored size for 'frames'), fps (0 = source rate), max_frames, min_frames,
                         num_workers (prepare threads).

@@ -32,7 +32,7 @@ from typing import Any
 
 _MISSING = "<missing>"
 # field -> the value a run stored before the field existed was trained with (as JSON stores it)
-ADDED_FIELDS: dict[str, Any] = {"data.moving_shapes.radius": [0.12, 0.2]}
+ADDED_FIELDS: dict[str, Any] = {"data.moving_shapes.radius": [0.12, 0.2], "data.moving_shapes.square_side": 1.7}
 
 
 class ConfigMismatchError(ValueError):

@@ -1,5 +1,7 @@
 """The procedural moving_shapes dataset: determinism, captions that describe the pixels, the tfds builder."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -81,9 +83,11 @@ def test_config_name_changes_with_every_setting(tmp_path):
     b = moving_shapes.builder(str(tmp_path), num_videos=6, seed=1).builder_config.name
     c = moving_shapes.builder(str(tmp_path), num_videos=6, seed=0).builder_config.name
     d = moving_shapes.builder(str(tmp_path), num_videos=6, seed=0, radius=[0.2, 0.3]).builder_config.name
-    default = moving_shapes.builder(str(tmp_path), num_videos=6, seed=0, radius=moving_shapes.RADIUS)
-    assert a != b and a == c and d != a
-    assert default.builder_config.name == a  # (the name from before radius was a setting)
+    e = moving_shapes.builder(str(tmp_path), num_videos=6, seed=0, square_side=2).builder_config.name
+    default = moving_shapes.builder(str(tmp_path), num_videos=6, seed=0, radius=moving_shapes.RADIUS,
+                                    square_side=moving_shapes.SQUARE_SIDE)
+    assert a != b and a == c and d != a and e not in (a, d)
+    assert default.builder_config.name == a  # (the name from before radius and square_side were settings)
     assert a == "n6_f64_64x96-27cb7a6b", "a default dataset's directory name changed: users' data would rebuild"
 
 
@@ -97,6 +101,25 @@ def test_radius_sets_the_size_of_the_shapes_and_bad_ranges_are_refused():
     for bad in ((0.3, 0.2), (0.1, 0.5), (0.0, 0.2), (0.2,), "big"):
         with pytest.raises(ValueError, match="moving_shapes radius must"):
             moving_shapes.builder(None, radius=bad)
+
+
+def test_square_side_sets_the_squares_width_alone_and_bad_values_are_refused():
+    def box(frames):  # width of the shape's bounding box in frame 0 (pixels differing from the background)
+        cols = np.flatnonzero((frames[0] != frames[0, 0, 0]).any(axis=(0, 2)))
+        return cols[-1] - cols[0] + 1
+
+    videos = {side: [moving_shapes.make_video(0, "train", i, 2, 64, 64, (0.25, 0.3), side) for i in range(12)]
+              for side in (1.7, 2.0)}
+    for (f17, p17), (f20, p20) in zip(videos[1.7], videos[2.0], strict=True):
+        assert p20 == dataclasses.replace(p17, square_side=2.0)  # the same draw: only the square's width moves
+        if p17.shape == "square":
+            assert abs(box(f17) - 1.7 * p17.radius) <= 1.5 and abs(box(f20) - 2 * p17.radius) <= 1.5
+        else:
+            np.testing.assert_array_equal(f17, f20)
+    assert any(p.shape == "square" for _, p in videos[2.0]) and any(p.shape != "square" for _, p in videos[2.0])
+    for bad in (0, -1, 2.5, "wide"):
+        with pytest.raises(ValueError, match="moving_shapes square_side must"):
+            moving_shapes.builder(None, square_side=bad)
 
 
 def test_building_an_unprepared_dataset_leaves_no_temporary_directory(tmp_path, monkeypatch):

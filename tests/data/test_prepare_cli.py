@@ -36,6 +36,7 @@ CASES = [
     (["moving_shapes", "--seed", "-1"], r"--seed -1: expected a non-negative number"),
     (["moving_shapes", "--radius", "0.3", "0.6"], r"radius must satisfy 0 < low <= high < 0.5"),
     (["moving_shapes", "--radius", "0.3"], r"argument --radius: expected 2 arguments"),
+    (["moving_shapes", "--square_side", "3"], r"square_side must satisfy 0 < side <= 2"),
     (["video_text", "--csv", "{table}", "--min_frames", "-1"], r"--min_frames -1: expected a non-negative"),
     (["moving_shapes", "--bogus", "1"], r"unrecognized arguments: --bogus 1"),
     (["moving_shapes", "--data_dir", "{under_file}"], r"--data_dir .*table.csv is a file, not a directory"),
