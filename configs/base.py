@@ -52,10 +52,9 @@ LOW = demo.SOURCES["low"]
 DEMO = {
     "unet": DEMO_UNET,
     "data": {"moving_shapes": LOW, "height": LOW["height"], "width": LOW["width"], "num_frames": 4, "frame_stride": 4,
-             # 32 clips a step for 600 steps. 1200 of 16 (the same clips and FLOPs) draws more shapes (24 of 48
-             # videos over seeds 400, 1, 2, against 17; at seed 400 base 10/16, after interpolation and VSR 6/16),
-             # but it took the cascade to 15m35s (budget 15 min) and moved the colours the base draws: the learned
-             # 'sks' = pink row read pink in 50% of the new prompts on it, 96% on this base (docs/demo_quality.md)
+             # 32 clips a step for 600 steps. On the demo's shapes 1200 of 16 (the same clips and FLOPs) drew 30 of
+             # 48 shapes over seeds 400, 1, 2 against 36 (no square), and took the cascade over its 15 minutes (on
+             # the smaller shapes of before it drew more: docs/demo_quality.md)
              "global_batch_size": 32,
              # video only: with one still frame per clip beside the 4 key frames (LaVie's joint image-video
              # training) the base read the direction word but moved the prompted way in 38% of the videos, without

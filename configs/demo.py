@@ -27,11 +27,11 @@ DATA_DIR = f"{DIR}/data"
 ENCODERS = f"{DIR}/encoders"  # pipeline directory the demo writes: vae/, text_encoder/, tokenizer/
 TEXT_WIDTH = 64  # text encoder width = every demo UNet's cross_attention_dim
 VIDEOS = {"num_frames": 13, "fps": 12.0, "seed": 0, "num_validation": 16,  # held-out clips: the demo's FVD
-          # the dataset's default radius. Bigger shapes (0.22-0.32, with squares that circumscribe their circle) drew
-          # 34 of 48 shapes at the base where this draws 17, but the learned 'sks' row then read pink in 17-33% of the
-          # new prompts (100% on this base) and the VSR's background was no cleaner than bicubic: measured, not kept
-          # (docs/demo_quality.md, Bigger shapes)
-          "radius": (0.12, 0.2)}
+          # Shapes 0.44-0.64 of the frame across (the dataset's default radius 0.12-0.2 is 2-3 cells of the base's 8x8
+          # latents), and squares that circumscribe the circle of their radius (the default 1.7 r squares differ from
+          # that circle by a fifth of what a colour change does, measured in the autoencoder's latents): over seeds
+          # 400, 1, 2 the base drew 36 of 48 shapes where the defaults drew 17 (docs/demo_quality.md, Shapes that show)
+          "radius": (0.22, 0.32), "square_side": 2.0}
 SOURCES = {  # the moving_shapes datasets the stages read (same videos, two resolutions)
     "low": dict(VIDEOS, num_videos=1024, height=32, width=32),
     "high": dict(VIDEOS, num_videos=256, height=128, width=128),
@@ -56,6 +56,13 @@ AUTOENCODER = {
     "foreground_weight": 10.0,  # loss weight 1 + this x distance from the border colour: shapes are learnt first
     "edge_weight": 1.0,  # L1 of the pixel differences too: keeps corners and apexes sharp
     "high_res_fraction": 0.1,  # of each batch (rounded: 1 of 8): 32x32 crops of the 128x128 frames the VSR decodes
+    # Then the decoder alone learns to decode latents noised by up to 1 std (encoder and latents unchanged): the
+    # base's latents decoded by it draw 40 of 48 shapes where the first decoder drew 36 (squares 10 of 18 against
+    # 6), for 1.4 dB of clean reconstruction (docs/demo_quality.md, Shapes that show)
+    "decoder_steps": 600, "decoder_noise": 1.0, "decoder_lr": 1e-3,
+    # each training frame's RGB channels in a random order: trained on the 8 palette colours alone, this autoencoder
+    # decoded the personalisation's pink (235, 45, 145) as purple (155, 54, 155), and no adapter could teach it
+    "shuffle_channels": True,
 }
 
 # The demo values every stage shares; each stage file adds its UNet, clips, batch, steps and sampling.

@@ -4,9 +4,11 @@ machine, so the demo trains a small KL autoencoder on the dataset's frames and d
 - Autoencoder: the project's `AutoencoderKL` with a small config (the `demo` config's `autoencoder`: f4, no
   attention), trained with L1 + L2 reconstruction, an edge term (L1 of pixel differences) and a small KL term on
   32x32 frames of the low-res dataset and 32x32 crops of the high-res one (whose frames the VSR stage decodes), in
-  many small batches, with the posterior starting narrow (docs/demo_quality.md, Shapes). Its `scaling_factor` is
-  set afterwards to 1 / std of the latents, as Stable Diffusion's 0.18215 was, so the diffusion models see
-  unit-variance latents.
+  many small batches, with the posterior starting narrow (docs/demo_quality.md, Shapes). Then its decoder alone
+  (the encoder, and so the latents the stages train on, fixed) learns to decode noised latents: a diffusion model's
+  latents are not exactly an encoder's, and the first decoder drew their errors as rounded corners and wavy edges
+  (`finetune_decoder`). Its `scaling_factor` is set to 1 / std of the latents, as Stable Diffusion's 0.18215 was,
+  so the diffusion models see unit-variance latents.
 - Text encoder: `text_encoder_config('tiny', 64)`, a 2-layer CLIP text tower, random and never trained; token and
   position embeddings are N(0, 1) (as torch.nn.Embedding) so captions differ clearly. With the real CLIP tokenizer.
   It adds the sum of the caption's token embeddings to every output token (`add_caption_sum`, see
@@ -19,6 +21,7 @@ configs' `train.encoders` name, and what `lavie-sample` loads again from each tr
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -46,11 +49,13 @@ Log = Callable[[str], None]
 
 # ------------------------------------------------------------------------------------------------ frames
 
-def frame_batches(low: np.ndarray, high: np.ndarray, batch: int, crop: int, high_fraction: float, seed: int
-                  ) -> Iterator[np.ndarray]:
+def frame_batches(low: np.ndarray, high: np.ndarray, batch: int, crop: int, high_fraction: float, seed: int,
+                  shuffle_channels: bool = False) -> Iterator[np.ndarray]:
     """Endless float32 batches `[batch, crop, crop, 3]` in [-1, 1]: whole frames of `low` uint8 `[N, crop, crop, 3]`
-    and random crops of `high` uint8 `[M, H, W, 3]` (a `high_fraction` of each batch)."""
+    and random crops of `high` uint8 `[M, H, W, 3]` (a `high_fraction` of each batch); `shuffle_channels`: each
+    frame's RGB channels in a random order (six colours per palette colour, backgrounds alike)."""
     rng = np.random.default_rng(seed)
+    orders = np.array(list(itertools.permutations(range(3))))
     n_high = int(round(batch * high_fraction)) if len(high) else 0
     while True:
         parts = [low[rng.integers(len(low), size=batch - n_high)]]
@@ -59,7 +64,10 @@ def frame_batches(low: np.ndarray, high: np.ndarray, batch: int, crop: int, high
             ys = rng.integers(high.shape[1] - crop + 1, size=n_high)
             xs = rng.integers(high.shape[2] - crop + 1, size=n_high)
             parts.append(np.stack([f[y:y + crop, x:x + crop] for f, y, x in zip(frames, ys, xs)]))
-        yield np.concatenate(parts).astype(np.float32) / 127.5 - 1.0
+        frames = np.concatenate(parts)
+        if shuffle_channels:
+            frames = np.take_along_axis(frames, orders[rng.integers(len(orders), size=batch)][:, None, None], -1)
+        yield frames.astype(np.float32) / 127.5 - 1.0
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -85,19 +93,40 @@ def edge_loss(y: jax.Array, x: jax.Array, w: jax.Array) -> jax.Array:
     return loss
 
 
+def _reconstruction(y: jax.Array, x: jax.Array, fg_weight: float) -> dict[str, jax.Array]:
+    """L1 and L2 per pixel of the reconstruction `y` of `x`, foreground-weighted, and the `edge_loss`."""
+    w = jax.lax.stop_gradient(foreground_weights(x, fg_weight))
+    l1 = jnp.mean(w * jnp.abs(y - x)) / jnp.mean(w)
+    l2 = jnp.mean(w * jnp.square(y - x)) / jnp.mean(w)
+    return {"l1": l1, "l2": l2, "edge": edge_loss(y, x, w)}
+
+
 def _losses(vae: AutoencoderKL, x: jax.Array, key: jax.Array, kl_weight: float, fg_weight: float,
             edge_weight: float) -> tuple[jax.Array, dict]:
     """Reconstruction (L1 + L2 per pixel, foreground-weighted) of a posterior sample, plus `edge_weight` x the
     `edge_loss`, plus `kl_weight` x the KL per latent element."""
     post = vae.encode(x, frame_chunk=None)
     z = post.mean + post.std * jax.random.normal(key, post.mean.shape)
-    y = vae.decode(z, frame_chunk=None)
-    w = jax.lax.stop_gradient(foreground_weights(x, fg_weight))
-    l1 = jnp.mean(w * jnp.abs(y - x)) / jnp.mean(w)
-    l2 = jnp.mean(w * jnp.square(y - x)) / jnp.mean(w)
+    r = _reconstruction(vae.decode(z, frame_chunk=None), x, fg_weight)
     kl = 0.5 * jnp.mean(jnp.square(post.mean) + jnp.exp(post.logvar) - 1.0 - post.logvar)
-    edge = edge_loss(y, x, w)
-    return l1 + l2 + edge_weight * edge + kl_weight * kl, {"l1": l1, "l2": l2, "edge": edge, "kl": kl}
+    return r["l1"] + r["l2"] + edge_weight * r["edge"] + kl_weight * kl, dict(r, kl=kl)
+
+
+def _run_steps(step: Callable, params: Any, opt_state: Any, batches: Iterator[np.ndarray], seed: int, steps: int,
+               log_every: int, line: Callable[[int, dict[str, float]], str], log: Log) -> tuple[Any, dict[str, float]]:
+    """`steps` calls of the jitted `step(params, opt_state, x, key)`, logging `line(step, mean metrics)` with the time
+    per step and the ETA every `log_every` steps; returns the params and the last window's mean metrics."""
+    key = jax.random.key(seed)
+    start, window, metrics = time.perf_counter(), [], {}
+    for i in range(steps):
+        params, opt_state, m = step(params, opt_state, jnp.asarray(next(batches)), jax.random.fold_in(key, i))
+        window.append(m)
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            metrics = {k: float(np.mean([float(w[k]) for w in window])) for k in window[0]}
+            window.clear()
+            per_step = (time.perf_counter() - start) / (i + 1)
+            log(f"{line(i + 1, metrics)} | {per_step:.2f} s/step | ETA {duration(per_step * (steps - i - 1))}")
+    return params, metrics
 
 
 def init_autoencoder(config: dict[str, Any], seed: int, logvar_init: float = 0.0) -> AutoencoderKL:
@@ -119,7 +148,8 @@ def init_autoencoder(config: dict[str, Any], seed: int, logvar_init: float = 0.0
 def train_autoencoder(cfg: ml_collections.ConfigDict, low: np.ndarray, high: np.ndarray, *, seed: int = 0,
                       log: Log = print) -> tuple[AutoencoderKL, dict[str, Any]]:
     """Train `cfg.vae` (a diffusers AutoencoderKL dict) for `cfg.steps` AdamW steps on frames of `low` and crops of
-    `high` (uint8 `[N, H, W, 3]`); returns the model (scaling_factor still 1) and its final losses."""
+    `high` (uint8 `[N, H, W, 3]`), then its decoder for `cfg.decoder_steps` (`finetune_decoder`); returns the model
+    (scaling_factor still 1) and its final losses."""
     vae = init_autoencoder(cfg.vae.to_dict(), seed, float(cfg.logvar_init))
     graphdef, params = nnx.split(vae)
     lr = optax.join_schedules([optax.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps),
@@ -137,24 +167,60 @@ def train_autoencoder(cfg: ml_collections.ConfigDict, low: np.ndarray, high: np.
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, dict(aux, loss=loss)
 
-    opt_state = tx.init(params)
-    batches = frame_batches(low, high, cfg.batch_size, cfg.crop, cfg.high_res_fraction, seed)
-    key = jax.random.key(seed)
-    start = time.perf_counter()
-    window: list[dict] = []
-    metrics: dict[str, float] = {}
-    for i in range(cfg.steps):
-        params, opt_state, m = step(params, opt_state, jnp.asarray(next(batches)), jax.random.fold_in(key, i))
-        window.append(m)
-        if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.steps:
-            metrics = {k: float(np.mean([float(w[k]) for w in window])) for k in window[0]}
-            window.clear()
-            elapsed = time.perf_counter() - start
-            eta = elapsed / (i + 1) * (cfg.steps - i - 1)
-            log(f"autoencoder step {i + 1}/{cfg.steps} | loss {metrics['loss']:.4f} | l1 {metrics['l1']:.4f} | "
-                f"kl {metrics['kl']:.3f} | {elapsed / (i + 1):.2f} s/step | ETA {duration(eta)}")
+    batches = frame_batches(low, high, cfg.batch_size, cfg.crop, cfg.high_res_fraction, seed, cfg.shuffle_channels)
+    params, metrics = _run_steps(
+        step, params, tx.init(params), batches, seed, cfg.steps, cfg.log_every,
+        lambda i, m: f"autoencoder step {i}/{cfg.steps} | loss {m['loss']:.4f} | l1 {m['l1']:.4f} | kl {m['kl']:.3f}",
+        log)
     nnx.update(vae, params)
+    if cfg.decoder_steps:
+        metrics.update(finetune_decoder(vae, cfg, low, high, seed=seed, log=log))
     return vae, metrics
+
+
+def _is_decoder(path: tuple, value: Any) -> bool:
+    return isinstance(value, nnx.Param) and path[0] in ("decoder", "post_quant_conv")
+
+
+def finetune_decoder(vae: AutoencoderKL, cfg: ml_collections.ConfigDict, low: np.ndarray, high: np.ndarray, *,
+                     seed: int = 0, log: Log = print) -> dict[str, float]:
+    """Train the decoder of `vae` alone (in place) for `cfg.decoder_steps` Adam steps (lr `cfg.decoder_lr`, cosine
+    to a tenth) to reproduce the frames from noised posterior means: `mean + u * cfg.decoder_noise * std * noise`,
+    u ~ U(0, 1) per frame, std the latents' own. The encoder is untouched, so the latents the stages train on are
+    the same; what changes is how their errors are drawn. A small diffusion model's latents carry errors the first
+    decoder had never seen and drew as rounded corners and wavy edges (its 2r squares read as circles); decoding
+    the same latents, this one draws squares where the first drew circles (docs/demo_quality.md, Shapes that
+    show). Returns the final losses, prefixed 'decoder_'."""
+    steps, amount = int(cfg.decoder_steps), float(cfg.decoder_noise)
+    std = 1.0 / latent_scale(vae, low[::8])
+    graphdef, params, frozen = nnx.split(vae, _is_decoder, ...)
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adam(optax.cosine_decay_schedule(float(cfg.decoder_lr), steps, cfg.final_lr_ratio)))
+    fg_weight, edge_weight = float(cfg.foreground_weight), float(cfg.edge_weight)
+
+    @jax.jit
+    def step(params, opt_state, x, key):
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p, frozen)
+            z = jax.lax.stop_gradient(model.encode(x, frame_chunk=None).mean)
+            k_amount, k_noise = jax.random.split(key)
+            scale = jax.random.uniform(k_amount, (z.shape[0], 1, 1, 1)) * amount * std
+            y = model.decode(z + scale * jax.random.normal(k_noise, z.shape), frame_chunk=None)
+            r = _reconstruction(y, x, fg_weight)
+            return r["l1"] + r["l2"] + edge_weight * r["edge"], {"l1": r["l1"]}
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, dict(aux, loss=loss)
+
+    batches = frame_batches(low, high, cfg.batch_size, cfg.crop, cfg.high_res_fraction, seed + 1,
+                            cfg.shuffle_channels)
+    params, metrics = _run_steps(
+        step, params, tx.init(params), batches, seed + 1, steps, cfg.log_every,
+        lambda i, m: f"decoder step {i}/{steps} (latents noised up to {amount:g} std) | loss {m['loss']:.4f} | "
+                     f"l1 {m['l1']:.4f}", log)
+    nnx.update(vae, params)
+    return {f"decoder_{k}": v for k, v in metrics.items()}
 
 
 def latent_scale(vae: AutoencoderKL, frames: np.ndarray) -> float:

@@ -38,7 +38,7 @@ FOREGROUND_DISTANCE = 60.0  # RGB distance from the background; every palette co
 CORE = 0.8
 MIN_MOTION = 0.05  # centroid travel below this fraction of min(H, W) is 'no motion' (the data travels >= 0.3)
 NONE = "none"
-START_DISTANCE = 0.1  # of min(H, W): the given frame's shape spans 0.32 of it (the demo's radius 0.16)
+START_DISTANCE = 0.1  # of min(H, W): the given frame's shape spans 0.54 of it (the demo's radius 0.27)
 # measured on the dataset's videos (150 each at 32x32 and 128x128, radius 0.12-0.2 and 0.22-0.32): triangle
 # taper <= 0.24, circle/square >= 0.67; square fill >= 0.95, circle fill <= 0.87 (pi / 4 plus anti-aliasing at the
 # 32x32 edge)

@@ -36,7 +36,8 @@ FLOOR_OFFSET = 1000  # the second real set: validation videos 1000.. (the first 
 def held_out_clips(spec: Mapping[str, Any], count: int, start: int = 0) -> np.ndarray:
     """uint8 `[count, F, H, W, 3]`: validation videos `start..` of a demo moving_shapes source (never trained on)."""
     return np.stack([make_video(spec["seed"], "validation", start + i, spec["num_frames"], spec["height"],
-                                spec["width"], tuple(spec["radius"]))[0] for i in range(count)])
+                                spec["width"], tuple(spec["radius"]), spec["square_side"])[0]
+                     for i in range(count)])
 
 
 def training_points(metrics_file: Path) -> list[tuple[int, float]]:

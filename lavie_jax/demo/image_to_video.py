@@ -34,27 +34,30 @@ STORY = ("a red circle moving right", "a red circle moving down", "a red circle 
 STORY_CONTEXT = 1
 
 
-def trained_radius(config: Any = None) -> float:
-    """The middle of the radius range (fraction of the frame) of the shapes the demo's i2v stage trains on
-    (`config`: its config, default `i2v:demo`)."""
+def trained_shapes(config: Any = None) -> tuple[float, float]:
+    """(radius, square side) of the shapes the demo's i2v stage trains on: the middle of the radius range (fraction
+    of the frame) and the square's side in radii (`config`: its config, default `i2v:demo`)."""
     from lavie_jax.cli.config_flags import load_config
 
-    return float(np.mean((config or load_config("i2v:demo")).data.moving_shapes.radius))
+    shapes = (config or load_config("i2v:demo")).data.moving_shapes
+    return float(np.mean(shapes.radius)), float(shapes.square_side)
 
 
-def first_frame(prompt: str, size: int = 32, radius: float | None = None) -> np.ndarray:
-    """uint8 `[1, size, size, 3]`: the prompt's shape (`radius`: fraction of the frame, default `trained_radius()`)
-    drawn by the dataset's renderer, placed so that its motion has room (its centre 35% of the travel behind the
-    frame's centre, on a dark grey background)."""
+def first_frame(prompt: str, size: int = 32, shapes: tuple[float, float] | None = None) -> np.ndarray:
+    """uint8 `[1, size, size, 3]`: the prompt's shape (`shapes`: its radius as a fraction of the frame and a square's
+    side in radii, default `trained_shapes()`) drawn by the dataset's renderer, placed so that its motion has room
+    (its centre 35% of the travel behind the frame's centre, on a dark grey background)."""
     from lavie_jax.data.moving_shapes import DIRECTIONS, ShapeVideo, render
     from lavie_jax.demo.evaluate import parse_prompt
 
     c = parse_prompt(prompt)
     ux, uy = DIRECTIONS[c.direction]
-    radius = (trained_radius() if radius is None else radius) * size
+    radius, side = trained_shapes() if shapes is None else shapes
+    radius *= size
     travel = 0.7 * (size - 2 * radius)
     start = (size / 2 - 0.5 * ux * travel, size / 2 - 0.5 * uy * travel)
-    return render(ShapeVideo(c.shape, c.color, c.direction, radius, start, (0.0, 0.0), (40, 40, 40)), 1, size, size)
+    return render(ShapeVideo(c.shape, c.color, c.direction, radius, start, (0.0, 0.0), (40, 40, 40), side), 1, size,
+                  size)
 
 
 def still_rows(prompts: Sequence[str], images: Sequence[np.ndarray]) -> dict[str, Any]:
@@ -97,8 +100,8 @@ def animate(out: Path, run: Path, prompts: Sequence[str]) -> dict[str, Any]:
     prompts = list(prompts)
     config = load_config("i2v:demo")
     sampler = StageSampler(config, load_stage_pipeline(config, run))
-    radius = trained_radius(config)
-    images = [first_frame(p, config.sample.height, radius) for p in prompts]
+    shapes = trained_shapes(config)
+    images = [first_frame(p, config.sample.height, shapes) for p in prompts]
     result = sampler.sample(prompts, images)
     score = evaluate.score_start(prompts, list(result.frames), images)
     directory = out / "i2v"

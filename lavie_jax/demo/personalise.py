@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ from lavie_jax.demo import evaluate
 
 TOKEN = "sks"
 # a deep pink: 102 RGB units from the nearest moving_shapes colour (purple; red 106), in the palette's largest gap,
-# one issue 30's autoencoder reproduces (clips of each shape come back 29-33 units off, all read pink by the check)
+# one the demo's autoencoder reproduces (within 15 units; it trains on channel-shuffled frames: without, it drew this
+# pink purple and the adapter taught purple, docs/demo_quality.md)
 # and one the base alone does not draw for 'sks' (the control reads it in 3 of 48 prompts, pale pastel shapes by
 # eye). Chosen with the learned row (LEARN_TOKEN): on the 24 new prompts at sample seeds 400 and 401, 46/48 pink
 # (train seeds 0 and 1 alike; 48/48 at seeds 402 and 403); violet (190, 120, 250), 88 units from purple, read
@@ -104,17 +106,22 @@ def instance_plan(n: int | None = None) -> list[tuple[str, str]]:
     return [(moving_shapes.SHAPES[k % len(moving_shapes.SHAPES)], directions[k % len(directions)]) for k in range(n)]
 
 
+DEFAULT_GEOMETRY = {"radius": moving_shapes.RADIUS, "square_side": moving_shapes.SQUARE_SIDE}  # the dataset's
+
+
 def _draw(rng: np.random.Generator, shape: str, direction: str, num_frames: int, size: int,
-          radius: tuple[float, float]) -> moving_shapes.ShapeVideo:
-    """The dataset's draw of a video (size, path, background, colour), given its shape and direction."""
+          geometry: Mapping[str, Any]) -> moving_shapes.ShapeVideo:
+    """The dataset's draw of a video (size, path, background, colour), given its shape and direction; `geometry`:
+    the dataset's `radius` and `square_side` (fields of its config)."""
     while True:
-        params = moving_shapes.sample_video(rng, num_frames, size, size, radius)
+        params = moving_shapes.sample_video(rng, num_frames, size, size, tuple(geometry["radius"]),
+                                            geometry["square_side"])
         if (params.shape, params.direction) == (shape, direction):
             return params
 
 
 def make_instance_clips(folder: Path, num_frames: int, size: int, n: int | None = None, seed: int = 7,
-                        radius: tuple[float, float] = moving_shapes.RADIUS) -> list[str]:
+                        geometry: Mapping[str, Any] = DEFAULT_GEOMETRY) -> list[str]:
     """`n` clips of `TOKEN`-coloured shapes, one per (shape, direction) of `instance_plan`, the rest (size, path,
     background) drawn as the dataset draws them, as `{caption}.gif`; returns the captions."""
     rng = np.random.default_rng(seed)
@@ -123,7 +130,7 @@ def make_instance_clips(folder: Path, num_frames: int, size: int, n: int | None 
 
     captions = []
     for shape, direction in instance_plan(n):
-        params = dataclasses.replace(_draw(rng, shape, direction, num_frames, size, radius), color=TOKEN)
+        params = dataclasses.replace(_draw(rng, shape, direction, num_frames, size, geometry), color=TOKEN)
         text = params.caption
         write_video(folder / f"{text.replace(' ', '_')}.gif", moving_shapes.render(params, num_frames, size, size,
                                                                                   _palette()), fps=4)
@@ -141,7 +148,7 @@ def replay_plan(n: int) -> list[tuple[str, str, str]]:
 
 
 def make_replay_clips(folder: Path, num_frames: int, size: int, n: int, seed: int = REPLAY_SEED,
-                      radius: tuple[float, float] = moving_shapes.RADIUS) -> None:
+                      geometry: Mapping[str, Any] = DEFAULT_GEOMETRY) -> None:
     """`n` clips of the old concepts replayed beside the new one: one per (colour, shape, direction) of
     `replay_plan`, the rest drawn as the dataset draws them, with their captions as sidecars."""
     rng = np.random.default_rng(seed)
@@ -149,7 +156,7 @@ def make_replay_clips(folder: Path, num_frames: int, size: int, n: int, seed: in
     from lavie_jax.io.video import write_video
 
     for i, (color, shape, direction) in enumerate(replay_plan(n)):
-        params = dataclasses.replace(_draw(rng, shape, direction, num_frames, size, radius), color=color)
+        params = dataclasses.replace(_draw(rng, shape, direction, num_frames, size, geometry), color=color)
         write_video(folder / f"clip{i:03d}.gif", moving_shapes.render(params, num_frames, size, size), fps=4)
         (folder / f"clip{i:03d}.json").write_text(json.dumps({"prompt": params.caption}))
 
@@ -265,12 +272,12 @@ def personalise(demo: Any, before: dict[str, Any]) -> dict[str, Any]:
     with demo.clock.phase("personalise", f"{how} teaching the base '{TOKEN}' = {NEW_COLOR_NAME} from {CLIPS} clips"):
         latest = finished_run(lora_run, config)  # a run of an older config is not reused silently
         if latest is None:
-            radius = tuple(d.moving_shapes.radius)
-            captions = make_instance_clips(root / "instance", frames, d.height, radius=radius)
+            geometry = d.moving_shapes  # the shapes drawn as the base's data draws them
+            captions = make_instance_clips(root / "instance", frames, d.height, geometry=geometry)
             if PRIOR == "samples":
                 make_prior_clips(demo.out / "base", root / "prior", list(PROMPTS), d.frame_stride)
             elif PRIOR == "data":
-                make_replay_clips(root / "prior", frames, d.height, REPLAY, radius=radius)
+                make_replay_clips(root / "prior", frames, d.height, REPLAY, geometry=geometry)
             counts = build_tables(root / "instance", "{stem}", root / "tables", token=TOKEN,
                                   prior=None if PRIOR == "none" else root / "prior", prior_weight=PRIOR_WEIGHT)
             prior = {"samples": f"the base's own videos of its {len(PROMPTS)} prompts",
