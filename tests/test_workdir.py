@@ -338,8 +338,11 @@ def test_check_config_allows_resumable_fields_only():
     assert check_config(clipped, stronger) == ["train.optimizer.clip_grad_norm"]
     with pytest.raises(ConfigMismatchError, match=r"clip_grad_norm: 1.0 -> 0.0 \(clipping may not be turned on or off"):
         check_config(clipped, {"train": {"optimizer": {"clip_grad_norm": 0.0}}})
-    # a field added since the run was stored reads as the value the run had (data.moving_shapes.radius)
+    # a field added since the run was stored reads as the value the run had (data.moving_shapes.radius, square_side)
     old = {"data": {"moving_shapes": {"seed": 0}}}
-    assert check_config(old, {"data": {"moving_shapes": {"seed": 0, "radius": (0.12, 0.2)}}}) == []
+    new = {"seed": 0, "radius": (0.12, 0.2), "square_side": 1.7}
+    assert check_config(old, {"data": {"moving_shapes": new}}) == []
     with pytest.raises(ConfigMismatchError, match=r"data.moving_shapes.radius: \[0.12, 0.2\] -> \[0.2, 0.3\]"):
-        check_config(old, {"data": {"moving_shapes": {"seed": 0, "radius": (0.2, 0.3)}}})
+        check_config(old, {"data": {"moving_shapes": dict(new, radius=(0.2, 0.3))}})
+    with pytest.raises(ConfigMismatchError, match=r"data.moving_shapes.square_side: 1.7 -> 2.0"):
+        check_config(old, {"data": {"moving_shapes": dict(new, square_side=2.0)}})
