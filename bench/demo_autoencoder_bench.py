@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     low = data.read_frames(data.prepare(sources["low"], args.data_dir), 512, seed=1)  # as lavie_jax.demo.main
     high = data.read_frames(data.prepare(sources["high"], args.data_dir), 64, seed=2)
     start = time.perf_counter()
-    vae, _ = encoders.train_autoencoder(cfg, low, high, log=lambda line: None)
+    vae, _, _ = encoders.train_autoencoder(cfg, low, high, log=lambda line: None)
     seconds = time.perf_counter() - start
     rows = []
     for spec in (sources["low"], sources["high"]):

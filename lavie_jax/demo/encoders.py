@@ -146,10 +146,11 @@ def init_autoencoder(config: dict[str, Any], seed: int, logvar_init: float = 0.0
 
 
 def train_autoencoder(cfg: ml_collections.ConfigDict, low: np.ndarray, high: np.ndarray, *, seed: int = 0,
-                      log: Log = print) -> tuple[AutoencoderKL, dict[str, Any]]:
+                      log: Log = print) -> tuple[AutoencoderKL, float, dict[str, Any]]:
     """Train `cfg.vae` (a diffusers AutoencoderKL dict) for `cfg.steps` AdamW steps on frames of `low` and crops of
     `high` (uint8 `[N, H, W, 3]`), then its decoder for `cfg.decoder_steps` (`finetune_decoder`); returns the model
-    (scaling_factor still 1) and its final losses."""
+    (its config's scaling_factor still 1), the scaling factor its latents need (`latent_scale` of `low[::8]`; the
+    decoder's tuning leaves the encoder, and so this, as it is) and its final losses."""
     vae = init_autoencoder(cfg.vae.to_dict(), seed, float(cfg.logvar_init))
     graphdef, params = nnx.split(vae)
     lr = optax.join_schedules([optax.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps),
@@ -173,26 +174,26 @@ def train_autoencoder(cfg: ml_collections.ConfigDict, low: np.ndarray, high: np.
         lambda i, m: f"autoencoder step {i}/{cfg.steps} | loss {m['loss']:.4f} | l1 {m['l1']:.4f} | kl {m['kl']:.3f}",
         log)
     nnx.update(vae, params)
+    scale = latent_scale(vae, low[::8])
     if cfg.decoder_steps:
-        metrics.update(finetune_decoder(vae, cfg, low, high, seed=seed, log=log))
-    return vae, metrics
+        metrics.update(finetune_decoder(vae, cfg, low, high, 1.0 / scale, seed=seed, log=log))
+    return vae, scale, metrics
 
 
 def _is_decoder(path: tuple, value: Any) -> bool:
     return isinstance(value, nnx.Param) and path[0] in ("decoder", "post_quant_conv")
 
 
-def finetune_decoder(vae: AutoencoderKL, cfg: ml_collections.ConfigDict, low: np.ndarray, high: np.ndarray, *,
-                     seed: int = 0, log: Log = print) -> dict[str, float]:
+def finetune_decoder(vae: AutoencoderKL, cfg: ml_collections.ConfigDict, low: np.ndarray, high: np.ndarray,
+                     std: float, *, seed: int = 0, log: Log = print) -> dict[str, float]:
     """Train the decoder of `vae` alone (in place) for `cfg.decoder_steps` Adam steps (lr `cfg.decoder_lr`, cosine
     to a tenth) to reproduce the frames from noised posterior means: `mean + u * cfg.decoder_noise * std * noise`,
-    u ~ U(0, 1) per frame, std the latents' own. The encoder is untouched, so the latents the stages train on are
-    the same; what changes is how their errors are drawn. A small diffusion model's latents carry errors the first
-    decoder had never seen and drew as rounded corners and wavy edges (its 2r squares read as circles); decoding
-    the same latents, this one draws squares where the first drew circles (docs/demo_quality.md, Shapes that
-    show). Returns the final losses, prefixed 'decoder_'."""
+    u ~ U(0, 1) per frame, `std` the latents' own (posterior means, unscaled). The encoder is untouched, so the
+    latents the stages train on are the same; what changes is how their errors are drawn. A small diffusion model's
+    latents carry errors the first decoder had never seen and drew as rounded corners and wavy edges (its 2r
+    squares read as circles); decoding the same latents, this one draws squares where the first drew circles
+    (docs/demo_quality.md, Shapes that show). Returns the final losses, prefixed 'decoder_'."""
     steps, amount = int(cfg.decoder_steps), float(cfg.decoder_noise)
-    std = 1.0 / latent_scale(vae, low[::8])
     graphdef, params, frozen = nnx.split(vae, _is_decoder, ...)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adam(optax.cosine_decay_schedule(float(cfg.decoder_lr), steps, cfg.final_lr_ratio)))
@@ -322,8 +323,7 @@ def make_encoders(directory: str | Path, cfg: ml_collections.ConfigDict, low: np
     """Train the autoencoder on `low` frames and `high` crops, set its scaling factor, measure its reconstruction
     PSNR on `held_out` (name -> uint8 frames), draw the text encoder and write the pipeline directory. Returns what
     was measured (also stored as the components' `source`)."""
-    trained, losses = train_autoencoder(cfg, low, high, seed=seed, log=log)
-    scale = latent_scale(trained, low[::8])
+    trained, scale, losses = train_autoencoder(cfg, low, high, seed=seed, log=log)
     vae_config = dict(cfg.vae.to_dict(), scaling_factor=scale)
     vae = abstract_vae(vae_config)  # the same params under the config that carries the scaling factor
     nnx.update(vae, nnx.state(trained, nnx.Param))

@@ -65,7 +65,7 @@ def test_the_decoder_finetune_leaves_the_encoder_and_its_latents_unchanged():
     frames = np.asarray((_square()[0] + 1) * 127.5, np.uint8)[None].repeat(4, 0)
     latents = np.asarray(vae.encode(_square(), frame_chunk=None).mean)
     lines = []
-    metrics = finetune_decoder(vae, cfg, frames, frames[:0], log=lines.append)
+    metrics = finetune_decoder(vae, cfg, frames, frames[:0], 1.0, log=lines.append)
     after = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(vae, nnx.Param))}
     moved = {k for k in before if not np.array_equal(before[k], after[k])}
     assert moved and all(k.startswith(("decoder/", "post_quant_conv/")) for k in moved), sorted(moved)[:5]
