@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lavie_jax.cli import command
-from lavie_jax.io.safe_io import Terminated
+from lavie_jax.io.interrupts import Terminated
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,10 @@ import sys
 import pytest
 
 from lavie_jax.io import safe_io
-from lavie_jax.io.safe_io import (FileOwnership, Ownership, OutputPathError, Terminated, atomic_directory, atomic_file,
+from lavie_jax.io.interrupts import Terminated, terminate_as_interrupt
+from lavie_jax.io.safe_io import (FileOwnership, Ownership, OutputPathError, atomic_directory, atomic_file,
                                check_input, check_location, check_output_directory, check_output_file, clean_stale,
-                               protected_reason, terminate_as_interrupt)
+                               protected_reason)
 
 # A stand-in for a caller's kind of directory (checkpoints, training work directories): a pipeline-like "bundle"
 # whose "part" entry is itself one of ours, and whose "notes" content is not inspected.
@@ -252,64 +253,6 @@ def test_sigterm_becomes_an_interrupt_and_the_swap_is_never_split(tmp_path, monk
     monkeypatch.undo()
     # the signal waited for the swap: the new output is whole, the old one gone, no temporaries left
     assert json.loads((out / "owner.json").read_text())["version"] == 2 and hidden(tmp_path) == []
-
-
-def test_an_interrupt_raised_inside_a_gc_callback_is_sent_again():
-    """A handler that runs inside a garbage-collection callback raises where Python only prints 'ignored' (JAX
-    registers such a callback; a lost SIGTERM once let lavie-train run to the end and exit 0): it comes again."""
-    import gc
-    import time
-
-    def callback(phase, info):
-        if phase == "start" and callback.armed:
-            callback.armed = False
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(1000):  # the handler runs here, inside the callback
-                pass
-
-    callback.armed = True
-    gc.callbacks.append(callback)
-    try:
-        with pytest.raises(Terminated):
-            with terminate_as_interrupt():
-                gc.collect()
-                assert not callback.armed  # the first delivery happened, and was lost inside the callback
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:  # the second one arrives here
-                    time.sleep(0.001)
-    finally:
-        gc.callbacks.remove(callback)
-
-
-def test_a_resend_pending_when_the_guard_ends_is_cancelled():
-    """Past the guard the signal would meet the handler the process had before (the default one kills)."""
-    import time
-    import types
-
-    seen = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
-    try:
-        with terminate_as_interrupt():
-            sys.unraisablehook(types.SimpleNamespace(exc_type=Terminated, exc_value=Terminated(), exc_traceback=None,
-                                                     err_msg=None, object=None))
-        time.sleep(5 * safe_io.REDELIVER_AFTER_S)
-        assert seen == []
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def test_an_ignored_sigint_stays_ignored():
-    """A background job (started with `&` where the shell has no job control) inherits SIGINT ignored: Ctrl-C in
-    the terminal is not meant for it, so terminate_as_interrupt must not turn that SIGINT into an interrupt."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        with terminate_as_interrupt():
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):  # a handler would run between these bytecodes
-                pass
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 # A write killed with SIGKILL mid-way (no clean-up can run): the temporary stays, marked with the dead process.

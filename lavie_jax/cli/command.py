@@ -314,7 +314,7 @@ def run_main(prog: str, argv: Sequence[str], body: Callable[[], Any], *,
     module docstring says. `handlers`: (exception type, error -> (message, status)) pairs checked first;
     `interrupted`: what to add after 'interrupted (Ctrl-C); ' (a note the command added to the interrupt, e.g.
     which checkpoint a rerun resumes from, is said instead); `guard`: a context `body` runs in (e.g.
-    lavie_jax.io.safe_io.terminate_as_interrupt, which raises SIGTERM as an interrupt); `terminated`: the interrupt
+    lavie_jax.io.interrupts.terminate_as_interrupt, which raises SIGTERM as an interrupt); `terminated`: the interrupt
     types that mean SIGTERM (143 rather than 130)."""
     show = wants_traceback(argv)
     try:

@@ -46,8 +46,8 @@ from lavie_jax.models.arch import ConfigError, arch_from_config
 from lavie_jax.models.clip import canonical_clip_state_dict
 from lavie_jax.models.vae import canonical_vae_state_dict
 from lavie_jax.stages import STAGES, get_stage, in_family
-from lavie_jax.io.safe_io import (Terminated, atomic_directory, check_input, check_output_directory,
-                                  terminate_as_interrupt)
+from lavie_jax.io.interrupts import Terminated, terminate_as_interrupt
+from lavie_jax.io.safe_io import atomic_directory, check_input, check_output_directory
 
 PROG = "lavie-convert"
 CANONICAL = {"vae": canonical_vae_state_dict, "text_encoder": canonical_clip_state_dict}

@@ -19,7 +19,8 @@ from typing import Any
 
 from lavie_jax.cli import command
 from lavie_jax.data import builder_utils, image_text, moving_shapes, video_text
-from lavie_jax.io.safe_io import OutputPathError, Terminated, check_location, terminate_as_interrupt
+from lavie_jax.io.interrupts import Terminated, terminate_as_interrupt
+from lavie_jax.io.safe_io import OutputPathError, check_location
 
 PROG = "python -m lavie_jax.data.prepare"
 _DATASETS = {

@@ -447,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     130 / 143 interrupted (the training runs save their checkpoints; a rerun resumes). Messages follow
     lavie_jax.cli.command."""
     from lavie_jax.demo.parallel_runs import RunFailed
-    from lavie_jax.io.safe_io import Terminated, terminate_as_interrupt
+    from lavie_jax.io.interrupts import Terminated, terminate_as_interrupt
 
     argv = list(sys.argv[1:] if argv is None else argv)
     startup.configure()  # before any backend starts: XLA:CPU options, GC thresholds

@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Ctrl-C, 143 SIGTERM), messages as every lavie-jax command (lavie_jax.cli.command)."""
     startup.configure()
     argv = list(sys.argv[1:] if argv is None else argv)
-    from lavie_jax.io.safe_io import terminate_as_interrupt
+    from lavie_jax.io.interrupts import terminate_as_interrupt
 
     status = command.run_main(PROG, argv, lambda: _run(build_parser().parse_args(argv)),
                               user_errors=_user_errors(), guard=terminate_as_interrupt,

@@ -51,7 +51,8 @@ from lavie_jax.models.clip import CLIPTextEncoder, abstract_text_encoder
 from lavie_jax.models.unet import UNet3D, abstract_unet
 from lavie_jax.models.vae import AutoencoderKL, abstract_vae
 from lavie_jax.parallel import DEFAULT_RULES, Rules, state_shardings
-from lavie_jax.io.safe_io import Ownership, _uninterrupted, atomic_directory
+from lavie_jax.io.interrupts import uninterrupted
+from lavie_jax.io.safe_io import Ownership, atomic_directory
 
 FORMAT, FORMAT_VERSION = "lavie-jax", 1
 METADATA_FILE = "lavie_checkpoint.json"
@@ -189,7 +190,7 @@ def write_params(directory: str | os.PathLike, leaves: Iterable[tuple[Iterable[A
     def flush() -> None:
         nonlocal group, pending
         land()
-        with context, _uninterrupted():  # a signal waits until the write is recorded as in flight
+        with context, uninterrupted():  # a signal waits until the write is recorded as in flight
             in_flight.append((ocp.partial.save_async(directory, nest(group)), count, size))
         group, pending = {}, 0
 
@@ -206,7 +207,7 @@ def write_params(directory: str | os.PathLike, leaves: Iterable[tuple[Iterable[A
             land()
         except BaseException:
             if in_flight:
-                with _uninterrupted():  # a second signal waits too: the write must stop before the directory goes
+                with uninterrupted():  # a second signal waits too: the write must stop before the directory goes
                     try:
                         in_flight.pop()[0].result()
                     except Exception:  # noqa: BLE001 - the original error is the one to report

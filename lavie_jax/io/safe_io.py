@@ -1,7 +1,7 @@
 """Writing outputs without ever destroying what is not ours.
 
 The rules for writing and replacing outputs live here, once, for every lavie-jax command (it imports nothing from
-lavie_jax):
+lavie_jax but `lavie_jax.io.interrupts`):
 
 - An output is built in a hidden sibling (`.NAME.tmp-*`) and renamed into place only once complete: a failed or
   interrupted write leaves nothing behind, and an old output is swapped out only after the new one is finished.
@@ -16,8 +16,8 @@ lavie_jax):
   process that made them. A process killed before it could clean up (SIGKILL, power loss) leaves them behind; a
   later write to the same output removes those whose process is gone, on this host only, and puts back an old
   output that was swapped out but not yet replaced.
-- `terminate_as_interrupt()` turns SIGTERM into `Terminated` (a KeyboardInterrupt), so a killed command runs the
-  same clean-up as Ctrl-C; the rename that swaps outputs is never split by either.
+- The rename that swaps outputs is never split by an interrupt (`lavie_jax.io.interrupts`, which turns SIGTERM into
+  one, so a killed command runs the same clean-up as Ctrl-C).
 
 Checkpoint directories (`lavie_jax.io.checkpoints.CHECKPOINTS`) and, later, training work directories use
 `atomic_directory`; exported weight files use `atomic_file`; sampling outputs use the checks.
@@ -32,14 +32,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
-import sys
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from lavie_jax.io.interrupts import uninterrupted
 
 PARTIAL_MARKER = ".lavie-partial.json"
 # Files an operating system drops into any folder a user browses; they are nobody's data.
@@ -51,10 +50,6 @@ Layout = Mapping[str, "tuple[str, ...] | None"]
 
 class OutputPathError(ValueError):
     """An output (or input) path cannot be used as asked; nothing was written. The message names the fix."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread by `terminate_as_interrupt` so it cleans up exactly as Ctrl-C does."""
 
 
 # ------------------------------------------------------------------------------------------------ ownership
@@ -268,94 +263,6 @@ def check_input(path: str | os.PathLike, *, flag: str, directory: bool = False) 
     return path
 
 
-# ------------------------------------------------------------------------------------------------ interrupts
-
-_critical = {"depth": 0, "pending": None}  # main-thread state of terminate_as_interrupt's handler
-
-
-def _interrupt(signum: int) -> KeyboardInterrupt:
-    return Terminated("terminated by SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
-def _handler(signum: int, frame: Any) -> None:
-    if _critical["depth"]:
-        _critical["pending"] = signum  # raised when the swap is done
-        return
-    raise _interrupt(signum)
-
-
-def _ignored(signum: int, frame: Any) -> None:
-    """Stands in for SIG_IGN, as a callable: a wrapping handler may call the one it replaced."""
-
-
-REDELIVER_AFTER_S = 0.02
-
-
-def _redelivering_hook(previous: Callable[[Any], None], timers: list[threading.Timer]) -> Callable[[Any], None]:
-    """A `sys.unraisablehook` that sends an interrupt lost in a place Python cannot raise from again.
-
-    A signal handler runs at the main thread's next bytecode, which may be inside a garbage-collection callback
-    (JAX registers one; a collection often follows a long compile, the very time a signal waits), a `__del__` or a
-    weakref callback. Python prints an exception raised there as 'ignored' and carries on: a lost SIGTERM let
-    lavie-train train to the end and exit 0. So the signal is sent again a moment later, from a thread (sending it
-    here would run the handler inside this hook, where it would be lost again).
-    """
-
-    def hook(unraisable: Any) -> None:
-        if not issubclass(unraisable.exc_type, KeyboardInterrupt):
-            previous(unraisable)
-            return
-        signum = signal.SIGTERM if issubclass(unraisable.exc_type, Terminated) else signal.SIGINT
-        timer = threading.Timer(REDELIVER_AFTER_S, os.kill, (os.getpid(), signum))
-        timer.daemon = True
-        timer.start()
-        timers.append(timer)  # cancelled if the guard ends first (the signal would meet the default handler)
-
-    return hook
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """While active, SIGTERM raises `Terminated` and SIGINT KeyboardInterrupt in the main thread (so `finally`
-    blocks and `atomic_directory` clean up), except inside an output swap, which completes first. An interrupt
-    raised where Python cannot raise (a garbage-collection callback, `__del__`) is sent again (`_redelivering_hook`).
-
-    Does nothing outside the main thread (signal handlers can only be set there); a signal the process ignores
-    (e.g. SIGINT of a background job) stays ignored.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, _ignored if signal.getsignal(s) is signal.SIG_IGN else _handler)
-                for s in (signal.SIGTERM, signal.SIGINT)}
-    previous_hook, timers = sys.unraisablehook, []
-    sys.unraisablehook = _redelivering_hook(previous_hook, timers)
-    try:
-        yield
-    finally:
-        sys.unraisablehook = previous_hook
-        for timer in timers:
-            timer.cancel()
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def _uninterrupted() -> Iterator[None]:
-    """Defer `terminate_as_interrupt`'s signals to the end of the block (a rename pair must not be split)."""
-    main = threading.current_thread() is threading.main_thread()
-    if main:
-        _critical["depth"] += 1
-    try:
-        yield
-    finally:
-        if main:
-            _critical["depth"] -= 1
-    if main and not _critical["depth"] and _critical["pending"] is not None:
-        signum, _critical["pending"] = _critical["pending"], None
-        raise _interrupt(signum)
-
-
 # ------------------------------------------------------------------------------------------------ temporaries
 
 def _host() -> str:
@@ -489,7 +396,7 @@ def atomic_directory(output: str | os.PathLike, owner: Ownership, *, overwrite: 
             raise RuntimeError(f"atomic_directory: the written {owner.what} would not be recognised later "
                                f"({reason}); write its {owner.marker} and only the entries of its kind")
         exists = check_output_directory(output, owner, overwrite=overwrite, flag=flag)
-        with _uninterrupted():  # a signal meanwhile is raised once the swap is done
+        with uninterrupted():  # a signal meanwhile is raised once the swap is done
             old = _swap_in(tmp, output, exists)
     except BaseException:
         if tmp.exists():
@@ -541,7 +448,7 @@ def atomic_file(path: str | os.PathLike, owner: FileOwnership, *, overwrite: boo
         if reason is not None:
             raise RuntimeError(f"atomic_file: the written file would not be recognised as {owner.what} ({reason})")
         check_output_file(path, owner, overwrite=overwrite, flag=flag)
-        with _uninterrupted():
+        with uninterrupted():
             os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

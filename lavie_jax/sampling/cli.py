@@ -47,14 +47,11 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import contextlib
 import os
 import re
 import shlex
-import signal
 import sys
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -75,7 +72,8 @@ from lavie_jax.convert.torch_files import WeightFileError
 from lavie_jax.models.options import ExecutionOptionsError
 from lavie_jax.models.options import from_config as options_from_config
 from lavie_jax.parallel import failed_processes, initialize_distributed, make_mesh
-from lavie_jax.io.safe_io import OutputPathError, Terminated, terminate_as_interrupt
+from lavie_jax.io.interrupts import Terminated, terminate_as_interrupt
+from lavie_jax.io.safe_io import OutputPathError
 from lavie_jax.sampling.cascade import Cascade
 from lavie_jax.sampling.options import SampleConfigError, sample_options
 from lavie_jax.sampling.outputs import (OutputError, check_no_overwrite, check_output_dir, read_inputs, unique_stems,
@@ -95,7 +93,6 @@ STAGE_FLAGS = ("config", *LATER_STAGES)  # config-file flags, in cascade order
 MAX_SEED = 2 ** 32 - 1
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 INTERRUPT_STATUS, TERMINATE_STATUS = command.INTERRUPT_STATUS, command.TERMINATE_STATUS  # 128 + SIGINT / SIGTERM
-REDELIVER_S = 1.0  # an interrupt not caught by then was swallowed (see `_interrupts`) and is sent again
 
 
 def build_parser() -> command.ArgumentParser:
@@ -556,56 +553,6 @@ def _after_interrupt(plan: _Plan, before: _Before) -> dict[Path, int]:
     return finished
 
 
-_pending: dict[str, int | None] = {"signal": None}  # an interrupt raised but not yet caught by run() / main()
-
-
-def _caught() -> None:
-    _pending["signal"] = None
-
-
-def _redeliver(signum: int) -> None:
-    if _pending["signal"] == signum:
-        os.kill(os.getpid(), signum)
-
-
-@contextlib.contextmanager
-def _interrupts() -> Iterator[None]:
-    """`safe_io.terminate_as_interrupt` (SIGTERM and Ctrl-C raise KeyboardInterrupt), made reliable.
-
-    CPython drops an exception that a signal handler raises while a gc callback or `__del__` runs (JAX frees
-    device buffers from one, often mid-step), printing it as 'Exception ignored' and carrying on sampling. So an
-    interrupt that run() / main() have not caught within REDELIVER_S is sent again, and dropped ones stay silent.
-    """
-    with terminate_as_interrupt():
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        inner = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum: int, frame) -> None:
-            _pending["signal"] = signum
-            timer = threading.Timer(REDELIVER_S, _redeliver, (signum,))
-            timer.daemon = True
-            timer.start()
-            inner[signum](signum, frame)
-
-        def unraisable(info) -> None:
-            if not isinstance(info.exc_value, KeyboardInterrupt):  # those are redelivered
-                hook(info)
-
-        hook = sys.unraisablehook
-        for s in inner:
-            signal.signal(s, handler)
-        sys.unraisablehook = unraisable
-        try:
-            yield
-        finally:
-            _caught()
-            sys.unraisablehook = hook
-            for s, h in inner.items():
-                signal.signal(s, h)
-
-
 def _settle() -> None:
     """Let the step that was running when the interrupt came finish before the process exits: tearing the runtime
     down under a running computation can crash the interpreter on its way out."""
@@ -681,7 +628,6 @@ def run(argv: Sequence[str]) -> list:
                     print(f"wrote {plan.directories[result.stage] / stem}.{{{','.join(result.options.formats)},json}}",
                           flush=True)
     except KeyboardInterrupt as e:
-        _caught()
         finished = {}
         if writer:
             try:
@@ -755,18 +701,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             os._exit(status)
         sys.exit(status)
 
-    with _interrupts():
+    with terminate_as_interrupt():
         try:
             run(argv)
         except SystemExit as e:  # --help printed the flags
             if e.code:
                 raise
         except RunInterrupted as e:
-            _caught()
             _settle()
             fail(str(e), e.status, interrupted=True)
         except KeyboardInterrupt as e:  # before sampling began: nothing was written
-            _caught()
             _settle()
             terminated = isinstance(e, Terminated)
             fail(f"{_interrupt_name(terminated)} before sampling began; nothing was written",

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lavie_jax.cli import command
-from lavie_jax.io import safe_io
+from lavie_jax.io import interrupts
 from lavie_jax.runtime import compile_cache, startup
 
 PROG = "lavie-train"
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return command.run_main(PROG, argv[1:], body, handlers=((Exception, _failure),),
                             interrupted="stopped without saving; rerun the same command to resume from the last "
                                         "complete checkpoint",
-                            guard=safe_io.terminate_as_interrupt, terminated=(safe_io.Terminated,))
+                            guard=interrupts.terminate_as_interrupt, terminated=(interrupts.Terminated,))
 
 
 if __name__ == "__main__":

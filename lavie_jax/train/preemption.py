@@ -42,6 +42,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lavie_jax.io import interrupts
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "jax", "signal")
@@ -100,8 +102,11 @@ class PreemptionHandler:
             raise RuntimeError("mode='jax' needs JAX's preemption service: call jax.distributed.initialize() with "
                                "jax_enable_preemption_service on (the default)")
         self.mode = "jax" if self.requested_mode == "jax" or (self.requested_mode == "auto" and running) else "signal"
+        # under lavie-train's guard, a signal that came before is an interrupt (nothing saved, exit 143) even if its
+        # exception was lost or its delivery is still due: our handler would take that delivery for a new signal
+        interrupts.raise_lost()
         # an ignored SIGINT stays ignored: a job started in the background without job control inherits it so,
-        # as the terminal's Ctrl-C is not meant for it (lavie-sample does the same, safe_io.terminate_as_interrupt)
+        # as the terminal's Ctrl-C is not meant for it (lavie-sample does the same, interrupts.terminate_as_interrupt)
         sigint = self.sigint and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
         signals = ([] if self.mode == "jax" else [signal.SIGTERM]) + ([signal.SIGINT] if sigint else [])
         for sig in signals:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lavie_jax.io.safe_io import Terminated
+from lavie_jax.io.interrupts import Terminated
 from lavie_jax.sampling import cli
 from tests.conftest import child_env
 
@@ -115,7 +115,7 @@ def _start(output: Path) -> tuple[subprocess.Popen, threading.Event, list[str]]:
 
     The child takes SIGINT as a terminal's foreground job does. A job a shell starts in the background without job
     control (`make test &` in a script) inherits SIGINT ignored, and lavie-sample rightly keeps it ignored
-    (`safe_io.terminate_as_interrupt`), so without this the SIGINT run would sample on and the test would hang."""
+    (`interrupts.terminate_as_interrupt`), so without this the SIGINT run would sample on and the test would hang."""
     env = child_env(PYTHONPATH=str(ROOT))
     program = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
                "from lavie_jax.sampling.cli import main; main()")

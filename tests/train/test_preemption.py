@@ -45,6 +45,23 @@ def test_sigterm_sets_the_flag_and_the_previous_handler_comes_back():
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_an_interrupt_lost_before_the_loop_is_raised_on_entry_not_taken_for_a_new_signal():
+    """Under lavie-train's guard a SIGTERM before the loop means 'exit 143, nothing saved': one whose exception was
+    lost (C code that cleared it) is raised as the handler is entered, not left for the handler to save on."""
+    from lavie_jax.io.interrupts import Terminated, terminate_as_interrupt
+
+    with terminate_as_interrupt():
+        try:
+            _deliver(signal.SIGTERM)
+        except KeyboardInterrupt:
+            pass  # lost
+        guard = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(Terminated):
+            with PreemptionHandler(mode="signal"):
+                pass
+        assert signal.getsignal(signal.SIGTERM) is guard
+
+
 def test_first_sigint_stops_gracefully_the_second_interrupts():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal's foreground job
     try:
