@@ -97,11 +97,11 @@ def _announce(signum: int) -> None:
 def _handler(signum: int, frame: Any) -> None:
     ours = _state["resending"] == signum
     _state["resending"] = None
-    if _state["depth"]:
-        _state["pending"] = signum  # raised when the critical section ends
-        return
     if ours and _handled():
         _state["raised"] = None  # the interrupt we sent this for is on its way out: nothing was lost
+        return
+    if _state["depth"]:
+        _state["pending"] = signum  # raised when the critical section ends
         return
     if _in_compile(frame) and (ours or _state["deferred"] is None):
         if _state["deferred"] is None:
