@@ -109,10 +109,10 @@ def test_raise_lost_raises_a_lost_interrupt_at_once_and_nothing_else():
     with terminate_as_interrupt():
         interrupts.raise_lost()  # nothing came
         try:
-            _deliver(signal.SIGINT)
+            _deliver(signal.SIGTERM)
         except KeyboardInterrupt:
             interrupts.raise_lost()  # being handled: not lost
-        with pytest.raises(KeyboardInterrupt):  # swallowed above, and its resend is a second away
+        with pytest.raises(Terminated):  # swallowed above, and its resend is a second away
             interrupts.raise_lost()
     interrupts.raise_lost()  # the guard ended: forgotten
 
